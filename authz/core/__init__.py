@@ -1,0 +1,1 @@
+"""The pure decision core: no grpc, redis, jwt, prometheus, clock or asyncio imports."""

@@ -1,0 +1,32 @@
+"""Reason codes.
+
+One slug per reason, reused verbatim as the ``reason`` metric label, the audit record's
+reason and the ``x-stepup-reason`` response header, so the three can be joined.
+Policy rules may add their own deny reasons (validated slugs); those are plain strings.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    ALLOWED = "allowed"
+    PUBLIC = "public"
+    # identity
+    NO_CREDENTIALS = "no-credentials"
+    TOKEN_INVALID = "token-invalid"
+    TOKEN_EXPIRED = "token-expired"
+    # step-up
+    ACR_INSUFFICIENT = "acr-insufficient"
+    AUTH_TOO_OLD = "auth-too-old"
+    # request shape
+    BAD_PATH = "bad-path"
+    BAD_REQUEST = "bad-request"
+    # configuration
+    UNKNOWN_LEVEL = "unknown-level"
+    # fail-closed causes
+    SESSION_STORE_UNAVAILABLE = "session-store-unavailable"
+    KEYS_UNAVAILABLE = "keys-unavailable"
+    INTERNAL_ERROR = "internal-error"
+    DEADLINE_EXCEEDED = "deadline-exceeded"

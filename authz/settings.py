@@ -1,0 +1,202 @@
+"""Service configuration: one YAML file plus ``STEPUP_*`` / ``REDIS_URL`` environment
+overrides, validated once into frozen objects.
+
+Secrets are never inlined in the file in production: every secret field has a ``*_file``
+twin (Kubernetes Secret mounts) and an environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from authz.errors import ConfigError
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class TlsSettings(BaseModel):
+    model_config = _FROZEN
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None  # set => mTLS: clients must present a cert from this CA
+
+
+class GrpcSettings(BaseModel):
+    model_config = _FROZEN
+    host: str = "127.0.0.1"
+    port: int = Field(9191, ge=0, le=65535)
+    tls: TlsSettings | None = None
+    shutdown_grace_s: float = Field(5.0, ge=0)
+    max_concurrent_rpcs: int | None = Field(None, ge=1)
+
+
+class HttpSettings(BaseModel):
+    model_config = _FROZEN
+    host: str = "127.0.0.1"
+    port: int = Field(9192, ge=0, le=65535)
+
+
+class RedisSettings(BaseModel):
+    model_config = _FROZEN
+    # None => start an embedded Valkey server (development, demo, tests)
+    url: str | None = None
+    key_prefix: str = "stepup:"
+    # Each Check's session read must finish well inside Envoy's ext_authz timeout.
+    deadline_ms: int = Field(50, ge=1, le=10_000)
+    password_file: Path | None = None
+    ca_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+
+class OidcSettings(BaseModel):
+    model_config = _FROZEN
+    issuer: str
+    client_id: str
+    client_secret: str | None = None
+    client_secret_file: Path | None = None
+    # Access tokens presented to the mesh must carry exactly this audience.
+    audience: str
+    # Fixed allowlist: the token's own `alg` header only selects within it.
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    jwks_url: str | None = None  # default: from the issuer's discovery document
+    jwks_file: Path | None = None
+    jwks_refresh_min_interval_s: float = Field(30.0, ge=0)
+    jwks_timeout_s: float = Field(2.0, gt=0)
+    leeway_s: int = Field(30, ge=0, le=300)
+    token_typ: str | None = None  # e.g. "at+jwt" (RFC 9068); None => not checked
+    token_cookie: str = "stepup_token"
+    # When a token has no `sid`, use this claim as the session id (e.g. "jti" is wrong:
+    # it changes per token). "sub" means one session per user.
+    sid_fallback_claim: str | None = "sub"
+    token_cache_size: int = Field(10_000, ge=0)
+    http_timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        allowed = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                   "ES512", "EdDSA"}
+        bad = [a for a in v if a not in allowed]
+        if bad or not v:
+            raise ValueError(f"asymmetric algorithms only; refused: {bad or 'empty list'}")
+        return v
+
+    def secret(self) -> str | None:
+        if self.client_secret_file is not None:
+            return self.client_secret_file.read_text().strip()
+        return self.client_secret
+
+
+class StepupSettings(BaseModel):
+    model_config = _FROZEN
+    # The origin users reach the mesh on; the OIDC redirect_uri is built from it.
+    public_url: str = "http://127.0.0.1:8080"
+    path_prefix: str = "/_stepup"
+    landing_path: str = "/"
+    state_ttl_s: int = Field(300, ge=30, le=3600)
+    state_cookie: str = "__Host-stepup-state"
+    cookie_secure: bool = True
+    # Grants last the level's max_age; levels without one get this.
+    default_grant_ttl_s: int = Field(900, ge=1)
+    # Status for internal errors: 403, or 503 where a retry is the better signal.
+    error_status: Literal[403, 503] = 403
+
+    @field_validator("public_url")
+    @classmethod
+    def _no_slash(cls, v: str) -> str:
+        return v.rstrip("/")
+
+
+class LogSettings(BaseModel):
+    model_config = _FROZEN
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = Field(True, alias="json")
+
+
+class Settings(BaseModel):
+    model_config = _FROZEN
+    policy_file: Path
+    policy_poll_s: float = Field(2.0, gt=0)
+    grpc: GrpcSettings = GrpcSettings()
+    http: HttpSettings = HttpSettings()
+    redis: RedisSettings = RedisSettings()
+    oidc: OidcSettings
+    stepup: StepupSettings = StepupSettings()
+    log: LogSettings = LogSettings()
+
+    @model_validator(mode="after")
+    def _keys_source(self) -> Settings:
+        return self
+
+
+_ENV_MAP: dict[str, tuple[str, ...]] = {
+    "REDIS_URL": ("redis", "url"),
+    "STEPUP_GRPC_PORT": ("grpc", "port"),
+    "STEPUP_HTTP_PORT": ("http", "port"),
+    "STEPUP_GRPC_HOST": ("grpc", "host"),
+    "STEPUP_HTTP_HOST": ("http", "host"),
+    "STEPUP_POLICY_FILE": ("policy_file",),
+    "STEPUP_OIDC_ISSUER": ("oidc", "issuer"),
+    "STEPUP_OIDC_CLIENT_SECRET": ("oidc", "client_secret"),
+    "STEPUP_PUBLIC_URL": ("stepup", "public_url"),
+    "STEPUP_LOG_LEVEL": ("log", "level"),
+}
+
+
+def _apply_env(doc: dict[str, Any], env: dict[str, str]) -> None:
+    for var, path in _ENV_MAP.items():
+        if var in env and env[var] != "":
+            node = doc
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = env[var]
+
+
+def load_settings(path: Path | str, env: dict[str, str] | None = None) -> Settings:
+    """Load and validate the settings file; relative paths resolve against its folder."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(str(exc), source=str(path)) from exc
+    if not isinstance(doc, dict):
+        raise ConfigError("the settings document must be a mapping", source=str(path))
+    _apply_env(doc, dict(os.environ) if env is None else env)
+    try:
+        settings = Settings.model_validate(doc)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(first["msg"], source=str(path), location=loc) from exc
+    return _resolve_paths(settings, path.parent)
+
+
+def _resolve_paths(s: Settings, base: Path) -> Settings:
+    def fix(p: Path | None) -> Path | None:
+        return None if p is None or p.is_absolute() else base / p
+
+    updates: dict[str, Any] = {}
+    if (p := fix(s.policy_file)) is not None:
+        updates["policy_file"] = p
+    oidc: dict[str, Any] = {}
+    for name in ("jwks_file", "client_secret_file"):
+        if (p := fix(getattr(s.oidc, name))) is not None:
+            oidc[name] = p
+    if oidc:
+        updates["oidc"] = s.oidc.model_copy(update=oidc)
+    if s.grpc.tls is not None:
+        tls = {n: q for n in ("cert_file", "key_file", "client_ca_file")
+               if (q := fix(getattr(s.grpc.tls, n))) is not None}
+        updates["grpc"] = s.grpc.model_copy(update={"tls": s.grpc.tls.model_copy(update=tls)})
+    return s.model_copy(update=updates) if updates else s
