@@ -1,0 +1,303 @@
+"""JWT verification for access tokens and ID tokens (pyjwt for signatures, our own clock).
+
+Fail closed: every failure raises :class:`TokenError` (reason ``token-invalid`` or
+``token-expired``) or :class:`KeysUnavailable`. Messages name the failing check, never the
+token. The rules follow RFC 7519 (claims), RFC 8725 (JWT BCP), RFC 9068 (access-token
+``typ``) and OpenID Connect Core 1.0 section 3.1.3.7 (ID tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from jwt.utils import base64url_decode
+
+from authz.adapters.jwks import (
+    MAX_KID_LEN,
+    FileKeySource,
+    JwksKeySource,
+    KeySource,
+    StaticKeySource,
+    discover_jwks_url,
+    key_source_from_settings,
+)
+from authz.core.reasons import Reason
+from authz.core.session import Evidence, Identity
+from authz.errors import KeysUnavailable, TokenError
+from authz.settings import OidcSettings
+
+__all__ = [
+    "MAX_TOKEN_BYTES",
+    "CacheStats",
+    "FileKeySource",
+    "JwksKeySource",
+    "KeySource",
+    "StaticKeySource",
+    "TokenVerifier",
+    "discover_jwks_url",
+    "evidence_from_claims",
+    "key_source_from_settings",
+]
+
+MAX_TOKEN_BYTES = 8 * 1024
+# Compact JWS only (three base64url parts); JWE (five parts) and JSON serialisation refused.
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_NEVER = frozenset({"none", "HS256", "HS384", "HS512"})
+
+
+def _invalid(msg: str) -> TokenError:
+    return TokenError(msg, reason=Reason.TOKEN_INVALID)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-JSON number {name}")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate member")  # RFC 7519 section 4: reject, do not pick one
+    return out
+
+
+def _loads(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise _invalid(f"malformed {what}") from None
+    if not isinstance(doc, dict):
+        raise _invalid(f"{what} is not a JSON object")
+    return doc
+
+
+def _int_claim(claims: dict[str, Any], name: str, *, required: bool) -> int | None:
+    """A NumericDate as an integer; bool, float and str are refused (fail closed)."""
+    value = claims.get(name)
+    if value is None:
+        if required:
+            raise _invalid(f"missing `{name}`")
+        return None
+    if type(value) is not int:
+        raise _invalid(f"`{name}` is not an integer")
+    return value
+
+
+def _str_claim(claims: dict[str, Any], name: str) -> str | None:
+    value = claims.get(name)
+    if value is not None and not isinstance(value, str):
+        raise _invalid(f"`{name}` is not a string")
+    return value
+
+
+def _normalise_typ(typ: str) -> str:
+    # RFC 7515 section 4.1.9 / RFC 8725 section 3.11: media type, case-insensitive,
+    # "application/" may be omitted.
+    typ = typ.lower()
+    return typ.removeprefix("application/")
+
+
+def evidence_from_claims(claims: dict[str, Any]) -> Evidence:
+    """``acr`` (str or absent), ``amr`` (list of str, absent -> ()), ``auth_time`` (int or
+    absent), typed strictly: anything else is token-invalid."""
+    amr = claims.get("amr", [])
+    if not isinstance(amr, list) or not all(isinstance(a, str) for a in amr):
+        raise _invalid("`amr` is not a list of strings")
+    return Evidence(
+        acr=_str_claim(claims, "acr"),
+        amr=tuple(amr),
+        auth_time=_int_claim(claims, "auth_time", required=False),
+    )
+
+
+@dataclass(slots=True)
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    identity: Identity
+    nbf: int | None
+    key: jwt.PyJWK
+    kid: str | None
+    alg: str
+
+
+class TokenVerifier:
+    """Verifies compact JWS tokens against a :class:`KeySource` and ``OidcSettings``."""
+
+    def __init__(self, settings: OidcSettings, keys: KeySource) -> None:
+        self._settings = settings
+        self._keys = keys
+        self._algorithms = frozenset(settings.algorithms) - _NEVER
+        self._jws = jwt.PyJWS(algorithms=list(self._algorithms),
+                              options={"enforce_minimum_key_length": True})
+        self._typ = None if settings.token_typ is None else _normalise_typ(settings.token_typ)
+        self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
+        self._cache_size = settings.token_cache_size
+        self.cache_stats = CacheStats()
+
+    # -- access tokens -------------------------------------------------------------------
+
+    async def verify_access_token(self, token: str, now: int) -> Identity:
+        """Verify a bearer access token and build the :class:`Identity` it proves.
+
+        Verified tokens are cached (LRU, ``token_cache_size``) until their ``exp``; a hit
+        re-checks ``exp``/``nbf`` against ``now`` and that the signing key is still in the
+        current key set (so a key withdrawn from the JWKS revokes cached tokens).
+        """
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
+            raise _invalid("token too large or not a string")
+        digest = hashlib.sha256(token.encode()).digest() if self._cache_size else b""
+        hit = self._cache.get(digest) if self._cache_size else None
+        if hit is not None:
+            leeway = self._settings.leeway_s
+            if (now < hit.identity.expires_at
+                    and (hit.nbf is None or now >= hit.nbf - leeway)
+                    and self._keys.get(hit.kid, hit.alg) is hit.key):
+                self._cache.move_to_end(digest)
+                self.cache_stats.hits += 1
+                return hit.identity
+            del self._cache[digest]  # fall through: full verification decides
+        self.cache_stats.misses += 1
+        claims, header, key = await self._verify(
+            token, now, audience=self._settings.audience, typ=self._typ)
+        identity = self._identity(claims)
+        if self._cache_size and now < identity.expires_at:
+            self._cache[digest] = _Cached(identity, _int_claim(claims, "nbf", required=False),
+                                          key, header.get("kid"), header["alg"])
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return identity
+
+    def _identity(self, claims: dict[str, Any]) -> Identity:
+        sid = _str_claim(claims, "sid")
+        if sid is None and self._settings.sid_fallback_claim is not None:
+            sid = _str_claim(claims, self._settings.sid_fallback_claim)
+        if not sid:
+            raise _invalid("no session id (`sid` or the configured fallback claim)")
+        evidence = evidence_from_claims(claims)
+        client_id = _str_claim(claims, "client_id") or _str_claim(claims, "azp")
+        exp = _int_claim(claims, "exp", required=True)
+        assert exp is not None
+        return Identity(
+            issuer=claims["iss"],
+            subject=claims["sub"],
+            session_id=sid,
+            evidence=evidence,
+            expires_at=exp,
+            client_id=client_id,
+        )
+
+    # -- ID tokens -----------------------------------------------------------------------
+
+    async def verify_id_token(self, token: str, now: int, *, nonce: str) -> dict[str, Any]:
+        """Verify an ID token from the step-up round trip (OIDC Core 3.1.3.7, 3.1.3.8).
+
+        ``aud`` must contain ``client_id``; with several audiences ``azp`` is required, and
+        whenever present it must equal ``client_id``. ``nonce`` must match exactly.
+        """
+        if not nonce:
+            raise _invalid("no expected nonce")  # a caller bug must not disable the check
+        client_id = self._settings.client_id
+        claims = await self.verify_claims(token, now, audience=client_id, typ=None)
+        got = claims.get("nonce")
+        if not isinstance(got, str) or not hmac.compare_digest(got.encode(), nonce.encode()):
+            raise _invalid("`nonce` mismatch")
+        aud = claims["aud"]
+        azp = claims.get("azp")
+        if isinstance(aud, list) and len(aud) > 1 and azp is None:
+            raise _invalid("several audiences and no `azp`")
+        if azp is not None and azp != client_id:
+            raise _invalid("`azp` is not our client_id")
+        evidence_from_claims(claims)  # the caller builds a grant from these: type them now
+        return claims
+
+    # -- shared core ---------------------------------------------------------------------
+
+    async def verify_claims(
+        self, token: str, now: int, *, audience: str, typ: str | None
+    ) -> dict[str, Any]:
+        """Verify signature, ``iss``, ``aud``, ``sub`` and times; return the claims."""
+        claims, _, _ = await self._verify(
+            token, now, audience=audience, typ=None if typ is None else _normalise_typ(typ))
+        return claims
+
+    async def _verify(
+        self, token: str, now: int, *, audience: str, typ: str | None
+    ) -> tuple[dict[str, Any], dict[str, Any], jwt.PyJWK]:
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
+            raise _invalid("token too large or not a string")
+        if not _COMPACT_JWS.fullmatch(token):
+            raise _invalid("not a compact JWS")
+        try:
+            raw_header = base64url_decode(token.partition(".")[0])
+        except ValueError:
+            raise _invalid("malformed header") from None
+        header = _loads(raw_header, "header")
+
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise _invalid("`alg` not allowed")
+        if "crit" in header:
+            raise _invalid("`crit` header not supported")  # RFC 7515 section 4.1.11
+        kid = header.get("kid")
+        if kid is not None and (not isinstance(kid, str) or len(kid) > MAX_KID_LEN):
+            raise _invalid("bad `kid`")
+        if typ is not None:
+            got = header.get("typ")
+            if not isinstance(got, str) or _normalise_typ(got) != typ:
+                raise _invalid("`typ` mismatch")
+        # `jwk`, `jku`, `x5u`, `x5c` are deliberately ignored: keys come only from our source.
+
+        key = await self._key(kid, alg)
+        try:
+            raw = self._jws.decode_complete(token, key=key, algorithms=[alg])["payload"]
+        except jwt.PyJWTError:
+            raise _invalid("signature verification failed") from None
+        claims = _loads(raw, "payload")
+        self._check_claims(claims, now, audience)
+        return claims, header, key
+
+    async def _key(self, kid: str | None, alg: str) -> jwt.PyJWK:
+        key = self._keys.get(kid, alg)
+        if key is None:
+            await self._keys.refresh()  # rate limited inside the source
+            key = self._keys.get(kid, alg)
+        if key is None:
+            if not self._keys.ready:
+                raise KeysUnavailable("no verification keys loaded")
+            raise _invalid("no key for this `kid`/`alg`")
+        return key
+
+    def _check_claims(self, claims: dict[str, Any], now: int, audience: str) -> None:
+        s = self._settings
+        if claims.get("iss") != s.issuer:  # exact: no prefix, no trailing-slash folding
+            raise _invalid("`iss` mismatch")
+        aud = claims.get("aud")
+        auds = [aud] if isinstance(aud, str) else aud
+        if not isinstance(auds, list) or not all(isinstance(a, str) for a in auds):
+            raise _invalid("`aud` is not a string or a list of strings")
+        if audience not in auds:
+            raise _invalid("`aud` mismatch")
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise _invalid("missing `sub`")
+        exp = _int_claim(claims, "exp", required=True)
+        nbf = _int_claim(claims, "nbf", required=False)
+        iat = _int_claim(claims, "iat", required=True)
+        assert exp is not None and iat is not None
+        if now >= exp + s.leeway_s:  # RFC 7519 4.1.4: "on or after" the expiry
+            raise TokenError("token expired", reason=Reason.TOKEN_EXPIRED)
+        if nbf is not None and now < nbf - s.leeway_s:
+            raise _invalid("token not yet valid (`nbf`)")
+        if iat > now + s.leeway_s:
+            raise _invalid("`iat` in the future")

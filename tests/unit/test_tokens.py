@@ -1,0 +1,692 @@
+"""Token verification and key sources: the attacks RFC 8725 lists, the clock edges, JWKS I/O.
+
+JwksKeySource runs against a real aiohttp server on 127.0.0.1 (port 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from authz.adapters.jwks import KeySet
+from authz.adapters.tokens import (
+    MAX_TOKEN_BYTES,
+    FileKeySource,
+    JwksKeySource,
+    KeySource,
+    StaticKeySource,
+    TokenVerifier,
+    discover_jwks_url,
+    key_source_from_settings,
+)
+from authz.errors import KeysUnavailable, TokenError
+from authz.settings import OidcSettings
+
+ISS = "https://idp.example.com/realms/firm"
+AUD = "trading-api"
+CLIENT = "stepup-authz"
+NOW = 1_700_000_000
+
+
+# -- keys and tokens -------------------------------------------------------------------------
+
+@dataclass
+class Key:
+    kid: str
+    private: Any
+    alg: str
+
+    def jwk(self) -> dict[str, Any]:
+        algo = jwt.get_algorithm_by_name(self.alg)
+        d: dict[str, Any] = json.loads(algo.to_jwk(self.private.public_key()))
+        d.update(kid=self.kid, use="sig", alg=self.alg)
+        return d
+
+    def public_pem(self) -> bytes:
+        return bytes(self.private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+_RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+_RSA2 = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+_EVIL = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+_EC = ec.generate_private_key(ec.SECP256R1())
+
+RSA_KEY = Key("rsa-1", _RSA, "RS256")
+RSA_KEY2 = Key("rsa-2", _RSA2, "RS256")
+EC_KEY = Key("ec-1", _EC, "ES256")
+EVIL_KEY = Key("rsa-1", _EVIL, "RS256")  # same kid as the real key
+
+
+def jwks(*keys: Key) -> dict[str, Any]:
+    return {"keys": [k.jwk() for k in keys]}
+
+
+def claims(**over: Any) -> dict[str, Any]:
+    c: dict[str, Any] = {
+        "iss": ISS, "aud": AUD, "sub": "alice", "sid": "s-1",
+        "iat": NOW - 10, "exp": NOW + 300,
+        "acr": "mfa", "amr": ["pwd", "otp"], "auth_time": NOW - 20, "azp": CLIENT,
+    }
+    c.update(over)
+    return {k: v for k, v in c.items() if v is not _DROP}
+
+
+_DROP = object()
+
+
+def sign(key: Key, payload: dict[str, Any] | None = None, *, headers: dict[str, Any] | None = None,
+         kid: str | object | None = None) -> str:
+    h = {"kid": key.kid if kid is None else kid, **(headers or {})}
+    if h["kid"] is _DROP:
+        del h["kid"]
+    # PyJWS, not jwt.encode: tests need claims pyjwt would refuse to produce (iss=1, ...)
+    body = json.dumps(payload if payload is not None else claims()).encode()
+    return jwt.api_jws.encode(body, key.private, algorithm=key.alg, headers=h)
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def forge(header: dict[str, Any], payload: dict[str, Any], sig: bytes = b"x") -> str:
+    return ".".join([b64(json.dumps(header).encode()), b64(json.dumps(payload).encode()),
+                     b64(sig)])
+
+
+def settings(**over: Any) -> OidcSettings:
+    base: dict[str, Any] = {"issuer": ISS, "client_id": CLIENT, "audience": AUD}
+    base.update(over)
+    return OidcSettings(**base)
+
+
+class CountingSource:
+    """Wraps a key source and counts refresh() calls."""
+
+    def __init__(self, inner: KeySource) -> None:
+        self.inner = inner
+        self.refreshes = 0
+
+    def get(self, kid: str | None, alg: str) -> jwt.PyJWK | None:
+        return self.inner.get(kid, alg)
+
+    async def refresh(self) -> bool:
+        self.refreshes += 1
+        return await self.inner.refresh()
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    @property
+    def ready(self) -> bool:
+        return self.inner.ready
+
+
+def verifier(*keys: Key, **over: Any) -> TokenVerifier:
+    return TokenVerifier(settings(**over), StaticKeySource(jwks(*(keys or (RSA_KEY, EC_KEY)))))
+
+
+async def invalid(v: TokenVerifier, token: str, now: int = NOW, reason: str = "token-invalid",
+                  match: str | None = None) -> TokenError:
+    with pytest.raises(TokenError, match=match) as ei:
+        await v.verify_access_token(token, now)
+    assert ei.value.reason == reason
+    assert not token or token not in str(ei.value)
+    return ei.value
+
+
+# -- the happy paths -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", [RSA_KEY, EC_KEY], ids=["RS256", "ES256"])
+async def test_valid_token(key: Key) -> None:
+    ident = await verifier().verify_access_token(sign(key), NOW)
+    assert (ident.issuer, ident.subject, ident.session_id) == (ISS, "alice", "s-1")
+    assert ident.evidence.acr == "mfa"
+    assert ident.evidence.amr == ("pwd", "otp")
+    assert ident.evidence.auth_time == NOW - 20
+    assert ident.expires_at == NOW + 300
+    assert ident.client_id == CLIENT
+
+
+async def test_client_id_claim_preferred_and_optional_evidence() -> None:
+    tok = sign(RSA_KEY, claims(client_id="svc", acr=_DROP, amr=_DROP, auth_time=_DROP))
+    ident = await verifier().verify_access_token(tok, NOW)
+    assert ident.client_id == "svc"
+    assert (ident.evidence.acr, ident.evidence.amr, ident.evidence.auth_time) == (None, (), None)
+
+
+async def test_token_without_kid_uses_the_only_fitting_key() -> None:
+    v = verifier(RSA_KEY)
+    assert (await v.verify_access_token(sign(RSA_KEY, kid=_DROP), NOW)).subject == "alice"
+    # with two RSA keys a kid-less token is ambiguous -> refused
+    await invalid(verifier(RSA_KEY, RSA_KEY2), sign(RSA_KEY, kid=_DROP))
+
+
+# -- algorithm and header attacks ------------------------------------------------------------
+
+async def test_alg_none_refused() -> None:
+    unsigned = jwt.encode(claims(), "", algorithm="none", headers={"kid": "rsa-1"})
+    assert unsigned.endswith(".")
+    await invalid(verifier(), unsigned, match="compact")
+    await invalid(verifier(), forge({"alg": "none", "kid": "rsa-1"}, claims()), match="alg")
+    await invalid(verifier(), forge({"alg": "None", "kid": "rsa-1"}, claims()), match="alg")
+
+
+async def test_hs256_with_the_rsa_public_key_as_secret_refused() -> None:
+    header = {"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}
+    body = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims()).encode())}"
+    mac = hmac.new(RSA_KEY.public_pem(), body.encode(), hashlib.sha256).digest()
+    await invalid(verifier(), f"{body}.{b64(mac)}", match="alg")
+    # even when a careless config lists it, HS* is never used
+    with pytest.raises(ValueError, match="asymmetric"):
+        settings(algorithms=("RS256", "HS256"))
+
+
+async def test_alg_not_in_allowlist() -> None:
+    rs384 = Key("rsa-1", _RSA, "RS384")
+    await invalid(verifier(RSA_KEY), sign(rs384), match="alg")
+    # allowed in config, but the key declares alg=RS256: the key's own alg must agree
+    await invalid(verifier(RSA_KEY, algorithms=("RS256", "RS384")), sign(rs384))
+    # ES256 header with an RSA key id: kty does not fit
+    await invalid(verifier(RSA_KEY), sign(EC_KEY, kid="rsa-1"))
+
+
+async def test_embedded_jwk_and_jku_are_ignored(idp: Idp) -> None:
+    evil_jwk = EVIL_KEY.jwk()
+    v = verifier(RSA_KEY)
+    # attacker key, its public JWK embedded, same kid as the real key
+    await invalid(v, sign(EVIL_KEY, headers={"jwk": evil_jwk}), match="signature")
+    # no kid at all: the only configured key is used, never the embedded one
+    await invalid(v, sign(EVIL_KEY, headers={"jwk": evil_jwk}, kid=_DROP), match="signature")
+    # jku/x5u pointing at a server that does serve the attacker's key: never fetched
+    evil = Key("evil", _EVIL, "RS256")
+    idp.doc = jwks(evil)
+    url = idp.base + "/jwks"
+    await invalid(v, sign(evil, headers={"jku": url, "x5u": url, "x5c": ["AAAA"]}))
+    assert idp.hits == 0
+
+
+async def test_crit_header_refused() -> None:
+    await invalid(verifier(), sign(RSA_KEY, headers={"crit": ["exp"], "exp": 1}), match="crit")
+
+
+async def test_huge_kid_refused_without_lookup() -> None:
+    src = CountingSource(StaticKeySource(jwks(RSA_KEY)))
+    v = TokenVerifier(settings(), src)
+    await invalid(v, sign(RSA_KEY, kid="k" * 257), match="kid")
+    assert src.refreshes == 0
+
+
+async def test_unknown_kid_refreshes_once_then_refuses() -> None:
+    src = CountingSource(StaticKeySource(jwks(RSA_KEY)))
+    v = TokenVerifier(settings(), src)
+    await invalid(v, sign(RSA_KEY, kid="nope"), match="kid")
+    assert src.refreshes == 1
+
+
+@pytest.mark.parametrize("token", [
+    "", "a.b", "a.b.c.d.e", "not a token", "!!!.e30.sig", "e30.e30.", "eyJ.e30.c2ln",
+    b64(b"[1]") + ".e30.c2ln", b64(b'{"alg":"RS256","alg":"none"}') + ".e30.c2ln",
+])
+async def test_malformed(token: str) -> None:
+    await invalid(verifier(), token)
+
+
+async def test_oversized_token_refused_before_parsing() -> None:
+    tok = sign(RSA_KEY, claims(pad="x" * MAX_TOKEN_BYTES))
+    assert len(tok) > MAX_TOKEN_BYTES
+    await invalid(verifier(), tok, match="large")
+
+
+async def test_signature_tampering() -> None:
+    tok = sign(RSA_KEY)
+    h, _, s = tok.split(".")
+    other = b64(json.dumps(claims(sub="mallory")).encode())
+    await invalid(verifier(), f"{h}.{other}.{s}", match="signature")
+
+
+async def test_short_rsa_key_refused() -> None:
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - the point
+    weak = Key("weak", small, "RS256")
+    with pytest.warns(jwt.warnings.InsecureKeyLengthWarning):  # pyjwt warns when signing
+        tok = sign(weak)
+    await invalid(verifier(weak), tok)
+
+
+# -- claims ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("iss", [ISS + "/", ISS + "x", ISS[:-1], "https://idp.example.com",
+                                 ISS.upper(), None, 1])
+async def test_iss_must_match_exactly(iss: Any) -> None:
+    await invalid(verifier(), sign(RSA_KEY, claims(iss=iss if iss is not None else _DROP)),
+                  match="iss")
+
+
+@pytest.mark.parametrize("aud", ["other", AUD + "x", [], ["other"], [AUD, 1], {"a": AUD}, _DROP])
+async def test_aud_mismatch(aud: Any) -> None:
+    await invalid(verifier(), sign(RSA_KEY, claims(aud=aud)), match="aud")
+
+
+async def test_list_aud_containing_ours() -> None:
+    ident = await verifier().verify_access_token(sign(RSA_KEY, claims(aud=["x", AUD])), NOW)
+    assert ident.subject == "alice"
+
+
+@pytest.mark.parametrize("sub", ["", 7, _DROP])
+async def test_sub_required(sub: Any) -> None:
+    await invalid(verifier(), sign(RSA_KEY, claims(sub=sub)), match="sub")
+
+
+@pytest.mark.parametrize(("leeway", "now", "ok"), [
+    (0, NOW + 299, True), (0, NOW + 300, False),
+    (30, NOW + 299, True), (30, NOW + 300, True), (30, NOW + 329, True), (30, NOW + 330, False),
+])
+async def test_exp_boundary(leeway: int, now: int, ok: bool) -> None:
+    v = verifier(leeway_s=leeway, token_cache_size=0)
+    tok = sign(RSA_KEY)
+    if ok:
+        assert (await v.verify_access_token(tok, now)).expires_at == NOW + 300
+    else:
+        await invalid(v, tok, now, reason="token-expired")
+
+
+@pytest.mark.parametrize("bad", [None, "1", 1.5, True, float(NOW + 300)])
+async def test_time_claims_must_be_integers(bad: Any) -> None:
+    for name in ("exp", "iat"):
+        await invalid(verifier(), sign(RSA_KEY, claims(**{name: bad if bad is not None
+                                                           else _DROP})), match=name)
+    if bad is not None:
+        await invalid(verifier(), sign(RSA_KEY, claims(nbf=bad)), match="nbf")
+
+
+async def test_nbf_and_iat_in_the_future() -> None:
+    v = verifier(leeway_s=30)
+    await invalid(v, sign(RSA_KEY, claims(nbf=NOW + 31)), match="nbf")
+    assert await v.verify_access_token(sign(RSA_KEY, claims(nbf=NOW + 30)), NOW)
+    await invalid(v, sign(RSA_KEY, claims(iat=NOW + 31)), match="iat")
+    assert await v.verify_access_token(sign(RSA_KEY, claims(iat=NOW + 30)), NOW)
+
+
+@pytest.mark.parametrize(("typ", "ok"), [
+    ("at+jwt", True), ("AT+JWT", True), ("application/at+jwt", True),
+    ("Application/At+JWT", True), ("JWT", False), (None, False), ("xat+jwt", False),
+])
+async def test_typ(typ: str | None, ok: bool) -> None:
+    v = verifier(token_typ="at+jwt")
+    tok = sign(RSA_KEY, headers={"typ": typ})  # pyjwt leaves `typ` out when it is None
+    if ok:
+        assert await v.verify_access_token(tok, NOW)
+    else:
+        await invalid(v, tok, match="typ")
+
+
+async def test_typ_not_checked_when_unset() -> None:
+    assert await verifier().verify_access_token(sign(RSA_KEY, headers={"typ": "whatever"}), NOW)
+
+
+async def test_sid_fallback() -> None:
+    tok = sign(RSA_KEY, claims(sid=_DROP))
+    assert (await verifier().verify_access_token(tok, NOW)).session_id == "alice"  # "sub"
+    assert (await verifier(sid_fallback_claim="sess").verify_access_token(
+        sign(RSA_KEY, claims(sid=_DROP, sess="z")), NOW)).session_id == "z"
+    await invalid(verifier(sid_fallback_claim=None), tok, match="session id")
+    await invalid(verifier(sid_fallback_claim="sess"), tok, match="session id")
+    await invalid(verifier(), sign(RSA_KEY, claims(sid=5)), match="sid")
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("amr", "otp"), ("amr", ["otp", 1]), ("amr", {"otp": 1}),
+    ("auth_time", True), ("auth_time", 1.5), ("auth_time", "1700000000"),
+    ("acr", 2), ("acr", ["mfa"]), ("client_id", 3),
+])
+async def test_wrong_typed_evidence(name: str, value: Any) -> None:
+    await invalid(verifier(), sign(RSA_KEY, claims(**{name: value})), match=name)
+
+
+# -- cache -----------------------------------------------------------------------------------
+
+async def test_cache_hit_then_expiry() -> None:
+    v = verifier(leeway_s=30)
+    tok = sign(RSA_KEY)
+    first = await v.verify_access_token(tok, NOW)
+    assert await v.verify_access_token(tok, NOW + 100) is first
+    assert (v.cache_stats.hits, v.cache_stats.misses) == (1, 1)
+    # at exp the cache no longer answers; within the leeway the full check still accepts
+    assert await v.verify_access_token(tok, NOW + 300) == first
+    assert v.cache_stats.hits == 1
+    await invalid(v, tok, NOW + 330, reason="token-expired")
+
+
+async def test_cache_rechecks_nbf_and_is_bounded() -> None:
+    v = verifier(leeway_s=0, token_cache_size=2)
+    tok = sign(RSA_KEY, claims(nbf=NOW))
+    await v.verify_access_token(tok, NOW)
+    await invalid(v, tok, NOW - 1, match="nbf")  # an earlier `now` (clock stepped back)
+    toks = [sign(RSA_KEY, claims(sub=f"u{i}")) for i in range(3)]
+    for t in toks:
+        await v.verify_access_token(t, NOW)
+    assert len(v._cache) == 2
+
+
+async def test_cache_dropped_when_key_withdrawn(tmp_path: Path) -> None:
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps(jwks(RSA_KEY)))
+    clock = FakeClock()
+    src = FileKeySource(path, min_interval_s=30, clock=clock)
+    await src.start()
+    v = TokenVerifier(settings(), src)
+    tok = sign(RSA_KEY)
+    await v.verify_access_token(tok, NOW)
+    path.write_text(json.dumps(jwks(RSA_KEY2)))
+    clock.t += 31
+    assert await src.refresh() is True
+    await invalid(v, tok, NOW + 1, match="kid")
+
+
+# -- ID tokens -------------------------------------------------------------------------------
+
+async def test_id_token() -> None:
+    v = verifier()
+    tok = sign(RSA_KEY, claims(aud=CLIENT, nonce="n-123"))
+    got = await v.verify_id_token(tok, NOW, nonce="n-123")
+    assert got["sub"] == "alice"
+    for bad in ("n-124", "n-12", "n-1234"):
+        with pytest.raises(TokenError, match="nonce"):
+            await v.verify_id_token(tok, NOW, nonce=bad)
+    with pytest.raises(TokenError, match="nonce"):
+        await v.verify_id_token(sign(RSA_KEY, claims(aud=CLIENT)), NOW, nonce="n-123")
+    with pytest.raises(TokenError, match="nonce"):
+        await v.verify_id_token(tok, NOW, nonce="")
+    with pytest.raises(TokenError, match="aud"):  # an access token is not an ID token
+        await v.verify_id_token(sign(RSA_KEY, claims(nonce="n-123")), NOW, nonce="n-123")
+
+
+async def test_id_token_azp() -> None:
+    v = verifier()
+    multi = claims(aud=[CLIENT, "other"], nonce="n")
+    assert await v.verify_id_token(sign(RSA_KEY, multi), NOW, nonce="n")
+    with pytest.raises(TokenError, match="azp"):
+        await v.verify_id_token(sign(RSA_KEY, {**multi, "azp": "other"}), NOW, nonce="n")
+    no_azp = {k: v for k, v in multi.items() if k != "azp"}
+    with pytest.raises(TokenError, match="azp"):
+        await v.verify_id_token(sign(RSA_KEY, no_azp), NOW, nonce="n")
+    with pytest.raises(TokenError, match="auth_time"):
+        await v.verify_id_token(sign(RSA_KEY, {**multi, "auth_time": "x"}), NOW, nonce="n")
+
+
+async def test_verify_claims_with_other_audience_and_typ() -> None:
+    tok = sign(RSA_KEY, claims(aud="x"), headers={"typ": "application/logout+jwt"})
+    got = await verifier().verify_claims(tok, NOW, audience="x", typ="logout+jwt")
+    assert got["aud"] == "x"
+
+
+# -- key sets and static / file sources ------------------------------------------------------
+
+def test_keyset_skips_unusable_keys() -> None:
+    good = RSA_KEY.jwk()
+    bad = [
+        {"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"},
+        {**good, "kid": "private", "d": "AQAB"},
+        {**good, "kid": "enc", "use": "enc"},
+        {**good, "kid": "ops", "key_ops": ["encrypt"]},
+        {**good, "kid": "x" * 300},
+        {"kty": "RSA", "kid": "broken", "n": "!!", "e": "AQAB"},
+        "not-a-dict",
+    ]
+    ks = KeySet({"keys": [*bad, good]})
+    assert len(ks) == 1
+    assert ks.get("rsa-1", "RS256") is ks.get("rsa-1", "RS256")  # built once
+    assert ks.get("hmac", "HS256") is None
+    with pytest.raises(ValueError, match="usable"):
+        KeySet({"keys": bad})
+    with pytest.raises(ValueError, match="JWKS"):
+        KeySet([good])
+
+
+def test_key_without_alg_serves_compatible_algs_only() -> None:
+    raw = {k: v for k, v in RSA_KEY.jwk().items() if k != "alg"}
+    ks = KeySet({"keys": [raw]})
+    assert ks.get("rsa-1", "PS256") is not None
+    assert ks.get("rsa-1", "ES256") is None
+
+
+async def test_static_source_without_keys_is_unavailable() -> None:
+    src = StaticKeySource({"keys": []})
+    assert not src.ready
+    with pytest.raises(KeysUnavailable):
+        await src.start()
+    with pytest.raises(KeysUnavailable):
+        await TokenVerifier(settings(), src).verify_access_token(sign(RSA_KEY), NOW)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def test_file_source(tmp_path: Path) -> None:
+    path = tmp_path / "jwks.json"
+    src = FileKeySource(path)
+    with pytest.raises(KeysUnavailable, match=r"jwks\.json"):
+        await src.start()
+    path.write_text(json.dumps(jwks(RSA_KEY)))
+    await src.start()
+    assert src.ready and src.get("rsa-1", "RS256") is not None
+    path.write_text("{broken")
+    assert await src.refresh() is False  # rate limited (30 s) anyway, and broken
+    await src.aclose()
+
+
+# -- JWKS over HTTP --------------------------------------------------------------------------
+
+@dataclass
+class Idp:
+    """A tiny JWKS + discovery server. Set ``status``/``delay``/``doc`` to misbehave."""
+
+    doc: dict[str, Any]
+    status: int = 200
+    delay: float = 0.0
+    hits: int = 0
+    discovery_hits: int = 0
+    base: str = ""
+    discovery: dict[str, Any] = field(default_factory=dict)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def jwks(self, _: web.Request) -> web.Response:
+        self.hits += 1
+        if self.delay:
+            await asyncio.wait_for(self.release.wait(), self.delay)
+        if self.status != 200:
+            return web.Response(status=self.status, text="boom")
+        return web.json_response(self.doc)
+
+    async def config(self, _: web.Request) -> web.Response:
+        self.discovery_hits += 1
+        return web.json_response(self.discovery or {"issuer": self.base,
+                                                    "jwks_uri": self.base + "/jwks"})
+
+
+@pytest.fixture
+async def idp() -> AsyncIterator[Idp]:
+    state = Idp(jwks(RSA_KEY))
+    app = web.Application()
+    app.router.add_get("/jwks", state.jwks)
+    app.router.add_get("/.well-known/openid-configuration", state.config)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    state.base = f"http://{host}:{port}"
+    yield state
+    state.release.set()
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def jwks_source(idp: Idp, http: aiohttp.ClientSession, clock: Callable[[], float],
+                **kw: Any) -> JwksKeySource:
+    kw.setdefault("refresh_every_s", None)
+    return JwksKeySource(http, url=idp.base + "/jwks", min_interval_s=30, clock=clock, **kw)
+
+
+async def test_jwks_unknown_kid_one_fetch_per_interval(idp: Idp,
+                                                       http: aiohttp.ClientSession) -> None:
+    clock = FakeClock()
+    src = jwks_source(idp, http, clock)
+    await src.start()
+    assert idp.hits == 1
+    v = TokenVerifier(settings(), src)
+    assert await v.verify_access_token(sign(RSA_KEY), NOW)
+    await invalid(v, sign(RSA_KEY2), match="kid")
+    assert idp.hits == 1  # start() counts as the interval's fetch
+    clock.t += 31
+    # many concurrent requests with an unknown kid share one fetch
+    results = await asyncio.gather(
+        *(v.verify_access_token(sign(RSA_KEY2, claims(sub=f"u{i}")), NOW) for i in range(20)),
+        return_exceptions=True)
+    assert all(isinstance(r, TokenError) and r.reason == "token-invalid" for r in results)
+    assert idp.hits == 2
+    await invalid(v, sign(RSA_KEY2), match="kid")
+    assert idp.hits == 2  # within the interval: no fetch
+    # the IdP rotates in the new key; once the interval has passed, one fetch finds it
+    idp.doc = jwks(RSA_KEY, RSA_KEY2)
+    clock.t += 31
+    assert (await v.verify_access_token(sign(RSA_KEY2), NOW)).subject == "alice"
+    assert idp.hits == 3
+    await src.aclose()
+
+
+async def test_jwks_rotation_and_failed_refresh_keeps_keys(idp: Idp,
+                                                           http: aiohttp.ClientSession) -> None:
+    clock = FakeClock()
+    src = jwks_source(idp, http, clock)
+    await src.start()
+    v = TokenVerifier(settings(token_cache_size=0), src)
+    idp.status = 500
+    clock.t += 31
+    assert await src.refresh() is False
+    assert idp.hits == 2
+    assert await v.verify_access_token(sign(RSA_KEY), NOW)  # old keys still work
+    idp.status, idp.doc = 200, {"keys": []}  # a useless document is a failure too
+    clock.t += 31
+    assert await src.refresh() is False
+    assert await v.verify_access_token(sign(RSA_KEY), NOW)
+    idp.doc = jwks(RSA_KEY)
+    clock.t += 31
+    assert await src.refresh() is False  # unchanged
+    idp.doc = jwks(RSA_KEY2)  # rotated: the old key is gone
+    clock.t += 31
+    assert await src.refresh() is True
+    assert await v.verify_access_token(sign(RSA_KEY2), NOW)
+    await invalid(v, sign(RSA_KEY), match="kid")
+    await src.aclose()
+
+
+async def test_jwks_start_fails_closed(idp: Idp, http: aiohttp.ClientSession) -> None:
+    idp.status = 500
+    src = jwks_source(idp, http, FakeClock())
+    with pytest.raises(KeysUnavailable, match="HTTP 500"):
+        await src.start()
+    assert not src.ready
+    with pytest.raises(KeysUnavailable):
+        await TokenVerifier(settings(), src).verify_access_token(sign(RSA_KEY), NOW)
+
+
+async def test_jwks_timeout_does_not_block_the_loop(idp: Idp,
+                                                    http: aiohttp.ClientSession) -> None:
+    idp.delay = 5.0
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    t = asyncio.create_task(ticker())
+    src = jwks_source(idp, http, FakeClock(), timeout_s=0.3)
+    started = time.monotonic()
+    with pytest.raises(KeysUnavailable, match="Timeout"):
+        await src.start()
+    elapsed = time.monotonic() - started
+    t.cancel()
+    assert 0.25 <= elapsed < 2.0
+    assert ticks >= 10  # the loop kept running while the fetch waited
+
+
+async def test_jwks_periodic_refresh(idp: Idp, http: aiohttp.ClientSession) -> None:
+    src = jwks_source(idp, http, FakeClock(), refresh_every_s=0.05)
+    await src.start()
+    idp.doc = jwks(RSA_KEY2)
+    for _ in range(100):
+        if src.get("rsa-2", "RS256") is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert src.get("rsa-2", "RS256") is not None
+    await src.aclose()
+    hits = idp.hits
+    await asyncio.sleep(0.15)
+    assert idp.hits == hits  # aclose() stopped the background task
+
+
+async def test_jwks_document_too_large(idp: Idp, http: aiohttp.ClientSession) -> None:
+    idp.doc = {"keys": [RSA_KEY.jwk()], "pad": "x" * (600 * 1024)}
+    with pytest.raises(KeysUnavailable, match="too large"):
+        await jwks_source(idp, http, FakeClock()).start()
+
+
+async def test_discovery(idp: Idp, http: aiohttp.ClientSession) -> None:
+    assert await discover_jwks_url(idp.base, http, 1.0) == idp.base + "/jwks"
+    # lazily in start(), via key_source_from_settings
+    src = key_source_from_settings(settings(issuer=idp.base), http)
+    assert isinstance(src, JwksKeySource) and idp.discovery_hits == 1
+    await src.start()
+    assert src.ready and idp.discovery_hits == 2 and src.url == idp.base + "/jwks"
+    await src.aclose()
+
+
+async def test_discovery_issuer_must_match(idp: Idp, http: aiohttp.ClientSession) -> None:
+    for doc in ({"issuer": idp.base + "/", "jwks_uri": idp.base + "/jwks"},
+                {"issuer": idp.base + "x", "jwks_uri": idp.base + "/jwks"},
+                {"jwks_uri": idp.base + "/jwks"}):
+        idp.discovery = doc
+        with pytest.raises(KeysUnavailable, match="issuer"):
+            await discover_jwks_url(idp.base, http, 1.0)
+    idp.discovery = {"issuer": idp.base, "jwks_uri": "file:///etc/passwd"}
+    with pytest.raises(KeysUnavailable, match="jwks_uri"):
+        await discover_jwks_url(idp.base, http, 1.0)
+
+
+async def test_key_source_from_settings(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    f = tmp_path / "k.json"
+    assert isinstance(key_source_from_settings(
+        settings(jwks_file=f, jwks_url="https://x/j"), http), FileKeySource)
+    src = key_source_from_settings(settings(jwks_url="https://x/j"), http)
+    assert isinstance(src, JwksKeySource) and src.url == "https://x/j"
