@@ -75,7 +75,7 @@ class OidcSettings(BaseModel):
     jwks_timeout_s: float = Field(2.0, gt=0)
     leeway_s: int = Field(30, ge=0, le=300)
     token_typ: str | None = None  # e.g. "at+jwt" (RFC 9068); None => not checked
-    token_cookie: str = "stepup_token"
+    token_cookie: str = "stepup_token"  # noqa: S105 - a cookie name, not a secret
     # When a token has no `sid`, use this claim as the session id (e.g. "jti" is wrong:
     # it changes per token). "sub" means one session per user.
     sid_fallback_claim: str | None = "sub"

@@ -15,8 +15,8 @@ class Reason(StrEnum):
     PUBLIC = "public"
     # identity
     NO_CREDENTIALS = "no-credentials"
-    TOKEN_INVALID = "token-invalid"
-    TOKEN_EXPIRED = "token-expired"
+    TOKEN_INVALID = "token-invalid"  # noqa: S105 - a reason slug, not a secret
+    TOKEN_EXPIRED = "token-expired"  # noqa: S105 - a reason slug, not a secret
     # step-up
     ACR_INSUFFICIENT = "acr-insufficient"
     AUTH_TOO_OLD = "auth-too-old"

@@ -6,7 +6,6 @@ Everything here is plain data plus freshness helpers that take ``now`` as an arg
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 

@@ -1,0 +1,152 @@
+"""Decision -> CheckResponse: statuses, redirects, RFC 9470 challenges, identity headers.
+
+Who gets what (DESIGN.md): browsers (Accept: text/html, safe methods) are redirected;
+API clients get 401 with a ``WWW-Authenticate: Bearer`` challenge, and for step-up the
+RFC 9470 section 3 ``insufficient_user_authentication`` error with ``acr_values`` and
+``max_age``; gRPC clients get the same 401/403, which Envoy turns into UNAUTHENTICATED /
+PERMISSION_DENIED. Every denial carries ``x-stepup-reason`` and ``x-stepup-decision-id``;
+the same id, outcome and reason go into dynamic metadata for Envoy's access log.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import quote
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2, status_pb2
+
+from authz.core.attributes import RequestAttributes
+from authz.core.decision import Decision, Outcome
+
+HEADER_PREFIX = "x-stepup-"
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_SAFE_METHODS = frozenset({"GET", "HEAD"})
+_REALM = 'realm="stepup-authz"'
+
+
+def _hv(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE
+    )
+
+
+def rfc9470_challenge(acr_values: tuple[str, ...], max_age: int | None) -> str:
+    """The WWW-Authenticate value of RFC 9470 section 3."""
+    parts = [
+        "Bearer " + _REALM,
+        'error="insufficient_user_authentication"',
+        'error_description="A different authentication level is required"',
+    ]
+    if acr_values:
+        parts.append(f'acr_values="{" ".join(acr_values)}"')
+    if max_age is not None:
+        parts.append(f"max_age={max_age}")
+    return ", ".join(parts)
+
+
+class ResponseBuilder:
+    def __init__(self, *, path_prefix: str = "/_stepup", error_status: int = 403) -> None:
+        self.login_path = f"{path_prefix}/login"
+        self.start_path = f"{path_prefix}/start"
+        self.error_status = error_status
+
+    def build(
+        self, decision: Decision, attrs: RequestAttributes | None, decision_id: str
+    ) -> external_auth_pb2.CheckResponse:
+        meta = struct_pb2.Struct()
+        meta.update({
+            "decision_id": decision_id,
+            "outcome": decision.outcome.value,
+            "reason": str(decision.reason),
+            "level": decision.level.name if decision.level is not None else "",
+        })
+        if decision.outcome is Outcome.ALLOW:
+            return self._allow(decision, attrs, decision_id, meta)
+        return self._denied(decision, attrs, decision_id, meta)
+
+    def _allow(
+        self, d: Decision, attrs: RequestAttributes | None, decision_id: str,
+        meta: struct_pb2.Struct,
+    ) -> external_auth_pb2.CheckResponse:
+        set_headers = {
+            "x-stepup-level": d.level.name if d.level is not None else "",
+            "x-stepup-decision-id": decision_id,
+        }
+        if d.identity is not None:
+            set_headers["x-stepup-user"] = d.identity.subject
+            set_headers["x-stepup-issuer"] = d.identity.issuer
+            ev = d.evidence or d.identity.evidence
+            set_headers["x-stepup-acr"] = ev.acr or ""
+            set_headers["x-stepup-auth-time"] = str(ev.auth_time or "")
+        # Identity headers come only from us: drop every client-sent x-stepup-* we
+        # do not overwrite ourselves.
+        remove = []
+        if attrs is not None:
+            remove = [h for h in attrs.headers
+                      if h.startswith(HEADER_PREFIX) and h not in set_headers]
+        ok = external_auth_pb2.OkHttpResponse(
+            headers=[_hv(k, v) for k, v in set_headers.items()], headers_to_remove=remove
+        )
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK), ok_response=ok, dynamic_metadata=meta
+        )
+
+    def _denied(
+        self, d: Decision, attrs: RequestAttributes | None, decision_id: str,
+        meta: struct_pb2.Struct,
+    ) -> external_auth_pb2.CheckResponse:
+        reason = str(d.reason)
+        headers = [
+            _hv("x-stepup-reason", reason),
+            _hv("x-stepup-decision-id", decision_id),
+            _hv("cache-control", "no-store"),
+        ]
+        browser = (
+            attrs is not None and attrs.accepts_html and not attrs.is_grpc
+            and attrs.method in _SAFE_METHODS
+        )
+        rpc_code = code_pb2.PERMISSION_DENIED
+        body = ""
+        if d.outcome in (Outcome.LOGIN, Outcome.STEP_UP):
+            rpc_code = code_pb2.UNAUTHENTICATED
+            if browser and attrs is not None:
+                target = self.login_path + "?rd=" + quote(attrs.path_and_query, safe="")
+                if d.outcome is Outcome.STEP_UP and d.level is not None:
+                    target = (f"{self.start_path}?level={quote(d.level.name)}&rd="
+                              + quote(attrs.path_and_query, safe=""))
+                headers.append(_hv("location", target))
+                status = http_status_pb2.Found
+            else:
+                status = http_status_pb2.Unauthorized
+                if d.outcome is Outcome.STEP_UP:
+                    challenge = rfc9470_challenge(d.acr_values, d.max_age)
+                elif reason == "no-credentials":
+                    challenge = "Bearer " + _REALM
+                else:
+                    challenge = (f'Bearer {_REALM}, error="invalid_token", '
+                                 f'error_description="{reason}"')
+                headers.append(_hv("www-authenticate", challenge))
+                body = json.dumps({"error": "unauthorized", "reason": reason,
+                                   "decision_id": decision_id})
+        elif d.outcome is Outcome.ERROR:
+            status = self.error_status
+            rpc_code = code_pb2.UNAVAILABLE if status == 503 else code_pb2.PERMISSION_DENIED
+            body = json.dumps({"error": "unavailable", "reason": reason,
+                               "decision_id": decision_id})
+        else:
+            status = http_status_pb2.Forbidden
+            body = json.dumps({"error": "forbidden", "reason": reason,
+                               "decision_id": decision_id})
+        if body:
+            headers.append(_hv("content-type", "application/json"))
+        denied = external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=status), headers=headers, body=body
+        )
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=rpc_code), denied_response=denied,
+            dynamic_metadata=meta,
+        )

@@ -1,0 +1,63 @@
+"""Prometheus collectors (prefix ``stepup_authz_``), one set per service instance.
+
+Each instance owns a registry so several services can live in one process (tests) and the
+``/metrics`` endpoint exposes exactly this service's series. Label values are the stable
+reason slugs from ``authz.core.reasons`` and the policy's level names: bounded sets.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+# Buckets centred on the budget: a Check should take well under 2 ms.
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        ns = "stepup_authz"
+        self.checks = Counter(
+            "checks", "Check decisions.", ["outcome", "reason", "level"], namespace=ns, registry=r
+        )
+        self.check_duration = Histogram(
+            "check_duration_seconds", "Time to decide one Check, inside the service.",
+            namespace=ns, registry=r, buckets=_LATENCY_BUCKETS,
+        )
+        self.challenges = Counter(
+            "stepup_challenges", "Step-up challenges issued.", ["level", "mode"],
+            namespace=ns, registry=r,
+        )
+        self.completions = Counter(
+            "stepup_completions", "Step-up round trips completed at the callback.",
+            ["level", "result", "factor"], namespace=ns, registry=r,
+        )
+        self.redis_errors = Counter(
+            "redis_errors", "Session store errors and timeouts.", ["op"], namespace=ns, registry=r
+        )
+        self.fail_closed = Counter(
+            "fail_closed", "Requests denied because something failed.", ["cause"],
+            namespace=ns, registry=r,
+        )
+        self.policy_reloads = Counter(
+            "policy_reloads", "Policy reload attempts.", ["result"], namespace=ns, registry=r
+        )
+        self.policy_info = Info("policy", "The policy in force.", namespace=ns, registry=r)
+        self.token_cache_size = Gauge(
+            "token_cache_entries", "Verified tokens cached.", namespace=ns, registry=r
+        )
+        self.corrupt_grants = Counter(
+            "corrupt_grants", "Grant values in the store that did not decode (ignored).",
+            namespace=ns, registry=r,
+        )
+        # Pre-create the fail-closed series so alerts see a 0 before the first failure.
+        for cause in ("session-store-unavailable", "keys-unavailable", "internal-error",
+                      "deadline-exceeded"):
+            self.fail_closed.labels(cause=cause)
+        for op in ("read", "write", "state"):
+            self.redis_errors.labels(op=op)
+        for result in ("success", "error"):
+            self.policy_reloads.labels(result=result)

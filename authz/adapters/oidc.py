@@ -1,0 +1,134 @@
+"""The OIDC relying-party side of the step-up round trip: discovery, the authorization
+request (PKCE S256, nonce, acr_values, max_age, prompt=login) and the code exchange.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+
+from authz.errors import OidcError
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderMetadata:
+    issuer: str
+    authorization_endpoint: str
+    token_endpoint: str
+
+
+def pkce_pair() -> tuple[str, str]:
+    """(verifier, S256 challenge) per RFC 7636 section 4.1-4.2."""
+    verifier = secrets.token_urlsafe(48)
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+async def discover(
+    issuer: str, session: aiohttp.ClientSession, timeout_s: float
+) -> ProviderMetadata:
+    url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            if resp.status != 200:
+                raise OidcError(f"discovery returned HTTP {resp.status}")
+            doc = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise OidcError(f"discovery failed: {exc.__class__.__name__}") from exc
+    if not isinstance(doc, dict) or doc.get("issuer") != issuer:
+        # OpenID Connect Discovery 1.0 section 4.3: the issuer must match exactly.
+        raise OidcError("discovery document issuer does not match the configured issuer")
+    try:
+        return ProviderMetadata(
+            issuer=issuer,
+            authorization_endpoint=str(doc["authorization_endpoint"]),
+            token_endpoint=str(doc["token_endpoint"]),
+        )
+    except KeyError as exc:
+        raise OidcError(f"discovery document lacks {exc.args[0]}") from exc
+
+
+class OidcClient:
+    def __init__(
+        self,
+        *,
+        metadata: ProviderMetadata,
+        client_id: str,
+        client_secret: str | None,
+        redirect_uri: str,
+        session: aiohttp.ClientSession,
+        timeout_s: float,
+    ) -> None:
+        self.metadata = metadata
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.redirect_uri = redirect_uri
+        self.session = session
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    def authorize_url(
+        self,
+        *,
+        state: str,
+        nonce: str,
+        code_challenge: str,
+        acr_values: tuple[str, ...] = (),
+        max_age: int | None = None,
+        prompt_login: bool = False,
+        login_hint: str | None = None,
+    ) -> str:
+        params: dict[str, str] = {
+            "response_type": "code",
+            "client_id": self.client_id,
+            "redirect_uri": self.redirect_uri,
+            "scope": "openid",
+            "state": state,
+            "nonce": nonce,
+            "code_challenge": code_challenge,
+            "code_challenge_method": "S256",
+        }
+        if acr_values:
+            params["acr_values"] = " ".join(acr_values)
+        if max_age is not None:
+            params["max_age"] = str(max_age)
+        if prompt_login:
+            params["prompt"] = "login"
+        if login_hint:
+            params["login_hint"] = login_hint
+        return f"{self.metadata.authorization_endpoint}?{urlencode(params)}"
+
+    async def exchange_code(self, code: str, verifier: str) -> dict[str, Any]:
+        data = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": self.redirect_uri,
+            "code_verifier": verifier,
+        }
+        headers = {"Accept": "application/json"}
+        if self.client_secret is not None:
+            # RFC 6749 section 2.3.1: form-urlencode id and secret, then Basic.
+            pair = f"{quote(self.client_id, safe='')}:{quote(self.client_secret, safe='')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        else:
+            data["client_id"] = self.client_id
+        try:
+            async with self.session.post(
+                self.metadata.token_endpoint, data=data, headers=headers, timeout=self.timeout
+            ) as resp:
+                body = await resp.json(content_type=None)
+                if resp.status != 200:
+                    error = body.get("error") if isinstance(body, dict) else None
+                    raise OidcError(f"token endpoint: HTTP {resp.status} {error or ''}".strip(),
+                                    reason="code-exchange-failed")
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise OidcError(f"token endpoint unreachable: {exc.__class__.__name__}",
+                            reason="idp-unavailable") from exc
+        if not isinstance(body, dict) or not isinstance(body.get("id_token"), str):
+            raise OidcError("token response has no id_token", reason="code-exchange-failed")
+        return body

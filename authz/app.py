@@ -1,0 +1,170 @@
+"""Composition root: build every part from Settings, run gRPC and HTTP on one event loop,
+reload the policy on file change or SIGHUP, shut down gracefully on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from authz.adapters.envoy_out import ResponseBuilder
+from authz.adapters.metrics import Metrics
+from authz.adapters.oidc import OidcClient, discover
+from authz.adapters.redis_conn import EmbeddedValkey, make_client
+from authz.adapters.sessions import RedisSessionStore
+from authz.adapters.tokens import TokenVerifier, key_source_from_settings
+from authz.grpc_server import AuthorizationServicer, GrpcServer
+from authz.http_app import StepupApp
+from authz.policy_file import LoadedPolicy, PolicyHolder
+from authz.service import Authorizer
+from authz.settings import Settings
+
+log = logging.getLogger("authz.app")
+
+
+@dataclass
+class Service:
+    """A running service; ``stop()`` releases everything in reverse order."""
+
+    settings: Settings
+    metrics: Metrics
+    policy: PolicyHolder
+    authorizer: Authorizer
+    grpc: GrpcServer
+    stepup: StepupApp
+    http_runner: web.AppRunner
+    http_port: int
+    _closers: list[object] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def grpc_port(self) -> int:
+        return self.grpc.port
+
+    async def reload_policy(self) -> bool:
+        return self.policy.reload()
+
+    async def _watch_policy(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.policy_poll_s)
+            if self.policy.changed():
+                self.policy.reload()
+
+    async def stop(self) -> None:
+        self.stepup.ready = False  # /readyz fails first so load balancers drain us
+        for task in self._tasks:
+            task.cancel()
+        await self.grpc.stop()
+        await self.http_runner.cleanup()
+        await _close_all(self._closers)
+
+
+async def _close_all(closers: list[object]) -> None:
+    for closer in reversed(closers):
+        with contextlib.suppress(Exception):
+            if isinstance(closer, EmbeddedValkey):
+                await asyncio.to_thread(closer.stop)
+            else:
+                await closer.aclose()  # type: ignore[attr-defined]
+
+
+def _policy_hook(metrics: Metrics):  # type: ignore[no-untyped-def]
+    def on_reload(result: str, old: LoadedPolicy | None, new: LoadedPolicy | None,
+                  error: str) -> None:
+        metrics.policy_reloads.labels(result=result).inc()
+        if new is not None:
+            metrics.policy_info.info({"version": new.version, "sha256": new.sha256})
+            log.info("policy reloaded", extra={
+                "old_sha256": old.sha256 if old else None, "new_sha256": new.sha256,
+                "version": new.version})
+        else:
+            log.error("policy reload refused; keeping the last good policy",
+                      extra={"error": error})
+    return on_reload
+
+
+async def start_service(settings: Settings, *, metrics: Metrics | None = None) -> Service:
+    metrics = metrics or Metrics()
+    closers: list[object] = []
+    try:
+        policy = PolicyHolder(settings.policy_file, on_reload=_policy_hook(metrics))
+        loaded = policy.current
+        metrics.policy_info.info({"version": loaded.version, "sha256": loaded.sha256})
+
+        redis_url = settings.redis.url
+        if redis_url is None:
+            embedded = EmbeddedValkey()
+            redis_url = await asyncio.to_thread(embedded.start)
+            closers.append(embedded)
+            log.info("no REDIS_URL: started an embedded Valkey server", extra={"url": redis_url})
+        client = make_client(redis_url, settings.redis)
+        store = RedisSessionStore(
+            client, prefix=settings.redis.key_prefix, deadline_ms=settings.redis.deadline_ms,
+            on_corrupt=metrics.corrupt_grants.inc,
+        )
+        closers.append(store)
+
+        http = aiohttp.ClientSession()
+        closers.append(http)
+        keys = key_source_from_settings(settings.oidc, http)
+        closers.append(keys)
+        await keys.start()
+        tokens = TokenVerifier(settings.oidc, keys)
+        provider = await discover(settings.oidc.issuer, http, settings.oidc.http_timeout_s)
+        oidc = OidcClient(
+            metadata=provider,
+            client_id=settings.oidc.client_id,
+            client_secret=settings.oidc.secret(),
+            redirect_uri=f"{settings.stepup.public_url}{settings.stepup.path_prefix}/callback",
+            session=http,
+            timeout_s=settings.oidc.http_timeout_s,
+        )
+
+        authorizer = Authorizer(
+            policy=policy, tokens=tokens, store=store, metrics=metrics,
+            token_cookie=settings.oidc.token_cookie, leeway=settings.oidc.leeway_s,
+        )
+        responses = ResponseBuilder(path_prefix=settings.stepup.path_prefix,
+                                    error_status=settings.stepup.error_status)
+        grpc_server = GrpcServer(settings.grpc, AuthorizationServicer(authorizer, responses))
+
+        stepup = StepupApp(settings=settings, policy=policy, tokens=tokens, store=store,
+                           oidc=oidc, metrics=metrics, keys_ready=lambda: keys.ready)
+        runner = web.AppRunner(stepup.build(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.http.host, settings.http.port, reuse_port=True)
+        await site.start()
+        http_port = runner.addresses[0][1]
+        await grpc_server.start()
+    except BaseException:
+        await _close_all(closers)
+        raise
+    service = Service(settings, metrics, policy, authorizer, grpc_server, stepup, runner,
+                      http_port, closers)
+    service._tasks.append(asyncio.create_task(service._watch_policy()))
+    log.info("stepup-authz serving", extra={
+        "grpc": f"{settings.grpc.host}:{grpc_server.port}",
+        "http": f"{settings.http.host}:{http_port}", "policy_version": loaded.version})
+    return service
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the policy."""
+    service = await start_service(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, service.policy.reload)
+    try:
+        await stop.wait()
+        log.info("shutting down: NOT_SERVING, draining in-flight checks")
+    finally:
+        await service.stop()
+        log.info("stopped")

@@ -1,0 +1,176 @@
+"""stepup-authz command line: serve | policy check | policy explain | demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from authz.core.attributes import RequestAttributes, canonicalize_path, normalize_host, parse_ip
+from authz.core.decision import decide
+from authz.core.session import Evidence, Grant, Identity, SessionSnapshot
+from authz.errors import ConfigError, RequestError
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from authz.app import serve
+    from authz.logs import configure_logging
+    from authz.settings import load_settings
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"stepup-authz: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log.level, settings.log.json_format)
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        runner = asyncio.run
+    try:
+        runner(serve(settings))
+    except ConfigError as exc:
+        print(f"stepup-authz: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_policy_check(args: argparse.Namespace) -> int:
+    from authz.policy_file import read_policy
+
+    try:
+        loaded = read_policy(args.file)
+    except ConfigError as exc:
+        print(f"invalid policy: {exc}", file=sys.stderr)
+        return 1
+    p = loaded.policy
+    print(f"ok: {args.file}: {len(p.levels)} levels, {len(p.routes)} routes, "
+          f"{len(p.rules)} rules; version {loaded.version}; sha256 {loaded.sha256}")
+    return 0
+
+
+def _request_from_json(doc: dict[str, Any]) -> RequestAttributes:
+    path, query = canonicalize_path(str(doc.get("path", "/")))
+    headers = {str(k).lower(): str(v) for k, v in (doc.get("headers") or {}).items()}
+    return RequestAttributes(
+        method=str(doc.get("method", "GET")).upper(),
+        scheme=str(doc.get("scheme", "https")),
+        host=normalize_host(str(doc.get("host", ""))),
+        path=path,
+        query=query,
+        headers=MappingProxyType(headers),
+        source_ip=parse_ip(str(doc.get("source_ip", ""))),
+        context_extensions=MappingProxyType(
+            {str(k): str(v) for k, v in (doc.get("context_extensions") or {}).items()}),
+    )
+
+
+def _evidence(doc: dict[str, Any]) -> Evidence:
+    amr = doc.get("amr") or []
+    auth_time = doc.get("auth_time")
+    return Evidence(doc.get("acr"), tuple(str(a) for a in amr),
+                    int(auth_time) if auth_time is not None else None)
+
+
+def _cmd_policy_explain(args: argparse.Namespace) -> int:
+    from authz.policy_file import read_policy
+
+    try:
+        loaded = read_policy(args.file)
+        doc = json.loads(Path(args.request).read_text())
+        attrs = _request_from_json(doc)
+    except ConfigError as exc:
+        print(f"invalid policy: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, RequestError) as exc:
+        print(f"invalid request file: {exc}", file=sys.stderr)
+        return 1
+    now = int(doc.get("now", time.time()))
+    claims = doc.get("claims")
+    identity = None
+    if claims:
+        identity = Identity(
+            issuer=str(claims.get("iss", "")), subject=str(claims.get("sub", "")),
+            session_id=str(claims.get("sid", "")), evidence=_evidence(claims),
+            expires_at=int(claims.get("exp", now + 3600)),
+        )
+    grants = tuple(
+        Grant(level=str(g.get("level", "")), evidence=_evidence(g),
+              expires_at=int(g["expires_at"]), issued_at=int(g.get("issued_at", now)))
+        for g in doc.get("grants") or ()
+    )
+    decision = decide(loaded.policy, attrs, identity, SessionSnapshot(grants), now,
+                      leeway=int(doc.get("leeway", 0)))
+    route = loaded.policy.route_for(attrs.host, attrs.method, attrs.path)
+    out = {
+        "decision": decision.outcome.value,
+        "reason": str(decision.reason),
+        "level": decision.level.name if decision.level else None,
+        "route": route.index if route is not None else None,
+        "fired": list(decision.fired),
+        "acr_values": list(decision.acr_values),
+        "max_age": decision.max_age,
+        "canonical_path": attrs.path,
+        "policy_version": loaded.version,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        where = f"route #{out['route']}" if route is not None else "default level"
+        print(f"decision: {out['decision']} ({out['reason']})")
+        print(f"level:    {out['level']} (from {where}; path {attrs.path})")
+        if decision.fired:
+            print(f"fired:    {', '.join(decision.fired)}")
+        if out["decision"] == "step_up":
+            print(f"needs:    acr in [{' '.join(out['acr_values'])}], max_age {out['max_age']}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from authz.demo.__main__ import main as demo_main
+
+    return demo_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stepup-authz", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the ext_authz gRPC service and the HTTP endpoints")
+    s.add_argument("--config", required=True, type=Path, help="settings YAML file")
+    s.set_defaults(func=_cmd_serve)
+
+    pol = sub.add_parser("policy", help="check or explain a policy file")
+    psub = pol.add_subparsers(dest="policy_command", required=True)
+    c = psub.add_parser("check", help="validate a policy file (exit 1 with the error)")
+    c.add_argument("file", type=Path)
+    c.set_defaults(func=_cmd_policy_check)
+    e = psub.add_parser("explain", help="decide one request offline (no token, Redis or IdP)")
+    e.add_argument("file", type=Path)
+    e.add_argument("--request", required=True, type=Path,
+                   help="JSON: method, host, path, headers, source_ip, context_extensions, "
+                        "claims, grants, now")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.set_defaults(func=_cmd_policy_explain)
+
+    d = sub.add_parser("demo", help="start the demo: Envoy on :8080, service, Valkey, dev IdP")
+    d.add_argument("rest", nargs=argparse.REMAINDER)
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The gRPC listener: ext_authz v3 Authorization/Check, health checking and reflection.
+
+Shutdown follows grpc's graceful-shutdown example: health goes NOT_SERVING first (so Envoy
+and Kubernetes stop sending new checks), then ``server.stop(grace)`` lets in-flight checks
+finish before the listener closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from authz.adapters.envoy_in import attributes_from_check
+from authz.adapters.envoy_out import ResponseBuilder
+from authz.core.decision import Decision, Outcome
+from authz.errors import RequestError
+from authz.service import Authorizer
+from authz.settings import GrpcSettings
+
+log = logging.getLogger("authz.grpc")
+SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+    def __init__(self, authorizer: Authorizer, responses: ResponseBuilder) -> None:
+        self.authorizer = authorizer
+        self.responses = responses
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
+        try:
+            attrs = attributes_from_check(request)
+        except RequestError as exc:
+            decision = Decision(Outcome.DENY, exc.reason)
+            decision_id = f"req-{time.time_ns():x}"
+            self.authorizer.record(decision, decision_id, None, 0.0)
+            return self.responses.build(decision, None, decision_id)
+        except Exception:
+            log.exception("unreadable CheckRequest")
+            decision = Decision(Outcome.ERROR, "internal-error")
+            decision_id = f"err-{time.time_ns():x}"
+            self.authorizer.record(decision, decision_id, None, 0.0)
+            return self.responses.build(decision, None, decision_id)
+        decision, decision_id = await self.authorizer.check(attrs)
+        return self.responses.build(decision, attrs, decision_id)
+
+
+def _credentials(settings: GrpcSettings) -> grpc.ServerCredentials | None:
+    tls = settings.tls
+    if tls is None:
+        return None
+    key = tls.key_file.read_bytes()
+    cert = tls.cert_file.read_bytes()
+    ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+class GrpcServer:
+    def __init__(self, settings: GrpcSettings, servicer: AuthorizationServicer) -> None:
+        self.settings = settings
+        self.server = grpc.aio.server(
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            options=[
+                ("grpc.so_reuseport", 1),
+                ("grpc.max_receive_message_length", 1 << 20),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ],
+        )
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        address = f"{settings.host}:{settings.port}"
+        creds = _credentials(settings)
+        if creds is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, creds)
+
+    async def start(self) -> None:
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING
+        await self.server.stop(self.settings.shutdown_grace_s)
