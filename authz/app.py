@@ -70,6 +70,8 @@ async def _close_all(closers: list[object]) -> None:
         with contextlib.suppress(Exception):
             if isinstance(closer, EmbeddedValkey):
                 await asyncio.to_thread(closer.stop)
+            elif isinstance(closer, aiohttp.ClientSession):
+                await closer.close()
             else:
                 await closer.aclose()  # type: ignore[attr-defined]
 

@@ -154,8 +154,7 @@ class StepupApp:
             max_age=level.max_age if level is not None else None,
             prompt_login=level is not None, login_hint=login_hint,
         )
-        resp = web.HTTPFound(url)
-        resp.headers["Cache-Control"] = "no-store"
+        resp = _redirect(302, url)
         resp.set_cookie(self.state_cookie, state, max_age=self.s.state_ttl_s, path="/",
                         secure=self.s.cookie_secure, httponly=True, samesite="Lax")
         return resp
@@ -234,7 +233,7 @@ class StepupApp:
             self._completion("login", "token-rejected", "none")
             return self._page(403, "Sign-in refused", "The sign-in could not be verified.")
         self._completion("login", "success", _factor(identity.evidence.amr))
-        resp = web.HTTPSeeOther(str(saved["rd"]))
+        resp = _redirect(303, str(saved["rd"]))
         resp.set_cookie(self.oidc_settings.token_cookie, str(access),
                         max_age=max(1, identity.expires_at - now), path="/",
                         secure=self.s.cookie_secure, httponly=True, samesite="Lax")
@@ -283,12 +282,16 @@ class StepupApp:
         self._completion(level.name, "success", factor)
         log.info("step-up granted", extra={"level": level.name, "acr": evidence.acr,
                                            "factor": factor, "expires_at": grant.expires_at})
-        resp = web.HTTPSeeOther(str(saved["rd"]))
+        resp = _redirect(303, str(saved["rd"]))
         resp.del_cookie(self.state_cookie, path="/")
         return resp
 
     def _completion(self, level: str, result: str, factor: str) -> None:
         self.metrics.completions.labels(level=level, result=result, factor=factor).inc()
+
+
+def _redirect(status: int, location: str) -> web.Response:
+    return web.Response(status=status, headers={"Location": location, "Cache-Control": "no-store"})
 
 
 _FACTORS = ("hwk", "fido", "swk", "otp", "sms", "pwd")

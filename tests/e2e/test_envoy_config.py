@@ -1,0 +1,221 @@
+"""The Envoy bootstrap (envoy/demo.yaml): Envoy itself accepts it, its security-relevant
+settings are what the design says, and a running Envoy fails closed without the authorizer."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from authz.demo.stack import (
+    DEFAULT_ENVOY_TEMPLATE,
+    REPO_ROOT,
+    Stack,
+    redis_ping,
+    render_envoy_config,
+)
+
+pytestmark = pytest.mark.e2e
+
+EXT_AUTHZ = "envoy.filters.http.ext_authz"
+TEST_PORTS = {"listen_port": 18080, "admin_port": 19901, "authz_grpc_port": 19191,
+              "authz_http_port": 19192, "upstream_port": 19000}
+
+
+def _validate(path: Path) -> subprocess.CompletedProcess[str]:
+    # No hot restart in validate mode: parallel runs must not contend for shared memory.
+    return subprocess.run(
+        ["envoy", "--mode", "validate", "--disable-hot-restart", "--log-level", "warn",
+         "-c", str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+@pytest.fixture
+def rendered(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    text = render_envoy_config(DEFAULT_ENVOY_TEMPLATE, **TEST_PORTS, authz_timeout="0.3s")
+    path = tmp_path / "envoy.yaml"
+    path.write_text(text)
+    return path, yaml.safe_load(text)
+
+
+def _hcm(doc: dict[str, Any]) -> dict[str, Any]:
+    listener = doc["static_resources"]["listeners"][0]
+    hcm: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm
+
+
+def _routes(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    vhost = _hcm(doc)["route_config"]["virtual_hosts"][0]
+    return {r["match"]["prefix"]: r for r in vhost["routes"]}
+
+
+def test_rendered_bootstrap_passes_envoy_validation(
+        rendered: tuple[Path, dict[str, Any]]) -> None:
+    path, _ = rendered
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout + result.stderr
+
+
+def test_security_settings(rendered: tuple[Path, dict[str, Any]]) -> None:
+    _, doc = rendered
+    hcm = _hcm(doc)
+    # One canonical path for the policy and the upstream.
+    assert hcm["normalize_path"] is True
+    assert hcm["merge_slashes"] is True
+    assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
+    # Edge proxy: the peer address is the client; no XFF hop trusted.
+    assert hcm["use_remote_address"] is True
+    assert hcm["xff_num_trusted_hops"] == 0
+
+    filters = [f["name"] for f in hcm["http_filters"]]
+    assert filters == [EXT_AUTHZ, "envoy.filters.http.router"]
+    authz = hcm["http_filters"][0]["typed_config"]
+    assert authz["failure_mode_allow"] is False
+    assert authz["status_on_error"] == {"code": 403}
+    assert authz["transport_api_version"] == "V3"
+    assert authz["grpc_service"]["envoy_grpc"]["cluster_name"] == "stepup_authz"
+    assert authz["grpc_service"]["timeout"] == "0.3s"
+    assert "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:decision_id)%" in json.dumps(
+        hcm["access_log"])
+
+    routes = _routes(doc)
+    assert list(routes) == ["/_stepup/", "/wires/", "/"]  # first match wins: order matters
+    assert routes["/_stepup/"]["route"]["cluster"] == "stepup_http"
+    assert routes["/_stepup/"]["typed_per_filter_config"][EXT_AUTHZ]["disabled"] is True
+    wires = routes["/wires/"]["typed_per_filter_config"][EXT_AUTHZ]
+    assert wires["check_settings"]["context_extensions"] == {"stepup_level": "high"}
+    assert EXT_AUTHZ not in routes["/"].get("typed_per_filter_config", {})
+
+    clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}
+    opts = clusters["stepup_authz"]["typed_extension_protocol_options"]
+    http_opts = opts["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http2_protocol_options" in http_opts["explicit_http_config"]
+
+
+def test_default_timeout_is_a_quarter_second() -> None:
+    doc = yaml.safe_load(render_envoy_config(DEFAULT_ENVOY_TEMPLATE, **TEST_PORTS))
+    assert _hcm(doc)["http_filters"][0]["typed_config"]["grpc_service"]["timeout"] == "0.25s"
+
+
+def test_a_broken_bootstrap_fails_validation(
+        rendered: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """The validation check can fail: an unknown field in the ext_authz config is refused."""
+    path, _ = rendered
+    broken = path.read_text().replace(
+        "failure_mode_allow: false", "failure_mode_allow: false\n                      "
+        "fail_open_when_tuesday: true")
+    assert broken != path.read_text()
+    bad = tmp_path / "broken.yaml"
+    bad.write_text(broken)
+    result = _validate(bad)
+    assert result.returncode != 0
+    assert "fail_open_when_tuesday" in result.stdout + result.stderr
+
+
+def test_rendering_refuses_a_missing_port() -> None:
+    ports = dict(TEST_PORTS)
+    del ports["upstream_port"]
+    with pytest.raises(KeyError, match="UPSTREAM_PORT"):
+        render_envoy_config(DEFAULT_ENVOY_TEMPLATE, **ports)
+
+
+# -- a running Envoy with no authorizer behind it ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def no_authorizer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # Only Envoy and the echo upstream (and Valkey) run: the ext_authz cluster has no server.
+    stack = Stack(tmp_path_factory.mktemp("no-authz"),
+                  policy_file=REPO_ROOT / "examples" / "policy.yaml",
+                  with_service=False, with_idp=False)
+    with stack:
+        yield stack
+
+
+def _request(stack: Stack, raw_path: str,
+             headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+    # http.client sends the path byte for byte: no client-side normalisation.
+    conn = http.client.HTTPConnection("127.0.0.1", stack.listen_port, timeout=5)
+    try:
+        conn.request("GET", raw_path, headers=headers or {})
+        resp = conn.getresponse()
+        resp.read()
+        return resp
+    finally:
+        conn.close()
+
+
+def _get(stack: Stack, raw_path: str, headers: dict[str, str] | None = None) -> int:
+    return _request(stack, raw_path, headers).status
+
+
+@pytest.mark.parametrize("path", ["/accounts/123", "/wires/1", "/"])
+def test_envoy_fails_closed_when_the_authorizer_is_down(no_authorizer: Stack, path: str) -> None:
+    assert _get(no_authorizer, path) == 403
+
+
+def test_stepup_route_skips_the_check(no_authorizer: Stack) -> None:
+    # Routed straight to the (absent) service HTTP port: an upstream error, not an ext_authz 403.
+    assert _get(no_authorizer, "/_stepup/start") == 503
+
+
+def test_paths_are_normalised_before_routing_and_the_check(no_authorizer: Stack) -> None:
+    # If '..' were resolved after routing, this would ride the unchecked /_stepup/ route (503).
+    assert _get(no_authorizer, "/_stepup/../accounts/123") == 403
+    assert _get(no_authorizer, "//_stepup/start") == 503  # merged to /_stepup/start
+    assert _get(no_authorizer, "/wires%2F1") == 400  # encoded slash: refused
+    assert _get(no_authorizer, "/accounts/1", {"x_stepup_user": "mallory"}) == 400
+
+
+def _access_log_entry(stack: Stack, path: str, timeout: float = 5.0,
+                      **fields: object) -> dict[str, Any]:
+    """The first access log line for ``path`` (and ``fields``); Envoy flushes every 0.1 s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in stack.log_path("envoy").read_text().splitlines():
+            if not line.startswith("{"):
+                continue  # Envoy's own warnings share the stream
+            entry: dict[str, Any] = json.loads(line)
+            if entry.get("path") == path and all(entry.get(k) == v for k, v in fields.items()):
+                return entry
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no access log line for {path} in {stack.log_path('envoy')}")
+        time.sleep(0.05)
+
+
+def test_access_log_is_json_with_the_decision_fields(no_authorizer: Stack) -> None:
+    assert _get(no_authorizer, "/accounts/log-probe") == 403
+    entry = _access_log_entry(no_authorizer, "/accounts/log-probe")
+    assert entry["response_code"] == 403
+    assert {"decision_id", "outcome", "reason", "method"} <= entry.keys()
+
+
+# -- the full stack (demo policy) ---------------------------------------------------------------
+
+def test_decision_id_reaches_the_access_log(stack: Stack) -> None:
+    """The service's dynamic metadata lands in Envoy's access log under the ext_authz namespace,
+    so a log line joins the ``x-stepup-decision-id`` the client saw and the audit record."""
+    resp = _request(stack, "/accounts/123")
+    assert resp.status == 401
+    decision_id = resp.getheader("x-stepup-decision-id")
+    assert decision_id
+    entry = _access_log_entry(stack, "/accounts/123", decision_id=decision_id)
+    assert entry["response_code"] == 401
+    assert entry["reason"] == resp.getheader("x-stepup-reason")
+    assert entry["outcome"]
+
+
+def test_redis_restarts_on_the_same_port(stack: Stack) -> None:
+    stack.stop_redis()
+    assert not redis_ping(stack.redis_port)
+    stack.start_redis()
+    assert redis_ping(stack.redis_port)
+    assert stack.redis_url.startswith(f"redis://127.0.0.1:{stack.redis_port}")
