@@ -197,7 +197,8 @@ async def test_browser_step_up_round_trip(env: Env) -> None:
     assert r.status.code == 0, r
     assert header(r, "x-stepup-acr") == "mfa"
     metrics = await asyncio.to_thread(_scrape, http)
-    assert 'stepup_authz_stepup_completions_total{factor="otp",level="elevated",result="success"} 1.0' in metrics
+    assert ('stepup_authz_stepup_completions_total'
+            '{factor="otp",level="elevated",result="success"} 1.0') in metrics
 
 
 def _scrape(http: str) -> str:
