@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=8080, help="Envoy listener (default 8080)")
     parser.add_argument("--admin-port", type=int, default=9901, help="Envoy admin (9901)")
+    parser.add_argument("--idp-port", type=int, default=9400, help="dev IdP (default 9400)")
     parser.add_argument("--policy", type=Path, default=REPO_ROOT / "examples" / "policy.yaml")
     parser.add_argument("--workdir", type=Path, default=Path("var/demo"),
                         help="logs and generated config (default ./var/demo)")
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             raise KeyboardInterrupt
 
     stack = Stack(args.workdir, policy_file=args.policy, redis_url=args.redis_url,
-                  listen_port=args.port, admin_port=args.admin_port)
+                  listen_port=args.port, admin_port=args.admin_port,
+                  idp_port=args.idp_port)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         print("starting the demo stack ...", flush=True)

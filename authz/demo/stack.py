@@ -215,6 +215,7 @@ class Stack:
         redis_url: str | None = None,
         listen_port: int | None = None,
         admin_port: int | None = None,
+        idp_port: int | None = None,
         with_service: bool = True,
         with_idp: bool = True,
         extra_settings: dict[str, Any] | None = None,
@@ -233,6 +234,8 @@ class Stack:
          free_listen, free_admin) = free_ports(7)
         self.listen_port = listen_port if listen_port is not None else free_listen
         self.admin_port = admin_port if admin_port is not None else free_admin
+        if idp_port is not None:
+            self.idp_port = idp_port
         self._own_redis = redis_url is None
         self.redis_url = redis_url or f"redis://{HOST}:{self.redis_port}/0"
         self._env = _child_env(env)
