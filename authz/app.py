@@ -45,10 +45,7 @@ class Service:
 
     @property
     def grpc_port(self) -> int:
-        return self.grpc.port
-
-    async def reload_policy(self) -> bool:
-        return self.policy.reload()
+        return int(self.grpc.port)
 
     async def _watch_policy(self) -> None:
         while True:

@@ -109,7 +109,7 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
     decision = decide(loaded.policy, attrs, identity, SessionSnapshot(grants), now,
                       leeway=int(doc.get("leeway", 0)))
     route = loaded.policy.route_for(attrs.host, attrs.method, attrs.path)
-    out = {
+    out: dict[str, Any] = {
         "decision": decision.outcome.value,
         "reason": str(decision.reason),
         "level": decision.level.name if decision.level else None,

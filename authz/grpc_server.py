@@ -26,7 +26,8 @@ log = logging.getLogger("authz.grpc")
 SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 
 
-class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+# The generated grpc base class is untyped (xds-protos ships no .pyi for _grpc modules).
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     def __init__(self, authorizer: Authorizer, responses: ResponseBuilder) -> None:
         self.authorizer = authorizer
         self.responses = responses
