@@ -7,6 +7,7 @@ finish before the listener closes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -96,4 +97,5 @@ class GrpcServer:
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING
+        await asyncio.sleep(self.settings.shutdown_delay_s)
         await self.server.stop(self.settings.shutdown_grace_s)

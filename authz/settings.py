@@ -31,6 +31,10 @@ class GrpcSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(9191, ge=0, le=65535)
     tls: TlsSettings | None = None
+    # On SIGTERM: health goes NOT_SERVING, then new checks are still answered for
+    # shutdown_delay_s (so Envoy and Kubernetes see it and route away), then the listener
+    # stops and in-flight checks get up to shutdown_grace_s to finish.
+    shutdown_delay_s: float = Field(1.0, ge=0)
     shutdown_grace_s: float = Field(5.0, ge=0)
     max_concurrent_rpcs: int | None = Field(None, ge=1)
 

@@ -48,7 +48,7 @@ async def env(redis_url: str, redis_prefix: str) -> AsyncIterator[Env]:
     async with running(cfg, sock):
         settings = Settings.model_validate({
             "policy_file": str(ROOT / "examples" / "policy.yaml"),
-            "grpc": {"port": 0},
+            "grpc": {"port": 0, "shutdown_delay_s": 0},
             "http": {"port": 0},
             "redis": {"url": redis_url, "key_prefix": redis_prefix},
             "oidc": {"issuer": idp, "client_id": "stepup-authz", "client_secret": "dev-secret",

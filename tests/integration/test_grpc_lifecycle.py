@@ -1,0 +1,188 @@
+"""The gRPC listener's lifecycle: mTLS, graceful shutdown with in-flight checks drained."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from authz.app import Service, start_service
+from authz.core.session import SessionSnapshot
+from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
+from authz.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
+          issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.subject if issuer else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _pem(obj: Any) -> bytes:
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    return bytes(obj.private_bytes(serialization.Encoding.PEM,
+                                   serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    d = tmp_path_factory.mktemp("pki")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("test-ca", ca_key, None, ca_key, ca=True)
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other_ca = _cert("other-ca", other_key, None, other_key, ca=True)
+    files: dict[str, Path] = {}
+    for name, obj in {"ca.pem": ca, "other-ca.pem": other_ca}.items():
+        (d / name).write_bytes(_pem(obj))
+        files[name] = d / name
+    for who, issuer, issuer_key in (("server", ca, ca_key), ("client", ca, ca_key),
+                                    ("rogue", other_ca, other_key)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _cert("localhost" if who == "server" else who, key, issuer, issuer_key, ca=False)
+        (d / f"{who}.pem").write_bytes(_pem(cert))
+        (d / f"{who}-key.pem").write_bytes(_pem(key))
+        files[who] = d / f"{who}.pem"
+        files[f"{who}-key"] = d / f"{who}-key.pem"
+    yield files
+
+
+@contextlib.asynccontextmanager
+async def _service(redis_url: str, redis_prefix: str, **grpc_extra: Any) -> AsyncIterator[Service]:
+    sock = bind()
+    idp = base_url(sock)
+    cfg = DevIdpConfig(issuer=idp, clients={
+        "stepup-authz": DevClient("dev-secret", ("http://app.test/_stepup/callback",))})
+    async with running(cfg, sock):
+        settings = Settings.model_validate({
+            "policy_file": str(ROOT / "examples" / "policy.yaml"),
+            "grpc": {"port": 0, "shutdown_grace_s": 5, "shutdown_delay_s": 0.3, **grpc_extra},
+            "http": {"port": 0},
+            "redis": {"url": redis_url, "key_prefix": redis_prefix},
+            "oidc": {"issuer": idp, "client_id": "stepup-authz", "client_secret": "dev-secret",
+                     "audience": "stepup-demo", "algorithms": ["RS256"]},
+            "stepup": {"public_url": "http://app.test", "cookie_secure": False},
+        })
+        service = await start_service(settings)
+        try:
+            yield service
+        finally:
+            await service.stop()
+
+
+def _request(path: str = "/") -> external_auth_pb2.CheckRequest:
+    req = external_auth_pb2.CheckRequest()
+    http = req.attributes.request.http
+    http.method, http.path, http.host = "GET", path, "app.test"
+    return req
+
+
+async def test_mtls_listener_requires_a_client_cert_from_the_ca(
+    redis_url: str, redis_prefix: str, pki: dict[str, Path]
+) -> None:
+    tls = {"cert_file": str(pki["server"]), "key_file": str(pki["server-key"]),
+           "client_ca_file": str(pki["ca.pem"])}
+    async with _service(redis_url, redis_prefix, tls=tls) as service:
+        target = f"localhost:{service.grpc_port}"
+        root = pki["ca.pem"].read_bytes()
+
+        async def call(creds: grpc.ChannelCredentials) -> int:
+            async with grpc.aio.secure_channel(target, creds) as ch:
+                stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+                r = await stub.Check(_request(), timeout=3)
+                return int(r.denied_response.status.code or 200)
+
+        good = grpc.ssl_channel_credentials(root, pki["client-key"].read_bytes(),
+                                            pki["client"].read_bytes())
+        assert await call(good) == 200  # "/" is public in the demo policy
+        for creds in (grpc.ssl_channel_credentials(root),  # no client certificate
+                      grpc.ssl_channel_credentials(root, pki["rogue-key"].read_bytes(),
+                                                   pki["rogue"].read_bytes())):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call(creds)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # and plaintext is refused
+        async with grpc.aio.insecure_channel(target) as ch:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await external_auth_pb2_grpc.AuthorizationStub(ch).Check(_request(), timeout=3)
+
+
+class _SlowStore:
+    """Delays reads so a check is in flight while the service shuts down."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self.inner, self.delay = inner, delay
+
+    async def read(self, key: str, levels: tuple[str, ...]) -> SessionSnapshot:
+        await asyncio.sleep(self.delay)
+        result: SessionSnapshot = await self.inner.read(key, levels)
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_graceful_shutdown_goes_not_serving_and_drains(
+    redis_url: str, redis_prefix: str
+) -> None:
+    import base64
+
+    import aiohttp
+
+    async with _service(redis_url, redis_prefix) as service:
+        idp = service.settings.oidc.issuer
+        basic = base64.b64encode(b"stepup-authz:dev-secret").decode()
+        async with aiohttp.ClientSession() as s, s.post(
+            f"{idp}/token", headers={"Authorization": f"Basic {basic}"},
+            data={"grant_type": "password", "username": "alice", "password": "alice-password"},
+        ) as resp:
+            token = (await resp.json())["access_token"]
+        service.authorizer.store = _SlowStore(service.authorizer.store, 0.5)
+        target = f"127.0.0.1:{service.grpc_port}"
+        async with grpc.aio.insecure_channel(target) as ch:
+            stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+            health = health_pb2_grpc.HealthStub(ch)
+            req = _request("/accounts/1")  # elevated: reads the (slow) store
+            req.attributes.request.http.headers["authorization"] = f"Bearer {token}"
+            in_flight = asyncio.ensure_future(stub.Check(req, timeout=5))
+            await asyncio.sleep(0.1)
+            stopping = asyncio.ensure_future(service.grpc.stop())
+            await asyncio.sleep(0.05)
+            status = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            response = await in_flight  # drained, with a real decision
+            assert response.denied_response.status.code == 401
+            await stopping
+            with pytest.raises(grpc.aio.AioRpcError):  # and then the listener is gone
+                await stub.Check(_request(), timeout=1)
