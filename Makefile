@@ -31,6 +31,9 @@ test: $(STAMP) ## install and run every test (unit, integration, end-to-end thro
 test-unit: $(STAMP) ## unit tests only (no Redis, no Envoy)
 	$(PY) -m pytest -q tests/unit
 
+test-deploy: $(STAMP) ## Helm/K8s schemas, envoy --mode validate, promtool, a live Prometheus scrape
+	$(PY) -m pytest -q -m deploy
+
 lint: $(STAMP) ## ruff and mypy --strict
 	$(BIN)/ruff check authz tests
 	$(BIN)/mypy
@@ -38,4 +41,4 @@ lint: $(STAMP) ## ruff and mypy --strict
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache var
 
-.PHONY: help install demo serve test test-unit lint clean
+.PHONY: help install demo serve test test-unit test-deploy lint clean

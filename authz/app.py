@@ -16,7 +16,7 @@ from aiohttp import web
 from authz.adapters.envoy_out import ResponseBuilder
 from authz.adapters.metrics import Metrics
 from authz.adapters.oidc import OidcClient, discover
-from authz.adapters.redis_conn import EmbeddedValkey, make_client
+from authz.adapters.redis_conn import EmbeddedValkey, make_redis
 from authz.adapters.sessions import RedisSessionStore
 from authz.adapters.tokens import TokenVerifier, key_source_from_settings
 from authz.grpc_server import AuthorizationServicer, GrpcServer
@@ -97,12 +97,12 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
         metrics.policy_info.info({"version": loaded.version, "sha256": loaded.sha256})
 
         redis_url = settings.redis.url
-        if redis_url is None:
+        if settings.redis.embedded:
             embedded = EmbeddedValkey()
             redis_url = await asyncio.to_thread(embedded.start)
             closers.append(embedded)
             log.info("no REDIS_URL: started an embedded Valkey server", extra={"url": redis_url})
-        client = make_client(redis_url, settings.redis)
+        client = make_redis(settings.redis, redis_url)
         store = RedisSessionStore(
             client, prefix=settings.redis.key_prefix, deadline_ms=settings.redis.deadline_ms,
             on_corrupt=metrics.corrupt_grants.inc,

@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="start the demo: Envoy on :8080, service, Valkey, dev IdP")
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(func=_cmd_demo)
+
+    from authz.render import add_render_parser
+
+    add_render_parser(sub)
     return p
 
 

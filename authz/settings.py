@@ -45,10 +45,44 @@ class HttpSettings(BaseModel):
     port: int = Field(9192, ge=0, le=65535)
 
 
+def _host_port(node: str) -> str:
+    host, sep, port = node.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{node!r} is not host:port")
+    return node
+
+
+class SentinelSettings(BaseModel):
+    model_config = _FROZEN
+    master_name: str = Field(min_length=1)
+    nodes: tuple[str, ...] = Field(min_length=1)  # sentinel host:port list
+    password_file: Path | None = None  # the sentinels' own password, when they have one
+    ssl: bool = False
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_host_port(n) for n in v)
+
+
+class ClusterSettings(BaseModel):
+    model_config = _FROZEN
+    nodes: tuple[str, ...] = Field(min_length=1)  # startup nodes, host:port
+    ssl: bool = False
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_host_port(n) for n in v)
+
+
 class RedisSettings(BaseModel):
     model_config = _FROZEN
-    # None => start an embedded Valkey server (development, demo, tests)
+    # One of url, sentinel or cluster; none of them => start an embedded Valkey server
+    # (development, demo, tests).
     url: str | None = None
+    sentinel: SentinelSettings | None = None
+    cluster: ClusterSettings | None = None
     key_prefix: str = "stepup:"
     # Each Check's session read must finish well inside Envoy's ext_authz timeout.
     deadline_ms: int = Field(50, ge=1, le=10_000)
@@ -61,6 +95,17 @@ class RedisSettings(BaseModel):
         if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return v
+
+    @model_validator(mode="after")
+    def _one_topology(self) -> RedisSettings:
+        given = [n for n in ("url", "sentinel", "cluster") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of url, sentinel or cluster, not {' and '.join(given)}")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.url is None and self.sentinel is None and self.cluster is None
 
 
 class OidcSettings(BaseModel):
@@ -138,10 +183,6 @@ class Settings(BaseModel):
     oidc: OidcSettings
     stepup: StepupSettings = StepupSettings()
     log: LogSettings = LogSettings()
-
-    @model_validator(mode="after")
-    def _keys_source(self) -> Settings:
-        return self
 
 
 _ENV_MAP: dict[str, tuple[str, ...]] = {

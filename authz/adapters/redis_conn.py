@@ -37,6 +37,79 @@ _HEALTH_CHECK_INTERVAL_S = 30
 _CLIENT_NAME = "stepup-authz"
 
 
+def _common_kwargs(settings: RedisSettings) -> dict[str, Any]:
+    timeout_s = settings.deadline_ms / 1000 + _SOCKET_MARGIN_S
+    kwargs: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "health_check_interval": _HEALTH_CHECK_INTERVAL_S,
+        # Zero retries: the Check path has a deadline and a failure is a deny anyway.
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": False,
+        "client_name": _CLIENT_NAME,
+    }
+    if settings.password_file is not None:
+        kwargs["password"] = _read_secret(settings.password_file, "redis.password_file")
+    return kwargs
+
+
+def _read_secret(path: Path, location: str) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(str(exc), location=location) from exc
+
+
+def _tls_kwargs(settings: RedisSettings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+    if settings.ca_file is not None:
+        kwargs["ssl_ca_certs"] = str(settings.ca_file)
+    return kwargs
+
+
+def _split(node: str) -> tuple[str, int]:
+    host, _, port = node.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def make_redis(settings: RedisSettings, url: str | None = None) -> Any:
+    """The shared async client for the configured topology: ``url`` (or ``settings.url``),
+    ``settings.sentinel`` (the current primary, found through the sentinels) or
+    ``settings.cluster``. All three answer the same commands the store uses."""
+    if settings.sentinel is not None:
+        from redis.asyncio.sentinel import Sentinel
+
+        sn = settings.sentinel
+        kwargs = _common_kwargs(settings)
+        sentinel_kwargs: dict[str, Any] = {"socket_timeout": kwargs["socket_timeout"],
+                                           "socket_connect_timeout": kwargs["socket_timeout"]}
+        if sn.password_file is not None:
+            sentinel_kwargs["password"] = _read_secret(sn.password_file,
+                                                       "redis.sentinel.password_file")
+        if sn.ssl:
+            kwargs.update(ssl=True, **_tls_kwargs(settings))
+            sentinel_kwargs.update(ssl=True, **_tls_kwargs(settings))
+        sentinel = Sentinel([_split(n) for n in sn.nodes], sentinel_kwargs=sentinel_kwargs,
+                            **kwargs)
+        return sentinel.master_for(sn.master_name)
+    if settings.cluster is not None:
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        kwargs = _common_kwargs(settings)
+        kwargs.pop("retry")
+        if settings.cluster.ssl:
+            kwargs.update(ssl=True, **_tls_kwargs(settings))
+        return RedisCluster(
+            startup_nodes=[ClusterNode(*_split(n)) for n in settings.cluster.nodes],
+            # MOVED/ASK after a failover are followed; nothing else is retried.
+            cluster_error_retry_attempts=1, **kwargs,
+        )
+    url = url or settings.url
+    if url is None:
+        raise ConfigError("no Redis configured", location="redis")
+    return make_client(url, settings)
+
+
 def make_client(url: str, settings: RedisSettings) -> aioredis.Redis:
     """Build the shared async client for ``url`` (redis://, rediss:// or unix://).
 
@@ -50,35 +123,18 @@ def make_client(url: str, settings: RedisSettings) -> aioredis.Redis:
     scheme = parts.scheme
     if scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("must start with redis://, rediss:// or unix://", location="redis.url")
-    timeout_s = settings.deadline_ms / 1000 + _SOCKET_MARGIN_S
-    kwargs: dict[str, Any] = {
-        "socket_timeout": timeout_s,
-        "socket_connect_timeout": timeout_s,
-        "health_check_interval": _HEALTH_CHECK_INTERVAL_S,
-        # Zero retries: the Check path has a deadline and a failure is a deny anyway.
-        "retry": Retry(NoBackoff(), 0),
-        "decode_responses": False,
-        "client_name": _CLIENT_NAME,
-        # Maintenance notifications (RESP3, managed Redis) relax socket timeouts to seconds
-        # during a migration and turn off the pool's stale-connection check: both work
-        # against a tight deadline.
-        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
-    }
-    if settings.password_file is not None:
-        if parts.password:
-            raise ConfigError(
-                "a password is set both in the URL and in password_file",
-                location="redis.password_file",
-            )
-        try:
-            kwargs["password"] = settings.password_file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(str(exc), location="redis.password_file") from exc
+    if settings.password_file is not None and parts.password:
+        raise ConfigError(
+            "a password is set both in the URL and in password_file",
+            location="redis.password_file",
+        )
+    kwargs = _common_kwargs(settings)
+    # Maintenance notifications (RESP3, managed Redis) relax socket timeouts to seconds
+    # during a migration and turn off the pool's stale-connection check: both work against
+    # a tight deadline.
+    kwargs["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
     if scheme == "rediss":
-        kwargs["ssl_cert_reqs"] = "required"
-        kwargs["ssl_check_hostname"] = True
-        if settings.ca_file is not None:
-            kwargs["ssl_ca_certs"] = str(settings.ca_file)
+        kwargs.update(_tls_kwargs(settings))
     client: aioredis.Redis = aioredis.Redis.from_url(url, **kwargs)
     return client
 
