@@ -1,0 +1,244 @@
+"""``stepup-authz audit ...``: verify | export | tail | exporter | keygen.
+
+``add_audit_parser(subparsers)`` registers the group on the main CLI; ``python -m
+authz.audit`` (or ``python -m authz.audit.cli``) runs it standalone, e.g. for the exporter
+process or on an examiner's machine with only the archive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from authz.errors import ConfigError
+
+EXIT_USAGE = 2
+
+
+def _keys(args: argparse.Namespace) -> dict[str, Any]:
+    from authz.audit.chain import load_public_keys
+
+    return load_public_keys(args.pubkey or ())
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from authz.audit.verify import load_anchor, verify
+
+    try:
+        keys = _keys(args)
+        anchor = load_anchor(args.anchor) if args.anchor else None
+    except (OSError, ValueError) as exc:
+        print(f"audit verify: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        report = verify(args.paths, public_keys=keys, anchor=anchor,
+                        allow_partial_start=args.allow_partial_start)
+    except OSError as exc:
+        print(f"audit verify: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return report.exit_code
+    print(f"segments {report.segments}, records {report.records}, checkpoints "
+          f"{report.checkpoints}, last seq {report.last_seq}, signed through seq "
+          f"{report.signed_through}")
+    for note in report.notes:
+        print(f"note: {note}")
+    if report.torn is not None:
+        print(f"TORN LAST LINE (crash mid-write; everything before it verifies): "
+              f"{report.torn}")
+    if report.error is not None:
+        print(f"FAILED: first broken link: {report.error}")
+    elif report.torn is None:
+        print("OK")
+    return report.exit_code
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from authz.audit import export as ex
+
+    try:
+        flt = ex.Filter(
+            since_ms=ex.parse_time(args.since) if args.since else None,
+            until_ms=ex.parse_time(args.until) if args.until else None,
+            users=frozenset(args.user or ()),
+            types=frozenset(t for v in args.type or () for t in v.split(",") if t),
+        )
+        keys = _keys(args)
+    except (OSError, ValueError) as exc:
+        print(f"audit export: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        records, report = ex.select(args.paths, flt, public_keys=keys, force=args.force)
+    except OSError as exc:
+        print(f"audit export: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ex.ExportRefused as exc:
+        print(f"audit export: refused, the archive does not verify: {exc}", file=sys.stderr)
+        return 1
+    out = sys.stdout if args.output is None else args.output.open("w", newline="")
+    try:
+        write = ex.write_csv if args.format == "csv" else ex.write_jsonl
+        n = write(records, out)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(f"audit export: {n} record(s); archive last seq {report.last_seq}"
+          + ("; TORN last line" if report.torn else ""), file=sys.stderr)
+    return 0
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    if args.path is not None:
+        return _tail_archive(args.path, args.lines, args.follow)
+    import redis
+
+    from authz.audit.events import canonical_bytes
+    from authz.audit.exporter import entry_record
+
+    client = redis.Redis.from_url(args.redis_url or os.environ.get("REDIS_URL")
+                                  or "redis://127.0.0.1:6379")
+    try:
+        last = "0-0"
+        recent: Any = client.xrevrange(args.stream, count=args.lines)
+        for sid, fields in reversed(recent):
+            last = sid.decode()
+            print(canonical_bytes(entry_record(last, fields)).decode(), flush=True)
+        if not recent:
+            last = "$"
+        while args.follow:
+            resp: Any = client.xread({args.stream: last}, block=1000, count=500)
+            for _key, items in resp or ():
+                for sid, fields in items:
+                    last = sid.decode()
+                    print(canonical_bytes(entry_record(last, fields)).decode(), flush=True)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        client.close()
+    return 0
+
+
+def _tail_archive(path: Path, n: int, follow: bool) -> int:
+    from authz.audit.segments import list_segments
+
+    segs = list_segments([path])
+    if not segs:
+        print(f"audit tail: no segments in {path}", file=sys.stderr)
+        return 1
+    current = segs[-1]
+    data = current.read_bytes()
+    lines = data.split(b"\n")
+    for raw in lines[:-1][-n:] if n else []:
+        print(raw.decode("ascii", "replace"), flush=True)
+    pos = len(data) - len(lines[-1])  # hold back a partial last line
+    try:
+        while follow:
+            time.sleep(0.5)
+            data = current.read_bytes()
+            if len(data) > pos:
+                chunk = data[pos:]
+                done = chunk[: chunk.rfind(b"\n") + 1]
+                for raw in done.split(b"\n")[:-1]:
+                    print(raw.decode("ascii", "replace"), flush=True)
+                pos += len(done)
+            newer = [s for s in list_segments([path]) if s.name > current.name]
+            if newer and len(data) == pos:
+                current, pos = newer[0], 0
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _cmd_exporter(args: argparse.Namespace) -> int:
+    from authz.audit.archive import ArchiveError
+    from authz.audit.config import load_exporter_settings
+    from authz.audit.exporter import run_exporter
+    from authz.logs import configure_logging
+
+    configure_logging("INFO", True)
+    try:
+        settings = load_exporter_settings(args.config)
+        return run_exporter(settings)
+    except (ConfigError, ArchiveError) as exc:
+        print(f"audit exporter: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from authz.audit.chain import SigningKey
+
+    key = SigningKey.generate()
+    args.out.mkdir(parents=True, exist_ok=True)
+    priv = args.out / f"audit-signing-{key.key_id}.pem"
+    pub = args.out / f"audit-signing-{key.key_id}.pub.pem"
+    fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_pem())
+    pub.write_bytes(key.public_pem())
+    print(f"key id {key.key_id}\nprivate {priv} (keep secret; exporter signing_key_file)\n"
+          f"public  {pub} (give to verifiers: audit verify --pubkey)")
+    return 0
+
+
+def add_audit_parser(subparsers: Any) -> None:
+    """Register ``audit`` and its subcommands on an argparse subparsers object."""
+    a = subparsers.add_parser("audit", help="audit trail: verify, export, tail, exporter")
+    sub = a.add_subparsers(dest="audit_command", required=True)
+
+    v = sub.add_parser("verify", help="verify an archive; exit 0 ok, 3 torn last line, "
+                       "1 broken link")
+    v.add_argument("paths", nargs="+", type=Path, help="archive directories or segment files")
+    v.add_argument("--pubkey", action="append", type=Path,
+                   help="Ed25519 public key PEM (repeat for rotated keys)")
+    v.add_argument("--anchor", type=Path,
+                   help="a saved HEAD.json checkpoint the archive must reach")
+    v.add_argument("--allow-partial-start", action="store_true",
+                   help="accept an archive whose oldest segments were retired")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=_cmd_verify)
+
+    e = sub.add_parser("export", help="records for a window, sorted (verifies first)")
+    e.add_argument("paths", nargs="+", type=Path)
+    e.add_argument("--since", help="inclusive; ISO 8601 (UTC if no offset) or epoch ms")
+    e.add_argument("--until", help="exclusive; ISO 8601 or epoch ms")
+    e.add_argument("--user", action="append", help="iss|sub (repeatable)")
+    e.add_argument("--type", action="append", help="event type (repeatable, or comma list)")
+    e.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    e.add_argument("--output", type=Path, help="file (default stdout)")
+    e.add_argument("--pubkey", action="append", type=Path)
+    e.add_argument("--force", action="store_true", help="export even if verify fails")
+    e.set_defaults(func=_cmd_export)
+
+    t = sub.add_parser("tail", help="follow the stream, or the newest archive segment")
+    t.add_argument("path", nargs="?", type=Path, help="archive directory (else the stream)")
+    t.add_argument("--redis-url", help="default $REDIS_URL or redis://127.0.0.1:6379")
+    t.add_argument("--stream", default="stepup:audit")
+    t.add_argument("-n", "--lines", type=int, default=10)
+    t.add_argument("--no-follow", dest="follow", action="store_false")
+    t.set_defaults(func=_cmd_tail)
+
+    x = sub.add_parser("exporter", help="run the stream -> archive exporter")
+    x.add_argument("--config", required=True, type=Path, help="exporter YAML file")
+    x.set_defaults(func=_cmd_exporter)
+
+    k = sub.add_parser("keygen", help="generate an Ed25519 checkpoint signing key pair (dev)")
+    k.add_argument("--out", required=True, type=Path)
+    k.set_defaults(func=_cmd_keygen)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="stepup-authz")
+    add_audit_parser(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Audit event types, the record model and the canonical JSON encoding.
+
+A record is a flat JSON object of strings, integers, booleans and nulls. Its canonical
+bytes are ``json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=True)`` with DEL
+(0x7f) escaped as well, so every C0 control character, DEL, every C1 control character, the
+line separators U+2028/U+2029 and all other non-ASCII text appear as ``\\uXXXX`` escapes:
+one record is always exactly one line of printable ASCII, whatever a client put in a path,
+a device id or a header. Floats are refused (their text form is not canonical).
+
+Never put a token, a cookie, an authorization code or a query string in an event: the
+builders in :mod:`authz.audit.mapping` take the route as method, host and canonical path only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any
+
+RECORD_VERSION = 1
+# One field longer than this is cut, with a marker, so a hostile path cannot bloat the trail.
+MAX_FIELD_CHARS = 2048
+_TRUNCATED = "...[truncated]"
+
+Scalar = str | int | bool | None
+
+
+class EventType(StrEnum):
+    """Stable event type strings: part of the record format, never renamed."""
+
+    STEPUP_CHALLENGE = "stepup.challenge"
+    STEPUP_COMPLETED = "stepup.completed"
+    LOGIN_REQUIRED = "login.required"
+    TOKEN_REJECTED = "token.rejected"  # noqa: S105 - an event type, not a secret
+    ACCESS_ALLOWED = "access.allowed"
+    ACCESS_DENIED = "access.denied"
+    ERROR_FAIL_CLOSED = "error.fail_closed"
+    POLICY_RELOAD = "policy.reload"
+    GRANT_REVOKED = "grant.revoked"
+
+
+# The common fields, in the order the CSV export uses. ``details`` holds per-type extras
+# (result, acr, auth_time, issuer, grant_*, old_sha256, new_sha256 ...).
+COMMON_FIELDS: tuple[str, ...] = (
+    "event_id", "ts_ms", "type", "decision_id", "user", "session", "device", "client_ip",
+    "route", "level", "outcome", "reason", "factor", "policy_version",
+)
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_event_id(now_ms: int | None = None) -> str:
+    """A ULID: 48-bit UTC milliseconds + 80 random bits, Crockford base32, 26 characters.
+
+    Sorts by creation time across instances (to clock skew) and needs no coordination.
+    """
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    value = (ms & ((1 << 48) - 1)) << 80 | int.from_bytes(os.urandom(10), "big")
+    out = []
+    for _ in range(26):
+        out.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(out))
+
+
+def _clip(value: Scalar) -> Scalar:
+    if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+        return value[: MAX_FIELD_CHARS - len(_TRUNCATED)] + _TRUNCATED
+    return value
+
+
+def _check_scalar(name: str, value: object) -> Scalar:
+    if value is None or isinstance(value, str | bool | int):
+        return _clip(value)
+    raise TypeError(f"audit field {name!r}: {type(value).__name__} is not a str/int/bool/None")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One audit event, as the service produces it (before the archive adds its chain)."""
+
+    type: EventType
+    event_id: str = field(default_factory=new_event_id)
+    ts_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    decision_id: str | None = None
+    user: str | None = None  # "iss|sub"
+    session: str | None = None  # the session key hash, never the raw sid
+    device: str | None = None
+    client_ip: str | None = None
+    route: str | None = None  # "METHOD host /canonical/path", never the query
+    level: str | None = None
+    outcome: str | None = None
+    reason: str | None = None
+    factor: str | None = None
+    policy_version: str | None = None
+    details: Mapping[str, Scalar] = field(default_factory=lambda: MappingProxyType({}))
+
+    def to_record(self) -> dict[str, Scalar]:
+        """The flat record: common fields (nulls kept, so every record has every column)
+        plus the details, each prefixed by nothing (names must not clash)."""
+        rec: dict[str, Scalar] = {"v": RECORD_VERSION}
+        for name in COMMON_FIELDS:
+            value = getattr(self, name)
+            rec[name] = _check_scalar(name, str(value) if name == "type" else value)
+        for name, value in self.details.items():
+            if name in rec or name in ARCHIVE_FIELDS:
+                raise ValueError(f"audit detail {name!r} clashes with a record field")
+            rec[name] = _check_scalar(name, value)
+        return rec
+
+
+# Fields the archive adds around an event record (see authz.audit.chain).
+ARCHIVE_FIELDS: frozenset[str] = frozenset(
+    {"kind", "seq", "stream_id", "prev_hash", "hash", "segment", "key_id", "sig"}
+)
+
+
+def canonical_bytes(record: Mapping[str, Any]) -> bytes:
+    """The canonical encoding: sorted keys, no spaces, ASCII only, no raw control chars."""
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
+    # json escapes U+0000-U+001F and (with ensure_ascii) everything above U+007E, but not
+    # DEL. DEL can only occur inside a string here, so a plain replace is exact.
+    return text.replace("\x7f", "\\u007f").encode("ascii")
+
+
+def encode_event(event: AuditEvent) -> bytes:
+    return canonical_bytes(event.to_record())
+
+
+def decode_record(raw: bytes | str) -> dict[str, Any]:
+    """Parse one record; raises ValueError when it is not a JSON object."""
+    doc = json.loads(raw)
+    if not isinstance(doc, dict):
+        raise ValueError("an audit record must be a JSON object")
+    return doc

@@ -1,0 +1,311 @@
+"""The audit trail end to end against a real Redis: Auditor -> stream -> exporter ->
+archive -> verify; exporter restarts and kill -9; sink down; buffer full."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from authz.adapters.redis_conn import EmbeddedValkey
+from authz.audit.archive import ArchiveWriter
+from authz.audit.chain import SigningKey
+from authz.audit.events import AuditEvent, EventType
+from authz.audit.exporter import Exporter
+from authz.audit.metrics import AuditMetrics
+from authz.audit.segments import list_segments
+from authz.audit.sinks import Auditor, AuditUnavailable, RedisStreamSink
+from authz.audit.testing import MemorySink, sample_event
+from authz.audit.verify import verify
+
+pytestmark = pytest.mark.integration
+
+KEY = SigningKey.generate()
+KEYS = {KEY.key_id: KEY.private_key.public_key()}
+
+
+@pytest.fixture
+def stream(redis_prefix: str) -> str:
+    return f"{redis_prefix}audit"
+
+
+@pytest.fixture
+async def aclient(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    c = aioredis.Redis.from_url(redis_url)
+    yield c
+    await c.aclose()
+
+
+@pytest.fixture
+def sclient(redis_url: str) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+def metrics() -> AuditMetrics:
+    return AuditMetrics(CollectorRegistry())
+
+
+def value(m: AuditMetrics, name: str, **labels: str) -> float:
+    v = m.registry.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+def exporter(sclient: redis.Redis, archive: Path, stream: str, **kw: int) -> Exporter:
+    w = ArchiveWriter(archive, KEY, max_bytes=kw.pop("max_bytes", 16_384),
+                      checkpoint_every=kw.pop("checkpoint_every", 25))
+    return Exporter(sclient, w, stream_key=stream, batch_size=kw.pop("batch", 100),
+                    metrics=metrics())
+
+
+def drain(ex: Exporter, limit: int = 1000) -> int:
+    total = 0
+    for _ in range(limit):
+        n = ex.poll(block_ms=None)
+        total += n
+        if n == 0 and not ex.client.xrange(ex.stream_key, min=f"({ex.last_id}", count=1):
+            return total
+    raise AssertionError("exporter did not drain the stream")
+
+
+def archived_ids(archive: Path) -> list[str]:
+    out = []
+    for seg in list_segments([archive]):
+        for raw in seg.read_bytes().split(b"\n"):
+            if b'"kind":"event"' in raw:
+                out.append(json.loads(raw)["event_id"])
+    return out
+
+
+async def test_auditor_to_archive_exactly_n_records(
+        aclient: aioredis.Redis, sclient: redis.Redis, stream: str, tmp_path: Path) -> None:
+    m = metrics()
+    mirror = MemorySink()
+    auditor = Auditor(RedisStreamSink(aclient, stream_key=stream, deadline_ms=500),
+                      metrics=m, buffer_size=1000, batch_size=64, mirrors=[mirror])
+    auditor.start()
+    sent = []
+    for i in range(300):
+        ev = sample_event(i)
+        sent.append(ev.event_id)
+        if i % 10 == 0:
+            await auditor.durable(ev)
+        else:
+            auditor.emit(ev)
+    assert await auditor.flush(10)
+    await auditor.aclose()
+    assert value(m, "stepup_authz_audit_events_total", sink="redis", result="ok") == 300
+    assert value(m, "stepup_authz_audit_dropped_total") == 0
+    assert len(mirror.events) == 300
+
+    ex = exporter(sclient, tmp_path, stream)
+    ex.start()
+    assert drain(ex) == 300
+    ex.close()
+    r = verify([tmp_path], public_keys=KEYS)
+    assert r.ok and r.records == 300 and r.unsigned_tail == 0, r.error
+    assert sorted(archived_ids(tmp_path)) == sorted(sent)
+    assert len(list_segments([tmp_path])) > 1
+    # Trimmed only up to what is archived: the last archived entry is still there.
+    assert sclient.xlen(stream) >= 1
+    assert ex.metrics is not None
+    assert value(ex.metrics, "stepup_authz_audit_lag_seconds") == 0
+
+
+async def test_pipelined_with_the_session_read(aclient: aioredis.Redis, stream: str) -> None:
+    """The hot-path form: MGET and XADD in one round trip, results checked after."""
+    m = metrics()
+    sink = RedisStreamSink(aclient, stream_key=stream, deadline_ms=500)
+    auditor = Auditor(sink, metrics=m)
+    ev = sample_event(1)
+    async with aclient.pipeline(transaction=False) as pipe:
+        pipe.mget([f"{stream}:g1", f"{stream}:g2"])
+        n = auditor.add_to_pipeline(pipe, ev)
+        results = await pipe.execute(raise_on_error=False)
+    assert results[0] == [None, None] and n == 1
+    auditor.confirm(results[1:1 + n], ev)
+    assert await aclient.xlen(stream) == 1
+    # WAIT for a replica that a standalone server does not have: not durable -> refused.
+    strict = Auditor(RedisStreamSink(aclient, stream_key=stream, deadline_ms=500,
+                                     wait_replicas=1, wait_timeout_ms=20), metrics=m)
+    with pytest.raises(AuditUnavailable, match="WAIT"):
+        await strict.durable(sample_event(2))
+    assert value(m, "stepup_authz_audit_events_total", sink="redis", result="error") == 1
+
+
+def test_exporter_restart_no_gaps_no_duplicates(
+        sclient: redis.Redis, stream: str, tmp_path: Path) -> None:
+    ids = []
+    for i in range(250):
+        ev = sample_event(i)
+        ids.append(ev.event_id)
+        sclient.xadd(stream, {b"r": json.dumps(ev.to_record()).encode()})
+    ex1 = exporter(sclient, tmp_path, stream, batch=40)
+    ex1.start()
+    for _ in range(3):
+        ex1.poll(block_ms=None)
+    ex1.writer.close(seal=False)  # stopped abruptly: no sealing checkpoint
+    # A producer retry wrote one record twice: archived once.
+    dup = sample_event(7)
+    sclient.xadd(stream, {b"r": json.dumps(dup.to_record()).encode()})
+    sclient.xadd(stream, {b"r": json.dumps(dup.to_record()).encode()})
+    ex2 = exporter(sclient, tmp_path, stream, batch=40)
+    rp = ex2.start()
+    assert rp.seq == 120
+    drain(ex2)
+    ex2.close()
+    assert ex2.duplicates == 1
+    r = verify([tmp_path], public_keys=KEYS)
+    assert r.ok and r.records == 251, r.error
+    assert archived_ids(tmp_path) == [*ids, dup.event_id]
+
+
+def _archived_count(archive: Path) -> int:
+    n = 0
+    if not archive.exists():
+        return 0
+    for seg in list_segments([archive]):
+        n += seg.read_bytes().count(b'"kind":"event"')
+    return n
+
+
+def _start_exporter(cfg: Path) -> subprocess.Popen[bytes]:
+    with (cfg.parent / "exporter.log").open("ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "authz.audit", "exporter", "--config",
+                                 str(cfg)], stdout=subprocess.DEVNULL, stderr=log)
+
+
+def test_kill_9_mid_write_then_restart(
+        redis_url: str, sclient: redis.Redis, stream: str, tmp_path: Path) -> None:
+    keyfile = tmp_path / "signing.pem"
+    keyfile.write_bytes(KEY.private_pem())
+    archive = tmp_path / "archive"
+    cfg = tmp_path / "exporter.yaml"
+    cfg.write_text(f"redis_url: {redis_url}\nstream_key: {stream}\narchive_dir: archive\n"
+                   "signing_key_file: signing.pem\nsegment_max_bytes: 65536\n"
+                   "checkpoint_every: 50\nbatch_size: 20\nblock_ms: 100\n")
+    total = 4000
+    pipe = sclient.pipeline(transaction=False)
+    for i in range(total // 2):
+        pipe.xadd(stream, {b"r": json.dumps(sample_event(i).to_record()).encode()})
+    pipe.execute()
+    proc = _start_exporter(cfg)
+    try:
+        deadline = time.monotonic() + 20
+        while _archived_count(archive) < 300 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # More records arrive while it is busy writing; then kill -9 mid-stream.
+        pipe = sclient.pipeline(transaction=False)
+        for i in range(total // 2, total):
+            pipe.xadd(stream, {b"r": json.dumps(sample_event(i).to_record()).encode()})
+        pipe.execute()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    at_kill = _archived_count(archive)
+    assert 0 < at_kill < total
+    # Make the crash window certain: a write cut short in the newest segment.
+    newest = list_segments([archive])[-1]
+    with newest.open("ab") as f:
+        f.write(b'{"kind":"event","seq":99999,"event')
+    assert verify([archive], public_keys=KEYS).torn is not None
+
+    proc = _start_exporter(cfg)
+    try:
+        deadline = time.monotonic() + 30
+        while _archived_count(archive) < total and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        assert proc.returncode == 0, (tmp_path / "exporter.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    r = verify([archive], public_keys=KEYS)
+    assert r.ok and r.torn is None and r.records == total, (r.error, r.records)
+    assert r.unsigned_tail == 0  # SIGTERM sealed the tail
+    ids = archived_ids(archive)
+    assert len(ids) == len(set(ids)) == total
+    assert list((archive / "torn").iterdir())  # the torn bytes were kept
+
+
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """A TCP port that accepts connections and never answers."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    yield s.getsockname()[1]
+    s.close()
+
+
+async def test_durable_raises_within_its_deadline_when_the_sink_hangs(blackhole: int) -> None:
+    c = aioredis.Redis(host="127.0.0.1", port=blackhole, socket_timeout=5)
+    m = metrics()
+    auditor = Auditor(RedisStreamSink(c, stream_key="s", deadline_ms=100), metrics=m)
+    t0 = time.perf_counter()
+    with pytest.raises(AuditUnavailable):
+        await auditor.durable(sample_event(0))
+    assert time.perf_counter() - t0 < 0.3
+    await c.aclose(close_connection_pool=True)
+
+
+async def test_sink_down_durable_refuses_and_buffer_overflow_is_counted(
+        embedded_valkey: EmbeddedValkey) -> None:
+    c = aioredis.Redis.from_url(embedded_valkey.url, socket_timeout=1)
+    m = metrics()
+    auditor = Auditor(RedisStreamSink(c, stream_key="audit", deadline_ms=200), metrics=m,
+                      buffer_size=20, batch_size=5, max_backoff_s=0.05)
+    auditor.start()
+    await auditor.durable(sample_event(0))
+    await asyncio.to_thread(embedded_valkey.stop)
+    t0 = time.perf_counter()
+    with pytest.raises(AuditUnavailable):
+        await auditor.durable(sample_event(1))
+    assert time.perf_counter() - t0 < 0.5
+    for i in range(100):  # non-critical events while Redis is down
+        auditor.emit(sample_event(100 + i))
+        if i % 10 == 0:
+            await asyncio.sleep(0.01)  # let the drainer take a batch and fail
+    dropped = value(m, "stepup_authz_audit_dropped_total")
+    assert dropped >= 100 - 20 - 5  # at most buffer + one held batch survive
+    kept = auditor.backlog
+    assert kept + dropped == 100
+    await asyncio.to_thread(embedded_valkey.start)  # back, same port
+    assert await auditor.flush(10)
+    await auditor.aclose()
+    assert await c.xlen("audit") == kept  # the first record went with the old server
+    assert value(m, "stepup_authz_audit_dropped_total") == dropped
+    await c.aclose()
+
+
+async def test_emit_never_blocks_and_counts_drops_when_full(aclient: aioredis.Redis,
+                                                           stream: str) -> None:
+    m = metrics()
+    auditor = Auditor(RedisStreamSink(aclient, stream_key=stream, deadline_ms=100),
+                      metrics=m, buffer_size=10)
+    t0 = time.perf_counter()
+    for i in range(25):  # the drainer is not running: the buffer fills
+        auditor.emit(AuditEvent(EventType.ACCESS_DENIED, decision_id=str(i)))
+    assert time.perf_counter() - t0 < 0.05
+    assert value(m, "stepup_authz_audit_dropped_total") == 15
+    assert value(m, "stepup_authz_audit_buffer_events") == 10
+    auditor.start()
+    assert await auditor.flush(5)
+    await auditor.aclose()
+    assert await aclient.xlen(stream) == 10
