@@ -16,11 +16,15 @@ from aiohttp import web
 from authz.adapters.envoy_out import ResponseBuilder
 from authz.adapters.metrics import Metrics
 from authz.adapters.oidc import OidcClient, discover
-from authz.adapters.redis_conn import EmbeddedValkey, make_redis
+from authz.adapters.redis_conn import EmbeddedValkey, make_client, make_redis
 from authz.adapters.sessions import RedisSessionStore
 from authz.adapters.tokens import TokenVerifier, key_source_from_settings
+from authz.audit.mapping import policy_reload
+from authz.audit.metrics import AuditMetrics
+from authz.audit.sinks import Auditor, MirrorSink, RedisStreamSink, StdoutSink
 from authz.grpc_server import AuthorizationServicer, GrpcServer
 from authz.http_app import StepupApp
+from authz.http_authz import HttpAuthzServer, maybe_start
 from authz.policy_file import LoadedPolicy, PolicyHolder
 from authz.service import Authorizer
 from authz.settings import Settings
@@ -40,6 +44,7 @@ class Service:
     stepup: StepupApp
     http_runner: web.AppRunner
     http_port: int
+    http_authz: HttpAuthzServer | None = None
     _closers: list[object] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -57,6 +62,8 @@ class Service:
         self.stepup.ready = False  # /readyz fails first so load balancers drain us
         for task in self._tasks:
             task.cancel()
+        if self.http_authz is not None:
+            await self.http_authz.stop(self.settings.http_authz.shutdown_grace_s)
         await self.grpc.stop()
         await self.http_runner.cleanup()
         await _close_all(self._closers)
@@ -73,10 +80,15 @@ async def _close_all(closers: list[object]) -> None:
                 await closer.aclose()  # type: ignore[attr-defined]
 
 
-def _policy_hook(metrics: Metrics):  # type: ignore[no-untyped-def]
+def _policy_hook(metrics: Metrics, auditors: list[Auditor]):  # type: ignore[no-untyped-def]
     def on_reload(result: str, old: LoadedPolicy | None, new: LoadedPolicy | None,
                   error: str) -> None:
         metrics.policy_reloads.labels(result=result).inc()
+        for auditor in auditors:  # empty until the auditor exists (the initial load)
+            auditor.emit(policy_reload(
+                result=result, old_sha256=old.sha256 if old else None,
+                new_sha256=new.sha256 if new else None,
+                version=new.version if new else None, error=error or None))
         if new is not None:
             metrics.policy_info.info({"version": new.version, "sha256": new.sha256})
             log.info("policy reloaded", extra={
@@ -91,8 +103,9 @@ def _policy_hook(metrics: Metrics):  # type: ignore[no-untyped-def]
 async def start_service(settings: Settings, *, metrics: Metrics | None = None) -> Service:
     metrics = metrics or Metrics()
     closers: list[object] = []
+    auditors: list[Auditor] = []
     try:
-        policy = PolicyHolder(settings.policy_file, on_reload=_policy_hook(metrics))
+        policy = PolicyHolder(settings.policy_file, on_reload=_policy_hook(metrics, auditors))
         loaded = policy.current
         metrics.policy_info.info({"version": loaded.version, "sha256": loaded.sha256})
 
@@ -108,6 +121,26 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
             on_corrupt=metrics.corrupt_grants.inc,
         )
         closers.append(store)
+
+        auditor: Auditor | None = None
+        audit = settings.audit
+        if audit.enabled:
+            audit_client = client
+            if audit.redis_url is not None:
+                audit_client = make_client(audit.redis_url, settings.redis)
+                closers.append(audit_client)
+            mirrors: list[MirrorSink] = [StdoutSink()] if audit.stdout else []
+            auditor = Auditor(
+                RedisStreamSink(audit_client, stream_key=audit.stream_key,
+                                deadline_ms=audit.durable_deadline_ms,
+                                wait_replicas=audit.wait_replicas,
+                                wait_timeout_ms=audit.wait_timeout_ms),
+                metrics=AuditMetrics(metrics.registry), buffer_size=audit.buffer_size,
+                batch_size=audit.batch_size, mirrors=mirrors,
+            )
+            auditor.start()
+            closers.append(auditor)  # closed (drained) before the Redis client
+            auditors.append(auditor)
 
         http = aiohttp.ClientSession()
         closers.append(http)
@@ -128,24 +161,29 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
         authorizer = Authorizer(
             policy=policy, tokens=tokens, store=store, metrics=metrics,
             token_cookie=settings.oidc.token_cookie, leeway=settings.oidc.leeway_s,
+            auditor=auditor, audit_level=settings.audit.durable_level,
         )
         responses = ResponseBuilder(path_prefix=settings.stepup.path_prefix,
                                     error_status=settings.stepup.error_status)
         grpc_server = GrpcServer(settings.grpc, AuthorizationServicer(authorizer, responses))
 
         stepup = StepupApp(settings=settings, policy=policy, tokens=tokens, store=store,
-                           oidc=oidc, metrics=metrics, keys_ready=lambda: keys.ready)
+                           oidc=oidc, metrics=metrics, keys_ready=lambda: keys.ready,
+                           auditor=auditor)
         runner = web.AppRunner(stepup.build(), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.http.host, settings.http.port, reuse_port=True)
         await site.start()
         http_port = runner.addresses[0][1]
         await grpc_server.start()
+        http_authz = await maybe_start(
+            settings.http_authz, authorizer, stepup_path_prefix=settings.stepup.path_prefix,
+            error_status=settings.stepup.error_status)
     except BaseException:
         await _close_all(closers)
         raise
     service = Service(settings, metrics, policy, authorizer, grpc_server, stepup, runner,
-                      http_port, closers)
+                      http_port, http_authz, closers)
     service._tasks.append(asyncio.create_task(service._watch_policy()))
     log.info("stepup-authz serving", extra={
         "grpc": f"{settings.grpc.host}:{grpc_server.port}",

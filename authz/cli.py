@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(func=_cmd_demo)
 
+    from authz.audit.cli import add_audit_parser
+
+    add_audit_parser(sub)
+
     from authz.render import add_render_parser
 
     add_render_parser(sub)

@@ -22,6 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from authz.adapters.metrics import Metrics
 from authz.adapters.oidc import OidcClient, pkce_pair
+from authz.audit.mapping import stepup_completed
+from authz.audit.sinks import Auditor, AuditUnavailable
 from authz.core.attributes import cookie_values
 from authz.core.policy import Level
 from authz.core.session import Evidence, Grant, Identity, satisfies, session_key
@@ -76,7 +78,9 @@ class StepupApp:
         metrics: Metrics,
         keys_ready: Callable[[], bool],
         clock: Callable[[], float] = time.time,
+        auditor: Auditor | None = None,
     ) -> None:
+        self.auditor = auditor
         self.s = settings.stepup
         self.oidc_settings = settings.oidc
         self.policy = policy
@@ -266,13 +270,34 @@ class StepupApp:
         ):
             result = "acr-insufficient"
         factor = _factor(evidence.amr)
+        user = f"{claims.get('iss')}|{claims.get('sub')}"
+        ttl = (level.grant_ttl or level.max_age or self.s.default_grant_ttl_s) if level else 0
+        audit = stepup_completed(
+            result=result,  # "auth-time-missing" already when auth_time is absent
+            level=str(saved.get("level")), user=user, session=str(saved.get("sk")),
+            acr=evidence.acr, amr=evidence.amr, auth_time=evidence.auth_time,
+            issuer=str(claims.get("iss")),
+            # device/client_ip: add them to the step-up state payload at /start, then
+            # pass saved.get("device"), saved.get("ip") here.
+            grant_expires_at=(evidence.auth_time + ttl
+                              if result == "success" and evidence.auth_time else None),
+            policy_version=self.policy.current.version,
+        )
         if result != "success" or level is None or evidence.auth_time is None:
+            if self.auditor is not None:
+                self.auditor.emit(audit)
             self._completion(str(saved.get("level")), result, factor)
             return self._page(403, "Step-up not accepted",
                               "The sign-in did not meet the required strength.")
-        ttl = level.grant_ttl or level.max_age or self.s.default_grant_ttl_s
         grant = Grant(level=level.name, evidence=evidence,
                       expires_at=evidence.auth_time + ttl, issued_at=now)
+        if self.auditor is not None:
+            # Audit before grant: no grant exists without its durable completion record.
+            try:
+                await self.auditor.durable(audit)
+            except AuditUnavailable:
+                self._completion(level.name, "audit-unavailable", factor)
+                return self._page(503, "Temporarily unavailable", "Please try again shortly.")
         try:
             await self.store.write_grant(str(saved["sk"]), grant, now)
         except (StoreError, ValueError):

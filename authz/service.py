@@ -15,6 +15,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from authz.adapters.metrics import Metrics
+from authz.audit.mapping import event_for_check, requires_durable
+from authz.audit.sinks import Auditor, AuditUnavailable
 from authz.core.attributes import RequestAttributes, cookie_values
 from authz.core.decision import Decision, Outcome, evaluate, resolve_level, token_satisfies
 from authz.core.reasons import Reason
@@ -65,6 +67,8 @@ class Authorizer:
         token_cookie: str,
         leeway: int,
         clock: Callable[[], float] = time.time,
+        auditor: Auditor | None = None,
+        audit_level: str | None = None,
     ) -> None:
         self.policy = policy
         self.tokens = tokens
@@ -73,12 +77,16 @@ class Authorizer:
         self.token_cookie = token_cookie
         self.leeway = leeway
         self.clock = clock
+        self.auditor = auditor
+        self.audit_level = audit_level  # level name; allows at/above it are audited durably
 
     async def check(self, attrs: RequestAttributes) -> tuple[Decision, str]:
         decision_id = uuid.uuid4().hex
         started = time.perf_counter()
         try:
             decision = await self._decide(attrs)
+            if self.auditor is not None:
+                decision = await self._audit(decision, decision_id, attrs)
         except Exception:
             # Re-check after evaluating: whatever escaped is a deny, never an allow.
             log.exception("check failed", extra={"decision_id": decision_id})
@@ -111,6 +119,36 @@ class Authorizer:
                 "path": attrs.path if attrs else None,
                 "request_id": attrs.request_id if attrs else None,
             })
+
+    async def _audit(
+        self, decision: Decision, decision_id: str, attrs: RequestAttributes
+    ) -> Decision:
+        """Audit before access: an allow at/above the audit level is returned only once its
+        record is durably accepted; otherwise the Check fails closed (audit-unavailable).
+        Every other audited outcome goes through the bounded, non-blocking buffer."""
+        auditor = self.auditor
+        assert auditor is not None
+        loaded = self.policy.current
+        level = loaded.policy.by_name.get(self.audit_level) if self.audit_level else None
+        event = event_for_check(decision, decision_id, attrs, audit_level=level,
+                                policy_version=loaded.version)
+        if event is None:
+            return decision
+        if not requires_durable(decision, level):
+            auditor.emit(event)
+            return decision
+        try:
+            await auditor.durable(event)
+        except AuditUnavailable:
+            denied = Decision(Outcome.ERROR, Reason.AUDIT_UNAVAILABLE, level=decision.level,
+                              identity=decision.identity, fired=decision.fired)
+            # Same decision id: a timed-out XADD that did land is followed by this denial.
+            fail = event_for_check(denied, decision_id, attrs, audit_level=level,
+                                   policy_version=loaded.version)
+            if fail is not None:
+                auditor.emit(fail)
+            return denied
+        return decision
 
     async def _decide(self, attrs: RequestAttributes) -> Decision:
         policy = self.policy.current.policy

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from authz.audit.config import AuditSettings
 from authz.errors import ConfigError
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -43,6 +44,27 @@ class HttpSettings(BaseModel):
     model_config = _FROZEN
     host: str = "127.0.0.1"
     port: int = Field(9192, ge=0, le=65535)
+
+
+class HttpAuthzSettings(BaseModel):
+    """Envoy's HTTP ext_authz protocol (envoy/demo-http.yaml); off unless enabled."""
+
+    model_config = _FROZEN
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(9193, ge=0, le=65535)
+    # Must equal http_service.path_prefix; routes raise their level with "<prefix>@<level>".
+    path_prefix: str = Field("/check", pattern=r"^/[!-~]*[^/@]$")
+    # Set by Envoy's headers_to_add to %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%.
+    peer_header: str = "x-stepup-peer-address"
+    # Envoy forwards only the allowed headers; cookies and tokens dominate the size.
+    max_header_bytes: int = Field(64 * 1024, ge=1024, le=1024 * 1024)
+    max_headers: int = Field(64, ge=8, le=1000)
+    request_timeout_s: float = Field(5.0, gt=0)
+    # Above the Envoy cluster's idle_timeout, so Envoy closes idle connections first.
+    idle_timeout_s: float = Field(300.0, gt=0)
+    max_connections: int = Field(1024, ge=1)
+    shutdown_grace_s: float = Field(5.0, ge=0)
 
 
 def _host_port(node: str) -> str:
@@ -179,10 +201,12 @@ class Settings(BaseModel):
     policy_poll_s: float = Field(2.0, gt=0)
     grpc: GrpcSettings = GrpcSettings()
     http: HttpSettings = HttpSettings()
+    http_authz: HttpAuthzSettings = HttpAuthzSettings()
     redis: RedisSettings = RedisSettings()
     oidc: OidcSettings
     stepup: StepupSettings = StepupSettings()
     log: LogSettings = LogSettings()
+    audit: AuditSettings = AuditSettings()
 
 
 _ENV_MAP: dict[str, tuple[str, ...]] = {
@@ -191,11 +215,13 @@ _ENV_MAP: dict[str, tuple[str, ...]] = {
     "STEPUP_HTTP_PORT": ("http", "port"),
     "STEPUP_GRPC_HOST": ("grpc", "host"),
     "STEPUP_HTTP_HOST": ("http", "host"),
+    "STEPUP_HTTP_AUTHZ_PORT": ("http_authz", "port"),
     "STEPUP_POLICY_FILE": ("policy_file",),
     "STEPUP_OIDC_ISSUER": ("oidc", "issuer"),
     "STEPUP_OIDC_CLIENT_SECRET": ("oidc", "client_secret"),
     "STEPUP_PUBLIC_URL": ("stepup", "public_url"),
     "STEPUP_LOG_LEVEL": ("log", "level"),
+    "STEPUP_AUDIT_REDIS_URL": ("audit", "redis_url"),
 }
 
 

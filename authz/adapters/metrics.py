@@ -55,7 +55,7 @@ class Metrics:
         )
         # Pre-create the fail-closed series so alerts see a 0 before the first failure.
         for cause in ("session-store-unavailable", "keys-unavailable", "internal-error",
-                      "deadline-exceeded"):
+                      "deadline-exceeded", "audit-unavailable"):
             self.fail_closed.labels(cause=cause)
         for op in ("read", "write", "state"):
             self.redis_errors.labels(op=op)

@@ -89,8 +89,9 @@ def make_redis(settings: RedisSettings, url: str | None = None) -> Any:
         if sn.ssl:
             kwargs.update(ssl=True, **_tls_kwargs(settings))
             sentinel_kwargs.update(ssl=True, **_tls_kwargs(settings))
-        sentinel = Sentinel([_split(n) for n in sn.nodes], sentinel_kwargs=sentinel_kwargs,
-                            **kwargs)
+        # redis-py's asyncio Sentinel constructor carries no annotations.
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            [_split(n) for n in sn.nodes], sentinel_kwargs=sentinel_kwargs, **kwargs)
         return sentinel.master_for(sn.master_name)
     if settings.cluster is not None:
         from redis.asyncio.cluster import ClusterNode, RedisCluster

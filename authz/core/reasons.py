@@ -30,3 +30,4 @@ class Reason(StrEnum):
     KEYS_UNAVAILABLE = "keys-unavailable"
     INTERNAL_ERROR = "internal-error"
     DEADLINE_EXCEEDED = "deadline-exceeded"
+    AUDIT_UNAVAILABLE = "audit-unavailable"  # audit-before-access record not durably accepted

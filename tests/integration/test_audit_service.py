@@ -1,0 +1,71 @@
+"""Authorizer + Auditor (needs the wiring patch): audit before access, fail closed."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from authz.adapters.metrics import Metrics
+from authz.adapters.redis_conn import EmbeddedValkey
+from authz.audit.metrics import AuditMetrics
+from authz.audit.sinks import Auditor, RedisStreamSink
+from authz.core.attributes import RequestAttributes
+from authz.core.decision import Outcome
+from authz.core.session import Evidence, Identity
+from authz.policy_file import PolicyHolder
+from authz.service import Authorizer
+from authz.testing import MemorySessionStore
+
+pytestmark = pytest.mark.integration
+
+POLICY = """
+levels:
+  standard: {}
+  elevated: {acr: [mfa], max_age: 900}
+routes:
+  - {path_prefix: /accounts/, level: elevated}
+default_level: standard
+"""
+
+
+class Tokens:
+    async def verify_access_token(self, token: str, now: int) -> Identity:
+        return Identity("https://idp", "alice", "s1", Evidence("mfa", ("otp",), now - 5),
+                        now + 600)
+
+
+def req(path: str) -> RequestAttributes:
+    return RequestAttributes("GET", "https", "h", path, "",
+                             MappingProxyType({"authorization": "Bearer abc"}), None)
+
+
+async def test_allow_needs_a_durable_record(tmp_path: Path,
+                                            embedded_valkey: EmbeddedValkey) -> None:
+    (tmp_path / "p.yaml").write_text(POLICY)
+    client = aioredis.Redis.from_url(embedded_valkey.url)
+    auditor = Auditor(RedisStreamSink(client, stream_key="audit", deadline_ms=100),
+                      metrics=AuditMetrics(CollectorRegistry()))
+    auditor.start()
+    authz = Authorizer(policy=PolicyHolder(tmp_path / "p.yaml"), tokens=Tokens(),
+                       store=MemorySessionStore(), metrics=Metrics(), token_cookie="t",
+                       leeway=0, auditor=auditor, audit_level="elevated")
+    d, did = await authz.check(req("/accounts/1"))
+    assert d.outcome is Outcome.ALLOW
+    (_, fields), = await client.xrange("audit")
+    rec = json.loads(fields[b"r"])
+    assert (rec["type"], rec["decision_id"], rec["acr"]) == ("access.allowed", did, "mfa")
+    embedded_valkey.stop()
+    t0 = time.perf_counter()
+    d, _ = await authz.check(req("/accounts/1"))
+    assert d.outcome is Outcome.ERROR and d.reason == "audit-unavailable"
+    assert time.perf_counter() - t0 < 0.5
+    d, _ = await authz.check(req("/public"))  # below the audit level: not blocked
+    assert d.outcome is Outcome.ALLOW
+    await auditor.aclose(drain_timeout_s=0.2)
+    await client.aclose()
