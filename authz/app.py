@@ -165,7 +165,8 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
         )
         responses = ResponseBuilder(path_prefix=settings.stepup.path_prefix,
                                     error_status=settings.stepup.error_status)
-        grpc_server = GrpcServer(settings.grpc, AuthorizationServicer(authorizer, responses))
+        grpc_server = GrpcServer(settings.grpc, AuthorizationServicer(
+            authorizer, responses, settings.network.trusted_xff_hops))
 
         stepup = StepupApp(settings=settings, policy=policy, tokens=tokens, store=store,
                            oidc=oidc, metrics=metrics, keys_ready=lambda: keys.ready,
@@ -178,7 +179,8 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
         await grpc_server.start()
         http_authz = await maybe_start(
             settings.http_authz, authorizer, stepup_path_prefix=settings.stepup.path_prefix,
-            error_status=settings.stepup.error_status)
+            error_status=settings.stepup.error_status,
+            trusted_hops=settings.network.trusted_xff_hops)
     except BaseException:
         await _close_all(closers)
         raise

@@ -29,15 +29,17 @@ SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].fu
 
 # The generated grpc base class is untyped (xds-protos ships no .pyi for _grpc modules).
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, authorizer: Authorizer, responses: ResponseBuilder) -> None:
+    def __init__(self, authorizer: Authorizer, responses: ResponseBuilder,
+                 trusted_hops: int = 0) -> None:
         self.authorizer = authorizer
         self.responses = responses
+        self.trusted_hops = trusted_hops
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
         try:
-            attrs = attributes_from_check(request)
+            attrs = attributes_from_check(request, self.trusted_hops)
         except RequestError as exc:
             decision = Decision(Outcome.DENY, exc.reason)
             decision_id = f"req-{time.time_ns():x}"

@@ -142,6 +142,7 @@ class HttpAuthzServer:
         max_headers: int = 64,
         request_timeout_s: float = 5.0,
         idle_timeout_s: float = 300.0,
+        trusted_hops: int = 0,
         max_connections: int = 1024,
     ) -> None:
         if not path_prefix.startswith("/") or path_prefix.endswith(("/", "@")):
@@ -156,6 +157,7 @@ class HttpAuthzServer:
         self.request_timeout_s = request_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.max_connections = max_connections
+        self.trusted_hops = trusted_hops
         self.closing = False
         self.conns: set[_Conn] = set()
         self._server: asyncio.Server | None = None
@@ -294,7 +296,8 @@ class _Conn(asyncio.Protocol):
         self.deadline = self.loop.time() + srv.request_timeout_s
         try:
             attrs = attributes_from_http(method, target, headers, path_prefix=srv.path_prefix,
-                                         peer_header=srv.peer_header)
+                                         peer_header=srv.peer_header,
+                                         trusted_hops=srv.trusted_hops)
         except RequestError as exc:
             did = srv.record_refusal(exc.reason, "req")
             self._answer(srv.responses.build(Decision(Outcome.DENY, exc.reason), None, did,
@@ -369,7 +372,7 @@ class _Conn(asyncio.Protocol):
 
 def server_from_config(
     cfg: HttpAuthzConfig, authorizer: Authorizer, *, stepup_path_prefix: str = "/_stepup",
-    error_status: int = 403,
+    error_status: int = 403, trusted_hops: int = 0,
 ) -> HttpAuthzServer:
     responses = HttpResponseBuilder(path_prefix=stepup_path_prefix, error_status=error_status)
     return HttpAuthzServer(
@@ -377,18 +380,19 @@ def server_from_config(
         peer_header=cfg.peer_header, max_header_bytes=cfg.max_header_bytes,
         max_headers=cfg.max_headers, request_timeout_s=cfg.request_timeout_s,
         idle_timeout_s=cfg.idle_timeout_s, max_connections=cfg.max_connections,
+        trusted_hops=trusted_hops,
     )
 
 
 async def maybe_start(
     cfg: HttpAuthzConfig | None, authorizer: Authorizer, *, stepup_path_prefix: str = "/_stepup",
-    error_status: int = 403,
+    error_status: int = 403, trusted_hops: int = 0,
 ) -> HttpAuthzServer | None:
     """Start the HTTP ext_authz listener when ``cfg.enabled``; None otherwise."""
     if cfg is None or not cfg.enabled:
         return None
     server = server_from_config(cfg, authorizer, stepup_path_prefix=stepup_path_prefix,
-                                error_status=error_status)
+                                error_status=error_status, trusted_hops=trusted_hops)
     await server.start()
     log.info("HTTP ext_authz serving", extra={"address": f"{cfg.host}:{server.port}",
                                                "path_prefix": cfg.path_prefix})

@@ -189,6 +189,13 @@ class StepupSettings(BaseModel):
         return v.rstrip("/")
 
 
+class NetworkSettings(BaseModel):
+    model_config = _FROZEN
+    # Proxies in front of Envoy that append to X-Forwarded-For (a cloud load balancer: 1).
+    # Must equal Envoy's xff_num_trusted_hops. 0: the client is Envoy's peer; XFF unread.
+    trusted_xff_hops: int = Field(0, ge=0, le=10)
+
+
 class LogSettings(BaseModel):
     model_config = _FROZEN
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -205,6 +212,7 @@ class Settings(BaseModel):
     redis: RedisSettings = RedisSettings()
     oidc: OidcSettings
     stepup: StepupSettings = StepupSettings()
+    network: NetworkSettings = NetworkSettings()
     log: LogSettings = LogSettings()
     audit: AuditSettings = AuditSettings()
 

@@ -49,6 +49,7 @@ from authz.adapters.envoy_out import HEADER_PREFIX, rfc9470_challenge
 from authz.core.attributes import (
     RequestAttributes,
     canonicalize_path,
+    client_ip,
     normalize_host,
     parse_ip,
 )
@@ -82,7 +83,7 @@ def _reason_phrase(status: int) -> str:
 
 def attributes_from_http(
     method: str, target: str, headers: Mapping[str, str], *, path_prefix: str,
-    peer_header: str = PEER_HEADER,
+    peer_header: str = PEER_HEADER, trusted_hops: int = 0,
 ) -> RequestAttributes:
     """Build the attributes from one check request; raises RequestError to refuse it.
 
@@ -106,10 +107,10 @@ def attributes_from_http(
     if not host:
         raise RequestError("missing host", reason="bad-request")
     peer = headers.get(peer_header)
-    source_ip = parse_ip(peer) if peer else None
-    if source_ip is None:
+    if not peer or parse_ip(peer) is None:
         # Envoy's headers_to_add always sets it; without it the IP rules cannot be applied.
         raise RequestError(f"missing or invalid {peer_header}", reason="bad-request")
+    source_ip = client_ip(peer, headers.get("x-forwarded-for"), trusted_hops)
     return RequestAttributes(
         method=method.upper(),
         scheme=headers.get("x-forwarded-proto", "http"),

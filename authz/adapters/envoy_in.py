@@ -9,8 +9,8 @@ from envoy.service.auth.v3 import external_auth_pb2
 from authz.core.attributes import (
     RequestAttributes,
     canonicalize_path,
+    client_ip,
     normalize_host,
-    parse_ip,
 )
 from authz.errors import RequestError
 
@@ -18,7 +18,9 @@ from authz.errors import RequestError
 MAX_HEADERS = 200
 
 
-def attributes_from_check(req: external_auth_pb2.CheckRequest) -> RequestAttributes:
+def attributes_from_check(
+    req: external_auth_pb2.CheckRequest, trusted_hops: int = 0
+) -> RequestAttributes:
     """Build the attributes; raises RequestError for a request we refuse to interpret."""
     ctx = req.attributes
     http = ctx.request.http
@@ -41,7 +43,7 @@ def attributes_from_check(req: external_auth_pb2.CheckRequest) -> RequestAttribu
         path=path,
         query=query,
         headers=headers,
-        source_ip=parse_ip(sock.address) if sock.address else None,
+        source_ip=client_ip(sock.address, headers.get("x-forwarded-for"), trusted_hops),
         context_extensions=MappingProxyType(dict(ctx.context_extensions)),
         request_id=http.id or headers.get("x-request-id", ""),
         peer_certificate=ctx.source.certificate,
