@@ -13,7 +13,7 @@ from typing import Any
 
 from authz.core.attributes import RequestAttributes, canonicalize_path, normalize_host, parse_ip
 from authz.core.decision import decide
-from authz.core.session import Evidence, Grant, Identity, SessionSnapshot
+from authz.core.session import Evidence, Grant, Identity, UserState
 from authz.errors import ConfigError, RequestError
 
 
@@ -106,7 +106,7 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
               expires_at=int(g["expires_at"]), issued_at=int(g.get("issued_at", now)))
         for g in doc.get("grants") or ()
     )
-    decision = decide(loaded.policy, attrs, identity, SessionSnapshot(grants), now,
+    decision = decide(loaded.policy, attrs, identity, UserState(grants=grants), now,
                       leeway=int(doc.get("leeway", 0)))
     route = loaded.policy.route_for(attrs.host, attrs.method, attrs.path)
     out: dict[str, Any] = {

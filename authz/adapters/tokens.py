@@ -187,7 +187,8 @@ class TokenVerifier:
         evidence = evidence_from_claims(claims)
         client_id = _str_claim(claims, "client_id") or _str_claim(claims, "azp")
         exp = _int_claim(claims, "exp", required=True)
-        assert exp is not None
+        iat = _int_claim(claims, "iat", required=True)
+        assert exp is not None and iat is not None
         return Identity(
             issuer=claims["iss"],
             subject=claims["sub"],
@@ -195,6 +196,7 @@ class TokenVerifier:
             evidence=evidence,
             expires_at=exp,
             client_id=client_id,
+            issued_at=iat,
         )
 
     # -- ID tokens -----------------------------------------------------------------------

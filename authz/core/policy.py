@@ -11,8 +11,10 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from authz.errors import PolicyError
 
@@ -35,6 +37,10 @@ class Level:
     amr_any: frozenset[str]
     max_age: int | None
     grant_ttl: int | None  # None => max_age, else the service default
+    bind_device: bool = False  # a grant is honoured only from the device it was made on
+    bind_ip: bool = False  # ... only from the IP it was made from
+    ip_allow: tuple[Network, ...] = ()  # set => the level is reachable only from these
+    ip_deny: tuple[Network, ...] = ()
 
     @property
     def needs_evidence(self) -> bool:
@@ -69,6 +75,57 @@ class Route:
         return True
 
 
+SIGNALS = frozenset({
+    "new-device",          # a device id this user has not stepped up from
+    "no-device",           # the request carried no device identity at all
+    "device-noncompliant", # the device assertion says compliant: false
+    "device-unmanaged",    # the device assertion says managed: false
+    "new-ip",              # an address this user has not stepped up from
+    "first-level-access",  # the user has never been allowed at this level before
+    "velocity",            # too many sensitive checks in the sliding window
+    "impossible-travel",   # faster than max_kmh since the last allowed request
+    "off-hours",           # outside the configured working hours
+})
+DEVICE_STATES = frozenset({"known", "unknown", "absent", "noncompliant", "unmanaged"})
+DEFAULT_RISK_WEIGHTS: Mapping[str, int] = {
+    "new-device": 30, "no-device": 10, "device-noncompliant": 50, "device-unmanaged": 20,
+    "new-ip": 20, "first-level-access": 10, "velocity": 30, "impossible-travel": 60,
+    "off-hours": 10,
+}
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_HHMM = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+
+
+@dataclass(frozen=True, slots=True)
+class Hours:
+    timezone: ZoneInfo
+    start_min: int  # minutes after midnight, local time
+    end_min: int
+    days: frozenset[int]  # 0 = Monday
+
+
+@dataclass(frozen=True, slots=True)
+class SignalSettings:
+    """Thresholds for the behavioural signals (all pure rules over attributes and state)."""
+
+    sensitive_level: str | None = None  # velocity counts checks at or above this level
+    velocity_window_s: int = 60
+    velocity_max: int | None = None
+    max_kmh: float | None = None  # impossible travel, needs GeoIP coordinates
+    hours: Hours | None = None
+    risk_weights: Mapping[str, int] = field(default_factory=lambda: DEFAULT_RISK_WEIGHTS)
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What rules may look at besides the request: the device, the country and the
+    signals that fired. Built by the service (or `policy explain`) before the rules run."""
+
+    device: frozenset[str] = frozenset({"absent", "unknown"})  # states from DEVICE_STATES
+    country: str | None = None  # ISO 3166 alpha-2 from GeoIP, None when unknown
+    signals: frozenset[str] = frozenset()
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     index: int
@@ -77,11 +134,42 @@ class Rule:
     ip_not_in: tuple[Network, ...]
     raise_to: Level | None
     deny: str | None
+    shadow: bool = False  # evaluated and counted, never changes the decision
+    country_in: frozenset[str] = frozenset()
+    country_not_in: frozenset[str] = frozenset()
+    device: frozenset[str] = frozenset()  # any of these device states
+    signals_any: frozenset[str] = frozenset()
+    signals_all: frozenset[str] = frozenset()
+    level_at_least: Level | None = None
 
-    def matches(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+    def matches(
+        self,
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+        ctx: Context | None = None,
+        level: Level | None = None,
+    ) -> bool:
+        """All conditions must hold. An unknown IP or country never satisfies an *_in
+        condition and always satisfies a *_not_in one: unknown is untrusted."""
         if self.ip_in and (ip is None or not any(ip in n for n in self.ip_in)):
             return False
-        return not (self.ip_not_in and ip is not None and any(ip in n for n in self.ip_not_in))
+        if self.ip_not_in and ip is not None and any(ip in n for n in self.ip_not_in):
+            return False
+        ctx = ctx or _NO_CONTEXT
+        if self.country_in and ctx.country not in self.country_in:
+            return False
+        if self.country_not_in and ctx.country in self.country_not_in:
+            return False
+        if self.device and self.device.isdisjoint(ctx.device):
+            return False
+        if self.signals_any and self.signals_any.isdisjoint(ctx.signals):
+            return False
+        if self.signals_all and not self.signals_all <= ctx.signals:
+            return False
+        return not (self.level_at_least is not None
+                    and (level is None or level.rank < self.level_at_least.rank))
+
+
+_NO_CONTEXT = Context()
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +183,7 @@ class Policy:
     # Levels a grant can be recorded for (the ones that ask for evidence): the keys one
     # session read fetches.
     grant_levels: tuple[str, ...] = ()
+    signals: SignalSettings = field(default_factory=SignalSettings)
 
     def route_for(self, host: str, method: str, path: str) -> Route | None:
         for route in self.routes:
@@ -144,9 +233,11 @@ def _levels(doc: Any) -> tuple[Level, ...]:
         loc = ["levels", str(name)]
         if not isinstance(name, str) or not _SLUG.match(name):
             raise _fail(loc, "level names are lower-case slugs")
-        spec = _mapping(spec, loc, {"acr", "amr_any", "max_age", "public", "grant_ttl", "bind"})
-        if "bind" in spec:
-            raise _fail([*loc, "bind"], "grant binding is not supported by this version")
+        spec = _mapping(spec, loc, {"acr", "amr_any", "max_age", "public", "grant_ttl", "bind",
+                                    "ip_allow", "ip_deny"})
+        bind = spec.get("bind") or []
+        if not isinstance(bind, list) or not set(bind) <= {"device", "ip"}:
+            raise _fail([*loc, "bind"], "bind is a list of: device, ip")
         public = spec.get("public", False)
         if not isinstance(public, bool):
             raise _fail([*loc, "public"], "must be true or false")
@@ -160,6 +251,10 @@ def _levels(doc: Any) -> tuple[Level, ...]:
             else _int(spec["max_age"], [*loc, "max_age"], 0, 86_400),
             grant_ttl=None if spec.get("grant_ttl") is None
             else _int(spec["grant_ttl"], [*loc, "grant_ttl"], 1, 86_400),
+            bind_device="device" in bind,
+            bind_ip="ip" in bind,
+            ip_allow=_networks(spec.get("ip_allow"), [*loc, "ip_allow"]),
+            ip_deny=_networks(spec.get("ip_deny"), [*loc, "ip_deny"]),
         )
         if public and level.needs_evidence:
             raise _fail(loc, "a public level cannot require acr, amr or max_age")
@@ -236,10 +331,32 @@ def _networks(value: Any, loc: Sequence[str | int]) -> tuple[Network, ...]:
     return tuple(out)
 
 
+def _codes(value: Any, loc: Sequence[str | int]) -> frozenset[str]:
+    if not isinstance(value, list) or not value or not all(
+        isinstance(c, str) and re.fullmatch(r"[A-Z]{2}", c) for c in value
+    ):
+        raise _fail(loc, "must be a non-empty list of ISO 3166 alpha-2 codes (e.g. US)")
+    return frozenset(value)
+
+
+def _names(value: Any, loc: Sequence[str | int], allowed: frozenset[str]) -> frozenset[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise _fail(loc, f"must name one or more of: {', '.join(sorted(allowed))}")
+    for j, item in enumerate(items):
+        if item not in allowed:
+            raise _fail([*loc, j], f"unknown {item!r} (known: {', '.join(sorted(allowed))})")
+    return frozenset(items)
+
+
+_CONDITIONS = {"ip_in", "ip_not_in", "country_in", "country_not_in", "device", "signals_any",
+               "signals_all", "level_at_least"}
+
+
 def _rule(i: int, doc: Any, by_name: Mapping[str, Level]) -> Rule:
     loc: list[str | int] = ["rules", i]
-    spec = _mapping(doc, loc, {"name", "when", "raise_to", "deny"})
-    when = _mapping(spec.get("when"), [*loc, "when"], {"ip_in", "ip_not_in"})
+    spec = _mapping(doc, loc, {"name", "when", "raise_to", "deny", "mode"})
+    when = _mapping(spec.get("when"), [*loc, "when"], _CONDITIONS)
     if not when:
         raise _fail([*loc, "when"], "a rule needs at least one condition")
     if ("raise_to" in spec) == ("deny" in spec):
@@ -250,20 +367,79 @@ def _rule(i: int, doc: Any, by_name: Mapping[str, Level]) -> Rule:
     name = spec.get("name", f"rule-{i}")
     if not isinstance(name, str) or not _SLUG.match(name):
         raise _fail([*loc, "name"], "rule names are lower-case slugs")
+    mode = spec.get("mode", "enforce")
+    if mode not in ("enforce", "shadow"):
+        raise _fail([*loc, "mode"], "mode is enforce (the default) or shadow")
+    w = [*loc, "when"]
     return Rule(
         index=i,
         name=name,
-        ip_in=_networks(when.get("ip_in"), [*loc, "when", "ip_in"]),
-        ip_not_in=_networks(when.get("ip_not_in"), [*loc, "when", "ip_not_in"]),
+        ip_in=_networks(when.get("ip_in"), [*w, "ip_in"]),
+        ip_not_in=_networks(when.get("ip_not_in"), [*w, "ip_not_in"]),
         raise_to=_level_ref(by_name, spec["raise_to"], [*loc, "raise_to"])
         if "raise_to" in spec else None,
         deny=deny,
+        shadow=mode == "shadow",
+        country_in=_codes(when["country_in"], [*w, "country_in"])
+        if "country_in" in when else frozenset(),
+        country_not_in=_codes(when["country_not_in"], [*w, "country_not_in"])
+        if "country_not_in" in when else frozenset(),
+        device=_names(when["device"], [*w, "device"], DEVICE_STATES)
+        if "device" in when else frozenset(),
+        signals_any=_names(when["signals_any"], [*w, "signals_any"], SIGNALS)
+        if "signals_any" in when else frozenset(),
+        signals_all=_names(when["signals_all"], [*w, "signals_all"], SIGNALS)
+        if "signals_all" in when else frozenset(),
+        level_at_least=_level_ref(by_name, when["level_at_least"], [*w, "level_at_least"])
+        if "level_at_least" in when else None,
     )
+
+
+def _signals(doc: Any, by_name: Mapping[str, Level]) -> SignalSettings:
+    loc = ["signals"]
+    spec = _mapping(doc, loc, {"sensitive_level", "velocity", "impossible_travel", "hours",
+                               "risk_weights"})
+    sensitive = None
+    if "sensitive_level" in spec:
+        sensitive = _level_ref(by_name, spec["sensitive_level"], [*loc, "sensitive_level"]).name
+    vel = _mapping(spec.get("velocity"), [*loc, "velocity"], {"window_s", "max"})
+    window = _int(vel.get("window_s", 60), [*loc, "velocity", "window_s"], 1, 86_400)
+    vmax = _int(vel["max"], [*loc, "velocity", "max"], 1, 1_000_000) if "max" in vel else None
+    if vmax is not None and sensitive is None:
+        raise _fail([*loc, "velocity"], "velocity needs signals.sensitive_level")
+    travel = _mapping(spec.get("impossible_travel"), [*loc, "impossible_travel"], {"max_kmh"})
+    kmh = None
+    if "max_kmh" in travel:
+        kmh = float(_int(travel["max_kmh"], [*loc, "impossible_travel", "max_kmh"], 1, 100_000))
+    hours = None
+    if spec.get("hours") is not None:
+        h = _mapping(spec["hours"], [*loc, "hours"], {"timezone", "start", "end", "days"})
+        hloc = [*loc, "hours"]
+        tz = h.get("timezone")
+        try:
+            zone = ZoneInfo(tz) if isinstance(tz, str) and tz else None
+        except (ValueError, ZoneInfoNotFoundError):
+            zone = None
+        if zone is None:
+            raise _fail([*hloc, "timezone"], "an IANA time zone name, e.g. America/New_York")
+        times = []
+        for key in ("start", "end"):
+            v = h.get(key)
+            if not isinstance(v, str) or not _HHMM.match(v):
+                raise _fail([*hloc, key], "a time as HH:MM (24 h)")
+            times.append(int(v[:2]) * 60 + int(v[3:]))
+        days = _names(h.get("days", list(_DAYS[:5])), [*hloc, "days"], frozenset(_DAYS))
+        hours = Hours(zone, times[0], times[1], frozenset(_DAYS.index(d) for d in days))
+    weights = dict(DEFAULT_RISK_WEIGHTS)
+    rw = _mapping(spec.get("risk_weights"), [*loc, "risk_weights"], set(SIGNALS))
+    for key, value in rw.items():
+        weights[key] = _int(value, [*loc, "risk_weights", key], 0, 100)
+    return SignalSettings(sensitive, window, vmax, kmh, hours, MappingProxyType(weights))
 
 
 def load_policy(doc: Any, *, version: str = "") -> Policy:
     """Validate a parsed policy document. Raises PolicyError with the failing location."""
-    top = _mapping(doc, [], {"version", "levels", "routes", "default_level", "rules"})
+    top = _mapping(doc, [], {"version", "levels", "routes", "default_level", "rules", "signals"})
     if "levels" not in top:
         raise _fail(["levels"], "required")
     levels = _levels(top["levels"])
@@ -287,4 +463,5 @@ def load_policy(doc: Any, *, version: str = "") -> Policy:
         rules=tuple(_rule(i, r, by_name) for i, r in enumerate(rules_doc)),
         version=str(declared) if declared is not None else version,
         grant_levels=tuple(lv.name for lv in levels if lv.needs_evidence),
+        signals=_signals(top.get("signals"), by_name),
     )

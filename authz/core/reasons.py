@@ -20,6 +20,10 @@ class Reason(StrEnum):
     # step-up
     ACR_INSUFFICIENT = "acr-insufficient"
     AUTH_TOO_OLD = "auth-too-old"
+    GRANT_BOUND_ELSEWHERE = "grant-bound-elsewhere"  # a grant exists for another device/IP
+    SESSION_REVOKED = "session-revoked"
+    # context
+    IP_NOT_ALLOWED = "ip-not-allowed"  # the level's ip_allow / ip_deny lists
     # request shape
     BAD_PATH = "bad-path"
     BAD_REQUEST = "bad-request"

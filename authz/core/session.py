@@ -28,6 +28,7 @@ class Identity:
     evidence: Evidence
     expires_at: int
     client_id: str | None = None
+    issued_at: int = 0
 
     @property
     def user(self) -> str:
@@ -36,12 +37,18 @@ class Identity:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """A time-boxed step-up grant recorded after a verified stronger authentication."""
+    """A time-boxed step-up grant recorded after a verified stronger authentication.
+
+    ``device`` and ``ip`` record where the step-up happened; a level with ``bind`` honours
+    the grant only from the same device / IP.
+    """
 
     level: str
     evidence: Evidence
     expires_at: int
     issued_at: int
+    device: str | None = None
+    ip: str | None = None
 
     def is_live(self, now: int) -> bool:
         return now < self.expires_at
@@ -58,6 +65,40 @@ class SessionSnapshot:
 
 
 EMPTY_SESSION = SessionSnapshot()
+
+
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """Where and when the user was last allowed (for impossible travel)."""
+
+    at: int
+    ip: str
+    lat: float | None = None
+    lon: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UserState:
+    """Everything a Check reads about the user and the session, in one round trip.
+
+    ``device_known`` / ``ip_known`` are None when the request presented no device / IP.
+    ``velocity`` counts this user's checks on sensitive routes in the sliding window,
+    this one included (0 when the route is not sensitive).
+    """
+
+    grants: tuple[Grant, ...] = ()
+    session_revoked: bool = False
+    revoked_before: int | None = None  # tokens issued before this are refused (RevokeUser)
+    device_known: bool | None = None
+    ip_known: bool | None = None
+    level_seen: bool = True  # the user had been allowed at the checked level before
+    velocity: int = 0
+    last_seen: Sighting | None = None
+
+
+def user_key(issuer: str, subject: str) -> str:
+    """H(iss, sub): the user's key; it is also the Redis Cluster hash tag of all their keys."""
+    return session_key(issuer, subject, "")[:32]
 
 
 def session_key(issuer: str, subject: str, session_id: str) -> str:

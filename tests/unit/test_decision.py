@@ -10,7 +10,7 @@ import pytest
 from authz.core.attributes import RequestAttributes
 from authz.core.decision import Outcome, decide, resolve_level
 from authz.core.policy import Policy, load_policy
-from authz.core.session import Evidence, Grant, Identity, SessionSnapshot, satisfies
+from authz.core.session import Evidence, Grant, Identity, UserState, satisfies
 
 NOW = 1_800_000_000
 
@@ -121,19 +121,19 @@ def test_decision_table(
     policy: Policy, request_: RequestAttributes, identity: Identity | None,
     grants: tuple[Grant, ...], outcome: Outcome, reason: str, level: str | None,
 ) -> None:
-    d = decide(policy, request_, identity, SessionSnapshot(grants), NOW)
+    d = decide(policy, request_, identity, UserState(grants=grants), NOW)
     assert (d.outcome, str(d.reason)) == (outcome, reason)
     assert (d.level.name if d.level else None) == level
 
 
 def test_allow_reports_the_grant_that_satisfied(policy: Policy) -> None:
     g = grant()
-    d = decide(policy, attrs(), ident(), SessionSnapshot((grant(acr="pwd"), g)), NOW)
+    d = decide(policy, attrs(), ident(), UserState(grants=(grant(acr="pwd"), g)), NOW)
     assert d.outcome is Outcome.ALLOW and d.grant == g and d.evidence == g.evidence
 
 
 def test_step_up_carries_the_challenge(policy: Policy) -> None:
-    d = decide(policy, attrs(), ident(), SessionSnapshot(), NOW)
+    d = decide(policy, attrs(), ident(), UserState(), NOW)
     assert d.acr_values == ("mfa", "phr") and d.max_age == 900
 
 
