@@ -169,7 +169,8 @@ def test_overnight_window_belongs_to_its_start_day() -> None:
 def test_risk_score_weights_and_cap(policy: Policy) -> None:
     assert risk_score(policy.signals, frozenset()) == 0
     assert risk_score(policy.signals, frozenset({"new-device", "new-ip"})) == 50
-    assert risk_score(policy.signals, frozenset({"impossible-travel", "device-noncompliant"})) == 100
+    worst = frozenset({"impossible-travel", "device-noncompliant"})
+    assert risk_score(policy.signals, worst) == 100  # 60 + 50, capped
 
 
 # -- rules ----------------------------------------------------------------------------------
