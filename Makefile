@@ -36,11 +36,19 @@ test-unit: $(STAMP) ## unit tests only (no Redis, no Envoy)
 test-deploy: $(STAMP) ## Helm/K8s schemas, envoy --mode validate, promtool, a live Prometheus scrape
 	$(PY) -m pytest -q -m deploy
 
+bench: $(STAMP) ## benchmark through real Envoy (~8 min; needs wrk, h2load): bench/results/latest.{json,md,png}
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m bench.run
+
+bench-quick: $(STAMP) ## benchmark smoke run (< 1 min) into var/bench-quick
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m bench.run --quick --out var/bench-quick
+
 lint: $(STAMP) ## ruff and mypy --strict
-	$(BIN)/ruff check authz tests
+	$(BIN)/ruff check authz tests bench
 	$(BIN)/mypy
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache var
 
-.PHONY: help install demo serve test test-unit test-deploy lint clean
+.PHONY: help install demo serve test test-unit test-deploy bench bench-quick lint clean

@@ -1,0 +1,195 @@
+"""Aggregation (medians over repetitions, ratios to scenarios 0 and 1) and the outputs:
+latest.json, latest.md and latest.png. Aggregation and Markdown are pure functions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.parse import median, ratio
+
+_METRICS = ("rps", "p50_ms", "p90_ms", "p99_ms")
+_PROCS = ("envoy", "service", "redis")
+
+
+def summarize(runs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (scenario, concurrency): medians of the repetitions, summed error counts,
+    and ratios to scenario 0 and 1 at the same concurrency (when they ran)."""
+    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["scenario"], run["concurrency"]), []).append(run)
+    rows: list[dict[str, Any]] = []
+    for (sid, conc), rs in groups.items():
+        row: dict[str, Any] = {"scenario": sid, "concurrency": conc, "reps": len(rs)}
+        for m in _METRICS:
+            row[m] = median(r[m] for r in rs)
+        row["cpu_ms_per_req"] = {
+            p: median(r["cpu_ms_per_req"].get(p) for r in rs)
+            for p in _PROCS if any(p in r["cpu_ms_per_req"] for r in rs)
+        }
+        row["errors"] = sum(r["errors"] for r in rs)
+        row["unexpected"] = sum(r["unexpected"] for r in rs)
+        row["requests"] = sum(r["requests"] for r in rs)
+        row["foreign_cores_max"] = max((r.get("foreign_cores", 0.0) for r in rs), default=0.0)
+        rows.append(row)
+    index = {(r["scenario"], r["concurrency"]): r for r in rows}
+    for row in rows:
+        for base in ("0", "1"):
+            ref = index.get((base, row["concurrency"]))
+            row[f"rps_vs_{base}"] = ratio(row["rps"], ref["rps"] if ref else None)
+            row[f"p99_vs_{base}"] = ratio(row["p99_ms"], ref["p99_ms"] if ref else None)
+    rows.sort(key=lambda r: (_sort_key(r["scenario"]), r["concurrency"]))
+    return rows
+
+
+def summarize_fixed(runs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(run["scenario"], []).append(run)
+    rows = []
+    for sid, rs in groups.items():
+        row: dict[str, Any] = {"scenario": sid, "reps": len(rs), "target_rps": rs[0]["target_rps"]}
+        for m in ("achieved_rps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms"):
+            row[m] = median(r[m] for r in rs)
+        row["cpu_ms_per_req"] = {
+            p: median(r["cpu_ms_per_req"].get(p) for r in rs)
+            for p in _PROCS if any(p in r["cpu_ms_per_req"] for r in rs)
+        }
+        row["unexpected"] = sum(r["unexpected"] for r in rs)
+        row["requests"] = sum(r["requests"] for r in rs)
+        row["foreign_cores_max"] = max((r.get("foreign_cores", 0.0) for r in rs), default=0.0)
+        rows.append(row)
+    index = {r["scenario"]: r for r in rows}
+    for row in rows:
+        for base in ("0", "1"):
+            ref = index.get(base)
+            row[f"p99_vs_{base}"] = ratio(row["p99_ms"], ref["p99_ms"] if ref else None)
+    rows.sort(key=lambda r: _sort_key(r["scenario"]))
+    return rows
+
+
+def _sort_key(sid: str) -> tuple[int, str]:
+    digits = "".join(c for c in sid if c.isdigit())
+    return (int(digits) if digits else 99, sid)
+
+
+NOISY_CORES = 0.25
+
+
+def _noise(row: Mapping[str, Any]) -> str:
+    v = float(row.get("foreign_cores_max", 0.0))
+    return f"{v:.2f}" + (" !" if v > NOISY_CORES else "")
+
+
+def _f(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def markdown(doc: Mapping[str, Any]) -> str:
+    """The Markdown report: the closed-loop table, the fixed-rate table, and the run facts."""
+    names = {s["id"]: s["title"] for s in doc["scenarios"]}
+    meta = doc["meta"]
+    out = [
+        "# stepup-authz benchmark — latest run",
+        "",
+        f"{meta['started']} · {meta['host']['cpus']} CPUs ({meta['host']['cpu_model']}) · "
+        f"Envoy {meta['versions']['envoy']} · Python {meta['versions']['python']} · "
+        f"mode `{meta['mode']}` · {meta['reps']} repetitions x {meta['duration_s']} s per cell, "
+        f"interleaved; medians shown.",
+        "",
+        "Closed loop (wrk, HTTP/1.1 keep-alive, one connection per concurrency unit). "
+        "CPU is milliseconds of CPU per request (= CPU seconds per 1,000 requests), read "
+        "from /proc/<pid>/stat around each run. `x0`/`x1`: throughput relative to scenario "
+        "0/1 at the same concurrency. `err`: non-expected statuses + socket errors, summed "
+        "over repetitions. `noise`: the most CPU (in cores) that other processes on the host "
+        "used during any repetition of the cell; above "
+        f"{NOISY_CORES} the cell is marked `!`.",
+        "",
+        "| scenario | conc | req/s | x0 | x1 | p50 ms | p90 ms | p99 ms | p99 x0 | "
+        "CPU envoy | CPU service | CPU redis | err | noise |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in doc["summary"]:
+        cpu = r["cpu_ms_per_req"]
+        out.append(
+            f"| {r['scenario']} {names.get(r['scenario'], '')} | {r['concurrency']} | "
+            f"{_f(r['rps'], ',.0f')} | {_f(r['rps_vs_0'], '.3f')} | {_f(r['rps_vs_1'], '.3f')} | "
+            f"{_f(r['p50_ms'], '.2f')} | {_f(r['p90_ms'], '.2f')} | {_f(r['p99_ms'], '.2f')} | "
+            f"{_f(r['p99_vs_0'], '.1f')} | {_f(cpu.get('envoy'), '.3f')} | "
+            f"{_f(cpu.get('service'), '.3f')} | {_f(cpu.get('redis'), '.3f')} | "
+            f"{r['errors'] + r['unexpected']} | {_noise(r)} |")
+    if doc.get("fixed_rate"):
+        fr = doc["fixed_rate"]
+        out += [
+            "",
+            f"Fixed rate, open loop (h2load --rps, HTTP/2, {fr['config']['clients']} "
+            f"connections x {fr['config']['rps_per_client']} req/s, "
+            f"{fr['config']['duration_s']} s after {fr['config']['warmup_s']} s warm-up; "
+            "percentiles computed from h2load's per-request log).",
+            "",
+            "| scenario | target req/s | achieved | p50 ms | p90 ms | p99 ms | p99.9 ms | "
+            "max ms | p99 x0 | CPU service | err | noise |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in fr["summary"]:
+            out.append(
+                f"| {r['scenario']} {names.get(r['scenario'], '')} | {r['target_rps']:,} | "
+                f"{_f(r['achieved_rps'], ',.0f')} | {_f(r['p50_ms'], '.2f')} | "
+                f"{_f(r['p90_ms'], '.2f')} | {_f(r['p99_ms'], '.2f')} | "
+                f"{_f(r['p999_ms'], '.2f')} | {_f(r['max_ms'], '.2f')} | "
+                f"{_f(r['p99_vs_0'], '.1f')} | "
+                f"{_f(r['cpu_ms_per_req'].get('service'), '.3f')} | {r['unexpected']} | "
+                f"{_noise(r)} |")
+    noisy = [r for r in doc["summary"] + list((doc.get("fixed_rate") or {}).get("summary", []))
+             if r.get("foreign_cores_max", 0.0) > NOISY_CORES]
+    if noisy:
+        out += ["", f"**Warning: {len(noisy)} cells ran while other processes used more than "
+                f"{NOISY_CORES} cores of this host (`!` in `noise`): those figures understate "
+                "what the stack can do. Re-run on a quiet host.**"]
+    skipped = doc.get("skipped") or []
+    if skipped:
+        out += ["", "Not run: " + "; ".join(f"{s['id']} {s['title']} ({s['reason']})"
+                                           for s in skipped) + "."]
+    mem = doc.get("service_rss_kib")
+    if mem:
+        out += ["", f"Service RSS: {mem['start']:,} KiB at start, {mem['end']:,} KiB at end."]
+    out.append("")
+    return "\n".join(out)
+
+
+def plot(doc: Mapping[str, Any], path: Path) -> None:
+    """Throughput and p99 against concurrency, one line per scenario (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {s["id"]: s["title"] for s in doc["scenarios"]}
+    fig, (ax_rps, ax_p99) = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
+    by_sid: dict[str, list[Mapping[str, Any]]] = {}
+    for row in doc["summary"]:
+        by_sid.setdefault(row["scenario"], []).append(row)
+    for sid, rows in by_sid.items():
+        xs = [r["concurrency"] for r in rows]
+        label = f"{sid} {names.get(sid, '')}"
+        ax_rps.plot(xs, [r["rps"] for r in rows], marker="o", label=label)
+        ax_p99.plot(xs, [r["p99_ms"] for r in rows], marker="o", label=label)
+    for ax, title, ylabel in ((ax_rps, "Throughput", "requests/s (median)"),
+                              (ax_p99, "p99 latency", "ms (median of runs)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(_concurrencies(doc["summary"]))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("concurrent connections (wrk)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_p99.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"stepup-authz bench ({doc['meta']['mode']}, {doc['meta']['started']})")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _concurrencies(rows: Sequence[Mapping[str, Any]]) -> list[int]:
+    return sorted({int(r["concurrency"]) for r in rows})

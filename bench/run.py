@@ -1,0 +1,474 @@
+"""``python -m bench.run [--quick]`` — the benchmark against real Envoy, stepup-authz and Valkey
+on loopback (issue 6). See bench/README.md for what is measured and how to read it.
+
+Order of a run: start everything; check that one request per scenario gets the expected
+status; warm up; then, for each repetition and each concurrency, run every scenario in turn
+(rotating which goes first) so machine noise lands on all of them alike; then the fixed-rate
+open-loop runs; then write bench/results/latest.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.parse import delta, parse_h2load_log, parse_prometheus, parse_wrk, percentile
+from bench.scenarios import BY_ID, DEFAULT_IDS, SCENARIOS, Scenario
+from bench.stackctl import (
+    AUDIENCE,
+    BENCH_DIR,
+    ENVOY_DIR,
+    BenchError,
+    Envoy,
+    Stack,
+    bench_stack,
+    children_cpu_seconds,
+    cpu_seconds,
+    envoy_counters,
+    host_busy_seconds,
+    http_get,
+    http_text,
+    mfa_token,
+    password_token,
+    rss_kib,
+    stack_pids,
+    start_envoy,
+    write_grant,
+)
+
+REPO = BENCH_DIR.parent
+GRANT_TTL_S = 900  # the `elevated` level's max_age in examples/policy.yaml
+GRANTED = "pwd-granted"  # the scenario credential whose session holds a grant
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a scenario's load goes and which processes it is charged to."""
+
+    url: str
+    admin_url: str
+    pids: Mapping[str, int]
+    headers: Mapping[str, str]
+    metrics_url: str | None = None  # the service's /metrics (scenarios through the service)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run (< 2 min): 1 repetition of 2 s, short fixed-rate run")
+    p.add_argument("--reps", type=int, help="repetitions per cell (default 3; quick 1)")
+    p.add_argument("--duration", type=float, help="seconds per wrk run (default 8; quick 2)")
+    p.add_argument("--concurrency", default="1,8,32,128",
+                   help="comma-separated wrk connection counts (default 1,8,32,128)")
+    p.add_argument("--scenarios", default=",".join(DEFAULT_IDS),
+                   help=f"comma-separated ids (default {','.join(DEFAULT_IDS)}; also: 2t)")
+    p.add_argument("--with-audit", action="store_true",
+                   help="enable scenario 4 (audit-before-access) — once the audit trail exists")
+    p.add_argument("--with-http-authz", action="store_true",
+                   help="enable scenario 5 (HTTP ext_authz) — once the HTTP mode exists")
+    p.add_argument("--wrk-threads", type=int, default=1,
+                   help="wrk threads (default 1: this host has few cores and wrk is cheap)")
+    p.add_argument("--fixed-rate", type=int, default=2000,
+                   help="open-loop total req/s for h2load (0 disables; default 2000)")
+    p.add_argument("--fixed-rate-scenarios", default="0,1,2",
+                   help="scenarios run at the fixed rate (default 0,1,2: the target is on 2)")
+    p.add_argument("--fixed-rate-duration", type=float,
+                   help="seconds per fixed-rate run (default 8; quick 3)")
+    p.add_argument("--fixed-rate-clients", type=int, default=8,
+                   help="h2load connections sharing the fixed rate (default 8)")
+    p.add_argument("--service-log-level", default="INFO",
+                   help="the service's log level (default INFO, as deployed: every denial is "
+                        "a log line, which scenario 3 pays for)")
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "results",
+                   help="output directory (default bench/results)")
+    p.add_argument("--workdir", type=Path, help="keep logs and configs here (default: a temp dir)")
+    p.add_argument("--no-plot", action="store_true", help="skip latest.png (no matplotlib)")
+    args = p.parse_args(argv)
+    args.reps = args.reps or (1 if args.quick else 3)
+    args.duration = args.duration or (2.0 if args.quick else 8.0)
+    args.fixed_rate_duration = args.fixed_rate_duration or (3.0 if args.quick else 8.0)
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    return args
+
+
+def _selected(args: argparse.Namespace) -> tuple[list[Scenario], list[dict[str, str]]]:
+    ids = [i.strip() for i in args.scenarios.split(",") if i.strip()]
+    if args.with_audit:
+        ids.append("4")
+    if args.with_http_authz:
+        ids.append("5")
+    chosen, skipped = [], []
+    for sid in dict.fromkeys(ids):
+        if sid not in BY_ID:
+            raise SystemExit(f"unknown scenario {sid!r}; known: {', '.join(BY_ID)}")
+        s = BY_ID[sid]
+        if s.available:
+            chosen.append(s)
+        else:
+            skipped.append({"id": s.id, "title": s.title, "reason": s.unavailable_reason})
+    for s in SCENARIOS:
+        if not s.available and s.id not in ids:
+            skipped.append({"id": s.id, "title": s.title, "reason": s.unavailable_reason})
+    return chosen, skipped
+
+
+def _require_tools(need_h2load: bool) -> dict[str, str]:
+    tools = {"wrk": shutil.which("wrk"), "envoy": shutil.which("envoy")
+             or str(Path(sys.executable).parent / "envoy")}
+    if need_h2load:
+        tools["h2load"] = shutil.which("h2load")
+    missing = [k for k, v in tools.items() if not v or not Path(v).exists()]
+    if missing:
+        raise SystemExit(f"missing tools: {', '.join(missing)} "
+                         "(apt-get install -y wrk nghttp2-client; envoy comes with .[dev])")
+    return {k: str(v) for k, v in tools.items()}
+
+
+# -- one measured run -------------------------------------------------------------------------
+def _snapshot(t: Target) -> dict[str, Any]:
+    snap: dict[str, Any] = {"envoy": envoy_counters(t.admin_url)}
+    if t.metrics_url:
+        snap["checks"] = parse_prometheus(http_text(t.metrics_url), "stepup_authz_checks_total")
+    snap["cpu"] = {name: cpu_seconds(pid) for name, pid in t.pids.items()}  # last: tightest
+    snap["host"], snap["tool"], snap["t"] = (host_busy_seconds(), children_cpu_seconds(),
+                                             time.monotonic())
+    return snap
+
+
+def _after(t: Target) -> dict[str, Any]:
+    snap: dict[str, Any] = {"t": time.monotonic(), "host": host_busy_seconds(),
+                            "tool": children_cpu_seconds()}
+    snap["cpu"] = {name: cpu_seconds(pid) for name, pid in t.pids.items()}
+    snap["envoy"] = envoy_counters(t.admin_url)
+    if t.metrics_url:
+        snap["checks"] = parse_prometheus(http_text(t.metrics_url), "stepup_authz_checks_total")
+    return snap
+
+
+def _accounting(s: Scenario, t: Target, before: Mapping[str, Any], after: Mapping[str, Any],
+                requests: int) -> dict[str, Any]:
+    """CPU per request and the status accounting from Envoy's (and the service's) counters."""
+    cpu = {name: after["cpu"][name] - before["cpu"][name] for name in t.pids}
+    env = delta(after["envoy"], before["envoy"])
+    classes = {c: env.get(f"http.edge.downstream_rq_{c}", 0) for c in ("2xx", "3xx", "4xx", "5xx")}
+    expected = f"{s.expect_status // 100}xx"
+    unexpected = sum(n for c, n in classes.items() if c != expected)
+    # Envoy counts per class only: an ext_authz error (timeout, broken call) is also a 4xx
+    # (status_on_error 403), so it is counted separately for the scenarios through the service.
+    authz_errors = env.get("http.edge.ext_authz.error", 0)
+    unexpected += authz_errors
+    out: dict[str, Any] = {
+        "cpu_s": cpu,
+        "cpu_ms_per_req": {n: (c / requests * 1000 if requests else None) for n, c in cpu.items()
+                           if n in s.processes},
+        "statuses": classes,
+        "ext_authz": {k.rsplit(".", 1)[1]: v for k, v in env.items()
+                      if ".ext_authz." in k and v},
+        "unexpected": unexpected,
+        # Cores busy with anything but the measured processes and the load tool: another
+        # workload on the host (a test suite, a build) makes a run unrepresentative.
+        "foreign_cores": max(0.0, (after["host"] - before["host"] - sum(cpu.values())
+                                   - (after["tool"] - before["tool"]))
+                             / max(after["t"] - before["t"], 1e-9)),
+    }
+    if "checks" in after:
+        checks = {",".join(f"{k}={v}" for k, v in labels if k in ("outcome", "reason")):
+                  int(n - before["checks"].get(labels, 0))
+                  for labels, n in after["checks"].items()}
+        out["service_decisions"] = {k: v for k, v in checks.items() if v}
+    return out
+
+
+def run_wrk(wrk: str, s: Scenario, t: Target, conc: int, duration: float, threads: int,
+            rep: int) -> dict[str, Any]:
+    argv = [wrk, "-t", str(min(threads, conc)), "-c", str(conc),
+            "-d", f"{max(1, round(duration))}s", "--latency", "--timeout", "5s"]
+    for k, v in t.headers.items():
+        argv += ["-H", f"{k}: {v}"]
+    argv.append(t.url + s.path)
+    before = _snapshot(t)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
+                          check=False)
+    after = _after(t)
+    if proc.returncode != 0:
+        raise BenchError(f"wrk failed ({proc.returncode}): {proc.stderr or proc.stdout}")
+    w = parse_wrk(proc.stdout)
+    pct = w.percentiles
+    return {
+        "scenario": s.id, "concurrency": conc, "rep": rep,
+        "requests": w.requests, "duration_s": w.duration_s, "rps": w.rps,
+        "p50_ms": pct[50] * 1000, "p75_ms": pct[75] * 1000, "p90_ms": pct[90] * 1000,
+        "p99_ms": pct[99] * 1000,
+        "non_2xx_3xx": w.non_2xx_3xx, "socket_errors": dict(w.socket_errors),
+        # a 401 is the expected answer in scenario 3: wrk's Non-2xx count is not an error there
+        "errors": sum(w.socket_errors.values()) + (w.non_2xx_3xx if s.expect_status < 300 else 0),
+        **_accounting(s, t, before, after, w.requests),
+    }
+
+
+def run_h2load(h2load: str, s: Scenario, t: Target, total_rps: int, clients: int,
+               duration: float, workdir: Path, rep: int) -> dict[str, Any]:
+    """Open loop: each of ``clients`` HTTP/2 connections starts ``total_rps/clients`` requests
+    per second whether or not earlier ones finished (up to ``-m`` in flight per connection)."""
+    per_client = max(1, round(total_rps / clients))
+    warmup = 1.0
+    logf = workdir / f"h2load-{s.id}-{rep}.tsv"
+    logf.unlink(missing_ok=True)
+    argv = [h2load, "-t", "1", "-c", str(clients), "-m", "64", "--rps", str(per_client),
+            "-D", f"{max(1, round(duration))}", "--warm-up-time", f"{round(warmup)}",
+            "--log-file", str(logf)]
+    for k, v in t.headers.items():
+        argv += ["-H", f"{k.lower()}: {v}"]
+    argv.append(t.url + s.path)
+    before = _snapshot(t)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + warmup + 60,
+                          check=False)
+    after = _after(t)
+    if proc.returncode != 0:
+        raise BenchError(f"h2load failed ({proc.returncode}): {proc.stderr or proc.stdout}")
+    rows = parse_h2load_log(logf.read_text())
+    if not rows:
+        raise BenchError(f"h2load logged no requests:\n{proc.stdout}")
+    t0 = min(r.start_us for r in rows)
+    span_s = max((max(r.start_us for r in rows) - t0) / 1e6, 1e-9)
+    lat = [r.latency_us / 1000 for r in rows]
+    wrong = sum(1 for r in rows if r.status != s.expect_status)
+    acc = _accounting(s, t, before, after, len(rows))
+    return {
+        "scenario": s.id, "rep": rep, "target_rps": per_client * clients,
+        "requests": len(rows), "achieved_rps": len(rows) / span_s,
+        "p50_ms": percentile(lat, 50), "p90_ms": percentile(lat, 90),
+        "p99_ms": percentile(lat, 99), "p999_ms": percentile(lat, 99.9), "max_ms": max(lat),
+        "wrong_status": wrong,
+        **acc,
+        # CPU covers the warm-up too; charge it over every request h2load sent (approximately
+        # rate x (duration + warm-up)), not only the logged ones.
+        "cpu_ms_per_req": {n: c / (per_client * clients * (duration + warmup)) * 1000
+                           for n, c in acc["cpu_s"].items() if n in s.processes},
+        "unexpected": acc["unexpected"] + wrong,
+    }
+
+
+# -- setup ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _environment(args: argparse.Namespace, scenarios: Sequence[Scenario], workdir: Path,
+                 tools: Mapping[str, str]) -> Iterator[Running]:
+    """Start the stack and the reference Envoys; yield what the measurement needs."""
+    with contextlib.ExitStack() as stack_cm:
+        log(f"starting Valkey, dev IdP, stepup-authz and Envoy in {workdir}")
+        st: Stack = bench_stack(workdir / "stack", REPO / "examples" / "policy.yaml",
+                                args.service_log_level)
+        stack_cm.enter_context(st)
+        pids = stack_pids(st)
+        tokens = {"pwd": password_token(st.idp_url), "pwd-granted": password_token(st.idp_url),
+                  "mfa": mfa_token(st.idp_url)}
+        needs = {s.target for s in scenarios}
+        envoys: dict[str, Envoy] = {}
+        if "ceiling" in needs:
+            envoys["ceiling"] = start_envoy("ceiling", ENVOY_DIR / "ceiling.yaml", workdir,
+                                            tools["envoy"])
+            stack_cm.callback(envoys["ceiling"].stop)
+        if "jwt" in needs:
+            jwks = workdir / "jwks.json"
+            jwks.write_text(http_text(f"{st.idp_url}/jwks"))
+            envoys["jwt"] = start_envoy("jwt_rbac", ENVOY_DIR / "jwt_rbac.yaml", workdir,
+                                        tools["envoy"], issuer=st.idp_url, audience=AUDIENCE,
+                                        jwks_file=str(jwks))
+            stack_cm.callback(envoys["jwt"].stop)
+        targets: dict[str, Target] = {}
+        for s in scenarios:
+            headers = ({} if s.credential is None
+                       else {"Authorization": f"Bearer {tokens[s.credential]}"})
+            if s.target == "stack":
+                targets[s.id] = Target(st.envoy_url, st.admin_url, pids, headers,
+                                       metrics_url=f"{st.service_http_url}/metrics")
+            else:
+                e = envoys[s.target]
+                targets[s.id] = Target(e.url, e.admin_url, {"envoy": e.pid}, headers)
+        jwt_envoy = envoys.get("jwt")
+        running = Running(
+            targets,
+            # A grant for the "pwd-granted" session: the Redis read in scenario 2 finds it.
+            regrant=lambda: write_grant(st, tokens["pwd-granted"], "elevated", GRANT_TTL_S),
+            extra_sanity=lambda: _jwt_refuses_pwd(jwt_envoy, tokens["pwd"]),
+            service_rss=lambda: rss_kib(pids["service"]),
+        )
+        running.regrant()
+        yield running
+
+
+@dataclass(frozen=True)
+class Running:
+    targets: Mapping[str, Target]
+    regrant: Callable[[], None]
+    extra_sanity: Callable[[], None]
+    service_rss: Callable[[], int]
+
+
+def _jwt_refuses_pwd(envoy: Envoy | None, pwd: str) -> None:
+    """Scenario 1 must really enforce: a password-only token is refused by RBAC."""
+    if envoy is None:
+        return
+    status, _, _ = http_get(f"{envoy.url}/accounts/1", {"Authorization": f"Bearer {pwd}"})
+    if status != 403:
+        raise BenchError(f"jwt_authn+RBAC let an acr=pwd token through (status {status})")
+
+
+def sanity(s: Scenario, t: Target) -> None:
+    """One request must get the scenario's expected status before anything is measured."""
+    status, headers, body = http_get(t.url + s.path, dict(t.headers))
+    if status != s.expect_status:
+        raise BenchError(f"scenario {s.id} ({s.name}): expected {s.expect_status}, got {status} "
+                         f"{headers.get('x-stepup-reason', '')} {body[:200]!r}")
+    if s.id == "3":
+        www = headers.get("www-authenticate", "")
+        if "insufficient_user_authentication" not in www:
+            raise BenchError(f"scenario 3 answered 401 without the step-up challenge: {www!r}")
+
+
+def _versions(tools: Mapping[str, str]) -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        out = subprocess.run(argv, capture_output=True, text=True, check=False)
+        return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) \
+            else "?"
+
+    envoy = first_line([tools["envoy"], "--version"])
+    envoy = envoy.split("version: ", 1)[-1].split("/")[1] if "/" in envoy else envoy
+    v = {"envoy": envoy, "python": platform.python_version(),
+         "wrk": first_line([tools["wrk"], "--version"]).split(" [")[0]}
+    if "h2load" in tools:
+        v["h2load"] = first_line([tools["h2load"], "--version"])
+    return v
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+# -- main -------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _args(argv)
+    scenarios, skipped = _selected(args)
+    fixed_ids = [i for i in args.fixed_rate_scenarios.split(",") if i] if args.fixed_rate else []
+    fixed = [s for s in scenarios if s.id in fixed_ids]
+    tools = _require_tools(bool(fixed))
+    started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    t_start = time.monotonic()
+    tmp = None
+    if args.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="stepup-bench-")
+        workdir = Path(tmp.name)
+    else:
+        workdir = args.workdir.resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, Any]] = []
+    fixed_runs: list[dict[str, Any]] = []
+    try:
+        with _environment(args, scenarios, workdir, tools) as env:
+            targets = env.targets
+            for s in scenarios:
+                sanity(s, targets[s.id])
+            env.extra_sanity()
+            log("sanity: every scenario answers its expected status")
+            rss_start = env.service_rss()
+            for s in scenarios:  # warm-up: token cache, connection pools, JIT-less but caches
+                run_wrk(tools["wrk"], s, targets[s.id], 8, 1.0 if args.quick else 2.0,
+                        args.wrk_threads, -1)
+            total = args.reps * len(args.concurrency) * len(scenarios)
+            n = 0
+            for rep in range(args.reps):
+                for ci, conc in enumerate(args.concurrency):
+                    k = (rep + ci) % len(scenarios)  # rotate who goes first
+                    for s in scenarios[k:] + scenarios[:k]:
+                        if s.credential == GRANTED:
+                            env.regrant()  # keep the grant fresh for long runs
+                        n += 1
+                        r = run_wrk(tools["wrk"], s, targets[s.id], conc, args.duration,
+                                    args.wrk_threads, rep)
+                        runs.append(r)
+                        log(f"[{n}/{total}] s{s.id} c={conc} rep={rep}: {r['rps']:,.0f} req/s "
+                            f"p99 {r['p99_ms']:.2f} ms err {r['errors'] + r['unexpected']} "
+                            f"foreign {r['foreign_cores']:.2f} cores")
+            for rep in range(args.reps if fixed else 0):
+                for s in fixed:
+                    if s.credential == GRANTED:
+                        env.regrant()
+                    r = run_h2load(tools["h2load"], s, targets[s.id], args.fixed_rate,
+                                   args.fixed_rate_clients, args.fixed_rate_duration, workdir,
+                                   rep)
+                    fixed_runs.append(r)
+                    log(f"fixed {args.fixed_rate}/s s{s.id} rep={rep}: "
+                        f"{r['achieved_rps']:,.0f} req/s p99 {r['p99_ms']:.2f} ms "
+                        f"err {r['unexpected']} foreign {r['foreign_cores']:.2f} cores")
+            rss_end = env.service_rss()
+            for s in scenarios:  # still healthy after the load?
+                sanity(s, targets[s.id])
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    doc: dict[str, Any] = {
+        "meta": {
+            "started": started, "wall_s": round(time.monotonic() - t_start, 1),
+            "mode": "quick" if args.quick else "full", "reps": args.reps,
+            "duration_s": args.duration, "concurrency": args.concurrency,
+            "wrk_threads": args.wrk_threads, "service_log_level": args.service_log_level,
+            "host": {"cpus": os.cpu_count(), "cpu_model": _cpu_model(),
+                     "kernel": platform.release()},
+            "versions": _versions(tools),
+            "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
+        },
+        "scenarios": [asdict(s) for s in scenarios],
+        "skipped": skipped,
+        "summary": report.summarize(runs),
+        "runs": runs,
+        "service_rss_kib": {"start": rss_start, "end": rss_end},
+    }
+    if fixed_runs:
+        doc["fixed_rate"] = {
+            "config": {"total_rps": args.fixed_rate, "clients": args.fixed_rate_clients,
+                       "rps_per_client": max(1, round(args.fixed_rate / args.fixed_rate_clients)),
+                       "duration_s": args.fixed_rate_duration, "warmup_s": 1.0,
+                       "tool": "h2load --rps (HTTP/2, h2c prior knowledge)"},
+            "summary": report.summarize_fixed(fixed_runs),
+            "runs": fixed_runs,
+        }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(doc, indent=1) + "\n")
+    md = report.markdown(doc)
+    (args.out / "latest.md").write_text(md)
+    if not args.no_plot:
+        report.plot(doc, args.out / "latest.png")
+    print(md)
+    log(f"wrote {args.out}/latest.json, latest.md" + ("" if args.no_plot else ", latest.png")
+        + f" in {doc['meta']['wall_s']:.0f} s")
+    bad = sum(r["errors"] + r["unexpected"] for r in runs) + sum(
+        r["unexpected"] for r in fixed_runs)
+    if bad:
+        log(f"WARNING: {bad} responses were not the expected status (see latest.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,240 @@
+"""Processes for the benchmark: the service stack (authz.demo.stack.Stack, unchanged), two
+stand-alone Envoys for the reference scenarios, and what the harness reads from them
+(CPU from /proc, Envoy admin counters, the service's Prometheus counters), plus the tokens
+and the grant the scenarios need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import jwt
+import pyotp
+
+from authz.demo.stack import (
+    AUDIENCE,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    HOST,
+    Stack,
+    free_ports,
+    http_ok,
+    render_envoy_config,
+)
+from bench.parse import parse_envoy_stats, proc_cpu_ticks, system_busy_ticks
+
+BENCH_DIR = Path(__file__).resolve().parent
+ENVOY_DIR = BENCH_DIR / "envoy"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only
+_envoy_ids = iter(range(1, 100))
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# -- plain HTTP on loopback ------------------------------------------------------------------
+def http_get(url: str, headers: dict[str, str] | None = None,
+             timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) — 4xx/5xx are answers here, not exceptions."""
+    req = urllib.request.Request(url, headers=headers or {})  # noqa: S310 (loopback http only)
+    try:
+        with _opener.open(req, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers.items()), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers.items()), err.read()
+
+
+def http_text(url: str) -> str:
+    status, _, body = http_get(url)
+    if status != 200:
+        raise BenchError(f"GET {url} -> {status}")
+    return body.decode()
+
+
+# -- CPU and memory from /proc ---------------------------------------------------------------
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` (all its threads) so far, in seconds."""
+    return proc_cpu_ticks(Path(f"/proc/{pid}/stat").read_text()) / CLK_TCK
+
+
+def host_busy_seconds() -> float:
+    """CPU seconds all CPUs spent busy so far (the whole host, every process)."""
+    return system_busy_ticks(Path("/proc/stat").read_text()) / CLK_TCK
+
+
+def children_cpu_seconds() -> float:
+    """CPU of this process's waited-for children (wrk, h2load) so far."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def find_pid(*needles: str) -> int | None:
+    """The first process whose command line contains every needle (ours are unique: each
+    names a file in the bench's own work directory or a port chosen for this run)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if all(n in argv for n in needles):
+            return int(entry.name)
+    return None
+
+
+# -- a stand-alone Envoy (scenarios 0 and 1) --------------------------------------------------
+@dataclass
+class Envoy:
+    """One Envoy on its own ports, rendered from a bench template; ``stop()`` kills its group."""
+
+    name: str
+    config: Path
+    listen_port: int
+    admin_port: int
+    popen: subprocess.Popen[bytes]
+    log: IO[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.listen_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{HOST}:{self.admin_port}"
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+        self.log.close()
+
+
+def start_envoy(name: str, template: Path, workdir: Path, envoy_bin: str,
+                **values: str | int) -> Envoy:
+    listen_port, admin_port = free_ports(2)
+    config = workdir / f"{name}.yaml"
+    config.write_text(render_envoy_config(template, listen_port=listen_port,
+                                          admin_port=admin_port, **values))
+    log = (workdir / f"{name}.log").open("ab")
+    popen = subprocess.Popen(
+        [envoy_bin, "-c", str(config), "--log-level", "warn", "--concurrency", "1",
+         # a base id of our own, apart from the Stack's (which derives its ids from our pid)
+         "--base-id", str(3_000_000_000 + (os.getpid() % 1_000_000) * 100 + next(_envoy_ids))],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, process_group=0)
+    env = Envoy(name, config, listen_port, admin_port, popen, log)
+    deadline = time.monotonic() + 20
+    while not http_ok(f"{env.admin_url}/ready", expect=b"LIVE"):
+        if popen.poll() is not None or time.monotonic() > deadline:
+            env.stop()
+            tail = (workdir / f"{name}.log").read_text(errors="replace")[-3000:]
+            raise BenchError(f"envoy {name} did not become ready:\n{tail}")
+        time.sleep(0.05)
+    return env
+
+
+def envoy_counters(admin_url: str) -> dict[str, int]:
+    """The edge listener's HTTP counters (downstream_rq_2xx, ext_authz.*, rbac.*, ...)."""
+    return parse_envoy_stats(http_text(f"{admin_url}/stats?filter=%5Ehttp%5C.edge%5C."))
+
+
+# -- tokens and the grant ----------------------------------------------------------------------
+def password_token(idp_url: str, *, otp: str | None = None) -> str:
+    """An access token from the dev IdP's password grant (acr=pwd, or mfa with ``otp``)."""
+    form = {"grant_type": "password", "username": "alice", "password": "alice-password"}
+    if otp:
+        form["otp"] = otp
+    basic = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
+    req = urllib.request.Request(  # noqa: S310 (loopback http only)
+        f"{idp_url}/token", data=urllib.parse.urlencode(form).encode(),
+        headers={"Authorization": f"Basic {basic}"})
+    with _opener.open(req, timeout=5) as resp:
+        return str(json.loads(resp.read())["access_token"])
+
+
+def mfa_token(idp_url: str) -> str:
+    from authz.devidp import ALICE_TOTP_SECRET
+
+    return password_token(idp_url, otp=pyotp.TOTP(ALICE_TOTP_SECRET).now())
+
+
+def write_grant(stack: Stack, token: str, level: str, ttl_s: int) -> None:
+    """Record a step-up grant for ``token``'s session through the service's own store API,
+    exactly as the callback would after an mfa sign-in now."""
+    from authz.adapters.redis_conn import make_client
+    from authz.adapters.sessions import RedisSessionStore
+    from authz.core.session import Evidence, Grant, session_key
+    from authz.settings import RedisSettings
+
+    claims = jwt.decode(token, options={"verify_signature": False})  # our own fresh token
+    settings = RedisSettings(url=stack.redis_url)
+    key = session_key(claims["iss"], claims["sub"], claims["sid"])
+
+    async def write() -> None:
+        store = RedisSessionStore(make_client(stack.redis_url, settings),
+                                  prefix=settings.key_prefix, deadline_ms=2000)
+        try:
+            now = int(time.time())
+            grant = Grant(level=level, evidence=Evidence("mfa", ("pwd", "otp"), now),
+                          expires_at=now + ttl_s, issued_at=now)
+            await store.write_grant(key, grant, now)
+        finally:
+            await store.aclose()
+
+    asyncio.run(write())
+
+
+def bench_stack(workdir: Path, policy_file: Path, log_level: str) -> Stack:
+    return Stack(workdir, policy_file=policy_file,
+                 envoy_template=ENVOY_DIR / "authz_grpc.yaml",
+                 extra_settings={"log": {"level": log_level}})
+
+
+def stack_pids(stack: Stack) -> dict[str, int]:
+    """PIDs of the stack's Envoy, service and Valkey (Stack exposes only the service's)."""
+    pids: dict[str, int] = {}
+    if stack.service_proc is not None:
+        pids["service"] = stack.service_proc.pid
+    envoy = find_pid("envoy", str(stack.workdir / "envoy.yaml"))
+    # Valkey rewrites its process title to "valkey-server 127.0.0.1:PORT".
+    redis = (find_pid("valkey-server", f"{HOST}:{stack.redis_port}")
+             or find_pid("valkey-server", "--port", str(stack.redis_port)))
+    if envoy is None or redis is None:
+        raise BenchError(f"could not find the stack's processes (envoy={envoy}, redis={redis})")
+    pids["envoy"], pids["redis"] = envoy, redis
+    return pids
+
+
+__all__ = ["AUDIENCE", "BenchError", "Envoy", "Stack"]  # re-exported for bench.run
