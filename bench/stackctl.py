@@ -195,7 +195,7 @@ def write_grant(stack: Stack, token: str, level: str, ttl_s: int) -> None:
     exactly as the callback would after an mfa sign-in now."""
     from authz.adapters.redis_conn import make_client
     from authz.adapters.sessions import RedisSessionStore
-    from authz.core.session import Evidence, Grant, session_key
+    from authz.core.session import Evidence, Grant, session_key, user_key
     from authz.settings import RedisSettings
 
     claims = jwt.decode(token, options={"verify_signature": False})  # our own fresh token
@@ -209,7 +209,7 @@ def write_grant(stack: Stack, token: str, level: str, ttl_s: int) -> None:
             now = int(time.time())
             grant = Grant(level=level, evidence=Evidence("mfa", ("pwd", "otp"), now),
                           expires_at=now + ttl_s, issued_at=now)
-            await store.write_grant(key, grant, now)
+            await store.write_grant(user_key(claims["iss"], claims["sub"]), key, grant, now)
         finally:
             await store.aclose()
 

@@ -1,21 +1,44 @@
-"""The Redis session store: step-up grants read once per Check, one-time step-up state.
+"""The Redis session store: what a Check reads (one round trip), grants, sessions, one-time
+step-up state.
 
-Key layout (``prefix`` is ``RedisSettings.key_prefix``, e.g. ``stepup:``)::
+Key layout. ``P`` is ``RedisSettings.key_prefix`` (e.g. ``stepup:``), ``uk`` the user key
+H(iss, sub) and ``sk`` the session key H(iss, sub, sid) (``authz.core.session``)::
 
-    {prefix}g:{<session_key>}:<level>   a grant; string, compact JSON; TTL = grant expiry
-    {prefix}st:<sha256(state_id)>       step-up state; string, JSON; TTL = state lifetime
+    key                        type    value                                  TTL
+    P u:{uk}:g:<sk>:<level>    string  grant, compact JSON                    until grant expiry
+    P u:{uk}:r:<sk>            string  revoked at (unix s)                    session_ttl_s
+    P u:{uk}:rb                string  revoked before (unix s; iat < it: no)  session_ttl_s
+    P u:{uk}:ss                hash    sk -> {created, last_seen, ip, device, levels}
+                                       at most max_sessions (least recently seen evicted)
+                                                                              session_ttl_s *
+    P u:{uk}:dv                hash    device id -> last seen; <= max_devices history_ttl_s *
+    P u:{uk}:ip                hash    ip -> last seen; <= max_ips            history_ttl_s *
+    P u:{uk}:lv                hash    level -> first allowed at              history_ttl_s *
+    P u:{uk}:vc:<n>            string  sensitive checks in window n           2 * window
+    P u:{uk}:ls                string  last allowed sighting "ts,ip,lat,lon"  session_ttl_s *
+    P st:<sha256(state id)>    string  one-time step-up state, JSON           state lifetime
 
-- ``session_key`` is already a hash, H(iss, sub, sid) (``authz.core.session.session_key``).
-  The braces are a Redis Cluster hash tag: all of one session's grant keys live in one
-  slot, so the per-Check MGET stays a single round trip on Cluster too.
-- The raw state id also travels in the browser's cookie and the OIDC ``state`` parameter,
-  so it is never used as a key: whoever can list keys learns nothing they can replay.
-- Grant value: ``{"v":1,"level","acr","amr":[...],"auth_time","exp","iat"}``. Nothing
-  secret: no tokens, no codes, no PII beyond the hashed session key.
+    * refreshed on every write
+
+- ``{uk}`` is the Redis Cluster hash tag of every per-user key, so each script below touches
+  one slot; the keys are passed in ``KEYS`` (the revoke script derives grant keys from the
+  user's key base, which carries the same tag).
+- ``read_check`` is one EVALSHA (``lua/read_check.lua``): grants, revocations, whether the
+  device / IP are known, whether the level was seen before, the last sighting, and for a
+  sensitive route it INCRs the current velocity window. NOSCRIPT (a restarted or flushed
+  server) is retried once with EVAL under the same deadline and counted (``on_noscript``).
+- Velocity is a sliding window estimated from two fixed windows:
+  ``ceil(previous * (1 - elapsed fraction of the current window) + current)``.
+- Grant value: ``{"v":1,"level","acr","amr":[...],"auth_time","exp","iat"[,"device"][,"ip"]}``.
+  No tokens, no codes. Device ids and client IPs are stored in clear (they are needed to
+  compare and to list sessions); the user and session are only hashes.
+- The raw step-up state id also travels in the browser's cookie and the OIDC ``state``
+  parameter, so it is never used as a key.
 
 Every failure (a Redis error, an ``OSError``, a missed deadline) raises ``StoreError``; a
-read never turns a failure into an empty snapshot, because "no grant" and "could not look"
-are both denies but only the second is counted and audited as a fail-closed event.
+read never turns a failure into an empty state, because "nothing recorded" and "could not
+look" are both denies but only the second is counted and audited as a fail-closed event.
+Undecodable values are skipped and reported to ``on_corrupt``.
 """
 
 from __future__ import annotations
@@ -24,32 +47,76 @@ import asyncio
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
-from authz.core.session import EMPTY_SESSION, Evidence, Grant, SessionSnapshot
+from authz.core.session import Evidence, Grant, Sighting, UserState
 from authz.errors import StoreError
 
 GRANT_FORMAT_VERSION = 1
 
 
-class SessionStore(Protocol):
-    """What the service needs from a session store (Redis, or the in-memory fake)."""
+@dataclass(frozen=True, slots=True)
+class StoreLimits:
+    """Retention and bounds of the per-user state (see the key table above)."""
 
-    async def read(self, session_key: str, levels: Sequence[str]) -> SessionSnapshot: ...
-    async def write_grant(self, session_key: str, grant: Grant, now: int) -> None: ...
-    async def revoke_session(self, session_key: str, levels: Sequence[str]) -> int: ...
+    session_ttl_s: int = 86_400  # the longest an access token lives: revocations, sessions
+    history_ttl_s: int = 90 * 86_400  # known devices / IPs, levels seen
+    max_sessions: int = 50
+    max_devices: int = 20
+    max_ips: int = 50
+
+    def __post_init__(self) -> None:
+        for name in self.__slots__:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """One entry of a user's sessions index, with its live grants."""
+
+    session: str  # the session key (hash), never the raw sid
+    created: int
+    last_seen: int
+    ip: str | None
+    device: str | None
+    grants: tuple[Grant, ...]
+
+
+class SessionStore(Protocol):
+    """What the service, the step-up callback and the API need (Redis or the fake)."""
+
+    async def read_check(
+        self, *, user: str, session: str, levels: Sequence[str], level: str,
+        device: str | None, ip: str | None, sensitive: bool, window_s: int, now: int,
+    ) -> UserState: ...
+    async def write_grant(
+        self, user: str, session: str, grant: Grant, now: int, *, remember_device: bool = True
+    ) -> None: ...
+    async def note_allow(
+        self, *, user: str, session: str, level: str, ip: str | None, device: str | None,
+        now: int, lat: float | None = None, lon: float | None = None,
+    ) -> None: ...
+    async def revoke_session(self, user: str, session: str, now: int) -> bool: ...
+    async def revoke_user(self, user: str, now: int) -> int: ...
+    async def list_sessions(self, user: str) -> list[SessionInfo]: ...
     async def put_state(self, state_id: str, payload: Mapping[str, Any], ttl_s: int) -> None: ...
     async def take_state(self, state_id: str) -> dict[str, Any] | None: ...
     async def ping(self) -> bool: ...
     async def aclose(self) -> None: ...
 
 
+# --- values -------------------------------------------------------------------------------
+
+
 def encode_grant(grant: Grant) -> bytes:
     ev = grant.evidence
-    doc = {
+    doc: dict[str, Any] = {
         "v": GRANT_FORMAT_VERSION,
         "level": grant.level,
         "acr": ev.acr,
@@ -58,11 +125,19 @@ def encode_grant(grant: Grant) -> bytes:
         "exp": grant.expires_at,
         "iat": grant.issued_at,
     }
+    if grant.device is not None:
+        doc["device"] = grant.device
+    if grant.ip is not None:
+        doc["ip"] = grant.ip
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def _int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, int) and not isinstance(v, bool)  # bool is an int subclass
+
+
+def _opt_str(v: object) -> bool:
+    return v is None or isinstance(v, str)
 
 
 def decode_grant(raw: bytes | str, level: str) -> Grant | None:
@@ -75,30 +150,164 @@ def decode_grant(raw: bytes | str, level: str) -> Grant | None:
         return None
     acr, amr, auth_time = doc.get("acr"), doc.get("amr"), doc.get("auth_time")
     exp, iat = doc.get("exp"), doc.get("iat")
+    device, ip = doc.get("device"), doc.get("ip")
     if (
         doc.get("level") != level  # a value copied to another level's key is not evidence
-        or not (acr is None or isinstance(acr, str))
+        or not _opt_str(acr)
         or not (isinstance(amr, list) and all(isinstance(a, str) for a in amr))
         or not (auth_time is None or _int(auth_time))
-        or not isinstance(exp, int)
-        or not isinstance(iat, int)
-        or not (_int(exp) and _int(iat))  # bool is an int subclass: refuse true/false
+        or not (_int(exp) and _int(iat))
+        or not (_opt_str(device) and _opt_str(ip))
     ):
         return None
+    assert isinstance(exp, int) and isinstance(iat, int)  # for mypy: checked just above
     return Grant(
         level=level,
         evidence=Evidence(acr=acr, amr=tuple(amr), auth_time=auth_time),
         expires_at=exp,
         issued_at=iat,
+        device=device,
+        ip=ip,
     )
+
+
+def encode_sighting(s: Sighting) -> str:
+    lat = "" if s.lat is None else repr(s.lat)
+    lon = "" if s.lon is None else repr(s.lon)
+    return f"{s.at},{s.ip},{lat},{lon}"
+
+
+def decode_sighting(raw: bytes | str) -> Sighting | None:
+    try:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        at, ip, lat, lon = text.split(",")
+        return Sighting(at=int(at), ip=ip, lat=float(lat) if lat else None,
+                        lon=float(lon) if lon else None)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def decode_session_entry(raw: bytes | str) -> dict[str, Any] | None:
+    """A sessions-index value, normalised; None when malformed."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    created, last_seen = doc.get("created"), doc.get("last_seen")
+    levels = doc.get("levels")
+    if isinstance(levels, dict) and not levels:
+        levels = []  # Lua's cjson encodes an empty list as {}
+    if not (
+        _int(created) and _int(last_seen)
+        and isinstance(levels, list) and all(isinstance(x, str) for x in levels)
+        and _opt_str(doc.get("ip")) and _opt_str(doc.get("device"))
+    ):
+        return None
+    return {"created": created, "last_seen": last_seen, "ip": doc.get("ip"),
+            "device": doc.get("device"), "levels": levels}
+
+
+def velocity_estimate(current: int, previous: int, now: int, window_s: int) -> int:
+    """Sliding-window count from two fixed windows, rounded up (integer arithmetic)."""
+    elapsed = now % window_s
+    return -(-(previous * (window_s - elapsed) + current * window_s) // window_s)
 
 
 def state_key(prefix: str, state_id: str) -> str:
     return f"{prefix}st:{hashlib.sha256(state_id.encode()).hexdigest()}"
 
 
+def _check_part(name: str, value: str) -> None:
+    # A brace would move the Cluster hash tag; a colon would make keys ambiguous.
+    if not value or any(c in value for c in "{}:"):
+        raise ValueError(f"{name} must be non-empty and free of '{{', '}}' and ':'")
+
+
+class UserKeys:
+    """The key names of one user (see the module docstring)."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, prefix: str, user: str) -> None:
+        _check_part("user", user)
+        self.base = f"{prefix}u:{{{user}}}:"
+
+    def grant(self, session: str, level: str) -> str:
+        return f"{self.base}g:{session}:{level}"
+
+    def revoked(self, session: str) -> str:
+        return f"{self.base}r:{session}"
+
+    def velocity(self, window_index: int) -> str:
+        return f"{self.base}vc:{window_index}"
+
+    @property
+    def revoked_before(self) -> str:
+        return self.base + "rb"
+
+    @property
+    def sessions(self) -> str:
+        return self.base + "ss"
+
+    @property
+    def devices(self) -> str:
+        return self.base + "dv"
+
+    @property
+    def ips(self) -> str:
+        return self.base + "ip"
+
+    @property
+    def levels_seen(self) -> str:
+        return self.base + "lv"
+
+    @property
+    def last_sighting(self) -> str:
+        return self.base + "ls"
+
+
+class Script:
+    """A Lua script from ``authz/adapters/lua`` and its SHA1 (what EVALSHA names it by)."""
+
+    __slots__ = ("name", "sha", "text")
+
+    def __init__(self, name: str, *, with_common: bool = False) -> None:
+        lua = resources.files("authz.adapters").joinpath("lua")
+        text = lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+        if with_common:
+            text = lua.joinpath("common.lua").read_text(encoding="utf-8") + "\n" + text
+        self.name = name
+        self.text = text
+        self.sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+
+_READ_CHECK = Script("read_check")
+_WRITE_GRANT = Script("write_grant", with_common=True)
+_NOTE_ALLOW = Script("note_allow", with_common=True)
+_REVOKE = Script("revoke", with_common=True)
+
+
+def _flag(v: object) -> bool | None:
+    if v is None or v is False:
+        return None
+    n = int(v)  # type: ignore[call-overload]
+    return None if n < 0 else bool(n)
+
+
+def _opt_int(raw: object) -> int | None:
+    if raw is None or raw is False:
+        return None
+    try:
+        return int(raw)  # type: ignore[call-overload, no-any-return]
+    except (TypeError, ValueError):
+        return None
+
+
 class RedisSessionStore:
-    """Grants and step-up state in Redis/Valkey. Every call is bounded by ``deadline_ms``."""
+    """Per-user state and step-up state in Redis/Valkey. Every call is bounded by
+    ``deadline_ms``."""
 
     def __init__(
         self,
@@ -106,65 +315,197 @@ class RedisSessionStore:
         *,
         prefix: str,
         deadline_ms: int,
+        limits: StoreLimits | None = None,
         on_corrupt: Callable[[], None] | None = None,
+        on_noscript: Callable[[], None] | None = None,
     ) -> None:
         if "{" in prefix or "}" in prefix:
-            # A brace in the prefix would become the Cluster hash tag instead of the session.
+            # A brace in the prefix would become the Cluster hash tag instead of the user.
             raise ValueError("the key prefix must not contain '{' or '}'")
         if deadline_ms < 1:
             raise ValueError("deadline_ms must be >= 1")
         self._client = client
         self._prefix = prefix
         self._deadline_s = deadline_ms / 1000
+        self.limits = limits or StoreLimits()
         self._on_corrupt = on_corrupt
+        self._on_noscript = on_noscript
 
-    def grant_key(self, session_key: str, level: str) -> str:
-        return f"{self._prefix}g:{{{session_key}}}:{level}"
+    def keys(self, user: str) -> UserKeys:
+        return UserKeys(self._prefix, user)
 
     def _corrupt(self) -> None:
         if self._on_corrupt is not None:
             self._on_corrupt()
 
-    async def read(self, session_key: str, levels: Sequence[str]) -> SessionSnapshot:
-        """The session's grants for ``levels``, in one MGET, within the deadline.
+    async def _eval(
+        self, script: Script, keys: Sequence[str], args: Sequence[str | bytes | int]
+    ) -> Any:
+        """EVALSHA; on NOSCRIPT one EVAL (which also caches it). Caller holds the deadline."""
+        try:
+            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            if self._on_noscript is not None:
+                self._on_noscript()
+            return await self._client.eval(script.text, len(keys), *keys, *args)
 
-        Undecodable values (and keys of another type, which MGET reports as absent) are
-        skipped; the undecodable ones are reported to ``on_corrupt``.
-        """
-        if not levels:
-            return EMPTY_SESSION
-        keys = [self.grant_key(session_key, level) for level in levels]
+    async def _script(
+        self, what: str, script: Script, keys: Sequence[str], args: Sequence[str | bytes | int]
+    ) -> Any:
         try:
             async with asyncio.timeout(self._deadline_s):
-                values: list[bytes | str | None] = await self._client.mget(keys)
+                return await self._eval(script, keys, args)
         except (RedisError, OSError) as exc:  # asyncio's TimeoutError is an OSError
-            raise StoreError(f"session read failed: {type(exc).__name__}") from exc
+            raise StoreError(f"{what} failed: {type(exc).__name__}") from exc
+
+    async def read_check(
+        self, *, user: str, session: str, levels: Sequence[str], level: str,
+        device: str | None, ip: str | None, sensitive: bool, window_s: int, now: int,
+    ) -> UserState:
+        """Everything a Check needs about ``user`` / ``session``, in one round trip.
+
+        ``levels`` are the grant levels to look up; ``level`` the one being checked (for
+        "first access to a level"). When ``sensitive``, this check is counted in the
+        user's velocity window of ``window_s`` seconds and the estimate returned. Grants
+        issued before the user's revoked-before mark are dropped.
+        """
+        _check_part("session", session)
+        if window_s < 1:
+            raise ValueError("window_s must be >= 1")
+        k = self.keys(user)
+        idx = now // window_s
+        keys = [k.revoked(session), k.revoked_before, k.devices, k.ips, k.levels_seen,
+                k.last_sighting, k.velocity(idx), k.velocity(idx - 1),
+                *(k.grant(session, lv) for lv in levels)]
+        args = (device or "", ip or "", level, "1" if sensitive else "0", 2 * window_s)
+        reply = await self._script("session read", _READ_CHECK, keys, args)
+        try:
+            (revoked, rb_raw, dev_known, ip_known, seen, ls_raw, cur, prev_raw,
+             *grant_values) = reply
+        except (TypeError, ValueError) as exc:
+            raise StoreError("session read: unexpected script reply") from exc
+        revoked_before = _opt_int(rb_raw)
+        if rb_raw not in (None, False) and revoked_before is None:
+            self._corrupt()
         grants: list[Grant] = []
-        for level, raw in zip(levels, values, strict=True):
-            if raw is None:
+        for lv, raw in zip(levels, grant_values, strict=True):
+            if raw is None or raw is False:
                 continue
-            grant = decode_grant(raw, level)
+            grant = decode_grant(raw, lv)
             if grant is None:
                 self._corrupt()
-            else:
+            elif revoked_before is None or grant.issued_at >= revoked_before:
                 grants.append(grant)
-        return SessionSnapshot(grants=tuple(grants)) if grants else EMPTY_SESSION
+        last_seen: Sighting | None = None
+        if ls_raw not in (None, False):
+            last_seen = decode_sighting(ls_raw)
+            if last_seen is None:
+                self._corrupt()
+        velocity = 0
+        if sensitive:
+            current = int(cur)
+            if current < 0:  # the counter key held junk: count this check alone
+                self._corrupt()
+                current = 1
+            previous = _opt_int(prev_raw)
+            if previous is None and prev_raw not in (None, False):
+                self._corrupt()
+            velocity = velocity_estimate(current, previous or 0, now, window_s)
+        return UserState(
+            grants=tuple(grants),
+            session_revoked=bool(revoked),
+            revoked_before=revoked_before,
+            device_known=_flag(dev_known),
+            ip_known=_flag(ip_known),
+            level_seen=bool(seen),
+            velocity=velocity,
+            last_seen=last_seen,
+        )
 
-    async def write_grant(self, session_key: str, grant: Grant, now: int) -> None:
-        """Record ``grant``; Redis expires it at ``grant.expires_at`` (TTL from ``now``)."""
+    async def write_grant(
+        self, user: str, session: str, grant: Grant, now: int, *, remember_device: bool = True
+    ) -> None:
+        """Record ``grant`` (TTL until ``grant.expires_at``), its sessions-index entry and,
+        with ``remember_device``, the grant's device and IP as known for the user."""
+        _check_part("session", session)
         ttl = grant.expires_at - now
         if ttl < 1:
             raise ValueError("refusing to store a grant that has already expired")
-        key = self.grant_key(session_key, grant.level)
-        await self._call("grant write", self._client.set(key, encode_grant(grant), ex=ttl))
+        k, lim = self.keys(user), self.limits
+        keys = [k.grant(session, grant.level), k.sessions, k.devices, k.ips]
+        args = (encode_grant(grant), ttl, session, now, grant.level, grant.device or "",
+                grant.ip or "", "1" if remember_device else "0", lim.max_sessions,
+                lim.session_ttl_s, lim.max_devices, lim.max_ips, lim.history_ttl_s)
+        await self._script("grant write", _WRITE_GRANT, keys, args)
 
-    async def revoke_session(self, session_key: str, levels: Sequence[str]) -> int:
-        """Delete the session's grants for ``levels``; returns how many existed."""
-        if not levels:
-            return 0
-        keys = [self.grant_key(session_key, level) for level in levels]
-        deleted: int = await self._call("revoke", self._client.delete(*keys))
-        return deleted
+    async def note_allow(
+        self, *, user: str, session: str, level: str, ip: str | None, device: str | None,
+        now: int, lat: float | None = None, lon: float | None = None,
+    ) -> None:
+        """After an allow, off the Check's critical path: level first seen, last sighting
+        (only with an IP), session last_seen; refreshes a known device's / IP's recency."""
+        _check_part("session", session)
+        k, lim = self.keys(user), self.limits
+        sighting = encode_sighting(Sighting(now, ip, lat, lon)) if ip else ""
+        keys = [k.levels_seen, k.last_sighting, k.sessions, k.devices, k.ips]
+        args = (level, now, sighting, session, device or "", ip or "", lim.max_sessions,
+                lim.session_ttl_s, lim.history_ttl_s)
+        await self._script("note allow", _NOTE_ALLOW, keys, args)
+
+    async def revoke_session(self, user: str, session: str, now: int) -> bool:
+        """Mark the session revoked (refused by the next Check), delete its grants and its
+        index entry. True when the session was in the index."""
+        _check_part("session", session)
+        k = self.keys(user)
+        args = (now, self.limits.session_ttl_s, session, k.base)
+        done = await self._script("revoke", _REVOKE, [k.sessions, k.revoked(session)], args)
+        return bool(done)
+
+    async def revoke_user(self, user: str, now: int) -> int:
+        """Refuse every token issued before ``now``, delete every indexed session's grants
+        and the index. Returns how many indexed sessions there were."""
+        k = self.keys(user)
+        args = (now, self.limits.session_ttl_s, "", k.base)
+        n = await self._script("revoke", _REVOKE, [k.sessions, k.revoked_before], args)
+        return int(n)
+
+    async def list_sessions(self, user: str) -> list[SessionInfo]:
+        """The user's indexed sessions, most recently seen first, with their live grants
+        (two round trips: the index, then one MGET of its grant keys)."""
+        k = self.keys(user)
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                raw: dict[Any, Any] = await self._client.hgetall(k.sessions)
+                entries: list[tuple[str, dict[str, Any]]] = []
+                for sk_raw, value in raw.items():
+                    entry = decode_session_entry(value)
+                    if entry is None:
+                        self._corrupt()
+                        continue
+                    entries.append((sk_raw.decode(), entry))
+                gkeys = [(sk, lv) for sk, e in entries for lv in e["levels"]]
+                values: list[Any] = (
+                    await self._client.mget([k.grant(sk, lv) for sk, lv in gkeys])
+                    if gkeys else []
+                )
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"list sessions failed: {type(exc).__name__}") from exc
+        grants: dict[str, list[Grant]] = {}
+        for (sk, lv), value in zip(gkeys, values, strict=True):
+            if value is None:
+                continue
+            grant = decode_grant(value, lv)
+            if grant is None:
+                self._corrupt()
+            else:
+                grants.setdefault(sk, []).append(grant)
+        out = [
+            SessionInfo(session=sk, created=e["created"], last_seen=e["last_seen"],
+                        ip=e["ip"], device=e["device"], grants=tuple(grants.get(sk, ())))
+            for sk, e in entries
+        ]
+        out.sort(key=lambda s: (-s.last_seen, s.session))
+        return out
 
     async def put_state(self, state_id: str, payload: Mapping[str, Any], ttl_s: int) -> None:
         """Store one-time step-up state; an id already in use is refused (SET NX)."""

