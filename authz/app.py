@@ -13,21 +13,30 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from authz.adapters.devices import DeviceResolver
 from authz.adapters.envoy_out import ResponseBuilder
+from authz.adapters.geoip import GeoIP
 from authz.adapters.metrics import Metrics
 from authz.adapters.oidc import OidcClient, discover
+from authz.adapters.redirects import Redirects
 from authz.adapters.redis_conn import EmbeddedValkey, make_client, make_redis
-from authz.adapters.sessions import RedisSessionStore
+from authz.adapters.sessions import RedisSessionStore, StoreLimits
+from authz.adapters.stepup_context import ContextSigner
 from authz.adapters.tokens import TokenVerifier, key_source_from_settings
+from authz.api.auth import CallerAuth
+from authz.api.sessions_service import SERVICE_NAME as SESSIONS_SERVICE
+from authz.api.sessions_service import SessionsServicer
+from authz.api.sessions_service import add_to_server as add_sessions_api
 from authz.audit.mapping import policy_reload
 from authz.audit.metrics import AuditMetrics
 from authz.audit.sinks import Auditor, MirrorSink, RedisStreamSink, StdoutSink
+from authz.core.policy import Policy
 from authz.grpc_server import AuthorizationServicer, GrpcServer
 from authz.http_app import StepupApp
 from authz.http_authz import HttpAuthzServer, maybe_start
 from authz.policy_file import LoadedPolicy, PolicyHolder
 from authz.service import Authorizer
-from authz.settings import Settings
+from authz.settings import OidcSettings, Settings
 
 log = logging.getLogger("authz.app")
 
@@ -62,11 +71,33 @@ class Service:
         self.stepup.ready = False  # /readyz fails first so load balancers drain us
         for task in self._tasks:
             task.cancel()
+        await self.authorizer.drain()
         if self.http_authz is not None:
             await self.http_authz.stop(self.settings.http_authz.shutdown_grace_s)
         await self.grpc.stop()
         await self.http_runner.cleanup()
         await _close_all(self._closers)
+
+
+async def _device_resolver(settings: Settings, http: aiohttp.ClientSession,
+                           closers: list[object]) -> DeviceResolver:
+    a = settings.devices.assertion
+    if a is None:
+        return DeviceResolver(cookie_name=settings.devices.cookie)
+    # Assertions are JWTs from the device-trust service, verified with its own keys.
+    oidc_like = OidcSettings(issuer=a.issuer, client_id="device-assertions",
+                             audience=a.audience, algorithms=a.algorithms,
+                             jwks_url=a.jwks_url, jwks_file=a.jwks_file, token_typ=None)
+    keys = key_source_from_settings(oidc_like, http)
+    closers.append(keys)
+    await keys.start()
+    return DeviceResolver(cookie_name=settings.devices.cookie, assertion_header=a.header,
+                          assertions=TokenVerifier(oidc_like, keys),
+                          assertion_audience=a.audience)
+
+
+def _uses_countries(policy: Policy) -> bool:
+    return any(r.country_in or r.country_not_in for r in policy.rules)
 
 
 async def _close_all(closers: list[object]) -> None:
@@ -116,9 +147,13 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
             closers.append(embedded)
             log.info("no REDIS_URL: started an embedded Valkey server", extra={"url": redis_url})
         client = make_redis(settings.redis, redis_url)
+        st = settings.state
         store = RedisSessionStore(
             client, prefix=settings.redis.key_prefix, deadline_ms=settings.redis.deadline_ms,
-            on_corrupt=metrics.corrupt_grants.inc,
+            limits=StoreLimits(session_ttl_s=st.session_ttl_s, history_ttl_s=st.history_ttl_s,
+                               max_sessions=st.max_sessions, max_devices=st.max_devices,
+                               max_ips=st.max_ips),
+            on_corrupt=metrics.corrupt_grants.inc, on_noscript=metrics.noscript.inc,
         )
         closers.append(store)
 
@@ -158,19 +193,46 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
             timeout_s=settings.oidc.http_timeout_s,
         )
 
+        devices = await _device_resolver(settings, http, closers)
+        geoip = None
+        if settings.network.geoip_database is not None:
+            geoip = GeoIP(settings.network.geoip_database)
+        elif _uses_countries(loaded.policy):
+            log.warning("the policy has country rules but no GeoIP database is configured: "
+                        "every country is unknown (untrusted)")
         authorizer = Authorizer(
             policy=policy, tokens=tokens, store=store, metrics=metrics,
             token_cookie=settings.oidc.token_cookie, leeway=settings.oidc.leeway_s,
             auditor=auditor, audit_level=settings.audit.durable_level,
+            devices=devices, geoip=geoip,
         )
-        responses = ResponseBuilder(path_prefix=settings.stepup.path_prefix,
-                                    error_status=settings.stepup.error_status)
+        if settings.stepup.context_key_file is None:
+            log.warning("no stepup.context_key_file: a per-process key signs step-up links "
+                        "(fine for one replica; several replicas need a shared key)")
+        signer = ContextSigner.from_file(settings.stepup.context_key_file,
+                                         settings.stepup.state_ttl_s)
+        redirects = Redirects(settings.stepup.path_prefix, signer)
+        responses = ResponseBuilder(error_status=settings.stepup.error_status,
+                                    redirects=redirects)
+        extra = []
+        if settings.api.enabled:
+            sessions_api = SessionsServicer(
+                store, levels=lambda name: policy.current.policy.by_name.get(name),
+                auth=CallerAuth.from_files(allowed_peers=settings.api.allowed_peers,
+                                           bearer_secret_file=settings.api.bearer_secret_file),
+                audit=auditor.durable if auditor is not None else None,
+                leeway=settings.oidc.leeway_s,
+                default_grant_ttl_s=settings.stepup.default_grant_ttl_s,
+            )
+            extra.append((SESSIONS_SERVICE,
+                          lambda server: add_sessions_api(sessions_api, server)))
         grpc_server = GrpcServer(settings.grpc, AuthorizationServicer(
-            authorizer, responses, settings.network.trusted_xff_hops))
+            authorizer, responses, settings.network.trusted_xff_hops), extra)
 
         stepup = StepupApp(settings=settings, policy=policy, tokens=tokens, store=store,
                            oidc=oidc, metrics=metrics, keys_ready=lambda: keys.ready,
-                           auditor=auditor)
+                           auditor=auditor, signer=signer,
+                           device_cookie=settings.devices.cookie)
         runner = web.AppRunner(stepup.build(), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.http.host, settings.http.port, reuse_port=True)
@@ -180,7 +242,7 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
         http_authz = await maybe_start(
             settings.http_authz, authorizer, stepup_path_prefix=settings.stepup.path_prefix,
             error_status=settings.stepup.error_status,
-            trusted_hops=settings.network.trusted_xff_hops)
+            trusted_hops=settings.network.trusted_xff_hops, redirects=redirects)
     except BaseException:
         await _close_all(closers)
         raise

@@ -164,13 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(func=_cmd_demo)
 
+    # Subcommand groups of their own modules (imported here: `serve` need not load them).
+    from authz.api.cli import add_sessions_parser
     from authz.audit.cli import add_audit_parser
-
-    add_audit_parser(sub)
-
     from authz.render import add_render_parser
 
+    add_audit_parser(sub)
     add_render_parser(sub)
+    add_sessions_parser(sub)
     return p
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -68,7 +69,9 @@ def _credentials(settings: GrpcSettings) -> grpc.ServerCredentials | None:
 
 
 class GrpcServer:
-    def __init__(self, settings: GrpcSettings, servicer: AuthorizationServicer) -> None:
+    def __init__(self, settings: GrpcSettings, servicer: AuthorizationServicer,
+                 extra: Sequence[tuple[str, Callable[[grpc.aio.Server], None]]] = ()) -> None:
+        """``extra``: (service name, register function) for more services on this port."""
         self.settings = settings
         self.server = grpc.aio.server(
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
@@ -82,8 +85,11 @@ class GrpcServer:
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for _, register in extra:
+            register(self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (SERVICE_NAME, *(name for name, _ in extra), health.SERVICE_NAME,
+             reflection.SERVICE_NAME), self.server
         )
         address = f"{settings.host}:{settings.port}"
         creds = _credentials(settings)

@@ -22,11 +22,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from authz.adapters.metrics import Metrics
 from authz.adapters.oidc import OidcClient, pkce_pair
+from authz.adapters.stepup_context import ContextSigner
 from authz.audit.mapping import stepup_completed
 from authz.audit.sinks import Auditor, AuditUnavailable
 from authz.core.attributes import cookie_values
 from authz.core.policy import Level
-from authz.core.session import Evidence, Grant, Identity, satisfies, session_key
+from authz.core.session import Evidence, Grant, Identity, satisfies, session_key, user_key
 from authz.errors import OidcError, StoreError, TokenError
 from authz.policy_file import PolicyHolder
 from authz.settings import Settings
@@ -40,7 +41,8 @@ class StepupTokens(Protocol):
 
 
 class StepupStore(Protocol):
-    async def write_grant(self, session_key: str, grant: Grant, now: int) -> None: ...
+    async def write_grant(self, user: str, session: str, grant: Grant, now: int, *,
+                          remember_device: bool = True) -> None: ...
     async def put_state(self, state_id: str, payload: dict[str, Any], ttl_s: int) -> None: ...
     async def take_state(self, state_id: str) -> dict[str, Any] | None: ...
     async def ping(self) -> bool: ...
@@ -79,8 +81,12 @@ class StepupApp:
         keys_ready: Callable[[], bool],
         clock: Callable[[], float] = time.time,
         auditor: Auditor | None = None,
+        signer: ContextSigner | None = None,
+        device_cookie: str | None = "stepup_device",
     ) -> None:
         self.auditor = auditor
+        self.signer = signer
+        self.device_cookie = device_cookie
         self.s = settings.stepup
         self.oidc_settings = settings.oidc
         self.policy = policy
@@ -183,12 +189,25 @@ class StepupApp:
                 identity = None
         if identity is None:
             return await self._begin({"kind": "login", "rd": rd}, None, None)
+        device = ip = None
+        if self.signer is not None:
+            # The device and IP the Check saw, so the grant is bound to them; a link
+            # without a valid context is refused rather than bound to nothing.
+            try:
+                device, ip = self.signer.verify(request.query.get("ctx", ""),
+                                                level=level.name, now=int(self.clock()))
+            except ValueError:
+                return self._page(400, "Step-up link expired",
+                                  "Go back to the page you wanted and try again.")
         payload = {
             "kind": "stepup",
             "rd": rd,
             "level": level.name,
+            "uk": user_key(identity.issuer, identity.subject),
             "sk": session_key(identity.issuer, identity.subject, identity.session_id),
             "sub": identity.subject,
+            "device": device,
+            "ip": ip,
         }
         return await self._begin(payload, level, identity.subject)
 
@@ -277,8 +296,7 @@ class StepupApp:
             level=str(saved.get("level")), user=user, session=str(saved.get("sk")),
             acr=evidence.acr, amr=evidence.amr, auth_time=evidence.auth_time,
             issuer=str(claims.get("iss")),
-            # device/client_ip: add them to the step-up state payload at /start, then
-            # pass saved.get("device"), saved.get("ip") here.
+            device=saved.get("device"), client_ip=saved.get("ip"),
             grant_expires_at=(evidence.auth_time + ttl
                               if result == "success" and evidence.auth_time else None),
             policy_version=self.policy.current.version,
@@ -289,8 +307,17 @@ class StepupApp:
             self._completion(str(saved.get("level")), result, factor)
             return self._page(403, "Step-up not accepted",
                               "The sign-in did not meet the required strength.")
+        device = saved.get("device")
+        new_cookie = None
+        if device is None and self.device_cookie:
+            # No device identity yet: this browser gets a device cookie, and the grant and
+            # the "known device" record name it.
+            new_cookie = secrets.token_urlsafe(24)
+            device = f"cookie:{new_cookie}"
         grant = Grant(level=level.name, evidence=evidence,
-                      expires_at=evidence.auth_time + ttl, issued_at=now)
+                      expires_at=evidence.auth_time + ttl, issued_at=now,
+                      device=device if isinstance(device, str) else None,
+                      ip=saved.get("ip") if isinstance(saved.get("ip"), str) else None)
         if self.auditor is not None:
             # Audit before grant: no grant exists without its durable completion record.
             try:
@@ -299,7 +326,7 @@ class StepupApp:
                 self._completion(level.name, "audit-unavailable", factor)
                 return self._page(503, "Temporarily unavailable", "Please try again shortly.")
         try:
-            await self.store.write_grant(str(saved["sk"]), grant, now)
+            await self.store.write_grant(str(saved["uk"]), str(saved["sk"]), grant, now)
         except (StoreError, ValueError):
             self.metrics.redis_errors.labels(op="write").inc()
             self._completion(level.name, "store-error", factor)
@@ -309,6 +336,9 @@ class StepupApp:
                                            "factor": factor, "expires_at": grant.expires_at})
         resp = _redirect(303, str(saved["rd"]))
         resp.del_cookie(self.state_cookie, path="/")
+        if new_cookie is not None and self.device_cookie:
+            resp.set_cookie(self.device_cookie, new_cookie, max_age=400 * 86_400, path="/",
+                            secure=self.s.cookie_secure, httponly=True, samesite="Lax")
         return resp
 
     def _completion(self, level: str, result: str, factor: str) -> None:

@@ -35,6 +35,7 @@ from authz.adapters.envoy_http import (
     attributes_from_http,
     refusal,
 )
+from authz.adapters.redirects import Redirects
 from authz.core.attributes import RequestAttributes
 from authz.core.decision import Decision, Outcome
 from authz.core.reasons import Reason
@@ -372,9 +373,10 @@ class _Conn(asyncio.Protocol):
 
 def server_from_config(
     cfg: HttpAuthzConfig, authorizer: Authorizer, *, stepup_path_prefix: str = "/_stepup",
-    error_status: int = 403, trusted_hops: int = 0,
+    error_status: int = 403, trusted_hops: int = 0, redirects: Redirects | None = None,
 ) -> HttpAuthzServer:
-    responses = HttpResponseBuilder(path_prefix=stepup_path_prefix, error_status=error_status)
+    responses = HttpResponseBuilder(path_prefix=stepup_path_prefix, error_status=error_status,
+                                    redirects=redirects)
     return HttpAuthzServer(
         authorizer, responses, host=cfg.host, port=cfg.port, path_prefix=cfg.path_prefix,
         peer_header=cfg.peer_header, max_header_bytes=cfg.max_header_bytes,
@@ -386,13 +388,14 @@ def server_from_config(
 
 async def maybe_start(
     cfg: HttpAuthzConfig | None, authorizer: Authorizer, *, stepup_path_prefix: str = "/_stepup",
-    error_status: int = 403, trusted_hops: int = 0,
+    error_status: int = 403, trusted_hops: int = 0, redirects: Redirects | None = None,
 ) -> HttpAuthzServer | None:
     """Start the HTTP ext_authz listener when ``cfg.enabled``; None otherwise."""
     if cfg is None or not cfg.enabled:
         return None
     server = server_from_config(cfg, authorizer, stepup_path_prefix=stepup_path_prefix,
-                                error_status=error_status, trusted_hops=trusted_hops)
+                                error_status=error_status, trusted_hops=trusted_hops,
+                                redirects=redirects)
     await server.start()
     log.info("HTTP ext_authz serving", extra={"address": f"{cfg.host}:{server.port}",
                                                "path_prefix": cfg.path_prefix})

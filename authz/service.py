@@ -1,26 +1,33 @@
-"""Authorizer.check: token -> level -> session -> decide -> metrics/log. Fails closed.
+"""Authorizer.check: route level -> device, GeoIP, token -> user state -> signals -> rules
+-> decide -> audit/metrics/log. Fails closed.
 
-The session store is read only when the request needs more than the token itself proves
-(a public level, a missing/invalid token, or a token whose own acr/auth_time satisfy the
-level decide without it), and then in exactly one round trip under the store's deadline.
+Every signed-in request to a non-public level reads the user's state in exactly one round
+trip under the store's deadline (grants, revocations, known devices and IPs, velocity):
+a revocation is honoured by the very next Check. What an allow teaches (first access to a
+level, the last sighting) is written afterwards, off the Check's critical path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
+from authz.adapters.devices import DeviceResolver
+from authz.adapters.geoip import GeoIP
 from authz.adapters.metrics import Metrics
 from authz.audit.mapping import event_for_check, requires_durable
 from authz.audit.sinks import Auditor, AuditUnavailable
 from authz.core.attributes import RequestAttributes, cookie_values
-from authz.core.decision import Decision, Outcome, evaluate, resolve_level, token_satisfies
+from authz.core.decision import Decision, Outcome, evaluate, resolve_level, route_level
+from authz.core.policy import Context, Level, Policy
 from authz.core.reasons import Reason
-from authz.core.session import Grant, Identity, SessionSnapshot, session_key
+from authz.core.session import Identity, UserState, session_key, user_key
+from authz.core.signals import Device, Geo, compute_signals, device_states
 from authz.errors import KeysUnavailable, StoreError, TokenError
 from authz.policy_file import PolicyHolder
 
@@ -34,8 +41,21 @@ class AccessTokenVerifier(Protocol):
     async def verify_access_token(self, token: str, now: int) -> Identity: ...
 
 
-class SessionReader(Protocol):
-    async def read(self, session_key: str, levels: tuple[str, ...]) -> SessionSnapshot: ...
+class StateStore(Protocol):
+    async def read_check(
+        self, *, user: str, session: str, levels: Sequence[str], level: str,
+        device: str | None, ip: str | None, sensitive: bool, window_s: int, now: int,
+    ) -> UserState: ...
+
+    async def note_allow(
+        self, *, user: str, session: str, level: str, ip: str | None, device: str | None,
+        now: int, lat: float | None = None, lon: float | None = None,
+    ) -> None: ...
+
+
+# What an allow teaches the store is written in the background; beyond this many writes in
+# flight the lesson is skipped (and counted) rather than queueing without bound.
+_MAX_BACKGROUND_WRITES = 512
 
 
 def extract_token(attrs: RequestAttributes, cookie_name: str) -> tuple[str | None, str | None]:
@@ -62,14 +82,19 @@ class Authorizer:
         *,
         policy: PolicyHolder,
         tokens: AccessTokenVerifier,
-        store: SessionReader,
+        store: StateStore,
         metrics: Metrics,
         token_cookie: str,
         leeway: int,
         clock: Callable[[], float] = time.time,
         auditor: Auditor | None = None,
         audit_level: str | None = None,
+        devices: DeviceResolver | None = None,
+        geoip: GeoIP | None = None,
     ) -> None:
+        self.devices = devices
+        self.geoip = geoip
+        self._background: set[asyncio.Task[None]] = set()
         self.policy = policy
         self.tokens = tokens
         self.store = store
@@ -153,30 +178,83 @@ class Authorizer:
     async def _decide(self, attrs: RequestAttributes) -> Decision:
         policy = self.policy.current.policy
         now = int(self.clock())
-        resolution = resolve_level(policy, attrs)
-        if resolution.deny is not None or (
-            resolution.level is not None and resolution.level.public
-        ):
-            return evaluate(resolution, None, (), now, leeway=self.leeway)
-        token, token_error = extract_token(attrs, self.token_cookie)
+        base = route_level(policy, attrs)
+        if base.deny is not None or base.level is None:
+            return evaluate(base, None, (), now, leeway=self.leeway)
+        level = base.level
+        device = await self.devices.resolve(attrs, now) if self.devices is not None else None
+        geo = self.geoip.lookup(attrs.source_ip) if self.geoip is not None else None
         identity: Identity | None = None
-        if token is not None:
+        token_error: str | None = None
+        if not level.public:
+            token, token_error = extract_token(attrs, self.token_cookie)
+            if token is not None:
+                try:
+                    identity = await self.tokens.verify_access_token(token, now)
+                except KeysUnavailable:
+                    return Decision(Outcome.ERROR, Reason.KEYS_UNAVAILABLE, level=level)
+                except TokenError as exc:
+                    token_error = exc.reason
+        ip = str(attrs.source_ip) if attrs.source_ip is not None else None
+        device_id = device.id if device is not None else None
+        state: UserState | None = None
+        if identity is not None:
             try:
-                identity = await self.tokens.verify_access_token(token, now)
-            except KeysUnavailable:
-                return Decision(Outcome.ERROR, Reason.KEYS_UNAVAILABLE, level=resolution.level)
-            except TokenError as exc:
-                token_error = exc.reason
-        assert resolution.level is not None
-        if identity is None or token_satisfies(resolution.level, identity, now, self.leeway):
-            return evaluate(resolution, identity, (), now, leeway=self.leeway,
-                            token_error=token_error)
-        key = session_key(identity.issuer, identity.subject, identity.session_id)
+                state = await self.store.read_check(
+                    user=user_key(identity.issuer, identity.subject),
+                    session=session_key(identity.issuer, identity.subject,
+                                        identity.session_id),
+                    levels=policy.grant_levels, level=level.name, device=device_id, ip=ip,
+                    sensitive=_sensitive(policy, base.level),
+                    window_s=policy.signals.velocity_window_s, now=now,
+                )
+            except StoreError:
+                self.metrics.redis_errors.labels(op="read").inc()
+                return Decision(Outcome.ERROR, Reason.SESSION_STORE_UNAVAILABLE, level=level,
+                                identity=identity, device=device_id)
+        signals = compute_signals(policy.signals, device=device, state=state, geo=geo, now=now)
+        ctx = Context(device=device_states(device, state),
+                      country=geo.country if geo is not None else None, signals=signals)
+        resolution = resolve_level(policy, attrs, ctx, base)
+        for name in resolution.shadow:
+            self.metrics.shadow_matches.labels(rule=name).inc()
+        for signal in signals:
+            self.metrics.signals.labels(signal=signal).inc()
+        decision = evaluate(
+            resolution, identity, state.grants if state is not None else (), now,
+            leeway=self.leeway, token_error=token_error, state=state, device=device_id, ip=ip,
+        )
+        if decision.outcome is Outcome.ALLOW and identity is not None and state is not None:
+            self._note_allow(identity, decision, device, geo, ip, now)
+        return decision
+
+    def _note_allow(self, identity: Identity, decision: Decision, device: Device | None,
+                    geo: Geo | None, ip: str | None, now: int) -> None:
+        if len(self._background) >= _MAX_BACKGROUND_WRITES or decision.level is None:
+            self.metrics.redis_errors.labels(op="note").inc()
+            return
+        write = self.store.note_allow(
+            user=user_key(identity.issuer, identity.subject),
+            session=session_key(identity.issuer, identity.subject, identity.session_id),
+            level=decision.level.name, ip=ip, device=device.id if device else None, now=now,
+            lat=geo.lat if geo else None, lon=geo.lon if geo else None,
+        )
+        task = asyncio.ensure_future(self._quietly(write))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _quietly(self, write: Awaitable[None]) -> None:
         try:
-            snapshot = await self.store.read(key, policy.grant_levels)
+            await write
         except StoreError:
-            self.metrics.redis_errors.labels(op="read").inc()
-            return Decision(Outcome.ERROR, Reason.SESSION_STORE_UNAVAILABLE,
-                            level=resolution.level, identity=identity)
-        grants: tuple[Grant, ...] = snapshot.grants
-        return evaluate(resolution, identity, grants, now, leeway=self.leeway)
+            self.metrics.redis_errors.labels(op="note").inc()
+
+    async def drain(self) -> None:
+        """Wait for the background writes (shutdown)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _sensitive(policy: Policy, level: Level) -> bool:
+    name = policy.signals.sensitive_level
+    return name is not None and level.rank >= policy.by_name[name].rank

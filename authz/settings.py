@@ -182,6 +182,9 @@ class StepupSettings(BaseModel):
     default_grant_ttl_s: int = Field(900, ge=1)
     # Status for internal errors: 403, or 503 where a retry is the better signal.
     error_status: Literal[403, 503] = 403
+    # HMAC key (>= 32 bytes) signing the device/IP context in the start link; shared by
+    # all replicas. Without it each process makes its own (single-replica setups only).
+    context_key_file: Path | None = None
 
     @field_validator("public_url")
     @classmethod
@@ -189,11 +192,59 @@ class StepupSettings(BaseModel):
         return v.rstrip("/")
 
 
+class DeviceAssertionSettings(BaseModel):
+    """A signed device assertion (JWT) from an MDM / device-trust service."""
+
+    model_config = _FROZEN
+    header: str = "x-device-assertion"
+    issuer: str
+    audience: str = "stepup-authz"
+    algorithms: tuple[str, ...] = ("ES256", "RS256")
+    jwks_url: str | None = None
+    jwks_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _keys(self) -> DeviceAssertionSettings:
+        if (self.jwks_url is None) == (self.jwks_file is None):
+            raise ValueError("give one of jwks_url or jwks_file")
+        return self
+
+
+class DeviceSettings(BaseModel):
+    model_config = _FROZEN
+    # The random device id set after a completed step-up; None disables device cookies.
+    cookie: str | None = "stepup_device"
+    assertion: DeviceAssertionSettings | None = None
+
+
+class StateSettings(BaseModel):
+    """Retention of the per-user state in Redis (see the README's Redis footprint)."""
+
+    model_config = _FROZEN
+    session_ttl_s: int = Field(86_400, ge=60)  # >= the longest access-token lifetime
+    history_ttl_s: int = Field(90 * 86_400, ge=3600)  # known devices / IPs, levels seen
+    max_sessions: int = Field(50, ge=1, le=1000)
+    max_devices: int = Field(20, ge=1, le=1000)
+    max_ips: int = Field(50, ge=1, le=1000)
+
+
+class ApiSettings(BaseModel):
+    """The Sessions API (RecordGrant, RevokeSession, RevokeUser, ListSessions) on the gRPC
+    port. Callers authenticate by mTLS (peer CN/SAN in allowed_peers) or a bearer secret."""
+
+    model_config = _FROZEN
+    enabled: bool = False
+    allowed_peers: tuple[str, ...] = ()  # exact CN or SAN (DNS/URI/IP), e.g. spiffe://...
+    bearer_secret_file: Path | None = None
+
+
 class NetworkSettings(BaseModel):
     model_config = _FROZEN
     # Proxies in front of Envoy that append to X-Forwarded-For (a cloud load balancer: 1).
     # Must equal Envoy's xff_num_trusted_hops. 0: the client is Envoy's peer; XFF unread.
     trusted_xff_hops: int = Field(0, ge=0, le=10)
+    # A MaxMind DB (GeoIP2/GeoLite2 City or Country) for country rules and travel.
+    geoip_database: Path | None = None
 
 
 class LogSettings(BaseModel):
@@ -213,6 +264,9 @@ class Settings(BaseModel):
     oidc: OidcSettings
     stepup: StepupSettings = StepupSettings()
     network: NetworkSettings = NetworkSettings()
+    devices: DeviceSettings = DeviceSettings()
+    state: StateSettings = StateSettings()
+    api: ApiSettings = ApiSettings()
     log: LogSettings = LogSettings()
     audit: AuditSettings = AuditSettings()
 
@@ -274,6 +328,16 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
             oidc[name] = p
     if oidc:
         updates["oidc"] = s.oidc.model_copy(update=oidc)
+    if (p := fix(s.network.geoip_database)) is not None:
+        updates["network"] = s.network.model_copy(update={"geoip_database": p})
+    if (p := fix(s.stepup.context_key_file)) is not None:
+        updates["stepup"] = s.stepup.model_copy(update={"context_key_file": p})
+    if (p := fix(s.api.bearer_secret_file)) is not None:
+        updates["api"] = s.api.model_copy(update={"bearer_secret_file": p})
+    assertion = s.devices.assertion
+    if assertion is not None and (p := fix(assertion.jwks_file)) is not None:
+        updates["devices"] = s.devices.model_copy(
+            update={"assertion": assertion.model_copy(update={"jwks_file": p})})
     if s.grpc.tls is not None:
         tls = {n: q for n in ("cert_file", "key_file", "client_ca_file")
                if (q := fix(getattr(s.grpc.tls, n))) is not None}

@@ -43,9 +43,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from types import MappingProxyType
-from urllib.parse import quote
 
 from authz.adapters.envoy_out import HEADER_PREFIX, rfc9470_challenge
+from authz.adapters.redirects import Redirects
 from authz.core.attributes import (
     RequestAttributes,
     canonicalize_path,
@@ -147,9 +147,9 @@ class HttpResponseBuilder:
     Static lines are encoded once; challenges are cached per (acr_values, max_age).
     """
 
-    def __init__(self, *, path_prefix: str = "/_stepup", error_status: int = 403) -> None:
-        self.login_path = f"{path_prefix}/login"
-        self.start_path = f"{path_prefix}/start"
+    def __init__(self, *, path_prefix: str = "/_stepup", error_status: int = 403,
+                 redirects: Redirects | None = None) -> None:
+        self.redirects = redirects or Redirects(path_prefix)
         self.error_status = error_status
         self._status_lines = {
             code: f"HTTP/1.1 {code} {_reason_phrase(code)}\r\n".encode("latin-1")
@@ -194,11 +194,7 @@ class HttpResponseBuilder:
         body = ""
         if d.outcome in (Outcome.LOGIN, Outcome.STEP_UP):
             if browser and attrs is not None:
-                rd = quote(attrs.path_and_query, safe="")
-                target = self.login_path + "?rd=" + rd
-                if d.outcome is Outcome.STEP_UP and d.level is not None:
-                    target = f"{self.start_path}?level={quote(d.level.name)}&rd={rd}"
-                headers.append(("location", target))
+                headers.append(("location", self.redirects.target(d, attrs)))
                 status = 302
             else:
                 status = 401

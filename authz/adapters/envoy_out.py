@@ -11,7 +11,6 @@ the same id, outcome and reason go into dynamic metadata for Envoy's access log.
 from __future__ import annotations
 
 import json
-from urllib.parse import quote
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
@@ -19,6 +18,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
+from authz.adapters.redirects import Redirects
 from authz.core.attributes import RequestAttributes
 from authz.core.decision import Decision, Outcome
 
@@ -49,9 +49,9 @@ def rfc9470_challenge(acr_values: tuple[str, ...], max_age: int | None) -> str:
 
 
 class ResponseBuilder:
-    def __init__(self, *, path_prefix: str = "/_stepup", error_status: int = 403) -> None:
-        self.login_path = f"{path_prefix}/login"
-        self.start_path = f"{path_prefix}/start"
+    def __init__(self, *, path_prefix: str = "/_stepup", error_status: int = 403,
+                 redirects: Redirects | None = None) -> None:
+        self.redirects = redirects or Redirects(path_prefix)
         self.error_status = error_status
 
     def build(
@@ -114,11 +114,7 @@ class ResponseBuilder:
         if d.outcome in (Outcome.LOGIN, Outcome.STEP_UP):
             rpc_code = code_pb2.UNAUTHENTICATED
             if browser and attrs is not None:
-                target = self.login_path + "?rd=" + quote(attrs.path_and_query, safe="")
-                if d.outcome is Outcome.STEP_UP and d.level is not None:
-                    target = (f"{self.start_path}?level={quote(d.level.name)}&rd="
-                              + quote(attrs.path_and_query, safe=""))
-                headers.append(_hv("location", target))
+                headers.append(_hv("location", self.redirects.target(d, attrs)))
                 status = http_status_pb2.Found
             else:
                 status = http_status_pb2.Unauthorized

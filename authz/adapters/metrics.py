@@ -49,6 +49,19 @@ class Metrics:
         self.token_cache_size = Gauge(
             "token_cache_entries", "Verified tokens cached.", namespace=ns, registry=r
         )
+        self.shadow_matches = Counter(
+            "shadow_matches", "Shadow rules that matched: what they would have done, counted "
+            "but not enforced.", ["rule"], namespace=ns, registry=r,
+        )
+        self.signals = Counter(
+            "signals", "Context and behavioural signals that fired.", ["signal"],
+            namespace=ns, registry=r,
+        )
+        self.noscript = Counter(
+            "redis_noscript",
+            "EVALSHA answered NOSCRIPT (script cache flushed): re-sent with EVAL.",
+            namespace=ns, registry=r,
+        )
         self.corrupt_grants = Counter(
             "corrupt_grants", "Grant values in the store that did not decode (ignored).",
             namespace=ns, registry=r,
@@ -57,7 +70,7 @@ class Metrics:
         for cause in ("session-store-unavailable", "keys-unavailable", "internal-error",
                       "deadline-exceeded", "audit-unavailable"):
             self.fail_closed.labels(cause=cause)
-        for op in ("read", "write", "state"):
+        for op in ("read", "write", "state", "note"):
             self.redis_errors.labels(op=op)
         for result in ("success", "error"):
             self.policy_reloads.labels(result=result)

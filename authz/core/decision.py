@@ -56,6 +56,7 @@ class Decision:
     shadow: tuple[str, ...] = ()
     signals: frozenset[str] = field(default_factory=frozenset)
     risk: int = 0
+    device: str | None = None  # the requesting device's id, when it presented one
 
     @property
     def acr_values(self) -> tuple[str, ...]:
@@ -164,7 +165,7 @@ def evaluate(
     def make(outcome: Outcome, reason: str, **kw: Any) -> Decision:
         return Decision(outcome, reason, level=level, fired=resolution.fired,
                         shadow=resolution.shadow, signals=resolution.signals,
-                        risk=resolution.risk, **kw)
+                        risk=resolution.risk, device=device, **kw)
 
     if resolution.deny is not None:
         return make(Outcome.DENY, resolution.deny, identity=identity)

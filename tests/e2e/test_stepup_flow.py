@@ -139,7 +139,7 @@ async def test_weak_acr_browser_redirect_and_exact_rfc9470_challenge(
     status, headers, _ = await browser.get(
         "/accounts/123", headers={"Cookie": f"stepup_token={token}"})
     assert status == 302
-    assert headers["Location"] == "/_stepup/start?level=elevated&rd=%2Faccounts%2F123"
+    assert headers["Location"].startswith("/_stepup/start?level=elevated&rd=%2Faccounts%2F123&ctx=")
     status, headers, _ = await browser.get(headers["Location"],
                                            headers={"Cookie": f"stepup_token={token}"})
     q = parse_qs(urlsplit(headers["Location"]).query)

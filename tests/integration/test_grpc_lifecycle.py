@@ -19,7 +19,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz.app import Service, start_service
-from authz.core.session import SessionSnapshot
+from authz.core.session import UserState
 from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
 from authz.settings import Settings
 
@@ -144,9 +144,9 @@ class _SlowStore:
     def __init__(self, inner: Any, delay: float) -> None:
         self.inner, self.delay = inner, delay
 
-    async def read(self, key: str, levels: tuple[str, ...]) -> SessionSnapshot:
+    async def read_check(self, **kw: Any) -> UserState:
         await asyncio.sleep(self.delay)
-        result: SessionSnapshot = await self.inner.read(key, levels)
+        result: UserState = await self.inner.read_check(**kw)
         return result
 
     def __getattr__(self, name: str) -> Any:

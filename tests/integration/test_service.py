@@ -158,11 +158,21 @@ async def test_browser_step_up_round_trip(env: Env) -> None:
     token = await password_token(env.idp)
     http = f"http://127.0.0.1:{env.service.http_port}"
     jar = {"stepup_token": token}
+    # the Check's redirect carries the signed device/IP context
+    r = await env.stub.Check(check_request("/accounts/1?tab=2", {
+        "cookie": f"stepup_token={token}", "accept": "text/html"}))
+    start = header(r, "location")
+    assert start is not None and start.startswith(
+        "/_stepup/start?level=elevated&rd=%2Faccounts%2F1%3Ftab%3D2&ctx=")
     async with aiohttp.ClientSession() as s:
-        # start: stores state, sets the state cookie, redirects to the IdP with the challenge
-        async with s.get(f"{http}/_stepup/start", params={"level": "elevated",
-                                                          "rd": "/accounts/1?tab=2"},
+        # a start link without (or with a forged) context is refused
+        async with s.get(f"{http}/_stepup/start", params={"level": "elevated", "rd": "/x"},
                          cookies=jar, allow_redirects=False) as resp:
+            assert resp.status == 400
+        async with s.get(f"{http}{start}x", cookies=jar, allow_redirects=False) as resp:
+            assert resp.status == 400
+        # start: stores state, sets the state cookie, redirects to the IdP with the challenge
+        async with s.get(f"{http}{start}", cookies=jar, allow_redirects=False) as resp:
             assert resp.status == 302
             authorize = resp.headers["Location"]
             state_cookie = resp.cookies["stepup-state"].value
