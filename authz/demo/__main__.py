@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from types import FrameType
@@ -45,6 +47,27 @@ Routes (demo policy): /accounts/ needs "elevated", /wires/ needs "high".
 4. The full step-up, in a browser: open {envoy}/accounts/123
    (sign in as alice, then enter the TOTP code when asked to step up)
 
+5. The audit trail of that step-up. The service writes every authentication event to the
+   Redis stream {stream}; the exporter moves them, in order and exactly once, into a
+   hash-chained archive of JSON Lines segments with Ed25519-signed checkpoints:
+     archive  {audit}/
+     dev keys {keys}/  (the public key is what an examiner verifies with)
+   The chain of records for alice since the demo started (challenge, completion, allow):
+     stepup-authz audit export --since {since} --user '{user}' \\
+       --type stepup.challenge,stepup.completed,access.allowed --format jsonl {audit}
+   (--format csv for a spreadsheet; drop --type to see sign-ins and denials too)
+   The whole archive verifies (exit 0), signatures included:
+     stepup-authz audit verify --pubkey {pubkey} {audit}
+   Edit one field in a COPY, and verify names the segment, line and record (exit 1):
+     rm -rf /tmp/audit-copy && cp -r {audit} /tmp/audit-copy && \\
+       sed -i '0,/"outcome":"step_up"/s//"outcome":"allow"/' /tmp/audit-copy/audit-*.jsonl && \\
+       stepup-authz audit verify --pubkey {pubkey} /tmp/audit-copy; echo "exit $?"
+   Or delete the step-up's completion record from a fresh copy: verify reports "deleted":
+     rm -rf /tmp/audit-copy && cp -r {audit} /tmp/audit-copy && \\
+       sed -i '0,/"type":"stepup.completed"/{{//d}}' /tmp/audit-copy/audit-*.jsonl && \\
+       stepup-authz audit verify --pubkey {pubkey} /tmp/audit-copy; echo "exit $?"
+   Follow new records as they are archived: stepup-authz audit tail {audit}
+
 Envoy's JSON access log (with decision ids): {workdir}/envoy.log
 Ctrl-C stops everything.
 """
@@ -59,6 +82,18 @@ def _token_endpoint(stack: Stack) -> str:
             return str(json.load(resp)["token_endpoint"])
     except (OSError, ValueError, KeyError):
         return f"{stack.idp_url}/token"
+
+
+def _shown(path: Path) -> str:
+    """A path as short as it can be typed from here: relative to the working directory."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
+def _utc_minute(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime(ts))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         print("starting the demo stack ...", flush=True)
+        started = time.time()
         stack.start()
         up.set()
         print(_GUIDE.format(
@@ -94,9 +130,14 @@ def main(argv: list[str] | None = None) -> int:
             http=stack.service_http_url, grpc=stack.grpc_target, idp=stack.idp_url,
             redis=stack.redis_url, token_endpoint=_token_endpoint(stack),
             client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
+            stream=stack.audit_stream_key, audit=_shown(stack.audit_dir),
+            keys=_shown(stack.audit_key_dir), pubkey=_shown(stack.audit_public_key),
+            since=_utc_minute(started), user=f"{stack.idp_url}|alice",
         ), flush=True)
+        watched = ("service", "envoy", "exporter") if stack.runs_audit_exporter \
+            else ("service", "envoy")
         while not stop.wait(1.0):
-            if dead := [n for n in ("service", "envoy") if n not in stack.running()]:
+            if dead := [n for n in watched if n not in stack.running()]:
                 print(f"{', '.join(dead)} exited; see {stack.workdir}", file=sys.stderr)
                 return 1
         return 0

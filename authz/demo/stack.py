@@ -1,5 +1,5 @@
 """Run the whole stack on loopback, each component a real subprocess: the embedded Valkey, the
-dev IdP, the echo upstream, stepup-authz and Envoy.
+dev IdP, the echo upstream, stepup-authz, the audit exporter and Envoy.
 
 Used by the demo (``python -m authz.demo``) and the end-to-end tests. Process control uses
 only the standard library (plus pyyaml for the settings file) so a hung component can always
@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -31,12 +32,19 @@ import yaml
 
 import authz
 
+# The archive's file naming and its one checkpoint signing-key format come from the audit
+# package itself, so the stack reads exactly what the exporter writes.
+from authz.audit.chain import SigningKey
+from authz.audit.segments import list_segments
+
 REPO_ROOT = Path(authz.__file__).resolve().parent.parent
 DEFAULT_ENVOY_TEMPLATE = REPO_ROOT / "envoy" / "demo.yaml"
 HOST = "127.0.0.1"
 CLIENT_ID = "stepup-authz"
 CLIENT_SECRET = "dev-secret"  # noqa: S105  (the dev IdP's demo client, not a real secret)
 AUDIENCE = "stepup-demo"
+AUDIT_STREAM_KEY = "stepup:audit"
+AUDIT_DURABLE_LEVEL = "elevated"  # the demo policy's first step-up level
 
 _STOP_GRACE_S = 5.0
 _base_ids = itertools.count()
@@ -180,6 +188,11 @@ class _Proc:
             time.sleep(0.05)
 
 
+def _stream_id(text: str) -> tuple[int, int]:
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _killpg(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
@@ -223,6 +236,9 @@ class Stack:
         envoy_template: Path = DEFAULT_ENVOY_TEMPLATE,
         authz_timeout: str = "0.25s",
         ready_timeout: float = 20.0,
+        with_audit_exporter: bool = True,
+        exporter_settings: dict[str, Any] | None = None,
+        separate_audit_redis: bool = False,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.policy_file = Path(policy_file).resolve()
@@ -230,14 +246,24 @@ class Stack:
         self.extra_settings = extra_settings or {}
         self.envoy_template, self.authz_timeout = envoy_template, authz_timeout
         self.ready_timeout = ready_timeout
+        self.with_audit_exporter = with_audit_exporter
+        self.exporter_settings_extra = exporter_settings or {}
         (self.redis_port, self.idp_port, self.upstream_port, self.grpc_port, self.http_port,
-         free_listen, free_admin) = free_ports(7)
+         self.exporter_metrics_port, self.audit_redis_port, free_listen,
+         free_admin) = free_ports(9)
+        # A second embedded Valkey for the audit stream only (audit.redis_url), as production
+        # should run it: then stop_audit_redis() takes the sink down and nothing else.
+        self.separate_audit_redis = separate_audit_redis
         self.listen_port = listen_port if listen_port is not None else free_listen
         self.admin_port = admin_port if admin_port is not None else free_admin
         if idp_port is not None:
             self.idp_port = idp_port
         self._own_redis = redis_url is None
         self.redis_url = redis_url or f"redis://{HOST}:{self.redis_port}/0"
+        # A Redis the stack does not own may be shared (another stack, a developer's
+        # server): a stream of its own keeps two exporters from archiving each other's records.
+        self.audit_stream_key = (AUDIT_STREAM_KEY if self._own_redis
+                                 else f"{AUDIT_STREAM_KEY}:{os.getpid()}:{id(self):x}")
         self._env = _child_env(env)
         self._procs: dict[str, _Proc] = {}
         self._started = False
@@ -273,8 +299,44 @@ class Stack:
         proc = self._procs.get("service")
         return None if proc is None else proc.popen
 
+    @property
+    def exporter_metrics_url(self) -> str:
+        """The audit exporter's Prometheus endpoint (``stepup_authz_audit_lag_seconds`` ...)."""
+        return f"http://{HOST}:{self.exporter_metrics_port}/metrics"
+
+    @property
+    def audit_dir(self) -> Path:
+        """The archive the exporter writes: ``workdir/audit`` (hash-chained JSONL segments)."""
+        return self.workdir / "audit"
+
+    @property
+    def audit_key_dir(self) -> Path:
+        """The dev checkpoint signing key pair, kept apart from the archive it signs."""
+        return self.workdir / "audit-keys"
+
+    @property
+    def audit_signing_key(self) -> Path:
+        """The Ed25519 private key (PEM) the exporter signs checkpoints with."""
+        return self.audit_key_dir / "audit-signing.pem"
+
+    @property
+    def audit_public_key(self) -> Path:
+        """The matching public key: ``stepup-authz audit verify --pubkey <this>``."""
+        return self.audit_key_dir / "audit-signing.pub.pem"
+
+    @property
+    def exporter_proc(self) -> subprocess.Popen[bytes] | None:
+        proc = self._procs.get("exporter")
+        return None if proc is None else proc.popen
+
+    def pid(self, name: str) -> int | None:
+        """The process id of a running component (redis, idp, echo, exporter, service, envoy)."""
+        proc = self._procs.get(name)
+        return None if proc is None or proc.popen is None else proc.popen.pid
+
     def log_path(self, name: str) -> Path:
-        """``workdir/<name>.log``: redis, idp, echo, service or envoy (Envoy's access log)."""
+        """``workdir/<name>.log``: redis, idp, echo, exporter, service or envoy (Envoy's
+        access log)."""
         return self.workdir / f"{name}.log"
 
     # -- files -----------------------------------------------------------------------------
@@ -291,8 +353,52 @@ class Stack:
             },
             "stepup": {"public_url": self.envoy_url, "cookie_secure": False},
             "log": {"level": "INFO"},
+            # The exporter reads the same stream (see exporter_settings); allows at or above
+            # "elevated" are written before they are returned (audit before access).
+            "audit": {"enabled": True, "stream_key": self.audit_stream_key,
+                      "durable_level": AUDIT_DURABLE_LEVEL},
         }
+        if self.separate_audit_redis:
+            base["audit"]["redis_url"] = f"redis://{HOST}:{self.audit_redis_port}/0"
         return deep_merge(base, self.extra_settings)
+
+    def exporter_settings(self) -> dict[str, Any]:
+        """The audit exporter's settings (authz/audit/config.py ``ExporterSettings``): the
+        service's audit stream (``extra_settings`` may move it) into ``audit_dir``."""
+        audit = self.settings().get("audit") or {}
+        base: dict[str, Any] = {
+            "redis_url": audit.get("redis_url") or self.redis_url,
+            "stream_key": audit.get("stream_key", AUDIT_STREAM_KEY),
+            "archive_dir": str(self.audit_dir),
+            "signing_key_file": str(self.audit_signing_key),
+            # Short blocking reads: SIGTERM is honoured within 0.2 s. A checkpoint every few
+            # seconds, so a demo user's `audit verify` soon shows the records as signed.
+            "block_ms": 200,
+            "checkpoint_interval_s": 5.0,
+            "metrics_port": self.exporter_metrics_port,
+            "metrics_host": HOST,
+        }
+        return deep_merge(base, self.exporter_settings_extra)
+
+    @property
+    def runs_audit_exporter(self) -> bool:
+        audit = self.settings().get("audit") or {}
+        return self.with_audit_exporter and bool(audit.get("enabled", True))
+
+    def _ensure_signing_key(self) -> None:
+        """A dev key pair in ``audit_key_dir``, made once and then reused, so an archive kept
+        across demo runs verifies with one public key."""
+        if self.audit_signing_key.exists():
+            if not self.audit_public_key.exists():
+                key = SigningKey.from_pem_file(self.audit_signing_key)
+                self.audit_public_key.write_bytes(key.public_pem())
+            return
+        self.audit_key_dir.mkdir(parents=True, exist_ok=True)
+        key = SigningKey.generate()
+        fd = os.open(self.audit_signing_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_pem())
+        self.audit_public_key.write_bytes(key.public_pem())
 
     def _write_files(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -303,6 +409,13 @@ class Stack:
             authz_grpc_port=self.grpc_port, authz_http_port=self.http_port,
             upstream_port=self.upstream_port, authz_timeout=self.authz_timeout))
 
+    def _write_audit_files(self) -> None:
+        # Apart from _write_files, which subclasses override to render their own Envoy.
+        if self.runs_audit_exporter:
+            self._ensure_signing_key()
+            (self.workdir / "audit-exporter.yaml").write_text(
+                yaml.safe_dump(self.exporter_settings(), sort_keys=False))
+
     # -- components ------------------------------------------------------------------------
     def _proc(self, name: str, argv: list[str]) -> _Proc:
         proc = _Proc(name, argv, self.log_path(name), self._env)
@@ -310,9 +423,10 @@ class Stack:
         proc.start()
         return proc
 
-    def _launch_redis(self) -> _Proc:
-        return self._proc("redis", [
-            str(_valkey_binary()), "--bind", HOST, "--port", str(self.redis_port),
+    def _launch_redis(self, name: str = "redis") -> _Proc:
+        port = self.audit_redis_port if name == "audit-redis" else self.redis_port
+        return self._proc(name, [
+            str(_valkey_binary()), "--bind", HOST, "--port", str(port),
             "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
         ])
 
@@ -322,6 +436,31 @@ class Stack:
         if script.exists():
             return [str(script), *config]
         return [sys.executable, "-m", "authz.cli", *config]
+
+    def _exporter_argv(self) -> list[str]:
+        config = ["audit", "exporter", "--config", str(self.workdir / "audit-exporter.yaml")]
+        script = Path(sys.executable).parent / "stepup-authz"
+        if script.exists():
+            return [str(script), *config]
+        return [sys.executable, "-m", "authz.audit", *config[1:]]
+
+    def _launch_exporter(self) -> tuple[_Proc, str, Callable[[], bool]]:
+        log_path = self.log_path("exporter")
+        offset = log_path.stat().st_size if log_path.exists() else 0  # the log is appended to
+        proc = self._proc("exporter", self._exporter_argv())
+
+        def ready() -> bool:
+            # "archive opened" comes after the lock and crash recovery; the metrics port
+            # after that proves the process is serving.
+            try:
+                with log_path.open("rb") as f:
+                    f.seek(offset)
+                    opened = b"archive opened" in f.read()
+            except OSError:
+                return False
+            return opened and http_ok(self.exporter_metrics_url)
+
+        return proc, "the audit archive", ready
 
     def start(self) -> Stack:
         """Start every component and wait until each is ready; on failure stop them all."""
@@ -338,11 +477,16 @@ class Stack:
 
     def _start(self) -> None:
         self._write_files()
+        self._write_audit_files()
         t = self.ready_timeout
         py = sys.executable
         waits: list[tuple[_Proc, str, Callable[[], bool]]] = []
         if self._own_redis:
             waits.append((self._launch_redis(), "PING", lambda: redis_ping(self.redis_port)))
+        if self.separate_audit_redis:
+            waits.append((self._launch_redis("audit-redis"), "PING",
+                          lambda: redis_ping(self.audit_redis_port)))
+        exporter_needs = "audit-redis" if self.separate_audit_redis else "redis"
         if self.with_idp:
             idp = self._proc("idp", [
                 py, "-m", "authz.devidp", "serve", "--host", HOST, "--port", str(self.idp_port),
@@ -355,11 +499,19 @@ class Stack:
         echo = self._proc("echo", [py, "-m", "authz.demo.echo", "--host", HOST,
                                    "--port", str(self.upstream_port)])
         waits.append((echo, self.upstream_url, lambda: http_ok(f"{self.upstream_url}/")))
+        exporter_wait: list[tuple[_Proc, str, Callable[[], bool]]] = []
         for proc, what, probe in waits:
             proc.wait_ready(what, probe, t)
+            if proc.name == exporter_needs and self.runs_audit_exporter:
+                # It needs only Redis: start it now, while the others start. Launched before
+                # the service, so stop() (newest first) stops it after the service has
+                # flushed its last records into the stream.
+                exporter_wait.append(self._launch_exporter())
+        if self.runs_audit_exporter and not exporter_wait:  # the stack does not own Redis
+            exporter_wait.append(self._launch_exporter())
 
         # The service needs Redis and the IdP; Envoy needs nothing, so it starts alongside.
-        waits = []
+        waits = exporter_wait
         if self.with_service:
             service = self._proc("service", self._service_argv())
             readyz = f"{self.service_http_url}/readyz"
@@ -390,16 +542,120 @@ class Stack:
         proc.start()
         proc.wait_ready("PING", lambda: redis_ping(self.redis_port), self.ready_timeout)
 
+    def stop_exporter(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the audit exporter: SIGTERM seals the archive with a final checkpoint;
+        ``signal.SIGKILL`` simulates a crash (the next start recovers)."""
+        proc = self._procs.get("exporter")
+        if proc is None:
+            raise StackError("the stack runs no audit exporter")
+        if sig is not signal.SIGTERM and proc.popen is not None:
+            _killpg(proc.popen.pid, sig)
+        proc.stop()
+
+    def start_exporter(self) -> None:
+        """(Re)start the audit exporter; it resumes after the last archived record."""
+        proc = self._procs.get("exporter")
+        if proc is None:
+            raise StackError("the stack runs no audit exporter")
+        if proc.running():
+            return
+        # Re-registering the name keeps its place in _procs, so the stop order holds.
+        proc, what, probe = self._launch_exporter()
+        proc.wait_ready(what, probe, self.ready_timeout)
+
+    def stop_audit_redis(self) -> None:
+        """Stop the audit stream's own Valkey (``separate_audit_redis=True``): the audit sink
+        is down while the session store is up."""
+        self._require_audit_redis().stop()
+
+    def start_audit_redis(self) -> None:
+        """Restart the audit stream's Valkey on the same port (empty: it never persists)."""
+        proc = self._require_audit_redis()
+        if proc.running():
+            return
+        proc.start()
+        proc.wait_ready("PING", lambda: redis_ping(self.audit_redis_port), self.ready_timeout)
+
+    def _require_audit_redis(self) -> _Proc:
+        proc = self._procs.get("audit-redis")
+        if proc is None:
+            raise StackError("the stack runs no separate audit Redis (separate_audit_redis)")
+        return proc
+
     def _require_own_redis(self) -> _Proc:
         proc = self._procs.get("redis")
         if not self._own_redis or proc is None:
             raise StackError("the stack does not own its Redis (redis_url was given)")
         return proc
 
+    # -- the audit archive -------------------------------------------------------------------
+    def archived_stream_id(self) -> str | None:
+        """The stream id of the newest record in the archive (None: nothing archived yet)."""
+        if not self.audit_dir.is_dir():
+            return None
+        for seg in reversed(list_segments([self.audit_dir])):
+            for raw in reversed(seg.read_bytes().split(b"\n")):
+                if b'"kind":"event"' not in raw:
+                    continue
+                with contextlib.suppress(ValueError):  # a torn last line: look further back
+                    doc = json.loads(raw)
+                    return str(doc["stream_id"])
+        return None
+
+    def stream_last_id(self) -> str | None:
+        """The id of the newest record ever added to the audit stream (None: no stream)."""
+        import redis  # a runtime dependency of the service; only this helper needs it here
+
+        url = self.exporter_settings()["redis_url"]
+        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            info: Any = client.xinfo_stream(self.exporter_settings()["stream_key"])
+        except redis.ResponseError:  # no such key: nothing was ever written
+            return None
+        finally:
+            client.close()
+        last = info["last-generated-id"]
+        return last.decode() if isinstance(last, bytes) else str(last)
+
+    def audit_caught_up(self) -> bool:
+        """True when everything in the audit stream is in the archive (fsync'ed)."""
+        last = self.stream_last_id()
+        if last is None or last == "0-0":
+            return True
+        archived = self.archived_stream_id()
+        return archived is not None and _stream_id(archived) >= _stream_id(last)
+
+    def wait_audit_archived(self, timeout: float = 10.0) -> None:
+        """Wait until the exporter has archived every record now in the stream. Records the
+        service still holds in its buffer are not in the stream yet: poll for them too."""
+        deadline = time.monotonic() + timeout
+        while not self.audit_caught_up():
+            if time.monotonic() > deadline:
+                raise StackError(f"the audit archive is behind the stream after {timeout:.0f}s"
+                                 f"; {self.log_path('exporter')}:\n"
+                                 f"{self._procs['exporter'].tail()}")
+            time.sleep(0.05)
+
+    def _drain_audit(self, timeout: float = 3.0) -> None:
+        """Before a stop: let the exporter archive what the service wrote last."""
+        exporter = self._procs.get("exporter")
+        redis_proc = self._procs.get("audit-redis" if self.separate_audit_redis else "redis")
+        if exporter is None or not exporter.running():
+            return
+        if redis_proc is not None and not redis_proc.running():
+            return
+        import redis
+
+        with contextlib.suppress(StackError, redis.RedisError, OSError):
+            self.wait_audit_archived(timeout)
+
     def stop(self) -> None:
-        """Stop every component, newest first (Envoy before the service it calls). Idempotent."""
+        """Stop every component, newest first (Envoy before the service it calls, the
+        service before the audit exporter, which archives the last records). Idempotent."""
         atexit.unregister(self.stop)
-        for proc in reversed(list(self._procs.values())):
+        for name, proc in reversed(list(self._procs.items())):
+            if name == "exporter":
+                self._drain_audit()
             proc.stop()
         self._procs.clear()
         self._started = False
