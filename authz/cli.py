@@ -6,14 +6,9 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
-from authz.core.attributes import RequestAttributes, canonicalize_path, normalize_host, parse_ip
-from authz.core.decision import decide
-from authz.core.session import Evidence, Grant, Identity, UserState
 from authz.errors import ConfigError, RequestError
 
 
@@ -56,80 +51,21 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _request_from_json(doc: dict[str, Any]) -> RequestAttributes:
-    path, query = canonicalize_path(str(doc.get("path", "/")))
-    headers = {str(k).lower(): str(v) for k, v in (doc.get("headers") or {}).items()}
-    return RequestAttributes(
-        method=str(doc.get("method", "GET")).upper(),
-        scheme=str(doc.get("scheme", "https")),
-        host=normalize_host(str(doc.get("host", ""))),
-        path=path,
-        query=query,
-        headers=MappingProxyType(headers),
-        source_ip=parse_ip(str(doc.get("source_ip", ""))),
-        context_extensions=MappingProxyType(
-            {str(k): str(v) for k, v in (doc.get("context_extensions") or {}).items()}),
-    )
-
-
-def _evidence(doc: dict[str, Any]) -> Evidence:
-    amr = doc.get("amr") or []
-    auth_time = doc.get("auth_time")
-    return Evidence(doc.get("acr"), tuple(str(a) for a in amr),
-                    int(auth_time) if auth_time is not None else None)
-
-
 def _cmd_policy_explain(args: argparse.Namespace) -> int:
+    from authz.explain import explain, render_text
     from authz.policy_file import read_policy
 
     try:
         loaded = read_policy(args.file)
-        doc = json.loads(Path(args.request).read_text())
-        attrs = _request_from_json(doc)
     except ConfigError as exc:
         print(f"invalid policy: {exc}", file=sys.stderr)
         return 1
-    except (OSError, ValueError, RequestError) as exc:
+    try:
+        out = explain(loaded, json.loads(Path(args.request).read_text()))
+    except (OSError, ValueError, TypeError, KeyError, RequestError) as exc:
         print(f"invalid request file: {exc}", file=sys.stderr)
         return 1
-    now = int(doc.get("now", time.time()))
-    claims = doc.get("claims")
-    identity = None
-    if claims:
-        identity = Identity(
-            issuer=str(claims.get("iss", "")), subject=str(claims.get("sub", "")),
-            session_id=str(claims.get("sid", "")), evidence=_evidence(claims),
-            expires_at=int(claims.get("exp", now + 3600)),
-        )
-    grants = tuple(
-        Grant(level=str(g.get("level", "")), evidence=_evidence(g),
-              expires_at=int(g["expires_at"]), issued_at=int(g.get("issued_at", now)))
-        for g in doc.get("grants") or ()
-    )
-    decision = decide(loaded.policy, attrs, identity, UserState(grants=grants), now,
-                      leeway=int(doc.get("leeway", 0)))
-    route = loaded.policy.route_for(attrs.host, attrs.method, attrs.path)
-    out: dict[str, Any] = {
-        "decision": decision.outcome.value,
-        "reason": str(decision.reason),
-        "level": decision.level.name if decision.level else None,
-        "route": route.index if route is not None else None,
-        "fired": list(decision.fired),
-        "acr_values": list(decision.acr_values),
-        "max_age": decision.max_age,
-        "canonical_path": attrs.path,
-        "policy_version": loaded.version,
-    }
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        where = f"route #{out['route']}" if route is not None else "default level"
-        print(f"decision: {out['decision']} ({out['reason']})")
-        print(f"level:    {out['level']} (from {where}; path {attrs.path})")
-        if decision.fired:
-            print(f"fired:    {', '.join(decision.fired)}")
-        if out["decision"] == "step_up":
-            print(f"needs:    acr in [{' '.join(out['acr_values'])}], max_age {out['max_age']}")
+    print(json.dumps(out, indent=2) if args.json else render_text(out))
     return 0
 
 
@@ -156,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("file", type=Path)
     e.add_argument("--request", required=True, type=Path,
                    help="JSON: method, host, path, headers, source_ip, context_extensions, "
-                        "claims, grants, now")
+                        "claims, grants, device, state, geo, now (see authz/explain.py)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=_cmd_policy_explain)
 
