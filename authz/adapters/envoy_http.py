@@ -167,6 +167,7 @@ class HttpResponseBuilder:
             headers = [
                 ("x-stepup-level", d.level.name if d.level is not None else ""),
                 ("x-stepup-decision-id", decision_id),
+                ("x-stepup-risk", str(d.risk)),
             ]
             if d.identity is not None:
                 ev = d.evidence or d.identity.evidence

@@ -75,6 +75,7 @@ class ResponseBuilder:
         set_headers = {
             "x-stepup-level": d.level.name if d.level is not None else "",
             "x-stepup-decision-id": decision_id,
+            "x-stepup-risk": str(d.risk),
         }
         if d.identity is not None:
             set_headers["x-stepup-user"] = d.identity.subject

@@ -99,6 +99,11 @@ def event_for_check(
         details.update(acr_values=" ".join(decision.acr_values), max_age=decision.max_age)
     if decision.fired:
         details["fired"] = ",".join(decision.fired)
+    if decision.shadow:  # shadow rules: what they would have done, recorded, not enforced
+        details["shadow"] = ",".join(decision.shadow)
+    if decision.signals:
+        details["signals"] = ",".join(sorted(decision.signals))
+        details["risk"] = decision.risk
     ident = decision.identity
     return AuditEvent(
         type=etype,
@@ -106,7 +111,7 @@ def event_for_check(
         user=ident.user if ident is not None else None,
         session=(session_key(ident.issuer, ident.subject, ident.session_id)
                  if ident is not None else None),
-        device=device,
+        device=device or decision.device,
         client_ip=str(attrs.source_ip) if attrs is not None and attrs.source_ip else None,
         route=route_of(attrs) if attrs is not None else None,
         level=decision.level.name if decision.level is not None else None,

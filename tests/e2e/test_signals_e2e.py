@@ -120,7 +120,9 @@ async def test_new_device_forces_step_up_then_is_known(sig_stack: Stack,
     assert len(device) == 1
     status, _, body = await browser.get("/news")
     assert status == 200, body
-    assert json.loads(body)["headers"]["x-stepup-level"] == "standard"  # a known device now
+    seen = json.loads(body)["headers"]
+    assert seen["x-stepup-level"] == "standard"  # a known device now
+    assert seen["x-stepup-risk"].isdigit()
 
 
 async def test_bound_grant_is_refused_from_another_device_and_ip(sig_stack: Stack) -> None:
