@@ -3,14 +3,21 @@ rendered manifest by the Kubernetes OpenAPI schemas (kubernetes-validate, offlin
 
 from __future__ import annotations
 
+import copy
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import helm_python as helm
 import kubernetes_validate
 import pytest
+import redis
 import yaml
+from prometheus_client import CollectorRegistry
 
+from authz.audit.config import ExporterSettings, load_exporter_settings
+from authz.audit.metrics import AuditMetrics
 from authz.policy_file import parse_policy_text
 from authz.settings import Settings
 
@@ -24,8 +31,25 @@ CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/
                                                         "PrometheusRule")}
 
 
-def values(name: str) -> dict[str, Any]:
+SIGNING_SECRET = "stepup-authz-audit-signing"
+AUDIT_REDIS = "rediss://audit-redis.redis.svc.cluster.local:6380/0"
+
+
+def raw_values(name: str) -> dict[str, Any]:
     doc: dict[str, Any] = yaml.safe_load((ROOT / "k8s" / "values" / f"{name}.yaml").read_text())
+    return doc
+
+
+def values(name: str) -> dict[str, Any]:
+    """A value set from k8s/values/, plus what the audit exporter (on by default) needs when
+    the file lacks it: the signing key Secret, and for Sentinel/Cluster a standalone audit
+    Redis URL (the exporter reads one URL). test_exporter_refuses_incomplete_values shows
+    the chart failing without them."""
+    doc = raw_values(name)
+    keys = doc.setdefault("secrets", {}).setdefault("auditSigningKey", {})
+    keys.setdefault("existingSecret", SIGNING_SECRET)
+    if doc["redis"].get("mode", "url") != "url":
+        doc.setdefault("audit", {}).setdefault("redisUrl", AUDIT_REDIS)
     return doc
 
 
@@ -49,6 +73,15 @@ def by_kind(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     for d in docs:
         kinds.setdefault(d["kind"], []).append(d)
     return kinds
+
+
+def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+SERVICE = "stepup-authz"
+EXPORTER = "stepup-authz-audit-exporter"
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
@@ -94,13 +127,14 @@ def test_kubernetes_validate_can_fail(chart: Any) -> None:
 def test_default_values_install_set(chart: Any) -> None:
     kinds = by_kind(render(chart, values("minimal")))
     assert sorted(kinds) == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler",
-                             "NetworkPolicy", "PodDisruptionBudget", "Service",
-                             "ServiceAccount"]
+                             "NetworkPolicy", "PersistentVolumeClaim", "PodDisruptionBudget",
+                             "Service", "ServiceAccount"]
     assert "PrometheusRule" not in kinds  # the operator CRDs are opt-in
+    assert sorted(d["metadata"]["name"] for d in kinds["Deployment"]) == [SERVICE, EXPORTER]
 
 
 def test_deployment_hardening_and_probes(chart: Any) -> None:
-    dep = by_kind(render(chart, values("url")))["Deployment"][0]
+    dep = named(render(chart, values("url")), "Deployment", SERVICE)
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -120,12 +154,12 @@ def test_deployment_hardening_and_probes(chart: Any) -> None:
     assert pod["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert "subPath" not in mounts["policy"]  # ConfigMap updates must reach the file
-    assert {"redis-auth", "redis-tls", "oidc", "audit-signing-key", "encryption-key"} <= set(
-        mounts)
+    assert {"redis-auth", "redis-tls", "oidc", "encryption-key"} <= set(mounts)
+    assert "audit-signing-key" not in mounts  # the exporter's alone (test below)
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
     assert {"checksum/config", "checksum/policy"} <= set(annotations)
-    ports = {p["name"] for p in by_kind(render(chart, values("url")))["Service"][0]["spec"][
-        "ports"]}
+    ports = {p["name"] for p in named(render(chart, values("url")), "Service", SERVICE)[
+        "spec"]["ports"]}
     assert ports == {"grpc", "http", "metrics"}
 
 
@@ -175,3 +209,287 @@ def test_prometheus_operator_objects(chart: Any) -> None:
         assert group["name"] and group["rules"]
         for r in group["rules"]:
             assert {"alert", "expr", "labels", "annotations"} <= r.keys()
+
+
+# -- the audit exporter -----------------------------------------------------------------------
+
+def _pod(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    spec: dict[str, Any] = named(docs, "Deployment", name)["spec"]["template"]["spec"]
+    return spec
+
+
+def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def _secret_users(docs: list[dict[str, Any]], secret: str) -> list[str]:
+    """Every "<workload>/<container>" whose pod mounts a volume of this Secret."""
+    users = []
+    for d in docs:
+        if d["kind"] not in ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"):
+            continue
+        pod = d["spec"]["template"]["spec"]
+        vols = {v["name"] for v in pod.get("volumes", [])
+                if v.get("secret", {}).get("secretName") == secret}
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            if vols & {m["name"] for m in c.get("volumeMounts", [])}:
+                users.append(f"{d['metadata']['name']}/{c['name']}")
+    return users
+
+
+def _exporter_settings(docs: list[dict[str, Any]], tmp_path: Path) -> ExporterSettings:
+    """The rendered exporter.yaml, loaded exactly as `stepup-authz audit exporter --config`
+    loads it (authz/audit/cli.py -> load_exporter_settings)."""
+    path = tmp_path / "exporter.yaml"
+    path.write_text(named(docs, "ConfigMap", EXPORTER)["data"]["exporter.yaml"])
+    return load_exporter_settings(path)
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_exporter_is_one_replica_recreate_apart_from_the_service(
+        chart: Any, value_set: str) -> None:
+    docs = render(chart, values(value_set))
+    dep = named(docs, "Deployment", EXPORTER)
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}  # never two writers at once
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["args"] == ["audit", "exporter", "--config", "/etc/stepup-authz/exporter.yaml"]
+    # Nothing scales it, and nothing of the service selects its pod: not the Service (no
+    # ext_authz traffic to it), the service's Deployment, PDB or NetworkPolicy.
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    for hpa in by_kind(docs).get("HorizontalPodAutoscaler", []):
+        assert hpa["spec"]["scaleTargetRef"]["name"] == SERVICE
+    assert not _matches(named(docs, "Service", SERVICE)["spec"]["selector"], labels)
+    assert not _matches(named(docs, "Deployment", SERVICE)["spec"]["selector"]["matchLabels"],
+                        labels)
+    for kind in ("PodDisruptionBudget", "NetworkPolicy"):
+        for d in by_kind(docs).get(kind, []):
+            if d["metadata"]["name"] == SERVICE:
+                sel = d["spec"].get("selector") or d["spec"]["podSelector"]
+                assert not _matches(sel["matchLabels"], labels)
+    assert _matches(dep["spec"]["selector"]["matchLabels"], labels)
+    assert _matches(named(docs, "Service", EXPORTER)["spec"]["selector"], labels)
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_signing_key_is_mounted_only_in_the_exporter(chart: Any, value_set: str) -> None:
+    docs = render(chart, values(value_set))
+    assert _secret_users(docs, SIGNING_SECRET) == [f"{EXPORTER}/audit-exporter"]
+    (c,) = _pod(docs, EXPORTER)["containers"]
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "audit-signing-key")
+    assert mount["readOnly"] is True
+    off = render(chart, values(value_set) | {"auditExporter": {"enabled": False}})
+    assert _secret_users(off, SIGNING_SECRET) == []
+    assert not [d for d in off if d["metadata"]["name"].startswith(EXPORTER)]
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_rendered_exporter_settings_are_accepted_by_the_exporter(
+        chart: Any, value_set: str, tmp_path: Path) -> None:
+    """exporter.yaml passes the exporter's own loader and agrees with the service's
+    config.yaml (stream, Redis) and with the pod (key, archive volume, metrics port)."""
+    vals = values(value_set)
+    docs = render(chart, vals)
+    x = _exporter_settings(docs, tmp_path)
+    service = Settings.model_validate(yaml.safe_load(
+        _config(docs, "-config", "config.yaml")))
+    assert x.stream_key == service.audit.stream_key == "stepup:audit"
+    stream_redis = service.audit.redis_url or service.redis.url
+    assert stream_redis is not None and x.redis_url.split("?")[0] == stream_redis
+    pod = _pod(docs, EXPORTER)
+    (c,) = pod["containers"]
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    key_dir = str(x.signing_key_file.parent)
+    assert volumes[mounts[key_dir]["name"]]["secret"]["secretName"] == SIGNING_SECRET
+    assert x.signing_key_file.name == vals["secrets"]["auditSigningKey"].get(
+        "key", "audit-signing.pem")
+    archive = mounts["/var/lib/stepup-authz/audit"]
+    assert x.archive_dir.is_relative_to(archive["mountPath"])
+    assert not archive.get("readOnly") and "persistentVolumeClaim" in volumes[archive["name"]]
+    assert x.metrics_host == "0.0.0.0"
+    (port,) = c["ports"]
+    assert port == {"name": "metrics", "containerPort": x.metrics_port, "protocol": "TCP"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    if service.redis.ca_file is not None and x.redis_url.startswith("rediss://"):
+        # the service's CA, read by redis-py from the URL, from a mount the exporter has
+        kwargs = redis.Redis.from_url(x.redis_url).connection_pool.connection_kwargs
+        assert kwargs["ssl_ca_certs"] == str(service.redis.ca_file)
+        assert str(service.redis.ca_file.parent) in mounts
+
+
+def test_exporter_settings_follow_values(chart: Any, tmp_path: Path) -> None:
+    vals = values("minimal") | {
+        "audit": {"streamKey": "brokerage:audit", "redisUrl": AUDIT_REDIS},
+        "auditExporter": {"segmentMaxBytes": 8 * 1024 * 1024, "segmentMaxAgeSeconds": 900,
+                          "checkpointEvery": 200, "checkpointIntervalSeconds": 15,
+                          "metricsPort": 9500},
+    }
+    docs = render(chart, vals)
+    x = _exporter_settings(docs, tmp_path)
+    service = Settings.model_validate(yaml.safe_load(_config(docs, "-config", "config.yaml")))
+    assert (x.stream_key, x.redis_url) == ("brokerage:audit", AUDIT_REDIS)
+    assert (service.audit.stream_key, service.audit.redis_url) == (x.stream_key, x.redis_url)
+    assert (x.segment_max_bytes, x.segment_max_age_s) == (8 * 1024 * 1024, 900)
+    assert (x.checkpoint_every, x.checkpoint_interval_s) == (200, 15)
+    assert named(docs, "Service", EXPORTER)["spec"]["ports"][0]["port"] == 9500
+
+
+def test_exporter_redis_password_comes_from_the_secret(chart: Any, tmp_path: Path) -> None:
+    """ExporterSettings has no password file: the init container (the chart's script, as
+    rendered) writes the settings with the Secret's password in the URL to a memory volume,
+    which is what the exporter reads. The ConfigMap itself holds no password."""
+    vals = values("url")
+    docs = render(chart, vals)
+    cm = named(docs, "ConfigMap", EXPORTER)["data"]
+    assert redis.Redis.from_url(yaml.safe_load(cm["exporter.yaml"])["redis_url"]) \
+        .connection_pool.connection_kwargs.get("password") is None
+    pod = _pod(docs, EXPORTER)
+    (init,) = pod["initContainers"]
+    (c,) = pod["containers"]
+    assert init["securityContext"] == c["securityContext"]
+    script, src, pw_file, out = init["command"][1:]
+    init_mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    assert Path(script).parent == Path(src).parent == Path(init_mounts["config"])
+    assert pw_file == f"{init_mounts['redis-auth']}/{vals['redis']['auth']['key']}"
+    assert Path(out).parent == Path(init_mounts["run"])
+    run_mount = next(m for m in c["volumeMounts"] if m["name"] == "run")
+    assert (run_mount["mountPath"], run_mount["subPath"]) == (
+        "/etc/stepup-authz/exporter.yaml", Path(out).name)
+    assert next(v for v in pod["volumes"] if v["name"] == "run")["emptyDir"]["medium"] == \
+        "Memory"
+    assert sorted(_secret_users(docs, vals["redis"]["auth"]["existingSecret"])) == [
+        f"{EXPORTER}/redis-auth", f"{SERVICE}/stepup-authz"]  # not the exporter itself
+
+    password = "p@ss:w/rd#1?"
+    (tmp_path / "exporter.yaml").write_text(cm["exporter.yaml"])
+    (tmp_path / "exporter-redis-auth.py").write_text(cm["exporter-redis-auth.py"])
+    (tmp_path / "password").write_text(password + "\n")
+    (tmp_path / "run").mkdir()
+    for _ in range(2):  # a re-run (pod restart) replaces the read-only file
+        subprocess.run([sys.executable, str(tmp_path / "exporter-redis-auth.py"),
+                        str(tmp_path / "exporter.yaml"), str(tmp_path / "password"),
+                        str(tmp_path / "run" / "exporter.yaml")], check=True)
+    x = load_exporter_settings(tmp_path / "run" / "exporter.yaml")
+    kwargs = redis.Redis.from_url(x.redis_url).connection_pool.connection_kwargs
+    assert kwargs["password"] == password
+    assert kwargs["host"] == "redis-master.redis.svc.cluster.local" and kwargs["port"] == 6380
+    assert kwargs["ssl_ca_certs"] == "/etc/stepup-authz/secrets/redis-tls/ca.crt"
+    assert (tmp_path / "run" / "exporter.yaml").stat().st_mode & 0o777 == 0o400
+
+
+def test_exporter_hardening(chart: Any) -> None:
+    docs = render(chart, values("url"))
+    pod = _pod(docs, EXPORTER)
+    service_pod = _pod(docs, SERVICE)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+    assert pod["automountServiceAccountToken"] is False
+    (svc_c,) = service_pod["containers"]
+    for c in pod["containers"] + pod["initContainers"]:
+        assert c["securityContext"] == svc_c["securityContext"]
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert c["resources"]["requests"] and c["resources"]["limits"]
+        assert c["image"] == svc_c["image"]
+    (c,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    writable = {m["name"] for m in c["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"archive", "tmp"}
+    assert volumes["archive"]["persistentVolumeClaim"]["claimName"] == f"{EXPORTER}-archive"
+
+
+def test_exporter_archive_volume(chart: Any) -> None:
+    (pvc,) = by_kind(render(chart, values("minimal")))["PersistentVolumeClaim"]
+    assert pvc["metadata"]["name"] == f"{EXPORTER}-archive"
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    assert "storageClassName" not in pvc["spec"]  # the cluster default
+    vals = values("minimal") | {"auditExporter": {"persistence": {
+        "size": "200Gi", "storageClass": "gp3-encrypted", "accessModes": ["ReadWriteOncePod"],
+        "keep": False}}}
+    (pvc,) = by_kind(render(chart, vals))["PersistentVolumeClaim"]
+    assert pvc["spec"]["storageClassName"] == "gp3-encrypted"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOncePod"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "200Gi"
+    assert "annotations" not in pvc["metadata"]
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(pvc, version, strict=True)
+    vals["auditExporter"]["persistence"]["storageClass"] = "-"
+    (pvc,) = by_kind(render(chart, vals))["PersistentVolumeClaim"]
+    assert pvc["spec"]["storageClassName"] == ""
+    existing = values("minimal") | {"auditExporter": {"persistence": {
+        "existingClaim": "audit-archive"}}}
+    docs = render(chart, existing)
+    assert "PersistentVolumeClaim" not in by_kind(docs)
+    archive = next(v for v in _pod(docs, EXPORTER)["volumes"] if v["name"] == "archive")
+    assert archive["persistentVolumeClaim"] == {"claimName": "audit-archive"}
+
+
+def test_exporter_network_policy(chart: Any) -> None:
+    docs = render(chart, values("url"))
+    pol = named(docs, "NetworkPolicy", EXPORTER)
+    labels = named(docs, "Deployment", EXPORTER)["spec"]["template"]["metadata"]["labels"]
+    assert _matches(pol["spec"]["podSelector"]["matchLabels"], labels)
+    assert pol["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    egress_ports = {p["port"] for rule in pol["spec"]["egress"] for p in rule["ports"]}
+    # Redis (url.yaml's TLS port) and DNS only
+    assert egress_ports == {6380, 53} and 443 not in egress_ports
+    (ingress,) = pol["spec"]["ingress"]
+    assert ingress["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    extra = values("url") | {"auditExporter": {"extraEgress": [
+        {"ports": [{"port": 443, "protocol": "TCP"}]}]}}
+    pol = named(render(chart, extra), "NetworkPolicy", EXPORTER)
+    assert {"ports": [{"port": 443, "protocol": "TCP"}]} in pol["spec"]["egress"]
+
+
+def test_service_monitor_scrapes_the_exporter(chart: Any) -> None:
+    """The ServiceMonitor selects the exporter's Service too, so the exporter's
+    stepup_authz_audit_lag_seconds is scraped and StepupAuthzAuditExporterDown (absent())
+    means what it says."""
+    docs = render(chart, values("url"))
+    (sm,) = by_kind(docs)["ServiceMonitor"]
+    selector = sm["spec"]["selector"]["matchLabels"]
+    (endpoint,) = sm["spec"]["endpoints"]
+    for name in (SERVICE, EXPORTER):
+        svc = named(docs, "Service", name)
+        assert _matches(selector, svc["metadata"]["labels"])
+        assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    assert _matches(named(docs, "Service", EXPORTER)["spec"]["selector"],
+                    named(docs, "Deployment", EXPORTER)["spec"]["template"]["metadata"][
+                        "labels"])
+    registry = CollectorRegistry()
+    AuditMetrics(registry)  # what the exporter serves on metrics_port
+    assert "stepup_authz_audit_lag_seconds" in {f.name for f in registry.collect()}
+    (rule,) = by_kind(docs)["PrometheusRule"]
+    down = next(r for g in rule["spec"]["groups"] for r in g["rules"]
+                if r.get("alert") == "StepupAuthzAuditExporterDown")
+    assert "stepup_authz_audit_lag_seconds" in down["expr"]
+
+
+def test_exporter_refuses_incomplete_values(chart: Any) -> None:
+    """Fail at render, not at 3 a.m.: no signing key, or a topology the exporter's single
+    redis_url cannot follow, stops the install with a message saying what to set."""
+    no_key = copy.deepcopy(raw_values("minimal"))
+    no_key.pop("secrets")
+    with pytest.raises(helm.HelmError, match=r"secrets\.auditSigningKey\.existingSecret"):
+        chart.render(no_key, name="x", namespace="x")
+    for value_set in ("sentinel", "cluster"):
+        vals = copy.deepcopy(raw_values(value_set))
+        vals.pop("audit")
+        with pytest.raises(helm.HelmError, match=r"audit\.redisUrl"):
+            chart.render(vals, name="x", namespace="x")
+    off = raw_values("minimal") | {"auditExporter": {"enabled": False}}
+    assert EXPORTER not in {d["metadata"]["name"] for d in render(chart, off)}
+
+
+def test_schema_refuses_bad_exporter_values(chart: Any) -> None:
+    for bad in ({"batchSize": 0}, {"metricsPort": 70000}, {"segmentMaxBytes": 10},
+                {"replicas": 2}, {"persistence": {"accessModes": ["ReadOnlyMany"]}}):
+        vals = values("minimal") | {"auditExporter": bad}
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema(vals)
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(values("minimal") | {"audit": {"redisUrl": "http://x"}})

@@ -73,6 +73,11 @@ each is a *_file pointing at a mounted Secret.
 {{- if $o.clientSecret.existingSecret }}
 {{- $_ := set $oidc "client_secret_file" (printf "/etc/stepup-authz/secrets/oidc/%s" $o.clientSecret.key) -}}
 {{- end }}
+{{- /* The audit stream: the exporter (auditExporter) reads the same key and Redis. */}}
+{{- $audit := dict "stream_key" .Values.audit.streamKey -}}
+{{- if .Values.audit.redisUrl }}
+{{- $_ := set $audit "redis_url" .Values.audit.redisUrl -}}
+{{- end }}
 {{- $settings := dict
   "policy_file" "/etc/stepup-authz/policy/policy.yaml"
   "policy_poll_s" .Values.policy.pollSeconds
@@ -82,6 +87,75 @@ each is a *_file pointing at a mounted Secret.
   "oidc" $oidc
   "stepup" (dict "public_url" (required "stepup.publicUrl is required" .Values.stepup.publicUrl) "error_status" .Values.stepup.errorStatus "default_grant_ttl_s" .Values.stepup.defaultGrantTtlSeconds)
   "log" (dict "level" .Values.logLevel "json" true)
+  "audit" $audit
+-}}
+{{- toYaml $settings }}
+{{- end }}
+
+{{/* ---- The audit exporter (templates/audit-exporter.yaml) ---------------------------- */}}
+
+{{- define "stepup-authz.exporter.fullname" -}}
+{{- printf "%s-audit-exporter" (include "stepup-authz.fullname" . | trunc 48 | trimSuffix "-") }}
+{{- end }}
+
+{{/* A name of its own, so the service's Service, PDB, NetworkPolicy and anti-affinity
+     (which select name=stepup-authz) never match the exporter's pod. */}}
+{{- define "stepup-authz.exporter.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "stepup-authz.name" . | trunc 48 | trimSuffix "-" }}-audit-exporter
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: audit-exporter
+{{- end }}
+
+{{- define "stepup-authz.exporter.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "stepup-authz.exporter.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: stepup-authz
+{{- end }}
+
+{{- define "stepup-authz.exporter.claimName" -}}
+{{- default (printf "%s-archive" (include "stepup-authz.exporter.fullname" .)) .Values.auditExporter.persistence.existingClaim }}
+{{- end }}
+
+{{/*
+The Redis URL the exporter reads the stream from: the one the service writes it to
+(audit.redisUrl, else redis.url). ExporterSettings takes a single URL, so Sentinel and
+Cluster need audit.redisUrl. The CA (redis.tls) rides on the URL as redis-py's
+ssl_ca_certs query argument; the password (redis.auth) is added by the init container.
+*/}}
+{{- define "stepup-authz.exporter.redisUrl" -}}
+{{- $url := .Values.audit.redisUrl -}}
+{{- if not $url }}
+{{- if ne .Values.redis.mode "url" }}
+{{- fail (printf "auditExporter: redis.mode is %s, but the exporter reads the stream through one URL; set audit.redisUrl (a standalone audit Redis: the service writes the stream there too) or auditExporter.enabled=false" .Values.redis.mode) }}
+{{- end }}
+{{- $url = required "redis.url is required when redis.mode is url (no database is bundled)" .Values.redis.url -}}
+{{- end }}
+{{- if and .Values.redis.tls.existingSecret (hasPrefix "rediss://" $url) }}
+{{- $url = printf "%s%sssl_ca_certs=/etc/stepup-authz/secrets/redis-tls/%s" $url (ternary "&" "?" (contains "?" $url)) .Values.redis.tls.caKey -}}
+{{- end }}
+{{- $url }}
+{{- end }}
+
+{{/* The exporter's settings file (authz/audit/config.py ExporterSettings). */}}
+{{- define "stepup-authz.exporter.settings" -}}
+{{- $x := .Values.auditExporter -}}
+{{- $_ := required "auditExporter.enabled needs secrets.auditSigningKey.existingSecret (an Ed25519 PEM: stepup-authz audit keygen), or set auditExporter.enabled=false" .Values.secrets.auditSigningKey.existingSecret -}}
+{{- $settings := dict
+  "redis_url" (include "stepup-authz.exporter.redisUrl" .)
+  "stream_key" .Values.audit.streamKey
+  "archive_dir" "/var/lib/stepup-authz/audit/archive"
+  "signing_key_file" (printf "/etc/stepup-authz/secrets/audit-signing-key/%s" .Values.secrets.auditSigningKey.key)
+  "segment_max_bytes" (int64 $x.segmentMaxBytes)
+  "segment_max_age_s" (int64 $x.segmentMaxAgeSeconds)
+  "checkpoint_every" (int64 $x.checkpointEvery)
+  "checkpoint_interval_s" (int64 $x.checkpointIntervalSeconds)
+  "batch_size" (int64 $x.batchSize)
+  "block_ms" (int64 $x.blockMs)
+  "trim" $x.trim
+  "metrics_port" (int64 $x.metricsPort)
+  "metrics_host" "0.0.0.0"
 -}}
 {{- toYaml $settings }}
 {{- end }}
