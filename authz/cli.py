@@ -23,6 +23,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"stepup-authz: invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log.level, settings.log.json_format)
+    if args.workers > 1:
+        from authz.workers import supervise
+
+        try:
+            return supervise(args.config, settings, args.workers)
+        except ConfigError as exc:
+            print(f"stepup-authz: {exc}", file=sys.stderr)
+            return 2
     try:
         import uvloop
 
@@ -75,12 +83,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args.rest)
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stepup-authz", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the ext_authz gRPC service and the HTTP endpoints")
     s.add_argument("--config", required=True, type=Path, help="settings YAML file")
+    s.add_argument("--workers", type=_positive, default=1,
+                   help="service processes sharing the ports (SO_REUSEPORT); default 1")
     s.set_defaults(func=_cmd_serve)
 
     pol = sub.add_parser("policy", help="check or explain a policy file")

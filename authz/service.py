@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -56,6 +56,12 @@ class StateStore(Protocol):
 # What an allow teaches the store is written in the background; beyond this many writes in
 # flight the lesson is skipped (and counted) rather than queueing without bound.
 _MAX_BACKGROUND_WRITES = 512
+# The same lesson (user, session, level, IP, device, place) is written at most once per this
+# many seconds: a client polling a route would otherwise cost a second script per Check for
+# nothing but a fresher last-seen time. What the lesson feeds (first access to a level,
+# known devices / IPs, impossible travel between places) changes only when the tuple does.
+_NOTE_EVERY_S = 5
+_NOTE_MEMORY = 4096  # distinct recent lessons remembered (cleared when full)
 
 
 def extract_token(attrs: RequestAttributes, cookie_name: str) -> tuple[str | None, str | None]:
@@ -95,6 +101,7 @@ class Authorizer:
         self.devices = devices
         self.geoip = geoip
         self._background: set[asyncio.Task[None]] = set()
+        self._noted: dict[tuple[object, ...], int] = {}  # lesson -> when written
         self.policy = policy
         self.tokens = tokens
         self.store = store
@@ -106,7 +113,7 @@ class Authorizer:
         self.audit_level = audit_level  # level name; allows at/above it are audited durably
 
     async def check(self, attrs: RequestAttributes) -> tuple[Decision, str]:
-        decision_id = uuid.uuid4().hex
+        decision_id = os.urandom(16).hex()  # 128 random bits, as uuid4().hex, 4x cheaper
         started = time.perf_counter()
         try:
             decision = await self._decide(attrs)
@@ -137,7 +144,7 @@ class Authorizer:
                 "decision_id": decision_id,
                 "outcome": decision.outcome.value,
                 "reason": str(decision.reason),
-                "level": level,
+                "stepup_level": level,
                 "user": decision.identity.user if decision.identity else None,
                 "method": attrs.method if attrs else None,
                 "host": attrs.host if attrs else None,
@@ -230,9 +237,21 @@ class Authorizer:
 
     def _note_allow(self, identity: Identity, decision: Decision, device: Device | None,
                     geo: Geo | None, ip: str | None, now: int) -> None:
-        if len(self._background) >= _MAX_BACKGROUND_WRITES or decision.level is None:
+        if decision.level is None:
             self.metrics.redis_errors.labels(op="note").inc()
             return
+        lesson = (identity.issuer, identity.subject, identity.session_id, decision.level.name,
+                  ip, device.id if device else None, geo.lat if geo else None,
+                  geo.lon if geo else None)
+        last = self._noted.get(lesson)
+        if last is not None and 0 <= now - last < _NOTE_EVERY_S:
+            return
+        if len(self._background) >= _MAX_BACKGROUND_WRITES:
+            self.metrics.redis_errors.labels(op="note").inc()
+            return
+        if len(self._noted) >= _NOTE_MEMORY:
+            self._noted.clear()
+        self._noted[lesson] = now
         write = self.store.note_allow(
             user=user_key(identity.issuer, identity.subject),
             session=session_key(identity.issuer, identity.subject, identity.session_id),

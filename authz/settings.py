@@ -8,6 +8,7 @@ twin (Kubernetes Secret mounts) and an environment variable.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,6 +111,10 @@ class RedisSettings(BaseModel):
     deadline_ms: int = Field(50, ge=1, le=10_000)
     password_file: Path | None = None
     ca_file: Path | None = None
+    # The Check path's scripts over authz.adapters.fastredis (pipelined, hiredis) when the
+    # topology is a plain url; Sentinel and Cluster always use redis-py.
+    fast_client: bool = True
+    fast_connections: int = Field(2, ge=1, le=64)
 
     @field_validator("url")
     @classmethod
@@ -228,6 +233,38 @@ class StateSettings(BaseModel):
     max_ips: int = Field(50, ge=1, le=1000)
 
 
+class CryptoSettings(BaseModel):
+    """Encryption of sensitive Redis values (``authz.adapters.crypto``). No keys: a random
+    per-process key, with a warning (development only); ``require`` refuses that."""
+
+    model_config = _FROZEN
+    # kid -> file holding 32 random bytes, raw or base64 (a Kubernetes Secret mount).
+    # Keep a retired kid here until data written under it has expired (history_ttl_s).
+    keys: dict[str, Path] = {}
+    active_kid: str | None = None  # new values are written under this kid
+    # The kid active before the last rotation: known devices / IPs recorded under its
+    # lookup key still match (and move to the active kid when seen).
+    previous_kid: str | None = None
+    require: bool = False  # production: refuse to start without keys
+
+    @model_validator(mode="after")
+    def _ring(self) -> CryptoSettings:
+        bad = [k for k in self.keys if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", k)]
+        if bad:
+            raise ValueError(f"key ids must match [A-Za-z0-9_-]{{1,32}}: {bad}")
+        if self.keys and self.active_kid is None:
+            raise ValueError("crypto.keys is set but crypto.active_kid is not")
+        if self.active_kid is not None and self.active_kid not in self.keys:
+            raise ValueError(f"crypto.active_kid {self.active_kid!r} is not in crypto.keys")
+        if self.previous_kid is not None and (
+            self.previous_kid not in self.keys or self.previous_kid == self.active_kid
+        ):
+            raise ValueError("crypto.previous_kid must be another kid of crypto.keys")
+        if self.require and self.active_kid is None:
+            raise ValueError("crypto.require is set: configure crypto.keys and active_kid")
+        return self
+
+
 class ApiSettings(BaseModel):
     """The Sessions API (RecordGrant, RevokeSession, RevokeUser, ListSessions) on the gRPC
     port. Callers authenticate by mTLS (peer CN/SAN in allowed_peers) or a bearer secret."""
@@ -267,6 +304,7 @@ class Settings(BaseModel):
     devices: DeviceSettings = DeviceSettings()
     state: StateSettings = StateSettings()
     api: ApiSettings = ApiSettings()
+    crypto: CryptoSettings = CryptoSettings()
     log: LogSettings = LogSettings()
     audit: AuditSettings = AuditSettings()
 
@@ -338,6 +376,9 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
     if assertion is not None and (p := fix(assertion.jwks_file)) is not None:
         updates["devices"] = s.devices.model_copy(
             update={"assertion": assertion.model_copy(update={"jwks_file": p})})
+    if s.crypto.keys:
+        keys = {kid: fix(p) or p for kid, p in s.crypto.keys.items()}
+        updates["crypto"] = s.crypto.model_copy(update={"keys": keys})
     if s.grpc.tls is not None:
         tls = {n: q for n in ("cert_file", "key_file", "client_ca_file")
                if (q := fix(getattr(s.grpc.tls, n))) is not None}

@@ -5,20 +5,25 @@ Key layout. ``P`` is ``RedisSettings.key_prefix`` (e.g. ``stepup:``), ``uk`` the
 H(iss, sub) and ``sk`` the session key H(iss, sub, sid) (``authz.core.session``)::
 
     key                        type    value                                  TTL
-    P u:{uk}:g:<sk>:<level>    string  grant, compact JSON                    until grant expiry
+    P u:{uk}:g:<sk>:<level>    string  E(grant, compact JSON)                 until grant expiry
     P u:{uk}:r:<sk>            string  revoked at (unix s)                    session_ttl_s
     P u:{uk}:rb                string  revoked before (unix s; iat < it: no)  session_ttl_s
-    P u:{uk}:ss                hash    sk -> {created, last_seen, ip, device, levels}
+    P u:{uk}:ss                hash    sk -> {created, last_seen, ip: E(ip), device: E(device),
+                                       levels}
                                        at most max_sessions (least recently seen evicted)
                                                                               session_ttl_s *
-    P u:{uk}:dv                hash    device id -> last seen; <= max_devices history_ttl_s *
-    P u:{uk}:ip                hash    ip -> last seen; <= max_ips            history_ttl_s *
+    P u:{uk}:dv                hash    F(device id) -> last seen; <= max_devices
+                                                                              history_ttl_s *
+    P u:{uk}:ip                hash    F(ip) -> last seen; <= max_ips         history_ttl_s *
     P u:{uk}:lv                hash    level -> first allowed at              history_ttl_s *
     P u:{uk}:vc:<n>            string  sensitive checks in window n           2 * window
-    P u:{uk}:ls                string  last allowed sighting "ts,ip,lat,lon"  session_ttl_s *
-    P st:<sha256(state id)>    string  one-time step-up state, JSON           state lifetime
+    P u:{uk}:ls                string  E(last allowed sighting "ts,ip,lat,lon")
+                                                                              session_ttl_s *
+    P st:<sha256(state id)>    string  E(one-time step-up state, JSON)        state lifetime
 
     * refreshed on every write
+    E(x): AES-256-GCM, ``v1.<kid>.<b64url>``, bound to its key name (+ field, sub-field)
+    F(x): HMAC-SHA256 fingerprint scoped to the user (``authz.adapters.crypto``)
 
 - ``{uk}`` is the Redis Cluster hash tag of every per-user key, so each script below touches
   one slot; the keys are passed in ``KEYS`` (the revoke script derives grant keys from the
@@ -30,15 +35,24 @@ H(iss, sub) and ``sk`` the session key H(iss, sub, sid) (``authz.core.session``)
 - Velocity is a sliding window estimated from two fixed windows:
   ``ceil(previous * (1 - elapsed fraction of the current window) + current)``.
 - Grant value: ``{"v":1,"level","acr","amr":[...],"auth_time","exp","iat"[,"device"][,"ip"]}``.
-  No tokens, no codes. Device ids and client IPs are stored in clear (they are needed to
-  compare and to list sessions); the user and session are only hashes.
+  No tokens, no codes. The whole grant is encrypted and bound to its key name, so the raw
+  device / IP it is bound to come back for the comparison in ``honoured_here`` and for
+  ``list_sessions``, and a grant cannot be forged, edited or moved to another session or
+  level by anyone who can write Redis but lacks the key.
+- Nothing sensitive in clear (``redis-cli`` shows none of it): device ids and IPs appear only
+  as user-scoped keyed hashes (field names, compared by equality inside the scripts) or
+  encrypted; the step-up state (nonce, PKCE verifier, return path, device, IP) and the last
+  sighting (IP, coordinates) are encrypted. Level names, timestamps, counters and revocation
+  marks stay in clear: the scripts order, bound and expire by them, and they say nothing
+  about who or where. The user and session are only (unkeyed) hashes in key names.
 - The raw step-up state id also travels in the browser's cookie and the OIDC ``state``
   parameter, so it is never used as a key.
 
 Every failure (a Redis error, an ``OSError``, a missed deadline) raises ``StoreError``; a
 read never turns a failure into an empty state, because "nothing recorded" and "could not
 look" are both denies but only the second is counted and audited as a fail-closed event.
-Undecodable values are skipped and reported to ``on_corrupt``.
+Undecodable values (including anything that fails decryption: tampered, moved, or written
+under a kid no longer in the ring) are skipped and reported to ``on_corrupt``.
 """
 
 from __future__ import annotations
@@ -52,10 +66,18 @@ from importlib import resources
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from authz.adapters.crypto import FieldCipher
 from authz.core.session import Evidence, Grant, Sighting, UserState
 from authz.errors import StoreError
+
+# What a failed client call raises: redis-py's errors, RedisClusterException (e.g.
+# SlotNotCoveredError while a cluster primary is down; not a RedisError), OSError (asyncio's
+# TimeoutError included), and AttributeError from redis-py's async cluster client when a
+# failing node's connection is closed under a concurrent writer ('NoneType' ...
+# 'writelines'). Each is a store failure: counted, fail closed, never an internal error.
+_CLIENT_ERRORS = (RedisError, RedisClusterException, OSError, AttributeError)
 
 GRANT_FORMAT_VERSION = 1
 
@@ -215,6 +237,10 @@ def velocity_estimate(current: int, previous: int, now: int, window_s: int) -> i
     return -(-(previous * (window_s - elapsed) + current * window_s) // window_s)
 
 
+def _entry_context(sessions_key: str, sk: str, name: str) -> str:
+    return f"{sessions_key}#{sk}#{name}"
+
+
 def state_key(prefix: str, state_id: str) -> str:
     return f"{prefix}st:{hashlib.sha256(state_id.encode()).hexdigest()}"
 
@@ -318,6 +344,8 @@ class RedisSessionStore:
         limits: StoreLimits | None = None,
         on_corrupt: Callable[[], None] | None = None,
         on_noscript: Callable[[], None] | None = None,
+        cipher: FieldCipher | None = None,
+        script_client: Any = None,
     ) -> None:
         if "{" in prefix or "}" in prefix:
             # A brace in the prefix would become the Cluster hash tag instead of the user.
@@ -330,6 +358,15 @@ class RedisSessionStore:
         self.limits = limits or StoreLimits()
         self._on_corrupt = on_corrupt
         self._on_noscript = on_noscript
+        # What runs the scripts (EVALSHA/EVAL): authz.adapters.fastredis.FastRedis on the Check
+        # path for a plain URL (a few us per call against ~200 us for redis-py), else client.
+        self._scripts = script_client if script_client is not None else client
+        # No cipher: a per-process key (tests, tools); the service always passes its own.
+        self._cipher = cipher if cipher is not None else FieldCipher.generate()
+
+    @property
+    def cipher(self) -> FieldCipher:
+        return self._cipher
 
     def keys(self, user: str) -> UserKeys:
         return UserKeys(self._prefix, user)
@@ -338,16 +375,45 @@ class RedisSessionStore:
         if self._on_corrupt is not None:
             self._on_corrupt()
 
+    # -- values: encryption and fingerprints (see the module docstring) -------------------
+
+    def _fps(self, purpose: str, user: str, value: str | None) -> tuple[str, str]:
+        """(active, previous-kid) fingerprints of ``value``; '' for none."""
+        if not value:
+            return "", ""
+        c = self._cipher
+        return (c.fingerprint(purpose, user, value),
+                c.previous_fingerprint(purpose, user, value) or "")
+
+    def _seal_opt(self, value: str | None, context: str) -> str:
+        return self._cipher.encrypt(value, context) if value else ""
+
+    def _open_grant(self, key: str, raw: bytes | str, level: str) -> Grant | None:
+        plain = self._cipher.decrypt(raw, key)
+        return None if plain is None else decode_grant(plain, level)
+
+    def _open_entry(self, sessions_key: str, sk: str, raw: bytes | str) -> dict[str, Any] | None:
+        entry = decode_session_entry(raw)
+        if entry is None:
+            return None
+        for name in ("ip", "device"):
+            if entry[name] is not None:
+                entry[name] = self._cipher.decrypt_text(entry[name],
+                                                        _entry_context(sessions_key, sk, name))
+                if entry[name] is None:
+                    self._corrupt()  # the entry still lists; the unreadable part is blank
+        return entry
+
     async def _eval(
         self, script: Script, keys: Sequence[str], args: Sequence[str | bytes | int]
     ) -> Any:
         """EVALSHA; on NOSCRIPT one EVAL (which also caches it). Caller holds the deadline."""
         try:
-            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+            return await self._scripts.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:
             if self._on_noscript is not None:
                 self._on_noscript()
-            return await self._client.eval(script.text, len(keys), *keys, *args)
+            return await self._scripts.eval(script.text, len(keys), *keys, *args)
 
     async def _script(
         self, what: str, script: Script, keys: Sequence[str], args: Sequence[str | bytes | int]
@@ -355,7 +421,7 @@ class RedisSessionStore:
         try:
             async with asyncio.timeout(self._deadline_s):
                 return await self._eval(script, keys, args)
-        except (RedisError, OSError) as exc:  # asyncio's TimeoutError is an OSError
+        except _CLIENT_ERRORS as exc:
             raise StoreError(f"{what} failed: {type(exc).__name__}") from exc
 
     async def read_check(
@@ -377,7 +443,10 @@ class RedisSessionStore:
         keys = [k.revoked(session), k.revoked_before, k.devices, k.ips, k.levels_seen,
                 k.last_sighting, k.velocity(idx), k.velocity(idx - 1),
                 *(k.grant(session, lv) for lv in levels)]
-        args = (device or "", ip or "", level, "1" if sensitive else "0", 2 * window_s)
+        dev_fp, dev_prev = self._fps("device", user, device)
+        ip_fp, ip_prev = self._fps("ip", user, ip)
+        args = (dev_fp, ip_fp, level, "1" if sensitive else "0", 2 * window_s, dev_prev,
+                ip_prev)
         reply = await self._script("session read", _READ_CHECK, keys, args)
         try:
             (revoked, rb_raw, dev_known, ip_known, seen, ls_raw, cur, prev_raw,
@@ -391,14 +460,15 @@ class RedisSessionStore:
         for lv, raw in zip(levels, grant_values, strict=True):
             if raw is None or raw is False:
                 continue
-            grant = decode_grant(raw, lv)
+            grant = self._open_grant(k.grant(session, lv), raw, lv)
             if grant is None:
                 self._corrupt()
             elif revoked_before is None or grant.issued_at >= revoked_before:
                 grants.append(grant)
         last_seen: Sighting | None = None
         if ls_raw not in (None, False):
-            last_seen = decode_sighting(ls_raw)
+            plain = self._cipher.decrypt(ls_raw, k.last_sighting)
+            last_seen = None if plain is None else decode_sighting(plain)
             if last_seen is None:
                 self._corrupt()
         velocity = 0
@@ -432,10 +502,16 @@ class RedisSessionStore:
         if ttl < 1:
             raise ValueError("refusing to store a grant that has already expired")
         k, lim = self.keys(user), self.limits
-        keys = [k.grant(session, grant.level), k.sessions, k.devices, k.ips]
-        args = (encode_grant(grant), ttl, session, now, grant.level, grant.device or "",
-                grant.ip or "", "1" if remember_device else "0", lim.max_sessions,
-                lim.session_ttl_s, lim.max_devices, lim.max_ips, lim.history_ttl_s)
+        gkey = k.grant(session, grant.level)
+        keys = [gkey, k.sessions, k.devices, k.ips]
+        dev_fp, dev_prev = self._fps("device", user, grant.device)
+        ip_fp, ip_prev = self._fps("ip", user, grant.ip)
+        args = (self._cipher.encrypt(encode_grant(grant), gkey), ttl, session, now, grant.level,
+                self._seal_opt(grant.device, _entry_context(k.sessions, session, "device")),
+                self._seal_opt(grant.ip, _entry_context(k.sessions, session, "ip")),
+                "1" if remember_device else "0", lim.max_sessions,
+                lim.session_ttl_s, lim.max_devices, lim.max_ips, lim.history_ttl_s,
+                dev_fp, ip_fp, dev_prev, ip_prev)
         await self._script("grant write", _WRITE_GRANT, keys, args)
 
     async def note_allow(
@@ -446,10 +522,16 @@ class RedisSessionStore:
         (only with an IP), session last_seen; refreshes a known device's / IP's recency."""
         _check_part("session", session)
         k, lim = self.keys(user), self.limits
-        sighting = encode_sighting(Sighting(now, ip, lat, lon)) if ip else ""
+        sighting = (self._cipher.encrypt(encode_sighting(Sighting(now, ip, lat, lon)),
+                                         k.last_sighting) if ip else "")
         keys = [k.levels_seen, k.last_sighting, k.sessions, k.devices, k.ips]
-        args = (level, now, sighting, session, device or "", ip or "", lim.max_sessions,
-                lim.session_ttl_s, lim.history_ttl_s)
+        dev_fp, dev_prev = self._fps("device", user, device)
+        ip_fp, ip_prev = self._fps("ip", user, ip)
+        args = (level, now, sighting, session,
+                self._seal_opt(device, _entry_context(k.sessions, session, "device")),
+                self._seal_opt(ip, _entry_context(k.sessions, session, "ip")),
+                lim.max_sessions, lim.session_ttl_s, lim.history_ttl_s,
+                dev_fp, ip_fp, dev_prev, ip_prev)
         await self._script("note allow", _NOTE_ALLOW, keys, args)
 
     async def revoke_session(self, user: str, session: str, now: int) -> bool:
@@ -478,23 +560,24 @@ class RedisSessionStore:
                 raw: dict[Any, Any] = await self._client.hgetall(k.sessions)
                 entries: list[tuple[str, dict[str, Any]]] = []
                 for sk_raw, value in raw.items():
-                    entry = decode_session_entry(value)
+                    sk = sk_raw.decode()
+                    entry = self._open_entry(k.sessions, sk, value)
                     if entry is None:
                         self._corrupt()
                         continue
-                    entries.append((sk_raw.decode(), entry))
+                    entries.append((sk, entry))
                 gkeys = [(sk, lv) for sk, e in entries for lv in e["levels"]]
                 values: list[Any] = (
                     await self._client.mget([k.grant(sk, lv) for sk, lv in gkeys])
                     if gkeys else []
                 )
-        except (RedisError, OSError) as exc:
+        except _CLIENT_ERRORS as exc:
             raise StoreError(f"list sessions failed: {type(exc).__name__}") from exc
         grants: dict[str, list[Grant]] = {}
         for (sk, lv), value in zip(gkeys, values, strict=True):
             if value is None:
                 continue
-            grant = decode_grant(value, lv)
+            grant = self._open_grant(k.grant(sk, lv), value, lv)
             if grant is None:
                 self._corrupt()
             else:
@@ -511,8 +594,8 @@ class RedisSessionStore:
         """Store one-time step-up state; an id already in use is refused (SET NX)."""
         if ttl_s < 1:
             raise ValueError("ttl_s must be >= 1")
-        value = json.dumps(dict(payload), separators=(",", ":")).encode()
         key = state_key(self._prefix, state_id)
+        value = self._cipher.encrypt(json.dumps(dict(payload), separators=(",", ":")), key)
         stored = await self._call("state write", self._client.set(key, value, ex=ttl_s, nx=True))
         if not stored:
             raise StoreError("step-up state id already in use")
@@ -523,8 +606,9 @@ class RedisSessionStore:
         raw: bytes | None = await self._call("state take", self._client.getdel(key))
         if raw is None:
             return None
+        plain = self._cipher.decrypt(raw, key)
         try:
-            doc = json.loads(raw)
+            doc = None if plain is None else json.loads(plain)
         except (ValueError, UnicodeDecodeError):
             doc = None
         if not isinstance(doc, dict):
@@ -547,5 +631,5 @@ class RedisSessionStore:
         try:
             async with asyncio.timeout(self._deadline_s):
                 return await awaitable
-        except (RedisError, OSError) as exc:
+        except _CLIENT_ERRORS as exc:
             raise StoreError(f"{what} failed: {type(exc).__name__}") from exc

@@ -133,17 +133,22 @@ async def test_key_layout_value_and_ttls(
     await store.write_grant(UK, SK, grant("elevated", now, device="d1", ip="192.0.2.1"), now)
     key = f"{prefix}u:{{{UK}}}:g:{SK}:elevated"
     assert store.keys(UK).grant(SK, "elevated") == key
-    doc = json.loads(await raw.get(key) or b"null")
+    c = store.cipher  # values are sealed (test_encryption.py covers what that means)
+    doc = json.loads(c.decrypt(await raw.get(key) or b"", key) or b"null")
     assert doc == {
         "v": 1, "level": "elevated", "acr": "mfa", "amr": ["pwd", "otp"],
         "auth_time": now - 5, "exp": now + 600, "iat": now, "device": "d1", "ip": "192.0.2.1",
     }
     base = f"{prefix}u:{{{UK}}}:"
     entry = json.loads(await raw.hget(base + "ss", SK) or b"null")
-    assert entry == {"created": now, "last_seen": now, "ip": "192.0.2.1", "device": "d1",
-                     "levels": ["elevated"]}
-    assert await raw.hgetall(base + "dv") == {b"d1": str(now).encode()}
-    assert await raw.hgetall(base + "ip") == {b"192.0.2.1": str(now).encode()}
+    ss = base + "ss"
+    assert {n: c.decrypt_text(entry.pop(n), f"{ss}#{SK}#{n}") for n in ("ip", "device")} == {
+        "ip": "192.0.2.1", "device": "d1"}
+    assert entry == {"created": now, "last_seen": now, "levels": ["elevated"]}
+    assert await raw.hgetall(base + "dv") == {
+        c.fingerprint("device", UK, "d1").encode(): str(now).encode()}
+    assert await raw.hgetall(base + "ip") == {
+        c.fingerprint("ip", UK, "192.0.2.1").encode(): str(now).encode()}
     lim = store.limits
     for k, ttl in (("ss", lim.session_ttl_s), ("dv", lim.history_ttl_s),
                    ("ip", lim.history_ttl_s)):
@@ -151,7 +156,8 @@ async def test_key_layout_value_and_ttls(
 
     await store.note_allow(user=UK, session=SK, level="elevated", ip="192.0.2.1", device="d1",
                            now=now + 1, lat=40.5, lon=-74.25)
-    assert await raw.get(base + "ls") == f"{now + 1},192.0.2.1,40.5,-74.25".encode()
+    assert c.decrypt(await raw.get(base + "ls") or b"", base + "ls") == (
+        f"{now + 1},192.0.2.1,40.5,-74.25".encode())
     assert await raw.hgetall(base + "lv") == {b"elevated": str(now + 1).encode()}
     await read(store, now, sensitive=True)
     vc = base + f"vc:{now // WINDOW}"
@@ -172,10 +178,11 @@ async def test_read_check_fields_for_crafted_state(
 ) -> None:
     now = 1_800_000_000
     base = store.keys(UK).base
-    await raw.hset(base + "dv", mapping={"laptop": now - 100})
-    await raw.hset(base + "ip", mapping={"192.0.2.9": now - 100})
+    c = store.cipher
+    await raw.hset(base + "dv", mapping={c.fingerprint("device", UK, "laptop"): now - 100})
+    await raw.hset(base + "ip", mapping={c.fingerprint("ip", UK, "192.0.2.9"): now - 100})
     await raw.hset(base + "lv", mapping={"elevated": now - 1000})
-    await raw.set(base + "ls", f"{now - 50},192.0.2.9,,")
+    await raw.set(base + "ls", c.encrypt(f"{now - 50},192.0.2.9,,", base + "ls"))
 
     s = await read(store, now, level="high", device="laptop", ip="198.51.100.1")
     assert s == UserState(grants=(), session_revoked=False, revoked_before=None,
@@ -221,8 +228,12 @@ async def test_known_devices_and_ips_are_bounded(
             await store.write_grant(UK, sk, grant("high", now + i, device=f"d{i}",
                                                   ip=f"192.0.2.{i}"), now + i)
         base = store.keys(UK).base
-        assert sorted(await raw.hkeys(base + "dv")) == [b"d2", b"d3", b"d4"]
-        assert sorted(await raw.hkeys(base + "ip")) == [b"192.0.2.3", b"192.0.2.4"]
+
+        def fps(purpose: str, *values: str) -> list[bytes]:
+            return sorted(store.cipher.fingerprint(purpose, UK, v).encode() for v in values)
+
+        assert sorted(await raw.hkeys(base + "dv")) == fps("device", "d2", "d3", "d4")
+        assert sorted(await raw.hkeys(base + "ip")) == fps("ip", "192.0.2.3", "192.0.2.4")
         assert len(await store.list_sessions(UK)) == 2
         s = await read(store, now, device="d0", ip="192.0.2.0")
         assert (s.device_known, s.ip_known) == (False, False)
@@ -230,11 +241,11 @@ async def test_known_devices_and_ips_are_bounded(
         await store.note_allow(user=UK, session=SK, level="high", ip=None, device="d2",
                                now=now + 10)
         await store.write_grant(UK, SK, grant("high", now + 11, device="d9"), now + 11)
-        assert sorted(await raw.hkeys(base + "dv")) == [b"d2", b"d4", b"d9"]
+        assert sorted(await raw.hkeys(base + "dv")) == fps("device", "d2", "d4", "d9")
         # remember_device=False records the grant but learns nothing.
         await store.write_grant(UK, SK, grant("high", now + 12, device="dx", ip="192.0.2.99"),
                                 now + 12, remember_device=False)
-        assert b"dx" not in await raw.hkeys(base + "dv")
+        assert fps("device", "dx")[0] not in await raw.hkeys(base + "dv")
     finally:
         await store.aclose()
 
@@ -252,17 +263,24 @@ async def test_corrupt_values_are_skipped_and_counted(
     store: RedisSessionStore, raw: aioredis.Redis, corrupt: Counter
 ) -> None:
     now = int(time.time())
-    k = store.keys(UK)
+    k, c = store.keys(UK), store.cipher
     await store.write_grant(UK, SK, grant("standard", now), now)
-    good = json.loads(await raw.get(k.grant(SK, "standard")) or b"null")
-    await raw.set(k.grant(SK, "elevated"), b"{not json")
-    await raw.set(k.grant(SK, "high"), json.dumps({**good, "exp": "later"}))
-    # A value copied from another level's key is not evidence for this level.
-    await raw.set(k.grant(SK, "admin"), json.dumps(good))
-    await raw.set(k.grant(SK, "v2"), json.dumps({**good, "level": "v2", "v": 2}))
-    await raw.set(k.grant(SK, "bin"), b"\xff\xfe")
-    await raw.set(k.grant(SK, "dev"), json.dumps({**good, "level": "dev", "device": 7}))
-    await raw.set(k.last_sighting, b"garbage")
+    sealed = await raw.get(k.grant(SK, "standard")) or b""
+    good = json.loads(c.decrypt(sealed, k.grant(SK, "standard")) or b"null")
+
+    async def put(level: str, plain: str | bytes) -> None:
+        # Sealed for its own key: what is checked is the content, not the seal.
+        await raw.set(k.grant(SK, level), c.encrypt(plain, k.grant(SK, level)))
+
+    await put("elevated", b"{not json")
+    await put("high", json.dumps({**good, "exp": "later"}))
+    # A value copied from another level's key is not evidence for this level: the seal is
+    # bound to its key name, and the content names its level.
+    await raw.set(k.grant(SK, "admin"), sealed)
+    await put("v2", json.dumps({**good, "level": "v2", "v": 2}))
+    await put("bin", b"\xff\xfe")
+    await put("dev", json.dumps({**good, "level": "dev", "device": 7}))
+    await raw.set(k.last_sighting, c.encrypt("garbage", k.last_sighting))
     await raw.set(k.revoked_before, b"soon")
     await raw.set(k.velocity(now // WINDOW - 1), b"lots")
 

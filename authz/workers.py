@@ -1,0 +1,140 @@
+"""``stepup-authz serve --workers N``: N service processes sharing one set of ports.
+
+One Python process runs one event loop on one core; a host with several cores runs several.
+Every worker is an ordinary ``serve`` (same settings file) that binds the gRPC, HTTP and
+HTTP ext_authz ports with SO_REUSEPORT (grpc's ``grpc.so_reuseport``, aiohttp's and the
+HTTP ext_authz listener's ``reuse_port=True``): the kernel spreads new connections over
+the workers. Envoy holds a few long-lived HTTP/2 connections per cluster, so the spread is
+per connection, not per request; Envoy opens one connection per worker thread (and more
+under load), which is enough to use every worker.
+
+The supervisor (this module) does no request work:
+
+- With no ``REDIS_URL`` (embedded Valkey) it starts the embedded server once and hands its
+  URL to every worker (``REDIS_URL``), so they share one state.
+- Prometheus: it points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory (unless already
+  set) so each worker's counters and histograms live in shared files and ``/metrics`` on
+  any worker reports the sum over all of them (``prometheus_client`` multiprocess mode; the
+  ``policy_info`` Info metric and gauges are per worker, see docs/performance.md).
+- SIGTERM / SIGINT are forwarded to every worker (each drains its in-flight Checks, as a
+  single process does); SIGHUP too (each reloads the policy). When any worker exits on its
+  own, the others are stopped and the supervisor exits non-zero: the orchestrator restarts
+  the pod rather than running on with fewer workers than configured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+from authz.errors import ConfigError
+from authz.settings import Settings
+
+log = logging.getLogger("authz.workers")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_STOP_GRACE_S = 30.0  # above the workers' own drain (shutdown_delay_s + shutdown_grace_s)
+_POLL_S = 0.1
+
+
+def _check_ports(settings: Settings) -> None:
+    """Port 0 would give every worker a different port: refuse it up front."""
+    ports = {"grpc.port": settings.grpc.port, "http.port": settings.http.port}
+    if settings.http_authz.enabled:
+        ports["http_authz.port"] = settings.http_authz.port
+    zero = [name for name, port in ports.items() if port == 0]
+    if zero:
+        raise ConfigError("--workers needs fixed ports (0 would differ per worker)",
+                          location=", ".join(zero))
+
+
+def worker_argv(config: Path) -> list[str]:
+    return [sys.executable, "-m", "authz.cli", "serve", "--config", str(config)]
+
+
+def supervise(config: Path, settings: Settings, workers: int) -> int:
+    """Run ``workers`` service processes until SIGTERM/SIGINT or until one of them exits."""
+    if workers < 2:
+        raise ValueError("supervise() is for two or more workers")
+    _check_ports(settings)
+    env = dict(os.environ)
+    owned_dir: str | None = None
+    if not env.get(MULTIPROC_ENV):
+        owned_dir = tempfile.mkdtemp(prefix="stepup-metrics-")
+        env[MULTIPROC_ENV] = owned_dir
+    embedded = None
+    if settings.redis.embedded:
+        from authz.adapters.redis_conn import EmbeddedValkey
+
+        embedded = EmbeddedValkey()
+        env["REDIS_URL"] = embedded.start()
+        log.info("no REDIS_URL: started one embedded Valkey for all workers",
+                 extra={"url": env["REDIS_URL"]})
+    procs: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def forward(sig: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+            sig = signal.SIGTERM
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(sig)
+
+    previous = {s: signal.signal(s, forward)
+                for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    code = 0
+    try:
+        for _ in range(workers):
+            procs.append(subprocess.Popen(worker_argv(config), env=env))
+        log.info("workers started", extra={"workers": workers,
+                                           "pids": [p.pid for p in procs]})
+        while True:
+            exited = [p for p in procs if p.poll() is not None]
+            if len(exited) == len(procs):
+                break
+            if exited and not stopping:
+                died = exited[0]
+                log.error("a worker exited; stopping the others",
+                          extra={"pid": died.pid, "returncode": died.returncode})
+                code = died.returncode or 1
+                forward(signal.SIGTERM, None)
+            time.sleep(_POLL_S)
+    finally:
+        _stop_all(procs)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if embedded is not None:
+            embedded.stop()
+        if owned_dir is not None:
+            shutil.rmtree(owned_dir, ignore_errors=True)
+    if code == 0:
+        code = max((abs(p.returncode or 0) for p in procs), default=0)
+        # A worker stopped by our own SIGTERM exits 0 after draining; anything else counts.
+    return code
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+    deadline = time.monotonic() + _STOP_GRACE_S
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.error("a worker did not stop in time; killing it", extra={"pid": p.pid})
+            p.kill()
+            p.wait()

@@ -1,0 +1,250 @@
+"""FastRedis against the real Redis (REDIS_URL) and a private embedded Valkey: the store's
+answers are the same through it as through redis-py, a killed server fails the calls in
+flight (StoreError: fail closed) and the client recovers by itself when the server is back,
+the caller's deadline bounds a call on a paused server, NOSCRIPT falls back to EVAL, and
+AUTH/SELECT/CLIENT SETNAME happen on connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from envoy.service.auth.v3 import external_auth_pb2
+from redis.exceptions import ResponseError
+
+from authz.adapters.crypto import FieldCipher
+from authz.adapters.fastredis import FastRedis
+from authz.adapters.redis_conn import EmbeddedValkey, make_client
+from authz.adapters.sessions import RedisSessionStore
+from authz.core.session import Evidence, Grant, session_key, user_key
+from authz.errors import StoreError
+from authz.settings import RedisSettings
+
+pytestmark = pytest.mark.integration
+
+UK = user_key("https://idp.example", "alice")
+SK = session_key("https://idp.example", "alice", "sid-1")
+LEVELS = ["standard", "elevated", "high"]
+
+
+def _grant(level: str, now: int, device: str | None = None) -> Grant:
+    return Grant(level=level, evidence=Evidence("mfa", ("pwd", "otp"), now - 5),
+                 expires_at=now + 600, issued_at=now, device=device)
+
+
+@pytest.fixture(params=["redis", "embedded"])
+def backend(request: pytest.FixtureRequest) -> tuple[str, str]:
+    if request.param == "redis":
+        return request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+    server: EmbeddedValkey = request.getfixturevalue("embedded_valkey")
+    return server.url, "test:"
+
+
+@pytest.fixture
+async def fast(backend: tuple[str, str]) -> AsyncIterator[FastRedis]:
+    client = FastRedis.from_url(backend[0])
+    yield client
+    await client.aclose()
+
+
+async def test_same_answers_as_redis_py(backend: tuple[str, str], fast: FastRedis) -> None:
+    url, prefix = backend
+    cipher = FieldCipher.generate()
+    slow = RedisSessionStore(make_client(url, RedisSettings()), prefix=prefix,
+                             deadline_ms=2000, cipher=cipher)
+    quick = RedisSessionStore(make_client(url, RedisSettings()), prefix=prefix,
+                              deadline_ms=2000, cipher=cipher, script_client=fast)
+    try:
+        now = int(time.time())
+        await quick.write_grant(UK, SK, _grant("elevated", now, device="dev-1"), now)
+        await slow.write_grant(UK, SK, _grant("high", now), now)
+        await quick.note_allow(user=UK, session=SK, level="elevated", ip="192.0.2.7",
+                               device="dev-1", now=now, lat=1.5, lon=2.5)
+        for sensitive in (False, True):
+            kw = dict(user=UK, session=SK, levels=LEVELS, level="elevated", device="dev-1",
+                      ip="192.0.2.7", sensitive=sensitive, window_s=60, now=now)
+            a = await slow.read_check(**kw)  # type: ignore[arg-type]
+            b = await quick.read_check(**kw)  # type: ignore[arg-type]
+            # velocity counts each read: the second read sees one more
+            assert a.velocity + (1 if sensitive else 0) == b.velocity
+            assert dataclasses.replace(a, velocity=b.velocity) == b
+            assert [g.level for g in b.grants] == ["elevated", "high"]
+            assert b.device_known is True and b.level_seen
+        # Raw replies of a script, byte for byte: ints, nil, bulk, nested arrays, errors.
+        script = "return {1, false, 'x', {2, 'y'}, -3}"
+        assert await fast.eval(script, 0) == await slow._client.eval(script, 0)
+        with pytest.raises(ResponseError):
+            await fast.eval("return redis.error_reply('boom')", 0)
+    finally:
+        await slow.aclose()
+        await quick.aclose()
+
+
+async def test_noscript_falls_back_to_eval(embedded_valkey: EmbeddedValkey) -> None:
+    fast = FastRedis.from_url(embedded_valkey.url)
+    admin = aioredis.Redis.from_url(embedded_valkey.url)
+    noscript = []
+    store = RedisSessionStore(make_client(embedded_valkey.url, RedisSettings()),
+                              prefix="t:", deadline_ms=2000, script_client=fast,
+                              on_noscript=lambda: noscript.append(1))
+    try:
+        await admin.script_flush()
+        now = int(time.time())
+        await store.write_grant(UK, SK, _grant("elevated", now), now)
+        state = await store.read_check(user=UK, session=SK, levels=LEVELS, level="elevated",
+                                       device=None, ip=None, sensitive=False, window_s=60,
+                                       now=now)
+        assert [g.level for g in state.grants] == ["elevated"]
+        assert len(noscript) == 2  # one per script, then cached by the EVAL
+    finally:
+        await store.aclose()
+        await fast.aclose()
+        await admin.aclose()
+
+
+async def test_killed_server_fails_closed_then_recovers(
+    embedded_valkey: EmbeddedValkey,
+) -> None:
+    fast = FastRedis.from_url(embedded_valkey.url, connections=2)
+    store = RedisSessionStore(make_client(embedded_valkey.url, RedisSettings()),
+                              prefix="t:", deadline_ms=500, script_client=fast)
+
+    async def read() -> object:
+        return await store.read_check(user=UK, session=SK, levels=LEVELS, level="high",
+                                      device=None, ip=None, sensitive=True, window_s=60,
+                                      now=int(time.time()))
+
+    try:
+        await read()
+        # Many reads in flight when the server dies: every one fails, none hangs.
+        in_flight = [asyncio.ensure_future(read()) for _ in range(50)]
+        await asyncio.to_thread(embedded_valkey.stop)
+        results = await asyncio.gather(*in_flight, return_exceptions=True)
+        assert all(isinstance(r, StoreError) or not isinstance(r, BaseException)
+                   for r in results)
+        t0 = time.monotonic()
+        with pytest.raises(StoreError):
+            await read()  # refused: fast, not after the deadline
+        assert time.monotonic() - t0 < 0.5
+        await asyncio.to_thread(embedded_valkey.start)  # same port, empty
+        await read()  # reconnected by itself
+        assert fast.connects >= 2
+    finally:
+        await store.aclose()
+        await fast.aclose()
+
+
+async def test_deadline_bounds_a_call_on_a_paused_server(
+    embedded_valkey: EmbeddedValkey,
+) -> None:
+    fast = FastRedis.from_url(embedded_valkey.url, connections=1)
+    admin = aioredis.Redis.from_url(embedded_valkey.url)
+    store = RedisSessionStore(make_client(embedded_valkey.url, RedisSettings()),
+                              prefix="t:", deadline_ms=50, script_client=fast)
+    try:
+        assert await fast.ping()
+        await admin.client_pause(700, all=True)
+        t0 = time.monotonic()
+        with pytest.raises(StoreError):
+            await store.read_check(user=UK, session=SK, levels=LEVELS, level="high",
+                                   device=None, ip=None, sensitive=False, window_s=60,
+                                   now=int(time.time()))
+        assert time.monotonic() - t0 < 0.3
+        await asyncio.sleep(0.8)  # unpaused: the late reply is dropped, the next call works
+        assert await fast.execute("ECHO", b"after") == b"after"
+    finally:
+        await store.aclose()
+        await fast.aclose()
+        await admin.aclose()
+
+
+async def test_connect_handshake_auth_select_and_name() -> None:
+    with EmbeddedValkey() as server:
+        admin = aioredis.Redis.from_url(server.url)
+        try:
+            await admin.config_set("requirepass", "pw-1")
+            await admin.auth("pw-1")
+            fast = FastRedis.from_url(f"redis://:pw-1@127.0.0.1:{server.port}/5")
+            try:
+                await fast.set("k", "in-db-5")
+                assert await fast.get("k") == b"in-db-5"
+                await admin.select(5)
+                assert await admin.get("k") == b"in-db-5"
+                names = [c["name"] for c in await admin.client_list()]
+                assert "stepup-authz" in names
+            finally:
+                await fast.aclose()
+            wrong = FastRedis.from_url(f"redis://:nope@127.0.0.1:{server.port}")
+            with pytest.raises(Exception, match=r"WRONGPASS|invalid"):
+                await wrong.ping()
+            await wrong.aclose()
+        finally:
+            await admin.aclose()
+
+
+# -- the service wired with it ---------------------------------------------------------------
+
+
+async def test_service_uses_it_and_a_revocation_applies_on_the_next_check(
+    embedded_valkey: EmbeddedValkey,
+) -> None:
+    """The composition root runs the Check path's scripts over FastRedis; a session revoked
+    between two Checks is refused by the second (no cache in between), and a repeated allow
+    writes its lesson (note_allow) once, not on every Check."""
+    import jwt
+
+    from authz.adapters.envoy_out import ResponseBuilder
+    from authz.app import start_service
+    from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
+    from authz.grpc_server import AuthorizationServicer
+    from authz.settings import Settings
+    from bench.micro import _request, _token
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    sock = bind()
+    idp = base_url(sock)
+    cfg = DevIdpConfig(issuer=idp, clients={
+        "stepup-authz": DevClient("dev-secret", ("http://app.test/_stepup/callback",))})
+    async with running(cfg, sock):
+        settings = Settings.model_validate({
+            "policy_file": str(root / "examples" / "policy.yaml"),
+            "grpc": {"port": 0, "shutdown_delay_s": 0}, "http": {"port": 0},
+            "redis": {"url": embedded_valkey.url},
+            "oidc": {"issuer": idp, "client_id": "stepup-authz",
+                     "client_secret": "dev-secret", "audience": "stepup-demo",
+                     "algorithms": ["RS256"], "token_typ": "at+jwt"},
+            "stepup": {"public_url": "http://app.test", "cookie_secure": False},
+        })
+        service = await start_service(settings)
+        admin = aioredis.Redis.from_url(embedded_valkey.url)
+        try:
+            store = service.authorizer.store
+            assert isinstance(store, RedisSessionStore)
+            assert isinstance(store._scripts, FastRedis)
+            token = await _token(idp)
+            claims = jwt.decode(token, options={"verify_signature": False})
+            uk = user_key(claims["iss"], claims["sub"])
+            sk = session_key(claims["iss"], claims["sub"], claims["sid"])
+            now = int(time.time())
+            await store.write_grant(uk, sk, _grant("elevated", now), now)
+            servicer = AuthorizationServicer(service.authorizer, ResponseBuilder())
+            req = external_auth_pb2.CheckRequest.FromString(_request(token))
+            await admin.config_resetstat()
+            for _ in range(5):
+                assert (await servicer.Check(req, None)).status.code == 0
+            await service.authorizer.drain()
+            stats = await admin.info("commandstats")
+            # 5 reads, 1 lesson: the 4 repeats within _NOTE_EVERY_S are not written again
+            assert stats["cmdstat_evalsha"]["calls"] == 6
+            await store.revoke_session(uk, sk, int(time.time()))
+            denied = await servicer.Check(req, None)
+            assert denied.status.code != 0
+            assert denied.dynamic_metadata["reason"] == "session-revoked"
+        finally:
+            await admin.aclose()
+            await service.stop()

@@ -1,0 +1,180 @@
+"""``stepup-authz serve --workers 2`` as a real process tree: both workers answer Checks on
+the one shared gRPC port, /metrics on the shared HTTP port sums every worker's counters,
+SIGTERM stops them all, and a worker that dies takes the supervisor (and its sibling) down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+import yaml
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from prometheus_client.mmap_dict import MmapedDict
+
+from authz.demo.stack import free_ports
+from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Tree:
+    proc: subprocess.Popen[bytes]
+    grpc_port: int
+    http_port: int
+    metrics_dir: Path
+
+    def workers(self) -> list[int]:
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            return [int(p) for p in path.read_text().split()]
+        except OSError:
+            return []
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie not yet reaped by its parent counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+async def _wait(pred: object, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not pred():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def _ready(port: int) -> bool:
+    try:
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/readyz") as r:
+            return r.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+@pytest.fixture
+async def tree(tmp_path: Path, redis_url: str, redis_prefix: str) -> AsyncIterator[Tree]:
+    sock = bind()
+    idp = base_url(sock)
+    cfg = DevIdpConfig(issuer=idp, clients={
+        "stepup-authz": DevClient("dev-secret", ("http://app.test/_stepup/callback",))})
+    grpc_port, http_port = free_ports(2)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "policy_file": str(ROOT / "examples" / "policy.yaml"),
+        "grpc": {"host": "127.0.0.1", "port": grpc_port, "shutdown_delay_s": 0},
+        "http": {"host": "127.0.0.1", "port": http_port},
+        "redis": {"url": redis_url, "key_prefix": redis_prefix},
+        "oidc": {"issuer": idp, "client_id": "stepup-authz", "client_secret": "dev-secret",
+                 "audience": "stepup-demo", "algorithms": ["RS256"], "token_typ": "at+jwt"},
+        "stepup": {"public_url": "http://app.test", "cookie_secure": False},
+    }))
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    async with running(cfg, sock):
+        proc = subprocess.Popen(  # noqa: ASYNC220 (a long-lived child; Popen returns at once)
+            [sys.executable, "-m", "authz.cli", "serve", "--config", str(config),
+             "--workers", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t = Tree(proc, grpc_port, http_port, metrics_dir)
+        try:
+            await _wait(lambda: len(t.workers()) == 2, 20, "two workers")
+            deadline = time.monotonic() + 30
+            while not await _ready(http_port):
+                assert proc.poll() is None, "the supervisor exited"
+                assert time.monotonic() < deadline, "not ready"
+                await asyncio.sleep(0.2)
+            # Both workers listen before we start counting (readyz may hit only one).
+            await asyncio.sleep(1.0)
+            yield t
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                for pid in t.workers():
+                    with __import__("contextlib").suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _request() -> external_auth_pb2.CheckRequest:
+    req = external_auth_pb2.CheckRequest()
+    http = req.attributes.request.http
+    http.method, http.path, http.host, http.scheme = "GET", "/", "app.test", "https"
+    req.attributes.source.address.socket_address.address = "10.0.0.5"
+    return req
+
+
+def _checks_by_worker(metrics_dir: Path) -> dict[int, float]:
+    """checks_total per worker pid, from prometheus_client's multiprocess files."""
+    out: dict[int, float] = {}
+    for f in metrics_dir.glob("counter_*.db"):
+        pid = int(f.stem.split("_")[1])
+        for key, value, *_ in MmapedDict.read_all_values_from_file(str(f)):
+            if '"stepup_authz_checks_total"' in key or '"stepup_authz_checks"' in key:
+                out[pid] = out.get(pid, 0) + value
+    return out
+
+
+async def test_two_workers_answer_and_sigterm_stops_all(tree: Tree) -> None:
+    workers = tree.workers()
+    n = 60
+    for _ in range(n):  # a new connection each time: the kernel picks a worker per connection
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{tree.grpc_port}") as ch:
+            r = await external_auth_pb2_grpc.AuthorizationStub(ch).Check(_request())
+            assert r.status.code == 0  # "/" is public in the example policy
+    per_worker = _checks_by_worker(tree.metrics_dir)
+    assert set(per_worker) == set(workers), per_worker
+    assert all(v > 0 for v in per_worker.values()), per_worker
+    assert sum(per_worker.values()) == n
+
+    # Any worker's /metrics reports the sum over both.
+    async with aiohttp.ClientSession() as s, s.get(
+            f"http://127.0.0.1:{tree.http_port}/metrics") as resp:
+        text = await resp.text()
+    total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("stepup_authz_checks_total{"))
+    assert total == n
+
+    tree.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(tree.proc.wait, 30) == 0
+    assert all(_gone(pid) for pid in workers)
+
+
+async def test_a_dead_worker_stops_the_tree(tree: Tree) -> None:
+    first, second = tree.workers()
+    os.kill(first, signal.SIGKILL)
+    code = await asyncio.to_thread(tree.proc.wait, 30)
+    assert code != 0
+    await _wait(lambda: _gone(second), 10, "the other worker to exit")
+
+
+def test_workers_refuse_port_zero(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "policy_file": str(ROOT / "examples" / "policy.yaml"),
+        "grpc": {"port": 0}, "http": {"port": 0},
+        "oidc": {"issuer": "http://127.0.0.1:1", "client_id": "c", "client_secret": "s",
+                 "audience": "a"},
+        "stepup": {"public_url": "http://app.test"},
+    }))
+    r = subprocess.run([sys.executable, "-m", "authz.cli", "serve", "--config", str(config),
+                        "--workers", "2"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "fixed ports" in r.stderr
