@@ -44,6 +44,16 @@ bench-quick: $(STAMP) ## benchmark smoke run (< 1 min) into var/bench-quick
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m bench.run --quick --out var/bench-quick
 
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP) ## fuzz the request adapter and the token verifier (atheris, FUZZ_SECONDS each)
+	$(PY) tests/fuzz/run.py --seconds $(FUZZ_SECONDS) --out var/fuzz
+
+security: $(STAMP) ## adversarial suite through the real Envoy; rewrites docs/security-tests.md
+	SECURITY_REPORT=docs/security-tests.md $(PY) -m pytest -q tests/security
+
+soak: $(STAMP) ## soak through real Envoy, Redis restarted mid-run (SOAK_SECONDS, default 300)
+	$(PY) -m pytest -q -s -m soak tests/soak
+
 lint: $(STAMP) ## ruff and mypy --strict
 	$(BIN)/ruff check authz tests bench
 	$(BIN)/mypy
@@ -51,4 +61,4 @@ lint: $(STAMP) ## ruff and mypy --strict
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache var
 
-.PHONY: help install demo serve test test-unit test-deploy bench bench-quick lint clean
+.PHONY: help install demo serve test test-unit test-deploy bench bench-quick fuzz security soak lint clean

@@ -275,6 +275,10 @@ class StepupApp:
             result = "subject-mismatch"  # someone else signed in at the IdP
         elif not isinstance(auth_time, int) or isinstance(auth_time, bool):
             result = "auth-time-missing"
+        elif auth_time > now + leeway:
+            # The grant's lifetime counts from auth_time: one in the future would outlive
+            # its TTL (by years, on a level without max_age). Same rule as RecordGrant.
+            result = "auth-time-future"
         elif auth_time < int(saved["iat"]) - leeway:
             result = "auth-too-old"  # not a fresh authentication for this challenge
         elif not (isinstance(acr, str) and isinstance(amr, list)
@@ -332,7 +336,7 @@ class StepupApp:
             self._completion(level.name, "store-error", factor)
             return self._page(503, "Temporarily unavailable", "Please try again shortly.")
         self._completion(level.name, "success", factor)
-        log.info("step-up granted", extra={"level": level.name, "acr": evidence.acr,
+        log.info("step-up granted", extra={"stepup_level": level.name, "acr": evidence.acr,
                                            "factor": factor, "expires_at": grant.expires_at})
         resp = _redirect(303, str(saved["rd"]))
         resp.del_cookie(self.state_cookie, path="/")

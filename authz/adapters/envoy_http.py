@@ -44,7 +44,11 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from types import MappingProxyType
 
-from authz.adapters.envoy_out import HEADER_PREFIX, rfc9470_challenge
+from authz.adapters.envoy_out import (
+    HEADER_PREFIX,
+    METHOD_OVERRIDE_HEADERS,
+    rfc9470_challenge,
+)
 from authz.adapters.redirects import Redirects
 from authz.core.attributes import (
     RequestAttributes,
@@ -90,7 +94,9 @@ def attributes_from_http(
     ``headers`` has lower-case names (one value each: Envoy joins repeats with ``,`` before
     sending). The path after ``path_prefix`` is canonicalised exactly like the gRPC mode.
     """
-    if not method or not method.isalpha():
+    # ASCII letters only: str.isalpha() is Unicode-aware, and an RFC 9110 method token
+    # never holds anything else (found by tests/fuzz/fuzz_envoy_in.py).
+    if not method or not method.isascii() or not method.isalpha():
         raise RequestError("missing or invalid method", reason="bad-request")
     if not target.startswith(path_prefix):
         raise RequestError("check path outside the configured prefix", reason="bad-request")
@@ -177,12 +183,13 @@ class HttpResponseBuilder:
                     ("x-stepup-acr", ev.acr or ""),
                     ("x-stepup-auth-time", str(ev.auth_time or "")),
                 ]
+            remove: list[str] = []
             if attrs is not None:
                 ours = {k for k, _ in headers}
                 remove = [h for h in attrs.headers
                           if h.startswith(HEADER_PREFIX) and h not in ours]
-                if remove:
-                    headers.append((REMOVE_HEADER, ", ".join(remove)))
+            # Method overrides are not in allowed_headers, so we cannot see them: always.
+            headers.append((REMOVE_HEADER, ", ".join([*remove, *METHOD_OVERRIDE_HEADERS])))
             headers += [("x-stepup-outcome", d.outcome.value), ("x-stepup-reason", reason)]
             return 200, headers, ""
         headers = [

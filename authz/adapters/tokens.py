@@ -50,6 +50,10 @@ MAX_TOKEN_BYTES = 8 * 1024
 # Compact JWS only (three base64url parts); JWE (five parts) and JSON serialisation refused.
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _NEVER = frozenset({"none", "HS256", "HS384", "HS512"})
+# `sub` and `acr` travel on as upstream headers (x-stepup-user, x-stepup-acr): a control
+# character there would split a header line. Such a token is refused with a reason here,
+# not left to the proxy's codec.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _invalid(msg: str) -> TokenError:
@@ -109,8 +113,11 @@ def evidence_from_claims(claims: dict[str, Any]) -> Evidence:
     amr = claims.get("amr", [])
     if not isinstance(amr, list) or not all(isinstance(a, str) for a in amr):
         raise _invalid("`amr` is not a list of strings")
+    acr = _str_claim(claims, "acr")
+    if acr is not None and _CONTROL.search(acr):
+        raise _invalid("control character in `acr`")
     return Evidence(
-        acr=_str_claim(claims, "acr"),
+        acr=acr,
         amr=tuple(amr),
         auth_time=_int_claim(claims, "auth_time", required=False),
     )
@@ -293,6 +300,8 @@ class TokenVerifier:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             raise _invalid("missing `sub`")
+        if _CONTROL.search(sub):
+            raise _invalid("control character in `sub`")
         exp = _int_claim(claims, "exp", required=True)
         nbf = _int_claim(claims, "nbf", required=False)
         iat = _int_claim(claims, "iat", required=True)

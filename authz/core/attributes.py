@@ -3,13 +3,14 @@
 Paths are decided on their canonical form, the same one Envoy forwards when its path
 normalisation is on (RFC 3986 section 6.2.2: percent-decoding of unreserved characters,
 dot-segment removal; plus merged slashes). A path that cannot be canonicalised without
-guessing (an encoded slash or backslash, bad percent-encoding, control characters) is
-refused rather than interpreted.
+guessing (an encoded slash or backslash, a ';' path parameter, bad percent-encoding,
+control characters) is refused rather than interpreted.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -19,6 +20,8 @@ from authz.errors import RequestError
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset("0123456789abcdefABCDEF")
 _EMPTY: Mapping[str, str] = MappingProxyType({})
+# A registered name (letters, digits, '-', '.', '_') or a bracketed IPv6 literal; a port.
+_AUTHORITY = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::[0-9]{0,5})?")
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -51,14 +54,22 @@ class RequestAttributes:
 
 
 def normalize_host(authority: str) -> str:
-    """Host without port or trailing dot, lower-cased; IPv6 literals keep their brackets."""
+    """Host without port or trailing dot, lower-cased; IPv6 literals keep their brackets.
+
+    RFC 9110 section 7.2: ``Host = uri-host [ ":" port ]``. Anything else -- userinfo
+    (``evil@host``), a second port, percent-encoding, ``;``, or two Host headers that Envoy
+    joined with ``,`` -- is read differently by different upstreams, so it is refused
+    (RequestError) rather than matched against host routes as some other name. An empty
+    authority gives "" (the caller decides).
+    """
     host = authority.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[: end + 1] if end > 0 else host
-    if host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    return host.rstrip(".")
+    if not host:
+        return ""
+    m = _AUTHORITY.fullmatch(host)
+    if m is None:
+        raise RequestError("invalid host", reason="bad-request")
+    name = m.group(1)
+    return name if name.startswith("[") else name.rstrip(".")
 
 
 def canonicalize_path(raw: str) -> tuple[str, str]:
@@ -69,15 +80,17 @@ def canonicalize_path(raw: str) -> tuple[str, str]:
     path = path.partition("#")[0]
     if "\\" in path:
         raise RequestError("backslash in path", reason="bad-path")
+    if ";" in path:
+        # Path parameters: servlet containers drop them before mapping ("/accounts;x/1" is
+        # their "/accounts/1", "/x/..;/wires" their "/wires"), most other servers keep them
+        # as data. Which reading the upstream makes is unknowable here, so refuse.
+        raise RequestError("path parameter (';') in path", reason="bad-path")
     decoded = _decode_unreserved(path)
     segments: list[str] = []
     for seg in decoded.split("/"):
-        name = seg.split(";", 1)[0]
-        if name == ".":
+        if seg == ".":
             continue
-        if name == "..":
-            if seg != name:  # "..;x" is resolved as ".." by some servlet containers
-                raise RequestError("path parameter on a dot segment", reason="bad-path")
+        if seg == "..":
             if segments:
                 segments.pop()
             continue

@@ -225,6 +225,8 @@ def _int(value: Any, loc: Sequence[str | int], lo: int, hi: int) -> int:
 
 
 def _levels(doc: Any) -> tuple[Level, ...]:
+    if doc is not None and not isinstance(doc, Mapping):
+        raise _fail(["levels"], "must be a mapping")  # set(doc) of a list may not even hash
     levels_doc = _mapping(doc, ["levels"], set(doc or ()))
     if not levels_doc:
         raise _fail(["levels"], "at least one level is required")
@@ -236,7 +238,8 @@ def _levels(doc: Any) -> tuple[Level, ...]:
         spec = _mapping(spec, loc, {"acr", "amr_any", "max_age", "public", "grant_ttl", "bind",
                                     "ip_allow", "ip_deny"})
         bind = spec.get("bind") or []
-        if not isinstance(bind, list) or not set(bind) <= {"device", "ip"}:
+        if (not isinstance(bind, list) or not all(isinstance(b, str) for b in bind)
+                or not set(bind) <= {"device", "ip"}):
             raise _fail([*loc, "bind"], "bind is a list of: device, ip")
         public = spec.get("public", False)
         if not isinstance(public, bool):
@@ -344,7 +347,7 @@ def _names(value: Any, loc: Sequence[str | int], allowed: frozenset[str]) -> fro
     if not isinstance(items, list) or not items:
         raise _fail(loc, f"must name one or more of: {', '.join(sorted(allowed))}")
     for j, item in enumerate(items):
-        if item not in allowed:
+        if not isinstance(item, str) or item not in allowed:  # a list or dict item: unhashable
             raise _fail([*loc, j], f"unknown {item!r} (known: {', '.join(sorted(allowed))})")
     return frozenset(items)
 

@@ -239,10 +239,16 @@ class Stack:
         with_audit_exporter: bool = True,
         exporter_settings: dict[str, Any] | None = None,
         separate_audit_redis: bool = False,
+        idp_signing_key: Path | None = None,
+        idp_args: tuple[str, ...] = (),
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.policy_file = Path(policy_file).resolve()
         self.with_service, self.with_idp = with_service, with_idp
+        # The dev IdP's RSA signing key (PEM; tests that mint tokens of their own need it)
+        # and extra `serve` arguments (e.g. the TEST-ONLY --test-knobs).
+        self.idp_signing_key = idp_signing_key
+        self.idp_args = tuple(idp_args)
         self.extra_settings = extra_settings or {}
         self.envoy_template, self.authz_timeout = envoy_template, authz_timeout
         self.ready_timeout = ready_timeout
@@ -493,6 +499,8 @@ class Stack:
                 "--issuer", self.idp_url, "--client-id", CLIENT_ID,
                 "--client-secret", CLIENT_SECRET, "--audience", AUDIENCE,
                 "--redirect-uri", f"{self.envoy_url}/_stepup/callback",
+                *(["--signing-key", str(self.idp_signing_key)] if self.idp_signing_key else []),
+                *self.idp_args,
             ])
             discovery = f"{self.idp_url}/.well-known/openid-configuration"
             waits.append((idp, discovery, lambda: http_ok(discovery)))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pyotp
 
+from authz.devidp import misbehave
 from authz.devidp.app import base_url, bind, running
 from authz.devidp.config import DevClient, DevIdpConfig, DevUser, default_users, load_file
 from authz.errors import ConfigError
@@ -48,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="YAML with extra users and clients")
     serve.add_argument("--signing-key", type=Path, help="RSA private key PEM (default: fresh)")
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--misbehave", metavar="JSON",
+                       help="TEST-ONLY: knobs that make the provider misbehave "
+                            "(authz.devidp.misbehave), e.g. '{\"acr\": \"pwd\"}'")
+    serve.add_argument("--test-knobs", action="store_true",
+                       help="TEST-ONLY: let tests change the knobs with PUT /_test/misbehave")
     totp = sub.add_parser("totp", help="print the current TOTP code of a dev user")
     totp.add_argument("--user", default="alice")
     totp.add_argument("--config", type=Path, help="YAML with extra users and clients")
@@ -76,6 +82,8 @@ async def _serve(args: argparse.Namespace) -> None:
         access_token_audience=args.audience,
         token_ttl_s=args.token_ttl,
         signing_key_path=args.signing_key,
+        misbehave=misbehave.parse(args.misbehave),
+        test_knobs=args.test_knobs,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

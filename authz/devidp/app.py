@@ -13,14 +13,15 @@ import secrets
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-from authz.devidp import forms
+from authz.devidp import forms, misbehave
 from authz.devidp.config import DevIdpConfig, SigningKey
 from authz.devidp.tokens import (
     MFA_ACRS,
@@ -31,6 +32,7 @@ from authz.devidp.tokens import (
     check_totp,
     new_sid,
 )
+from authz.errors import ConfigError
 
 log = logging.getLogger("authz.devidp")
 
@@ -101,7 +103,12 @@ class Provider:
     def __init__(self, config: DevIdpConfig) -> None:
         self.config = config
         self.key = SigningKey.load_or_generate(config.signing_key_path)
-        self.tokens = TokenEndpoint(config, self.key)
+        # TEST-ONLY: one mutable set of knobs, shared with the token endpoint.
+        self.knobs = config.misbehave
+        self.tokens = TokenEndpoint(config, self.key, self.knobs)
+        if self.knobs.active or config.test_knobs:
+            log.warning("DEV IdP MISBEHAVES ON PURPOSE (test knobs: %s, run-time changes %s)",
+                        self.knobs, "allowed" if config.test_knobs else "off")
         self._pending: dict[str, _Pending] = {}
         self._sessions: dict[str, _Session] = {}
         parts = urlsplit(config.issuer)
@@ -300,10 +307,21 @@ class Provider:
     def _redirect(self, req: _Request, params: dict[str, str]) -> web.StreamResponse:
         if req.state is not None:
             params["state"] = req.state
-        params["iss"] = self.config.issuer  # RFC 9207 section 2
+        params["iss"] = self.knobs.response_iss or self.config.issuer  # RFC 9207 section 2
         sep = "&" if "?" in req.redirect_uri else "?"
         location = req.redirect_uri + sep + urlencode(params)
         return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
+
+    async def set_misbehaviour(self, request: web.Request) -> web.Response:
+        """TEST-ONLY ``PUT /_test/misbehave``: replace every knob (``{}`` = honest again)."""
+        try:
+            new = misbehave.parse(await request.json())
+        except (ValueError, ConfigError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        for f in dataclass_fields(new):
+            setattr(self.knobs, f.name, getattr(new, f.name))
+        log.warning("test knobs now %s", self.knobs)
+        return web.json_response(asdict(self.knobs))
 
     def _purge(self, now: float) -> None:
         for rid in [r for r, p in self._pending.items() if p.expires_at <= now]:
@@ -326,6 +344,8 @@ def create_app(config: DevIdpConfig) -> web.Application:
     app.router.add_get(prefix + "/authorize", provider.authorize_get)
     app.router.add_post(prefix + "/authorize", provider.authorize_post)
     app.router.add_post(prefix + "/token", provider.tokens.handle)
+    if config.test_knobs:  # TEST-ONLY, off unless `serve --test-knobs`
+        app.router.add_put(prefix + "/_test/misbehave", provider.set_misbehaviour)
     return app
 
 

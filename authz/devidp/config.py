@@ -23,6 +23,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from authz.devidp.misbehave import Misbehaviour
 from authz.errors import ConfigError
 
 #: DEV CREDENTIALS, published on purpose. ``python -m authz.devidp totp --user alice`` prints
@@ -83,6 +84,10 @@ class DevIdpConfig:
     max_login_attempts: int = 5
     clock: Callable[[], float] = time.time
     signing_key_path: Path | None = None
+    # TEST-ONLY (authz.devidp.misbehave): what to get wrong, and whether tests may change
+    # it at run time with PUT /_test/misbehave.
+    misbehave: Misbehaviour = field(default_factory=Misbehaviour)
+    test_knobs: bool = False
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.issuer)

@@ -22,6 +22,7 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from authz.devidp.config import DevClient, DevIdpConfig, DevUser, SigningKey
+from authz.devidp.misbehave import Misbehaviour
 
 log = logging.getLogger("authz.devidp")
 
@@ -91,10 +92,14 @@ def s256(verifier: str) -> str:
 class TokenEndpoint:
     """``POST /token``. Holds the one-time authorization codes."""
 
-    def __init__(self, config: DevIdpConfig, key: SigningKey) -> None:
+    def __init__(self, config: DevIdpConfig, key: SigningKey,
+                 knobs: Misbehaviour | None = None) -> None:
         self._config = config
         self._key = key
         self._codes: dict[str, CodeGrant] = {}
+        # TEST-ONLY misbehaviour (shared with the Provider, which may change it in place).
+        self.knobs = knobs if knobs is not None else config.misbehave
+        self._last_id_token: str | None = None
 
     def issue_code(self, grant: CodeGrant) -> str:
         now = self._config.clock()
@@ -213,6 +218,7 @@ class TokenEndpoint:
             "amr": list(auth.amr),
             "sid": auth.sid,
         }
+        common = self.knobs.claims(common)
         access_claims = {
             **common,
             "aud": config.access_token_audience,
@@ -232,9 +238,14 @@ class TokenEndpoint:
         }
         if nonce is not None:
             id_claims["nonce"] = nonce
+        id_token = self._sign(self.knobs.id_claims(id_claims), "JWT")
+        if self.knobs.replay_id_token and self._last_id_token is not None:
+            id_token, self._last_id_token = self._last_id_token, id_token
+        else:
+            self._last_id_token = id_token
         return {
             "access_token": access_token,
-            "id_token": self._sign(id_claims, "JWT"),
+            "id_token": id_token,
             "token_type": "Bearer",
             "expires_in": config.token_ttl_s,
             "scope": scope,

@@ -19,6 +19,7 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from authz.adapters.envoy_out import METHOD_OVERRIDE_HEADERS
 from authz.app import Service, start_service
 from authz.devidp import ALICE_TOTP_SECRET, DevClient, DevIdpConfig, base_url, bind, running
 from authz.settings import Settings
@@ -123,7 +124,8 @@ async def test_decisions_over_grpc(env: Env) -> None:
     assert header(r, "x-stepup-user") == "alice"
     assert header(r, "x-stepup-level") == "standard"
     assert header(r, "x-stepup-acr") == "pwd"
-    assert list(r.ok_response.headers_to_remove) == ["x-stepup-role"]
+    # client x-stepup-* copies, and method overrides always (tests/security)
+    assert list(r.ok_response.headers_to_remove) == ["x-stepup-role", *METHOD_OVERRIDE_HEADERS]
     # elevated route with a password token: RFC 9470 challenge
     r = await env.stub.Check(check_request("/accounts/1", auth))
     assert r.denied_response.status.code == 401
