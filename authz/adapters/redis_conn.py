@@ -72,6 +72,19 @@ def _split(node: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class _SentinelPrimary(aioredis.Redis):
+    """The primary found through the sentinels. ``aclose()`` also closes the connections to
+    the sentinels themselves, which redis-py's ``Sentinel`` otherwise leaves open."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            manager = getattr(self.connection_pool, "sentinel_manager", None)
+            for sentinel in getattr(manager, "sentinels", ()):
+                await sentinel.aclose()
+
+
 def make_redis(settings: RedisSettings, url: str | None = None) -> Any:
     """The shared async client for the configured topology: ``url`` (or ``settings.url``),
     ``settings.sentinel`` (the current primary, found through the sentinels) or
@@ -92,18 +105,19 @@ def make_redis(settings: RedisSettings, url: str | None = None) -> Any:
         # redis-py's asyncio Sentinel constructor carries no annotations.
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             [_split(n) for n in sn.nodes], sentinel_kwargs=sentinel_kwargs, **kwargs)
-        return sentinel.master_for(sn.master_name)
+        return sentinel.master_for(sn.master_name, redis_class=_SentinelPrimary)
     if settings.cluster is not None:
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
         kwargs = _common_kwargs(settings)
-        kwargs.pop("retry")
         if settings.cluster.ssl:
             kwargs.update(ssl=True, **_tls_kwargs(settings))
+        # MOVED/ASK redirections are followed inside one call (they are answers, not
+        # failures); the zero-retry ``retry`` from _common_kwargs means a connection error
+        # or timeout is not retried. (``cluster_error_retry_attempts`` is deprecated since
+        # redis-py 6 and warns, which the test suite turns into an error.)
         return RedisCluster(
-            startup_nodes=[ClusterNode(*_split(n)) for n in settings.cluster.nodes],
-            # MOVED/ASK after a failover are followed; nothing else is retried.
-            cluster_error_retry_attempts=1, **kwargs,
+            startup_nodes=[ClusterNode(*_split(n)) for n in settings.cluster.nodes], **kwargs,
         )
     url = url or settings.url
     if url is None:

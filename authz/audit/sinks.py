@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol, TextIO
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from authz.audit.events import AuditEvent, encode_event
 from authz.audit.metrics import AuditMetrics
@@ -123,7 +123,8 @@ class RedisStreamSink:
                 async with self.client.pipeline(transaction=False) as pipe:
                     self.add_to_pipeline(pipe, event)
                     results = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:  # asyncio.TimeoutError is an OSError
+        # asyncio.TimeoutError is an OSError; RedisClusterException is not a RedisError.
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise AuditUnavailable(f"audit write failed: {type(exc).__name__}") from exc
         self.check_results(results)
 
@@ -136,7 +137,7 @@ class RedisStreamSink:
                         key, fields = self.xadd_args(e)
                         pipe.xadd(key, fields)
                     results = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise AuditUnavailable(f"audit batch failed: {type(exc).__name__}") from exc
         failed = sum(1 for r in results if isinstance(r, BaseException) or not r)
         if failed:

@@ -1,0 +1,125 @@
+"""Our answer always comes before Envoy gives up: the per-Check budgets in the settings are
+shorter than every ext_authz timeout we ship, and live, a paused Redis produces OUR denial
+(with its reason header) through real Envoy, not Envoy's own timeout response."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from authz.audit.config import AuditSettings
+from authz.demo.stack import REPO_ROOT, Stack, render_envoy_config
+from authz.settings import RedisSettings
+
+ENVOY_CONFIGS = ["envoy/demo.yaml", "envoy/demo-http.yaml", "envoy/edge.yaml"]
+# A Check's worst case inside the service: the session read under its deadline, then (for an
+# allow at or above the audit level) the durable audit write under its own; plus scheduling.
+MARGIN_S = 0.05
+
+
+def ext_authz_timeouts(doc: object) -> list[float]:
+    """Every ``timeout`` inside an ext_authz filter config (grpc_service / http_service)."""
+    found: list[float] = []
+
+    def walk(node: object, inside: bool) -> None:
+        if isinstance(node, dict):
+            here = inside or "ExtAuthz" in str(node.get("@type", ""))
+            for key, value in node.items():
+                if here and key == "timeout" and isinstance(value, str):
+                    found.append(float(value.rstrip("s")))
+                walk(value, here)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item, inside)
+
+    walk(doc, False)
+    return found
+
+
+def in_service_budget_s() -> float:
+    return (RedisSettings().deadline_ms + AuditSettings().durable_deadline_ms) / 1000
+
+
+@pytest.mark.parametrize("name", ENVOY_CONFIGS)
+def test_deadlines_shorter_than_envoy_timeout(name: str) -> None:
+    text = (REPO_ROOT / name).read_text()
+    if "${" in text:
+        keys = set(re.findall(r"\$\{([A-Z_]+)\}", text))
+        text = render_envoy_config(REPO_ROOT / name, **{k: 1 for k in keys - {"AUTHZ_TIMEOUT"}})
+    timeouts = ext_authz_timeouts(yaml.safe_load(text))
+    assert timeouts, f"no ext_authz timeout found in {name}"
+    for t in timeouts:
+        assert in_service_budget_s() + MARGIN_S < t, (name, t, in_service_budget_s())
+        # The Redis socket timeout (the backstop under the deadline) is inside it too.
+        assert RedisSettings().deadline_ms / 1000 + 0.1 < t
+
+
+def test_istio_and_helm_timeouts() -> None:
+    mesh = (REPO_ROOT / "k8s/istio/meshconfig.yaml").read_text()
+    t = [float(m) for m in re.findall(r"timeout:\s*([0-9.]+)s", mesh)]
+    assert t and all(in_service_budget_s() + MARGIN_S < x for x in t), t
+    values = yaml.safe_load((REPO_ROOT / "k8s/stepup-authz/values.yaml").read_text())
+    text = yaml.safe_dump(values)
+    m = re.search(r"deadlineMs: (\d+)", text)
+    assert m is not None and int(m.group(1)) == RedisSettings().deadline_ms
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with Stack(tmp_path_factory.mktemp("deadline"), policy_file=REPO_ROOT / "examples" /
+               "policy.yaml", separate_audit_redis=True) as s:
+        yield s
+
+
+def _redis(port: int, *cmd: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        parts = [f"${len(c)}\r\n{c}\r\n" for c in cmd]
+        s.sendall(f"*{len(cmd)}\r\n{''.join(parts)}".encode())
+        return s.recv(256)
+
+
+@pytest.mark.e2e
+def test_paused_redis_our_reason_reaches_the_client_through_envoy(stack: Stack) -> None:
+    import json
+    import urllib.request
+
+    form = b"grant_type=password&username=bob&password=bob-password&client_id=stepup-authz" \
+           b"&client_secret=dev-secret"
+    with urllib.request.urlopen(f"{stack.idp_url}/token", data=form) as r:  # noqa: S310
+        token = json.loads(r.read())["access_token"]
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def get() -> tuple[int, dict[str, str], float]:
+        req = urllib.request.Request(f"{stack.envoy_url}/accounts/1",  # noqa: S310
+                                     headers={"Authorization": f"Bearer {token}"})
+        started = time.monotonic()
+        try:
+            with opener.open(req, timeout=5) as resp:
+                return resp.status, dict(resp.headers), time.monotonic() - started
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), time.monotonic() - started
+
+    status, headers, _ = get()
+    assert (status, headers.get("x-stepup-reason")) == (401, "acr-insufficient")
+    # (CLIENT UNPAUSE would itself wait behind the pause: let it expire instead.)
+    assert _redis(stack.redis_port, "CLIENT", "PAUSE", "1500", "ALL").startswith(b"+OK")
+    paused = time.monotonic()
+    try:
+        for _ in range(4):
+            status, headers, took = get()
+            # Ours: 403 with our reason and decision id, well before Envoy's 250 ms timeout
+            # (Envoy's own timeout answer would be a bare 403 without them).
+            assert (status, headers.get("x-stepup-reason")) == (403,
+                                                                "session-store-unavailable")
+            assert headers.get("x-stepup-decision-id")
+            assert took < 0.25, took
+    finally:
+        time.sleep(max(0.0, 1.6 - (time.monotonic() - paused)))
+    path = Path(stack.log_path("service"))
+    assert "Traceback" not in path.read_text(errors="replace")

@@ -1,0 +1,200 @@
+"""Redis faults against the running service (in-process, real gRPC, a private real Valkey).
+
+Each test states its expected safe outcome. "Fails closed" means: not allowed, 403, reason
+``session-store-unavailable``, counted in ``fail_closed_total``, answered within the store
+deadline plus a margin (so always before Envoy's 250 ms ext_authz timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from authz.adapters.redis_conn import EmbeddedValkey
+from authz.adapters.sessions import UserKeys
+from tests.ha.harness import SENSITIVE, STANDARD, Env, service_env
+
+pytestmark = pytest.mark.integration
+
+DEADLINE_S = 0.05  # RedisSettings.deadline_ms default
+MARGIN_S = 0.10  # gRPC, scheduling on a loaded 2-core machine
+FAIL = "session-store-unavailable"
+
+
+@pytest.fixture
+def valkey() -> AsyncIterator[EmbeddedValkey]:  # type: ignore[misc]
+    server = EmbeddedValkey()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def env(valkey: EmbeddedValkey, tmp_path: Path) -> AsyncIterator[Env]:
+    async with service_env(tmp_path, {"url": valkey.url},
+                           {"audit": {"enabled": False}}) as e:
+        yield e
+
+
+def raw(valkey: EmbeddedValkey) -> redis.Redis:
+    return redis.Redis.from_url(valkey.url, socket_timeout=5)
+
+
+def fail_closed(env: Env) -> float:
+    return env.metric("stepup_authz_fail_closed_total", {"cause": FAIL})
+
+
+async def assert_fails_closed(env: Env, token: str, path: str = SENSITIVE) -> None:
+    before = fail_closed(env)
+    r = await env.check(path, token)
+    assert (r.allowed, r.status, r.reason) == (False, 403, FAIL), r
+    assert r.elapsed < DEADLINE_S + MARGIN_S, r
+    assert fail_closed(env) == before + 1
+
+
+async def test_redis_down_fails_closed_and_recovers(env: Env, valkey: EmbeddedValkey) -> None:
+    alice = await env.token("alice")
+    await env.grant(alice)
+    assert (await env.check(SENSITIVE, alice)).allowed
+    await asyncio.to_thread(valkey.stop)
+    for path in (SENSITIVE, STANDARD):  # even a standard route reads the session state
+        await assert_fails_closed(env, alice, path)
+    await asyncio.to_thread(valkey.start)  # same port, empty (no persistence)
+    deadline = time.monotonic() + 5
+    while (r := await env.check(SENSITIVE, alice)).reason == FAIL:
+        assert time.monotonic() < deadline, r
+        await asyncio.sleep(0.05)
+    assert (r.allowed, r.reason) == (False, "acr-insufficient"), r  # grant gone: step-up
+
+
+async def test_redis_paused_answers_within_deadline_and_replies_never_cross(
+    env: Env, valkey: EmbeddedValkey
+) -> None:
+    """CLIENT PAUSE beyond the deadline: every Check fails closed within the deadline plus a
+    margin. A timed-out command's reply arrives later on its connection: it must never be
+    read as the answer to another user's Check (the connection is dropped instead)."""
+    alice, bob = await env.token("alice"), await env.token("bob")
+    await env.grant(alice)
+    c = raw(valkey)
+    try:
+        for _ in range(3):
+            c.execute_command("CLIENT", "PAUSE", 400, "ALL")  # type: ignore[no-untyped-call]
+            results = await asyncio.gather(*(env.check(SENSITIVE, t)
+                                             for t in [alice, bob] * 8))
+            assert all((r.allowed, r.reason) == (False, FAIL) for r in results), results
+            assert max(r.elapsed for r in results) < DEADLINE_S + MARGIN_S, results
+            await asyncio.sleep(0.45)  # the paused replies are now in flight
+            results = await asyncio.gather(*(env.check(SENSITIVE, t)
+                                             for t in [alice, bob] * 8))
+            assert [r.allowed for r in results] == [True, False] * 8, results
+            assert {r.reason for r in results[1::2]} == {"acr-insufficient"}
+    finally:
+        c.close()
+
+
+async def test_readonly_replica_fails_closed(env: Env, valkey: EmbeddedValkey) -> None:
+    """The server becomes a replica (as a demoted primary does): the Check's read-and-count
+    hits READONLY and fails closed, even with a grant present; REPLICAOF NO ONE recovers."""
+    alice = await env.token("alice")
+    await env.grant(alice)
+    with EmbeddedValkey() as other:
+        c = raw(valkey)
+        try:
+            c.execute_command("REPLICAOF", "127.0.0.1", other.port)  # type: ignore[no-untyped-call]
+            await assert_fails_closed(env, alice)
+            c.execute_command("REPLICAOF", "NO", "ONE")  # type: ignore[no-untyped-call]
+        finally:
+            c.close()
+    # A primary again: answered from the store (the grant survives unless a resync from
+    # the empty primary completed first, in which case it is a step-up).
+    r = await env.check(SENSITIVE, alice)
+    assert r.allowed or r.reason == "acr-insufficient", r
+    bob = await env.token("bob")
+    assert (await env.check(SENSITIVE, bob)).reason == "acr-insufficient"
+
+
+async def test_grant_expired_or_evicted_is_a_step_up(env: Env, valkey: EmbeddedValkey) -> None:
+    alice = await env.token("alice")
+    await env.grant(alice, ttl=1)
+    assert (await env.check(SENSITIVE, alice)).allowed
+    await asyncio.sleep(2.1)
+    r = await env.check(SENSITIVE, alice)
+    assert (r.allowed, r.reason) == (False, "acr-insufficient"), r
+    # Eviction: a tiny maxmemory and a flood of other keys push the grant out.
+    await env.grant(alice)
+    assert (await env.check(SENSITIVE, alice)).allowed
+    c = raw(valkey)
+    try:
+        c.config_set("maxmemory-policy", "allkeys-random")
+        c.config_set("maxmemory", str(int(c.info("memory")["used_memory"]) + 200_000))
+        uk, sk = await env.keys(alice)
+        grant_key = UserKeys(env.service.settings.redis.key_prefix, uk).grant(sk, "elevated")
+        i = 0
+        while c.exists(grant_key):
+            with c.pipeline(transaction=False) as p:
+                for j in range(500):
+                    p.set(f"filler:{i}:{j}", b"x" * 1000)
+                p.execute()
+            i += 1
+            assert i < 200, "the grant was never evicted"
+        r = await env.check(SENSITIVE, alice)
+        assert (r.allowed, r.reason) == (False, "acr-insufficient"), r
+        assert int(c.info("stats")["evicted_keys"]) > 0
+    finally:
+        c.config_set("maxmemory", "0")
+        c.close()
+
+
+async def test_corrupt_and_wrong_type_values(env: Env, valkey: EmbeddedValkey) -> None:
+    """Junk or a wrong-type value at any per-user key: no crash, never an allow without a
+    valid grant; junk is counted in ``corrupt_grants_total``."""
+    alice = await env.token("alice")
+    uk, sk = await env.keys(alice)
+    k = UserKeys(env.service.settings.redis.key_prefix, uk)
+    c = raw(valkey)
+    corrupt = "stepup_authz_corrupt_grants_total"
+    try:
+        cases: list[tuple[str, str, object]] = [
+            ("grant junk", k.grant(sk, "elevated"), b"\x00not json{"),
+            ("grant wrong level", k.grant(sk, "elevated"),
+             b'{"v":1,"level":"standard","acr":"mfa","amr":[],"auth_time":1,"exp":9999999999,'
+             b'"iat":1}'),
+            ("grant plaintext forgery", k.grant(sk, "elevated"),
+             b'{"v":1,"level":"elevated","acr":"mfa","amr":["otp"],"auth_time":%d,'
+             b'"exp":9999999999,"iat":%d}' % (int(time.time()), int(time.time()))),
+            ("grant as hash", k.grant(sk, "elevated"), {"level": "elevated"}),
+            ("revoked-before junk", k.revoked_before, b"yesterday"),
+            ("velocity junk", k.velocity(int(time.time()) // 60), b"many"),
+            ("velocity as list", k.velocity(int(time.time()) // 60), ["a"]),
+            ("devices as string", k.devices, b"junk"),
+            ("last sighting junk", k.last_sighting, b"1,2"),
+        ]
+        for name, key, value in cases:
+            c.delete(key)
+            if isinstance(value, dict):
+                c.hset(key, mapping=value)
+            elif isinstance(value, list):
+                c.rpush(key, *value)
+            else:
+                c.set(key, value)  # type: ignore[arg-type]
+            before = env.metric(corrupt)
+            r = await env.check(SENSITIVE, alice)
+            assert not r.allowed, (name, r)
+            assert r.reason in ("acr-insufficient", FAIL), (name, r)
+            assert r.reason != "internal-error", name
+            if name in ("grant junk", "grant wrong level", "grant plaintext forgery",
+                        "revoked-before junk", "velocity junk", "last sighting junk"):
+                assert env.metric(corrupt) > before, name
+            c.delete(key)
+        # And the valid grant still works after all that.
+        await env.grant(alice)
+        assert (await env.check(SENSITIVE, alice)).allowed
+    finally:
+        c.close()

@@ -1,0 +1,284 @@
+"""The service in-process for the HA and fault tests: real gRPC on port 0, the dev IdP behind a
+fault-injecting HTTP proxy (the issuer is the proxy's URL, so discovery, JWKS and the token
+endpoint all pass through it), and whatever Redis topology the test configures.
+
+Nothing here is a fake: the proxy forwards to the real dev IdP unless told to fail a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import socket
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pyotp
+from aiohttp import web
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+from authz.adapters.redis_conn import make_redis
+from authz.adapters.sessions import RedisSessionStore
+from authz.app import Service, start_service
+from authz.core.session import Evidence, Grant, session_key, user_key
+from authz.demo.stack import deep_merge
+from authz.devidp import (
+    ALICE_TOTP_SECRET,
+    BOB_TOTP_SECRET,
+    DevClient,
+    DevIdpConfig,
+    base_url,
+    bind,
+    running,
+)
+from authz.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+PUBLIC = "http://app.test"
+CLIENT_SECRET = "dev-secret"
+TOTP = {"alice": ALICE_TOTP_SECRET, "bob": BOB_TOTP_SECRET}
+
+# The demo policy, with checks at "elevated" and above counted for velocity: the read
+# script then also writes (INCR), so a read-only replica cannot answer it.
+POLICY = (ROOT / "examples" / "policy.yaml").read_text() + "signals: {sensitive_level: elevated}\n"
+SENSITIVE = "/accounts/1"  # elevated (GET)
+STANDARD = "/news"
+PUBLIC_PATH = "/public/info"
+
+
+@dataclass
+class FaultProxy:
+    """Forwards to ``upstream``; ``modes[path]`` makes one path fail:
+    ``"error"`` (HTTP 500 with an OAuth error body), ``"down"`` (HTTP 503, as a dead
+    backend behind a load balancer), ``"close"`` (drop the connection), ``"slow:<seconds>"``
+    (wait, then forward)."""
+
+    upstream: str
+    modes: dict[str, str] = field(default_factory=dict)
+    hits: Counter[str] = field(default_factory=Counter)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.hits[request.path] += 1
+        mode = self.modes.get(request.path, "pass")
+        if mode == "error":
+            return web.json_response({"error": "server_error"}, status=500)
+        if mode == "down":
+            return web.Response(status=503, text="upstream down")
+        if mode == "close":
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=500)  # never reaches the client
+        if mode.startswith("slow:"):
+            await asyncio.sleep(float(mode.split(":", 1)[1]))
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in ("host", "content-length", "transfer-encoding")}
+        async with aiohttp.ClientSession() as s, s.request(
+            request.method, self.upstream + request.path_qs, data=body, headers=headers,
+            allow_redirects=False,
+        ) as up:
+            data = await up.read()
+            out = web.Response(status=up.status, body=data)
+            for name in ("Content-Type", "Location", "Cache-Control"):
+                if name in up.headers:
+                    out.headers[name] = up.headers[name]
+            for value in up.headers.getall("Set-Cookie", []):
+                out.headers.add("Set-Cookie", value)
+            return out
+
+
+@dataclass
+class Result:
+    allowed: bool
+    status: int  # the HTTP status Envoy would send (200 when allowed)
+    reason: str | None
+    elapsed: float
+
+
+@dataclass
+class Env:
+    service: Service
+    idp: str  # the issuer: the proxy's URL
+    proxy: FaultProxy
+    stub: external_auth_pb2_grpc.AuthorizationStub
+    channel: grpc.aio.Channel
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.service.http_port}"
+
+    async def check(self, path: str, token: str | None = None, *, method: str = "GET",
+                    headers: dict[str, str] | None = None,
+                    timeout: float = 5.0) -> Result:  # noqa: ASYNC109 - the gRPC deadline
+        h = dict(headers or {})
+        if token is not None:
+            h["authorization"] = f"Bearer {token}"
+        started = time.perf_counter()
+        r = await self.stub.Check(check_request(path, h, method=method), timeout=timeout)
+        elapsed = time.perf_counter() - started
+        if r.HasField("ok_response"):
+            return Result(r.status.code == 0, 200, None, elapsed)
+        return Result(False, r.denied_response.status.code,
+                      _header(r.denied_response.headers, "x-stepup-reason"), elapsed)
+
+    async def token(self, user: str = "alice", *, otp: bool = False) -> str:
+        form = {"grant_type": "password", "username": user, "password": f"{user}-password"}
+        if otp:
+            form["otp"] = pyotp.TOTP(TOTP[user]).now()
+        basic = base64.b64encode(f"stepup-authz:{CLIENT_SECRET}".encode()).decode()
+        async with aiohttp.ClientSession() as s, s.post(
+            f"{self.idp}/token", data=form, headers={"Authorization": f"Basic {basic}"}
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            body: dict[str, Any] = await resp.json()
+        return str(body["access_token"])
+
+    async def keys(self, token: str) -> tuple[str, str]:
+        """(user key, session key) of the token's session, as the Check computes them."""
+        ident = await self.service.authorizer.tokens.verify_access_token(token, int(time.time()))
+        return (user_key(ident.issuer, ident.subject),
+                session_key(ident.issuer, ident.subject, ident.session_id))
+
+    async def grant(self, token: str, level: str = "elevated", ttl: int = 600) -> None:
+        """Record a step-up grant for the token's session, as the callback does."""
+        uk, sk = await self.keys(token)
+        now = int(time.time())
+        grant = Grant(level=level, evidence=Evidence("mfa", ("pwd", "otp"), now - 1),
+                      expires_at=now + ttl, issued_at=now)
+        # A setup write, not a Check: its own store, with no latency budget.
+        r = self.service.settings.redis
+        # Same cipher as the service's store (values are encrypted at rest), when it has one.
+        cipher = getattr(self.service.authorizer.store, "cipher", None)
+        kwargs: dict[str, Any] = {} if cipher is None else {"cipher": cipher}
+        store = RedisSessionStore(make_redis(r), prefix=r.key_prefix, deadline_ms=5000,
+                                  **kwargs)
+        try:
+            await store.write_grant(uk, sk, grant, now)
+        finally:
+            await store.aclose()
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        value = self.service.metrics.registry.get_sample_value(name, labels or {})
+        return 0.0 if value is None else value
+
+
+def check_request(path: str, headers: dict[str, str], *, method: str = "GET",
+                  ip: str = "10.0.0.5") -> external_auth_pb2.CheckRequest:
+    req = external_auth_pb2.CheckRequest()
+    http = req.attributes.request.http
+    http.method, http.path, http.host, http.scheme = method, path, "app.test", "https"
+    http.headers.update(headers)
+    req.attributes.source.address.socket_address.address = ip
+    return req
+
+
+def _header(headers: Any, name: str) -> str | None:
+    for h in headers:
+        if h.header.key == name:
+            return str(h.header.value)
+    return None
+
+
+@contextlib.asynccontextmanager
+async def idp_behind_proxy() -> AsyncIterator[tuple[str, FaultProxy]]:
+    """The dev IdP on one port, the fault proxy on another; the issuer is the proxy."""
+    idp_sock, proxy_sock = bind(), bind()
+    issuer = base_url(proxy_sock)
+    cfg = DevIdpConfig(issuer=issuer, clients={
+        "stepup-authz": DevClient(CLIENT_SECRET, (f"{PUBLIC}/_stepup/callback",))})
+    proxy = FaultProxy(base_url(idp_sock))
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.SockSite(runner, proxy_sock).start()
+        async with running(cfg, idp_sock):
+            yield issuer, proxy
+    finally:
+        await runner.cleanup()
+        for sock in (idp_sock, proxy_sock):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def settings_for(issuer: str, policy_file: Path, redis: dict[str, Any],
+                 extra: dict[str, Any] | None = None) -> Settings:
+    base: dict[str, Any] = {
+        "policy_file": str(policy_file),
+        "grpc": {"port": 0, "shutdown_delay_s": 0},
+        "http": {"port": 0},
+        "redis": redis,
+        "oidc": {"issuer": issuer, "client_id": "stepup-authz", "client_secret": CLIENT_SECRET,
+                 "audience": "stepup-demo", "algorithms": ["RS256"], "token_typ": "at+jwt"},
+        "stepup": {"public_url": PUBLIC, "cookie_secure": False},
+    }
+    return Settings.model_validate(deep_merge(base, extra or {}))
+
+
+@contextlib.asynccontextmanager
+async def service_env(tmp_path: Path, redis: dict[str, Any],
+                      extra: dict[str, Any] | None = None) -> AsyncIterator[Env]:
+    """The service with ``redis`` settings (url | sentinel | cluster, key_prefix ...)."""
+    policy = tmp_path / "policy.yaml"
+    await asyncio.to_thread(_write, policy, POLICY)
+    async with idp_behind_proxy() as (issuer, proxy):
+        service = await start_service(settings_for(issuer, policy, redis, extra))
+        # Warm up as a readiness probe would: the first command must discover the topology
+        # (sentinel lookup, cluster slot map) and connect, all under the 50 ms deadline,
+        # which a busy 2-core machine can miss (that Check would fail closed).
+        store: Any = service.authorizer.store
+        for _ in range(100):
+            if await store.ping():
+                break
+            await asyncio.sleep(0.05)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
+        try:
+            yield Env(service, issuer, proxy,
+                      external_auth_pb2_grpc.AuthorizationStub(channel), channel)
+        finally:
+            await channel.close()
+            await service.stop()
+
+
+class LoopLag:
+    """A ticker on the event loop: the largest delay between when it asked to wake and when
+    it did. A blocking call anywhere on the loop shows up here."""
+
+    def __init__(self, period_s: float = 0.005) -> None:
+        self.period_s = period_s
+        self.max_lag = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(self.period_s)
+            self.max_lag = max(self.max_lag, loop.time() - t - self.period_s)
+
+    def __enter__(self) -> LoopLag:
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
