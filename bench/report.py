@@ -123,10 +123,10 @@ def markdown(doc: Mapping[str, Any]) -> str:
         fr = doc["fixed_rate"]
         out += [
             "",
-            f"Fixed rate, open loop (h2load --rps, HTTP/2, {fr['config']['clients']} "
-            f"connections x {fr['config']['rps_per_client']} req/s, "
+            f"Fixed rate, open loop ({fr['config'].get('tool', 'h2load --rps')}; "
+            f"{fr['config']['total_rps']:,} req/s, "
             f"{fr['config']['duration_s']} s after {fr['config']['warmup_s']} s warm-up; "
-            "percentiles computed from h2load's per-request log).",
+            "percentiles computed from the per-request log).",
             "",
             "| scenario | target req/s | achieved | p50 ms | p90 ms | p99 ms | p99.9 ms | "
             "max ms | p99 x0 | CPU service | err | noise |",

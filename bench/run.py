@@ -82,19 +82,24 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--scenarios", default=",".join(DEFAULT_IDS),
                    help=f"comma-separated ids (default {','.join(DEFAULT_IDS)}; also: 2t)")
     p.add_argument("--with-audit", action="store_true",
-                   help="enable scenario 4 (audit-before-access) — once the audit trail exists")
+                   help="(scenario 4, audit-before-access, now runs by default)")
     p.add_argument("--with-http-authz", action="store_true",
                    help="enable scenario 5 (HTTP ext_authz) — once the HTTP mode exists")
     p.add_argument("--wrk-threads", type=int, default=1,
                    help="wrk threads (default 1: this host has few cores and wrk is cheap)")
     p.add_argument("--fixed-rate", type=int, default=2000,
                    help="open-loop total req/s for h2load (0 disables; default 2000)")
-    p.add_argument("--fixed-rate-scenarios", default="0,1,2",
+    p.add_argument("--fixed-rate-scenarios", default="0,1,2,5",
                    help="scenarios run at the fixed rate (default 0,1,2: the target is on 2)")
     p.add_argument("--fixed-rate-duration", type=float,
                    help="seconds per fixed-rate run (default 8; quick 3)")
+    p.add_argument("--fixed-rate-tool", choices=("openloop", "h2load"), default="openloop",
+                   help="open-loop generator: bench.openloop (evenly spaced, default) or "
+                        "h2load --rps (bursty)")
     p.add_argument("--fixed-rate-clients", type=int, default=8,
                    help="h2load connections sharing the fixed rate (default 8)")
+    p.add_argument("--service-workers", type=int, default=1,
+                   help="stepup-authz serve --workers N (default 1)")
     p.add_argument("--service-log-level", default="INFO",
                    help="the service's log level (default INFO, as deployed: every denial is "
                         "a log line, which scenario 3 pays for)")
@@ -226,16 +231,23 @@ def run_wrk(wrk: str, s: Scenario, t: Target, conc: int, duration: float, thread
 
 
 def run_h2load(h2load: str, s: Scenario, t: Target, total_rps: int, clients: int,
-               duration: float, workdir: Path, rep: int) -> dict[str, Any]:
-    """Open loop: each of ``clients`` HTTP/2 connections starts ``total_rps/clients`` requests
-    per second whether or not earlier ones finished (up to ``-m`` in flight per connection)."""
+               duration: float, workdir: Path, rep: int, tool: str = "openloop") -> dict[str, Any]:
+    """Open loop at ``total_rps``. ``tool="openloop"`` (default): bench.openloop, evenly
+    spaced HTTP/1.1 requests, latency from when each was due. ``tool="h2load"``: each of
+    ``clients`` HTTP/2 connections starts ``total_rps/clients`` requests per second whether or
+    not earlier ones finished (up to ``-m`` in flight per connection) -- in bursts (README)."""
     per_client = max(1, round(total_rps / clients))
     warmup = 1.0
-    logf = workdir / f"h2load-{s.id}-{rep}.tsv"
+    logf = workdir / f"{tool}-{s.id}-{rep}.tsv"
     logf.unlink(missing_ok=True)
-    argv = [h2load, "-t", "1", "-c", str(clients), "-m", "64", "--rps", str(per_client),
-            "-D", f"{max(1, round(duration))}", "--warm-up-time", f"{round(warmup)}",
-            "--log-file", str(logf)]
+    if tool == "openloop":
+        clients, per_client = 1, total_rps
+        argv = [sys.executable, "-m", "bench.openloop", "--rate", str(total_rps),
+                "--duration", f"{duration}", "--warmup", f"{warmup}", "--log-file", str(logf)]
+    else:
+        argv = [h2load, "-t", "1", "-c", str(clients), "-m", "64", "--rps", str(per_client),
+                "-D", f"{max(1, round(duration))}", "--warm-up-time", f"{round(warmup)}",
+                "--log-file", str(logf)]
     for k, v in t.headers.items():
         argv += ["-H", f"{k.lower()}: {v}"]
     argv.append(t.url + s.path)
@@ -275,8 +287,10 @@ def _environment(args: argparse.Namespace, scenarios: Sequence[Scenario], workdi
     """Start the stack and the reference Envoys; yield what the measurement needs."""
     with contextlib.ExitStack() as stack_cm:
         log(f"starting Valkey, dev IdP, stepup-authz and Envoy in {workdir}")
-        st: Stack = bench_stack(workdir / "stack", REPO / "examples" / "policy.yaml",
-                                args.service_log_level)
+        st = bench_stack(workdir / "stack", REPO / "examples" / "policy.yaml",
+                         args.service_log_level,
+                         http_authz=any(s.target == "stack-http" for s in scenarios),
+                         workers=args.service_workers)
         stack_cm.enter_context(st)
         pids = stack_pids(st)
         tokens = {"pwd": password_token(st.idp_url), "pwd-granted": password_token(st.idp_url),
@@ -301,6 +315,11 @@ def _environment(args: argparse.Namespace, scenarios: Sequence[Scenario], workdi
             if s.target == "stack":
                 targets[s.id] = Target(st.envoy_url, st.admin_url, pids, headers,
                                        metrics_url=f"{st.service_http_url}/metrics")
+            elif s.target == "stack-http":  # the HTTP ext_authz Envoy in front of the service
+                assert st.http_envoy is not None
+                targets[s.id] = Target(st.http_envoy.url, st.http_envoy.admin_url,
+                                       {**pids, "envoy": st.http_envoy.pid}, headers,
+                                       metrics_url=f"{st.service_http_url}/metrics")
             else:
                 e = envoys[s.target]
                 targets[s.id] = Target(e.url, e.admin_url, {"envoy": e.pid}, headers)
@@ -308,12 +327,18 @@ def _environment(args: argparse.Namespace, scenarios: Sequence[Scenario], workdi
         running = Running(
             targets,
             # A grant for the "pwd-granted" session: the Redis read in scenario 2 finds it.
-            regrant=lambda: write_grant(st, tokens["pwd-granted"], "elevated", GRANT_TTL_S),
+            regrant=lambda: _regrant(st, tokens["pwd-granted"]),
             extra_sanity=lambda: _jwt_refuses_pwd(jwt_envoy, tokens["pwd"]),
             service_rss=lambda: rss_kib(pids["service"]),
         )
         running.regrant()
         yield running
+
+
+def _regrant(st: Stack, token: str) -> None:
+    """Fresh grants for scenario 2 (`elevated`) and 4 (`high`, max_age 300 s)."""
+    for level in ("elevated", "high"):
+        write_grant(st, token, level, GRANT_TTL_S)
 
 
 @dataclass(frozen=True)
@@ -373,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenarios, skipped = _selected(args)
     fixed_ids = [i for i in args.fixed_rate_scenarios.split(",") if i] if args.fixed_rate else []
     fixed = [s for s in scenarios if s.id in fixed_ids]
-    tools = _require_tools(bool(fixed))
+    tools = _require_tools(bool(fixed) and args.fixed_rate_tool == "h2load")
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     t_start = time.monotonic()
     tmp = None
@@ -415,9 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for s in fixed:
                     if s.credential == GRANTED:
                         env.regrant()
-                    r = run_h2load(tools["h2load"], s, targets[s.id], args.fixed_rate,
+                    r = run_h2load(tools.get("h2load", ""), s, targets[s.id], args.fixed_rate,
                                    args.fixed_rate_clients, args.fixed_rate_duration, workdir,
-                                   rep)
+                                   rep, args.fixed_rate_tool)
                     fixed_runs.append(r)
                     log(f"fixed {args.fixed_rate}/s s{s.id} rep={rep}: "
                         f"{r['achieved_rps']:,.0f} req/s p99 {r['p99_ms']:.2f} ms "
@@ -434,6 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "mode": "quick" if args.quick else "full", "reps": args.reps,
             "duration_s": args.duration, "concurrency": args.concurrency,
             "wrk_threads": args.wrk_threads, "service_log_level": args.service_log_level,
+            "service_workers": args.service_workers,
             "host": {"cpus": os.cpu_count(), "cpu_model": _cpu_model(),
                      "kernel": platform.release()},
             "versions": _versions(tools),
@@ -450,7 +476,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "config": {"total_rps": args.fixed_rate, "clients": args.fixed_rate_clients,
                        "rps_per_client": max(1, round(args.fixed_rate / args.fixed_rate_clients)),
                        "duration_s": args.fixed_rate_duration, "warmup_s": 1.0,
-                       "tool": "h2load --rps (HTTP/2, h2c prior knowledge)"},
+                       "tool": ("h2load --rps (HTTP/2, h2c prior knowledge)"
+                                if args.fixed_rate_tool == "h2load" else
+                                "bench.openloop (HTTP/1.1 keep-alive, evenly spaced, latency "
+                                "from each request's due time)")},
             "summary": report.summarize_fixed(fixed_runs),
             "runs": fixed_runs,
         }

@@ -12,8 +12,10 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -68,9 +70,21 @@ def http_text(url: str) -> str:
 
 
 # -- CPU and memory from /proc ---------------------------------------------------------------
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` (all its threads) so far, in seconds."""
-    return proc_cpu_ticks(Path(f"/proc/{pid}/stat").read_text()) / CLK_TCK
+    """User + system CPU of ``pid`` (all its threads) and of its live children (the workers of
+    ``serve --workers N``) so far, in seconds."""
+    total = proc_cpu_ticks(Path(f"/proc/{pid}/stat").read_text())
+    for child in _children(pid):
+        with contextlib.suppress(OSError):
+            total += proc_cpu_ticks(Path(f"/proc/{child}/stat").read_text())
+    return total / CLK_TCK
 
 
 def host_busy_seconds() -> float:
@@ -85,10 +99,14 @@ def children_cpu_seconds() -> float:
 
 
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    """Resident set of ``pid`` plus its live children (the workers), KiB."""
+    total = 0
+    for p in (pid, *_children(pid)):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
 
 
 def find_pid(*needles: str) -> int | None:
@@ -201,10 +219,18 @@ def write_grant(stack: Stack, token: str, level: str, ttl_s: int) -> None:
     claims = jwt.decode(token, options={"verify_signature": False})  # our own fresh token
     settings = RedisSettings(url=stack.redis_url)
     key = session_key(claims["iss"], claims["sub"], claims["sid"])
+    extra: dict[str, object] = {}
+    crypto = stack.settings().get("crypto")
+    if crypto:  # the service's keyring: a grant sealed under another key reads as corrupt
+        from authz.adapters.crypto import cipher_from_settings
+        from authz.settings import CryptoSettings
+
+        extra["cipher"] = cipher_from_settings(CryptoSettings.model_validate(crypto))
 
     async def write() -> None:
         store = RedisSessionStore(make_client(stack.redis_url, settings),
-                                  prefix=settings.key_prefix, deadline_ms=2000)
+                                  prefix=settings.key_prefix, deadline_ms=2000,
+                                  **extra)  # type: ignore[arg-type]
         try:
             now = int(time.time())
             grant = Grant(level=level, evidence=Evidence("mfa", ("pwd", "otp"), now),
@@ -216,10 +242,71 @@ def write_grant(stack: Stack, token: str, level: str, ttl_s: int) -> None:
     asyncio.run(write())
 
 
-def bench_stack(workdir: Path, policy_file: Path, log_level: str) -> Stack:
-    return Stack(workdir, policy_file=policy_file,
-                 envoy_template=ENVOY_DIR / "authz_grpc.yaml",
-                 extra_settings={"log": {"level": log_level}})
+# The bench policy's levels: scenario 2 allows at "elevated" (GET /accounts/1), scenario 4 at
+# "high" (GET /wires/1). Allows at or above AUDIT_DURABLE_LEVEL are audited before access.
+AUDIT_DURABLE_LEVEL = "high"
+
+
+class BenchStack(Stack):
+    """The demo stack with the bench's Envoy (direct responses behind ext_authz), audit before
+    access from ``high`` only (so scenario 2 measures the allow path, scenario 4 adds the
+    durable audit record), optionally the HTTP ext_authz listener with a second Envoy in
+    front of it (scenario 5), and ``serve --workers N``."""
+
+    def __init__(self, workdir: Path, policy_file: Path, log_level: str, *,
+                 http_authz: bool = False, workers: int = 1) -> None:
+        # A keyring of our own (written at start): the harness seals the scenario grants
+        # under the same key as the service (see write_grant).
+        self.crypto_key = Path(workdir).resolve() / "crypto-bench.key"
+        extra: dict[str, object] = {
+            "log": {"level": log_level},
+            "audit": {"durable_level": AUDIT_DURABLE_LEVEL},
+            "crypto": {"keys": {"bench": str(self.crypto_key)}, "active_kid": "bench"},
+        }
+        self.check_port = free_ports(1)[0] if http_authz else 0
+        if http_authz:
+            extra["http_authz"] = {"enabled": True, "port": self.check_port}
+        super().__init__(workdir, policy_file=policy_file,
+                         envoy_template=ENVOY_DIR / "authz_grpc.yaml", extra_settings=extra)
+        self.workers = workers
+        self.http_envoy: Envoy | None = None
+
+    def _service_argv(self) -> list[str]:
+        argv = super()._service_argv()
+        return [*argv, "--workers", str(self.workers)] if self.workers > 1 else argv
+
+    def _start(self) -> None:
+        self.crypto_key.parent.mkdir(parents=True, exist_ok=True)
+        if not self.crypto_key.exists():
+            self.crypto_key.write_bytes(os.urandom(32))
+        super()._start()
+        if self.check_port:
+            envoy_bin = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+            self.http_envoy = start_envoy("authz_http", ENVOY_DIR / "authz_http.yaml",
+                                          self.workdir, envoy_bin,
+                                          authz_check_port=self.check_port)
+
+    def stop(self) -> None:
+        if self.http_envoy is not None:
+            self.http_envoy.stop()
+            self.http_envoy = None
+        super().stop()
+
+    @property
+    def http_envoy_url(self) -> str:
+        if self.http_envoy is None:
+            raise BenchError("the HTTP ext_authz Envoy is not running")
+        return self.http_envoy.url
+
+
+def bench_stack(workdir: Path, policy_file: Path, log_level: str, *, http_authz: bool = False,
+                workers: int = 1) -> BenchStack:
+    return BenchStack(workdir, policy_file, log_level, http_authz=http_authz, workers=workers)
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    """The worker processes of ``serve --workers N`` (the supervisor's children)."""
+    return _children(supervisor)
 
 
 def stack_pids(stack: Stack) -> dict[str, int]:
