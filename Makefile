@@ -27,7 +27,10 @@ demo: $(STAMP) ## start the demo: Envoy on 127.0.0.1:8080, the service, embedded
 serve: $(STAMP) ## run the service with CONFIG=path/to/settings.yaml
 	$(BIN)/stepup-authz serve --config $(CONFIG)
 
-test: $(STAMP) ## install and run every test (unit, integration, end-to-end through Envoy)
+system-deps: ## install the system tools the tests drive (promtool, prometheus, h2load, wrk)
+	tools/system-deps
+
+test: $(STAMP) system-deps ## install and run every test (unit, integration, end-to-end through Envoy)
 	$(PY) -m pytest -q
 
 test-unit: $(STAMP) ## unit tests only (no Redis, no Envoy)
@@ -61,4 +64,4 @@ lint: $(STAMP) ## ruff and mypy --strict
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache var
 
-.PHONY: help install demo serve test test-unit test-deploy bench bench-quick fuzz security soak lint clean
+.PHONY: help install system-deps demo serve test test-unit test-deploy bench bench-quick fuzz security soak lint clean
