@@ -178,7 +178,8 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
                 RedisStreamSink(audit_client, stream_key=audit.stream_key,
                                 deadline_ms=audit.durable_deadline_ms,
                                 wait_replicas=audit.wait_replicas,
-                                wait_timeout_ms=audit.wait_timeout_ms),
+                                wait_timeout_ms=audit.wait_timeout_ms,
+                                fast=fast if audit.redis_url is None else None),
                 metrics=AuditMetrics(metrics.registry), buffer_size=audit.buffer_size,
                 batch_size=audit.batch_size, mirrors=mirrors,
             )

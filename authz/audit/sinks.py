@@ -83,10 +83,15 @@ class RedisStreamSink:
         deadline_ms: int,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 50,
+        fast: Any = None,
     ) -> None:
         if wait_replicas and wait_timeout_ms >= deadline_ms:
             raise ValueError("wait_timeout_ms must be below the durable deadline")
         self.client = client
+        # The Check path's pipelined transport (authz.adapters.fastredis.FastRedis) on the
+        # same server: an audit-before-access record costs one cheap command, not a redis-py
+        # pipeline. It raises redis-py's error types, so failures map the same way.
+        self.fast = fast
         self.stream_key = stream_key
         self.deadline_s = deadline_ms / 1000
         self.wait_replicas = wait_replicas
@@ -120,13 +125,24 @@ class RedisStreamSink:
         """One record, durably (see the module docstring), within the deadline."""
         try:
             async with asyncio.timeout(self.deadline_s):
-                async with self.client.pipeline(transaction=False) as pipe:
-                    self.add_to_pipeline(pipe, event)
-                    results = await pipe.execute(raise_on_error=False)
+                if self.fast is not None:
+                    results = await self._fast_write(event)
+                else:
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        self.add_to_pipeline(pipe, event)
+                        results = await pipe.execute(raise_on_error=False)
         # asyncio.TimeoutError is an OSError; RedisClusterException is not a RedisError.
         except (RedisError, RedisClusterException, OSError) as exc:
             raise AuditUnavailable(f"audit write failed: {type(exc).__name__}") from exc
         self.check_results(results)
+
+    async def _fast_write(self, event: AuditEvent) -> list[Any]:
+        xadd = self.fast.execute("XADD", self.stream_key, "*", STREAM_FIELD,
+                                 encode_event(event))
+        if not self.wait_replicas:
+            return [await xadd]
+        wait = self.fast.execute("WAIT", self.wait_replicas, self.wait_timeout_ms)
+        return list(await asyncio.gather(xadd, wait, return_exceptions=True))
 
     async def write_many(self, events: Sequence[AuditEvent], timeout_s: float) -> None:
         """A batch in one round trip (no WAIT: these are the non-critical events)."""
