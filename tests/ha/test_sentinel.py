@@ -22,15 +22,8 @@ from authz.demo.cluster import SentinelSetup
 from tests.ha.harness import SENSITIVE, STANDARD, Env, service_env
 from tests.ha.load import Load
 
-# Killing a primary mid-flight leaves redis-py connections half made or half closed; the
-# garbage collector closes them later (sometimes after the test's loop is gone) and warns.
-# Those ResourceWarnings come from the injected fault, not from a leak of ours; the
-# lifecycle tests elsewhere run with warnings as errors.
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-]
+# ResourceWarnings from the injected faults are handled in conftest.py.
+pytestmark = pytest.mark.integration
 
 RECOVERY_BOUND_S = 40.0
 FAIL_CLOSED = {"session-store-unavailable", "audit-unavailable"}
