@@ -37,7 +37,6 @@ gRPC mode.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from types import MappingProxyType
 from authz.adapters.envoy_out import (
     HEADER_PREFIX,
     METHOD_OVERRIDE_HEADERS,
+    denial,
     rfc9470_challenge,
 )
 from authz.adapters.redirects import Redirects
@@ -68,10 +68,7 @@ METADATA_HEADERS = ("x-stepup-decision-id", "x-stepup-outcome", "x-stepup-reason
                     "x-stepup-level")
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 
-_SAFE_METHODS = frozenset({"GET", "HEAD"})
-_REALM = 'realm="stepup-authz"'
 _LEVEL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_NO_CREDENTIALS = "no-credentials"
 
 
 def _reason_phrase(status: int) -> str:
@@ -192,40 +189,9 @@ class HttpResponseBuilder:
             headers.append((REMOVE_HEADER, ", ".join([*remove, *METHOD_OVERRIDE_HEADERS])))
             headers += [("x-stepup-outcome", d.outcome.value), ("x-stepup-reason", reason)]
             return 200, headers, ""
-        headers = [
-            ("x-stepup-reason", reason),
-            ("x-stepup-decision-id", decision_id),
-            ("cache-control", "no-store"),
-        ]
-        browser = (attrs is not None and attrs.accepts_html and not attrs.is_grpc
-                   and attrs.method in _SAFE_METHODS)
-        body = ""
-        if d.outcome in (Outcome.LOGIN, Outcome.STEP_UP):
-            if browser and attrs is not None:
-                headers.append(("location", self.redirects.target(d, attrs)))
-                status = 302
-            else:
-                status = 401
-                if d.outcome is Outcome.STEP_UP:
-                    challenge = self._challenge(d.acr_values, d.max_age)
-                elif reason == _NO_CREDENTIALS:
-                    challenge = "Bearer " + _REALM
-                else:
-                    challenge = (f'Bearer {_REALM}, error="invalid_token", '
-                                 f'error_description="{reason}"')
-                headers.append(("www-authenticate", challenge))
-                body = json.dumps({"error": "unauthorized", "reason": reason,
-                                   "decision_id": decision_id})
-        elif d.outcome is Outcome.ERROR:
-            status = self.error_status
-            body = json.dumps({"error": "unavailable", "reason": reason,
-                               "decision_id": decision_id})
-        else:
-            status = 403
-            body = json.dumps({"error": "forbidden", "reason": reason,
-                               "decision_id": decision_id})
-        if body:
-            headers.append(("content-type", "application/json"))
+        status, headers, body = denial(d, attrs, decision_id, redirects=self.redirects,
+                                       error_status=self.error_status,
+                                       challenge=self._challenge)
         headers += [("x-stepup-outcome", d.outcome.value),
                     ("x-stepup-level", d.level.name if d.level is not None else "")]
         return status, headers, body

@@ -11,12 +11,11 @@ the same id, outcome and reason go into dynamic metadata for Envoy's access log.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
-from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2
 
 from authz.adapters.redirects import Redirects
@@ -56,6 +55,44 @@ def rfc9470_challenge(acr_values: tuple[str, ...], max_age: int | None) -> str:
     if max_age is not None:
         parts.append(f"max_age={max_age}")
     return ", ".join(parts)
+
+
+def denial(
+    d: Decision, attrs: RequestAttributes | None, decision_id: str, *, redirects: Redirects,
+    error_status: int, challenge: Callable[[tuple[str, ...], int | None], str] | None = None,
+) -> tuple[int, list[tuple[str, str]], str]:
+    """(HTTP status, headers, body) of a denial: one definition for both ext_authz modes.
+
+    Browsers (safe methods, not gRPC) are redirected to sign in or step up; API and gRPC
+    clients get 401 with a Bearer challenge (RFC 9470 for step-up, RFC 6750 otherwise);
+    errors get ``error_status``; everything else 403.
+    """
+    reason = str(d.reason)
+    headers = [
+        ("x-stepup-reason", reason),
+        ("x-stepup-decision-id", decision_id),
+        ("cache-control", "no-store"),
+    ]
+    if d.outcome in (Outcome.LOGIN, Outcome.STEP_UP):
+        if (attrs is not None and attrs.accepts_html and not attrs.is_grpc
+                and attrs.method in _SAFE_METHODS):
+            headers.append(("location", redirects.target(d, attrs)))
+            return 302, headers, ""
+        if d.outcome is Outcome.STEP_UP:
+            www = (challenge or rfc9470_challenge)(d.acr_values, d.max_age)
+        elif reason == "no-credentials":
+            www = "Bearer " + _REALM
+        else:
+            www = f'Bearer {_REALM}, error="invalid_token", error_description="{reason}"'
+        headers.append(("www-authenticate", www))
+        status, error = 401, "unauthorized"
+    elif d.outcome is Outcome.ERROR:
+        status, error = error_status, "unavailable"
+    else:
+        status, error = 403, "forbidden"
+    headers.append(("content-type", "application/json"))
+    return status, headers, json.dumps({"error": error, "reason": reason,
+                                        "decision_id": decision_id})
 
 
 class ResponseBuilder:
@@ -112,46 +149,14 @@ class ResponseBuilder:
         self, d: Decision, attrs: RequestAttributes | None, decision_id: str,
         resp: external_auth_pb2.CheckResponse,
     ) -> external_auth_pb2.CheckResponse:
-        reason = str(d.reason)
-        headers = [
-            ("x-stepup-reason", reason),
-            ("x-stepup-decision-id", decision_id),
-            ("cache-control", "no-store"),
-        ]
-        browser = (
-            attrs is not None and attrs.accepts_html and not attrs.is_grpc
-            and attrs.method in _SAFE_METHODS
-        )
-        rpc_code = code_pb2.PERMISSION_DENIED
-        body = ""
+        status, headers, body = denial(d, attrs, decision_id, redirects=self.redirects,
+                                       error_status=self.error_status)
         if d.outcome in (Outcome.LOGIN, Outcome.STEP_UP):
             rpc_code = code_pb2.UNAUTHENTICATED
-            if browser and attrs is not None:
-                headers.append(("location", self.redirects.target(d, attrs)))
-                status = http_status_pb2.Found
-            else:
-                status = http_status_pb2.Unauthorized
-                if d.outcome is Outcome.STEP_UP:
-                    challenge = rfc9470_challenge(d.acr_values, d.max_age)
-                elif reason == "no-credentials":
-                    challenge = "Bearer " + _REALM
-                else:
-                    challenge = (f'Bearer {_REALM}, error="invalid_token", '
-                                 f'error_description="{reason}"')
-                headers.append(("www-authenticate", challenge))
-                body = json.dumps({"error": "unauthorized", "reason": reason,
-                                   "decision_id": decision_id})
-        elif d.outcome is Outcome.ERROR:
-            status = self.error_status
-            rpc_code = code_pb2.UNAVAILABLE if status == 503 else code_pb2.PERMISSION_DENIED
-            body = json.dumps({"error": "unavailable", "reason": reason,
-                               "decision_id": decision_id})
+        elif d.outcome is Outcome.ERROR and status == 503:
+            rpc_code = code_pb2.UNAVAILABLE
         else:
-            status = http_status_pb2.Forbidden
-            body = json.dumps({"error": "forbidden", "reason": reason,
-                               "decision_id": decision_id})
-        if body:
-            headers.append(("content-type", "application/json"))
+            rpc_code = code_pb2.PERMISSION_DENIED
         resp.status.code = rpc_code
         denied = resp.denied_response
         denied.status.code = status
