@@ -169,17 +169,21 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
         auditor: Auditor | None = None
         audit = settings.audit
         if audit.enabled:
-            audit_client = client
+            audit_client, audit_fast = client, fast
             if audit.redis_url is not None:
                 audit_client = make_client(audit.redis_url, settings.redis)
                 closers.append(audit_client)
+                # A separate audit Redis gets a hot-path transport of its own, too.
+                audit_fast = make_fast_redis(settings.redis, audit.redis_url)
+                if audit_fast is not None:
+                    closers.append(audit_fast)
             mirrors: list[MirrorSink] = [StdoutSink()] if audit.stdout else []
             auditor = Auditor(
                 RedisStreamSink(audit_client, stream_key=audit.stream_key,
                                 deadline_ms=audit.durable_deadline_ms,
                                 wait_replicas=audit.wait_replicas,
                                 wait_timeout_ms=audit.wait_timeout_ms,
-                                fast=fast if audit.redis_url is None else None),
+                                fast=audit_fast),
                 metrics=AuditMetrics(metrics.registry), buffer_size=audit.buffer_size,
                 batch_size=audit.batch_size, mirrors=mirrors,
             )

@@ -20,7 +20,7 @@ from typing import Protocol
 from authz.adapters.devices import DeviceResolver
 from authz.adapters.geoip import GeoIP
 from authz.adapters.metrics import Metrics
-from authz.audit.mapping import event_for_check, requires_durable
+from authz.audit.mapping import allowed_record, event_for_check, requires_durable
 from authz.audit.sinks import Auditor, AuditUnavailable
 from authz.core.attributes import RequestAttributes, cookie_values
 from authz.core.decision import Decision, Outcome, evaluate, resolve_level, route_level
@@ -162,15 +162,15 @@ class Authorizer:
         assert auditor is not None
         loaded = self.policy.current
         level = loaded.policy.by_name.get(self.audit_level) if self.audit_level else None
-        event = event_for_check(decision, decision_id, attrs, audit_level=level,
-                                policy_version=loaded.version)
-        if event is None:
-            return decision
         if not requires_durable(decision, level):
-            auditor.emit(event)
+            event = event_for_check(decision, decision_id, attrs, audit_level=level,
+                                    policy_version=loaded.version)
+            if event is not None:
+                auditor.emit(event)
             return decision
         try:
-            await auditor.durable(event)
+            await auditor.durable_record(
+                allowed_record(decision, decision_id, attrs, policy_version=loaded.version))
         except AuditUnavailable:
             denied = Decision(Outcome.ERROR, Reason.AUDIT_UNAVAILABLE, level=decision.level,
                               identity=decision.identity, fired=decision.fired)

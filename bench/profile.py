@@ -89,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=int, default=15)
     p.add_argument("--conc", type=int, default=32)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
-    p.add_argument("--scenario", default="2", choices=("2", "3", "5"),
-                   help="2: allow via grant (gRPC), 3: step-up (gRPC), 5: allow, HTTP mode")
+    p.add_argument("--scenario", default="2", choices=("2", "3", "4", "5"),
+                   help="2: allow via grant (gRPC), 3: step-up (gRPC), 4: allow audited before "
+                        "access (gRPC, GET /wires/1 at `high`), 5: allow, HTTP mode")
+    p.add_argument("--process", default="service", choices=("service", "exporter"),
+                   help="which process py-spy samples (exporter: the audit exporter)")
     p.add_argument("--workers", type=int, default=1, help="serve --workers N (profiles one)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--out", type=Path, help="write the summary here as well")
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         with st:
             token = password_token(st.idp_url)
             if args.scenario != "3":
-                write_grant(st, token, "elevated", 3600)
+                write_grant(st, token, "high" if args.scenario == "4" else "elevated", 3600)
+            path = "/wires/1" if args.scenario == "4" else "/accounts/1"
             url = st.envoy_url if args.scenario != "5" else st.http_envoy_url
             svc = st.service_proc
             assert svc is not None
@@ -119,10 +123,15 @@ def main(argv: list[str] | None = None) -> int:
                 from bench.stackctl import worker_pids
 
                 pid = worker_pids(pid)[0]
+            if args.process == "exporter":
+                exp = st.exporter_proc
+                if exp is None:
+                    raise SystemExit("the stack runs no audit exporter")
+                pid = exp.pid
 
             def wrk(seconds: int) -> list[str]:
                 return ["wrk", "-t1", "-c", str(args.conc), "-d", f"{seconds}s", "--latency",
-                        "-H", f"Authorization: Bearer {token}", f"{url}/accounts/1"]
+                        "-H", f"Authorization: Bearer {token}", f"{url}{path}"]
 
             subprocess.run(wrk(2), capture_output=True, check=True)  # warm-up
             raw_file = Path(tmp) / "spy.txt"
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             head = (f"scenario {args.scenario}, c={args.conc}, {args.seconds}s: "
                     f"{w.rps:,.0f} req/s, p50 {w.percentiles[50] * 1000:.2f} ms, "
                     f"p99 {w.percentiles[99] * 1000:.2f} ms, non-2xx {w.non_2xx_3xx}; "
-                    f"service CPU {(c1 - c0) / max(w.requests, 1) * 1e6:.0f} us/req "
+                    f"{args.process} CPU {(c1 - c0) / max(w.requests, 1) * 1e6:.0f} us/req "
                     f"({(c1 - c0) / (t1 - t0):.2f} cores); other decisions: {odd or 'none'}\n")
             text = head
             if spy_proc is not None and raw_file.exists():

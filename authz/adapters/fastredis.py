@@ -68,6 +68,14 @@ def _error_reply(err: hiredis.ReplyError) -> RedisError:
     return ResponseError(msg)
 
 
+def _expire(futs: list[asyncio.Future[Any]]) -> None:
+    """A deadline passed: the waiting caller gets TimeoutError; late replies, when they
+    come, find their futures done and are dropped (see ``_Conn.data_received``)."""
+    for fut in futs:
+        if not fut.done():
+            fut.set_exception(TimeoutError("redis reply deadline passed"))
+
+
 class _Conn(asyncio.Protocol):
     """One connection: requests written in order, replies matched to them in order."""
 
@@ -240,19 +248,54 @@ class FastRedis:
         return cls(**p, ssl_context=ctx, **kwargs)
 
     # -- calls ---------------------------------------------------------------------------
-    async def execute(self, *args: Arg) -> Any:
-        """Send one command and wait for its reply (bound it with ``asyncio.timeout``)."""
+    def _pick(self) -> tuple[int, _Conn | None]:
+        """The next connection round-robin; None when it must be (re)connected first."""
         if self._closed:
             raise ConnectionError("redis client closed")
         i = self._next
         self._next = (i + 1) % len(self._conns)
         conn = self._conns[i]
         if conn is None or conn.closed:
-            conn = await self._connect(i)
-        elif conn.waiters and conn.stale(time.monotonic(), self._stale_after_s):
+            return i, None
+        if conn.waiters and conn.stale(time.monotonic(), self._stale_after_s):
             conn.close()  # the server stopped answering on it: fail its calls, reconnect
+            return i, None
+        return i, conn
+
+    async def execute(self, *args: Arg) -> Any:
+        """Send one command and wait for its reply (bound it with ``asyncio.timeout``)."""
+        i, conn = self._pick()
+        if conn is None:
             conn = await self._connect(i)
         return await conn.send(_pack(args), asyncio.get_running_loop())
+
+    async def pipeline_within(self, deadline_s: float, *commands: tuple[Arg, ...]) -> list[Any]:
+        """``commands`` written together on one connection (so a ``WAIT`` among them covers
+        the writes before it), within ``deadline_s``. Returns one reply per command, an
+        error reply as its exception object (not raised); raises ``ConnectionError`` if the
+        connection is lost and builtin ``TimeoutError`` when the deadline passes.
+
+        On a connection that is up, the deadline is one timer on the replies: far cheaper
+        than ``asyncio.timeout`` around the call, which the audit-before-access write would
+        otherwise pay on every audited allow."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_s
+        i, conn = self._pick()
+        if conn is None:
+            async with asyncio.timeout_at(deadline):
+                conn = await self._connect(i)
+        futs = [conn.send(_pack(cmd), loop) for cmd in commands]
+        timer = loop.call_at(deadline, _expire, futs)
+        try:
+            results: list[Any] = []
+            for fut in futs:
+                try:
+                    results.append(await fut)
+                except ResponseError as exc:
+                    results.append(exc)
+            return results
+        finally:
+            timer.cancel()
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Arg) -> Any:
         return await self.execute("EVALSHA", sha, numkeys, *keys_and_args)

@@ -57,6 +57,10 @@ class ExporterSettings(BaseModel):
     checkpoint_interval_s: float = Field(60.0, gt=0)
     batch_size: int = Field(500, ge=1, le=100_000)
     block_ms: int = Field(1000, ge=1, le=60_000)
+    # After a batch that was not full, wait this long before reading again, so one fsync,
+    # one XREAD and one XTRIM cover many records (each costs far more than a record's own
+    # chaining). Bounds the extra archive lag; 0 reads again at once.
+    linger_ms: int = Field(100, ge=0, le=10_000)
     # Trim the stream (XTRIM MINID ~) up to what is archived and fsync'ed; never further.
     trim: bool = True
     metrics_port: int | None = Field(None, ge=0, le=65535)

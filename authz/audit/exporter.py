@@ -114,7 +114,8 @@ class Exporter:
                       extra={"max_deleted": deleted, "last_archived": self.last_id})
 
     def poll(self, block_ms: int | None = None) -> int:
-        """Archive the next batch (waiting up to ``block_ms`` for one); returns its size."""
+        """Archive the next batch (waiting up to ``block_ms`` for one); returns how many
+        stream entries it read (duplicates included: ``batch_size`` means "maybe more")."""
         resp: Any = self.client.xread({self.stream_key: self.last_id}, count=self.batch_size,
                                  block=block_ms)
         entries: list[tuple[str, dict[str, Any]]] = []
@@ -133,7 +134,7 @@ class Exporter:
                         continue
                     self._remember(eid)
                 entries.append((sid, rec))
-        n = self.writer.append(entries)  # fsync'ed when this returns
+        self.writer.append(entries)  # fsync'ed when this returns
         self.last_id = last
         if last != "0-0" and self.trim and (entries or resp):
             # Only what is on disk: MINID keeps `last` itself and everything after it.
@@ -141,7 +142,7 @@ class Exporter:
         self._update_lag(full=len(entries) >= self.batch_size)
         self.writer.checkpoint()
         self.writer.maybe_rotate()
-        return n
+        return sum(len(items) for _key, items in resp or ())
 
     def _update_lag(self, *, full: bool) -> None:
         if self.metrics is None:
@@ -155,9 +156,15 @@ class Exporter:
                 lag = max(0.0, self.clock() - _id_ms(sid) / 1000)
         self.metrics.lag.set(lag)
 
-    def run(self, stop: threading.Event, block_ms: int = 1000) -> None:
+    def run(self, stop: threading.Event, block_ms: int = 1000, linger_ms: int = 0) -> None:
         while not stop.is_set():
-            self.poll(block_ms=block_ms)
+            self.linger(self.poll(block_ms=block_ms), stop, linger_ms)
+
+    def linger(self, read: int, stop: threading.Event, linger_ms: int) -> None:
+        """After a partial batch, let records gather for ``linger_ms`` (a full batch means a
+        backlog: read on at once). Returns early on ``stop``."""
+        if linger_ms and 0 < read < self.batch_size:
+            stop.wait(linger_ms / 1000)
 
 
 def _cmp(a: str, b: str) -> int:
@@ -197,8 +204,9 @@ def run_exporter(settings: ExporterSettings, *, install_signals: bool = True) ->
     try:
         while not stop.is_set():
             try:
-                exporter.poll(block_ms=settings.block_ms)
+                read = exporter.poll(block_ms=settings.block_ms)
                 backoff = 0.1
+                exporter.linger(read, stop, settings.linger_ms)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unavailable; retrying", extra={"error": str(exc)})
                 stop.wait(backoff)

@@ -21,10 +21,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from functools import lru_cache
+from json.encoder import encode_basestring_ascii as _json_str
 from types import MappingProxyType
 
-from authz.audit.events import AuditEvent, EventType, Scalar
-from authz.core.attributes import RequestAttributes
+from authz.audit.events import (
+    MAX_FIELD_CHARS,
+    RECORD_VERSION,
+    AuditEvent,
+    EventType,
+    Scalar,
+    clip_text,
+    encode_event,
+    new_event_id,
+)
+from authz.core.attributes import IpAddress, RequestAttributes
 from authz.core.decision import Decision, Outcome
 from authz.core.policy import Level
 from authz.core.session import session_key
@@ -32,6 +43,14 @@ from authz.core.session import session_key
 _TOKEN_REASONS = frozenset({"token-invalid", "token-expired"})
 # RFC 8176 amr values, strongest first: the factor recorded is the strongest one present.
 _FACTORS = ("hwk", "fido", "swk", "otp", "sms", "pwd")
+
+
+_OUTCOME_TEXT = {o: o.value for o in Outcome}  # enum .value is a property: a lookup is cheaper
+
+
+@lru_cache(maxsize=4096)
+def _ip_text(ip: IpAddress) -> str:
+    return str(ip)
 
 
 def factor_of(amr: tuple[str, ...] | list[str]) -> str:
@@ -84,16 +103,17 @@ def event_for_check(
         etype = EventType.ERROR_FAIL_CLOSED
     details: dict[str, Scalar] = {}
     factor: str | None = None
-    if decision.evidence is not None:
-        ev = decision.evidence
+    ev = decision.evidence
+    if ev is not None:
         factor = factor_of(ev.amr)
-        details.update(acr=ev.acr, auth_time=ev.auth_time, amr=" ".join(ev.amr))
-    if decision.grant is not None:
-        g = decision.grant
-        details.update(grant_level=g.level, grant_expires_at=g.expires_at,
-                       grant_issued_at=g.issued_at)
+        details["acr"], details["auth_time"], details["amr"] = ev.acr, ev.auth_time, \
+            " ".join(ev.amr)
+    g = decision.grant
+    if g is not None:
+        details["grant_level"], details["grant_expires_at"], details["grant_issued_at"] = \
+            g.level, g.expires_at, g.issued_at
         details["evidence_source"] = "grant"
-    elif decision.evidence is not None:
+    elif ev is not None:
         details["evidence_source"] = "token"
     if outcome is Outcome.STEP_UP and decision.level is not None:
         details.update(acr_values=" ".join(decision.acr_values), max_age=decision.max_age)
@@ -105,23 +125,96 @@ def event_for_check(
         details["signals"] = ",".join(sorted(decision.signals))
         details["risk"] = decision.risk
     ident = decision.identity
+    now_ms = ts_ms if ts_ms is not None else int(time.time() * 1000)
     return AuditEvent(
         type=etype,
+        event_id=new_event_id(now_ms),
+        ts_ms=now_ms,
         decision_id=decision_id,
         user=ident.user if ident is not None else None,
         session=(session_key(ident.issuer, ident.subject, ident.session_id)
                  if ident is not None else None),
         device=device or decision.device,
-        client_ip=str(attrs.source_ip) if attrs is not None and attrs.source_ip else None,
+        client_ip=(_ip_text(attrs.source_ip)
+                   if attrs is not None and attrs.source_ip is not None else None),
         route=route_of(attrs) if attrs is not None else None,
         level=decision.level.name if decision.level is not None else None,
-        outcome=outcome.value,
+        outcome=_OUTCOME_TEXT[outcome],
         reason=str(decision.reason),
         factor=factor,
         policy_version=policy_version,
         details=MappingProxyType(details),
-        ts_ms=ts_ms if ts_ms is not None else int(time.time() * 1000),
     )
+
+
+def _q(value: str) -> str:
+    """A free-text field as canonical JSON (clipped like every field)."""
+    return _json_str(value if len(value) <= MAX_FIELD_CHARS else clip_text(value))
+
+
+def allowed_record(
+    decision: Decision,
+    decision_id: str,
+    attrs: RequestAttributes,
+    *,
+    policy_version: str | None,
+    ts_ms: int | None = None,
+    event_id: str | None = None,
+) -> bytes:
+    """The ``access.allowed`` record of an audited allow, encoded directly: exactly
+    ``encode_event(event_for_check(...))`` (a property test holds the two equal), without
+    building the event and its dict on the one Check path that waits for its record.
+
+    Keys are written in canonical (sorted) order: acr amr auth_time client_ip decision_id
+    device event_id evidence_source factor fired grant_* level outcome policy_version reason
+    risk route session shadow signals ts_ms type user v."""
+    ev, g, ident = decision.evidence, decision.grant, decision.identity
+    if (decision.outcome is not Outcome.ALLOW or decision.level is None
+            or (ev is not None and ev.auth_time is not None and type(ev.auth_time) is not int)
+            or (g is not None and not (type(g.expires_at) is int
+                                        and type(g.issued_at) is int))):
+        # Not the shape this template writes: the general encoder says it (or refuses it).
+        event = event_for_check(decision, decision_id, attrs, audit_level=decision.level,
+                                policy_version=policy_version, ts_ms=ts_ms)
+        assert event is not None
+        return encode_event(event)
+    now_ms = ts_ms if ts_ms is not None else int(time.time() * 1000)
+    parts: list[str] = []
+    add = parts.append
+    if ev is not None:
+        add(f'"acr":{"null" if ev.acr is None else _q(ev.acr)},"amr":{_q(" ".join(ev.amr))},'
+            f'"auth_time":{"null" if ev.auth_time is None else ev.auth_time},')
+    ip = attrs.source_ip
+    add(f'"client_ip":{"null" if ip is None else _json_str(_ip_text(ip))},'
+        f'"decision_id":{_q(decision_id)},')
+    device = decision.device
+    add(f'"device":{"null" if device is None else _q(device)},'
+        f'"event_id":"{event_id if event_id is not None else new_event_id(now_ms)}",')
+    if g is not None:
+        add('"evidence_source":"grant",')
+    elif ev is not None:
+        add('"evidence_source":"token",')
+    add(f'"factor":"{factor_of(ev.amr)}",' if ev is not None else '"factor":null,')
+    if decision.fired:
+        add(f'"fired":{_q(",".join(decision.fired))},')
+    if g is not None:
+        add(f'"grant_expires_at":{g.expires_at},"grant_issued_at":{g.issued_at},'
+            f'"grant_level":{_q(g.level)},')
+    add(f'"level":{_q(decision.level.name)},"outcome":"allow",'
+        f'"policy_version":{"null" if policy_version is None else _q(policy_version)},'
+        f'"reason":{_q(str(decision.reason))},')
+    if decision.signals:
+        add(f'"risk":{int(decision.risk)},')
+    add(f'"route":{_q(route_of(attrs))},')
+    add('"session":null,' if ident is None else
+        f'"session":"{session_key(ident.issuer, ident.subject, ident.session_id)}",')
+    if decision.shadow:
+        add(f'"shadow":{_q(",".join(decision.shadow))},')
+    if decision.signals:
+        add(f'"signals":{_q(",".join(sorted(decision.signals)))},')
+    add(f'"ts_ms":{now_ms},"type":"access.allowed",'
+        f'"user":{"null" if ident is None else _q(ident.user)},"v":{RECORD_VERSION}}}')
+    return ("{" + "".join(parts)).replace("\x7f", "\\u007f").encode("ascii")
 
 
 def stepup_completed(

@@ -48,11 +48,12 @@ class AuditUnavailable(StepupError):
 
 
 class MirrorSink(Protocol):
-    """A best-effort copy (stdout for log collectors). Must not block for long."""
+    """A best-effort copy (stdout for log collectors). Must not block for long. It gets the
+    canonical record bytes the stream got (``events.encode_event``)."""
 
     name: str
 
-    def write_many(self, events: Sequence[AuditEvent]) -> None: ...
+    def write_many(self, records: Sequence[bytes]) -> None: ...
 
 
 class StdoutSink:
@@ -63,9 +64,9 @@ class StdoutSink:
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream
 
-    def write_many(self, events: Sequence[AuditEvent]) -> None:
+    def write_many(self, records: Sequence[bytes]) -> None:
         out = self._stream or sys.stdout
-        out.write("".join(encode_event(e).decode("ascii") + "\n" for e in events))
+        out.write("".join(r.decode("ascii") + "\n" for r in records))
         out.flush()
 
 
@@ -97,15 +98,11 @@ class RedisStreamSink:
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
 
-    def xadd_args(self, event: AuditEvent) -> tuple[str, dict[Any, Any]]:
-        """(stream key, fields) for ``pipe.xadd(*args)``: the record as one field."""
-        return self.stream_key, {STREAM_FIELD: encode_event(event)}
-
-    def add_to_pipeline(self, pipe: Any, event: AuditEvent) -> int:
-        """Queue the XADD (and the WAIT, if configured) on ``pipe``; returns how many
-        commands were queued, i.e. how many results ``check_results`` expects."""
-        key, fields = self.xadd_args(event)
-        pipe.xadd(key, fields)
+    def add_to_pipeline(self, pipe: Any, record: bytes) -> int:
+        """Queue the XADD of one encoded record (and the WAIT, if configured) on ``pipe``;
+        returns how many commands were queued, i.e. how many results ``check_results``
+        expects."""
+        pipe.xadd(self.stream_key, {STREAM_FIELD: record})
         if self.wait_replicas:
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             return 2
@@ -121,50 +118,49 @@ class RedisStreamSink:
                     or acked < self.wait_replicas:
                 raise AuditUnavailable(f"WAIT: {acked!r} of {self.wait_replicas} replicas")
 
-    async def write(self, event: AuditEvent) -> None:
-        """One record, durably (see the module docstring), within the deadline."""
+    async def write(self, record: bytes) -> None:
+        """One encoded record, durably (see the module docstring), within the deadline."""
         try:
-            async with asyncio.timeout(self.deadline_s):
-                if self.fast is not None:
-                    results = await self._fast_write(event)
-                else:
+            if self.fast is not None:
+                # XADD (+ WAIT on the same connection), the deadline a timer on the replies.
+                xadd = ("XADD", self.stream_key, "*", STREAM_FIELD, record)
+                results = await (
+                    self.fast.pipeline_within(self.deadline_s, xadd) if not self.wait_replicas
+                    else self.fast.pipeline_within(
+                        self.deadline_s, xadd,
+                        ("WAIT", self.wait_replicas, self.wait_timeout_ms)))
+            else:
+                async with asyncio.timeout(self.deadline_s):
                     async with self.client.pipeline(transaction=False) as pipe:
-                        self.add_to_pipeline(pipe, event)
+                        self.add_to_pipeline(pipe, record)
                         results = await pipe.execute(raise_on_error=False)
         # asyncio.TimeoutError is an OSError; RedisClusterException is not a RedisError.
         except (RedisError, RedisClusterException, OSError) as exc:
             raise AuditUnavailable(f"audit write failed: {type(exc).__name__}") from exc
         self.check_results(results)
 
-    async def _fast_write(self, event: AuditEvent) -> list[Any]:
-        xadd = self.fast.execute("XADD", self.stream_key, "*", STREAM_FIELD,
-                                 encode_event(event))
-        if not self.wait_replicas:
-            return [await xadd]
-        wait = self.fast.execute("WAIT", self.wait_replicas, self.wait_timeout_ms)
-        return list(await asyncio.gather(xadd, wait, return_exceptions=True))
-
-    async def write_many(self, events: Sequence[AuditEvent], timeout_s: float) -> None:
+    async def write_many(self, records: Sequence[bytes], timeout_s: float) -> None:
         """A batch in one round trip (no WAIT: these are the non-critical events)."""
         try:
             async with asyncio.timeout(timeout_s):
                 async with self.client.pipeline(transaction=False) as pipe:
-                    for e in events:
-                        key, fields = self.xadd_args(e)
-                        pipe.xadd(key, fields)
+                    for r in records:
+                        pipe.xadd(self.stream_key, {STREAM_FIELD: r})
                     results = await pipe.execute(raise_on_error=False)
         except (RedisError, RedisClusterException, OSError) as exc:
             raise AuditUnavailable(f"audit batch failed: {type(exc).__name__}") from exc
         failed = sum(1 for r in results if isinstance(r, BaseException) or not r)
         if failed:
             # Individual XADD errors (OOM, wrong type) are not transient in a useful way.
-            raise AuditUnavailable(f"{failed} of {len(events)} XADDs failed")
+            raise AuditUnavailable(f"{failed} of {len(records)} XADDs failed")
 
 
 class Auditor:
     """The service's audit API.
 
     - ``await durable(event)``: audit before access; raises ``AuditUnavailable``.
+      ``durable_record(bytes)`` is the same for a record already encoded (the Check path
+      encodes its audited allow directly: ``mapping.allowed_record``).
     - ``emit(event)``: never blocks; a bounded buffer drained in batches by a background
       task (``start()``/``aclose()``). When the buffer is full the event is dropped and
       counted in ``audit_dropped_total``. While Redis is down the drainer keeps the batch
@@ -191,38 +187,45 @@ class Auditor:
         self.batch_timeout_s = batch_timeout_s
         self.max_backoff_s = max_backoff_s
         self._buffer: collections.deque[AuditEvent] = collections.deque()
-        self._pending: list[AuditEvent] = []  # the batch being written (retried on failure)
+        self._pending: list[bytes] = []  # the batch being written, encoded (retried on failure)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._last_drop_log = 0.0
+        # The labelled children the hot path counts with (labels() is a dict lookup + lock).
+        self._redis_ok = metrics.events.labels(sink="redis", result="ok")
+        self._redis_error = metrics.events.labels(sink="redis", result="error")
 
     # -- audit before access ---------------------------------------------------------
     async def durable(self, event: AuditEvent) -> None:
+        await self.durable_record(encode_event(event))
+
+    async def durable_record(self, record: bytes) -> None:
         try:
-            await self.primary.write(event)
+            await self.primary.write(record)
         except AuditUnavailable:
-            self.metrics.events.labels(sink="redis", result="error").inc()
+            self._redis_error.inc()
             raise
-        self.accepted(event)
+        self.accepted(record)
 
-    def add_to_pipeline(self, pipe: Any, event: AuditEvent) -> int:
-        """For the Check hot path: queue this event's XADD (+WAIT) on a pipeline the caller
+    def add_to_pipeline(self, pipe: Any, record: bytes) -> int:
+        """Queue one encoded record's XADD (+WAIT) on a redis-py pipeline the caller
         executes with ``raise_on_error=False``; pass the results slice to ``confirm``."""
-        return self.primary.add_to_pipeline(pipe, event)
+        return self.primary.add_to_pipeline(pipe, record)
 
-    def confirm(self, results: Sequence[Any], event: AuditEvent) -> None:
+    def confirm(self, results: Sequence[Any], record: bytes) -> None:
         """Raise AuditUnavailable unless the pipelined XADD (+WAIT) succeeded; counts it."""
         try:
             self.primary.check_results(results)
         except AuditUnavailable:
-            self.metrics.events.labels(sink="redis", result="error").inc()
+            self._redis_error.inc()
             raise
-        self.accepted(event)
+        self.accepted(record)
 
-    def accepted(self, event: AuditEvent) -> None:
-        self.metrics.events.labels(sink="redis", result="ok").inc()
-        self._mirror([event])
+    def accepted(self, record: bytes) -> None:
+        self._redis_ok.inc()
+        if self.mirrors:
+            self._mirror([record])
 
     # -- non-critical events ---------------------------------------------------------
     def emit(self, event: AuditEvent) -> None:
@@ -272,14 +275,14 @@ class Auditor:
             self._last_drop_log = now
             log.error("audit records dropped", extra={"count": n, "cause": why})
 
-    def _mirror(self, events: Sequence[AuditEvent]) -> None:
+    def _mirror(self, records: Sequence[bytes]) -> None:
         for m in self.mirrors:
             try:
-                m.write_many(events)
+                m.write_many(records)
             except (OSError, ValueError):
-                self.metrics.events.labels(sink=m.name, result="error").inc(len(events))
+                self.metrics.events.labels(sink=m.name, result="error").inc(len(records))
             else:
-                self.metrics.events.labels(sink=m.name, result="ok").inc(len(events))
+                self.metrics.events.labels(sink=m.name, result="ok").inc(len(records))
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -290,7 +293,7 @@ class Auditor:
                     await self._wakeup.wait()
                     continue
                 n = min(self.batch_size, len(self._buffer))
-                self._pending = [self._buffer.popleft() for _ in range(n)]
+                self._pending = [encode_event(self._buffer.popleft()) for _ in range(n)]
                 self.metrics.buffered.set(len(self._buffer))
                 self._mirror(self._pending)
             try:

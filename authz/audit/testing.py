@@ -39,12 +39,12 @@ def sample_archive(directory: Path, key: SigningKey, n: int = 30, *, max_bytes: 
 
 
 class MemorySink:
-    """A mirror sink that keeps what it was given."""
+    """A mirror sink that keeps what it was given (the canonical record bytes)."""
 
     name = "memory"
 
     def __init__(self) -> None:
-        self.events: list[AuditEvent] = []
+        self.records: list[bytes] = []
 
-    def write_many(self, events: Sequence[AuditEvent]) -> None:
-        self.events.extend(events)
+    def write_many(self, records: Sequence[bytes]) -> None:
+        self.records.extend(records)

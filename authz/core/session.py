@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,7 @@ def user_key(issuer: str, subject: str) -> str:
     return session_key(issuer, subject, "")[:32]
 
 
+@lru_cache(maxsize=8192)  # a Check computes it for the store and again for its audit record
 def session_key(issuer: str, subject: str, session_id: str) -> str:
     """H(iss, sub, sid): a stable, non-reversible key for one sign-in session.
 

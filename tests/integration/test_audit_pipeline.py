@@ -20,9 +20,10 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from authz.adapters.redis_conn import EmbeddedValkey
+from authz.adapters.fastredis import FastRedis
 from authz.audit.archive import ArchiveWriter
 from authz.audit.chain import SigningKey
-from authz.audit.events import AuditEvent, EventType
+from authz.audit.events import AuditEvent, EventType, encode_event
 from authz.audit.exporter import Exporter
 from authz.audit.metrics import AuditMetrics
 from authz.audit.segments import list_segments
@@ -109,7 +110,8 @@ async def test_auditor_to_archive_exactly_n_records(
     await auditor.aclose()
     assert value(m, "stepup_authz_audit_events_total", sink="redis", result="ok") == 300
     assert value(m, "stepup_authz_audit_dropped_total") == 0
-    assert len(mirror.events) == 300
+    assert len(mirror.records) == 300
+    assert sorted(json.loads(r)["event_id"] for r in mirror.records) == sorted(sent)
 
     ex = exporter(sclient, tmp_path, stream)
     ex.start()
@@ -125,7 +127,8 @@ async def test_auditor_to_archive_exactly_n_records(
     assert value(ex.metrics, "stepup_authz_audit_lag_seconds") == 0
 
 
-async def test_pipelined_with_the_session_read(aclient: aioredis.Redis, stream: str) -> None:
+async def test_pipelined_with_the_session_read(aclient: aioredis.Redis, stream: str,
+                                               redis_url: str) -> None:
     """The hot-path form: MGET and XADD in one round trip, results checked after."""
     m = metrics()
     sink = RedisStreamSink(aclient, stream_key=stream, deadline_ms=500)
@@ -133,10 +136,10 @@ async def test_pipelined_with_the_session_read(aclient: aioredis.Redis, stream: 
     ev = sample_event(1)
     async with aclient.pipeline(transaction=False) as pipe:
         pipe.mget([f"{stream}:g1", f"{stream}:g2"])
-        n = auditor.add_to_pipeline(pipe, ev)
+        n = auditor.add_to_pipeline(pipe, encode_event(ev))
         results = await pipe.execute(raise_on_error=False)
     assert results[0] == [None, None] and n == 1
-    auditor.confirm(results[1:1 + n], ev)
+    auditor.confirm(results[1:1 + n], encode_event(ev))
     assert await aclient.xlen(stream) == 1
     # WAIT for a replica that a standalone server does not have: not durable -> refused.
     strict = Auditor(RedisStreamSink(aclient, stream_key=stream, deadline_ms=500,
@@ -144,6 +147,21 @@ async def test_pipelined_with_the_session_read(aclient: aioredis.Redis, stream: 
     with pytest.raises(AuditUnavailable, match="WAIT"):
         await strict.durable(sample_event(2))
     assert value(m, "stepup_authz_audit_events_total", sink="redis", result="error") == 1
+    # The same through the hot-path transport: XADD and WAIT go out on one connection.
+    fast = FastRedis.from_url(redis_url, connections=3)
+    try:
+        quick = Auditor(RedisStreamSink(aclient, stream_key=stream, deadline_ms=500, fast=fast),
+                        metrics=m)
+        for i in range(3):
+            await quick.durable(sample_event(10 + i))
+        strict_fast = Auditor(RedisStreamSink(aclient, stream_key=stream, deadline_ms=500,
+                                              wait_replicas=1, wait_timeout_ms=20, fast=fast),
+                              metrics=m)
+        with pytest.raises(AuditUnavailable, match="WAIT"):
+            await strict_fast.durable(sample_event(20))
+    finally:
+        await fast.aclose()
+    assert value(m, "stepup_authz_audit_events_total", sink="redis", result="error") == 2
 
 
 def test_exporter_restart_no_gaps_no_duplicates(

@@ -163,6 +163,32 @@ async def test_deadline_bounds_a_call_on_a_paused_server(
         await admin.aclose()
 
 
+async def test_pipeline_within_one_connection_errors_as_values_and_its_deadline(
+    embedded_valkey: EmbeddedValkey,
+) -> None:
+    """The audit write's form: commands on one connection (a WAIT among them covers the
+    XADD before it), an error reply returned in place, the deadline a timer on the replies."""
+    fast = FastRedis.from_url(embedded_valkey.url, connections=4)
+    admin = aioredis.Redis.from_url(embedded_valkey.url)
+    try:
+        await admin.set("t:str", "x")
+        for _ in range(4):  # whichever connection round-robin picks: one for all commands
+            a, err, b = await fast.pipeline_within(
+                1.0, ("CLIENT", "ID"), ("XADD", "t:str", "*", "r", "x"), ("CLIENT", "ID"))
+            assert a == b and isinstance(err, ResponseError) and "WRONGTYPE" in str(err)
+        await admin.client_pause(700, all=True)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await fast.pipeline_within(0.05, ("PING",), ("PING",))
+        assert time.monotonic() - t0 < 0.3
+        await asyncio.sleep(0.8)  # the late replies are dropped; answers stay in order
+        assert await fast.pipeline_within(1.0, ("ECHO", b"x"), ("ECHO", b"y")) == [b"x", b"y"]
+        assert [await fast.execute("ECHO", str(i)) for i in range(4)] == [b"0", b"1", b"2", b"3"]
+    finally:
+        await fast.aclose()
+        await admin.aclose()
+
+
 async def test_connect_handshake_auth_select_and_name() -> None:
     with EmbeddedValkey() as server:
         admin = aioredis.Redis.from_url(server.url)

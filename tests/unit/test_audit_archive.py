@@ -132,3 +132,28 @@ def test_parse_time() -> None:
     assert parse_time("2023-11-14T22:13:20Z") == 1_700_000_000_000
     assert parse_time("2023-11-14T22:13:20") == 1_700_000_000_000
     assert parse_time("2023-11-14T23:13:20+01:00") == 1_700_000_000_000
+
+
+class _Stop:
+    """A stand-in for threading.Event that records how long it was asked to wait."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float) -> bool:
+        self.waits.append(timeout)
+        return False
+
+
+@pytest.mark.parametrize(("read", "waits"), [(0, []), (1, [0.1]), (499, [0.1]), (500, [])])
+def test_exporter_lingers_only_after_a_partial_batch(read: int, waits: list[float]) -> None:
+    """A partial batch: wait for more records (one fsync for many); an empty read already
+    blocked in XREAD; a full batch means a backlog, read on at once."""
+    from authz.audit.exporter import Exporter
+
+    ex = Exporter(None, None, stream_key="s", batch_size=500)  # type: ignore[arg-type]
+    stop = _Stop()
+    ex.linger(read, stop, 100)  # type: ignore[arg-type]
+    assert stop.waits == waits
+    ex.linger(read, stop, 0)  # type: ignore[arg-type]
+    assert stop.waits == waits

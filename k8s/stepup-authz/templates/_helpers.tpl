@@ -153,6 +153,7 @@ ssl_ca_certs query argument; the password (redis.auth) is added by the init cont
   "checkpoint_interval_s" (int64 $x.checkpointIntervalSeconds)
   "batch_size" (int64 $x.batchSize)
   "block_ms" (int64 $x.blockMs)
+  "linger_ms" (int64 $x.lingerMs)
   "trim" $x.trim
   "metrics_port" (int64 $x.metricsPort)
   "metrics_host" "0.0.0.0"
