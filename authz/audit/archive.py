@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from authz.audit.chain import GENESIS, SigningKey, chain_record, record_hash
+from authz.audit.chain import GENESIS, SigningKey, chain_line, record_hash
 from authz.audit.events import canonical_bytes
 from authz.audit.metrics import AuditMetrics
 from authz.audit.segments import fsync_dir, list_segments, segment_created, segment_name
@@ -221,9 +221,9 @@ class ArchiveWriter:
         buf: list[bytes] = []
         for stream_id, rec in entries:
             seq = self.seq + 1
-            line = chain_record(rec, seq=seq, stream_id=stream_id, prev_hash=self.hash)
-            buf.append(canonical_bytes(line) + b"\n")
-            self.seq, self.hash, self.stream_id = seq, line["hash"], stream_id
+            line, digest = chain_line(rec, seq=seq, stream_id=stream_id, prev_hash=self.hash)
+            buf.append(line + b"\n")
+            self.seq, self.hash, self.stream_id = seq, digest, stream_id
         data = b"".join(buf)
         _write_all(self._fd, data)
         os.fsync(self._fd)

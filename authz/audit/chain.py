@@ -21,6 +21,7 @@ import base64
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,29 @@ def chain_record(event_record: Mapping[str, Any], *, seq: int, stream_id: str,
     rec.update(kind="event", seq=seq, stream_id=stream_id, prev_hash=prev_hash)
     rec["hash"] = record_hash(prev_hash, rec)
     return rec
+
+
+def chain_line(event_record: Mapping[str, Any], *, seq: int, stream_id: str,
+               prev_hash: str) -> tuple[bytes, str]:
+    """``(canonical_bytes(chain_record(...)), its hash)`` with one encoding, not two: the
+    record is encoded without ``hash`` (the bytes the hash covers) and the hash is then
+    spliced in at its sorted place. The archive writes one of these per record.
+
+    The splice is exact for a flat object of scalars: inside a canonical JSON string every
+    ``"`` is escaped, so ``,"<key>":`` occurs only where that member begins."""
+    body: dict[str, Any] = dict(event_record)
+    body.pop("hash", None)
+    body.update(kind="event", seq=seq, stream_id=stream_id, prev_hash=prev_hash)
+    raw = canonical_bytes(body)
+    digest = hashlib.sha256(prev_hash.encode("ascii") + raw).hexdigest()
+    member = b'"hash":"' + digest.encode("ascii") + b'"'
+    after = min(k for k in body if k > "hash")  # "kind" at the latest
+    if any(k < "hash" for k in body):
+        at = raw.index(b"," + encode_basestring_ascii(after).encode("ascii") + b":")
+        line = raw[:at] + b"," + member + raw[at:]
+    else:  # "hash" is the first key
+        line = b"{" + member + b"," + raw[1:]
+    return line, digest
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:

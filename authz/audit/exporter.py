@@ -37,12 +37,14 @@ def _id_ms(stream_id: str) -> int:
     return int(stream_id.split("-", 1)[0])
 
 
+_SCALAR_TYPES = frozenset({str, int, bool, type(None)})  # what json.loads gives for scalars
+
+
 def _ok_record(doc: Mapping[str, Any]) -> bool:
     return (
         isinstance(doc.get("type"), str)
         and not (ARCHIVE_FIELDS & doc.keys())
-        and all(v is None or (isinstance(v, str | int | bool) and not isinstance(v, float))
-                for v in doc.values())
+        and {type(v) for v in doc.values()} <= _SCALAR_TYPES
     )
 
 

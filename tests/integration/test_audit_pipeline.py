@@ -19,8 +19,8 @@ import redis
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from authz.adapters.redis_conn import EmbeddedValkey
 from authz.adapters.fastredis import FastRedis
+from authz.adapters.redis_conn import EmbeddedValkey
 from authz.audit.archive import ArchiveWriter
 from authz.audit.chain import SigningKey
 from authz.audit.events import AuditEvent, EventType, encode_event

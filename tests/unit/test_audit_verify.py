@@ -5,19 +5,23 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from authz.audit.chain import (
     GENESIS,
     SigningKey,
+    chain_line,
     chain_record,
     checkpoint_signature_ok,
     load_public_keys,
     record_hash,
 )
 from authz.audit.cli import main as audit_main
-from authz.audit.events import canonical_bytes
+from authz.audit.events import ARCHIVE_FIELDS, canonical_bytes
 from authz.audit.segments import list_segments
 from authz.audit.testing import sample_archive
 from authz.audit.verify import verify
@@ -258,3 +262,24 @@ def test_cli_verify_exit_codes(archive: Path, tmp_path: Path,
     out = json.loads(capsys.readouterr().out)
     assert out["error"]["kind"] == "modified" and out["error"]["line"] == 1
     assert out["error"]["segment"] == seg.name
+
+
+_KEYS = st.text(alphabet='abcdefghijklmnopqrstuvwxyz_"\\\x7f\u00e9', min_size=1, max_size=12)
+_SCALARS = st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.text(max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_KEYS, _SCALARS, max_size=12), st.integers(1, 2**40))
+@example({"i\x7f": 1, "a": "x"}, 1)
+@example({"i\u00e9\"": "\x7f", "hash": "forged"}, 2)
+@example({"zz": None}, 3)
+def test_chain_line_is_the_canonical_chained_record(record: dict[str, Any], seq: int) -> None:
+    """The archive's one-encoding splice writes exactly the canonical bytes of the chained
+    record, with the same hash, whatever keys and values a stream entry holds."""
+    record = {k: v for k, v in record.items() if k not in ARCHIVE_FIELDS - {"hash"}}
+    prev = "ab" * 32
+    line, digest = chain_line(record, seq=seq, stream_id="1-0", prev_hash=prev)
+    expected = chain_record({k: v for k, v in record.items() if k != "hash"}, seq=seq,
+                            stream_id="1-0", prev_hash=prev)
+    assert digest == expected["hash"]
+    assert line == canonical_bytes(expected)
