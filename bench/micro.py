@@ -49,8 +49,8 @@ async def _token(idp: str) -> str:
     return str(body["access_token"])
 
 
-def _request(token: str) -> bytes:
-    """A CheckRequest as Envoy sends it for ``GET /accounts/1`` (wrk's headers)."""
+def _request(token: str, path: str = "/accounts/1") -> bytes:
+    """A CheckRequest as Envoy sends it for ``GET <path>`` (wrk's headers)."""
     req = external_auth_pb2.CheckRequest()
     a = req.attributes
     a.source.address.socket_address.address = "127.0.0.1"
@@ -58,10 +58,10 @@ def _request(token: str) -> bytes:
     a.destination.address.socket_address.address = "127.0.0.1"
     a.destination.address.socket_address.port_value = 8080
     http = a.request.http
-    http.id, http.method, http.path, http.host = "1234567890", "GET", "/accounts/1", "127.0.0.1"
+    http.id, http.method, http.path, http.host = "1234567890", "GET", path, "127.0.0.1"
     http.scheme, http.protocol = "http", "HTTP/1.1"
     http.headers.update({
-        ":authority": "127.0.0.1:8080", ":method": "GET", ":path": "/accounts/1",
+        ":authority": "127.0.0.1:8080", ":method": "GET", ":path": path,
         ":scheme": "http", "authorization": f"Bearer {token}",
         "x-forwarded-proto": "http", "x-request-id": "7a1c3a2e-3f4b-4b7e-9d0e-000000000000",
     })
@@ -87,7 +87,9 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                      "token_typ": "at+jwt"},
             "stepup": {"public_url": "http://app.test", "cookie_secure": False},
             "log": {"level": "INFO"},
-            "audit": {"enabled": args.audit},
+            # --audited: GET /wires/1 (`high`), allowed only after its durable XADD.
+            "audit": {"enabled": args.audit or args.audited,
+                      "durable_level": "high" if args.audited else None},
         })
         service = await start_service(settings)
         try:
@@ -97,9 +99,10 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             await service.authorizer.store.write_grant(  # type: ignore[attr-defined]
                 user_key(claims["iss"], claims["sub"]),
                 session_key(claims["iss"], claims["sub"], claims["sid"]),
-                Grant("elevated", Evidence("mfa", ("pwd", "otp"), now), now + 3600, now), now)
+                Grant("high" if args.audited else "elevated", Evidence("mfa", ("pwd", "otp"), now),
+                      now + 3600, now), now)
             servicer = AuthorizationServicer(service.authorizer, ResponseBuilder())
-            raw = _request(token)
+            raw = _request(token, "/wires/1" if args.audited else "/accounts/1")
 
             async def one() -> int:
                 req = external_auth_pb2.CheckRequest.FromString(raw)
@@ -135,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-url", help="default: an embedded Valkey")
     p.add_argument("--slow-client", action="store_true", help="scripts over redis-py")
     p.add_argument("--audit", action="store_true", help="audit enabled (buffered; default off)")
+    p.add_argument("--audited", action="store_true",
+                   help="GET /wires/1 at `high` with audit before access (a durable XADD "
+                        "per Check): the audited allow's Python cost against the default")
     p.add_argument("--profile", action="store_true", help="pyinstrument the measured loop")
     args = p.parse_args(argv)
     if args.profile:

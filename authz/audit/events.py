@@ -133,12 +133,16 @@ ARCHIVE_FIELDS: frozenset[str] = frozenset(
 )
 
 
+# One encoder, configured once (json.dumps with these options builds a new one per call).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                              allow_nan=False)
+
+
 def canonical_bytes(record: Mapping[str, Any]) -> bytes:
     """The canonical encoding: sorted keys, no spaces, ASCII only, no raw control chars."""
-    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False)
-    # json escapes U+0000-U+001F and (with ensure_ascii) everything above U+007E, but not
-    # DEL. DEL can only occur inside a string here, so a plain replace is exact.
+    text = _CANONICAL.encode(record)
+    # ensure_ascii escapes U+0000-U+001F and everything above U+007E; DEL is escaped too
+    # (kept explicit: the format promises it whatever the json module does).
     return text.replace("\x7f", "\\u007f").encode("ascii")
 
 

@@ -19,6 +19,7 @@ error          error.fail_closed               ``Auditor.emit``
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from functools import lru_cache
@@ -31,7 +32,6 @@ from authz.audit.events import (
     AuditEvent,
     EventType,
     Scalar,
-    clip_text,
     encode_event,
     new_event_id,
 )
@@ -147,11 +147,6 @@ def event_for_check(
     )
 
 
-def _q(value: str) -> str:
-    """A free-text field as canonical JSON (clipped like every field)."""
-    return _json_str(value if len(value) <= MAX_FIELD_CHARS else clip_text(value))
-
-
 def allowed_record(
     decision: Decision,
     decision_id: str,
@@ -167,54 +162,70 @@ def allowed_record(
 
     Keys are written in canonical (sorted) order: acr amr auth_time client_ip decision_id
     device event_id evidence_source factor fired grant_* level outcome policy_version reason
-    risk route session shadow signals ts_ms type user v."""
+    risk route session shadow signals ts_ms type user v. A record shorter than the field
+    limit cannot hold a field that needs clipping; a longer one is left to the general
+    encoder, which clips."""
+    if decision.outcome is not Outcome.ALLOW:
+        raise ValueError(f"allowed_record: the decision is {decision.outcome.value!r}")
     ev, g, ident = decision.evidence, decision.grant, decision.identity
-    if (decision.outcome is not Outcome.ALLOW or decision.level is None
+    now_ms = ts_ms if ts_ms is not None else int(time.time() * 1000)
+    if (decision.level is None
             or (ev is not None and ev.auth_time is not None and type(ev.auth_time) is not int)
             or (g is not None and not (type(g.expires_at) is int
-                                        and type(g.issued_at) is int))):
+                                        and type(g.issued_at) is int))
+            or type(decision.risk) is not int):
         # Not the shape this template writes: the general encoder says it (or refuses it).
-        event = event_for_check(decision, decision_id, attrs, audit_level=decision.level,
-                                policy_version=policy_version, ts_ms=ts_ms)
-        assert event is not None
-        return encode_event(event)
-    now_ms = ts_ms if ts_ms is not None else int(time.time() * 1000)
+        return _generic_allowed(decision, decision_id, attrs, policy_version, now_ms, event_id)
+    q = _json_str
     parts: list[str] = []
     add = parts.append
     if ev is not None:
-        add(f'"acr":{"null" if ev.acr is None else _q(ev.acr)},"amr":{_q(" ".join(ev.amr))},'
+        add(f'"acr":{"null" if ev.acr is None else q(ev.acr)},"amr":{q(" ".join(ev.amr))},'
             f'"auth_time":{"null" if ev.auth_time is None else ev.auth_time},')
     ip = attrs.source_ip
-    add(f'"client_ip":{"null" if ip is None else _json_str(_ip_text(ip))},'
-        f'"decision_id":{_q(decision_id)},')
     device = decision.device
-    add(f'"device":{"null" if device is None else _q(device)},'
-        f'"event_id":"{event_id if event_id is not None else new_event_id(now_ms)}",')
+    add(f'"client_ip":{"null" if ip is None else q(_ip_text(ip))},'
+        f'"decision_id":{q(decision_id)},"device":{"null" if device is None else q(device)},'
+        f'"event_id":{q(event_id if event_id is not None else new_event_id(now_ms))},')
     if g is not None:
         add('"evidence_source":"grant",')
     elif ev is not None:
         add('"evidence_source":"token",')
     add(f'"factor":"{factor_of(ev.amr)}",' if ev is not None else '"factor":null,')
     if decision.fired:
-        add(f'"fired":{_q(",".join(decision.fired))},')
+        add(f'"fired":{q(",".join(decision.fired))},')
     if g is not None:
         add(f'"grant_expires_at":{g.expires_at},"grant_issued_at":{g.issued_at},'
-            f'"grant_level":{_q(g.level)},')
-    add(f'"level":{_q(decision.level.name)},"outcome":"allow",'
-        f'"policy_version":{"null" if policy_version is None else _q(policy_version)},'
-        f'"reason":{_q(str(decision.reason))},')
+            f'"grant_level":{q(g.level)},')
+    add(f'"level":{q(decision.level.name)},"outcome":"allow",'
+        f'"policy_version":{"null" if policy_version is None else q(policy_version)},'
+        f'"reason":{q(str(decision.reason))},')
     if decision.signals:
-        add(f'"risk":{int(decision.risk)},')
-    add(f'"route":{_q(route_of(attrs))},')
+        add(f'"risk":{decision.risk},')
+    add(f'"route":{q(route_of(attrs))},')
     add('"session":null,' if ident is None else
         f'"session":"{session_key(ident.issuer, ident.subject, ident.session_id)}",')
     if decision.shadow:
-        add(f'"shadow":{_q(",".join(decision.shadow))},')
+        add(f'"shadow":{q(",".join(decision.shadow))},')
     if decision.signals:
-        add(f'"signals":{_q(",".join(sorted(decision.signals)))},')
+        add(f'"signals":{q(",".join(sorted(decision.signals)))},')
     add(f'"ts_ms":{now_ms},"type":"access.allowed",'
-        f'"user":{"null" if ident is None else _q(ident.user)},"v":{RECORD_VERSION}}}')
-    return ("{" + "".join(parts)).replace("\x7f", "\\u007f").encode("ascii")
+        f'"user":{"null" if ident is None else q(ident.user)},"v":{RECORD_VERSION}}}')
+    text = "{" + "".join(parts)
+    if len(text) > MAX_FIELD_CHARS:  # some field may be over the limit: clip it
+        return _generic_allowed(decision, decision_id, attrs, policy_version, now_ms, event_id)
+    return text.replace("\x7f", "\\u007f").encode("ascii")
+
+
+def _generic_allowed(decision: Decision, decision_id: str, attrs: RequestAttributes,
+                     policy_version: str | None, ts_ms: int, event_id: str | None) -> bytes:
+    event = event_for_check(decision, decision_id, attrs, audit_level=decision.level,
+                            policy_version=policy_version, ts_ms=ts_ms)
+    if event is None:
+        raise ValueError("allowed_record: the decision is not an audited allow")
+    if event_id is not None:
+        event = dataclasses.replace(event, event_id=event_id)
+    return encode_event(event)
 
 
 def stepup_completed(
