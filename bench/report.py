@@ -10,7 +10,8 @@ from typing import Any
 from bench.parse import median, ratio
 
 _METRICS = ("rps", "p50_ms", "p90_ms", "p99_ms")
-_PROCS = ("envoy", "service", "redis")
+_PROCS = ("envoy", "service", "redis", "exporter")
+AUDIT_TARGET = 0.85  # issue 3: throughput with audit before access / without, same run
 
 
 def summarize(runs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -41,6 +42,30 @@ def summarize(runs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             row[f"p99_vs_{base}"] = ratio(row["p99_ms"], ref["p99_ms"] if ref else None)
     rows.sort(key=lambda r: (_sort_key(r["scenario"]), r["concurrency"]))
     return rows
+
+
+def audit_ratios(runs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Audit on / audit off: scenario 4 (allow with a durable audit record) over scenario 2
+    (the same allow path, no record) at each concurrency: the ratio of the median req/s,
+    and the ratio within each repetition (the two ran back to back, so they share the
+    host's noise)."""
+    by: dict[tuple[str, int, int], float] = {}
+    for r in runs:
+        if r["scenario"] in ("2", "4") and r["rep"] >= 0:
+            by[(r["scenario"], r["concurrency"], r["rep"])] = r["rps"]
+    out = []
+    for conc in sorted({c for _, c, _ in by}):
+        on = [v for (s, c, _), v in sorted(by.items()) if s == "4" and c == conc]
+        off = [v for (s, c, _), v in sorted(by.items()) if s == "2" and c == conc]
+        paired = [by[("4", conc, rep)] / by[("2", conc, rep)]
+                  for (s, c, rep) in sorted(by) if s == "2" and c == conc
+                  and ("4", conc, rep) in by and by[("2", conc, rep)]]
+        if on and off:
+            out.append({"concurrency": conc, "on_rps": median(on), "off_rps": median(off),
+                        "ratio": ratio(median(on), median(off)), "paired": paired,
+                        "paired_median": median(paired) if paired else None,
+                        "target": AUDIT_TARGET})
+    return out
 
 
 def summarize_fixed(runs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -107,8 +132,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
         f"{NOISY_CORES} the cell is marked `!`.",
         "",
         "| scenario | conc | req/s | x0 | x1 | p50 ms | p90 ms | p99 ms | p99 x0 | "
-        "CPU envoy | CPU service | CPU redis | err | noise |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "CPU envoy | CPU service | CPU redis | CPU exporter | err | noise |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["summary"]:
         cpu = r["cpu_ms_per_req"]
@@ -118,7 +143,21 @@ def markdown(doc: Mapping[str, Any]) -> str:
             f"{_f(r['p50_ms'], '.2f')} | {_f(r['p90_ms'], '.2f')} | {_f(r['p99_ms'], '.2f')} | "
             f"{_f(r['p99_vs_0'], '.1f')} | {_f(cpu.get('envoy'), '.3f')} | "
             f"{_f(cpu.get('service'), '.3f')} | {_f(cpu.get('redis'), '.3f')} | "
+            f"{_f(cpu.get('exporter'), '.3f')} | "
             f"{r['errors'] + r['unexpected']} | {_noise(r)} |")
+    if doc.get("audit"):
+        out += ["", "Audit on / off (scenario 4 over scenario 2: the same allow, with and "
+                "without its durable record; the exporter's CPU is on the same host). "
+                f"Target >= {AUDIT_TARGET}.", "",
+                "| conc | audit on req/s | audit off req/s | ratio of medians | "
+                "per-repetition ratios | median of those |",
+                "|---:|---:|---:|---:|---|---:|"]
+        for a in doc["audit"]:
+            out.append(
+                f"| {a['concurrency']} | {_f(a['on_rps'], ',.0f')} | {_f(a['off_rps'], ',.0f')} "
+                f"| {_f(a['ratio'], '.3f')} | "
+                f"{', '.join(format(x, '.3f') for x in a['paired'])} | "
+                f"{_f(a['paired_median'], '.3f')} |")
     if doc.get("fixed_rate"):
         fr = doc["fixed_rate"]
         out += [

@@ -468,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scenarios": [asdict(s) for s in scenarios],
         "skipped": skipped,
         "summary": report.summarize(runs),
+        "audit": report.audit_ratios(runs),
         "runs": runs,
         "service_rss_kib": {"start": rss_start, "end": rss_end},
     }

@@ -32,7 +32,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     # GET /wires/1 is `high` in examples/policy.yaml; the bench stack audits allows at `high`
     # and above before access (bench.stackctl.AUDIT_DURABLE_LEVEL): one durable XADD more.
     Scenario("4", "audit", "stepup-authz gRPC, audit-before-access (high)", "stack",
-             "pwd-granted", 200, ("envoy", "service", "redis"), path="/wires/1"),
+             "pwd-granted", 200, ("envoy", "service", "redis", "exporter"), path="/wires/1"),
     Scenario("5", "http-authz", "stepup-authz behind Envoy HTTP ext_authz", "stack-http",
              "pwd-granted", 200, ("envoy", "service", "redis")),
 )

@@ -310,7 +310,7 @@ def worker_pids(supervisor: int) -> list[int]:
 
 
 def stack_pids(stack: Stack) -> dict[str, int]:
-    """PIDs of the stack's Envoy, service and Valkey (Stack exposes only the service's)."""
+    """PIDs of the stack's Envoy, service, Valkey and audit exporter."""
     pids: dict[str, int] = {}
     if stack.service_proc is not None:
         pids["service"] = stack.service_proc.pid
@@ -321,6 +321,9 @@ def stack_pids(stack: Stack) -> dict[str, int]:
     if envoy is None or redis is None:
         raise BenchError(f"could not find the stack's processes (envoy={envoy}, redis={redis})")
     pids["envoy"], pids["redis"] = envoy, redis
+    exporter = stack.exporter_proc  # the audit exporter: its CPU is part of auditing's cost
+    if exporter is not None:
+        pids["exporter"] = exporter.pid
     return pids
 
 

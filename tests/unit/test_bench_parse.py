@@ -20,7 +20,7 @@ from bench.parse import (
     system_busy_ticks,
     wrk_duration_s,
 )
-from bench.report import markdown, summarize
+from bench.report import audit_ratios, markdown, summarize
 
 WRK_OK = """\
 Running 2s test @ http://127.0.0.1:40123/accounts/1
@@ -202,3 +202,17 @@ def test_system_busy_ticks_excludes_idle_and_iowait() -> None:
     assert system_busy_ticks(text) == 100 + 5 + 50 + 1 + 2 + 3
     with pytest.raises(ValueError):
         system_busy_ticks("intr 1 2\n")
+
+
+def test_audit_ratio_pairs_scenario_4_with_scenario_2_per_repetition() -> None:
+    runs = [{**_run(sid, 32, rps, 1.0), "rep": rep} for sid, rep, rps in [
+        ("2", 0, 2000), ("4", 0, 1800), ("2", 1, 2200), ("4", 1, 1700),
+        ("2", 2, 2100), ("4", 2, 1900), ("2", -1, 99), ("4", -1, 1)]]  # rep -1: warm-up
+    runs.append({**_run("2", 8, 1000, 1.0), "rep": 0})  # no scenario 4 at 8: no row
+    (row,) = audit_ratios(runs)
+    assert row["concurrency"] == 32
+    assert (row["on_rps"], row["off_rps"]) == (1800, 2100)
+    assert row["ratio"] == pytest.approx(1800 / 2100)
+    assert row["paired"] == pytest.approx([0.9, 1700 / 2200, 1900 / 2100])
+    assert row["paired_median"] == pytest.approx(0.9)
+    assert audit_ratios([r for r in runs if r["scenario"] == "2"]) == []
