@@ -9,6 +9,7 @@ cookie, exchanges the code, verifies the ID token and records a time-boxed grant
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import secrets
@@ -20,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from authz.adapters.devices import cookie_device_id
 from authz.adapters.metrics import Metrics
 from authz.adapters.oidc import OidcClient, pkce_pair
 from authz.adapters.stepup_context import ContextSigner
@@ -317,13 +319,16 @@ class StepupApp:
             # No device identity yet: this browser gets a device cookie, and the grant and
             # the "known device" record name it.
             new_cookie = secrets.token_urlsafe(24)
-            device = f"cookie:{new_cookie}"
+            device = cookie_device_id(new_cookie)
         grant = Grant(level=level.name, evidence=evidence,
                       expires_at=evidence.auth_time + ttl, issued_at=now,
                       device=device if isinstance(device, str) else None,
                       ip=saved.get("ip") if isinstance(saved.get("ip"), str) else None)
         if self.auditor is not None:
-            # Audit before grant: no grant exists without its durable completion record.
+            # Audit before grant: no grant exists without its durable completion record,
+            # which names the device the grant is bound to (a new device cookie's hash).
+            if device != audit.device and isinstance(device, str):
+                audit = dataclasses.replace(audit, device=device)
             try:
                 await self.auditor.durable(audit)
             except AuditUnavailable:

@@ -51,6 +51,15 @@ def device_from_certificate(pem_urlencoded: str) -> Device | None:
     return Device(f"sha256:{fingerprint}", "mtls")
 
 
+def cookie_device_id(value: str) -> str:
+    """The device id a device cookie names: a hash of the cookie, never the cookie itself.
+
+    The id is written where a cookie must not be: the audit trail (kept for years on WORM
+    storage) and the grant it binds. The cookie is 24 random bytes, so an unkeyed hash
+    cannot be reversed, and a copy of the trail does not let anyone present the device."""
+    return "cookie:" + hashlib.sha256(value.encode("ascii", "replace")).hexdigest()[:32]
+
+
 class DeviceResolver:
     """Turns request attributes into a Device (or None). Certificates are parsed once
     (bounded cache); assertions are verified through a TokenVerifier of their own."""
@@ -93,7 +102,7 @@ class DeviceResolver:
         if self.cookie_name:
             values = cookie_values(attrs.headers.get("cookie", ""), self.cookie_name)
             if len(values) == 1 and 16 <= len(values[0]) <= 64 and values[0].isascii():
-                return Device(f"cookie:{values[0]}", "cookie")
+                return Device(cookie_device_id(values[0]), "cookie")
         return None
 
     async def _assertion(self, token: str, now: int) -> Device | None:

@@ -18,8 +18,10 @@ import aiohttp
 import jwt
 import pyotp
 import pytest
+import redis
 from multidict import CIMultiDict
 
+from authz.adapters.devices import cookie_device_id
 from authz.demo.stack import Stack
 from authz.devidp import ALICE_TOTP_SECRET, BOB_TOTP_SECRET
 
@@ -123,6 +125,15 @@ async def test_new_device_forces_step_up_then_is_known(sig_stack: Stack,
     seen = json.loads(body)["headers"]
     assert seen["x-stepup-level"] == "standard"  # a known device now
     assert seen["x-stepup-risk"].isdigit()
+    # The audit trail names the device by a hash of its cookie, never by the cookie.
+    stream = redis.Redis.from_url(sig_stack.redis_url)
+    try:
+        records = [json.loads(f[b"r"]) for _, f in
+                   stream.xrange(sig_stack.audit_stream_key)]
+    finally:
+        stream.close()
+    assert any(r.get("device") == cookie_device_id(str(device[0].value)) for r in records)
+    assert not any(str(device[0].value) in json.dumps(r) for r in records)
 
 
 async def test_bound_grant_is_refused_from_another_device_and_ip(sig_stack: Stack) -> None:

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from mmdb_writer import MMDBWriter
 from netaddr import IPSet
 
-from authz.adapters.devices import DeviceResolver, device_from_certificate
+from authz.adapters.devices import DeviceResolver, cookie_device_id, device_from_certificate
 from authz.adapters.geoip import GeoIP
 from authz.adapters.tokens import StaticKeySource, TokenVerifier
 from authz.core.attributes import RequestAttributes
@@ -88,7 +88,8 @@ async def test_sources_in_order_of_strength(resolver: DeviceResolver) -> None:
     assert d is not None and (d.id, d.source) == ("mdm:dev-7", "assertion")
     assert (d.managed, d.compliant, d.platform) == (True, True, "macOS")
     d = await resolver.resolve(attrs(cookie), NOW)
-    assert d is not None and (d.id, d.source) == ("cookie:" + "c" * 32, "cookie")
+    assert d is not None and (d.id, d.source) == (cookie_device_id("c" * 32), "cookie")
+    assert "c" * 16 not in d.id  # the cookie names the device; its value is not the id
     assert await resolver.resolve(attrs({}), NOW) is None
 
 
