@@ -149,6 +149,10 @@ class OidcSettings(BaseModel):
     jwks_file: Path | None = None
     jwks_refresh_min_interval_s: float = Field(30.0, ge=0)
     jwks_timeout_s: float = Field(2.0, gt=0)
+    # A token with an unknown `kid` waits this long for the JWKS refresh it triggers, then
+    # is denied with keys-unavailable while the fetch goes on: the answer must reach Envoy
+    # before its ext_authz timeout (250 ms in the shipped configs), not Envoy's bare 403.
+    jwks_refresh_wait_ms: int = Field(100, ge=1, le=10_000)
     leeway_s: int = Field(30, ge=0, le=300)
     token_typ: str | None = None  # e.g. "at+jwt" (RFC 9068); None => not checked
     token_cookie: str = "stepup_token"  # noqa: S105 - a cookie name, not a secret

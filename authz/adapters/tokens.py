@@ -8,6 +8,7 @@ token. The rules follow RFC 7519 (claims), RFC 8725 (JWT BCP), RFC 9068 (access-
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -279,7 +280,11 @@ class TokenVerifier:
     async def _key(self, kid: str | None, alg: str) -> jwt.PyJWK:
         key = self._keys.get(kid, alg)
         if key is None:
-            await self._keys.refresh()  # rate limited inside the source
+            try:  # rate limited inside the source; the fetch outlives this wait
+                async with asyncio.timeout(self._settings.jwks_refresh_wait_ms / 1000):
+                    await self._keys.refresh()
+            except TimeoutError:
+                raise KeysUnavailable("verification keys are being refreshed") from None
             key = self._keys.get(kid, alg)
         if key is None:
             if not self._keys.ready:

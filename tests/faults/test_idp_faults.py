@@ -67,28 +67,30 @@ async def test_jwks_down_cached_keys_keep_working(env: Env) -> None:
 
 
 async def test_jwks_slow_never_blocks_the_loop(env: Env) -> None:
-    """While an unknown kid makes the service fetch a JWKS that takes 1.5 s, other Checks
-    are answered at normal speed and the event loop's lag stays small."""
+    """While an unknown kid makes the service fetch a JWKS that takes 1.5 s, the Check that
+    asked gets our own keys-unavailable within jwks_refresh_wait_ms (before Envoy's 250 ms
+    ext_authz timeout), other Checks are answered at normal speed and the event loop's lag
+    stays small; the fetch itself runs to its end."""
     alice = await env.token("alice")
     assert (await env.check(STANDARD, alice)).allowed
     env.proxy.modes["/jwks"] = "slow:1.5"
+    hits = env.proxy.hits["/jwks"]
     with LoopLag() as lag:
-        rogue = asyncio.ensure_future(env.check(SENSITIVE, rogue_token(env)))
-        await asyncio.sleep(0.1)  # the fetch is in flight
-        assert env.proxy.hits["/jwks"] >= 1 and not rogue.done()
+        rogue = await env.check(SENSITIVE, rogue_token(env))
+        assert env.proxy.hits["/jwks"] == hits + 1  # the fetch started ...
         during = []
-        while not rogue.done():
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.6:  # ... and is in flight for 1.5 s
             during.append(await env.check(STANDARD, alice))
             await asyncio.sleep(0.01)
-        r = await rogue
-    assert (r.allowed, r.reason) == (False, "token-invalid"), r
+    assert (rogue.allowed, rogue.reason) == (False, "keys-unavailable"), rogue
     assert len(during) > 20 and all(x.allowed for x in during)
     worst = max(x.elapsed for x in during)
-    print(f"\n[jwks slow 1.5 s] unknown-kid Check took {r.elapsed:.2f}s; {len(during)} "
-          f"other Checks meanwhile, slowest {worst * 1000:.1f} ms; loop lag max "
-          f"{lag.max_lag * 1000:.1f} ms")
-    # A blocking fetch would stall everything for the whole 1.5 s; the bounds leave room
-    # for a machine shared with other load (typical figures: a few ms).
+    print(f"\n[jwks slow 1.5 s] unknown-kid Check answered in {rogue.elapsed * 1000:.0f} ms "
+          f"(keys-unavailable); {len(during)} other Checks meanwhile, slowest "
+          f"{worst * 1000:.1f} ms; loop lag max {lag.max_lag * 1000:.1f} ms")
+    # The default wait is 100 ms; the bounds leave room for a machine shared with other load.
+    assert rogue.elapsed < 0.25
     assert worst < 0.25
     assert lag.max_lag < 0.25
 

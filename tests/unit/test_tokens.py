@@ -583,6 +583,29 @@ async def test_jwks_unknown_kid_one_fetch_per_interval(idp: Idp,
     await src.aclose()
 
 
+async def test_unknown_kid_waits_briefly_then_keys_unavailable_while_the_fetch_goes_on(
+        idp: Idp, http: aiohttp.ClientSession) -> None:
+    """A slow IdP must not hold a Check past Envoy's timeout: the Check gets our own
+    keys-unavailable after jwks_refresh_wait_ms; the fetch is not cancelled, and once it
+    lands the rotated key verifies without another fetch."""
+    clock = FakeClock()
+    src = jwks_source(idp, http, clock)
+    await src.start()
+    v = TokenVerifier(settings(jwks_refresh_wait_ms=50), src)
+    idp.doc, idp.delay = jwks(RSA_KEY, RSA_KEY2), 10.0
+    clock.t += 31
+    t0 = time.monotonic()
+    with pytest.raises(KeysUnavailable, match="refreshed"):
+        await v.verify_access_token(sign(RSA_KEY2), NOW)
+    assert time.monotonic() - t0 < 1.0
+    assert idp.hits == 2
+    idp.release.set()  # the IdP answers now
+    assert await src.refresh() is True  # joins the fetch in flight: the key set changed
+    assert (await v.verify_access_token(sign(RSA_KEY2), NOW)).subject == "alice"
+    assert idp.hits == 2
+    await src.aclose()
+
+
 async def test_jwks_rotation_and_failed_refresh_keeps_keys(idp: Idp,
                                                            http: aiohttp.ClientSession) -> None:
     clock = FakeClock()
