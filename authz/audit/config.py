@@ -48,6 +48,10 @@ class ExporterSettings(BaseModel):
 
     model_config = _FROZEN
     redis_url: str = "redis://127.0.0.1:6379"
+    # As the service's redis.password_file / redis.ca_file: the password read from a file (a
+    # mounted Secret; not also in redis_url), and the CA that verifies a rediss:// server.
+    password_file: Path | None = None
+    ca_file: Path | None = None
     stream_key: str = "stepup:audit"
     archive_dir: Path
     signing_key_file: Path
@@ -82,6 +86,7 @@ def load_exporter_settings(path: Path) -> ExporterSettings:
         raise ConfigError(first["msg"], source=str(path),
                           location=".".join(str(p) for p in first["loc"])) from exc
     base = path.parent
-    fixes = {n: base / p for n in ("archive_dir", "signing_key_file")
-             if not (p := getattr(s, n)).is_absolute()}
+    fixes = {n: base / p
+             for n in ("archive_dir", "signing_key_file", "password_file", "ca_file")
+             if (p := getattr(s, n)) is not None and not p.is_absolute()}
     return s.model_copy(update=fixes) if fixes else s

@@ -11,12 +11,15 @@ first reply was lost): records whose ``event_id`` was archived recently are skip
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 from prometheus_client import CollectorRegistry, start_http_server
@@ -27,6 +30,7 @@ from authz.audit.config import ExporterSettings
 from authz.audit.events import ARCHIVE_FIELDS, decode_record
 from authz.audit.metrics import AuditMetrics
 from authz.audit.sinks import STREAM_FIELD
+from authz.errors import ConfigError
 
 log = logging.getLogger("authz.audit.exporter")
 
@@ -84,6 +88,7 @@ class Exporter:
         self.clock = clock
         self.last_id = "0-0"
         self.duplicates = 0
+        self._gap_checked = True  # until start()
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def start(self) -> ResumePoint:
@@ -91,8 +96,16 @@ class Exporter:
         self.last_id = rp.stream_id
         for eid in rp.recent_ids:
             self._remember(eid)
-        self._check_stream_gap()
+        self._gap_checked = False
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            self.check_stream_gap_once()  # Redis down now: the run loop asks again
         return rp
+
+    def check_stream_gap_once(self) -> None:
+        """The gap check of ``start``, once per start, when Redis first answers."""
+        if not self._gap_checked:
+            self._check_stream_gap()
+            self._gap_checked = True
 
     def close(self) -> None:
         self.writer.close(seal=True)
@@ -175,6 +188,56 @@ def _cmp(a: str, b: str) -> int:
     return (ta > tb) - (ta < tb)
 
 
+def _why(exc: Exception) -> str:
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+def make_exporter_client(settings: ExporterSettings) -> redis.Redis:
+    """The exporter's (sync) Redis client, with the service's rules (``make_client`` in
+    authz/adapters/redis_conn.py):
+
+    - ``password_file``: the password is read from the file (a mounted Secret), stripped.
+      A password in ``redis_url`` as well is refused: one source of truth.
+    - ``rediss://``: the server certificate is verified (against ``ca_file`` when set, else
+      the system store) and its host name checked. ``ca_file`` is ignored for other schemes,
+      as the service ignores ``redis.ca_file``.
+
+    A file that cannot be read (or a CA file that holds no certificate) is a ConfigError
+    naming the setting, at start, not a connection error retried forever.
+    """
+    parts = urlsplit(settings.redis_url)
+    # The socket timeout outlasts a blocking XREAD (block_ms) by a margin.
+    kwargs: dict[str, Any] = {"socket_timeout": settings.block_ms / 1000 + 5,
+                              "socket_connect_timeout": 5}
+    if settings.password_file is not None:
+        if parts.password:
+            raise ConfigError("a password is set both in redis_url and in password_file",
+                              location="password_file")
+        try:
+            password = settings.password_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{settings.password_file}: {_why(exc)}",
+                              location="password_file") from exc
+        if not password:
+            raise ConfigError(f"{settings.password_file}: empty password",
+                              location="password_file")
+        kwargs["password"] = password
+    if parts.scheme == "rediss":
+        kwargs.update(ssl_cert_reqs="required", ssl_check_hostname=True)
+        if settings.ca_file is not None:
+            if "ssl_ca_certs" in parse_qs(parts.query):
+                raise ConfigError("a CA is set both in redis_url (ssl_ca_certs) and in "
+                                  "ca_file", location="ca_file")
+            try:  # read it now: redis-py would only at connect, as a retried error
+                ssl.create_default_context(cafile=str(settings.ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"{settings.ca_file}: {_why(exc)}",
+                                  location="ca_file") from exc
+            kwargs["ssl_ca_certs"] = str(settings.ca_file)
+    client: redis.Redis = redis.Redis.from_url(settings.redis_url, **kwargs)
+    return client
+
+
 def build_exporter(settings: ExporterSettings,
                    registry: CollectorRegistry | None = None) -> Exporter:
     metrics = AuditMetrics(registry or CollectorRegistry(auto_describe=True))
@@ -184,31 +247,38 @@ def build_exporter(settings: ExporterSettings,
         max_age_s=settings.segment_max_age_s, checkpoint_every=settings.checkpoint_every,
         checkpoint_interval_s=settings.checkpoint_interval_s, metrics=metrics,
     )
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.block_ms / 1000
-                                  + 5, socket_connect_timeout=5)
+    client = make_exporter_client(settings)
     return Exporter(client, writer, stream_key=settings.stream_key,
                     batch_size=settings.batch_size, trim=settings.trim, metrics=metrics)
 
 
-def run_exporter(settings: ExporterSettings, *, install_signals: bool = True) -> int:
+def run_exporter(settings: ExporterSettings, *, install_signals: bool = True,
+                 stop: threading.Event | None = None) -> int:
     """The exporter process: until SIGTERM/SIGINT; a Redis error is retried with backoff,
     an archive (disk) error ends the process so a supervisor restarts it into recovery."""
     exporter = build_exporter(settings)
     if settings.metrics_port is not None and exporter.metrics is not None:
         start_http_server(settings.metrics_port, settings.metrics_host,
                           registry=exporter.metrics.registry)
-    stop = threading.Event()
+    stop = stop or threading.Event()
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    exporter.start()
+    exporter.start()  # the archive only: Redis is first asked inside the retry loop
     backoff = 0.1
     try:
         while not stop.is_set():
             try:
+                exporter.check_stream_gap_once()
                 read = exporter.poll(block_ms=settings.block_ms)
                 backoff = 0.1
                 exporter.linger(read, stop, settings.linger_ms)
+            except redis.AuthenticationError as exc:
+                # Not transient: a supervisor restarts the process, which re-reads the
+                # password file (a rotated Secret), and the restarts are visible.
+                log.error("redis refused the exporter's credentials; exiting",
+                          extra={"error": str(exc)})
+                return 2
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unavailable; retrying", extra={"error": str(exc)})
                 stop.wait(backoff)

@@ -4,8 +4,6 @@ rendered manifest by the Kubernetes OpenAPI schemas (kubernetes-validate, offlin
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from authz.audit.config import ExporterSettings, load_exporter_settings
+from authz.audit.exporter import make_exporter_client
 from authz.audit.metrics import AuditMetrics
 from authz.policy_file import parse_policy_text
 from authz.settings import Settings
@@ -296,7 +295,7 @@ def test_rendered_exporter_settings_are_accepted_by_the_exporter(
         _config(docs, "-config", "config.yaml")))
     assert x.stream_key == service.audit.stream_key == "stepup:audit"
     stream_redis = service.audit.redis_url or service.redis.url
-    assert stream_redis is not None and x.redis_url.split("?")[0] == stream_redis
+    assert stream_redis is not None and x.redis_url == stream_redis
     pod = _pod(docs, EXPORTER)
     (c,) = pod["containers"]
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
@@ -312,11 +311,16 @@ def test_rendered_exporter_settings_are_accepted_by_the_exporter(
     (port,) = c["ports"]
     assert port == {"name": "metrics", "containerPort": x.metrics_port, "protocol": "TCP"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
-    if service.redis.ca_file is not None and x.redis_url.startswith("rediss://"):
-        # the service's CA, read by redis-py from the URL, from a mount the exporter has
-        kwargs = redis.Redis.from_url(x.redis_url).connection_pool.connection_kwargs
-        assert kwargs["ssl_ca_certs"] == str(service.redis.ca_file)
-        assert str(service.redis.ca_file.parent) in mounts
+    # The service's Redis password and CA files (redis.auth, redis.tls), from mounts of the
+    # same Secrets in the exporter's own container.
+    assert (x.password_file, x.ca_file) == (service.redis.password_file, service.redis.ca_file)
+    for f, secret in ((x.password_file, vals["redis"].get("auth", {}).get("existingSecret")),
+                      (x.ca_file, vals["redis"].get("tls", {}).get("existingSecret"))):
+        assert (f is None) == (not secret)
+        if f is not None:
+            mount = mounts[str(f.parent)]
+            assert mount["readOnly"] is True
+            assert volumes[mount["name"]]["secret"]["secretName"] == secret
 
 
 def test_exporter_settings_follow_values(chart: Any, tmp_path: Path) -> None:
@@ -337,46 +341,78 @@ def test_exporter_settings_follow_values(chart: Any, tmp_path: Path) -> None:
 
 
 def test_exporter_redis_password_comes_from_the_secret(chart: Any, tmp_path: Path) -> None:
-    """ExporterSettings has no password file: the init container (the chart's script, as
-    rendered) writes the settings with the Secret's password in the URL to a memory volume,
-    which is what the exporter reads. The ConfigMap itself holds no password."""
+    """The exporter's own container mounts the Redis auth (and CA) Secret and its settings
+    name the files (password_file, ca_file), as the service's do: no init container, no
+    password in the ConfigMap or the URL. The rendered settings, with those two paths
+    pointed at local copies, give the exporter's client the password and the CA."""
     vals = values("url")
     docs = render(chart, vals)
     cm = named(docs, "ConfigMap", EXPORTER)["data"]
+    assert set(cm) == {"exporter.yaml"}  # no script beside the settings
     assert redis.Redis.from_url(yaml.safe_load(cm["exporter.yaml"])["redis_url"]) \
         .connection_pool.connection_kwargs.get("password") is None
     pod = _pod(docs, EXPORTER)
-    (init,) = pod["initContainers"]
+    assert "initContainers" not in pod
     (c,) = pod["containers"]
-    assert init["securityContext"] == c["securityContext"]
-    script, src, pw_file, out = init["command"][1:]
-    init_mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
-    assert Path(script).parent == Path(src).parent == Path(init_mounts["config"])
-    assert pw_file == f"{init_mounts['redis-auth']}/{vals['redis']['auth']['key']}"
-    assert Path(out).parent == Path(init_mounts["run"])
-    run_mount = next(m for m in c["volumeMounts"] if m["name"] == "run")
-    assert (run_mount["mountPath"], run_mount["subPath"]) == (
-        "/etc/stepup-authz/exporter.yaml", Path(out).name)
-    assert next(v for v in pod["volumes"] if v["name"] == "run")["emptyDir"]["medium"] == \
-        "Memory"
-    assert sorted(_secret_users(docs, vals["redis"]["auth"]["existingSecret"])) == [
-        f"{EXPORTER}/redis-auth", f"{SERVICE}/stepup-authz"]  # not the exporter itself
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    auth, tls = vals["redis"]["auth"], vals["redis"]["tls"]
+    assert volumes["redis-auth"]["secret"]["secretName"] == auth["existingSecret"]
+    assert volumes["redis-tls"]["secret"]["secretName"] == tls["existingSecret"]
+    assert mounts["redis-auth"]["readOnly"] is True and mounts["redis-tls"]["readOnly"] is True
+    assert "run" not in volumes  # the init container's in-memory settings copy is gone
+    assert mounts["config"]["mountPath"] == "/etc/stepup-authz/exporter.yaml"
+    assert sorted(_secret_users(docs, auth["existingSecret"])) == [
+        f"{EXPORTER}/audit-exporter", f"{SERVICE}/stepup-authz"]
+    assert sorted(_secret_users(docs, tls["existingSecret"])) == [
+        f"{EXPORTER}/audit-exporter", f"{SERVICE}/stepup-authz"]
+
+    x = _exporter_settings(docs, tmp_path)
+    assert x.password_file == Path(mounts["redis-auth"]["mountPath"]) / auth["key"]
+    assert x.ca_file == Path(mounts["redis-tls"]["mountPath"]) / tls["caKey"]
+    assert x.redis_url == vals["redis"]["url"]  # no password, no ssl_ca_certs argument
 
     password = "p@ss:w/rd#1?"
-    (tmp_path / "exporter.yaml").write_text(cm["exporter.yaml"])
-    (tmp_path / "exporter-redis-auth.py").write_text(cm["exporter-redis-auth.py"])
     (tmp_path / "password").write_text(password + "\n")
-    (tmp_path / "run").mkdir()
-    for _ in range(2):  # a re-run (pod restart) replaces the read-only file
-        subprocess.run([sys.executable, str(tmp_path / "exporter-redis-auth.py"),
-                        str(tmp_path / "exporter.yaml"), str(tmp_path / "password"),
-                        str(tmp_path / "run" / "exporter.yaml")], check=True)
-    x = load_exporter_settings(tmp_path / "run" / "exporter.yaml")
-    kwargs = redis.Redis.from_url(x.redis_url).connection_pool.connection_kwargs
-    assert kwargs["password"] == password
-    assert kwargs["host"] == "redis-master.redis.svc.cluster.local" and kwargs["port"] == 6380
-    assert kwargs["ssl_ca_certs"] == "/etc/stepup-authz/secrets/redis-tls/ca.crt"
-    assert (tmp_path / "run" / "exporter.yaml").stat().st_mode & 0o777 == 0o400
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(_self_signed_ca_pem())
+    local = x.model_copy(update={"password_file": tmp_path / "password", "ca_file": ca})
+    client = make_exporter_client(local)
+    try:
+        kwargs = client.connection_pool.connection_kwargs
+        assert kwargs["password"] == password
+        assert kwargs["host"] == "redis-master.redis.svc.cluster.local" and kwargs["port"] == 6380
+        assert kwargs["ssl_ca_certs"] == str(ca)
+        assert kwargs["ssl_check_hostname"] is True
+    finally:
+        client.close()
+    no_auth = values("url")
+    del no_auth["redis"]["auth"], no_auth["redis"]["tls"]
+    docs = render(chart, no_auth)
+    x = _exporter_settings(docs, tmp_path)
+    assert (x.password_file, x.ca_file) == (None, None)
+    (c,) = _pod(docs, EXPORTER)["containers"]
+    assert not {"redis-auth", "redis-tls"} & {m["name"] for m in c["volumeMounts"]}
+
+
+def _self_signed_ca_pem() -> bytes:
+    """A throwaway self-signed CA certificate (PEM): what a ca_file must hold."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def test_exporter_hardening(chart: Any) -> None:
@@ -388,7 +424,8 @@ def test_exporter_hardening(chart: Any) -> None:
     assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     assert pod["automountServiceAccountToken"] is False
     (svc_c,) = service_pod["containers"]
-    for c in pod["containers"] + pod["initContainers"]:
+    assert "initContainers" not in pod
+    for c in pod["containers"]:
         assert c["securityContext"] == svc_c["securityContext"]
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
         assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]

@@ -121,8 +121,8 @@ app.kubernetes.io/part-of: stepup-authz
 {{/*
 The Redis URL the exporter reads the stream from: the one the service writes it to
 (audit.redisUrl, else redis.url). ExporterSettings takes a single URL, so Sentinel and
-Cluster need audit.redisUrl. The CA (redis.tls) rides on the URL as redis-py's
-ssl_ca_certs query argument; the password (redis.auth) is added by the init container.
+Cluster need audit.redisUrl. The password (redis.auth) and the CA (redis.tls) are not in
+the URL: the settings name the mounted files (password_file, ca_file), as the service's do.
 */}}
 {{- define "stepup-authz.exporter.redisUrl" -}}
 {{- $url := .Values.audit.redisUrl -}}
@@ -131,9 +131,6 @@ ssl_ca_certs query argument; the password (redis.auth) is added by the init cont
 {{- fail (printf "auditExporter: redis.mode is %s, but the exporter reads the stream through one URL; set audit.redisUrl (a standalone audit Redis: the service writes the stream there too) or auditExporter.enabled=false" .Values.redis.mode) }}
 {{- end }}
 {{- $url = required "redis.url is required when redis.mode is url (no database is bundled)" .Values.redis.url -}}
-{{- end }}
-{{- if and .Values.redis.tls.existingSecret (hasPrefix "rediss://" $url) }}
-{{- $url = printf "%s%sssl_ca_certs=/etc/stepup-authz/secrets/redis-tls/%s" $url (ternary "&" "?" (contains "?" $url)) .Values.redis.tls.caKey -}}
 {{- end }}
 {{- $url }}
 {{- end }}
@@ -158,5 +155,12 @@ ssl_ca_certs query argument; the password (redis.auth) is added by the init cont
   "metrics_port" (int64 $x.metricsPort)
   "metrics_host" "0.0.0.0"
 -}}
+{{- /* The same Secrets and mount paths as the service (stepup-authz.settings). */}}
+{{- if .Values.redis.auth.existingSecret }}
+{{- $_ := set $settings "password_file" (printf "/etc/stepup-authz/secrets/redis-auth/%s" .Values.redis.auth.key) -}}
+{{- end }}
+{{- if .Values.redis.tls.existingSecret }}
+{{- $_ := set $settings "ca_file" (printf "/etc/stepup-authz/secrets/redis-tls/%s" .Values.redis.tls.caKey) -}}
+{{- end }}
 {{- toYaml $settings }}
 {{- end }}

@@ -1,0 +1,329 @@
+"""The audit exporter against a password-protected server, the password given only as a
+file (ExporterSettings.password_file), and over rediss:// with a private CA (ca_file).
+
+Servers, as elsewhere in tests/integration: a private embedded Valkey made to require a
+password (CONFIG SET requirepass, as tests/integration/test_sessions.py does), and a
+TLS-only redis-server child process started with --requirepass (as the tls_redis fixture
+of tests/integration/test_encryption.py starts one, Debian's build has TLS)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from prometheus_client import CollectorRegistry
+
+from authz.adapters.redis_conn import EmbeddedValkey
+from authz.audit.chain import SigningKey
+from authz.audit.config import load_exporter_settings
+from authz.audit.exporter import Exporter, build_exporter, run_exporter
+from authz.audit.segments import list_segments
+from authz.audit.sinks import STREAM_FIELD
+from authz.audit.testing import sample_event
+from authz.audit.verify import verify
+
+pytestmark = pytest.mark.integration
+
+KEY = SigningKey.generate()
+KEYS = {KEY.key_id: KEY.private_key.public_key()}
+PASSWORD = "p@ss:w/rd#1?"  # what a URL would have to quote: never in one here
+STREAM = "stepup:audit"
+
+
+def write_config(tmp_path: Path, redis_url: str, **extra: Any) -> Path:
+    """exporter.yaml beside its files, with relative paths (resolved against its folder)."""
+    (tmp_path / "signing.pem").write_bytes(KEY.private_pem())
+    (tmp_path / "redis-password").write_text(PASSWORD + "\n")  # stripped on read
+    cfg = tmp_path / "exporter.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "redis_url": redis_url, "stream_key": STREAM, "archive_dir": "archive",
+        "signing_key_file": "signing.pem", "password_file": "redis-password",
+        "batch_size": 50, "block_ms": 100, "linger_ms": 0, **extra,
+    }))
+    return cfg
+
+
+def produce(client: redis.Redis, n: int) -> list[str]:
+    ids = []
+    pipe = client.pipeline(transaction=False)
+    for i in range(n):
+        ev = sample_event(i)
+        ids.append(ev.event_id)
+        pipe.xadd(STREAM, {STREAM_FIELD: json.dumps(ev.to_record()).encode()})
+    pipe.execute()
+    return ids
+
+
+def drain(ex: Exporter) -> None:
+    for _ in range(1000):
+        if ex.poll(block_ms=None) == 0:
+            return
+    raise AssertionError("the exporter did not catch up")
+
+
+def archived_ids(archive: Path) -> list[str]:
+    out = []
+    for seg in list_segments([archive]):
+        for line in seg.read_text().splitlines():
+            doc = json.loads(line)
+            if doc.get("kind") == "event":
+                out.append(doc["event_id"])
+    return out
+
+
+def export_all(cfg: Path, **overrides: Any) -> Exporter:
+    """build_exporter from the settings file (as `audit exporter --config` does), archive
+    everything in the stream, seal; the caller closes the client."""
+    settings = load_exporter_settings(cfg)
+    if overrides:
+        settings = settings.model_copy(update=overrides)
+    ex = build_exporter(settings, CollectorRegistry())
+    try:
+        ex.start()
+        drain(ex)
+    except BaseException:
+        ex.writer.close(seal=False)
+        ex.client.close()
+        raise
+    ex.close()
+    return ex
+
+
+# -- a password-protected Valkey ---------------------------------------------------------------
+
+
+@pytest.fixture
+def protected(embedded_valkey: EmbeddedValkey) -> Iterator[redis.Redis]:
+    """The private Valkey, now requiring PASSWORD; yields a client that has it."""
+    admin = redis.Redis.from_url(embedded_valkey.url)
+    try:
+        admin.config_set("requirepass", PASSWORD)
+    finally:
+        admin.close()
+    client = redis.Redis.from_url(embedded_valkey.url, password=PASSWORD)
+    yield client
+    client.close()
+
+
+def test_the_exporter_authenticates_with_the_password_file(
+        embedded_valkey: EmbeddedValkey, protected: redis.Redis, tmp_path: Path) -> None:
+    ids = produce(protected, 120)
+    cfg = write_config(tmp_path, embedded_valkey.url)
+    ex = export_all(cfg)
+    try:
+        assert ex.client.connection_pool.connection_kwargs["password"] == PASSWORD
+    finally:
+        ex.client.close()
+    r = verify([tmp_path / "archive"], public_keys=KEYS)
+    assert r.ok and r.records == 120, r.error
+    assert archived_ids(tmp_path / "archive") == ids
+
+
+def test_the_server_refuses_the_exporter_without_the_right_password(
+        embedded_valkey: EmbeddedValkey, protected: redis.Redis, tmp_path: Path) -> None:
+    """The control: the server really requires the password the file gives."""
+    produce(protected, 3)
+    cfg = write_config(tmp_path, embedded_valkey.url)
+    with pytest.raises(redis.AuthenticationError):
+        export_all(cfg, password_file=None)
+    (tmp_path / "wrong").write_text("not-the-password\n")
+    with pytest.raises(redis.AuthenticationError):
+        export_all(cfg, password_file=tmp_path / "wrong")
+    assert protected.xlen(STREAM) == 3  # nothing was archived, nothing trimmed
+
+
+def test_a_refused_password_ends_the_exporter_process_non_zero(
+        embedded_valkey: EmbeddedValkey, protected: redis.Redis, tmp_path: Path) -> None:
+    """Not retried forever as "unavailable": the process exits (2) so its supervisor
+    restarts it, re-reading the password file, and the restarts show."""
+    (tmp_path / "wrong").write_text("not-the-password\n")
+    cfg = write_config(tmp_path, embedded_valkey.url, password_file="wrong")
+    t0 = time.monotonic()
+    assert run_exporter(load_exporter_settings(cfg), install_signals=False) == 2
+    assert time.monotonic() - t0 < 5
+
+
+def test_redis_down_at_start_is_retried_not_a_crash(tmp_path: Path) -> None:
+    """The exporter starts while its Redis is unreachable, keeps retrying, and stops
+    cleanly on request (the gap check waits for the first answer)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    cfg = write_config(tmp_path, f"redis://127.0.0.1:{port}/0", password_file=None)
+    result: list[int] = []
+    done = threading.Event()
+
+    def run() -> None:
+        result.append(run_exporter(load_exporter_settings(cfg), install_signals=False,
+                                   stop=done))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(1.0)
+    assert worker.is_alive()  # retrying, not crashed
+    done.set()
+    worker.join(10)
+    assert result == [0]
+
+
+def _count_events(archive: Path) -> int:
+    if not archive.exists():
+        return 0
+    return sum(seg.read_bytes().count(b'"kind":"event"') for seg in list_segments([archive]))
+
+
+def test_the_exporter_process_authenticates_with_the_password_file(
+        embedded_valkey: EmbeddedValkey, protected: redis.Redis, tmp_path: Path) -> None:
+    """`stepup-authz audit exporter --config` (run_exporter), as the chart runs it."""
+    ids = produce(protected, 200)
+    cfg = write_config(tmp_path, embedded_valkey.url)
+    archive = tmp_path / "archive"
+    with (tmp_path / "exporter.log").open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "authz.audit", "exporter", "--config",
+                                 str(cfg)], stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 30
+        while _count_events(archive) < 200 and time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "exporter.log").read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    log_text = (tmp_path / "exporter.log").read_text()
+    assert proc.returncode == 0, log_text
+    assert "redis unavailable" not in log_text  # never refused (NOAUTH/WRONGPASS retries)
+    r = verify([archive], public_keys=KEYS)
+    assert r.ok and r.records == 200 and r.unsigned_tail == 0, r.error
+    assert archived_ids(archive) == ids
+
+
+# -- rediss:// with a private CA and --requirepass --------------------------------------------
+
+
+def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
+          issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool,
+          sans: list[x509.GeneralName]) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = dt.datetime.now(dt.UTC)
+    b = (x509.CertificateBuilder().subject_name(name)
+         .issuer_name(issuer.subject if issuer is not None else name)
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - dt.timedelta(minutes=5))
+         .not_valid_after(now + dt.timedelta(hours=1))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ca:
+        b = b.add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False, key_agreement=False,
+            encipher_only=False, decipher_only=False), critical=True)
+        b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                            critical=False)
+    else:
+        assert issuer is not None
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            issuer_key.public_key()), critical=False)
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+def _pem(path: Path, cert: x509.Certificate) -> Path:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path, Path]]:
+    """A TLS-only redis-server child with --requirepass on loopback: (port, the CA that
+    signed its certificate (for 127.0.0.1), an unrelated CA)."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server (built with TLS) is required: make system-deps"
+    d = tmp_path / "tls-redis"
+    d.mkdir()
+    ca_key, other_key, srv_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca = _cert("test CA", ca_key, None, ca_key, ca=True, sans=[])
+    other = _cert("someone else's CA", other_key, None, other_key, ca=True, sans=[])
+    srv = _cert("redis.test", srv_key, ca, ca_key, ca=False, sans=[
+        x509.DNSName("redis.test"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    (d / "srv.key").write_bytes(srv_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(_pem(d / "srv.pem", srv)),
+         "--tls-key-file", str(d / "srv.key"),
+         "--tls-ca-cert-file", str(_pem(d / "ca.pem", ca)),
+         "--tls-auth-clients", "no", "--requirepass", PASSWORD,
+         "--save", "", "--appendonly", "no", "--dir", str(d)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("redis-server with TLS did not start")
+                time.sleep(0.05)
+        yield port, d / "ca.pem", _pem(d / "other.pem", other)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_rediss_with_ca_file_and_password_file(
+        tls_redis: tuple[int, Path, Path], tmp_path: Path) -> None:
+    port, ca, _ = tls_redis
+    producer = redis.Redis.from_url(f"rediss://127.0.0.1:{port}", password=PASSWORD,
+                                    ssl_ca_certs=str(ca))
+    try:
+        ids = produce(producer, 60)
+        cfg = write_config(tmp_path, f"rediss://127.0.0.1:{port}/0", ca_file=str(ca))
+        ex = export_all(cfg)
+        ex.client.close()
+        r = verify([tmp_path / "archive"], public_keys=KEYS)
+        assert r.ok and r.records == 60, r.error
+        assert archived_ids(tmp_path / "archive") == ids
+    finally:
+        producer.close()
+
+
+def test_rediss_refuses_a_server_the_ca_file_does_not_vouch_for(
+        tls_redis: tuple[int, Path, Path], tmp_path: Path) -> None:
+    port, ca, other = tls_redis
+    cfg = write_config(tmp_path, f"rediss://127.0.0.1:{port}/0", ca_file=str(other))
+    with pytest.raises(redis.ConnectionError, match=r"(?i)certificate verify failed"):
+        export_all(cfg)
+    # The right CA, but the certificate names redis.test and 127.0.0.1, not localhost.
+    cfg = write_config(tmp_path, f"rediss://localhost:{port}/0", ca_file=str(ca))
+    with pytest.raises(redis.ConnectionError, match=r"(?i)mismatch|not valid for"):
+        export_all(cfg)
