@@ -12,6 +12,7 @@ import kubernetes_validate
 import pytest
 import redis
 import yaml
+from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
 
 from authz.audit.config import ExporterSettings, load_exporter_settings
@@ -19,6 +20,8 @@ from authz.audit.exporter import make_exporter_client
 from authz.audit.metrics import AuditMetrics
 from authz.policy_file import parse_policy_text
 from authz.settings import Settings
+from tests.tlsutil import cert as tls_cert
+from tests.tlsutil import pem
 
 pytestmark = pytest.mark.deploy
 
@@ -397,22 +400,8 @@ def test_exporter_redis_password_comes_from_the_secret(chart: Any, tmp_path: Pat
 
 def _self_signed_ca_pem() -> bytes:
     """A throwaway self-signed CA certificate (PEM): what a ca_file must hold."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + dt.timedelta(hours=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    return cert.public_bytes(serialization.Encoding.PEM)
+    return pem(tls_cert("test CA", key, None, key, ca=True))
 
 
 def test_exporter_hardening(chart: Any) -> None:

@@ -13,12 +13,7 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import ipaddress
 import os
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -26,10 +21,6 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from authz.adapters.crypto import FieldCipher
@@ -39,6 +30,7 @@ from authz.core.decision import honoured_here
 from authz.core.policy import Level
 from authz.core.session import Evidence, Grant, UserState, session_key, user_key
 from authz.settings import RedisSettings
+from tests.tlsutil import tls_redis_server
 
 pytestmark = pytest.mark.integration
 
@@ -281,84 +273,12 @@ async def test_read_check_is_still_one_round_trip(embedded_valkey: EmbeddedValke
 # --- rediss:// with CA verification ----------------------------------------------------------
 
 
-def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
-          issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool, sans: list[x509.GeneralName],
-          ) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = dt.datetime.now(dt.UTC)
-    b = (x509.CertificateBuilder().subject_name(name)
-         .issuer_name(issuer.subject if issuer is not None else name)
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - dt.timedelta(minutes=5))
-         .not_valid_after(now + dt.timedelta(hours=1))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ca:
-        b = b.add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False,
-            encipher_only=False, decipher_only=False), critical=True)
-        b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                            critical=False)
-    else:
-        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        assert issuer is not None
-        b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            issuer_key.public_key()), critical=False)
-    return b.sign(issuer_key, hashes.SHA256())
-
-
-def _write(path: Path, cert: x509.Certificate | None = None,
-           key: ec.EllipticCurvePrivateKey | None = None) -> Path:
-    if cert is not None:
-        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    if key is not None:
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path, Path]]:
-    """A TLS-only redis-server (Debian's is built with TLS) on loopback:
-    (port, the CA that signed its certificate, an unrelated CA)."""
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server (built with TLS) is required: make system-deps"
-    ca_key, other_key, srv_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
-    ca = _cert("test CA", ca_key, None, ca_key, ca=True, sans=[])
-    other = _cert("someone else's CA", other_key, None, other_key, ca=True, sans=[])
-    srv = _cert("redis.test", srv_key, ca, ca_key, ca=False, sans=[
-        x509.DNSName("redis.test"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-         "--tls-cert-file", str(_write(tmp_path / "srv.pem", srv)),
-         "--tls-key-file", str(_write(tmp_path / "srv.key", key=srv_key)),
-         "--tls-ca-cert-file", str(_write(tmp_path / "ca.pem", ca)),
-         "--tls-auth-clients", "no", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("redis-server with TLS did not start")
-                time.sleep(0.05)
-        yield port, tmp_path / "ca.pem", _write(tmp_path / "other.pem", other)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    """A TLS-only redis-server child on loopback: (port, the CA that
+    signed its certificate (for 127.0.0.1 and redis.test), an unrelated CA)."""
+    with tls_redis_server(tmp_path / "tls-redis") as srv:
+        yield srv.port, srv.ca, srv.other_ca
 
 
 async def test_rediss_verifies_the_server_against_the_ca(

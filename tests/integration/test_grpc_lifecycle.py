@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,9 +11,7 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -22,57 +19,32 @@ from authz.app import Service, start_service
 from authz.core.session import UserState
 from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
 from authz.settings import Settings
+from tests.tlsutil import cert as tls_cert
+from tests.tlsutil import pem
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
-          issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool) -> x509.Certificate:
-    now = dt.datetime.now(dt.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer.subject if issuer else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _pem(obj: Any) -> bytes:
-    if isinstance(obj, x509.Certificate):
-        return obj.public_bytes(serialization.Encoding.PEM)
-    return bytes(obj.private_bytes(serialization.Encoding.PEM,
-                                   serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption()))
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     d = tmp_path_factory.mktemp("pki")
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("test-ca", ca_key, None, ca_key, ca=True)
+    ca = tls_cert("test-ca", ca_key, None, ca_key, ca=True)
     other_key = ec.generate_private_key(ec.SECP256R1())
-    other_ca = _cert("other-ca", other_key, None, other_key, ca=True)
+    other_ca = tls_cert("other-ca", other_key, None, other_key, ca=True)
     files: dict[str, Path] = {}
     for name, obj in {"ca.pem": ca, "other-ca.pem": other_ca}.items():
-        (d / name).write_bytes(_pem(obj))
+        (d / name).write_bytes(pem(obj))
         files[name] = d / name
     for who, issuer, issuer_key in (("server", ca, ca_key), ("client", ca, ca_key),
                                     ("rogue", other_ca, other_key)):
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = _cert("localhost" if who == "server" else who, key, issuer, issuer_key, ca=False)
-        (d / f"{who}.pem").write_bytes(_pem(cert))
-        (d / f"{who}-key.pem").write_bytes(_pem(key))
+        cert = tls_cert("localhost" if who == "server" else who, key, issuer, issuer_key,
+                         ca=False, sans=[x509.DNSName("localhost")])
+        (d / f"{who}.pem").write_bytes(pem(cert))
+        (d / f"{who}-key.pem").write_bytes(pem(key))
         files[who] = d / f"{who}.pem"
         files[f"{who}-key"] = d / f"{who}-key.pem"
     yield files

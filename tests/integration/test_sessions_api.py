@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import io
 import ipaddress
 import json
@@ -19,9 +18,7 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from authz.adapters.redis_conn import make_client
 from authz.adapters.sessions import RedisSessionStore
@@ -34,6 +31,8 @@ from authz.audit.events import AuditEvent, EventType
 from authz.core.policy import load_policy
 from authz.core.session import UserState, session_key, user_key
 from authz.settings import RedisSettings
+from tests.tlsutil import cert as tls_cert
+from tests.tlsutil import pem
 
 pytestmark = pytest.mark.integration
 
@@ -52,43 +51,15 @@ POLICY = load_policy({
 USER = pb.User(issuer=ISS, subject=SUB)
 
 
-# --- PKI (the shape of tests/integration/test_grpc_lifecycle.py's helper) ------------------
-
-
-def _cert(cn: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
-          issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool,
-          sans: list[x509.GeneralName] | None = None) -> x509.Certificate:
-    now = dt.datetime.now(dt.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer.subject if issuer else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _pem(obj: Any) -> bytes:
-    if isinstance(obj, x509.Certificate):
-        return obj.public_bytes(serialization.Encoding.PEM)
-    return bytes(obj.private_bytes(serialization.Encoding.PEM,
-                                   serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption()))
+# --- PKI (tests/tlsutil.py) ---------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     d = tmp_path_factory.mktemp("pki")
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("test-ca", ca_key, None, ca_key, ca=True)
-    (d / "ca.pem").write_bytes(_pem(ca))
+    ca = tls_cert("test-ca", ca_key, None, ca_key, ca=True)
+    (d / "ca.pem").write_bytes(pem(ca))
     files = {"ca": d / "ca.pem"}
     people: dict[str, tuple[str, list[x509.GeneralName]]] = {
         "server": ("localhost", [x509.DNSName("localhost"),
@@ -99,8 +70,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     }
     for who, (cn, sans) in people.items():
         key = ec.generate_private_key(ec.SECP256R1())
-        (d / f"{who}.pem").write_bytes(_pem(_cert(cn, key, ca, ca_key, ca=False, sans=sans)))
-        (d / f"{who}-key.pem").write_bytes(_pem(key))
+        (d / f"{who}.pem").write_bytes(pem(tls_cert(cn, key, ca, ca_key, ca=False, sans=sans)))
+        (d / f"{who}-key.pem").write_bytes(pem(key))
         files[who], files[f"{who}-key"] = d / f"{who}.pem", d / f"{who}-key.pem"
     yield files
 

@@ -5,7 +5,6 @@ read off the client's pool (tests/integration/test_exporter_auth.py connects for
 
 from __future__ import annotations
 
-import datetime as dt
 import subprocess
 import sys
 from pathlib import Path
@@ -13,29 +12,21 @@ from typing import Any
 
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from authz.audit.chain import SigningKey
 from authz.audit.config import ExporterSettings, load_exporter_settings
 from authz.audit.exporter import build_exporter, make_exporter_client
 from authz.errors import ConfigError
+from tests.tlsutil import cert as tls_cert
+from tests.tlsutil import pem
 
 PASSWORD = "p@ss:w/rd#1?"
 
 
 def _ca_pem() -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + dt.timedelta(hours=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    return cert.public_bytes(serialization.Encoding.PEM)
+    return pem(tls_cert("test CA", key, None, key, ca=True))
 
 
 @pytest.fixture
