@@ -23,7 +23,9 @@ import asyncio
 import collections
 import contextlib
 import logging
+import queue
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol, TextIO
@@ -57,17 +59,42 @@ class MirrorSink(Protocol):
 
 
 class StdoutSink:
-    """JSON Lines on stdout (or any text stream), one canonical record per line."""
+    """JSON Lines on stdout (or any text stream), one canonical record per line.
+
+    Written by a thread of its own through a bounded queue: a log reader that stops
+    reading fills the pipe and blocks the writer, never the event loop that answers Envoy.
+    When the queue is full, ``write_many`` raises ``BlockingIOError`` and the Auditor counts
+    those records as this sink's errors (the stream, the primary sink, has them)."""
 
     name = "stdout"
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, *, queue_size: int = 10_000) -> None:
         self._stream = stream
+        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=queue_size)
+        self._thread = threading.Thread(target=self._run, name="audit-stdout", daemon=True)
+        self._thread.start()
 
     def write_many(self, records: Sequence[bytes]) -> None:
-        out = self._stream or sys.stdout
-        out.write("".join(r.decode("ascii") + "\n" for r in records))
-        out.flush()
+        text = "".join(r.decode("ascii") + "\n" for r in records)
+        try:
+            self._queue.put_nowait(text)
+        except queue.Full:
+            raise BlockingIOError("audit stdout mirror: queue full") from None
+
+    def _run(self) -> None:
+        while (text := self._queue.get()) is not None:
+            out = self._stream or sys.stdout
+            try:
+                out.write(text)
+                out.flush()
+            except (OSError, ValueError):  # a closed or broken stdout: nothing to write to
+                log.warning("audit stdout mirror: write failed", exc_info=True)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Write what is queued (bounded by ``timeout_s``), then stop the thread."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout_s)
+        self._thread.join(timeout_s)
 
 
 class RedisStreamSink:
@@ -267,6 +294,10 @@ class Auditor:
             self._buffer.clear()
             self._pending = []
         self.metrics.buffered.set(0)
+        for m in self.mirrors:
+            close = getattr(m, "close", None)
+            if close is not None:
+                await asyncio.to_thread(close)
 
     def _drop(self, n: int, why: str) -> None:
         self.metrics.dropped.inc(n)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import aiohttp
 import grpc
 import pyotp
 import pytest
+import redis.asyncio as aioredis
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -38,8 +41,9 @@ class Env:
     channel: grpc.aio.Channel
 
 
-@pytest.fixture
-async def env(redis_url: str, redis_prefix: str) -> AsyncIterator[Env]:
+@contextlib.asynccontextmanager
+async def service_env(redis_url: str, redis_prefix: str,
+                      **extra: Any) -> AsyncIterator[Env]:
     sock = bind()
     idp = base_url(sock)
     cfg = DevIdpConfig(
@@ -55,6 +59,7 @@ async def env(redis_url: str, redis_prefix: str) -> AsyncIterator[Env]:
             "oidc": {"issuer": idp, "client_id": "stepup-authz", "client_secret": "dev-secret",
                      "audience": "stepup-demo", "algorithms": ["RS256"], "token_typ": "at+jwt"},
             "stepup": {"public_url": PUBLIC, "cookie_secure": False},
+            **extra,
         })
         service = await start_service(settings)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
@@ -63,6 +68,12 @@ async def env(redis_url: str, redis_prefix: str) -> AsyncIterator[Env]:
         finally:
             await channel.close()
             await service.stop()
+
+
+@pytest.fixture
+async def env(redis_url: str, redis_prefix: str) -> AsyncIterator[Env]:
+    async with service_env(redis_url, redis_prefix) as e:
+        yield e
 
 
 def check_request(path: str, headers: dict[str, str], *, method: str = "GET",
@@ -226,3 +237,27 @@ async def test_store_down_fails_closed(env: Env) -> None:
     env.service.authorizer.store.deadline = 0.05  # type: ignore[attr-defined]
     r = await env.stub.Check(check_request("/accounts/1", {"authorization": f"Bearer {token}"}))
     assert r.status.code != 0
+
+
+async def test_audit_stdout_mirror_writes_the_records_the_stream_got(
+        redis_url: str, redis_prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """audit.stdout: every record also goes to stdout as one JSON line (from the mirror's
+    own thread), the same bytes as the stream entry; a durable allow included."""
+    stream = f"{redis_prefix}audit-stdout"
+    async with service_env(redis_url, redis_prefix,
+                           audit={"stdout": True, "stream_key": stream}) as env:
+        mfa = await password_token(env.idp, otp=pyotp.TOTP(ALICE_TOTP_SECRET).now())
+        r = await env.stub.Check(check_request("/accounts/1",
+                                               {"authorization": f"Bearer {mfa}"}))
+        assert r.status.code == 0  # elevated: audited before access
+        r = await env.stub.Check(check_request("/accounts/1", {}))
+        assert r.denied_response.status.code == 401  # login.required, buffered
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        entries = [f[b"r"] for _, f in await client.xrange(stream)]
+        await client.delete(stream)
+    finally:
+        await client.aclose()
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    assert sorted(lines) == sorted(e.decode() for e in entries)
+    assert {json.loads(ln)["type"] for ln in lines} >= {"access.allowed", "login.required"}

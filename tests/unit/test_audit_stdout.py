@@ -1,0 +1,58 @@
+"""The stdout mirror never blocks the event loop: a stalled log reader fills a bounded
+queue, the overflow is refused (and counted by the Auditor), the rest is written in order
+once the reader drains."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from authz.audit.metrics import AuditMetrics
+from authz.audit.sinks import Auditor, StdoutSink
+
+
+class StalledStream(io.StringIO):
+    """A stdout whose reader has stopped: write() blocks until ``resume`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resume = threading.Event()
+
+    def write(self, s: str) -> int:
+        self.resume.wait(10)
+        return super().write(s)
+
+
+def test_a_stalled_reader_never_blocks_the_caller_and_order_is_kept() -> None:
+    out = StalledStream()
+    sink = StdoutSink(out, queue_size=3)
+    t0 = time.monotonic()
+    for i in range(4):  # one is taken by the writer thread (blocked), three fill the queue
+        sink.write_many([f'{{"n":{i}}}'.encode()])
+        time.sleep(0.02)
+    with pytest.raises(BlockingIOError):
+        sink.write_many([b'{"n":99}'])
+    assert time.monotonic() - t0 < 1.0  # never waited on the stalled stream
+    out.resume.set()
+    sink.close()
+    assert out.getvalue() == "".join(f'{{"n":{i}}}\n' for i in range(4))
+
+
+def test_the_auditor_counts_what_the_mirror_refused() -> None:
+    out = StalledStream()
+    sink = StdoutSink(out, queue_size=1)
+    m = AuditMetrics(CollectorRegistry())
+    auditor = Auditor(None, metrics=m, mirrors=[sink])  # type: ignore[arg-type]
+    for i in range(5):
+        auditor.accepted(f'{{"n":{i}}}'.encode())
+        time.sleep(0.02)
+    sample = m.registry.get_sample_value
+    assert sample("stepup_authz_audit_events_total", {"sink": "stdout", "result": "ok"}) == 2
+    assert sample("stepup_authz_audit_events_total", {"sink": "stdout", "result": "error"}) == 3
+    out.resume.set()
+    sink.close()
+    assert out.getvalue() == '{"n":0}\n{"n":1}\n'
