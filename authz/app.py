@@ -23,7 +23,7 @@ from authz.adapters.geoip import GeoIP
 from authz.adapters.metrics import Metrics
 from authz.adapters.oidc import OidcClient, discover
 from authz.adapters.redirects import Redirects
-from authz.adapters.redis_conn import EmbeddedValkey, make_client, make_redis
+from authz.adapters.redis_conn import EmbeddedValkey, SentinelWatcher, make_client, make_redis
 from authz.adapters.sessions import RedisSessionStore, StoreLimits
 from authz.adapters.stepup_context import ContextSigner
 from authz.adapters.tokens import TokenVerifier, key_source_from_settings
@@ -165,6 +165,10 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
             script_client=fast,
         )
         closers.append(store)
+        if settings.redis.sentinel is not None:  # closed before the store (and its client)
+            watcher = SentinelWatcher(client, settings.redis.sentinel.master_name)
+            watcher.start()
+            closers.append(watcher)
 
         auditor: Auditor | None = None
         audit = settings.audit

