@@ -123,22 +123,27 @@ class SentinelWatcher:
 
     async def _run(self) -> None:
         sentinels = list(self.client.connection_pool.sentinel_manager.sentinels)
-        i = 0
+        i, failures = 0, 0
         while True:
             sentinel = sentinels[i % len(sentinels)]
             i += 1
             pubsub = sentinel.pubsub()
             try:
                 await pubsub.subscribe("+switch-master")
+                failures = 0
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True,
                                                    timeout=self.poll_s)
                     if msg is not None:
                         await self._on_switch(msg.get("data"))
             except (RedisError, OSError) as exc:
-                log.warning("sentinel watch: lost a sentinel; trying the next",
-                            extra={"error": f"{type(exc).__name__}: {exc}"})
-                await asyncio.sleep(self.retry_s)
+                failures += 1
+                if failures <= len(sentinels):  # one warning per sentinel, not one a second
+                    log.warning("sentinel watch: lost a sentinel; trying the next",
+                                extra={"error": f"{type(exc).__name__}: {exc}"})
+                # Through every sentinel once at retry_s, then backing off to 10 s.
+                await asyncio.sleep(min(self.retry_s * 2 ** max(0, failures - len(sentinels)),
+                                        10.0))
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()
