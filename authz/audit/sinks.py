@@ -125,18 +125,8 @@ class RedisStreamSink:
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
 
-    def add_to_pipeline(self, pipe: Any, record: bytes) -> int:
-        """Queue the XADD of one encoded record (and the WAIT, if configured) on ``pipe``;
-        returns how many commands were queued, i.e. how many results ``check_results``
-        expects."""
-        pipe.xadd(self.stream_key, {STREAM_FIELD: record})
-        if self.wait_replicas:
-            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-            return 2
-        return 1
-
     def check_results(self, results: Sequence[Any]) -> None:
-        """Raise AuditUnavailable unless the queued XADD (and WAIT) succeeded."""
+        """Raise AuditUnavailable unless the XADD (and the WAIT) succeeded."""
         if not results or isinstance(results[0], BaseException) or not results[0]:
             raise AuditUnavailable("XADD failed")
         if self.wait_replicas:
@@ -148,18 +138,19 @@ class RedisStreamSink:
     async def write(self, record: bytes) -> None:
         """One encoded record, durably (see the module docstring), within the deadline."""
         try:
+            wait = (("WAIT", self.wait_replicas, self.wait_timeout_ms),) \
+                if self.wait_replicas else ()
             if self.fast is not None:
                 # XADD (+ WAIT on the same connection), the deadline a timer on the replies.
-                xadd = ("XADD", self.stream_key, "*", STREAM_FIELD, record)
-                results = await (
-                    self.fast.pipeline_within(self.deadline_s, xadd) if not self.wait_replicas
-                    else self.fast.pipeline_within(
-                        self.deadline_s, xadd,
-                        ("WAIT", self.wait_replicas, self.wait_timeout_ms)))
-            else:
+                results = await self.fast.pipeline_within(
+                    self.deadline_s, ("XADD", self.stream_key, "*", STREAM_FIELD, record),
+                    *wait)
+            else:  # Sentinel / Cluster: redis-py, one pipeline (one connection)
                 async with asyncio.timeout(self.deadline_s):
                     async with self.client.pipeline(transaction=False) as pipe:
-                        self.add_to_pipeline(pipe, record)
+                        pipe.xadd(self.stream_key, {STREAM_FIELD: record})
+                        for cmd in wait:
+                            pipe.execute_command(*cmd)
                         results = await pipe.execute(raise_on_error=False)
         # asyncio.TimeoutError is an OSError; RedisClusterException is not a RedisError.
         except (RedisError, RedisClusterException, OSError) as exc:
@@ -230,20 +221,6 @@ class Auditor:
     async def durable_record(self, record: bytes) -> None:
         try:
             await self.primary.write(record)
-        except AuditUnavailable:
-            self._redis_error.inc()
-            raise
-        self.accepted(record)
-
-    def add_to_pipeline(self, pipe: Any, record: bytes) -> int:
-        """Queue one encoded record's XADD (+WAIT) on a redis-py pipeline the caller
-        executes with ``raise_on_error=False``; pass the results slice to ``confirm``."""
-        return self.primary.add_to_pipeline(pipe, record)
-
-    def confirm(self, results: Sequence[Any], record: bytes) -> None:
-        """Raise AuditUnavailable unless the pipelined XADD (+WAIT) succeeded; counts it."""
-        try:
-            self.primary.check_results(results)
         except AuditUnavailable:
             self._redis_error.inc()
             raise
