@@ -14,14 +14,12 @@ builders in :mod:`authz.audit.mapping` take the route as method, host and canoni
 from __future__ import annotations
 
 import json
-import operator
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
-from json.encoder import encode_basestring_ascii
 from types import MappingProxyType
 from typing import Any
 
@@ -146,46 +144,10 @@ def canonical_bytes(record: Mapping[str, Any]) -> bytes:
     return text.replace("\x7f", "\\u007f").encode("ascii")
 
 
-def _scalar_json(name: str, value: object) -> str:
-    """One field's canonical JSON: what ``json.dumps(..., ensure_ascii=True)`` writes for
-    it (before the DEL escape, applied to the whole record)."""
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, str):
-        return encode_basestring_ascii(clip_text(value))
-    if isinstance(value, int):
-        return int.__repr__(value)
-    raise TypeError(f"audit field {name!r}: {type(value).__name__} is not a str/int/bool/None")
-
-
-_Getter = Callable[["AuditEvent"], object]
-
-
-@lru_cache(maxsize=256)
-def _plan(detail_names: tuple[str, ...]) -> tuple[tuple[str, str, _Getter], ...]:
-    """For one set of detail names: every record field in canonical (sorted) order, as
-    (name, '"name":' prefix, how to read its value off an event)."""
-    fields: dict[str, _Getter] = {"v": lambda e: RECORD_VERSION}
-    for name in COMMON_FIELDS:
-        fields[name] = ((lambda e: str(e.type)) if name == "type"
-                        else operator.attrgetter(name))
-    for name in detail_names:
-        if name in fields or name in ARCHIVE_FIELDS:
-            raise ValueError(f"audit detail {name!r} clashes with a record field")
-        fields[name] = lambda e, n=name: e.details[n]  # type: ignore[misc]
-    return tuple((k, encode_basestring_ascii(k) + ":", fields[k]) for k in sorted(fields))
-
-
 def encode_event(event: AuditEvent) -> bytes:
-    """``canonical_bytes(event.to_record())``, without building the dict and sorting it on
-    every call: the Check path writes one of these before an audited allow."""
-    parts = [prefix + _scalar_json(name, get(event))
-             for name, prefix, get in _plan(tuple(event.details))]
-    return ("{" + ",".join(parts) + "}").replace("\x7f", "\\u007f").encode("ascii")
+    """An event's record, canonically encoded (the Check's audited allow is written by
+    ``mapping.allowed_record``, held byte-equal to this)."""
+    return canonical_bytes(event.to_record())
 
 
 def decode_record(raw: bytes | str) -> dict[str, Any]:

@@ -214,7 +214,7 @@ def allowed_record(
     text = "{" + "".join(parts)
     if len(text) > MAX_FIELD_CHARS:  # some field may be over the limit: clip it
         return _generic_allowed(decision, decision_id, attrs, policy_version, now_ms, event_id)
-    return text.replace("\x7f", "\\u007f").encode("ascii")
+    return text.encode("ascii")  # json's C escaper escapes DEL and all non-ASCII
 
 
 def _generic_allowed(decision: Decision, decision_id: str, attrs: RequestAttributes,
