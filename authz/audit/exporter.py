@@ -135,7 +135,9 @@ class Exporter:
                                  block=block_ms)
         entries: list[tuple[str, dict[str, Any]]] = []
         last = self.last_id
+        read = 0
         for _key, items in resp or ():
+            read += len(items)
             for sid_raw, fields in items:
                 sid = sid_raw.decode() if isinstance(sid_raw, bytes) else str(sid_raw)
                 last = sid
@@ -154,10 +156,10 @@ class Exporter:
         if last != "0-0" and self.trim and (entries or resp):
             # Only what is on disk: MINID keeps `last` itself and everything after it.
             self.client.xtrim(self.stream_key, minid=last, approximate=True)
-        self._update_lag(full=len(entries) >= self.batch_size)
+        self._update_lag(full=read >= self.batch_size)
         self.writer.checkpoint()
         self.writer.maybe_rotate()
-        return sum(len(items) for _key, items in resp or ())
+        return read
 
     def _update_lag(self, *, full: bool) -> None:
         if self.metrics is None:
