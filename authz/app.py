@@ -15,32 +15,32 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from authz.adapters.crypto import cipher_from_settings
-from authz.adapters.devices import DeviceResolver
-from authz.adapters.envoy_out import ResponseBuilder
-from authz.adapters.fastredis import make_fast_redis
-from authz.adapters.geoip import GeoIP
-from authz.adapters.metrics import Metrics
-from authz.adapters.oidc import OidcClient, discover
-from authz.adapters.redirects import Redirects
-from authz.adapters.redis_conn import EmbeddedValkey, SentinelWatcher, make_client, make_redis
-from authz.adapters.sessions import RedisSessionStore, StoreLimits
-from authz.adapters.stepup_context import ContextSigner
-from authz.adapters.tokens import TokenVerifier, key_source_from_settings
-from authz.api.auth import CallerAuth
-from authz.api.sessions_service import SERVICE_NAME as SESSIONS_SERVICE
-from authz.api.sessions_service import SessionsServicer
-from authz.api.sessions_service import add_to_server as add_sessions_api
+from authz.admin.api import SERVICE_NAME as SESSIONS_SERVICE
+from authz.admin.api import SessionsServicer
+from authz.admin.api import add_to_server as add_sessions_api
+from authz.admin.auth import CallerAuth
 from authz.audit.mapping import policy_reload
 from authz.audit.metrics import AuditMetrics
 from authz.audit.sinks import Auditor, MirrorSink, RedisStreamSink, StdoutSink
+from authz.check.authorizer import Authorizer
+from authz.check.devices import DeviceResolver
+from authz.check.geoip import GeoIP
+from authz.check.grpc_server import AuthorizationServicer, GrpcServer
+from authz.check.http_server import HttpAuthzServer, maybe_start
+from authz.check.redirects import Redirects
+from authz.check.response import ResponseBuilder
+from authz.check.tokens import TokenVerifier, key_source_from_settings
+from authz.config.policy_file import LoadedPolicy, PolicyHolder
+from authz.config.settings import OidcSettings, Settings
 from authz.core.policy import Policy
-from authz.grpc_server import AuthorizationServicer, GrpcServer
-from authz.http_app import StepupApp
-from authz.http_authz import HttpAuthzServer, maybe_start
-from authz.policy_file import LoadedPolicy, PolicyHolder
-from authz.service import Authorizer
-from authz.settings import OidcSettings, Settings
+from authz.ops.metrics import Metrics
+from authz.stepup.endpoints import StepupApp
+from authz.stepup.link import ContextSigner
+from authz.stepup.oidc import OidcClient, discover
+from authz.store.connections import EmbeddedValkey, SentinelWatcher, make_client, make_redis
+from authz.store.crypto import cipher_from_settings
+from authz.store.fastredis import make_fast_redis
+from authz.store.sessions import RedisSessionStore, StoreLimits
 
 log = logging.getLogger("authz.app")
 
@@ -264,7 +264,7 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
     except BaseException:
         await _close_all(closers)
         raise
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # serve --workers N (authz.workers)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # serve --workers N (authz.ops.workers)
         # /metrics reports every worker's counters and histograms, summed; the per-process
         # registry keeps collecting (its values live in the shared directory).
         from prometheus_client import CollectorRegistry, multiprocess

@@ -14,8 +14,8 @@ from authz.errors import ConfigError, RequestError
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from authz.app import serve
-    from authz.logs import configure_logging
-    from authz.settings import load_settings
+    from authz.config.settings import load_settings
+    from authz.ops.logs import configure_logging
 
     try:
         settings = load_settings(args.config)
@@ -24,7 +24,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log.level, settings.log.json_format)
     if args.workers > 1:
-        from authz.workers import supervise
+        from authz.ops.workers import supervise
 
         try:
             return supervise(args.config, settings, args.workers)
@@ -46,7 +46,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
-    from authz.policy_file import read_policy
+    from authz.config.policy_file import read_policy
 
     try:
         loaded = read_policy(args.file)
@@ -60,8 +60,8 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_policy_explain(args: argparse.Namespace) -> int:
+    from authz.config.policy_file import read_policy
     from authz.explain import explain, render_text
-    from authz.policy_file import read_policy
 
     try:
         loaded = read_policy(args.file)
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     # Subcommand groups of their own modules (imported here: `serve` need not load them).
-    from authz.api.cli import add_sessions_parser
+    from authz.admin.cli import add_sessions_parser
     from authz.audit.cli import add_audit_parser
     from authz.render import add_render_parser
 

@@ -16,12 +16,12 @@ import time
 from types import MappingProxyType
 from typing import Any
 
+from authz.config.policy_file import LoadedPolicy
 from authz.core.attributes import RequestAttributes, canonicalize_path, normalize_host, parse_ip
 from authz.core.decision import decide
 from authz.core.policy import Context
 from authz.core.session import Evidence, Grant, Identity, Sighting, UserState
 from authz.core.signals import Device, Geo, compute_signals, device_states
-from authz.policy_file import LoadedPolicy
 
 
 def request_from_json(doc: dict[str, Any]) -> RequestAttributes:

@@ -370,8 +370,8 @@ def _label(text: str) -> tuple[str, str]:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
+    from authz.config.policy_file import read_policy
     from authz.errors import ConfigError
-    from authz.policy_file import read_policy
 
     try:
         policy = read_policy(args.policy).policy

@@ -26,12 +26,12 @@ import jwt
 import uvloop
 from envoy.service.auth.v3 import external_auth_pb2
 
-from authz.adapters.envoy_out import ResponseBuilder
 from authz.app import start_service
+from authz.check.grpc_server import AuthorizationServicer
+from authz.check.response import ResponseBuilder
+from authz.config.settings import Settings
 from authz.core.session import Evidence, Grant, session_key, user_key
 from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
-from authz.grpc_server import AuthorizationServicer
-from authz.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 

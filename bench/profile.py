@@ -35,9 +35,10 @@ from bench.stackctl import (
 REPO = Path(__file__).resolve().parent.parent
 # Frames whose inclusive share is reported (substring of "function (file)").
 INCLUSIVE = (
-    "Check (authz/grpc_server.py", "attributes_from_check", "Authorizer.check", "check (authz",
+    "Check (authz/check/grpc_server.py", "attributes_from_check", "Authorizer.check",
+    "check (authz",
     "_decide", "verify_access_token", "read_check", "_eval (authz", "note_allow",
-    "ResponseBuilder.build", "build (authz/adapters/envoy_out.py", "record (authz/service.py",
+    "ResponseBuilder.build", "build (authz/check/response.py", "record (authz/check/authorizer.py",
     "uuid4", "_audit", "fastredis", "redis/asyncio", "grpc/aio", "_cython", "handle (authz",
     "http_authz.py", "select", "epoll",
 )

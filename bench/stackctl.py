@@ -211,10 +211,10 @@ def mfa_token(idp_url: str) -> str:
 def write_grant(stack: Stack, token: str, level: str, ttl_s: int) -> None:
     """Record a step-up grant for ``token``'s session through the service's own store API,
     exactly as the callback would after an mfa sign-in now."""
-    from authz.adapters.redis_conn import make_client
-    from authz.adapters.sessions import RedisSessionStore
+    from authz.config.settings import RedisSettings
     from authz.core.session import Evidence, Grant, session_key, user_key
-    from authz.settings import RedisSettings
+    from authz.store.connections import make_client
+    from authz.store.sessions import RedisSessionStore
 
     claims = jwt.decode(token, options={"verify_signature": False})  # our own fresh token
     settings = RedisSettings(url=stack.redis_url)
@@ -222,8 +222,8 @@ def write_grant(stack: Stack, token: str, level: str, ttl_s: int) -> None:
     extra: dict[str, object] = {}
     crypto = stack.settings().get("crypto")
     if crypto:  # the service's keyring: a grant sealed under another key reads as corrupt
-        from authz.adapters.crypto import cipher_from_settings
-        from authz.settings import CryptoSettings
+        from authz.config.settings import CryptoSettings
+        from authz.store.crypto import cipher_from_settings
 
         extra["cipher"] = cipher_from_settings(CryptoSettings.model_validate(crypto))
 

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from authz.adapters.redis_conn import EmbeddedValkey
+from authz.store.connections import EmbeddedValkey
 
 _LOCAL_REDIS = "redis://127.0.0.1:6379"
 

@@ -1,6 +1,6 @@
-"""Regenerate the project's gRPC code from ``protos/`` into ``authz/api/``.
+"""Regenerate the project's gRPC code from ``protos/`` into ``authz/admin/proto/``.
 
-    python tools/gen_protos.py            # write authz/api/stepup/v1/*
+    python tools/gen_protos.py            # write authz/admin/proto/stepup/v1/*
     python tools/gen_protos.py --check    # exit 1 when the committed code is not current
 
 The output is deterministic for one grpcio-tools version (protoc is bundled in it), so that
@@ -20,8 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_ROOT = ROOT / "protos"
-OUT_ROOT = ROOT / "authz" / "api"
-PACKAGE = "authz.api"
+OUT_ROOT = ROOT / "authz" / "admin" / "proto"
+PACKAGE = "authz.admin.proto"
 PROTOS = ("stepup/v1/sessions.proto",)
 GRPCIO_TOOLS_VERSION = "1.85.1"
 _IMPORT = re.compile(r"^from (stepup(?:\.\w+)*) import ", re.MULTILINE)

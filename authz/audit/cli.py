@@ -159,7 +159,7 @@ def _cmd_exporter(args: argparse.Namespace) -> int:
     from authz.audit.archive import ArchiveError
     from authz.audit.config import load_exporter_settings
     from authz.audit.exporter import run_exporter
-    from authz.logs import configure_logging
+    from authz.ops.logs import configure_logging
 
     configure_logging("INFO", True)
     try:

@@ -196,7 +196,7 @@ def _why(exc: Exception) -> str:
 
 def make_exporter_client(settings: ExporterSettings) -> redis.Redis:
     """The exporter's (sync) Redis client, with the service's rules (``make_client`` in
-    authz/adapters/redis_conn.py):
+    authz/store/connections.py):
 
     - ``password_file``: the password is read from the file (a mounted Secret), stripped.
       A password in ``redis_url`` as well is refused: one source of truth.

@@ -116,7 +116,7 @@ class RedisStreamSink:
         if wait_replicas and wait_timeout_ms >= deadline_ms:
             raise ValueError("wait_timeout_ms must be below the durable deadline")
         self.client = client
-        # The Check path's pipelined transport (authz.adapters.fastredis.FastRedis) on the
+        # The Check path's pipelined transport (authz.store.fastredis.FastRedis) on the
         # same server: an audit-before-access record costs one cheap command, not a redis-py
         # pipeline. It raises redis-py's error types, so failures map the same way.
         self.fast = fast

@@ -3,7 +3,7 @@
 ``load_policy(mapping)`` validates a parsed document into an immutable, precompiled
 ``Policy``; every route matcher (prefix, exact, regex) is built once here so a Check does
 no parsing or compiling. Errors carry the location inside the document (``routes.2.level``);
-``authz.policy_file`` turns that into a line and column of the YAML file.
+``authz.config.policy_file`` turns that into a line and column of the YAML file.
 """
 
 from __future__ import annotations

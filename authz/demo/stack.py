@@ -347,7 +347,7 @@ class Stack:
 
     # -- files -----------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
-        """The service settings (authz/settings.py format), with ``extra_settings`` merged."""
+        """The service settings (``authz.config.settings``), with ``extra_settings`` merged."""
         base: dict[str, Any] = {
             "policy_file": str(self.policy_file),
             "grpc": {"host": HOST, "port": self.grpc_port},

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from authz.config.policy_file import read_policy
 from authz.core.policy import load_policy
-from authz.policy_file import read_policy
 from authz.render import EXT_AUTHZ, add_render_parser, render_envoy, render_istio
 
 pytestmark = pytest.mark.deploy

@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry
 from authz.audit.config import ExporterSettings, load_exporter_settings
 from authz.audit.exporter import make_exporter_client
 from authz.audit.metrics import AuditMetrics
-from authz.policy_file import parse_policy_text
-from authz.settings import Settings
+from authz.config.policy_file import parse_policy_text
+from authz.config.settings import Settings
 from tests.tlsutil import cert as tls_cert
 from tests.tlsutil import pem
 
@@ -177,7 +177,7 @@ def _config(docs: list[dict[str, Any]], suffix: str, key: str) -> str:
     "minimal", "url", "sentinel", "cluster",
 ])
 def test_rendered_settings_are_accepted_by_the_service(chart: Any, value_set: str) -> None:
-    """The chart's config.yaml passes the service's own settings model (authz/settings.py)."""
+    """The chart's config.yaml passes the service's own settings model."""
     doc = yaml.safe_load(_config(render(chart, values(value_set)), "-config", "config.yaml"))
     settings = Settings.model_validate(doc)
     assert settings.grpc.port == 9191 and settings.http.port == 9192

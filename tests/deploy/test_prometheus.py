@@ -23,11 +23,11 @@ import yaml
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from authz.adapters.metrics import Metrics
 from authz.app import Service, start_service
 from authz.audit.metrics import AuditMetrics
+from authz.config.settings import Settings
 from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
-from authz.settings import Settings
+from authz.ops.metrics import Metrics
 
 pytestmark = pytest.mark.deploy
 

@@ -2,9 +2,9 @@
 decisions, statuses, challenges and identity headers as the gRPC mode (issue 6, "Also serve
 Envoy's HTTP ext_authz protocol").
 
-Until ``authz.settings`` has ``http_authz`` (the composition root starts the listener when
+Until ``authz.config.settings`` has ``http_authz`` (the composition root starts the listener when
 ``http_authz.enabled``), the stack runs the service through this module's ``__main__``:
-``start_service`` plus ``authz.http_authz.maybe_start`` on the same Authorizer.
+``start_service`` plus ``authz.check.http_server.maybe_start`` on the same Authorizer.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import aiohttp
 import pytest
 import yaml
 
-import authz.settings
+import authz.config.settings
 from authz.demo.stack import REPO_ROOT, Stack, deep_merge, free_ports, render_envoy_config
 
 HTTP_TEMPLATE = REPO_ROOT / "envoy" / "demo-http.yaml"
 DEMO_POLICY = REPO_ROOT / "examples" / "policy.yaml"
-WIRED = hasattr(authz.settings, "HttpAuthzSettings")  # the lead's wiring has landed
+WIRED = hasattr(authz.config.settings, "HttpAuthzSettings")  # the lead's wiring has landed
 
 
 class HttpModeStack(Stack):
@@ -250,8 +250,8 @@ class _Cfg:
 
 async def _serve(config: str, port: int) -> None:
     from authz.app import start_service
-    from authz.http_authz import maybe_start
-    from authz.settings import load_settings
+    from authz.check.http_server import maybe_start
+    from authz.config.settings import load_settings
 
     settings = load_settings(config)
     service = await start_service(settings)
@@ -271,7 +271,7 @@ async def _serve(config: str, port: int) -> None:
 if __name__ == "__main__":
     import uvloop
 
-    from authz.logs import configure_logging
+    from authz.ops.logs import configure_logging
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True)

@@ -21,7 +21,7 @@ import pytest
 import redis
 from multidict import CIMultiDict
 
-from authz.adapters.devices import cookie_device_id
+from authz.check.devices import cookie_device_id
 from authz.demo.stack import Stack
 from authz.devidp import ALICE_TOTP_SECRET, BOB_TOTP_SECRET
 

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from authz.audit.config import AuditSettings
+from authz.config.settings import RedisSettings
 from authz.demo.stack import REPO_ROOT, Stack, render_envoy_config
-from authz.settings import RedisSettings
 
 ENVOY_CONFIGS = ["envoy/demo.yaml", "envoy/demo-http.yaml", "envoy/edge.yaml"]
 # A Check's worst case inside the service: the session read under its deadline, then (for an

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from authz.adapters.redis_conn import EmbeddedValkey
-from authz.adapters.sessions import UserKeys
+from authz.store.connections import EmbeddedValkey
+from authz.store.sessions import UserKeys
 from tests.ha.harness import SENSITIVE, STANDARD, Env, service_env
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ from envoy.service.auth.v3 import external_auth_pb2  # generated code: not under
 from google.protobuf.message import DecodeError
 
 with atheris.instrument_imports(enable_loader_override=False):
-    from authz.adapters.envoy_in import attributes_from_check
+    from authz.check.request import attributes_from_check
     from authz.core.attributes import canonicalize_path, normalize_host
     from authz.core.decision import Outcome, evaluate, resolve_level, route_level
     from authz.core.policy import load_policy

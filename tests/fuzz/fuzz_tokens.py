@@ -23,15 +23,16 @@ from typing import Any
 import atheris
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from authz.config.settings import OidcSettings
+
 # Imported first, so not instrumented: pydantic and aiohttp are not under test, and
 # instrumenting them costs most of the time budget at start-up.
 from authz.errors import TokenError
-from authz.settings import OidcSettings
 
 with atheris.instrument_imports(enable_loader_override=False):
     import jwt  # pyjwt parses the JWS for us: its branches guide the fuzzer too
 
-    from authz.adapters.tokens import StaticKeySource, TokenVerifier
+    from authz.check.tokens import StaticKeySource, TokenVerifier
 
 ISS, AUD, CLIENT = "https://idp.example.com", "mesh", "stepup-authz"
 LEEWAY = 30

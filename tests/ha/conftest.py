@@ -1,5 +1,5 @@
 """Real Redis HA topologies from the server binaries on loopback, one per module; always torn
-down. See authz/demo/cluster.py."""
+down. See tests/ha/cluster.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from authz.demo.cluster import ClusterSetup, SentinelSetup
+from tests.ha.cluster import ClusterSetup, SentinelSetup
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,8 @@ import pyotp
 from aiohttp import web
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from authz.adapters.redis_conn import make_redis
-from authz.adapters.sessions import RedisSessionStore
 from authz.app import Service, start_service
+from authz.config.settings import Settings
 from authz.core.session import Evidence, Grant, session_key, user_key
 from authz.demo.stack import deep_merge
 from authz.devidp import (
@@ -38,7 +37,8 @@ from authz.devidp import (
     bind,
     running,
 )
-from authz.settings import Settings
+from authz.store.connections import make_redis
+from authz.store.sessions import RedisSessionStore
 
 ROOT = Path(__file__).resolve().parents[2]
 PUBLIC = "http://app.test"

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from redis.crc import key_slot
 
-from authz.adapters.sessions import UserKeys
-from authz.demo.cluster import ClusterSetup
+from authz.store.sessions import UserKeys
+from tests.ha.cluster import ClusterSetup
 from tests.ha.harness import SENSITIVE, Env, service_env
 from tests.ha.load import Load
 

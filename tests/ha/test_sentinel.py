@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from authz.adapters.redis_conn import SentinelWatcher
-from authz.demo.cluster import SentinelSetup
+from authz.store.connections import SentinelWatcher
+from tests.ha.cluster import SentinelSetup
 from tests.ha.harness import SENSITIVE, STANDARD, Env, service_env
 from tests.ha.load import Load
 

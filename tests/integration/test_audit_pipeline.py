@@ -19,8 +19,6 @@ import redis
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from authz.adapters.fastredis import FastRedis
-from authz.adapters.redis_conn import EmbeddedValkey
 from authz.audit.archive import ArchiveWriter
 from authz.audit.chain import SigningKey
 from authz.audit.events import AuditEvent, EventType, encode_event
@@ -30,6 +28,8 @@ from authz.audit.segments import list_segments
 from authz.audit.sinks import Auditor, AuditUnavailable, RedisStreamSink
 from authz.audit.testing import MemorySink, sample_event
 from authz.audit.verify import verify
+from authz.store.connections import EmbeddedValkey
+from authz.store.fastredis import FastRedis
 
 pytestmark = pytest.mark.integration
 

@@ -11,16 +11,16 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from authz.adapters.metrics import Metrics
-from authz.adapters.redis_conn import EmbeddedValkey
 from authz.audit.metrics import AuditMetrics
 from authz.audit.sinks import Auditor, RedisStreamSink
+from authz.check.authorizer import Authorizer
+from authz.config.policy_file import PolicyHolder
 from authz.core.attributes import RequestAttributes
 from authz.core.decision import Outcome
 from authz.core.session import Evidence, Identity
-from authz.policy_file import PolicyHolder
-from authz.service import Authorizer
-from authz.testing import MemorySessionStore
+from authz.ops.metrics import Metrics
+from authz.store.connections import EmbeddedValkey
+from authz.store.memory import MemorySessionStore
 
 pytestmark = pytest.mark.integration
 

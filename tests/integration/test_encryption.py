@@ -23,13 +23,13 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from authz.adapters.crypto import FieldCipher
-from authz.adapters.redis_conn import EmbeddedValkey, make_client
-from authz.adapters.sessions import RedisSessionStore
+from authz.config.settings import RedisSettings
 from authz.core.decision import honoured_here
 from authz.core.policy import Level
 from authz.core.session import Evidence, Grant, UserState, session_key, user_key
-from authz.settings import RedisSettings
+from authz.store.connections import EmbeddedValkey, make_client
+from authz.store.crypto import FieldCipher
+from authz.store.sessions import RedisSessionStore
 from tests.tlsutil import tls_redis_server
 
 pytestmark = pytest.mark.integration

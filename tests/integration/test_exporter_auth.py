@@ -24,7 +24,6 @@ import redis
 import yaml
 from prometheus_client import CollectorRegistry
 
-from authz.adapters.redis_conn import EmbeddedValkey
 from authz.audit.chain import SigningKey
 from authz.audit.config import load_exporter_settings
 from authz.audit.exporter import Exporter, build_exporter, run_exporter
@@ -32,6 +31,7 @@ from authz.audit.segments import list_segments
 from authz.audit.sinks import STREAM_FIELD
 from authz.audit.testing import sample_event
 from authz.audit.verify import verify
+from authz.store.connections import EmbeddedValkey
 from tests.tlsutil import tls_redis_server
 
 pytestmark = pytest.mark.integration

@@ -17,13 +17,13 @@ import redis.asyncio as aioredis
 from envoy.service.auth.v3 import external_auth_pb2
 from redis.exceptions import ResponseError
 
-from authz.adapters.crypto import FieldCipher
-from authz.adapters.fastredis import FastRedis
-from authz.adapters.redis_conn import EmbeddedValkey, make_client
-from authz.adapters.sessions import RedisSessionStore
+from authz.config.settings import RedisSettings
 from authz.core.session import Evidence, Grant, session_key, user_key
 from authz.errors import StoreError
-from authz.settings import RedisSettings
+from authz.store.connections import EmbeddedValkey, make_client
+from authz.store.crypto import FieldCipher
+from authz.store.fastredis import FastRedis
+from authz.store.sessions import RedisSessionStore
 
 pytestmark = pytest.mark.integration
 
@@ -224,11 +224,11 @@ async def test_service_uses_it_and_a_revocation_applies_on_the_next_check(
     writes its lesson (note_allow) once, not on every Check."""
     import jwt
 
-    from authz.adapters.envoy_out import ResponseBuilder
     from authz.app import start_service
+    from authz.check.grpc_server import AuthorizationServicer
+    from authz.check.response import ResponseBuilder
+    from authz.config.settings import Settings
     from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
-    from authz.grpc_server import AuthorizationServicer
-    from authz.settings import Settings
     from bench.micro import _request, _token
 
     root = __import__("pathlib").Path(__file__).resolve().parents[2]

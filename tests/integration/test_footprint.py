@@ -10,10 +10,10 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from authz.adapters.redis_conn import EmbeddedValkey, make_client
-from authz.adapters.sessions import RedisSessionStore
+from authz.config.settings import RedisSettings
 from authz.core.session import Evidence, Grant, session_key, user_key
-from authz.settings import RedisSettings
+from authz.store.connections import EmbeddedValkey, make_client
+from authz.store.sessions import RedisSessionStore
 
 pytestmark = pytest.mark.integration
 

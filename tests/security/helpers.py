@@ -21,12 +21,12 @@ import aiohttp
 import jwt
 import pyotp
 
+from authz.config.policy_file import read_policy
 from authz.core.attributes import canonicalize_path
 from authz.core.policy import Policy
 from authz.demo.stack import AUDIENCE, CLIENT_ID, CLIENT_SECRET, Stack
 from authz.devidp import ALICE_TOTP_SECRET, BOB_TOTP_SECRET
 from authz.errors import RequestError
-from authz.policy_file import read_policy
 
 POLICY_FILE = Path(__file__).with_name("policy.yaml")
 BROWSER_HEADERS = {"Accept": "text/html,application/xhtml+xml"}

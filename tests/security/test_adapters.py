@@ -15,15 +15,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from envoy.service.auth.v3 import external_auth_pb2
 
-from authz.adapters.envoy_http import REMOVE_HEADER, HttpResponseBuilder, attributes_from_http
-from authz.adapters.envoy_out import METHOD_OVERRIDE_HEADERS, ResponseBuilder
-from authz.adapters.metrics import Metrics
-from authz.adapters.tokens import StaticKeySource, TokenVerifier
-from authz.grpc_server import AuthorizationServicer
-from authz.policy_file import PolicyHolder
-from authz.service import Authorizer
-from authz.settings import OidcSettings
-from authz.testing import MemorySessionStore
+from authz.check.authorizer import Authorizer
+from authz.check.grpc_server import AuthorizationServicer
+from authz.check.http_codec import REMOVE_HEADER, HttpResponseBuilder, attributes_from_http
+from authz.check.response import METHOD_OVERRIDE_HEADERS, ResponseBuilder
+from authz.check.tokens import StaticKeySource, TokenVerifier
+from authz.config.policy_file import PolicyHolder
+from authz.config.settings import OidcSettings
+from authz.ops.metrics import Metrics
+from authz.store.memory import MemorySessionStore
 
 from .helpers import POLICY_FILE
 
@@ -151,8 +151,8 @@ def test_http_mode_removes_method_overrides_it_cannot_see(
 ) -> None:
     """Envoy's HTTP mode forwards only allowed_headers, so the service lists the override
     headers for removal on every allow."""
+    from authz.config.policy_file import read_policy
     from authz.core.decision import Decision, Outcome
-    from authz.policy_file import read_policy
 
     level = read_policy(POLICY_FILE).policy.by_name["elevated"]
     attrs = attributes_from_http("GET", "/check/accounts/1",

@@ -28,11 +28,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from authz.adapters.tokens import StaticKeySource, TokenVerifier
+from authz.check.tokens import StaticKeySource, TokenVerifier
+from authz.config.settings import OidcSettings
 from authz.demo.stack import AUDIENCE, CLIENT_ID, Stack
 from authz.devidp.config import SigningKey
 from authz.errors import TokenError
-from authz.settings import OidcSettings
 
 from .helpers import DROP, Minter, b64, forge, password_tokens, raw_request
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from authz.adapters.crypto import (
+from authz.config.settings import CryptoSettings
+from authz.errors import ConfigError
+from authz.store.crypto import (
     FieldCipher,
     cipher_from_settings,
     ephemeral_key_env,
     parse_key,
 )
-from authz.errors import ConfigError
-from authz.settings import CryptoSettings
 
 A, B = os.urandom(32), os.urandom(32)
 CTX = "stepup:u:{uk}:g:sk:high"
@@ -188,7 +188,7 @@ def test_workers_can_share_one_ephemeral_key() -> None:
 
 
 def test_settings_file_resolves_key_paths(tmp_path: Path) -> None:
-    from authz.settings import load_settings
+    from authz.config.settings import load_settings
 
     (tmp_path / "keys").mkdir()
     (tmp_path / "keys" / "2025-06").write_bytes(A)

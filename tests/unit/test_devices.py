@@ -19,11 +19,11 @@ from cryptography.x509.oid import NameOID
 from mmdb_writer import MMDBWriter
 from netaddr import IPSet
 
-from authz.adapters.devices import DeviceResolver, cookie_device_id, device_from_certificate
-from authz.adapters.geoip import GeoIP
-from authz.adapters.tokens import StaticKeySource, TokenVerifier
+from authz.check.devices import DeviceResolver, cookie_device_id, device_from_certificate
+from authz.check.geoip import GeoIP
+from authz.check.tokens import StaticKeySource, TokenVerifier
+from authz.config.settings import OidcSettings
 from authz.core.attributes import RequestAttributes
-from authz.settings import OidcSettings
 
 NOW = 1_800_000_000
 

@@ -14,26 +14,26 @@ import pytest
 import yaml
 from envoy.service.auth.v3 import external_auth_pb2
 
-from authz.adapters.envoy_http import (
+from authz.check.authorizer import Authorizer
+from authz.check.http_codec import (
     METADATA_HEADERS,
     PEER_HEADER,
     REMOVE_HEADER,
     HttpResponseBuilder,
     attributes_from_http,
 )
-from authz.adapters.envoy_in import attributes_from_check
-from authz.adapters.envoy_out import ResponseBuilder
-from authz.adapters.metrics import Metrics
+from authz.check.http_server import HttpAuthzServer, _Unframeable, parse_head
+from authz.check.request import attributes_from_check
+from authz.check.response import ResponseBuilder
+from authz.config.policy_file import PolicyHolder
 from authz.core.attributes import RequestAttributes
 from authz.core.decision import Decision, Outcome
 from authz.core.policy import load_policy
 from authz.core.session import Evidence, Grant, Identity
 from authz.demo.stack import REPO_ROOT, render_envoy_config
 from authz.errors import RequestError, TokenError
-from authz.http_authz import HttpAuthzServer, _Unframeable, parse_head
-from authz.policy_file import PolicyHolder
-from authz.service import Authorizer
-from authz.testing import MemorySessionStore
+from authz.ops.metrics import Metrics
+from authz.store.memory import MemorySessionStore
 
 NOW = 1_800_000_000
 BASE = {"host": "trading.example.com", PEER_HEADER: "10.1.2.3"}

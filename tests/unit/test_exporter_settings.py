@@ -1,6 +1,6 @@
 """The exporter's Redis settings: password_file and ca_file (ExporterSettings), resolved
 like the other paths and turned into the client's options by make_exporter_client with the
-service's rules (authz/adapters/redis_conn.py make_client). No server here: the options are
+service's rules (authz/store/connections.py make_client). No server here: the options are
 read off the client's pool (tests/integration/test_exporter_auth.py connects for real)."""
 
 from __future__ import annotations

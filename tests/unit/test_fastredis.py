@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import pytest
 from redis.exceptions import AuthenticationError, ConnectionError, NoScriptError, ResponseError
 
-from authz.adapters.fastredis import FastRedis, make_fast_redis, parse_url
+from authz.config.settings import RedisSettings
 from authz.errors import ConfigError
-from authz.settings import RedisSettings
+from authz.store.fastredis import FastRedis, make_fast_redis, parse_url
 
 Responder = Callable[[list[bytes]], bytes | None]
 

@@ -1,4 +1,4 @@
-"""The committed gRPC code under authz/api/stepup is what tools/gen_protos.py generates."""
+"""The committed gRPC code under authz/admin/proto/stepup is what tools/gen_protos.py generates."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
 
 
 def test_generated_imports_point_into_the_package() -> None:
-    from authz.api.stepup.v1 import sessions_pb2, sessions_pb2_grpc
+    from authz.admin.proto.stepup.v1 import sessions_pb2, sessions_pb2_grpc
 
     assert sessions_pb2.DESCRIPTOR.name == "stepup/v1/sessions.proto"
     assert vars(sessions_pb2_grpc)["stepup_dot_v1_dot_sessions__pb2"] is sessions_pb2

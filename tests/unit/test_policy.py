@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from authz.config.policy_file import PolicyHolder, parse_policy_text, read_policy
 from authz.errors import PolicyError
-from authz.policy_file import PolicyHolder, parse_policy_text, read_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 

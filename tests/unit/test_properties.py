@@ -29,9 +29,11 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from authz.adapters.envoy_in import attributes_from_check
-from authz.adapters.metrics import Metrics
-from authz.adapters.tokens import StaticKeySource, TokenVerifier
+from authz.check.authorizer import Authorizer
+from authz.check.request import attributes_from_check
+from authz.check.tokens import StaticKeySource, TokenVerifier
+from authz.config.policy_file import PolicyHolder
+from authz.config.settings import OidcSettings
 from authz.core.attributes import (
     RequestAttributes,
     canonicalize_path,
@@ -42,10 +44,8 @@ from authz.core.policy import Policy, load_policy
 from authz.core.reasons import Reason
 from authz.core.session import Evidence, Grant, session_key, user_key
 from authz.errors import PolicyError, RequestError
-from authz.policy_file import PolicyHolder
-from authz.service import Authorizer
-from authz.settings import OidcSettings
-from authz.testing import MemorySessionStore
+from authz.ops.metrics import Metrics
+from authz.store.memory import MemorySessionStore
 
 BOUNDED = settings(max_examples=200, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

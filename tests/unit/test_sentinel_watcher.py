@@ -7,7 +7,7 @@ from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from authz.adapters.redis_conn import SentinelWatcher
+from authz.store.connections import SentinelWatcher
 
 
 class FakePubSub:

@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
-from authz.adapters.sessions import StoreLimits
 from authz.core.session import Evidence, Grant, Sighting, UserState
 from authz.errors import StoreError
-from authz.testing import MemorySessionStore
+from authz.store.memory import MemorySessionStore
+from authz.store.sessions import StoreLimits
 
 UK, SK, SK2 = "u1", "s1", "s2"
 LEVELS = ("standard", "elevated", "high")

@@ -23,8 +23,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from authz.adapters.jwks import KeySet
-from authz.adapters.tokens import (
+from authz.check.jwks import KeySet
+from authz.check.tokens import (
     MAX_TOKEN_BYTES,
     FileKeySource,
     JwksKeySource,
@@ -34,8 +34,8 @@ from authz.adapters.tokens import (
     discover_jwks_url,
     key_source_from_settings,
 )
+from authz.config.settings import OidcSettings
 from authz.errors import KeysUnavailable, TokenError
-from authz.settings import OidcSettings
 
 ISS = "https://idp.example.com/realms/firm"
 AUD = "trading-api"

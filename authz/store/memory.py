@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from authz.adapters.sessions import SessionInfo, StoreLimits, velocity_estimate
 from authz.core.session import Grant, Sighting, UserState
 from authz.errors import StoreError
+from authz.store.sessions import SessionInfo, StoreLimits, velocity_estimate
 
 
 @dataclass

@@ -17,11 +17,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from authz.adapters.devices import DeviceResolver
-from authz.adapters.geoip import GeoIP
-from authz.adapters.metrics import Metrics
 from authz.audit.mapping import allowed_record, event_for_check, requires_durable
 from authz.audit.sinks import Auditor, AuditUnavailable
+from authz.check.devices import DeviceResolver
+from authz.check.geoip import GeoIP
+from authz.config.policy_file import PolicyHolder
 from authz.core.attributes import RequestAttributes, cookie_values
 from authz.core.decision import Decision, Outcome, evaluate, resolve_level, route_level
 from authz.core.policy import Context, Level, Policy
@@ -29,7 +29,7 @@ from authz.core.reasons import Reason
 from authz.core.session import Identity, UserState, session_key, user_key
 from authz.core.signals import Device, Geo, compute_signals, device_states
 from authz.errors import KeysUnavailable, StoreError, TokenError
-from authz.policy_file import PolicyHolder
+from authz.ops.metrics import Metrics
 
 log = logging.getLogger("authz.check")
 

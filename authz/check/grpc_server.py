@@ -17,12 +17,12 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from authz.adapters.envoy_in import attributes_from_check
-from authz.adapters.envoy_out import ResponseBuilder
+from authz.check.authorizer import Authorizer
+from authz.check.request import attributes_from_check
+from authz.check.response import ResponseBuilder
+from authz.config.settings import GrpcSettings
 from authz.core.decision import Decision, Outcome
 from authz.errors import RequestError
-from authz.service import Authorizer
-from authz.settings import GrpcSettings
 
 log = logging.getLogger("authz.grpc")
 SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name

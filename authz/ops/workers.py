@@ -36,10 +36,10 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from authz.config.settings import Settings
 from authz.errors import ConfigError
-from authz.settings import Settings
 
-log = logging.getLogger("authz.workers")
+log = logging.getLogger("authz.ops.workers")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _STOP_GRACE_S = 30.0  # above the workers' own drain (shutdown_delay_s + shutdown_grace_s)
@@ -73,7 +73,7 @@ def supervise(config: Path, settings: Settings, workers: int) -> int:
         env[MULTIPROC_ENV] = owned_dir
     embedded = None
     if settings.redis.embedded:
-        from authz.adapters.redis_conn import EmbeddedValkey
+        from authz.store.connections import EmbeddedValkey
 
         embedded = EmbeddedValkey()
         env["REDIS_URL"] = embedded.start()

@@ -26,7 +26,7 @@ What it does and does not do:
   ``ResponseError`` (``NoScriptError`` for NOSCRIPT), ``TimeoutError`` a connect that took
   longer than ``connect_timeout_s``. The next call reconnects.
 - Sentinel, Cluster, pub/sub, blocking commands and transactions are not supported:
-  redis-py keeps doing everything else (``authz.adapters.redis_conn``).
+  redis-py keeps doing everything else (``authz.store.connections``).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from redis.exceptions import (
     ResponseError,
 )
 
+from authz.config.settings import RedisSettings
 from authz.errors import ConfigError
-from authz.settings import RedisSettings
 
 __all__ = ["FastRedis", "make_fast_redis", "parse_url"]
 

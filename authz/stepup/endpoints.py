@@ -21,18 +21,18 @@ from urllib.parse import unquote, urlsplit
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from authz.adapters.devices import cookie_device_id
-from authz.adapters.metrics import Metrics
-from authz.adapters.oidc import OidcClient, pkce_pair
-from authz.adapters.stepup_context import ContextSigner
 from authz.audit.mapping import stepup_completed
 from authz.audit.sinks import Auditor, AuditUnavailable
+from authz.check.devices import cookie_device_id
+from authz.config.policy_file import PolicyHolder
+from authz.config.settings import Settings
 from authz.core.attributes import cookie_values
 from authz.core.policy import Level
 from authz.core.session import Evidence, Grant, Identity, satisfies, session_key, user_key
 from authz.errors import OidcError, StoreError, TokenError
-from authz.policy_file import PolicyHolder
-from authz.settings import Settings
+from authz.ops.metrics import Metrics
+from authz.stepup.link import ContextSigner
+from authz.stepup.oidc import OidcClient, pkce_pair
 
 log = logging.getLogger("authz.http")
 

@@ -21,7 +21,7 @@ from urllib.parse import unquote
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from authz.adapters.tokens import TokenVerifier
+from authz.check.tokens import TokenVerifier
 from authz.core.attributes import RequestAttributes, cookie_values
 from authz.core.signals import Device
 from authz.errors import TokenError

@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import jwt
 
+from authz.config.settings import OidcSettings
 from authz.errors import KeysUnavailable
-from authz.settings import OidcSettings
 
 log = logging.getLogger(__name__)
 

@@ -111,7 +111,7 @@ class RedisSettings(BaseModel):
     deadline_ms: int = Field(50, ge=1, le=10_000)
     password_file: Path | None = None
     ca_file: Path | None = None
-    # The Check path's scripts over authz.adapters.fastredis (pipelined, hiredis) when the
+    # The Check path's scripts over authz.store.fastredis (pipelined, hiredis) when the
     # topology is a plain url; Sentinel and Cluster always use redis-py.
     fast_client: bool = True
     fast_connections: int = Field(2, ge=1, le=64)
@@ -238,7 +238,7 @@ class StateSettings(BaseModel):
 
 
 class CryptoSettings(BaseModel):
-    """Encryption of sensitive Redis values (``authz.adapters.crypto``). No keys: a random
+    """Encryption of sensitive Redis values (``authz.store.crypto``). No keys: a random
     per-process key, with a warning (development only); ``require`` refuses that."""
 
     model_config = _FROZEN

@@ -23,14 +23,14 @@ from typing import NoReturn
 
 import grpc
 
-from authz.adapters.sessions import SessionInfo, SessionStore
-from authz.api.auth import CallerAuth
-from authz.api.stepup.v1 import sessions_pb2, sessions_pb2_grpc
+from authz.admin.auth import CallerAuth
+from authz.admin.proto.stepup.v1 import sessions_pb2, sessions_pb2_grpc
 from authz.audit.events import AuditEvent
 from authz.audit.mapping import grant_revoked, stepup_completed
 from authz.core.policy import Level
 from authz.core.session import Evidence, Grant, satisfies, session_key, user_key
 from authz.errors import StoreError
+from authz.store.sessions import SessionInfo, SessionStore
 
 log = logging.getLogger("authz.api")
 

@@ -20,7 +20,7 @@ from typing import Any
 import jwt
 from jwt.utils import base64url_decode
 
-from authz.adapters.jwks import (
+from authz.check.jwks import (
     MAX_KID_LEN,
     FileKeySource,
     JwksKeySource,
@@ -29,10 +29,10 @@ from authz.adapters.jwks import (
     discover_jwks_url,
     key_source_from_settings,
 )
+from authz.config.settings import OidcSettings
 from authz.core.reasons import Reason
 from authz.core.session import Evidence, Identity
 from authz.errors import KeysUnavailable, TokenError
-from authz.settings import OidcSettings
 
 __all__ = [
     "MAX_TOKEN_BYTES",

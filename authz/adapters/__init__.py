@@ -1,1 +1,0 @@
-"""Edges of the service: each adapter translates, none decides."""

@@ -1,0 +1,1 @@
+"""Running the service: metrics, logs, health endpoints and the multi-process supervisor."""
