@@ -46,10 +46,10 @@ app.kubernetes.io/part-of: stepup-authz
 {{- end }}
 
 {{/*
-The service settings file (authz/config/settings.py format). Secret values are never inlined:
+The service settings file (authz.config.settings format). Secret values are never inlined:
 each is a *_file pointing at a mounted Secret.
 */}}
-{{- define "stepup-authz.config.settings" -}}
+{{- define "stepup-authz.settings" -}}
 {{- $r := .Values.redis -}}
 {{- $redis := dict "key_prefix" $r.keyPrefix "deadline_ms" $r.deadlineMs -}}
 {{- if eq $r.mode "url" }}
@@ -155,7 +155,7 @@ the URL: the settings name the mounted files (password_file, ca_file), as the se
   "metrics_port" (int64 $x.metricsPort)
   "metrics_host" "0.0.0.0"
 -}}
-{{- /* The same Secrets and mount paths as the service (stepup-authz.config.settings). */}}
+{{- /* The same Secrets and mount paths as the service (stepup-authz.settings). */}}
 {{- if .Values.redis.auth.existingSecret }}
 {{- $_ := set $settings "password_file" (printf "/etc/stepup-authz/secrets/redis-auth/%s" .Values.redis.auth.key) -}}
 {{- end }}
