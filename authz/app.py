@@ -83,21 +83,31 @@ class Service:
         await _close_all(self._closers)
 
 
-async def _device_resolver(settings: Settings, http: aiohttp.ClientSession,
-                           closers: list[object]) -> DeviceResolver:
+async def _device_resolver(
+    settings: Settings, http: aiohttp.ClientSession, closers: list[object]
+) -> DeviceResolver:
     a = settings.devices.assertion
     if a is None:
         return DeviceResolver(cookie_name=settings.devices.cookie)
     # Assertions are JWTs from the device-trust service, verified with its own keys.
-    oidc_like = OidcSettings(issuer=a.issuer, client_id="device-assertions",
-                             audience=a.audience, algorithms=a.algorithms,
-                             jwks_url=a.jwks_url, jwks_file=a.jwks_file, token_typ=None)
+    oidc_like = OidcSettings(
+        issuer=a.issuer,
+        client_id="device-assertions",
+        audience=a.audience,
+        algorithms=a.algorithms,
+        jwks_url=a.jwks_url,
+        jwks_file=a.jwks_file,
+        token_typ=None,
+    )
     keys = key_source_from_settings(oidc_like, http)
     closers.append(keys)
     await keys.start()
-    return DeviceResolver(cookie_name=settings.devices.cookie, assertion_header=a.header,
-                          assertions=TokenVerifier(oidc_like, keys),
-                          assertion_audience=a.audience)
+    return DeviceResolver(
+        cookie_name=settings.devices.cookie,
+        assertion_header=a.header,
+        assertions=TokenVerifier(oidc_like, keys),
+        assertion_audience=a.audience,
+    )
 
 
 def _uses_countries(policy: Policy) -> bool:
@@ -116,22 +126,33 @@ async def _close_all(closers: list[object]) -> None:
 
 
 def _policy_hook(metrics: Metrics, auditors: list[Auditor]):  # type: ignore[no-untyped-def]
-    def on_reload(result: str, old: LoadedPolicy | None, new: LoadedPolicy | None,
-                  error: str) -> None:
+    def on_reload(
+        result: str, old: LoadedPolicy | None, new: LoadedPolicy | None, error: str
+    ) -> None:
         metrics.policy_reloads.labels(result=result).inc()
         for auditor in auditors:  # empty until the auditor exists (the initial load)
-            auditor.emit(policy_reload(
-                result=result, old_sha256=old.sha256 if old else None,
-                new_sha256=new.sha256 if new else None,
-                version=new.version if new else None, error=error or None))
+            auditor.emit(
+                policy_reload(
+                    result=result,
+                    old_sha256=old.sha256 if old else None,
+                    new_sha256=new.sha256 if new else None,
+                    version=new.version if new else None,
+                    error=error or None,
+                )
+            )
         if new is not None:
             metrics.policy_info.info({"version": new.version, "sha256": new.sha256})
-            log.info("policy reloaded", extra={
-                "old_sha256": old.sha256 if old else None, "new_sha256": new.sha256,
-                "version": new.version})
+            log.info(
+                "policy reloaded",
+                extra={
+                    "old_sha256": old.sha256 if old else None,
+                    "new_sha256": new.sha256,
+                    "version": new.version,
+                },
+            )
         else:
-            log.error("policy reload refused; keeping the last good policy",
-                      extra={"error": error})
+            log.error("policy reload refused; keeping the last good policy", extra={"error": error})
+
     return on_reload
 
 
@@ -156,11 +177,18 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
             closers.append(fast)
         st = settings.state
         store = RedisSessionStore(
-            client, prefix=settings.redis.key_prefix, deadline_ms=settings.redis.deadline_ms,
-            limits=StoreLimits(session_ttl_s=st.session_ttl_s, history_ttl_s=st.history_ttl_s,
-                               max_sessions=st.max_sessions, max_devices=st.max_devices,
-                               max_ips=st.max_ips),
-            on_corrupt=metrics.corrupt_grants.inc, on_noscript=metrics.noscript.inc,
+            client,
+            prefix=settings.redis.key_prefix,
+            deadline_ms=settings.redis.deadline_ms,
+            limits=StoreLimits(
+                session_ttl_s=st.session_ttl_s,
+                history_ttl_s=st.history_ttl_s,
+                max_sessions=st.max_sessions,
+                max_devices=st.max_devices,
+                max_ips=st.max_ips,
+            ),
+            on_corrupt=metrics.corrupt_grants.inc,
+            on_noscript=metrics.noscript.inc,
             cipher=cipher_from_settings(settings.crypto),
             script_client=fast,
         )
@@ -183,13 +211,18 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
                     closers.append(audit_fast)
             mirrors: list[MirrorSink] = [StdoutSink()] if audit.stdout else []
             auditor = Auditor(
-                RedisStreamSink(audit_client, stream_key=audit.stream_key,
-                                deadline_ms=audit.durable_deadline_ms,
-                                wait_replicas=audit.wait_replicas,
-                                wait_timeout_ms=audit.wait_timeout_ms,
-                                fast=audit_fast),
-                metrics=AuditMetrics(metrics.registry), buffer_size=audit.buffer_size,
-                batch_size=audit.batch_size, mirrors=mirrors,
+                RedisStreamSink(
+                    audit_client,
+                    stream_key=audit.stream_key,
+                    deadline_ms=audit.durable_deadline_ms,
+                    wait_replicas=audit.wait_replicas,
+                    wait_timeout_ms=audit.wait_timeout_ms,
+                    fast=audit_fast,
+                ),
+                metrics=AuditMetrics(metrics.registry),
+                buffer_size=audit.buffer_size,
+                batch_size=audit.batch_size,
+                mirrors=mirrors,
             )
             auditor.start()
             closers.append(auditor)  # closed (drained) before the Redis client
@@ -216,41 +249,64 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
         if settings.network.geoip_database is not None:
             geoip = GeoIP(settings.network.geoip_database)
         elif _uses_countries(loaded.policy):
-            log.warning("the policy has country rules but no GeoIP database is configured: "
-                        "every country is unknown (untrusted)")
+            log.warning(
+                "the policy has country rules but no GeoIP database is configured: "
+                "every country is unknown (untrusted)"
+            )
         authorizer = Authorizer(
-            policy=policy, tokens=tokens, store=store, metrics=metrics,
-            token_cookie=settings.oidc.token_cookie, leeway=settings.oidc.leeway_s,
-            auditor=auditor, audit_level=settings.audit.durable_level,
-            devices=devices, geoip=geoip,
+            policy=policy,
+            tokens=tokens,
+            store=store,
+            metrics=metrics,
+            token_cookie=settings.oidc.token_cookie,
+            leeway=settings.oidc.leeway_s,
+            auditor=auditor,
+            audit_level=settings.audit.durable_level,
+            devices=devices,
+            geoip=geoip,
         )
         if settings.stepup.context_key_file is None:
-            log.warning("no stepup.context_key_file: a per-process key signs step-up links "
-                        "(fine for one replica; several replicas need a shared key)")
-        signer = ContextSigner.from_file(settings.stepup.context_key_file,
-                                         settings.stepup.state_ttl_s)
+            log.warning(
+                "no stepup.context_key_file: a per-process key signs step-up links "
+                "(fine for one replica; several replicas need a shared key)"
+            )
+        signer = ContextSigner.from_file(
+            settings.stepup.context_key_file, settings.stepup.state_ttl_s
+        )
         redirects = Redirects(settings.stepup.path_prefix, signer)
-        responses = ResponseBuilder(error_status=settings.stepup.error_status,
-                                    redirects=redirects)
+        responses = ResponseBuilder(error_status=settings.stepup.error_status, redirects=redirects)
         extra = []
         if settings.api.enabled:
             sessions_api = SessionsServicer(
-                store, levels=lambda name: policy.current.policy.by_name.get(name),
-                auth=CallerAuth.from_files(allowed_peers=settings.api.allowed_peers,
-                                           bearer_secret_file=settings.api.bearer_secret_file),
+                store,
+                levels=lambda name: policy.current.policy.by_name.get(name),
+                auth=CallerAuth.from_files(
+                    allowed_peers=settings.api.allowed_peers,
+                    bearer_secret_file=settings.api.bearer_secret_file,
+                ),
                 audit=auditor.durable if auditor is not None else None,
                 leeway=settings.oidc.leeway_s,
                 default_grant_ttl_s=settings.stepup.default_grant_ttl_s,
             )
-            extra.append((SESSIONS_SERVICE,
-                          lambda server: add_sessions_api(sessions_api, server)))
-        grpc_server = GrpcServer(settings.grpc, AuthorizationServicer(
-            authorizer, responses, settings.network.trusted_xff_hops), extra)
+            extra.append((SESSIONS_SERVICE, lambda server: add_sessions_api(sessions_api, server)))
+        grpc_server = GrpcServer(
+            settings.grpc,
+            AuthorizationServicer(authorizer, responses, settings.network.trusted_xff_hops),
+            extra,
+        )
 
-        stepup = StepupApp(settings=settings, policy=policy, tokens=tokens, store=store,
-                           oidc=oidc, metrics=metrics, keys_ready=lambda: keys.ready,
-                           auditor=auditor, signer=signer,
-                           device_cookie=settings.devices.cookie)
+        stepup = StepupApp(
+            settings=settings,
+            policy=policy,
+            tokens=tokens,
+            store=store,
+            oidc=oidc,
+            metrics=metrics,
+            keys_ready=lambda: keys.ready,
+            auditor=auditor,
+            signer=signer,
+            device_cookie=settings.devices.cookie,
+        )
         runner = web.AppRunner(stepup.build(), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.http.host, settings.http.port, reuse_port=True)
@@ -258,9 +314,13 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
         http_port = runner.addresses[0][1]
         await grpc_server.start()
         http_authz = await maybe_start(
-            settings.http_authz, authorizer, stepup_path_prefix=settings.stepup.path_prefix,
+            settings.http_authz,
+            authorizer,
+            stepup_path_prefix=settings.stepup.path_prefix,
             error_status=settings.stepup.error_status,
-            trusted_hops=settings.network.trusted_xff_hops, redirects=redirects)
+            trusted_hops=settings.network.trusted_xff_hops,
+            redirects=redirects,
+        )
     except BaseException:
         await _close_all(closers)
         raise
@@ -271,12 +331,27 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
 
         metrics.registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(metrics.registry)  # type: ignore[no-untyped-call]
-    service = Service(settings, metrics, policy, authorizer, grpc_server, stepup, runner,
-                      http_port, http_authz, closers)
+    service = Service(
+        settings,
+        metrics,
+        policy,
+        authorizer,
+        grpc_server,
+        stepup,
+        runner,
+        http_port,
+        http_authz,
+        closers,
+    )
     service._tasks.append(asyncio.create_task(service._watch_policy()))
-    log.info("stepup-authz serving", extra={
-        "grpc": f"{settings.grpc.host}:{grpc_server.port}",
-        "http": f"{settings.http.host}:{http_port}", "policy_version": loaded.version})
+    log.info(
+        "stepup-authz serving",
+        extra={
+            "grpc": f"{settings.grpc.host}:{grpc_server.port}",
+            "http": f"{settings.http.host}:{http_port}",
+            "policy_version": loaded.version,
+        },
+    )
     return service
 
 

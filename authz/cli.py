@@ -54,8 +54,10 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
         print(f"invalid policy: {exc}", file=sys.stderr)
         return 1
     p = loaded.policy
-    print(f"ok: {args.file}: {len(p.levels)} levels, {len(p.routes)} routes, "
-          f"{len(p.rules)} rules; version {loaded.version}; sha256 {loaded.sha256}")
+    print(
+        f"ok: {args.file}: {len(p.levels)} levels, {len(p.routes)} routes, "
+        f"{len(p.rules)} rules; version {loaded.version}; sha256 {loaded.sha256}"
+    )
     return 0
 
 
@@ -96,8 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the ext_authz gRPC service and the HTTP endpoints")
     s.add_argument("--config", required=True, type=Path, help="settings YAML file")
-    s.add_argument("--workers", type=_positive, default=1,
-                   help="service processes sharing the ports (SO_REUSEPORT); default 1")
+    s.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="service processes sharing the ports (SO_REUSEPORT); default 1",
+    )
     s.set_defaults(func=_cmd_serve)
 
     pol = sub.add_parser("policy", help="check or explain a policy file")
@@ -107,9 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_policy_check)
     e = psub.add_parser("explain", help="decide one request offline (no token, Redis or IdP)")
     e.add_argument("file", type=Path)
-    e.add_argument("--request", required=True, type=Path,
-                   help="JSON: method, host, path, headers, source_ip, context_extensions, "
-                        "claims, grants, device, state, geo, now (see authz/explain.py)")
+    e.add_argument(
+        "--request",
+        required=True,
+        type=Path,
+        help="JSON: method, host, path, headers, source_ip, context_extensions, "
+        "claims, grants, device, state, geo, now (see authz/explain.py)",
+    )
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=_cmd_policy_explain)
 

@@ -36,14 +36,18 @@ def request_from_json(doc: dict[str, Any]) -> RequestAttributes:
         headers=MappingProxyType(headers),
         source_ip=parse_ip(str(doc.get("source_ip", ""))),
         context_extensions=MappingProxyType(
-            {str(k): str(v) for k, v in (doc.get("context_extensions") or {}).items()}),
+            {str(k): str(v) for k, v in (doc.get("context_extensions") or {}).items()}
+        ),
     )
 
 
 def _evidence(doc: dict[str, Any]) -> Evidence:
     auth_time = doc.get("auth_time")
-    return Evidence(doc.get("acr"), tuple(str(a) for a in doc.get("amr") or ()),
-                    int(auth_time) if auth_time is not None else None)
+    return Evidence(
+        doc.get("acr"),
+        tuple(str(a) for a in doc.get("amr") or ()),
+        int(auth_time) if auth_time is not None else None,
+    )
 
 
 def _state(doc: dict[str, Any] | None, grants: tuple[Grant, ...]) -> UserState:
@@ -51,8 +55,9 @@ def _state(doc: dict[str, Any] | None, grants: tuple[Grant, ...]) -> UserState:
     last = doc.get("last_seen")
     sighting = None
     if isinstance(last, dict):
-        sighting = Sighting(int(last.get("at", 0)), str(last.get("ip", "")),
-                            last.get("lat"), last.get("lon"))
+        sighting = Sighting(
+            int(last.get("at", 0)), str(last.get("ip", "")), last.get("lat"), last.get("lon")
+        )
     rb = doc.get("revoked_before")
     return UserState(
         grants=grants,
@@ -74,30 +79,53 @@ def explain(loaded: LoadedPolicy, doc: dict[str, Any]) -> dict[str, Any]:
     identity = None
     if claims:
         identity = Identity(
-            issuer=str(claims.get("iss", "")), subject=str(claims.get("sub", "")),
-            session_id=str(claims.get("sid", "")), evidence=_evidence(claims),
+            issuer=str(claims.get("iss", "")),
+            subject=str(claims.get("sub", "")),
+            session_id=str(claims.get("sid", "")),
+            evidence=_evidence(claims),
             expires_at=int(claims.get("exp", now + 3600)),
             issued_at=int(claims.get("iat", now)),
         )
     grants = tuple(
-        Grant(level=str(g.get("level", "")), evidence=_evidence(g),
-              expires_at=int(g["expires_at"]), issued_at=int(g.get("issued_at", now)),
-              device=g.get("device"), ip=g.get("ip"))
+        Grant(
+            level=str(g.get("level", "")),
+            evidence=_evidence(g),
+            expires_at=int(g["expires_at"]),
+            issued_at=int(g.get("issued_at", now)),
+            device=g.get("device"),
+            ip=g.get("ip"),
+        )
         for g in doc.get("grants") or ()
     )
     state = _state(doc.get("state"), grants) if identity is not None else None
     d = doc.get("device")
     device = None
     if isinstance(d, dict) and d.get("id"):
-        device = Device(str(d["id"]), str(d.get("source", "cookie")), d.get("managed"),
-                        d.get("compliant"), d.get("platform"))
+        device = Device(
+            str(d["id"]),
+            str(d.get("source", "cookie")),
+            d.get("managed"),
+            d.get("compliant"),
+            d.get("platform"),
+        )
     g = doc.get("geo")
     geo = Geo(g.get("country"), g.get("lat"), g.get("lon")) if isinstance(g, dict) else None
     signals = compute_signals(policy.signals, device=device, state=state, geo=geo, now=now)
-    ctx = Context(device=device_states(device, state),
-                  country=geo.country if geo is not None else None, signals=signals)
-    decision = decide(policy, attrs, identity, state, now, leeway=int(doc.get("leeway", 0)),
-                      ctx=ctx, device=device.id if device is not None else None)
+    ctx = Context(
+        device=device_states(device, state),
+        country=geo.country if geo is not None else None,
+        signals=signals,
+    )
+    decision = decide(
+        policy,
+        attrs,
+        identity,
+        state,
+        now,
+        leeway=int(doc.get("leeway", 0)),
+        ctx=ctx,
+        device=device.id if device is not None else None,
+    )
     route = policy.route_for(attrs.host, attrs.method, attrs.path)
     return {
         "decision": decision.outcome.value,
@@ -118,8 +146,10 @@ def explain(loaded: LoadedPolicy, doc: dict[str, Any]) -> dict[str, Any]:
 
 def render_text(out: dict[str, Any]) -> str:
     where = f"route #{out['route']}" if out["route"] is not None else "default level"
-    lines = [f"decision: {out['decision']} ({out['reason']})",
-             f"level:    {out['level']} (from {where}; path {out['canonical_path']})"]
+    lines = [
+        f"decision: {out['decision']} ({out['reason']})",
+        f"level:    {out['level']} (from {where}; path {out['canonical_path']})",
+    ]
     if out["signals"]:
         lines.append(f"signals:  {', '.join(out['signals'])} (risk {out['risk']})")
     if out["fired"]:
@@ -127,6 +157,5 @@ def render_text(out: dict[str, Any]) -> str:
     if out["shadow"]:
         lines.append(f"shadow:   {', '.join(out['shadow'])} (would have applied; not enforced)")
     if out["decision"] == "step_up":
-        lines.append(f"needs:    acr in [{' '.join(out['acr_values'])}], "
-                     f"max_age {out['max_age']}")
+        lines.append(f"needs:    acr in [{' '.join(out['acr_values'])}], max_age {out['max_age']}")
     return "\n".join(lines)

@@ -39,8 +39,10 @@ from authz.core.policy import Policy, Route
 
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 _PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"
-_HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-        "HttpConnectionManager")
+_HCM = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+    "HttpConnectionManager"
+)
 _ACCESS_LOG_FORMAT = {
     "start_time": "%START_TIME%",
     "method": "%REQ(:METHOD)%",
@@ -95,41 +97,59 @@ def _match(route: Route) -> dict[str, Any]:
     if route.methods is not None:
         methods = sorted(route.methods)
         string_match: dict[str, Any] = (
-            {"exact": methods[0]} if len(methods) == 1
-            else {"safe_regex": {"regex": "|".join(re.escape(m) for m in methods)}})
+            {"exact": methods[0]}
+            if len(methods) == 1
+            else {"safe_regex": {"regex": "|".join(re.escape(m) for m in methods)}}
+        )
         match["headers"] = [{"name": ":method", "string_match": string_match}]
     return match
 
 
 def _checked(level: str) -> dict[str, Any]:
-    return {EXT_AUTHZ: {"@type": _PER_ROUTE,
-                        "check_settings": {"context_extensions": {CONTEXT_LEVEL_KEY: level}}}}
+    return {
+        EXT_AUTHZ: {
+            "@type": _PER_ROUTE,
+            "check_settings": {"context_extensions": {CONTEXT_LEVEL_KEY: level}},
+        }
+    }
 
 
-def _envoy_routes(policy: Policy, vhost: str | None, *, upstream_cluster: str,
-                  stepup_cluster: str, path_prefix: str,
-                  route_timeout: str) -> list[dict[str, Any]]:
-    routes: list[dict[str, Any]] = [{
-        "name": "stepup-endpoints",
-        "match": {"prefix": f"{path_prefix}/"},
-        "route": {"cluster": stepup_cluster, "timeout": route_timeout},
-        # Reachable before the user has stepped up; the service authenticates these itself.
-        "typed_per_filter_config": {EXT_AUTHZ: {"@type": _PER_ROUTE, "disabled": True}},
-    }]
+def _envoy_routes(
+    policy: Policy,
+    vhost: str | None,
+    *,
+    upstream_cluster: str,
+    stepup_cluster: str,
+    path_prefix: str,
+    route_timeout: str,
+) -> list[dict[str, Any]]:
+    routes: list[dict[str, Any]] = [
+        {
+            "name": "stepup-endpoints",
+            "match": {"prefix": f"{path_prefix}/"},
+            "route": {"cluster": stepup_cluster, "timeout": route_timeout},
+            # Reachable before the user has stepped up; the service authenticates these itself.
+            "typed_per_filter_config": {EXT_AUTHZ: {"@type": _PER_ROUTE, "disabled": True}},
+        }
+    ]
     for r in policy.routes:
         if _applies(r, vhost):
-            routes.append({
-                "name": f"policy-{r.index}-{r.level.name}",
-                "match": _match(r),
-                "route": {"cluster": upstream_cluster, "timeout": route_timeout},
-                "typed_per_filter_config": _checked(r.level.name),
-            })
-    routes.append({
-        "name": f"default-{policy.default_level.name}",
-        "match": {"prefix": "/"},
-        "route": {"cluster": upstream_cluster, "timeout": route_timeout},
-        "typed_per_filter_config": _checked(policy.default_level.name),
-    })
+            routes.append(
+                {
+                    "name": f"policy-{r.index}-{r.level.name}",
+                    "match": _match(r),
+                    "route": {"cluster": upstream_cluster, "timeout": route_timeout},
+                    "typed_per_filter_config": _checked(r.level.name),
+                }
+            )
+    routes.append(
+        {
+            "name": f"default-{policy.default_level.name}",
+            "match": {"prefix": "/"},
+            "route": {"cluster": upstream_cluster, "timeout": route_timeout},
+            "typed_per_filter_config": _checked(policy.default_level.name),
+        }
+    )
     return routes
 
 
@@ -149,20 +169,40 @@ def _cluster(name: str, address: tuple[str, int], *, http2: bool = False) -> dic
         "type": "STATIC" if is_ip else "STRICT_DNS",
         "connect_timeout": "0.25s",
         "per_connection_buffer_limit_bytes": 32768,
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {"address": host,
-                                                         "port_value": port}}}}]}]},
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": host, "port_value": port}}
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
     }
     if http2:
         cluster["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
-                         "HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}}}}
+                "HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
         # One Check per request: the default 1024 would turn a burst into fail-closed 403s.
-        cluster["circuit_breakers"] = {"thresholds": [{
-            "priority": "DEFAULT", "max_connections": 10000, "max_pending_requests": 10000,
-            "max_requests": 10000}]}
+        cluster["circuit_breakers"] = {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "max_connections": 10000,
+                    "max_pending_requests": 10000,
+                    "max_requests": 10000,
+                }
+            ]
+        }
     return cluster
 
 
@@ -189,13 +229,23 @@ def render_envoy(
     reason and a decision id) rather than Envoy's bare timeout. ``xff_num_trusted_hops`` is
     0 when Envoy is the edge, 1 behind one load balancer that appends to X-Forwarded-For.
     """
-    common = {"upstream_cluster": upstream_cluster, "stepup_cluster": stepup_cluster,
-              "path_prefix": path_prefix.rstrip("/"), "route_timeout": route_timeout}
-    vhosts = [{"name": f"host-{host.lstrip('.')}", "domains": [_domain(host)],
-               "routes": _envoy_routes(policy, host, **common)}
-              for host in _vhost_keys(policy)]
-    vhosts.append({"name": "any-host", "domains": ["*"],
-                   "routes": _envoy_routes(policy, None, **common)})
+    common = {
+        "upstream_cluster": upstream_cluster,
+        "stepup_cluster": stepup_cluster,
+        "path_prefix": path_prefix.rstrip("/"),
+        "route_timeout": route_timeout,
+    }
+    vhosts = [
+        {
+            "name": f"host-{host.lstrip('.')}",
+            "domains": [_domain(host)],
+            "routes": _envoy_routes(policy, host, **common),
+        }
+        for host in _vhost_keys(policy)
+    ]
+    vhosts.append(
+        {"name": "any-host", "domains": ["*"], "routes": _envoy_routes(policy, None, **common)}
+    )
     hcm: dict[str, Any] = {
         "@type": _HCM,
         "stat_prefix": "edge",
@@ -208,26 +258,50 @@ def render_envoy(
         "xff_num_trusted_hops": xff_num_trusted_hops,
         "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
         "request_headers_timeout": "10s",
-        "access_log": [{"name": "envoy.access_loggers.stdout", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3."
-                     "StdoutAccessLog",
-            "log_format": {"json_format": dict(_ACCESS_LOG_FORMAT), "formatters": [{
-                "name": "envoy.formatter.req_without_query",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.formatter."
-                                          "req_without_query.v3.ReqWithoutQuery"}}]}}}],
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3."
+                    "StdoutAccessLog",
+                    "log_format": {
+                        "json_format": dict(_ACCESS_LOG_FORMAT),
+                        "formatters": [
+                            {
+                                "name": "envoy.formatter.req_without_query",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.formatter."
+                                    "req_without_query.v3.ReqWithoutQuery"
+                                },
+                            }
+                        ],
+                    },
+                },
+            }
+        ],
         "http_filters": [
-            {"name": EXT_AUTHZ, "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-                "grpc_service": {"envoy_grpc": {"cluster_name": authz_cluster},
-                                 "timeout": authz_timeout},
-                "transport_api_version": "V3",
-                "failure_mode_allow": False,
-                "status_on_error": {"code": 403},
-                "include_peer_certificate": True,
-                "clear_route_cache": False,
-            }},
-            {"name": "envoy.filters.http.router", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+            {
+                "name": EXT_AUTHZ,
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3."
+                    "ExtAuthz",
+                    "grpc_service": {
+                        "envoy_grpc": {"cluster_name": authz_cluster},
+                        "timeout": authz_timeout,
+                    },
+                    "transport_api_version": "V3",
+                    "failure_mode_allow": False,
+                    "status_on_error": {"code": 403},
+                    "include_peer_certificate": True,
+                    "clear_route_cache": False,
+                },
+            },
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            },
         ],
         "route_config": {
             "name": "stepup-policy",
@@ -237,24 +311,46 @@ def render_envoy(
         },
     }
     return {
-        "admin": {"address": {"socket_address": {"address": admin_address[0],
-                                                 "port_value": admin_address[1]}}},
-        "overload_manager": {"resource_monitors": [{
-            "name": "envoy.resource_monitors.global_downstream_max_connections",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
-                         "downstream_connections.v3.DownstreamConnectionsConfig",
-                "max_active_downstream_connections": 10000}}]},
+        "admin": {
+            "address": {
+                "socket_address": {"address": admin_address[0], "port_value": admin_address[1]}
+            }
+        },
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                        "downstream_connections.v3.DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": 10000,
+                    },
+                }
+            ]
+        },
         "static_resources": {
-            "listeners": [{
-                "name": "edge",
-                "address": {"socket_address": {"address": listen_address[0],
-                                               "port_value": listen_address[1]}},
-                "per_connection_buffer_limit_bytes": 32768,
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm}]}],
-            }],
+            "listeners": [
+                {
+                    "name": "edge",
+                    "address": {
+                        "socket_address": {
+                            "address": listen_address[0],
+                            "port_value": listen_address[1],
+                        }
+                    },
+                    "per_connection_buffer_limit_bytes": 32768,
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
             "clusters": [
                 _cluster(authz_cluster, authz_address, http2=True),
                 _cluster(stepup_cluster, stepup_address),
@@ -265,6 +361,7 @@ def render_envoy(
 
 
 # -- Istio -----------------------------------------------------------------------------------
+
 
 def _istio_operation(route: Route) -> dict[str, Any] | None:
     """An AuthorizationPolicy ``operation`` for ``route``, or None for a regex route (Istio
@@ -303,57 +400,84 @@ def render_istio(
     """
     prefix = path_prefix.rstrip("/")
     service_host = service_host or f"stepup-authz.{namespace}.svc.cluster.local"
-    labels = {"app.kubernetes.io/managed-by": "stepup-authz-render",
-              "app.kubernetes.io/part-of": "stepup-authz"}
+    labels = {
+        "app.kubernetes.io/managed-by": "stepup-authz-render",
+        "app.kubernetes.io/part-of": "stepup-authz",
+    }
     base_spec: dict[str, Any] = {"action": "CUSTOM", "provider": {"name": provider_name}}
     if selector:
         base_spec["selector"] = {"matchLabels": dict(selector)}
     not_stepup = [f"{prefix}/*"]
     docs: list[dict[str, Any]] = []
     for level in policy.levels:
-        ops = [op for r in policy.routes if r.level is level
-               if (op := _istio_operation(r)) is not None]
+        ops = [
+            op for r in policy.routes if r.level is level if (op := _istio_operation(r)) is not None
+        ]
         if not ops:
             continue
-        docs.append({
-            "apiVersion": "security.istio.io/v1",
-            "kind": "AuthorizationPolicy",
-            "metadata": {"name": f"stepup-{level.name}", "namespace": namespace,
-                         "labels": {**labels, "stepup-authz/level": level.name}},
-            "spec": {**base_spec, "rules": [
-                {"to": [{"operation": {**op, "notPaths": list(not_stepup)}}]} for op in ops]},
-        })
+        docs.append(
+            {
+                "apiVersion": "security.istio.io/v1",
+                "kind": "AuthorizationPolicy",
+                "metadata": {
+                    "name": f"stepup-{level.name}",
+                    "namespace": namespace,
+                    "labels": {**labels, "stepup-authz/level": level.name},
+                },
+                "spec": {
+                    **base_spec,
+                    "rules": [
+                        {"to": [{"operation": {**op, "notPaths": list(not_stepup)}}]} for op in ops
+                    ],
+                },
+            }
+        )
     # Everything else (regex routes, the default level, public paths) is checked too: the
     # service decides; only the step-up endpoints themselves bypass the check.
-    docs.append({
-        "apiVersion": "security.istio.io/v1",
-        "kind": "AuthorizationPolicy",
-        "metadata": {"name": "stepup-all", "namespace": namespace,
-                     "labels": {**labels, "stepup-authz/level": policy.default_level.name}},
-        "spec": {**base_spec, "rules": [{"to": [{"operation": {"notPaths": list(not_stepup)}}]}]},
-    })
-    vs_hosts = list(hosts) if hosts else [
-        h for h in _vhost_keys(policy) if not h.startswith(".")] or ["*"]
-    docs.append({
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "VirtualService",
-        "metadata": {"name": "stepup-endpoints", "namespace": namespace, "labels": labels},
-        "spec": {
-            "hosts": vs_hosts,
-            "gateways": list(gateways),
-            "http": [{
-                "name": "stepup-endpoints",
-                "match": [{"uri": {"prefix": f"{prefix}/"}}],
-                "route": [{"destination": {"host": service_host,
-                                           "port": {"number": http_port}}}],
-                "timeout": "15s",
-            }],
-        },
-    })
+    docs.append(
+        {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {
+                "name": "stepup-all",
+                "namespace": namespace,
+                "labels": {**labels, "stepup-authz/level": policy.default_level.name},
+            },
+            "spec": {
+                **base_spec,
+                "rules": [{"to": [{"operation": {"notPaths": list(not_stepup)}}]}],
+            },
+        }
+    )
+    vs_hosts = (
+        list(hosts) if hosts else [h for h in _vhost_keys(policy) if not h.startswith(".")] or ["*"]
+    )
+    docs.append(
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": {"name": "stepup-endpoints", "namespace": namespace, "labels": labels},
+            "spec": {
+                "hosts": vs_hosts,
+                "gateways": list(gateways),
+                "http": [
+                    {
+                        "name": "stepup-endpoints",
+                        "match": [{"uri": {"prefix": f"{prefix}/"}}],
+                        "route": [
+                            {"destination": {"host": service_host, "port": {"number": http_port}}}
+                        ],
+                        "timeout": "15s",
+                    }
+                ],
+            },
+        }
+    )
     return docs
 
 
 # -- CLI -------------------------------------------------------------------------------------
+
 
 def _address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
@@ -379,18 +503,34 @@ def _cmd_render(args: argparse.Namespace) -> int:
         print(f"invalid policy: {exc}", file=sys.stderr)
         return 1
     if args.target == "envoy":
-        text = yaml.safe_dump(render_envoy(
-            policy, listen_address=args.listen, admin_address=args.admin,
-            authz_address=args.authz, stepup_address=args.stepup,
-            upstream_address=args.upstream, authz_timeout=args.authz_timeout,
-            xff_num_trusted_hops=args.xff_num_trusted_hops), sort_keys=False)
+        text = yaml.safe_dump(
+            render_envoy(
+                policy,
+                listen_address=args.listen,
+                admin_address=args.admin,
+                authz_address=args.authz,
+                stepup_address=args.stepup,
+                upstream_address=args.upstream,
+                authz_timeout=args.authz_timeout,
+                xff_num_trusted_hops=args.xff_num_trusted_hops,
+            ),
+            sort_keys=False,
+        )
     else:
-        text = yaml.safe_dump_all(render_istio(
-            policy, namespace=args.namespace, provider_name=args.provider,
-            selector=dict(args.selector) or None, gateways=args.gateway or
-            ["istio-ingress/gateway"], hosts=args.host or None), sort_keys=False)
-    header = (f"# Generated by `stepup-authz render {args.target}` from {args.policy};"
-              " do not edit.\n")
+        text = yaml.safe_dump_all(
+            render_istio(
+                policy,
+                namespace=args.namespace,
+                provider_name=args.provider,
+                selector=dict(args.selector) or None,
+                gateways=args.gateway or ["istio-ingress/gateway"],
+                hosts=args.host or None,
+            ),
+            sort_keys=False,
+        )
+    header = (
+        f"# Generated by `stepup-authz render {args.target}` from {args.policy}; do not edit.\n"
+    )
     if args.output is None:
         sys.stdout.write(header + text)
     else:
@@ -401,29 +541,59 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def add_render_parser(subparsers: Any) -> None:
     """Register ``render envoy|istio --policy FILE [--output FILE] ...`` and its ``func``."""
     p = subparsers.add_parser(
-        "render", help="generate Envoy or Istio configuration from a policy file")
+        "render", help="generate Envoy or Istio configuration from a policy file"
+    )
     p.add_argument("target", choices=["envoy", "istio"])
     p.add_argument("--policy", required=True, type=Path, help="policy YAML file")
     p.add_argument("--output", "-o", type=Path, help="write here instead of stdout")
     env = p.add_argument_group("envoy")
     env.add_argument("--listen", type=_address, default=("0.0.0.0", 8080), metavar="HOST:PORT")
     env.add_argument("--admin", type=_address, default=("127.0.0.1", 9901), metavar="HOST:PORT")
-    env.add_argument("--authz", type=_address, default=("127.0.0.1", 9191), metavar="HOST:PORT",
-                     help="the service's gRPC ext_authz address")
-    env.add_argument("--stepup", type=_address, default=("127.0.0.1", 9192),
-                     metavar="HOST:PORT", help="the service's HTTP address (/_stepup/*)")
-    env.add_argument("--upstream", type=_address, default=("127.0.0.1", 8000),
-                     metavar="HOST:PORT", help="the protected application")
-    env.add_argument("--authz-timeout", default="0.25s",
-                     help="ext_authz deadline; keep it above redis.deadline_ms (50 ms)")
-    env.add_argument("--xff-num-trusted-hops", type=int, default=0,
-                     help="0 at the edge; 1 behind one load balancer")
+    env.add_argument(
+        "--authz",
+        type=_address,
+        default=("127.0.0.1", 9191),
+        metavar="HOST:PORT",
+        help="the service's gRPC ext_authz address",
+    )
+    env.add_argument(
+        "--stepup",
+        type=_address,
+        default=("127.0.0.1", 9192),
+        metavar="HOST:PORT",
+        help="the service's HTTP address (/_stepup/*)",
+    )
+    env.add_argument(
+        "--upstream",
+        type=_address,
+        default=("127.0.0.1", 8000),
+        metavar="HOST:PORT",
+        help="the protected application",
+    )
+    env.add_argument(
+        "--authz-timeout",
+        default="0.25s",
+        help="ext_authz deadline; keep it above redis.deadline_ms (50 ms)",
+    )
+    env.add_argument(
+        "--xff-num-trusted-hops",
+        type=int,
+        default=0,
+        help="0 at the edge; 1 behind one load balancer",
+    )
     ist = p.add_argument_group("istio")
     ist.add_argument("--namespace", default="stepup-authz")
-    ist.add_argument("--provider", default="stepup-authz",
-                     help="meshConfig.extensionProviders name")
-    ist.add_argument("--selector", type=_label, action="append", default=[],
-                     metavar="KEY=VALUE", help="workload label (repeatable)")
+    ist.add_argument(
+        "--provider", default="stepup-authz", help="meshConfig.extensionProviders name"
+    )
+    ist.add_argument(
+        "--selector",
+        type=_label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="workload label (repeatable)",
+    )
     ist.add_argument("--gateway", action="append", help="VirtualService gateway (repeatable)")
     ist.add_argument("--host", action="append", help="VirtualService host (repeatable)")
     p.set_defaults(func=_cmd_render)

@@ -43,8 +43,10 @@ async def _token(idp: str) -> str:
 
     form = {"grant_type": "password", "username": "alice", "password": "alice-password"}
     basic = base64.b64encode(b"stepup-authz:dev-secret").decode()
-    async with aiohttp.ClientSession() as s, s.post(
-            f"{idp}/token", data=form, headers={"Authorization": f"Basic {basic}"}) as resp:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{idp}/token", data=form, headers={"Authorization": f"Basic {basic}"}) as resp,
+    ):
         body: dict[str, Any] = await resp.json()
     return str(body["access_token"])
 
@@ -60,37 +62,55 @@ def _request(token: str, path: str = "/accounts/1") -> bytes:
     http = a.request.http
     http.id, http.method, http.path, http.host = "1234567890", "GET", path, "127.0.0.1"
     http.scheme, http.protocol = "http", "HTTP/1.1"
-    http.headers.update({
-        ":authority": "127.0.0.1:8080", ":method": "GET", ":path": path,
-        ":scheme": "http", "authorization": f"Bearer {token}",
-        "x-forwarded-proto": "http", "x-request-id": "7a1c3a2e-3f4b-4b7e-9d0e-000000000000",
-    })
+    http.headers.update(
+        {
+            ":authority": "127.0.0.1:8080",
+            ":method": "GET",
+            ":path": path,
+            ":scheme": "http",
+            "authorization": f"Bearer {token}",
+            "x-forwarded-proto": "http",
+            "x-request-id": "7a1c3a2e-3f4b-4b7e-9d0e-000000000000",
+        }
+    )
     return req.SerializeToString()
 
 
 async def run(args: argparse.Namespace) -> dict[str, float]:
     sock = bind()
     idp = base_url(sock)
-    cfg = DevIdpConfig(issuer=idp, clients={
-        "stepup-authz": DevClient("dev-secret", ("http://app.test/_stepup/callback",))})
+    cfg = DevIdpConfig(
+        issuer=idp,
+        clients={"stepup-authz": DevClient("dev-secret", ("http://app.test/_stepup/callback",))},
+    )
     async with running(cfg, sock):
         # A generous deadline: a profiler's overhead must not turn reads into failures.
         redis: dict[str, Any] = {"fast_client": not args.slow_client, "deadline_ms": 2000}
         if args.redis_url:
             redis["url"] = args.redis_url
-        settings = Settings.model_validate({
-            "policy_file": str(REPO / "examples" / "policy.yaml"),
-            "grpc": {"port": 0, "shutdown_delay_s": 0}, "http": {"port": 0},
-            "redis": redis,
-            "oidc": {"issuer": idp, "client_id": "stepup-authz", "client_secret": "dev-secret",
-                     "audience": "stepup-demo", "algorithms": ["RS256"],
-                     "token_typ": "at+jwt"},
-            "stepup": {"public_url": "http://app.test", "cookie_secure": False},
-            "log": {"level": "INFO"},
-            # --audited: GET /wires/1 (`high`), allowed only after its durable XADD.
-            "audit": {"enabled": args.audit or args.audited,
-                      "durable_level": "high" if args.audited else None},
-        })
+        settings = Settings.model_validate(
+            {
+                "policy_file": str(REPO / "examples" / "policy.yaml"),
+                "grpc": {"port": 0, "shutdown_delay_s": 0},
+                "http": {"port": 0},
+                "redis": redis,
+                "oidc": {
+                    "issuer": idp,
+                    "client_id": "stepup-authz",
+                    "client_secret": "dev-secret",
+                    "audience": "stepup-demo",
+                    "algorithms": ["RS256"],
+                    "token_typ": "at+jwt",
+                },
+                "stepup": {"public_url": "http://app.test", "cookie_secure": False},
+                "log": {"level": "INFO"},
+                # --audited: GET /wires/1 (`high`), allowed only after its durable XADD.
+                "audit": {
+                    "enabled": args.audit or args.audited,
+                    "durable_level": "high" if args.audited else None,
+                },
+            }
+        )
         service = await start_service(settings)
         try:
             token = await _token(idp)
@@ -99,8 +119,14 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             await service.authorizer.store.write_grant(  # type: ignore[attr-defined]
                 user_key(claims["iss"], claims["sub"]),
                 session_key(claims["iss"], claims["sub"], claims["sid"]),
-                Grant("high" if args.audited else "elevated", Evidence("mfa", ("pwd", "otp"), now),
-                      now + 3600, now), now)
+                Grant(
+                    "high" if args.audited else "elevated",
+                    Evidence("mfa", ("pwd", "otp"), now),
+                    now + 3600,
+                    now,
+                ),
+                now,
+            )
             servicer = AuthorizationServicer(service.authorizer, ResponseBuilder())
             raw = _request(token, "/wires/1" if args.audited else "/accounts/1")
 
@@ -124,23 +150,33 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             await service.authorizer.drain()
             c1, t1 = time.process_time(), time.perf_counter()
             n = batches * conc
-            return {"checks": n, "failed": failed, "cpu_us_per_check": (c1 - c0) / n * 1e6,
-                    "wall_us_per_check": (t1 - t0) / n * 1e6}
+            return {
+                "checks": n,
+                "failed": failed,
+                "cpu_us_per_check": (c1 - c0) / n * 1e6,
+                "wall_us_per_check": (t1 - t0) / n * 1e6,
+            }
         finally:
             await service.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.micro",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--n", type=int, default=20_000)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--redis-url", help="default: an embedded Valkey")
     p.add_argument("--slow-client", action="store_true", help="scripts over redis-py")
     p.add_argument("--audit", action="store_true", help="audit enabled (buffered; default off)")
-    p.add_argument("--audited", action="store_true",
-                   help="GET /wires/1 at `high` with audit before access (a durable XADD "
-                        "per Check): the audited allow's Python cost against the default")
+    p.add_argument(
+        "--audited",
+        action="store_true",
+        help="GET /wires/1 at `high` with audit before access (a durable XADD "
+        "per Check): the audited allow's Python cost against the default",
+    )
     p.add_argument("--profile", action="store_true", help="pyinstrument the measured loop")
     args = p.parse_args(argv)
     if args.profile:
@@ -153,10 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         print(prof.output_text(unicode=False, color=False, show_all=False))
     else:
         res = uvloop.run(run(args))
-    print(f"{res['checks']:.0f} checks, concurrency {args.concurrency}, "
-          f"{'redis-py' if args.slow_client else 'FastRedis'}: "
-          f"{res['cpu_us_per_check']:.1f} us CPU per check "
-          f"({res['wall_us_per_check']:.1f} us wall); not allowed: {res['failed']:.0f}")
+    print(
+        f"{res['checks']:.0f} checks, concurrency {args.concurrency}, "
+        f"{'redis-py' if args.slow_client else 'FastRedis'}: "
+        f"{res['cpu_us_per_check']:.1f} us CPU per check "
+        f"({res['wall_us_per_check']:.1f} us wall); not allowed: {res['failed']:.0f}"
+    )
     return 0
 
 

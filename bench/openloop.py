@@ -58,7 +58,7 @@ class _Conn(asyncio.Protocol):
                 length = int(value)
         if len(self.buf) < end + 4 + length:
             return
-        del self.buf[:end + 4 + length]
+        del self.buf[: end + 4 + length]
         status = int(head.split(" ", 2)[1])
         done, self.on_done = self.on_done, None
         self.pool.idle.append(self)
@@ -83,7 +83,8 @@ class Pool:
         self.open = 0
         self.connecting: set[asyncio.Task[None]] = set()
         self.waiting: collections.deque[tuple[float, collections.abc.Callable[[int], None]]] = (
-            collections.deque())
+            collections.deque()
+        )
 
     def submit(self, due: float, done: collections.abc.Callable[[int], None]) -> None:
         self.waiting.append((due, done))
@@ -116,8 +117,9 @@ class Pool:
         self.wake()
 
 
-async def run(url: str, headers: list[str], rate: float, duration: float, warmup: float,
-              max_conns: int) -> list[tuple[int, int, int]]:
+async def run(
+    url: str, headers: list[str], rate: float, duration: float, warmup: float, max_conns: int
+) -> list[tuple[int, int, int]]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     path = parts.path or "/"
@@ -146,8 +148,13 @@ async def run(url: str, headers: list[str], rate: float, duration: float, warmup
             nonlocal pending
             pending -= 1
             if i >= rate * warmup:
-                rows.append((int((wall0 + i / rate) * 1e6), status,
-                             int((time.perf_counter() - start) * 1e6)))
+                rows.append(
+                    (
+                        int((wall0 + i / rate) * 1e6),
+                        status,
+                        int((time.perf_counter() - start) * 1e6),
+                    )
+                )
 
         pool.submit(due, done)
 
@@ -169,8 +176,11 @@ async def run(url: str, headers: list[str], rate: float, duration: float, warmup
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.openloop", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.openloop",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("url")
     p.add_argument("--rate", type=float, required=True, help="requests per second")
     p.add_argument("--duration", type=float, default=8.0)
@@ -179,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-H", "--header", action="append", default=[])
     p.add_argument("--log-file", type=Path, required=True)
     args = p.parse_args(argv)
-    rows = uvloop.run(run(args.url, args.header, args.rate, args.duration, args.warmup,
-                          args.max_conns))
+    rows = uvloop.run(
+        run(args.url, args.header, args.rate, args.duration, args.warmup, args.max_conns)
+    )
     rows.sort()
     args.log_file.write_text("".join(f"{s}\t{st}\t{lat}\n" for s, st, lat in rows))
     ok = sum(1 for _, st, _ in rows if st > 0)

@@ -43,8 +43,7 @@ _REQS = re.compile(r"^\s*(\d+) requests in ([0-9.]+\w+),", re.M)
 _RPS = re.compile(r"^Requests/sec:\s+([0-9.]+)", re.M)
 _PCT = re.compile(r"^\s+(\d+)%\s+([0-9.]+(?:us|ms|s|m|h))\s*$", re.M)
 _NON2XX = re.compile(r"^\s*Non-2xx or 3xx responses:\s+(\d+)", re.M)
-_SOCKERR = re.compile(
-    r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_SOCKERR = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
 
 
 def parse_wrk(text: str) -> WrkResult:
@@ -60,8 +59,13 @@ def parse_wrk(text: str) -> WrkResult:
     sock = _SOCKERR.search(text)
     socket_errors = {}
     if sock is not None:
-        socket_errors = dict(zip(("connect", "read", "write", "timeout"),
-                                 (int(g) for g in sock.groups()), strict=True))
+        socket_errors = dict(
+            zip(
+                ("connect", "read", "write", "timeout"),
+                (int(g) for g in sock.groups()),
+                strict=True,
+            )
+        )
     return WrkResult(
         requests=int(reqs.group(1)),
         duration_s=wrk_duration_s(reqs.group(2)),

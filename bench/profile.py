@@ -35,12 +35,28 @@ from bench.stackctl import (
 REPO = Path(__file__).resolve().parent.parent
 # Frames whose inclusive share is reported (substring of "function (file)").
 INCLUSIVE = (
-    "Check (authz/check/grpc_server.py", "attributes_from_check", "Authorizer.check",
+    "Check (authz/check/grpc_server.py",
+    "attributes_from_check",
+    "Authorizer.check",
     "check (authz",
-    "_decide", "verify_access_token", "read_check", "_eval (authz", "note_allow",
-    "ResponseBuilder.build", "build (authz/check/response.py", "record (authz/check/authorizer.py",
-    "uuid4", "_audit", "fastredis", "redis/asyncio", "grpc/aio", "_cython", "handle (authz",
-    "http_authz.py", "select", "epoll",
+    "_decide",
+    "verify_access_token",
+    "read_check",
+    "_eval (authz",
+    "note_allow",
+    "ResponseBuilder.build",
+    "build (authz/check/response.py",
+    "record (authz/check/authorizer.py",
+    "uuid4",
+    "_audit",
+    "fastredis",
+    "redis/asyncio",
+    "grpc/aio",
+    "_cython",
+    "handle (authz",
+    "http_authz.py",
+    "select",
+    "epoll",
 )
 _FRAME = re.compile(r"^(?P<fn>.*?) \((?P<file>[^:()]*?)(?::\d+)?\)$")
 
@@ -85,16 +101,27 @@ def summarise(raw: str, top: int = 25) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.profile",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--seconds", type=int, default=15)
     p.add_argument("--conc", type=int, default=32)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
-    p.add_argument("--scenario", default="2", choices=("2", "3", "4", "5"),
-                   help="2: allow via grant (gRPC), 3: step-up (gRPC), 4: allow audited before "
-                        "access (gRPC, GET /wires/1 at `high`), 5: allow, HTTP mode")
-    p.add_argument("--process", default="service", choices=("service", "exporter"),
-                   help="which process py-spy samples (exporter: the audit exporter)")
+    p.add_argument(
+        "--scenario",
+        default="2",
+        choices=("2", "3", "4", "5"),
+        help="2: allow via grant (gRPC), 3: step-up (gRPC), 4: allow audited before "
+        "access (gRPC, GET /wires/1 at `high`), 5: allow, HTTP mode",
+    )
+    p.add_argument(
+        "--process",
+        default="service",
+        choices=("service", "exporter"),
+        help="which process py-spy samples (exporter: the audit exporter)",
+    )
     p.add_argument("--workers", type=int, default=1, help="serve --workers N (profiles one)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--out", type=Path, help="write the summary here as well")
@@ -108,9 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     from bench.stackctl import bench_stack  # the same stack as the benchmark
 
     with tempfile.TemporaryDirectory(prefix="stepup-profile-") as tmp:
-        st = bench_stack(Path(tmp), REPO / "examples" / "policy.yaml",
-                                    args.log_level, http_authz=args.scenario == "5",
-                                    workers=args.workers)
+        st = bench_stack(
+            Path(tmp),
+            REPO / "examples" / "policy.yaml",
+            args.log_level,
+            http_authz=args.scenario == "5",
+            workers=args.workers,
+        )
         with st:
             token = password_token(st.idp_url)
             if args.scenario != "3":
@@ -131,8 +162,18 @@ def main(argv: list[str] | None = None) -> int:
                 pid = exp.pid
 
             def wrk(seconds: int) -> list[str]:
-                return ["wrk", "-t1", "-c", str(args.conc), "-d", f"{seconds}s", "--latency",
-                        "-H", f"Authorization: Bearer {token}", f"{url}{path}"]
+                return [
+                    "wrk",
+                    "-t1",
+                    "-c",
+                    str(args.conc),
+                    "-d",
+                    f"{seconds}s",
+                    "--latency",
+                    "-H",
+                    f"Authorization: Bearer {token}",
+                    f"{url}{path}",
+                ]
 
             subprocess.run(wrk(2), capture_output=True, check=True)  # warm-up
             raw_file = Path(tmp) / "spy.txt"
@@ -140,10 +181,25 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_spy:
                 assert spy is not None
                 spy_proc = subprocess.Popen(
-                    [spy, "record", "--format", "raw", "--nonblocking",
-                     *(["--native"] if args.native else []), "-r", str(args.rate),
-                     "-d", str(args.seconds), "-p", str(pid), "-o", str(raw_file)],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    [
+                        spy,
+                        "record",
+                        "--format",
+                        "raw",
+                        "--nonblocking",
+                        *(["--native"] if args.native else []),
+                        "-r",
+                        str(args.rate),
+                        "-d",
+                        str(args.seconds),
+                        "-p",
+                        str(pid),
+                        "-o",
+                        str(raw_file),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             c0, t0 = cpu_seconds(pid), time.monotonic()
             res = subprocess.run(wrk(args.seconds), capture_output=True, text=True, check=True)
             c1, t1 = cpu_seconds(pid), time.monotonic()
@@ -151,16 +207,21 @@ def main(argv: list[str] | None = None) -> int:
                 spy_proc.wait(30)
             w = parse_wrk(res.stdout)
             # Why any non-2xx: the service's decisions by reason (not the expected "allowed").
-            checks = parse_prometheus(http_text(f"{st.service_http_url}/metrics"),
-                                      "stepup_authz_checks_total")
-            odd = {",".join(v for k, v in labels if k == "reason"): int(n)
-                   for labels, n in checks.items()
-                   if dict(labels).get("reason") not in ("allowed", "acr-insufficient")}
-            head = (f"scenario {args.scenario}, c={args.conc}, {args.seconds}s: "
-                    f"{w.rps:,.0f} req/s, p50 {w.percentiles[50] * 1000:.2f} ms, "
-                    f"p99 {w.percentiles[99] * 1000:.2f} ms, non-2xx {w.non_2xx_3xx}; "
-                    f"{args.process} CPU {(c1 - c0) / max(w.requests, 1) * 1e6:.0f} us/req "
-                    f"({(c1 - c0) / (t1 - t0):.2f} cores); other decisions: {odd or 'none'}\n")
+            checks = parse_prometheus(
+                http_text(f"{st.service_http_url}/metrics"), "stepup_authz_checks_total"
+            )
+            odd = {
+                ",".join(v for k, v in labels if k == "reason"): int(n)
+                for labels, n in checks.items()
+                if dict(labels).get("reason") not in ("allowed", "acr-insufficient")
+            }
+            head = (
+                f"scenario {args.scenario}, c={args.conc}, {args.seconds}s: "
+                f"{w.rps:,.0f} req/s, p50 {w.percentiles[50] * 1000:.2f} ms, "
+                f"p99 {w.percentiles[99] * 1000:.2f} ms, non-2xx {w.non_2xx_3xx}; "
+                f"{args.process} CPU {(c1 - c0) / max(w.requests, 1) * 1e6:.0f} us/req "
+                f"({(c1 - c0) / (t1 - t0):.2f} cores); other decisions: {odd or 'none'}\n"
+            )
             text = head
             if spy_proc is not None and raw_file.exists():
                 raw = raw_file.read_text()

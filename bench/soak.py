@@ -29,27 +29,50 @@ SAMPLE_S = 5
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.soak",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--seconds", type=int, default=300)
     p.add_argument("--conc", type=int, default=16)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--out", type=Path, help="write the samples and verdict here (JSON)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="stepup-soak-") as tmp:
-        st = bench_stack(Path(tmp), REPO / "examples" / "policy.yaml", "INFO",
-                         http_authz=True, workers=args.workers)
+        st = bench_stack(
+            Path(tmp),
+            REPO / "examples" / "policy.yaml",
+            "INFO",
+            http_authz=True,
+            workers=args.workers,
+        )
         with st:
             token = password_token(st.idp_url)
             write_grant(st, token, "elevated", 3600)
             svc = st.service_proc
             assert svc is not None
             total = args.seconds + WARMUP_S
-            loads = [subprocess.Popen(
-                ["wrk", "-t1", "-c", str(args.conc), "-d", f"{total}s", "--latency",
-                 "-H", f"Authorization: Bearer {token}", f"{url}/accounts/1"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for url in (st.envoy_url, st.http_envoy_url)]
+            loads = [
+                subprocess.Popen(
+                    [
+                        "wrk",
+                        "-t1",
+                        "-c",
+                        str(args.conc),
+                        "-d",
+                        f"{total}s",
+                        "--latency",
+                        "-H",
+                        f"Authorization: Bearer {token}",
+                        f"{url}/accounts/1",
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for url in (st.envoy_url, st.http_envoy_url)
+            ]
             t0 = time.monotonic()
             samples: list[tuple[float, int]] = []
             while any(w.poll() is None for w in loads):
@@ -58,18 +81,26 @@ def main(argv: list[str] | None = None) -> int:
             results = [parse_wrk(w.communicate()[0]) for w in loads]
     steady = [(t, r) for t, r in samples if t >= WARMUP_S] or samples
     doc = {
-        "seconds": args.seconds, "warmup_s": WARMUP_S, "conc_per_mode": args.conc,
+        "seconds": args.seconds,
+        "warmup_s": WARMUP_S,
+        "conc_per_mode": args.conc,
         "checks": {"grpc": results[0].requests, "http": results[1].requests},
         "non_2xx": {"grpc": results[0].non_2xx_3xx, "http": results[1].non_2xx_3xx},
-        "rss_kib": {"first": samples[0][1], "after_warmup": steady[0][1],
-                    "end": steady[-1][1], "max": max(r for _, r in steady),
-                    "growth_after_warmup": steady[-1][1] - steady[0][1]},
+        "rss_kib": {
+            "first": samples[0][1],
+            "after_warmup": steady[0][1],
+            "end": steady[-1][1],
+            "max": max(r for _, r in steady),
+            "growth_after_warmup": steady[-1][1] - steady[0][1],
+        },
         "samples": samples,
     }
     r = doc["rss_kib"]
     print(json.dumps({k: v for k, v in doc.items() if k != "samples"}, indent=1))
-    print(f"RSS after warm-up {r['after_warmup']:,} KiB -> end {r['end']:,} KiB "  # type: ignore[index]
-          f"(max {r['max']:,}); {sum(doc['checks'].values()):,} checks")  # type: ignore[union-attr, index]
+    print(
+        f"RSS after warm-up {r['after_warmup']:,} KiB -> end {r['end']:,} KiB "  # type: ignore[index]
+        f"(max {r['max']:,}); {sum(doc['checks'].values()):,} checks"
+    )  # type: ignore[union-attr, index]
     if args.out:
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
     return 0

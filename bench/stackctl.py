@@ -51,8 +51,9 @@ class BenchError(RuntimeError):
 
 
 # -- plain HTTP on loopback ------------------------------------------------------------------
-def http_get(url: str, headers: dict[str, str] | None = None,
-             timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+def http_get(
+    url: str, headers: dict[str, str] | None = None, timeout: float = 5.0
+) -> tuple[int, dict[str, str], bytes]:
     """(status, headers, body) — 4xx/5xx are answers here, not exceptions."""
     req = urllib.request.Request(url, headers=headers or {})  # noqa: S310 (loopback http only)
     try:
@@ -160,18 +161,33 @@ class Envoy:
         self.log.close()
 
 
-def start_envoy(name: str, template: Path, workdir: Path, envoy_bin: str,
-                **values: str | int) -> Envoy:
+def start_envoy(
+    name: str, template: Path, workdir: Path, envoy_bin: str, **values: str | int
+) -> Envoy:
     listen_port, admin_port = free_ports(2)
     config = workdir / f"{name}.yaml"
-    config.write_text(render_envoy_config(template, listen_port=listen_port,
-                                          admin_port=admin_port, **values))
+    config.write_text(
+        render_envoy_config(template, listen_port=listen_port, admin_port=admin_port, **values)
+    )
     log = (workdir / f"{name}.log").open("ab")
     popen = subprocess.Popen(
-        [envoy_bin, "-c", str(config), "--log-level", "warn", "--concurrency", "1",
-         # a base id of our own, apart from the Stack's (which derives its ids from our pid)
-         "--base-id", str(3_000_000_000 + (os.getpid() % 1_000_000) * 100 + next(_envoy_ids))],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, process_group=0)
+        [
+            envoy_bin,
+            "-c",
+            str(config),
+            "--log-level",
+            "warn",
+            "--concurrency",
+            "1",
+            # a base id of our own, apart from the Stack's (which derives its ids from our pid)
+            "--base-id",
+            str(3_000_000_000 + (os.getpid() % 1_000_000) * 100 + next(_envoy_ids)),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        process_group=0,
+    )
     env = Envoy(name, config, listen_port, admin_port, popen, log)
     deadline = time.monotonic() + 20
     while not http_ok(f"{env.admin_url}/ready", expect=b"LIVE"):
@@ -196,8 +212,10 @@ def password_token(idp_url: str, *, otp: str | None = None) -> str:
         form["otp"] = otp
     basic = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
     req = urllib.request.Request(  # noqa: S310 (loopback http only)
-        f"{idp_url}/token", data=urllib.parse.urlencode(form).encode(),
-        headers={"Authorization": f"Basic {basic}"})
+        f"{idp_url}/token",
+        data=urllib.parse.urlencode(form).encode(),
+        headers={"Authorization": f"Basic {basic}"},
+    )
     with _opener.open(req, timeout=5) as resp:
         return str(json.loads(resp.read())["access_token"])
 
@@ -228,13 +246,20 @@ def write_grant(stack: Stack, token: str, level: str, ttl_s: int) -> None:
         extra["cipher"] = cipher_from_settings(CryptoSettings.model_validate(crypto))
 
     async def write() -> None:
-        store = RedisSessionStore(make_client(stack.redis_url, settings),
-                                  prefix=settings.key_prefix, deadline_ms=2000,
-                                  **extra)  # type: ignore[arg-type]
+        store = RedisSessionStore(
+            make_client(stack.redis_url, settings),
+            prefix=settings.key_prefix,
+            deadline_ms=2000,
+            **extra,
+        )  # type: ignore[arg-type]
         try:
             now = int(time.time())
-            grant = Grant(level=level, evidence=Evidence("mfa", ("pwd", "otp"), now),
-                          expires_at=now + ttl_s, issued_at=now)
+            grant = Grant(
+                level=level,
+                evidence=Evidence("mfa", ("pwd", "otp"), now),
+                expires_at=now + ttl_s,
+                issued_at=now,
+            )
             await store.write_grant(user_key(claims["iss"], claims["sub"]), key, grant, now)
         finally:
             await store.aclose()
@@ -253,8 +278,15 @@ class BenchStack(Stack):
     durable audit record), optionally the HTTP ext_authz listener with a second Envoy in
     front of it (scenario 5), and ``serve --workers N``."""
 
-    def __init__(self, workdir: Path, policy_file: Path, log_level: str, *,
-                 http_authz: bool = False, workers: int = 1) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        policy_file: Path,
+        log_level: str,
+        *,
+        http_authz: bool = False,
+        workers: int = 1,
+    ) -> None:
         # A keyring of our own (written at start): the harness seals the scenario grants
         # under the same key as the service (see write_grant).
         self.crypto_key = Path(workdir).resolve() / "crypto-bench.key"
@@ -266,8 +298,12 @@ class BenchStack(Stack):
         self.check_port = free_ports(1)[0] if http_authz else 0
         if http_authz:
             extra["http_authz"] = {"enabled": True, "port": self.check_port}
-        super().__init__(workdir, policy_file=policy_file,
-                         envoy_template=ENVOY_DIR / "authz_grpc.yaml", extra_settings=extra)
+        super().__init__(
+            workdir,
+            policy_file=policy_file,
+            envoy_template=ENVOY_DIR / "authz_grpc.yaml",
+            extra_settings=extra,
+        )
         self.workers = workers
         self.http_envoy: Envoy | None = None
 
@@ -282,9 +318,13 @@ class BenchStack(Stack):
         super()._start()
         if self.check_port:
             envoy_bin = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
-            self.http_envoy = start_envoy("authz_http", ENVOY_DIR / "authz_http.yaml",
-                                          self.workdir, envoy_bin,
-                                          authz_check_port=self.check_port)
+            self.http_envoy = start_envoy(
+                "authz_http",
+                ENVOY_DIR / "authz_http.yaml",
+                self.workdir,
+                envoy_bin,
+                authz_check_port=self.check_port,
+            )
 
     def stop(self) -> None:
         if self.http_envoy is not None:
@@ -299,8 +339,9 @@ class BenchStack(Stack):
         return self.http_envoy.url
 
 
-def bench_stack(workdir: Path, policy_file: Path, log_level: str, *, http_authz: bool = False,
-                workers: int = 1) -> BenchStack:
+def bench_stack(
+    workdir: Path, policy_file: Path, log_level: str, *, http_authz: bool = False, workers: int = 1
+) -> BenchStack:
     return BenchStack(workdir, policy_file, log_level, http_authz=http_authz, workers=workers)
 
 
@@ -316,8 +357,9 @@ def stack_pids(stack: Stack) -> dict[str, int]:
         pids["service"] = stack.service_proc.pid
     envoy = find_pid("envoy", str(stack.workdir / "envoy.yaml"))
     # Valkey rewrites its process title to "valkey-server 127.0.0.1:PORT".
-    redis = (find_pid("valkey-server", f"{HOST}:{stack.redis_port}")
-             or find_pid("valkey-server", "--port", str(stack.redis_port)))
+    redis = find_pid("valkey-server", f"{HOST}:{stack.redis_port}") or find_pid(
+        "valkey-server", "--port", str(stack.redis_port)
+    )
     if envoy is None or redis is None:
         raise BenchError(f"could not find the stack's processes (envoy={envoy}, redis={redis})")
     pids["envoy"], pids["redis"] = envoy, redis

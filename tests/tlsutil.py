@@ -26,29 +26,52 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-def cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
-         issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool,
-         sans: Sequence[x509.GeneralName] = ()) -> x509.Certificate:
+def cert(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Certificate | None,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool,
+    sans: Sequence[x509.GeneralName] = (),
+) -> x509.Certificate:
     """A certificate for ``key``, signed by ``issuer_key`` (self-signed without ``issuer``),
     valid from five minutes ago for an hour."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     now = dt.datetime.now(dt.UTC)
-    b = (x509.CertificateBuilder().subject_name(name)
-         .issuer_name(issuer.subject if issuer is not None else name)
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - dt.timedelta(minutes=5))
-         .not_valid_after(now + dt.timedelta(hours=1))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.subject if issuer is not None else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if ca:
-        b = b.add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False,
-            encipher_only=False, decipher_only=False), critical=True)
-        b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                            critical=False)
+        b = b.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        b = b.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
     else:
-        b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            issuer_key.public_key()), critical=False)
+        b = b.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
     if sans:
         b = b.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
     return b.sign(issuer_key, hashes.SHA256())
@@ -58,8 +81,9 @@ def pem(obj: x509.Certificate | ec.EllipticCurvePrivateKey) -> bytes:
     """PEM of a certificate, or of a private key (PKCS#8, unencrypted)."""
     if isinstance(obj, x509.Certificate):
         return obj.public_bytes(serialization.Encoding.PEM)
-    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return obj.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def free_port() -> int:
@@ -85,19 +109,46 @@ def tls_redis_server(directory: Path, *, password: str | None = None) -> Iterato
     ca_key, other_key, srv_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
     ca = cert("test CA", ca_key, None, ca_key, ca=True)
     other = cert("someone else's CA", other_key, None, other_key, ca=True)
-    srv = cert("redis.test", srv_key, ca, ca_key, ca=False, sans=[
-        x509.DNSName("redis.test"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    files = {"srv.pem": pem(srv), "srv.key": pem(srv_key), "ca.pem": pem(ca),
-             "other.pem": pem(other)}
+    srv = cert(
+        "redis.test",
+        srv_key,
+        ca,
+        ca_key,
+        ca=False,
+        sans=[x509.DNSName("redis.test"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
+    files = {
+        "srv.pem": pem(srv),
+        "srv.key": pem(srv_key),
+        "ca.pem": pem(ca),
+        "other.pem": pem(other),
+    }
     for name, data in files.items():
         (directory / name).write_bytes(data)
     port = free_port()
-    argv = [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-            "--tls-cert-file", str(directory / "srv.pem"),
-            "--tls-key-file", str(directory / "srv.key"),
-            "--tls-ca-cert-file", str(directory / "ca.pem"),
-            "--tls-auth-clients", "no", "--save", "", "--appendonly", "no",
-            "--dir", str(directory)]
+    argv = [
+        binary,
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--tls-cert-file",
+        str(directory / "srv.pem"),
+        "--tls-key-file",
+        str(directory / "srv.key"),
+        "--tls-ca-cert-file",
+        str(directory / "ca.pem"),
+        "--tls-auth-clients",
+        "no",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(directory),
+    ]
     if password is not None:
         argv += ["--requirepass", password]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

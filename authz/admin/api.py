@@ -75,15 +75,27 @@ def _user(user: sessions_pb2.User) -> tuple[str, str]:
 
 def _grant_pb(g: Grant) -> sessions_pb2.Grant:
     ev = g.evidence
-    return sessions_pb2.Grant(level=g.level, acr=ev.acr or "", amr=list(ev.amr),
-                              auth_time=ev.auth_time or 0, issued_at=g.issued_at,
-                              expires_at=g.expires_at, device=g.device or "", ip=g.ip or "")
+    return sessions_pb2.Grant(
+        level=g.level,
+        acr=ev.acr or "",
+        amr=list(ev.amr),
+        auth_time=ev.auth_time or 0,
+        issued_at=g.issued_at,
+        expires_at=g.expires_at,
+        device=g.device or "",
+        ip=g.ip or "",
+    )
 
 
 def _session_pb(s: SessionInfo) -> sessions_pb2.Session:
-    return sessions_pb2.Session(session_key=s.session, created=s.created,
-                                last_seen=s.last_seen, ip=s.ip or "", device=s.device or "",
-                                grants=[_grant_pb(g) for g in s.grants])
+    return sessions_pb2.Session(
+        session_key=s.session,
+        created=s.created,
+        last_seen=s.last_seen,
+        ip=s.ip or "",
+        device=s.device or "",
+        grants=[_grant_pb(g) for g in s.grants],
+    )
 
 
 # The generated grpc module is untyped (grpcio-tools writes no .pyi for it); mypy skips it.
@@ -145,8 +157,14 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
             if request.ttl_s < 0:
                 raise _Invalid("argument-invalid", "ttl_s must be >= 0")
             evidence = Evidence(acr=acr, amr=amr, auth_time=auth_time)
-            if not satisfies(evidence, acr=level.acr, amr_any=level.amr_any,
-                             max_age=level.max_age, now=now, leeway=self.leeway):
+            if not satisfies(
+                evidence,
+                acr=level.acr,
+                amr_any=level.amr_any,
+                max_age=level.max_age,
+                now=now,
+                leeway=self.leeway,
+            ):
                 raise _Invalid("acr-insufficient", f"acr/amr do not satisfy {level.name}")
             ttl = level.grant_ttl or level.max_age or self.default_grant_ttl_s
             if request.ttl_s:
@@ -159,8 +177,14 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise AssertionError("unreachable") from exc  # abort raises
         uk, sk = user_key(iss, sub), session_key(iss, sub, sid)
-        grant = Grant(level=level.name, evidence=evidence, expires_at=expires_at,
-                      issued_at=now, device=device, ip=ip)
+        grant = Grant(
+            level=level.name,
+            evidence=evidence,
+            expires_at=expires_at,
+            issued_at=now,
+            device=device,
+            ip=ip,
+        )
         try:
             await self._audit_grant(request, actor, "success", grant, session=sk, ip=ip)
         except Exception:
@@ -170,22 +194,37 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
             await self.store.write_grant(uk, sk, grant, now)
         except StoreError as exc:
             await self._unavailable(context, exc)
-        log.info("sessions API: grant recorded", extra={
-            "actor": actor, "level": level.name, "expires_at": expires_at})
-        return sessions_pb2.RecordGrantResponse(grant_id=f"{sk}:{level.name}",
-                                                expires_at=expires_at, session_key=sk)
+        log.info(
+            "sessions API: grant recorded",
+            extra={"actor": actor, "level": level.name, "expires_at": expires_at},
+        )
+        return sessions_pb2.RecordGrantResponse(
+            grant_id=f"{sk}:{level.name}", expires_at=expires_at, session_key=sk
+        )
 
     async def _audit_grant(
-        self, request: sessions_pb2.RecordGrantRequest, actor: str, result: str,
-        grant: Grant | None, *, session: str | None = None, ip: str | None = None,
+        self,
+        request: sessions_pb2.RecordGrantRequest,
+        actor: str,
+        result: str,
+        grant: Grant | None,
+        *,
+        session: str | None = None,
+        ip: str | None = None,
     ) -> None:
         user = f"{request.user.issuer}|{request.user.subject}"
         event = stepup_completed(
-            result=result, level=request.level or None, user=user, session=session,
-            acr=request.acr or None, amr=tuple(request.amr),
-            auth_time=grant.evidence.auth_time if grant else (
-                request.auth_time if request.HasField("auth_time") else None),
-            issuer=request.user.issuer or None, client_ip=ip,
+            result=result,
+            level=request.level or None,
+            user=user,
+            session=session,
+            acr=request.acr or None,
+            amr=tuple(request.amr),
+            auth_time=grant.evidence.auth_time
+            if grant
+            else (request.auth_time if request.HasField("auth_time") else None),
+            issuer=request.user.issuer or None,
+            client_ip=ip,
             device=request.device or None,
             grant_expires_at=grant.expires_at if grant else None,
         )
@@ -221,9 +260,16 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
             known = await self.store.revoke_session(user_key(iss, sub), sk, now)
         except StoreError as exc:
             await self._unavailable(context, exc)
-        await self._audit_revoke(grant_revoked(
-            user=f"{iss}|{sub}", session=sk, levels=(), revoked=int(known), actor=actor,
-            reason=reason or "api-revoke-session"))
+        await self._audit_revoke(
+            grant_revoked(
+                user=f"{iss}|{sub}",
+                session=sk,
+                levels=(),
+                revoked=int(known),
+                actor=actor,
+                reason=reason or "api-revoke-session",
+            )
+        )
         return sessions_pb2.RevokeSessionResponse(known=known, session_key=sk)
 
     async def RevokeUser(
@@ -241,9 +287,16 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
             n = await self.store.revoke_user(user_key(iss, sub), now)
         except StoreError as exc:
             await self._unavailable(context, exc)
-        await self._audit_revoke(grant_revoked(
-            user=f"{iss}|{sub}", session="*", levels=(), revoked=n, actor=actor,
-            reason=reason or "api-revoke-user"))
+        await self._audit_revoke(
+            grant_revoked(
+                user=f"{iss}|{sub}",
+                session="*",
+                levels=(),
+                revoked=n,
+                actor=actor,
+                reason=reason or "api-revoke-user",
+            )
+        )
         return sessions_pb2.RevokeUserResponse(sessions=n, revoked_before=now)
 
     async def ListSessions(

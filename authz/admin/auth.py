@@ -22,8 +22,9 @@ _BEARER = b"bearer "
 class CallerAuth:
     """Authenticates one call; ``identify`` returns the caller's name for the audit trail."""
 
-    def __init__(self, *, allowed_peers: Iterable[str] = (), bearer_secret: bytes | None = None
-                 ) -> None:
+    def __init__(
+        self, *, allowed_peers: Iterable[str] = (), bearer_secret: bytes | None = None
+    ) -> None:
         if bearer_secret is not None and len(bearer_secret) < 16:
             raise ValueError("the API bearer secret must be at least 16 bytes")
         self.allowed_peers = frozenset(allowed_peers)
@@ -32,15 +33,16 @@ class CallerAuth:
             raise ValueError("the Sessions API needs allowed_peers or a bearer secret")
 
     @classmethod
-    def from_files(cls, *, allowed_peers: Iterable[str] = (),
-                   bearer_secret_file: Path | None = None) -> CallerAuth:
+    def from_files(
+        cls, *, allowed_peers: Iterable[str] = (), bearer_secret_file: Path | None = None
+    ) -> CallerAuth:
         secret = None
         if bearer_secret_file is not None:
             secret = bearer_secret_file.read_bytes().strip()
         return cls(allowed_peers=allowed_peers, bearer_secret=secret)
 
     def identify(self, context: grpc.aio.ServicerContext) -> str | None:
-        """"peer:<name>" or "bearer", or None when the caller is not authenticated."""
+        """ "peer:<name>" or "bearer", or None when the caller is not authenticated."""
         if self.allowed_peers:
             for name in _peer_names(context):
                 if name in self.allowed_peers:
@@ -51,7 +53,7 @@ class CallerAuth:
                     continue
                 raw = value.encode() if isinstance(value, str) else bytes(value)
                 if raw[: len(_BEARER)].lower() == _BEARER and hmac.compare_digest(
-                    raw[len(_BEARER):].strip(), self._secret
+                    raw[len(_BEARER) :].strip(), self._secret
                 ):
                     return "bearer"
         return None

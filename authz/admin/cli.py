@@ -89,14 +89,23 @@ def _request(args: argparse.Namespace) -> tuple[str, Message]:
     if cmd == "revoke":
         if args.session is not None:
             return "RevokeSession", sessions_pb2.RevokeSessionRequest(
-                user=user, session_id=args.session, reason=args.reason or "")
+                user=user, session_id=args.session, reason=args.reason or ""
+            )
         return "RevokeSession", sessions_pb2.RevokeSessionRequest(
-            user=user, session_key=args.session_key, reason=args.reason or "")
+            user=user, session_key=args.session_key, reason=args.reason or ""
+        )
     if cmd == "revoke-user":
         return "RevokeUser", sessions_pb2.RevokeUserRequest(user=user, reason=args.reason or "")
     req = sessions_pb2.RecordGrantRequest(
-        user=user, session_id=args.session, level=args.level, acr=args.acr, amr=args.amr,
-        ttl_s=args.ttl, device=args.device, ip=args.ip)
+        user=user,
+        session_id=args.session,
+        level=args.level,
+        acr=args.acr,
+        amr=args.amr,
+        ttl_s=args.ttl,
+        device=args.device,
+        ip=args.ip,
+    )
     if args.auth_time is not None:
         req.auth_time = args.auth_time
     return "RecordGrant", req
@@ -115,8 +124,11 @@ def run_sessions(args: argparse.Namespace) -> int:
             err = {"error": exc.code().name, "details": exc.details()}
             print(json.dumps(err), file=sys.stderr)
             return 1
-    doc = json_format.MessageToDict(reply, always_print_fields_with_no_presence=True,
-                                    preserving_proto_field_name=True,
-                                    unquote_int64_if_possible=True)
+    doc = json_format.MessageToDict(
+        reply,
+        always_print_fields_with_no_presence=True,
+        preserving_proto_field_name=True,
+        unquote_int64_if_possible=True,
+    )
     print(json.dumps(doc, indent=2, sort_keys=True))
     return 0

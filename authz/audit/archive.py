@@ -134,8 +134,10 @@ class ArchiveWriter:
             data = path.read_bytes()
             if data and not data.endswith(b"\n"):
                 if i != 0:
-                    raise ArchiveError(f"{path.name}: torn line in a closed segment; run "
-                                       "`audit verify` and investigate before exporting")
+                    raise ArchiveError(
+                        f"{path.name}: torn line in a closed segment; run "
+                        "`audit verify` and investigate before exporting"
+                    )
                 data, rp.torn_copy = self._cut_torn(path, data)
             lines = data.split(b"\n")[:-1]
             if i == 0:
@@ -170,8 +172,10 @@ class ArchiveWriter:
                 break
         rp.recent_ids.reverse()
         self.seq, self.hash, self.stream_id = rp.seq, rp.hash, rp.stream_id
-        log.info("archive opened", extra={"seq": rp.seq, "stream_id": rp.stream_id,
-                                          "torn_copy": str(rp.torn_copy or "")})
+        log.info(
+            "archive opened",
+            extra={"seq": rp.seq, "stream_id": rp.stream_id, "torn_copy": str(rp.torn_copy or "")},
+        )
         return rp
 
     def _cut_torn(self, path: Path, data: bytes) -> tuple[bytes, Path]:
@@ -192,9 +196,15 @@ class ArchiveWriter:
             os.fsync(fd)
         finally:
             os.close(fd)
-        log.warning("torn last line cut from the archive (a copy is kept)",
-                    extra={"segment": path.name, "line": data.count(b"\n") + 1,
-                           "copy": str(copy), "bytes": len(data) - cut})
+        log.warning(
+            "torn last line cut from the archive (a copy is kept)",
+            extra={
+                "segment": path.name,
+                "line": data.count(b"\n") + 1,
+                "copy": str(copy),
+                "bytes": len(data) - cut,
+            },
+        )
         return data[:cut], copy
 
     def _adopt(self, path: Path, lines: list[bytes]) -> None:
@@ -239,11 +249,15 @@ class ArchiveWriter:
         if self._fd is None or self._path is None or self._since_cp == 0:
             return False
         now = self.clock()
-        if not (force or self._since_cp >= self.checkpoint_every
-                or now - self._last_cp >= self.checkpoint_interval_s):
+        if not (
+            force
+            or self._since_cp >= self.checkpoint_every
+            or now - self._last_cp >= self.checkpoint_interval_s
+        ):
             return False
-        cp = self.key.checkpoint(segment=self._path.name, seq=self.seq, hash_=self.hash,
-                                 ts_ms=int(now * 1000))
+        cp = self.key.checkpoint(
+            segment=self._path.name, seq=self.seq, hash_=self.hash, ts_ms=int(now * 1000)
+        )
         data = canonical_bytes(cp) + b"\n"
         _write_all(self._fd, data)
         os.fsync(self._fd)

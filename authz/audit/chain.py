@@ -41,8 +41,9 @@ def record_hash(prev_hash: str, body: Mapping[str, Any]) -> str:
     return h.hexdigest()
 
 
-def chain_record(event_record: Mapping[str, Any], *, seq: int, stream_id: str,
-                 prev_hash: str) -> dict[str, Any]:
+def chain_record(
+    event_record: Mapping[str, Any], *, seq: int, stream_id: str, prev_hash: str
+) -> dict[str, Any]:
     """The archived form of one event record: chain fields added, hash computed."""
     rec: dict[str, Any] = dict(event_record)
     rec.update(kind="event", seq=seq, stream_id=stream_id, prev_hash=prev_hash)
@@ -50,8 +51,9 @@ def chain_record(event_record: Mapping[str, Any], *, seq: int, stream_id: str,
     return rec
 
 
-def chain_line(event_record: Mapping[str, Any], *, seq: int, stream_id: str,
-               prev_hash: str) -> tuple[bytes, str]:
+def chain_line(
+    event_record: Mapping[str, Any], *, seq: int, stream_id: str, prev_hash: str
+) -> tuple[bytes, str]:
     """``(canonical_bytes(chain_record(...)), its hash)`` with one encoding, not two: the
     record is encoded without ``hash`` (the bytes the hash covers) and the hash is then
     spliced in at its sorted place. The archive writes one of these per record.
@@ -97,16 +99,25 @@ class SigningKey:
 
     def private_pem(self) -> bytes:
         return self.private_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption())
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
     def public_pem(self) -> bytes:
         return self.private_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
 
     def checkpoint(self, *, segment: str, seq: int, hash_: str, ts_ms: int) -> dict[str, Any]:
-        body: dict[str, Any] = {"kind": "checkpoint", "segment": segment, "seq": seq,
-                                "hash": hash_, "ts_ms": ts_ms, "key_id": self.key_id}
+        body: dict[str, Any] = {
+            "kind": "checkpoint",
+            "segment": segment,
+            "seq": seq,
+            "hash": hash_,
+            "ts_ms": ts_ms,
+            "key_id": self.key_id,
+        }
         sig = self.private_key.sign(canonical_bytes(body))
         body["sig"] = base64.b64encode(sig).decode("ascii")
         return body
@@ -129,7 +140,7 @@ def load_public_keys(paths: Iterable[Path]) -> dict[str, Ed25519PublicKey]:
 
 
 def checkpoint_signature_ok(cp: Mapping[str, Any], keys: Mapping[str, Ed25519PublicKey]) -> str:
-    """"" when the signature verifies, else why not."""
+    """ "" when the signature verifies, else why not."""
     pub = keys.get(str(cp.get("key_id")))
     if pub is None:
         return f"unknown key id {cp.get('key_id')!r}"

@@ -36,22 +36,27 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"audit verify: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        report = verify(args.paths, public_keys=keys, anchor=anchor,
-                        allow_partial_start=args.allow_partial_start)
+        report = verify(
+            args.paths,
+            public_keys=keys,
+            anchor=anchor,
+            allow_partial_start=args.allow_partial_start,
+        )
     except OSError as exc:
         print(f"audit verify: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
         return report.exit_code
-    print(f"segments {report.segments}, records {report.records}, checkpoints "
-          f"{report.checkpoints}, last seq {report.last_seq}, signed through seq "
-          f"{report.signed_through}")
+    print(
+        f"segments {report.segments}, records {report.records}, checkpoints "
+        f"{report.checkpoints}, last seq {report.last_seq}, signed through seq "
+        f"{report.signed_through}"
+    )
     for note in report.notes:
         print(f"note: {note}")
     if report.torn is not None:
-        print(f"TORN LAST LINE (crash mid-write; everything before it verifies): "
-              f"{report.torn}")
+        print(f"TORN LAST LINE (crash mid-write; everything before it verifies): {report.torn}")
     if report.error is not None:
         print(f"FAILED: first broken link: {report.error}")
     elif report.torn is None:
@@ -88,8 +93,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     finally:
         if out is not sys.stdout:
             out.close()
-    print(f"audit export: {n} record(s); archive last seq {report.last_seq}"
-          + ("; TORN last line" if report.torn else ""), file=sys.stderr)
+    print(
+        f"audit export: {n} record(s); archive last seq {report.last_seq}"
+        + ("; TORN last line" if report.torn else ""),
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -101,8 +109,9 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     from authz.audit.events import canonical_bytes
     from authz.audit.exporter import entry_record
 
-    client = redis.Redis.from_url(args.redis_url or os.environ.get("REDIS_URL")
-                                  or "redis://127.0.0.1:6379")
+    client = redis.Redis.from_url(
+        args.redis_url or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379"
+    )
     try:
         last = "0-0"
         recent: Any = client.xrevrange(args.stream, count=args.lines)
@@ -181,8 +190,10 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     with os.fdopen(fd, "wb") as f:
         f.write(key.private_pem())
     pub.write_bytes(key.public_pem())
-    print(f"key id {key.key_id}\nprivate {priv} (keep secret; exporter signing_key_file)\n"
-          f"public  {pub} (give to verifiers: audit verify --pubkey)")
+    print(
+        f"key id {key.key_id}\nprivate {priv} (keep secret; exporter signing_key_file)\n"
+        f"public  {pub} (give to verifiers: audit verify --pubkey)"
+    )
     return 0
 
 
@@ -191,15 +202,24 @@ def add_audit_parser(subparsers: Any) -> None:
     a = subparsers.add_parser("audit", help="audit trail: verify, export, tail, exporter")
     sub = a.add_subparsers(dest="audit_command", required=True)
 
-    v = sub.add_parser("verify", help="verify an archive; exit 0 ok, 3 torn last line, "
-                       "1 broken link")
+    v = sub.add_parser(
+        "verify", help="verify an archive; exit 0 ok, 3 torn last line, 1 broken link"
+    )
     v.add_argument("paths", nargs="+", type=Path, help="archive directories or segment files")
-    v.add_argument("--pubkey", action="append", type=Path,
-                   help="Ed25519 public key PEM (repeat for rotated keys)")
-    v.add_argument("--anchor", type=Path,
-                   help="a saved HEAD.json checkpoint the archive must reach")
-    v.add_argument("--allow-partial-start", action="store_true",
-                   help="accept an archive whose oldest segments were retired")
+    v.add_argument(
+        "--pubkey",
+        action="append",
+        type=Path,
+        help="Ed25519 public key PEM (repeat for rotated keys)",
+    )
+    v.add_argument(
+        "--anchor", type=Path, help="a saved HEAD.json checkpoint the archive must reach"
+    )
+    v.add_argument(
+        "--allow-partial-start",
+        action="store_true",
+        help="accept an archive whose oldest segments were retired",
+    )
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=_cmd_verify)
 

@@ -83,10 +83,13 @@ def load_exporter_settings(path: Path) -> ExporterSettings:
         s = ExporterSettings.model_validate(doc)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise ConfigError(first["msg"], source=str(path),
-                          location=".".join(str(p) for p in first["loc"])) from exc
+        raise ConfigError(
+            first["msg"], source=str(path), location=".".join(str(p) for p in first["loc"])
+        ) from exc
     base = path.parent
-    fixes = {n: base / p
-             for n in ("archive_dir", "signing_key_file", "password_file", "ca_file")
-             if (p := getattr(s, n)) is not None and not p.is_absolute()}
+    fixes = {
+        n: base / p
+        for n in ("archive_dir", "signing_key_file", "password_file", "ca_file")
+        if (p := getattr(s, n)) is not None and not p.is_absolute()
+    }
     return s.model_copy(update=fixes) if fixes else s

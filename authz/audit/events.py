@@ -48,8 +48,20 @@ class EventType(StrEnum):
 # The common fields, in the order the CSV export uses. ``details`` holds per-type extras
 # (result, acr, auth_time, issuer, grant_*, old_sha256, new_sha256 ...).
 COMMON_FIELDS: tuple[str, ...] = (
-    "event_id", "ts_ms", "type", "decision_id", "user", "session", "device", "client_ip",
-    "route", "level", "outcome", "reason", "factor", "policy_version",
+    "event_id",
+    "ts_ms",
+    "type",
+    "decision_id",
+    "user",
+    "session",
+    "device",
+    "client_ip",
+    "route",
+    "level",
+    "outcome",
+    "reason",
+    "factor",
+    "policy_version",
 )
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -71,9 +83,19 @@ def new_event_id(now_ms: int | None = None) -> str:
     ms = (int(time.time() * 1000) if now_ms is None else now_ms) & ((1 << 48) - 1)
     r = int.from_bytes(os.urandom(10), "big")
     p = _PAIRS
-    return (_ulid_head(ms >> 20) + p[(ms >> 10) & 1023] + p[ms & 1023]
-            + p[r >> 70] + p[(r >> 60) & 1023] + p[(r >> 50) & 1023] + p[(r >> 40) & 1023]
-            + p[(r >> 30) & 1023] + p[(r >> 20) & 1023] + p[(r >> 10) & 1023] + p[r & 1023])
+    return (
+        _ulid_head(ms >> 20)
+        + p[(ms >> 10) & 1023]
+        + p[ms & 1023]
+        + p[r >> 70]
+        + p[(r >> 60) & 1023]
+        + p[(r >> 50) & 1023]
+        + p[(r >> 40) & 1023]
+        + p[(r >> 30) & 1023]
+        + p[(r >> 20) & 1023]
+        + p[(r >> 10) & 1023]
+        + p[r & 1023]
+    )
 
 
 def clip_text(value: str) -> str:
@@ -132,8 +154,9 @@ ARCHIVE_FIELDS: frozenset[str] = frozenset(
 
 
 # One encoder, configured once (json.dumps with these options builds a new one per call).
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                              allow_nan=False)
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+)
 
 
 def canonical_bytes(record: Mapping[str, Any]) -> bytes:

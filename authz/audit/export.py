@@ -27,8 +27,7 @@ from authz.audit.events import COMMON_FIELDS, canonical_bytes
 from authz.audit.segments import list_segments, read_lines
 from authz.audit.verify import Report, verify
 
-CSV_COLUMNS: tuple[str, ...] = ("seq", "time_utc", *COMMON_FIELDS, "details", "stream_id",
-                                "hash")
+CSV_COLUMNS: tuple[str, ...] = ("seq", "time_utc", *COMMON_FIELDS, "details", "stream_id", "hash")
 _CHAIN = frozenset({"kind", "seq", "stream_id", "prev_hash", "hash", "v"})
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -85,16 +84,21 @@ def read_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
     return out
 
 
-def select(paths: Iterable[Path], flt: Filter, *,
-           public_keys: Mapping[str, Ed25519PublicKey] | None = None,
-           force: bool = False) -> tuple[list[dict[str, Any]], Report]:
+def select(
+    paths: Iterable[Path],
+    flt: Filter,
+    *,
+    public_keys: Mapping[str, Ed25519PublicKey] | None = None,
+    force: bool = False,
+) -> tuple[list[dict[str, Any]], Report]:
     paths = list(paths)
     report = verify(paths, public_keys=public_keys)
     if not report.ok and not force:
         raise ExportRefused(report)
     recs = [r for r in read_records(paths) if flt(r)]
-    recs.sort(key=lambda r: (r.get("ts_ms") if isinstance(r.get("ts_ms"), int) else 0,
-                             r.get("seq", 0)))
+    recs.sort(
+        key=lambda r: (r.get("ts_ms") if isinstance(r.get("ts_ms"), int) else 0, r.get("seq", 0))
+    )
     return recs, report
 
 
@@ -121,13 +125,16 @@ def write_csv(records: Iterable[Mapping[str, Any]], out: TextIO) -> int:
     w.writerow(CSV_COLUMNS)
     n = 0
     for rec in records:
-        details = {k: v for k, v in rec.items()
-                   if k not in _CHAIN and k not in COMMON_FIELDS}
+        details = {k: v for k, v in rec.items() if k not in _CHAIN and k not in COMMON_FIELDS}
         ts = rec.get("ts_ms")
-        row = [rec.get("seq"), iso_ms(ts) if isinstance(ts, int) else None,
-               *(rec.get(f) for f in COMMON_FIELDS),
-               json.dumps(details, sort_keys=True, separators=(",", ":")) if details else None,
-               rec.get("stream_id"), rec.get("hash")]
+        row = [
+            rec.get("seq"),
+            iso_ms(ts) if isinstance(ts, int) else None,
+            *(rec.get(f) for f in COMMON_FIELDS),
+            json.dumps(details, sort_keys=True, separators=(",", ":")) if details else None,
+            rec.get("stream_id"),
+            rec.get("hash"),
+        ]
         w.writerow([_cell(v) for v in row])
         n += 1
     return n

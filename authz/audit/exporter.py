@@ -125,14 +125,17 @@ class Exporter:
         if isinstance(deleted, bytes):
             deleted = deleted.decode()
         if isinstance(deleted, str) and deleted != "0-0" and _cmp(deleted, self.last_id) > 0:
-            log.error("records were removed from the audit stream before they were archived",
-                      extra={"max_deleted": deleted, "last_archived": self.last_id})
+            log.error(
+                "records were removed from the audit stream before they were archived",
+                extra={"max_deleted": deleted, "last_archived": self.last_id},
+            )
 
     def poll(self, block_ms: int | None = None) -> int:
         """Archive the next batch (waiting up to ``block_ms`` for one); returns how many
         stream entries it read (duplicates included: ``batch_size`` means "maybe more")."""
-        resp: Any = self.client.xread({self.stream_key: self.last_id}, count=self.batch_size,
-                                 block=block_ms)
+        resp: Any = self.client.xread(
+            {self.stream_key: self.last_id}, count=self.batch_size, block=block_ms
+        )
         entries: list[tuple[str, dict[str, Any]]] = []
         last = self.last_id
         read = 0
@@ -146,8 +149,10 @@ class Exporter:
                 if isinstance(eid, str):
                     if eid in self._recent:
                         self.duplicates += 1
-                        log.warning("duplicate audit record skipped",
-                                    extra={"event_id": eid, "stream_id": sid})
+                        log.warning(
+                            "duplicate audit record skipped",
+                            extra={"event_id": eid, "stream_id": sid},
+                        )
                         continue
                     self._remember(eid)
                 entries.append((sid, rec))
@@ -209,59 +214,76 @@ def make_exporter_client(settings: ExporterSettings) -> redis.Redis:
     """
     parts = urlsplit(settings.redis_url)
     # The socket timeout outlasts a blocking XREAD (block_ms) by a margin.
-    kwargs: dict[str, Any] = {"socket_timeout": settings.block_ms / 1000 + 5,
-                              "socket_connect_timeout": 5}
+    kwargs: dict[str, Any] = {
+        "socket_timeout": settings.block_ms / 1000 + 5,
+        "socket_connect_timeout": 5,
+    }
     if settings.password_file is not None:
         if parts.password:
-            raise ConfigError("a password is set both in redis_url and in password_file",
-                              location="password_file")
+            raise ConfigError(
+                "a password is set both in redis_url and in password_file", location="password_file"
+            )
         try:
             password = settings.password_file.read_text().strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{settings.password_file}: {_why(exc)}",
-                              location="password_file") from exc
+            raise ConfigError(
+                f"{settings.password_file}: {_why(exc)}", location="password_file"
+            ) from exc
         if not password:
-            raise ConfigError(f"{settings.password_file}: empty password",
-                              location="password_file")
+            raise ConfigError(f"{settings.password_file}: empty password", location="password_file")
         kwargs["password"] = password
     if parts.scheme == "rediss":
         kwargs.update(ssl_cert_reqs="required", ssl_check_hostname=True)
         if settings.ca_file is not None:
             if "ssl_ca_certs" in parse_qs(parts.query):
-                raise ConfigError("a CA is set both in redis_url (ssl_ca_certs) and in "
-                                  "ca_file", location="ca_file")
+                raise ConfigError(
+                    "a CA is set both in redis_url (ssl_ca_certs) and in ca_file",
+                    location="ca_file",
+                )
             try:  # read it now: redis-py would only at connect, as a retried error
                 ssl.create_default_context(cafile=str(settings.ca_file))
             except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"{settings.ca_file}: {_why(exc)}",
-                                  location="ca_file") from exc
+                raise ConfigError(f"{settings.ca_file}: {_why(exc)}", location="ca_file") from exc
             kwargs["ssl_ca_certs"] = str(settings.ca_file)
     client: redis.Redis = redis.Redis.from_url(settings.redis_url, **kwargs)
     return client
 
 
-def build_exporter(settings: ExporterSettings,
-                   registry: CollectorRegistry | None = None) -> Exporter:
+def build_exporter(
+    settings: ExporterSettings, registry: CollectorRegistry | None = None
+) -> Exporter:
     metrics = AuditMetrics(registry or CollectorRegistry(auto_describe=True))
     key = SigningKey.from_pem_file(settings.signing_key_file)
     writer = ArchiveWriter(
-        settings.archive_dir, key, max_bytes=settings.segment_max_bytes,
-        max_age_s=settings.segment_max_age_s, checkpoint_every=settings.checkpoint_every,
-        checkpoint_interval_s=settings.checkpoint_interval_s, metrics=metrics,
+        settings.archive_dir,
+        key,
+        max_bytes=settings.segment_max_bytes,
+        max_age_s=settings.segment_max_age_s,
+        checkpoint_every=settings.checkpoint_every,
+        checkpoint_interval_s=settings.checkpoint_interval_s,
+        metrics=metrics,
     )
     client = make_exporter_client(settings)
-    return Exporter(client, writer, stream_key=settings.stream_key,
-                    batch_size=settings.batch_size, trim=settings.trim, metrics=metrics)
+    return Exporter(
+        client,
+        writer,
+        stream_key=settings.stream_key,
+        batch_size=settings.batch_size,
+        trim=settings.trim,
+        metrics=metrics,
+    )
 
 
-def run_exporter(settings: ExporterSettings, *, install_signals: bool = True,
-                 stop: threading.Event | None = None) -> int:
+def run_exporter(
+    settings: ExporterSettings, *, install_signals: bool = True, stop: threading.Event | None = None
+) -> int:
     """The exporter process: until SIGTERM/SIGINT; a Redis error is retried with backoff,
     an archive (disk) error ends the process so a supervisor restarts it into recovery."""
     exporter = build_exporter(settings)
     if settings.metrics_port is not None and exporter.metrics is not None:
-        start_http_server(settings.metrics_port, settings.metrics_host,
-                          registry=exporter.metrics.registry)
+        start_http_server(
+            settings.metrics_port, settings.metrics_host, registry=exporter.metrics.registry
+        )
     stop = stop or threading.Event()
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -278,8 +300,9 @@ def run_exporter(settings: ExporterSettings, *, install_signals: bool = True,
             except redis.AuthenticationError as exc:
                 # Not transient: a supervisor restarts the process, which re-reads the
                 # password file (a rotated Secret), and the restarts are visible.
-                log.error("redis refused the exporter's credentials; exiting",
-                          extra={"error": str(exc)})
+                log.error(
+                    "redis refused the exporter's credentials; exiting", extra={"error": str(exc)}
+                )
                 return 2
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unavailable; retrying", extra={"error": str(exc)})
@@ -289,5 +312,3 @@ def run_exporter(settings: ExporterSettings, *, install_signals: bool = True,
         exporter.close()
         exporter.client.close()
     return 0
-
-

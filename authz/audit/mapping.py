@@ -93,8 +93,11 @@ def event_for_check(
             return None
         etype = EventType.ACCESS_ALLOWED
     elif outcome is Outcome.LOGIN:
-        etype = (EventType.TOKEN_REJECTED if str(decision.reason) in _TOKEN_REASONS
-                 else EventType.LOGIN_REQUIRED)
+        etype = (
+            EventType.TOKEN_REJECTED
+            if str(decision.reason) in _TOKEN_REASONS
+            else EventType.LOGIN_REQUIRED
+        )
     elif outcome is Outcome.STEP_UP:
         etype = EventType.STEPUP_CHALLENGE
     elif outcome is Outcome.DENY:
@@ -106,12 +109,18 @@ def event_for_check(
     ev = decision.evidence
     if ev is not None:
         factor = factor_of(ev.amr)
-        details["acr"], details["auth_time"], details["amr"] = ev.acr, ev.auth_time, \
-            " ".join(ev.amr)
+        details["acr"], details["auth_time"], details["amr"] = (
+            ev.acr,
+            ev.auth_time,
+            " ".join(ev.amr),
+        )
     g = decision.grant
     if g is not None:
-        details["grant_level"], details["grant_expires_at"], details["grant_issued_at"] = \
-            g.level, g.expires_at, g.issued_at
+        details["grant_level"], details["grant_expires_at"], details["grant_issued_at"] = (
+            g.level,
+            g.expires_at,
+            g.issued_at,
+        )
         details["evidence_source"] = "grant"
     elif ev is not None:
         details["evidence_source"] = "token"
@@ -132,11 +141,15 @@ def event_for_check(
         ts_ms=now_ms,
         decision_id=decision_id,
         user=ident.user if ident is not None else None,
-        session=(session_key(ident.issuer, ident.subject, ident.session_id)
-                 if ident is not None else None),
+        session=(
+            session_key(ident.issuer, ident.subject, ident.session_id)
+            if ident is not None
+            else None
+        ),
         device=device or decision.device,
-        client_ip=(_ip_text(attrs.source_ip)
-                   if attrs is not None and attrs.source_ip is not None else None),
+        client_ip=(
+            _ip_text(attrs.source_ip) if attrs is not None and attrs.source_ip is not None else None
+        ),
         route=route_of(attrs) if attrs is not None else None,
         level=decision.level.name if decision.level is not None else None,
         outcome=_OUTCOME_TEXT[outcome],
@@ -169,24 +182,29 @@ def allowed_record(
         raise ValueError(f"allowed_record: the decision is {decision.outcome.value!r}")
     ev, g, ident = decision.evidence, decision.grant, decision.identity
     now_ms = ts_ms if ts_ms is not None else int(time.time() * 1000)
-    if (decision.level is None
-            or (ev is not None and ev.auth_time is not None and type(ev.auth_time) is not int)
-            or (g is not None and not (type(g.expires_at) is int
-                                        and type(g.issued_at) is int))
-            or type(decision.risk) is not int):
+    if (
+        decision.level is None
+        or (ev is not None and ev.auth_time is not None and type(ev.auth_time) is not int)
+        or (g is not None and not (type(g.expires_at) is int and type(g.issued_at) is int))
+        or type(decision.risk) is not int
+    ):
         # Not the shape this template writes: the general encoder says it (or refuses it).
         return _generic_allowed(decision, decision_id, attrs, policy_version, now_ms, event_id)
     q = _json_str
     parts: list[str] = []
     add = parts.append
     if ev is not None:
-        add(f'"acr":{"null" if ev.acr is None else q(ev.acr)},"amr":{q(" ".join(ev.amr))},'
-            f'"auth_time":{"null" if ev.auth_time is None else ev.auth_time},')
+        add(
+            f'"acr":{"null" if ev.acr is None else q(ev.acr)},"amr":{q(" ".join(ev.amr))},'
+            f'"auth_time":{"null" if ev.auth_time is None else ev.auth_time},'
+        )
     ip = attrs.source_ip
     device = decision.device
-    add(f'"client_ip":{"null" if ip is None else q(_ip_text(ip))},'
+    add(
+        f'"client_ip":{"null" if ip is None else q(_ip_text(ip))},'
         f'"decision_id":{q(decision_id)},"device":{"null" if device is None else q(device)},'
-        f'"event_id":{q(event_id if event_id is not None else new_event_id(now_ms))},')
+        f'"event_id":{q(event_id if event_id is not None else new_event_id(now_ms))},'
+    )
     if g is not None:
         add('"evidence_source":"grant",')
     elif ev is not None:
@@ -195,32 +213,53 @@ def allowed_record(
     if decision.fired:
         add(f'"fired":{q(",".join(decision.fired))},')
     if g is not None:
-        add(f'"grant_expires_at":{g.expires_at},"grant_issued_at":{g.issued_at},'
-            f'"grant_level":{q(g.level)},')
-    add(f'"level":{q(decision.level.name)},"outcome":"allow",'
+        add(
+            f'"grant_expires_at":{g.expires_at},"grant_issued_at":{g.issued_at},'
+            f'"grant_level":{q(g.level)},'
+        )
+    add(
+        f'"level":{q(decision.level.name)},"outcome":"allow",'
         f'"policy_version":{"null" if policy_version is None else q(policy_version)},'
-        f'"reason":{q(str(decision.reason))},')
+        f'"reason":{q(str(decision.reason))},'
+    )
     if decision.signals:
         add(f'"risk":{decision.risk},')
     add(f'"route":{q(route_of(attrs))},')
-    add('"session":null,' if ident is None else
-        f'"session":"{session_key(ident.issuer, ident.subject, ident.session_id)}",')
+    add(
+        '"session":null,'
+        if ident is None
+        else f'"session":"{session_key(ident.issuer, ident.subject, ident.session_id)}",'
+    )
     if decision.shadow:
         add(f'"shadow":{q(",".join(decision.shadow))},')
     if decision.signals:
         add(f'"signals":{q(",".join(sorted(decision.signals)))},')
-    add(f'"ts_ms":{now_ms},"type":"access.allowed",'
-        f'"user":{"null" if ident is None else q(ident.user)},"v":{RECORD_VERSION}}}')
+    add(
+        f'"ts_ms":{now_ms},"type":"access.allowed",'
+        f'"user":{"null" if ident is None else q(ident.user)},"v":{RECORD_VERSION}}}'
+    )
     text = "{" + "".join(parts)
     if len(text) > MAX_FIELD_CHARS:  # some field may be over the limit: clip it
         return _generic_allowed(decision, decision_id, attrs, policy_version, now_ms, event_id)
     return text.encode("ascii")  # json's C escaper escapes DEL and all non-ASCII
 
 
-def _generic_allowed(decision: Decision, decision_id: str, attrs: RequestAttributes,
-                     policy_version: str | None, ts_ms: int, event_id: str | None) -> bytes:
-    event = event_for_check(decision, decision_id, attrs, audit_level=decision.level,
-                            policy_version=policy_version, ts_ms=ts_ms)
+def _generic_allowed(
+    decision: Decision,
+    decision_id: str,
+    attrs: RequestAttributes,
+    policy_version: str | None,
+    ts_ms: int,
+    event_id: str | None,
+) -> bytes:
+    event = event_for_check(
+        decision,
+        decision_id,
+        attrs,
+        audit_level=decision.level,
+        policy_version=policy_version,
+        ts_ms=ts_ms,
+    )
     if event is None:
         raise ValueError("allowed_record: the decision is not an audited allow")
     if event_id is not None:
@@ -246,30 +285,61 @@ def stepup_completed(
 ) -> AuditEvent:
     """The step-up callback's outcome: ``result`` is "success" or the failure slug."""
     return AuditEvent(
-        type=EventType.STEPUP_COMPLETED, decision_id=decision_id, user=user, session=session,
-        device=device, client_ip=client_ip, level=level,
+        type=EventType.STEPUP_COMPLETED,
+        decision_id=decision_id,
+        user=user,
+        session=session,
+        device=device,
+        client_ip=client_ip,
+        level=level,
         outcome="success" if result == "success" else "failure",
-        reason=result, factor=factor_of(tuple(amr)), policy_version=policy_version,
-        details=MappingProxyType({
-            "result": "success" if result == "success" else "failure",
-            "acr": acr, "amr": " ".join(amr), "auth_time": auth_time, "issuer": issuer,
-            "grant_expires_at": grant_expires_at,
-        }),
+        reason=result,
+        factor=factor_of(tuple(amr)),
+        policy_version=policy_version,
+        details=MappingProxyType(
+            {
+                "result": "success" if result == "success" else "failure",
+                "acr": acr,
+                "amr": " ".join(amr),
+                "auth_time": auth_time,
+                "issuer": issuer,
+                "grant_expires_at": grant_expires_at,
+            }
+        ),
     )
 
 
-def policy_reload(*, result: str, old_sha256: str | None, new_sha256: str | None,
-                  version: str | None, error: str | None = None) -> AuditEvent:
+def policy_reload(
+    *,
+    result: str,
+    old_sha256: str | None,
+    new_sha256: str | None,
+    version: str | None,
+    error: str | None = None,
+) -> AuditEvent:
     details: Mapping[str, Scalar] = MappingProxyType(
-        {"old_sha256": old_sha256, "new_sha256": new_sha256, "error": error})
-    return AuditEvent(type=EventType.POLICY_RELOAD, outcome=result, policy_version=version,
-                      details=details)
-
-
-def grant_revoked(*, user: str | None, session: str, levels: tuple[str, ...], revoked: int,
-                  actor: str | None = None, reason: str | None = None) -> AuditEvent:
+        {"old_sha256": old_sha256, "new_sha256": new_sha256, "error": error}
+    )
     return AuditEvent(
-        type=EventType.GRANT_REVOKED, user=user, session=session, outcome="revoked",
-        reason=reason, level=",".join(levels),
+        type=EventType.POLICY_RELOAD, outcome=result, policy_version=version, details=details
+    )
+
+
+def grant_revoked(
+    *,
+    user: str | None,
+    session: str,
+    levels: tuple[str, ...],
+    revoked: int,
+    actor: str | None = None,
+    reason: str | None = None,
+) -> AuditEvent:
+    return AuditEvent(
+        type=EventType.GRANT_REVOKED,
+        user=user,
+        session=session,
+        outcome="revoked",
+        reason=reason,
+        level=",".join(levels),
         details=MappingProxyType({"revoked": revoked, "actor": actor}),
     )

@@ -131,20 +131,24 @@ class RedisStreamSink:
             raise AuditUnavailable("XADD failed")
         if self.wait_replicas:
             acked = results[1] if len(results) > 1 else None
-            if isinstance(acked, BaseException) or not isinstance(acked, int) \
-                    or acked < self.wait_replicas:
+            if (
+                isinstance(acked, BaseException)
+                or not isinstance(acked, int)
+                or acked < self.wait_replicas
+            ):
                 raise AuditUnavailable(f"WAIT: {acked!r} of {self.wait_replicas} replicas")
 
     async def write(self, record: bytes) -> None:
         """One encoded record, durably (see the module docstring), within the deadline."""
         try:
-            wait = (("WAIT", self.wait_replicas, self.wait_timeout_ms),) \
-                if self.wait_replicas else ()
+            wait = (
+                (("WAIT", self.wait_replicas, self.wait_timeout_ms),) if self.wait_replicas else ()
+            )
             if self.fast is not None:
                 # XADD (+ WAIT on the same connection), the deadline a timer on the replies.
                 results = await self.fast.pipeline_within(
-                    self.deadline_s, ("XADD", self.stream_key, "*", STREAM_FIELD, record),
-                    *wait)
+                    self.deadline_s, ("XADD", self.stream_key, "*", STREAM_FIELD, record), *wait
+                )
             else:  # Sentinel / Cluster: redis-py, one pipeline (one connection)
                 async with asyncio.timeout(self.deadline_s):
                     async with self.client.pipeline(transaction=False) as pipe:
@@ -308,8 +312,10 @@ class Auditor:
                 await self.primary.write_many(self._pending, self.batch_timeout_s)
             except AuditUnavailable as exc:
                 self.metrics.events.labels(sink="redis", result="error").inc(len(self._pending))
-                log.warning("audit batch not written; retrying",
-                            extra={"error": str(exc), "count": len(self._pending)})
+                log.warning(
+                    "audit batch not written; retrying",
+                    extra={"error": str(exc), "count": len(self._pending)},
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
                 continue

@@ -11,25 +11,50 @@ from authz.audit.archive import ArchiveWriter
 from authz.audit.chain import SigningKey
 from authz.audit.events import AuditEvent, EventType
 
-_TYPES = (EventType.STEPUP_CHALLENGE, EventType.STEPUP_COMPLETED, EventType.ACCESS_ALLOWED,
-          EventType.ACCESS_DENIED)
+_TYPES = (
+    EventType.STEPUP_CHALLENGE,
+    EventType.STEPUP_COMPLETED,
+    EventType.ACCESS_ALLOWED,
+    EventType.ACCESS_DENIED,
+)
 
 
 def sample_event(i: int, *, ts_ms: int = 1_700_000_000_000) -> AuditEvent:
     return AuditEvent(
-        type=_TYPES[i % len(_TYPES)], ts_ms=ts_ms + i * 1000, decision_id=f"d{i}",
-        user=f"https://idp.example|user{i % 3}", session=f"{i:040x}", device=f"dev{i}",
-        client_ip="10.0.0.1", route=f"GET trading.example.com /accounts/{i}",
-        level="elevated", outcome="allow", reason="allowed", factor="otp",
-        policy_version="v1", details=MappingProxyType({"acr": "mfa", "auth_time": 1}),
+        type=_TYPES[i % len(_TYPES)],
+        ts_ms=ts_ms + i * 1000,
+        decision_id=f"d{i}",
+        user=f"https://idp.example|user{i % 3}",
+        session=f"{i:040x}",
+        device=f"dev{i}",
+        client_ip="10.0.0.1",
+        route=f"GET trading.example.com /accounts/{i}",
+        level="elevated",
+        outcome="allow",
+        reason="allowed",
+        factor="otp",
+        policy_version="v1",
+        details=MappingProxyType({"acr": "mfa", "auth_time": 1}),
     )
 
 
-def sample_archive(directory: Path, key: SigningKey, n: int = 30, *, max_bytes: int = 4096,
-                   checkpoint_every: int = 4, close: bool = True) -> ArchiveWriter:
+def sample_archive(
+    directory: Path,
+    key: SigningKey,
+    n: int = 30,
+    *,
+    max_bytes: int = 4096,
+    checkpoint_every: int = 4,
+    close: bool = True,
+) -> ArchiveWriter:
     """An archive of ``n`` records across several segments (``max_bytes`` each)."""
-    w = ArchiveWriter(directory, key, max_bytes=max_bytes, checkpoint_every=checkpoint_every,
-                      checkpoint_interval_s=3600)
+    w = ArchiveWriter(
+        directory,
+        key,
+        max_bytes=max_bytes,
+        checkpoint_every=checkpoint_every,
+        checkpoint_interval_s=3600,
+    )
     w.open()
     for i in range(n):
         w.append([(f"{1_700_000_000_000 + i}-0", sample_event(i).to_record())])

@@ -77,16 +77,33 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         def prob(p: Problem | None) -> dict[str, Any] | None:
-            return None if p is None else {
-                "kind": p.kind, "segment": p.segment, "line": p.line,
-                "record_id": p.record_id, "seq": p.seq, "detail": p.detail}
+            return (
+                None
+                if p is None
+                else {
+                    "kind": p.kind,
+                    "segment": p.segment,
+                    "line": p.line,
+                    "record_id": p.record_id,
+                    "seq": p.seq,
+                    "detail": p.detail,
+                }
+            )
+
         return {
-            "ok": self.ok, "segments": self.segments, "records": self.records,
-            "checkpoints": self.checkpoints, "first_seq": self.first_seq,
-            "last_seq": self.last_seq, "last_hash": self.last_hash,
-            "signed_through": self.signed_through, "unsigned_tail": self.unsigned_tail,
+            "ok": self.ok,
+            "segments": self.segments,
+            "records": self.records,
+            "checkpoints": self.checkpoints,
+            "first_seq": self.first_seq,
+            "last_seq": self.last_seq,
+            "last_hash": self.last_hash,
+            "signed_through": self.signed_through,
+            "unsigned_tail": self.unsigned_tail,
             "signatures_checked": self.signatures_checked,
-            "error": prob(self.error), "torn": prob(self.torn), "notes": self.notes,
+            "error": prob(self.error),
+            "torn": prob(self.torn),
+            "notes": self.notes,
         }
 
 
@@ -124,8 +141,9 @@ def verify(
 
 
 class _Verifier:
-    def __init__(self, report: Report, keys: Mapping[str, Ed25519PublicKey],
-                 allow_partial: bool) -> None:
+    def __init__(
+        self, report: Report, keys: Mapping[str, Ed25519PublicKey], allow_partial: bool
+    ) -> None:
         self.r = report
         self.keys = keys
         self.allow_partial = allow_partial
@@ -134,8 +152,16 @@ class _Verifier:
         self.anchor_seen = False
         self.anchor: Mapping[str, Any] | None = None
 
-    def fail(self, kind: str, seg: str, line: int, detail: str, *,
-             rid: str | None = None, seq: int | None = None) -> NoReturn:
+    def fail(
+        self,
+        kind: str,
+        seg: str,
+        line: int,
+        detail: str,
+        *,
+        rid: str | None = None,
+        seq: int | None = None,
+    ) -> NoReturn:
         raise _Broken(Problem(kind, seg, line, rid, seq, detail))
 
     def check_anchor_signature(self, anchor: Mapping[str, Any]) -> None:
@@ -147,10 +173,14 @@ class _Verifier:
 
     def check_anchor_reached(self, anchor: Mapping[str, Any], last_seg: str) -> None:
         if not self.anchor_seen:
-            self.fail("truncated", last_seg, 0,
-                      f"the archive ends at seq {self.r.last_seq} but the anchor checkpoint "
-                      f"covers seq {anchor.get('seq')}: records were cut off the end",
-                      seq=self.r.last_seq)
+            self.fail(
+                "truncated",
+                last_seg,
+                0,
+                f"the archive ends at seq {self.r.last_seq} but the anchor checkpoint "
+                f"covers seq {anchor.get('seq')}: records were cut off the end",
+                seq=self.r.last_seq,
+            )
 
     def segment(self, path: Path, *, last: bool) -> None:
         name = path.name
@@ -160,13 +190,18 @@ class _Verifier:
         seq_lines: dict[int, int] | None = None
         for ln in lines:
             if not ln.complete:
-                problem = Problem("torn", name, ln.number, None, None,
-                                  f"incomplete last line ({len(ln.raw)} bytes, no newline)")
+                problem = Problem(
+                    "torn",
+                    name,
+                    ln.number,
+                    None,
+                    None,
+                    f"incomplete last line ({len(ln.raw)} bytes, no newline)",
+                )
                 if last:
                     self.r.torn = problem
                     break
-                self.fail("truncated", name, ln.number,
-                          "incomplete line in a closed segment")
+                self.fail("truncated", name, ln.number, "incomplete line in a closed segment")
             doc = self._parse(name, ln)
             last_no = ln.number
             kind = doc.get("kind")
@@ -180,9 +215,14 @@ class _Verifier:
                 self.fail("malformed", name, ln.number, f"unknown line kind {kind!r}")
             last_kind = str(kind)
         if not last and last_kind != "checkpoint":
-            self.fail("unsealed", name, last_no,
-                      "a closed segment must end with a checkpoint: its tail was cut or "
-                      "the segment was not sealed", seq=self.r.last_seq)
+            self.fail(
+                "unsealed",
+                name,
+                last_no,
+                "a closed segment must end with a checkpoint: its tail was cut or "
+                "the segment was not sealed",
+                seq=self.r.last_seq,
+            )
 
     def _parse(self, name: str, ln: Line) -> dict[str, Any]:
         try:
@@ -191,22 +231,27 @@ class _Verifier:
             self.fail("malformed", name, ln.number, "not valid JSON")
         if not isinstance(doc, dict):
             self.fail("malformed", name, ln.number, "not a JSON object")
-        if any(c < 0x20 or c > 0x7e for c in ln.raw):
+        if any(c < 0x20 or c > 0x7E for c in ln.raw):
             self.fail("malformed", name, ln.number, "raw control or non-ASCII byte")
         out: dict[str, Any] = doc
         return out
 
-    def _event(self, name: str, no: int, doc: dict[str, Any],
-               seq_lines: Mapping[int, int]) -> None:
+    def _event(self, name: str, no: int, doc: dict[str, Any], seq_lines: Mapping[int, int]) -> None:
         rid = doc.get("event_id") if isinstance(doc.get("event_id"), str) else None
         seq, prev, h = doc.get("seq"), doc.get("prev_hash"), doc.get("hash")
         if not (isinstance(seq, int) and isinstance(prev, str) and isinstance(h, str)):
             self.fail("malformed", name, no, "missing seq/prev_hash/hash", rid=rid)
         if self.expected is None:  # the first record of the archive
             if not self.allow_partial and (seq != 1 or prev != GENESIS):
-                self.fail("deleted", name, no,
-                          f"the archive starts at seq {seq}, not at seq 1 from the genesis "
-                          "hash: earlier records or segments are missing", rid=rid, seq=seq)
+                self.fail(
+                    "deleted",
+                    name,
+                    no,
+                    f"the archive starts at seq {seq}, not at seq 1 from the genesis "
+                    "hash: earlier records or segments are missing",
+                    rid=rid,
+                    seq=seq,
+                )
             self.r.first_seq = seq
             self.expected = seq
             self.prev_hash = prev
@@ -215,27 +260,60 @@ class _Verifier:
             if seq > exp:
                 later = seq_lines.get(exp)
                 if later is not None and later > no:
-                    self.fail("reordered", name, no,
-                              f"seq {seq} where {exp} was expected; seq {exp} is at line "
-                              f"{later}", rid=rid, seq=seq)
-                self.fail("deleted", name, no,
-                          f"seq {seq} where {exp} was expected: {seq - exp} record(s) "
-                          "missing before this one", rid=rid, seq=seq)
-            self.fail("inserted", name, no,
-                      f"seq {seq} where {exp} was expected: a repeated or added record",
-                      rid=rid, seq=seq)
+                    self.fail(
+                        "reordered",
+                        name,
+                        no,
+                        f"seq {seq} where {exp} was expected; seq {exp} is at line {later}",
+                        rid=rid,
+                        seq=seq,
+                    )
+                self.fail(
+                    "deleted",
+                    name,
+                    no,
+                    f"seq {seq} where {exp} was expected: {seq - exp} record(s) "
+                    "missing before this one",
+                    rid=rid,
+                    seq=seq,
+                )
+            self.fail(
+                "inserted",
+                name,
+                no,
+                f"seq {seq} where {exp} was expected: a repeated or added record",
+                rid=rid,
+                seq=seq,
+            )
         if record_hash(prev, doc) != h:
-            self.fail("modified", name, no, "the record's content does not match its hash",
-                      rid=rid, seq=seq)
+            self.fail(
+                "modified",
+                name,
+                no,
+                "the record's content does not match its hash",
+                rid=rid,
+                seq=seq,
+            )
         if prev != self.prev_hash:
-            self.fail("chain-broken", name, no,
-                      "prev_hash is not the previous record's hash (the previous record was "
-                      "replaced, or this one was)", rid=rid, seq=seq)
+            self.fail(
+                "chain-broken",
+                name,
+                no,
+                "prev_hash is not the previous record's hash (the previous record was "
+                "replaced, or this one was)",
+                rid=rid,
+                seq=seq,
+            )
         if self.anchor is not None and seq == self.anchor.get("seq"):
             if h != self.anchor.get("hash"):
-                self.fail("anchor-mismatch", name, no,
-                          "this record's hash differs from the anchor checkpoint's",
-                          rid=rid, seq=seq)
+                self.fail(
+                    "anchor-mismatch",
+                    name,
+                    no,
+                    "this record's hash differs from the anchor checkpoint's",
+                    rid=rid,
+                    seq=seq,
+                )
             self.anchor_seen = True
         self.prev_hash = str(h)
         self.expected = seq + 1
@@ -245,13 +323,21 @@ class _Verifier:
 
     def _checkpoint(self, name: str, no: int, doc: dict[str, Any]) -> None:
         if doc.get("segment") != name:
-            self.fail("bad-checkpoint", name, no,
-                      f"checkpoint names segment {doc.get('segment')!r} (moved or renamed?)")
+            self.fail(
+                "bad-checkpoint",
+                name,
+                no,
+                f"checkpoint names segment {doc.get('segment')!r} (moved or renamed?)",
+            )
         if doc.get("seq") != self.r.last_seq or doc.get("hash") != self.r.last_hash:
-            self.fail("bad-checkpoint", name, no,
-                      f"checkpoint covers seq {doc.get('seq')} / {str(doc.get('hash'))[:12]}, "
-                      f"but the chain is at seq {self.r.last_seq} / {self.r.last_hash[:12]}",
-                      seq=self.r.last_seq)
+            self.fail(
+                "bad-checkpoint",
+                name,
+                no,
+                f"checkpoint covers seq {doc.get('seq')} / {str(doc.get('hash'))[:12]}, "
+                f"but the chain is at seq {self.r.last_seq} / {self.r.last_hash[:12]}",
+                seq=self.r.last_seq,
+            )
         if self.keys:
             why = checkpoint_signature_ok(doc, self.keys)
             if why:

@@ -43,13 +43,30 @@ class AccessTokenVerifier(Protocol):
 
 class StateStore(Protocol):
     async def read_check(
-        self, *, user: str, session: str, levels: Sequence[str], level: str,
-        device: str | None, ip: str | None, sensitive: bool, window_s: int, now: int,
+        self,
+        *,
+        user: str,
+        session: str,
+        levels: Sequence[str],
+        level: str,
+        device: str | None,
+        ip: str | None,
+        sensitive: bool,
+        window_s: int,
+        now: int,
     ) -> UserState: ...
 
     async def note_allow(
-        self, *, user: str, session: str, level: str, ip: str | None, device: str | None,
-        now: int, lat: float | None = None, lon: float | None = None,
+        self,
+        *,
+        user: str,
+        session: str,
+        level: str,
+        ip: str | None,
+        device: str | None,
+        now: int,
+        lat: float | None = None,
+        lon: float | None = None,
     ) -> None: ...
 
 
@@ -127,7 +144,10 @@ class Authorizer:
         return decision, decision_id
 
     def record(
-        self, decision: Decision, decision_id: str, attrs: RequestAttributes | None,
+        self,
+        decision: Decision,
+        decision_id: str,
+        attrs: RequestAttributes | None,
         elapsed: float,
     ) -> None:
         m = self.metrics
@@ -140,17 +160,20 @@ class Authorizer:
             mode = "redirect" if attrs is not None and attrs.accepts_html else "challenge"
             m.challenges.labels(level=level, mode=mode).inc()
         if decision.outcome is not Outcome.ALLOW and log.isEnabledFor(logging.INFO):
-            log.info("denied", extra={
-                "decision_id": decision_id,
-                "outcome": decision.outcome.value,
-                "reason": str(decision.reason),
-                "stepup_level": level,
-                "user": decision.identity.user if decision.identity else None,
-                "method": attrs.method if attrs else None,
-                "host": attrs.host if attrs else None,
-                "path": attrs.path if attrs else None,
-                "request_id": attrs.request_id if attrs else None,
-            })
+            log.info(
+                "denied",
+                extra={
+                    "decision_id": decision_id,
+                    "outcome": decision.outcome.value,
+                    "reason": str(decision.reason),
+                    "stepup_level": level,
+                    "user": decision.identity.user if decision.identity else None,
+                    "method": attrs.method if attrs else None,
+                    "host": attrs.host if attrs else None,
+                    "path": attrs.path if attrs else None,
+                    "request_id": attrs.request_id if attrs else None,
+                },
+            )
 
     async def _audit(
         self, decision: Decision, decision_id: str, attrs: RequestAttributes
@@ -163,20 +186,28 @@ class Authorizer:
         loaded = self.policy.current
         level = loaded.policy.by_name.get(self.audit_level) if self.audit_level else None
         if not requires_durable(decision, level):
-            event = event_for_check(decision, decision_id, attrs, audit_level=level,
-                                    policy_version=loaded.version)
+            event = event_for_check(
+                decision, decision_id, attrs, audit_level=level, policy_version=loaded.version
+            )
             if event is not None:
                 auditor.emit(event)
             return decision
         try:
             await auditor.durable_record(
-                allowed_record(decision, decision_id, attrs, policy_version=loaded.version))
+                allowed_record(decision, decision_id, attrs, policy_version=loaded.version)
+            )
         except AuditUnavailable:
-            denied = Decision(Outcome.ERROR, Reason.AUDIT_UNAVAILABLE, level=decision.level,
-                              identity=decision.identity, fired=decision.fired)
+            denied = Decision(
+                Outcome.ERROR,
+                Reason.AUDIT_UNAVAILABLE,
+                level=decision.level,
+                identity=decision.identity,
+                fired=decision.fired,
+            )
             # Same decision id: a timed-out XADD that did land is followed by this denial.
-            fail = event_for_check(denied, decision_id, attrs, audit_level=level,
-                                   policy_version=loaded.version)
+            fail = event_for_check(
+                denied, decision_id, attrs, audit_level=level, policy_version=loaded.version
+            )
             if fail is not None:
                 auditor.emit(fail)
             return denied
@@ -209,40 +240,72 @@ class Authorizer:
             try:
                 state = await self.store.read_check(
                     user=user_key(identity.issuer, identity.subject),
-                    session=session_key(identity.issuer, identity.subject,
-                                        identity.session_id),
-                    levels=policy.grant_levels, level=level.name, device=device_id, ip=ip,
+                    session=session_key(identity.issuer, identity.subject, identity.session_id),
+                    levels=policy.grant_levels,
+                    level=level.name,
+                    device=device_id,
+                    ip=ip,
                     sensitive=_sensitive(policy, base.level),
-                    window_s=policy.signals.velocity_window_s, now=now,
+                    window_s=policy.signals.velocity_window_s,
+                    now=now,
                 )
             except StoreError:
                 self.metrics.redis_errors.labels(op="read").inc()
-                return Decision(Outcome.ERROR, Reason.SESSION_STORE_UNAVAILABLE, level=level,
-                                identity=identity, device=device_id)
+                return Decision(
+                    Outcome.ERROR,
+                    Reason.SESSION_STORE_UNAVAILABLE,
+                    level=level,
+                    identity=identity,
+                    device=device_id,
+                )
         signals = compute_signals(policy.signals, device=device, state=state, geo=geo, now=now)
-        ctx = Context(device=device_states(device, state),
-                      country=geo.country if geo is not None else None, signals=signals)
+        ctx = Context(
+            device=device_states(device, state),
+            country=geo.country if geo is not None else None,
+            signals=signals,
+        )
         resolution = resolve_level(policy, attrs, ctx, base)
         for name in resolution.shadow:
             self.metrics.shadow_matches.labels(rule=name).inc()
         for signal in signals:
             self.metrics.signals.labels(signal=signal).inc()
         decision = evaluate(
-            resolution, identity, state.grants if state is not None else (), now,
-            leeway=self.leeway, token_error=token_error, state=state, device=device_id, ip=ip,
+            resolution,
+            identity,
+            state.grants if state is not None else (),
+            now,
+            leeway=self.leeway,
+            token_error=token_error,
+            state=state,
+            device=device_id,
+            ip=ip,
         )
         if decision.outcome is Outcome.ALLOW and identity is not None and state is not None:
             self._note_allow(identity, decision, device, geo, ip, now)
         return decision
 
-    def _note_allow(self, identity: Identity, decision: Decision, device: Device | None,
-                    geo: Geo | None, ip: str | None, now: int) -> None:
+    def _note_allow(
+        self,
+        identity: Identity,
+        decision: Decision,
+        device: Device | None,
+        geo: Geo | None,
+        ip: str | None,
+        now: int,
+    ) -> None:
         if decision.level is None:
             self.metrics.redis_errors.labels(op="note").inc()
             return
-        lesson = (identity.issuer, identity.subject, identity.session_id, decision.level.name,
-                  ip, device.id if device else None, geo.lat if geo else None,
-                  geo.lon if geo else None)
+        lesson = (
+            identity.issuer,
+            identity.subject,
+            identity.session_id,
+            decision.level.name,
+            ip,
+            device.id if device else None,
+            geo.lat if geo else None,
+            geo.lon if geo else None,
+        )
         last = self._noted.get(lesson)
         if last is not None and 0 <= now - last < _NOTE_EVERY_S:
             return
@@ -255,8 +318,12 @@ class Authorizer:
         write = self.store.note_allow(
             user=user_key(identity.issuer, identity.subject),
             session=session_key(identity.issuer, identity.subject, identity.session_id),
-            level=decision.level.name, ip=ip, device=device.id if device else None, now=now,
-            lat=geo.lat if geo else None, lon=geo.lon if geo else None,
+            level=decision.level.name,
+            ip=ip,
+            device=device.id if device else None,
+            now=now,
+            lat=geo.lat if geo else None,
+            lon=geo.lon if geo else None,
         )
         task = asyncio.ensure_future(self._quietly(write))
         self._background.add(task)

@@ -109,7 +109,8 @@ class DeviceResolver:
         assert self.assertions is not None
         try:
             claims = await self.assertions.verify_claims(
-                token, now, audience=self.assertion_audience or "", typ=None)
+                token, now, audience=self.assertion_audience or "", typ=None
+            )
         except TokenError as exc:
             log.info("device assertion refused", extra={"reason": str(exc)})
             return None
@@ -122,6 +123,10 @@ class DeviceResolver:
             return value if isinstance(value, bool) else None
 
         platform = claims.get("platform")
-        return Device(f"mdm:{device_id}", "assertion", managed=flag("managed"),
-                      compliant=flag("compliant"),
-                      platform=platform if isinstance(platform, str) else None)
+        return Device(
+            f"mdm:{device_id}",
+            "assertion",
+            managed=flag("managed"),
+            compliant=flag("compliant"),
+            platform=platform if isinstance(platform, str) else None,
+        )

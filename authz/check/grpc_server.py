@@ -30,8 +30,9 @@ SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].fu
 
 # The generated grpc base class is untyped (xds-protos ships no .pyi for _grpc modules).
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, authorizer: Authorizer, responses: ResponseBuilder,
-                 trusted_hops: int = 0) -> None:
+    def __init__(
+        self, authorizer: Authorizer, responses: ResponseBuilder, trusted_hops: int = 0
+    ) -> None:
         self.authorizer = authorizer
         self.responses = responses
         self.trusted_hops = trusted_hops
@@ -69,8 +70,12 @@ def _credentials(settings: GrpcSettings) -> grpc.ServerCredentials | None:
 
 
 class GrpcServer:
-    def __init__(self, settings: GrpcSettings, servicer: AuthorizationServicer,
-                 extra: Sequence[tuple[str, Callable[[grpc.aio.Server], None]]] = ()) -> None:
+    def __init__(
+        self,
+        settings: GrpcSettings,
+        servicer: AuthorizationServicer,
+        extra: Sequence[tuple[str, Callable[[grpc.aio.Server], None]]] = (),
+    ) -> None:
         """``extra``: (service name, register function) for more services on this port."""
         self.settings = settings
         self.server = grpc.aio.server(
@@ -88,8 +93,13 @@ class GrpcServer:
         for _, register in extra:
             register(self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, *(name for name, _ in extra), health.SERVICE_NAME,
-             reflection.SERVICE_NAME), self.server
+            (
+                SERVICE_NAME,
+                *(name for name, _ in extra),
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
         )
         address = f"{settings.host}:{settings.port}"
         creds = _credentials(settings)

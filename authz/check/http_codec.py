@@ -64,8 +64,7 @@ PEER_HEADER = "x-stepup-peer-address"
 # Headers that only feed Envoy's dynamic metadata (never reach the client or upstream,
 # since they are in no allowed_* list). "x-stepup-reason" and "-decision-id" are also
 # client headers on a denial; "x-stepup-level" is also an upstream header on an allow.
-METADATA_HEADERS = ("x-stepup-decision-id", "x-stepup-outcome", "x-stepup-reason",
-                    "x-stepup-level")
+METADATA_HEADERS = ("x-stepup-decision-id", "x-stepup-outcome", "x-stepup-reason", "x-stepup-level")
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 
 _LEVEL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -83,8 +82,13 @@ def _reason_phrase(status: int) -> str:
 
 
 def attributes_from_http(
-    method: str, target: str, headers: Mapping[str, str], *, path_prefix: str,
-    peer_header: str = PEER_HEADER, trusted_hops: int = 0,
+    method: str,
+    target: str,
+    headers: Mapping[str, str],
+    *,
+    path_prefix: str,
+    peer_header: str = PEER_HEADER,
+    trusted_hops: int = 0,
 ) -> RequestAttributes:
     """Build the attributes from one check request; raises RequestError to refuse it.
 
@@ -97,7 +101,7 @@ def attributes_from_http(
         raise RequestError("missing or invalid method", reason="bad-request")
     if not target.startswith(path_prefix):
         raise RequestError("check path outside the configured prefix", reason="bad-request")
-    rest = target[len(path_prefix):]
+    rest = target[len(path_prefix) :]
     context: Mapping[str, str] = _NO_CONTEXT
     if rest.startswith("@"):
         level, slash, original = rest[1:].partition("/")
@@ -150,8 +154,13 @@ class HttpResponseBuilder:
     Static lines are encoded once; challenges are cached per (acr_values, max_age).
     """
 
-    def __init__(self, *, path_prefix: str = "/_stepup", error_status: int = 403,
-                 redirects: Redirects | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        path_prefix: str = "/_stepup",
+        error_status: int = 403,
+        redirects: Redirects | None = None,
+    ) -> None:
         self.redirects = redirects or Redirects(path_prefix)
         self.error_status = error_status
         self._status_lines = {
@@ -183,17 +192,23 @@ class HttpResponseBuilder:
             remove: list[str] = []
             if attrs is not None:
                 ours = {k for k, _ in headers}
-                remove = [h for h in attrs.headers
-                          if h.startswith(HEADER_PREFIX) and h not in ours]
+                remove = [h for h in attrs.headers if h.startswith(HEADER_PREFIX) and h not in ours]
             # Method overrides are not in allowed_headers, so we cannot see them: always.
             headers.append((REMOVE_HEADER, ", ".join([*remove, *METHOD_OVERRIDE_HEADERS])))
             headers += [("x-stepup-outcome", d.outcome.value), ("x-stepup-reason", reason)]
             return 200, headers, ""
-        status, headers, body = denial(d, attrs, decision_id, redirects=self.redirects,
-                                       error_status=self.error_status,
-                                       challenge=self._challenge)
-        headers += [("x-stepup-outcome", d.outcome.value),
-                    ("x-stepup-level", d.level.name if d.level is not None else "")]
+        status, headers, body = denial(
+            d,
+            attrs,
+            decision_id,
+            redirects=self.redirects,
+            error_status=self.error_status,
+            challenge=self._challenge,
+        )
+        headers += [
+            ("x-stepup-outcome", d.outcome.value),
+            ("x-stepup-level", d.level.name if d.level is not None else ""),
+        ]
         return status, headers, body
 
     def _challenge(self, acr_values: tuple[str, ...], max_age: int | None) -> str:
@@ -206,16 +221,22 @@ class HttpResponseBuilder:
         return found
 
     def build(
-        self, decision: Decision, attrs: RequestAttributes | None, decision_id: str, *,
+        self,
+        decision: Decision,
+        attrs: RequestAttributes | None,
+        decision_id: str,
+        *,
         close: bool = False,
     ) -> HttpAnswer:
         status, headers, body = self.headers_for(decision, attrs, decision_id)
         raw_body = body.encode()
-        return HttpAnswer(status, tuple(headers), raw_body,
-                          self.encode(status, headers, raw_body, close=close))
+        return HttpAnswer(
+            status, tuple(headers), raw_body, self.encode(status, headers, raw_body, close=close)
+        )
 
-    def encode(self, status: int, headers: list[tuple[str, str]], body: bytes, *,
-               close: bool = False) -> bytes:
+    def encode(
+        self, status: int, headers: list[tuple[str, str]], body: bytes, *, close: bool = False
+    ) -> bytes:
         line = self._status_lines.get(status)
         if line is None:
             line = f"HTTP/1.1 {status} {_reason_phrase(status)}\r\n".encode("latin-1")

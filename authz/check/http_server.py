@@ -174,7 +174,8 @@ class HttpAuthzServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Conn(self), self.host, self._port, reuse_port=True, backlog=1024)
+            lambda: _Conn(self), self.host, self._port, reuse_port=True, backlog=1024
+        )
         self._sweeper = loop.create_task(self._sweep())
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -296,13 +297,24 @@ class _Conn(asyncio.Protocol):
             self.close_after = True
         self.deadline = self.loop.time() + srv.request_timeout_s
         try:
-            attrs = attributes_from_http(method, target, headers, path_prefix=srv.path_prefix,
-                                         peer_header=srv.peer_header,
-                                         trusted_hops=srv.trusted_hops)
+            attrs = attributes_from_http(
+                method,
+                target,
+                headers,
+                path_prefix=srv.path_prefix,
+                peer_header=srv.peer_header,
+                trusted_hops=srv.trusted_hops,
+            )
         except RequestError as exc:
             did = srv.record_refusal(exc.reason, "req")
-            self._answer(srv.responses.build(Decision(Outcome.DENY, exc.reason), None, did,
-                                             close=self.close_after or srv.closing).wire)
+            self._answer(
+                srv.responses.build(
+                    Decision(Outcome.DENY, exc.reason),
+                    None,
+                    did,
+                    close=self.close_after or srv.closing,
+                ).wire
+            )
             return
         self.task = self.loop.create_task(self._check(attrs))
 
@@ -310,8 +322,9 @@ class _Conn(asyncio.Protocol):
         srv = self.server
         try:
             decision, decision_id = await srv.authorizer.check(attrs)
-            wire = srv.responses.build(decision, attrs, decision_id,
-                                       close=self.close_after or srv.closing).wire
+            wire = srv.responses.build(
+                decision, attrs, decision_id, close=self.close_after or srv.closing
+            ).wire
         except asyncio.CancelledError:
             if not self.timed_out:
                 raise  # the connection went away
@@ -372,31 +385,56 @@ class _Conn(asyncio.Protocol):
 
 
 def server_from_config(
-    cfg: HttpAuthzConfig, authorizer: Authorizer, *, stepup_path_prefix: str = "/_stepup",
-    error_status: int = 403, trusted_hops: int = 0, redirects: Redirects | None = None,
+    cfg: HttpAuthzConfig,
+    authorizer: Authorizer,
+    *,
+    stepup_path_prefix: str = "/_stepup",
+    error_status: int = 403,
+    trusted_hops: int = 0,
+    redirects: Redirects | None = None,
 ) -> HttpAuthzServer:
-    responses = HttpResponseBuilder(path_prefix=stepup_path_prefix, error_status=error_status,
-                                    redirects=redirects)
+    responses = HttpResponseBuilder(
+        path_prefix=stepup_path_prefix, error_status=error_status, redirects=redirects
+    )
     return HttpAuthzServer(
-        authorizer, responses, host=cfg.host, port=cfg.port, path_prefix=cfg.path_prefix,
-        peer_header=cfg.peer_header, max_header_bytes=cfg.max_header_bytes,
-        max_headers=cfg.max_headers, request_timeout_s=cfg.request_timeout_s,
-        idle_timeout_s=cfg.idle_timeout_s, max_connections=cfg.max_connections,
+        authorizer,
+        responses,
+        host=cfg.host,
+        port=cfg.port,
+        path_prefix=cfg.path_prefix,
+        peer_header=cfg.peer_header,
+        max_header_bytes=cfg.max_header_bytes,
+        max_headers=cfg.max_headers,
+        request_timeout_s=cfg.request_timeout_s,
+        idle_timeout_s=cfg.idle_timeout_s,
+        max_connections=cfg.max_connections,
         trusted_hops=trusted_hops,
     )
 
 
 async def maybe_start(
-    cfg: HttpAuthzConfig | None, authorizer: Authorizer, *, stepup_path_prefix: str = "/_stepup",
-    error_status: int = 403, trusted_hops: int = 0, redirects: Redirects | None = None,
+    cfg: HttpAuthzConfig | None,
+    authorizer: Authorizer,
+    *,
+    stepup_path_prefix: str = "/_stepup",
+    error_status: int = 403,
+    trusted_hops: int = 0,
+    redirects: Redirects | None = None,
 ) -> HttpAuthzServer | None:
     """Start the HTTP ext_authz listener when ``cfg.enabled``; None otherwise."""
     if cfg is None or not cfg.enabled:
         return None
-    server = server_from_config(cfg, authorizer, stepup_path_prefix=stepup_path_prefix,
-                                error_status=error_status, trusted_hops=trusted_hops,
-                                redirects=redirects)
+    server = server_from_config(
+        cfg,
+        authorizer,
+        stepup_path_prefix=stepup_path_prefix,
+        error_status=error_status,
+        trusted_hops=trusted_hops,
+        redirects=redirects,
+    )
     await server.start()
-    log.info("HTTP ext_authz serving", extra={"address": f"{cfg.host}:{server.port}",
-                                               "path_prefix": cfg.path_prefix})
+    log.info(
+        "HTTP ext_authz serving",
+        extra={"address": f"{cfg.host}:{server.port}", "path_prefix": cfg.path_prefix},
+    )
     return server

@@ -43,8 +43,14 @@ _ALG_KEY_TYPES: dict[str, tuple[str, frozenset[str] | None]] = {
     "EdDSA": ("OKP", frozenset({"Ed25519", "Ed448"})),
 }
 # the algorithm used to prove a JWK without its own `alg` parses at load time
-_DEFAULT_ALG = {"RSA": "RS256", "EC:P-256": "ES256", "EC:P-384": "ES384", "EC:P-521": "ES512",
-                "OKP:Ed25519": "EdDSA", "OKP:Ed448": "EdDSA"}
+_DEFAULT_ALG = {
+    "RSA": "RS256",
+    "EC:P-256": "ES256",
+    "EC:P-384": "ES384",
+    "EC:P-521": "ES512",
+    "OKP:Ed25519": "EdDSA",
+    "OKP:Ed448": "EdDSA",
+}
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
@@ -249,8 +255,11 @@ class _ReloadingKeySource:
         try:
             return self._install(await self._fetch())
         except Exception as exc:  # keep serving with the old keys whatever went wrong
-            log.warning("jwks: refresh from %s failed, keeping the old keys: %s",
-                        self._describe(), _why(exc))
+            log.warning(
+                "jwks: refresh from %s failed, keeping the old keys: %s",
+                self._describe(),
+                _why(exc),
+            )
             return False
 
     async def _fetch(self) -> KeySet:
@@ -282,8 +291,13 @@ class _ReloadingKeySource:
 class FileKeySource(_ReloadingKeySource):
     """A JWKS JSON file, read at ``start()`` and re-read on ``refresh()``."""
 
-    def __init__(self, path: Path | str, *, min_interval_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        min_interval_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(min_interval_s=min_interval_s, clock=clock)
         self._path = Path(path)
 
@@ -314,8 +328,9 @@ class JwksKeySource(_ReloadingKeySource):
     ) -> None:
         if (url is None) == (issuer is None):
             raise ValueError("give exactly one of url and issuer")
-        super().__init__(min_interval_s=min_interval_s, refresh_every_s=refresh_every_s,
-                         clock=clock)
+        super().__init__(
+            min_interval_s=min_interval_s, refresh_every_s=refresh_every_s, clock=clock
+        )
         self._session = session
         self._url = url
         self._issuer = issuer
@@ -337,8 +352,9 @@ class JwksKeySource(_ReloadingKeySource):
 
 async def _get_json(session: aiohttp.ClientSession, url: str, timeout_s: float) -> Any:
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with session.get(url, timeout=timeout, max_redirects=3,
-                           headers={"Accept": "application/json"}) as resp:
+    async with session.get(
+        url, timeout=timeout, max_redirects=3, headers={"Accept": "application/json"}
+    ) as resp:
         if resp.status != 200:
             raise ValueError(f"HTTP {resp.status}")
         body = bytearray()
@@ -376,8 +392,11 @@ async def discover_jwks_url(issuer: str, session: aiohttp.ClientSession, timeout
         raise KeysUnavailable(f"discovery {url}: `issuer` does not equal {issuer!r}")
     jwks_uri = doc.get("jwks_uri")
     allowed = {"https", urlsplit(issuer).scheme}
-    if (not isinstance(jwks_uri, str) or urlsplit(jwks_uri).scheme not in allowed
-            or not urlsplit(jwks_uri).netloc):
+    if (
+        not isinstance(jwks_uri, str)
+        or urlsplit(jwks_uri).scheme not in allowed
+        or not urlsplit(jwks_uri).netloc
+    ):
         raise KeysUnavailable(f"discovery {url}: missing or unacceptable `jwks_uri`")
     return jwks_uri
 
@@ -385,8 +404,9 @@ async def discover_jwks_url(issuer: str, session: aiohttp.ClientSession, timeout
 def key_source_from_settings(settings: OidcSettings, session: aiohttp.ClientSession) -> KeySource:
     """``jwks_file`` > ``jwks_url`` > discovery from ``issuer`` (done lazily in ``start()``)."""
     if settings.jwks_file is not None:
-        return FileKeySource(settings.jwks_file,
-                             min_interval_s=settings.jwks_refresh_min_interval_s)
+        return FileKeySource(
+            settings.jwks_file, min_interval_s=settings.jwks_refresh_min_interval_s
+        )
     return JwksKeySource(
         session,
         url=settings.jwks_url,

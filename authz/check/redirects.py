@@ -13,8 +13,12 @@ from authz.stepup.link import ContextSigner
 
 
 class Redirects:
-    def __init__(self, path_prefix: str = "/_stepup", signer: ContextSigner | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path_prefix: str = "/_stepup",
+        signer: ContextSigner | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.login_path = f"{path_prefix}/login"
         self.start_path = f"{path_prefix}/start"
         self.signer = signer
@@ -27,7 +31,8 @@ class Redirects:
         target = f"{self.start_path}?level={quote(d.level.name)}&rd={rd}"
         if self.signer is not None:
             ip = str(attrs.source_ip) if attrs.source_ip is not None else None
-            ctx = self.signer.sign(level=d.level.name, device=d.device, ip=ip,
-                                   now=int(self.clock()))
+            ctx = self.signer.sign(
+                level=d.level.name, device=d.device, ip=ip, now=int(self.clock())
+            )
             target += f"&ctx={ctx}"
         return target

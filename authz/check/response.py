@@ -58,8 +58,13 @@ def rfc9470_challenge(acr_values: tuple[str, ...], max_age: int | None) -> str:
 
 
 def denial(
-    d: Decision, attrs: RequestAttributes | None, decision_id: str, *, redirects: Redirects,
-    error_status: int, challenge: Callable[[tuple[str, ...], int | None], str] | None = None,
+    d: Decision,
+    attrs: RequestAttributes | None,
+    decision_id: str,
+    *,
+    redirects: Redirects,
+    error_status: int,
+    challenge: Callable[[tuple[str, ...], int | None], str] | None = None,
 ) -> tuple[int, list[tuple[str, str]], str]:
     """(HTTP status, headers, body) of a denial: one definition for both ext_authz modes.
 
@@ -74,8 +79,12 @@ def denial(
         ("cache-control", "no-store"),
     ]
     if d.outcome in (Outcome.LOGIN, Outcome.STEP_UP):
-        if (attrs is not None and attrs.accepts_html and not attrs.is_grpc
-                and attrs.method in _SAFE_METHODS):
+        if (
+            attrs is not None
+            and attrs.accepts_html
+            and not attrs.is_grpc
+            and attrs.method in _SAFE_METHODS
+        ):
             headers.append(("location", redirects.target(d, attrs)))
             return 302, headers, ""
         if d.outcome is Outcome.STEP_UP:
@@ -91,13 +100,21 @@ def denial(
     else:
         status, error = 403, "forbidden"
     headers.append(("content-type", "application/json"))
-    return status, headers, json.dumps({"error": error, "reason": reason,
-                                        "decision_id": decision_id})
+    return (
+        status,
+        headers,
+        json.dumps({"error": error, "reason": reason, "decision_id": decision_id}),
+    )
 
 
 class ResponseBuilder:
-    def __init__(self, *, path_prefix: str = "/_stepup", error_status: int = 403,
-                 redirects: Redirects | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        path_prefix: str = "/_stepup",
+        error_status: int = 403,
+        redirects: Redirects | None = None,
+    ) -> None:
         self.redirects = redirects or Redirects(path_prefix)
         self.error_status = error_status
 
@@ -117,7 +134,10 @@ class ResponseBuilder:
         return self._denied(decision, attrs, decision_id, resp)
 
     def _allow(
-        self, d: Decision, attrs: RequestAttributes | None, decision_id: str,
+        self,
+        d: Decision,
+        attrs: RequestAttributes | None,
+        decision_id: str,
         resp: external_auth_pb2.CheckResponse,
     ) -> external_auth_pb2.CheckResponse:
         set_headers = {
@@ -136,8 +156,9 @@ class ResponseBuilder:
         # see them, and both modes answer alike).
         remove = []
         if attrs is not None:
-            remove = [h for h in attrs.headers
-                      if h.startswith(HEADER_PREFIX) and h not in set_headers]
+            remove = [
+                h for h in attrs.headers if h.startswith(HEADER_PREFIX) and h not in set_headers
+            ]
         remove += METHOD_OVERRIDE_HEADERS
         resp.status.code = code_pb2.OK
         ok = resp.ok_response
@@ -146,11 +167,15 @@ class ResponseBuilder:
         return resp
 
     def _denied(
-        self, d: Decision, attrs: RequestAttributes | None, decision_id: str,
+        self,
+        d: Decision,
+        attrs: RequestAttributes | None,
+        decision_id: str,
         resp: external_auth_pb2.CheckResponse,
     ) -> external_auth_pb2.CheckResponse:
-        status, headers, body = denial(d, attrs, decision_id, redirects=self.redirects,
-                                       error_status=self.error_status)
+        status, headers, body = denial(
+            d, attrs, decision_id, redirects=self.redirects, error_status=self.error_status
+        )
         if d.outcome in (Outcome.LOGIN, Outcome.STEP_UP):
             rpc_code = code_pb2.UNAUTHENTICATED
         elif d.outcome is Outcome.ERROR and status == 503:

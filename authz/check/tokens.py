@@ -146,8 +146,9 @@ class TokenVerifier:
         self._settings = settings
         self._keys = keys
         self._algorithms = frozenset(settings.algorithms) - _NEVER
-        self._jws = jwt.PyJWS(algorithms=list(self._algorithms),
-                              options={"enforce_minimum_key_length": True})
+        self._jws = jwt.PyJWS(
+            algorithms=list(self._algorithms), options={"enforce_minimum_key_length": True}
+        )
         self._typ = None if settings.token_typ is None else _normalise_typ(settings.token_typ)
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
         self._cache_size = settings.token_cache_size
@@ -168,20 +169,28 @@ class TokenVerifier:
         hit = self._cache.get(digest) if self._cache_size else None
         if hit is not None:
             leeway = self._settings.leeway_s
-            if (now < hit.identity.expires_at
-                    and (hit.nbf is None or now >= hit.nbf - leeway)
-                    and self._keys.get(hit.kid, hit.alg) is hit.key):
+            if (
+                now < hit.identity.expires_at
+                and (hit.nbf is None or now >= hit.nbf - leeway)
+                and self._keys.get(hit.kid, hit.alg) is hit.key
+            ):
                 self._cache.move_to_end(digest)
                 self.cache_stats.hits += 1
                 return hit.identity
             del self._cache[digest]  # fall through: full verification decides
         self.cache_stats.misses += 1
         claims, header, key = await self._verify(
-            token, now, audience=self._settings.audience, typ=self._typ)
+            token, now, audience=self._settings.audience, typ=self._typ
+        )
         identity = self._identity(claims)
         if self._cache_size and now < identity.expires_at:
-            self._cache[digest] = _Cached(identity, _int_claim(claims, "nbf", required=False),
-                                          key, header.get("kid"), header["alg"])
+            self._cache[digest] = _Cached(
+                identity,
+                _int_claim(claims, "nbf", required=False),
+                key,
+                header.get("kid"),
+                header["alg"],
+            )
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return identity
@@ -238,7 +247,8 @@ class TokenVerifier:
     ) -> dict[str, Any]:
         """Verify signature, ``iss``, ``aud``, ``sub`` and times; return the claims."""
         claims, _, _ = await self._verify(
-            token, now, audience=audience, typ=None if typ is None else _normalise_typ(typ))
+            token, now, audience=audience, typ=None if typ is None else _normalise_typ(typ)
+        )
         return claims
 
     async def _verify(

@@ -165,8 +165,18 @@ class OidcSettings(BaseModel):
     @field_validator("algorithms")
     @classmethod
     def _algs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        allowed = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
-                   "ES512", "EdDSA"}
+        allowed = {
+            "RS256",
+            "RS384",
+            "RS512",
+            "PS256",
+            "PS384",
+            "PS512",
+            "ES256",
+            "ES384",
+            "ES512",
+            "EdDSA",
+        }
         bad = [a for a in v if a not in allowed]
         if bad or not v:
             raise ValueError(f"asymmetric algorithms only; refused: {bad or 'empty list'}")
@@ -379,12 +389,16 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
     assertion = s.devices.assertion
     if assertion is not None and (p := fix(assertion.jwks_file)) is not None:
         updates["devices"] = s.devices.model_copy(
-            update={"assertion": assertion.model_copy(update={"jwks_file": p})})
+            update={"assertion": assertion.model_copy(update={"jwks_file": p})}
+        )
     if s.crypto.keys:
         keys = {kid: fix(p) or p for kid, p in s.crypto.keys.items()}
         updates["crypto"] = s.crypto.model_copy(update={"keys": keys})
     if s.grpc.tls is not None:
-        tls = {n: q for n in ("cert_file", "key_file", "client_ca_file")
-               if (q := fix(getattr(s.grpc.tls, n))) is not None}
+        tls = {
+            n: q
+            for n in ("cert_file", "key_file", "client_ca_file")
+            if (q := fix(getattr(s.grpc.tls, n))) is not None
+        }
         updates["grpc"] = s.grpc.model_copy(update={"tls": s.grpc.tls.model_copy(update=tls)})
     return s.model_copy(update=updates) if updates else s

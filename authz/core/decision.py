@@ -101,8 +101,15 @@ def resolve_level(
     ip = attrs.source_ip
 
     def done(deny: str | None = None) -> Resolution:
-        return Resolution(level, base.route, deny=deny, fired=tuple(fired),
-                          shadow=tuple(shadow), signals=signals, risk=risk)
+        return Resolution(
+            level,
+            base.route,
+            deny=deny,
+            fired=tuple(fired),
+            shadow=tuple(shadow),
+            signals=signals,
+            risk=risk,
+        )
 
     for rule in policy.rules:
         if not rule.matches(ip, ctx, level):
@@ -128,7 +135,11 @@ def token_satisfies(level: Level, identity: Identity, now: int, leeway: int) -> 
 
 def _meets(level: Level, evidence: Evidence, now: int, leeway: int) -> bool:
     return satisfies(
-        evidence, acr=level.acr, amr_any=level.amr_any, max_age=level.max_age, now=now,
+        evidence,
+        acr=level.acr,
+        amr_any=level.amr_any,
+        max_age=level.max_age,
+        now=now,
         leeway=leeway,
     )
 
@@ -163,9 +174,17 @@ def evaluate(
     level = resolution.level
 
     def make(outcome: Outcome, reason: str, **kw: Any) -> Decision:
-        return Decision(outcome, reason, level=level, fired=resolution.fired,
-                        shadow=resolution.shadow, signals=resolution.signals,
-                        risk=resolution.risk, device=device, **kw)
+        return Decision(
+            outcome,
+            reason,
+            level=level,
+            fired=resolution.fired,
+            shadow=resolution.shadow,
+            signals=resolution.signals,
+            risk=resolution.risk,
+            device=device,
+            **kw,
+        )
 
     if resolution.deny is not None:
         return make(Outcome.DENY, resolution.deny, identity=identity)
@@ -177,8 +196,7 @@ def evaluate(
     if revoked(identity, state):
         return make(Outcome.LOGIN, Reason.SESSION_REVOKED)
     if _meets(level, identity.evidence, now, leeway):
-        return make(Outcome.ALLOW, Reason.ALLOWED, identity=identity,
-                    evidence=identity.evidence)
+        return make(Outcome.ALLOW, Reason.ALLOWED, identity=identity, evidence=identity.evidence)
     candidates = [identity.evidence]
     bound_elsewhere = False
     for grant in grants:
@@ -186,15 +204,22 @@ def evaluate(
             continue
         if _meets(level, grant.evidence, now, leeway):
             if honoured_here(level, grant, device, ip):
-                return make(Outcome.ALLOW, Reason.ALLOWED, identity=identity,
-                            evidence=grant.evidence, grant=grant)
+                return make(
+                    Outcome.ALLOW,
+                    Reason.ALLOWED,
+                    identity=identity,
+                    evidence=grant.evidence,
+                    grant=grant,
+                )
             bound_elsewhere = True
         candidates.append(grant.evidence)
     # Say why: bound to another device/IP, an acceptable factor too old, or none at all.
     if bound_elsewhere:
         reason = Reason.GRANT_BOUND_ELSEWHERE
-    elif any(satisfies(e, acr=level.acr, amr_any=level.amr_any, max_age=None, now=now,
-                       leeway=leeway) for e in candidates):
+    elif any(
+        satisfies(e, acr=level.acr, amr_any=level.amr_any, max_age=None, now=now, leeway=leeway)
+        for e in candidates
+    ):
         reason = Reason.AUTH_TOO_OLD
     else:
         reason = Reason.ACR_INSUFFICIENT
@@ -216,5 +241,14 @@ def decide(
     resolution = resolve_level(policy, attrs, ctx)
     grants = state.grants if state is not None else ()
     ip = str(attrs.source_ip) if attrs.source_ip is not None else None
-    return evaluate(resolution, identity, grants, now, leeway=leeway, token_error=token_error,
-                    state=state, device=device, ip=ip)
+    return evaluate(
+        resolution,
+        identity,
+        grants,
+        now,
+        leeway=leeway,
+        token_error=token_error,
+        state=state,
+        device=device,
+        ip=ip,
+    )

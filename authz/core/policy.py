@@ -75,21 +75,29 @@ class Route:
         return True
 
 
-SIGNALS = frozenset({
-    "new-device",          # a device id this user has not stepped up from
-    "no-device",           # the request carried no device identity at all
-    "device-noncompliant", # the device assertion says compliant: false
-    "device-unmanaged",    # the device assertion says managed: false
-    "new-ip",              # an address this user has not stepped up from
-    "first-level-access",  # the user has never been allowed at this level before
-    "velocity",            # too many sensitive checks in the sliding window
-    "impossible-travel",   # faster than max_kmh since the last allowed request
-    "off-hours",           # outside the configured working hours
-})
+SIGNALS = frozenset(
+    {
+        "new-device",  # a device id this user has not stepped up from
+        "no-device",  # the request carried no device identity at all
+        "device-noncompliant",  # the device assertion says compliant: false
+        "device-unmanaged",  # the device assertion says managed: false
+        "new-ip",  # an address this user has not stepped up from
+        "first-level-access",  # the user has never been allowed at this level before
+        "velocity",  # too many sensitive checks in the sliding window
+        "impossible-travel",  # faster than max_kmh since the last allowed request
+        "off-hours",  # outside the configured working hours
+    }
+)
 DEVICE_STATES = frozenset({"known", "unknown", "absent", "noncompliant", "unmanaged"})
 DEFAULT_RISK_WEIGHTS: Mapping[str, int] = {
-    "new-device": 30, "no-device": 10, "device-noncompliant": 50, "device-unmanaged": 20,
-    "new-ip": 20, "first-level-access": 10, "velocity": 30, "impossible-travel": 60,
+    "new-device": 30,
+    "no-device": 10,
+    "device-noncompliant": 50,
+    "device-unmanaged": 20,
+    "new-ip": 20,
+    "first-level-access": 10,
+    "velocity": 30,
+    "impossible-travel": 60,
     "off-hours": 10,
 }
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -165,8 +173,10 @@ class Rule:
             return False
         if self.signals_all and not self.signals_all <= ctx.signals:
             return False
-        return not (self.level_at_least is not None
-                    and (level is None or level.rank < self.level_at_least.rank))
+        return not (
+            self.level_at_least is not None
+            and (level is None or level.rank < self.level_at_least.rank)
+        )
 
 
 _NO_CONTEXT = Context()
@@ -235,11 +245,17 @@ def _levels(doc: Any) -> tuple[Level, ...]:
         loc = ["levels", str(name)]
         if not isinstance(name, str) or not _SLUG.match(name):
             raise _fail(loc, "level names are lower-case slugs")
-        spec = _mapping(spec, loc, {"acr", "amr_any", "max_age", "public", "grant_ttl", "bind",
-                                    "ip_allow", "ip_deny"})
+        spec = _mapping(
+            spec,
+            loc,
+            {"acr", "amr_any", "max_age", "public", "grant_ttl", "bind", "ip_allow", "ip_deny"},
+        )
         bind = spec.get("bind") or []
-        if (not isinstance(bind, list) or not all(isinstance(b, str) for b in bind)
-                or not set(bind) <= {"device", "ip"}):
+        if (
+            not isinstance(bind, list)
+            or not all(isinstance(b, str) for b in bind)
+            or not set(bind) <= {"device", "ip"}
+        ):
             raise _fail([*loc, "bind"], "bind is a list of: device, ip")
         public = spec.get("public", False)
         if not isinstance(public, bool):
@@ -250,9 +266,11 @@ def _levels(doc: Any) -> tuple[Level, ...]:
             public=public,
             acr=_str_list(spec.get("acr"), [*loc, "acr"], _TOKEN),
             amr_any=_str_list(spec.get("amr_any"), [*loc, "amr_any"], _TOKEN),
-            max_age=None if spec.get("max_age") is None
+            max_age=None
+            if spec.get("max_age") is None
             else _int(spec["max_age"], [*loc, "max_age"], 0, 86_400),
-            grant_ttl=None if spec.get("grant_ttl") is None
+            grant_ttl=None
+            if spec.get("grant_ttl") is None
             else _int(spec["grant_ttl"], [*loc, "grant_ttl"], 1, 86_400),
             bind_device="device" in bind,
             bind_ip="ip" in bind,
@@ -335,8 +353,10 @@ def _networks(value: Any, loc: Sequence[str | int]) -> tuple[Network, ...]:
 
 
 def _codes(value: Any, loc: Sequence[str | int]) -> frozenset[str]:
-    if not isinstance(value, list) or not value or not all(
-        isinstance(c, str) and re.fullmatch(r"[A-Z]{2}", c) for c in value
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(c, str) and re.fullmatch(r"[A-Z]{2}", c) for c in value)
     ):
         raise _fail(loc, "must be a non-empty list of ISO 3166 alpha-2 codes (e.g. US)")
     return frozenset(value)
@@ -352,8 +372,16 @@ def _names(value: Any, loc: Sequence[str | int], allowed: frozenset[str]) -> fro
     return frozenset(items)
 
 
-_CONDITIONS = {"ip_in", "ip_not_in", "country_in", "country_not_in", "device", "signals_any",
-               "signals_all", "level_at_least"}
+_CONDITIONS = {
+    "ip_in",
+    "ip_not_in",
+    "country_in",
+    "country_not_in",
+    "device",
+    "signals_any",
+    "signals_all",
+    "level_at_least",
+}
 
 
 def _rule(i: int, doc: Any, by_name: Mapping[str, Level]) -> Rule:
@@ -380,28 +408,36 @@ def _rule(i: int, doc: Any, by_name: Mapping[str, Level]) -> Rule:
         ip_in=_networks(when.get("ip_in"), [*w, "ip_in"]),
         ip_not_in=_networks(when.get("ip_not_in"), [*w, "ip_not_in"]),
         raise_to=_level_ref(by_name, spec["raise_to"], [*loc, "raise_to"])
-        if "raise_to" in spec else None,
+        if "raise_to" in spec
+        else None,
         deny=deny,
         shadow=mode == "shadow",
         country_in=_codes(when["country_in"], [*w, "country_in"])
-        if "country_in" in when else frozenset(),
+        if "country_in" in when
+        else frozenset(),
         country_not_in=_codes(when["country_not_in"], [*w, "country_not_in"])
-        if "country_not_in" in when else frozenset(),
+        if "country_not_in" in when
+        else frozenset(),
         device=_names(when["device"], [*w, "device"], DEVICE_STATES)
-        if "device" in when else frozenset(),
+        if "device" in when
+        else frozenset(),
         signals_any=_names(when["signals_any"], [*w, "signals_any"], SIGNALS)
-        if "signals_any" in when else frozenset(),
+        if "signals_any" in when
+        else frozenset(),
         signals_all=_names(when["signals_all"], [*w, "signals_all"], SIGNALS)
-        if "signals_all" in when else frozenset(),
+        if "signals_all" in when
+        else frozenset(),
         level_at_least=_level_ref(by_name, when["level_at_least"], [*w, "level_at_least"])
-        if "level_at_least" in when else None,
+        if "level_at_least" in when
+        else None,
     )
 
 
 def _signals(doc: Any, by_name: Mapping[str, Level]) -> SignalSettings:
     loc = ["signals"]
-    spec = _mapping(doc, loc, {"sensitive_level", "velocity", "impossible_travel", "hours",
-                               "risk_weights"})
+    spec = _mapping(
+        doc, loc, {"sensitive_level", "velocity", "impossible_travel", "hours", "risk_weights"}
+    )
     sensitive = None
     if "sensitive_level" in spec:
         sensitive = _level_ref(by_name, spec["sensitive_level"], [*loc, "sensitive_level"]).name

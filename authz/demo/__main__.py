@@ -1,6 +1,6 @@
 """The local demo: the whole stack on loopback, and a short guide to try it.
 
-    python -m authz.demo [--port 8080] [--admin-port 9901] [--policy examples/policy.yaml]
+python -m authz.demo [--port 8080] [--admin-port 9901] [--policy examples/policy.yaml]
 """
 
 from __future__ import annotations
@@ -97,14 +97,21 @@ def _utc_minute(ts: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m authz.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m authz.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--port", type=int, default=8080, help="Envoy listener (default 8080)")
     parser.add_argument("--admin-port", type=int, default=9901, help="Envoy admin (9901)")
     parser.add_argument("--idp-port", type=int, default=9400, help="dev IdP (default 9400)")
     parser.add_argument("--policy", type=Path, default=REPO_ROOT / "examples" / "policy.yaml")
-    parser.add_argument("--workdir", type=Path, default=Path("var/demo"),
-                        help="logs and generated config (default ./var/demo)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("var/demo"),
+        help="logs and generated config (default ./var/demo)",
+    )
     parser.add_argument("--redis-url", help="use this Redis instead of an embedded Valkey")
     args = parser.parse_args(argv)
 
@@ -116,26 +123,44 @@ def main(argv: list[str] | None = None) -> int:
         if not up.is_set():  # abort a start in progress (start() stops what it began)
             raise KeyboardInterrupt
 
-    stack = Stack(args.workdir, policy_file=args.policy, redis_url=args.redis_url,
-                  listen_port=args.port, admin_port=args.admin_port,
-                  idp_port=args.idp_port)
+    stack = Stack(
+        args.workdir,
+        policy_file=args.policy,
+        redis_url=args.redis_url,
+        listen_port=args.port,
+        admin_port=args.admin_port,
+        idp_port=args.idp_port,
+    )
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         print("starting the demo stack ...", flush=True)
         started = time.time()
         stack.start()
         up.set()
-        print(_GUIDE.format(
-            workdir=stack.workdir, envoy=stack.envoy_url, admin=stack.admin_url,
-            http=stack.service_http_url, grpc=stack.grpc_target, idp=stack.idp_url,
-            redis=stack.redis_url, token_endpoint=_token_endpoint(stack),
-            client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
-            stream=stack.audit_stream_key, audit=_shown(stack.audit_dir),
-            keys=_shown(stack.audit_key_dir), pubkey=_shown(stack.audit_public_key),
-            since=_utc_minute(started), user=f"{stack.idp_url}|alice",
-        ), flush=True)
-        watched = ("service", "envoy", "exporter") if stack.runs_audit_exporter \
-            else ("service", "envoy")
+        print(
+            _GUIDE.format(
+                workdir=stack.workdir,
+                envoy=stack.envoy_url,
+                admin=stack.admin_url,
+                http=stack.service_http_url,
+                grpc=stack.grpc_target,
+                idp=stack.idp_url,
+                redis=stack.redis_url,
+                token_endpoint=_token_endpoint(stack),
+                client_id=CLIENT_ID,
+                client_secret=CLIENT_SECRET,
+                stream=stack.audit_stream_key,
+                audit=_shown(stack.audit_dir),
+                keys=_shown(stack.audit_key_dir),
+                pubkey=_shown(stack.audit_public_key),
+                since=_utc_minute(started),
+                user=f"{stack.idp_url}|alice",
+            ),
+            flush=True,
+        )
+        watched = (
+            ("service", "envoy", "exporter") if stack.runs_audit_exporter else ("service", "envoy")
+        )
         while not stop.wait(1.0):
             if dead := [n for n in watched if n not in stack.running()]:
                 print(f"{', '.join(dead)} exited; see {stack.workdir}", file=sys.stderr)

@@ -144,8 +144,12 @@ class _Proc:
     def start(self) -> None:
         self._log = self.log_path.open("ab")  # append: a restarted component keeps its history
         self.popen = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            env=self.env, process_group=0,  # own group: the demo's Ctrl-C must not reach it
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            process_group=0,  # own group: the demo's Ctrl-C must not reach it
         )
 
     def running(self) -> bool:
@@ -178,13 +182,17 @@ class _Proc:
         while True:
             if not self.running():
                 code = None if self.popen is None else self.popen.returncode
-                raise StackError(f"{self.name} exited (status {code}) before {what} was ready; "
-                                 f"{self.log_path}:\n{self.tail()}")
+                raise StackError(
+                    f"{self.name} exited (status {code}) before {what} was ready; "
+                    f"{self.log_path}:\n{self.tail()}"
+                )
             if probe():
                 return
             if time.monotonic() > deadline:
-                raise StackError(f"{self.name}: {what} not ready after {timeout:.0f}s; "
-                                 f"{self.log_path}:\n{self.tail()}")
+                raise StackError(
+                    f"{self.name}: {what} not ready after {timeout:.0f}s; "
+                    f"{self.log_path}:\n{self.tail()}"
+                )
             time.sleep(0.05)
 
 
@@ -201,8 +209,7 @@ def _killpg(pgid: int, sig: signal.Signals) -> None:
 def _child_env(extra: Mapping[str, str] | None) -> dict[str, str]:
     # The service lets REDIS_URL and STEPUP_* override its settings file; an inherited value
     # (e.g. the developer's REDIS_URL) would silently point it away from the stack's own.
-    env = {k: v for k, v in os.environ.items()
-           if k != "REDIS_URL" and not k.startswith("STEPUP_")}
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("STEPUP_")}
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     no_proxy = ",".join(p for p in (env.get("NO_PROXY"), "127.0.0.1,localhost") if p)
@@ -254,9 +261,17 @@ class Stack:
         self.ready_timeout = ready_timeout
         self.with_audit_exporter = with_audit_exporter
         self.exporter_settings_extra = exporter_settings or {}
-        (self.redis_port, self.idp_port, self.upstream_port, self.grpc_port, self.http_port,
-         self.exporter_metrics_port, self.audit_redis_port, free_listen,
-         free_admin) = free_ports(9)
+        (
+            self.redis_port,
+            self.idp_port,
+            self.upstream_port,
+            self.grpc_port,
+            self.http_port,
+            self.exporter_metrics_port,
+            self.audit_redis_port,
+            free_listen,
+            free_admin,
+        ) = free_ports(9)
         # A second embedded Valkey for the audit stream only (audit.redis_url), as production
         # should run it: then stop_audit_redis() takes the sink down and nothing else.
         self.separate_audit_redis = separate_audit_redis
@@ -268,8 +283,11 @@ class Stack:
         self.redis_url = redis_url or f"redis://{HOST}:{self.redis_port}/0"
         # A Redis the stack does not own may be shared (another stack, a developer's
         # server): a stream of its own keeps two exporters from archiving each other's records.
-        self.audit_stream_key = (AUDIT_STREAM_KEY if self._own_redis
-                                 else f"{AUDIT_STREAM_KEY}:{os.getpid()}:{id(self):x}")
+        self.audit_stream_key = (
+            AUDIT_STREAM_KEY
+            if self._own_redis
+            else f"{AUDIT_STREAM_KEY}:{os.getpid()}:{id(self):x}"
+        )
         self._env = _child_env(env)
         self._procs: dict[str, _Proc] = {}
         self._started = False
@@ -354,15 +372,22 @@ class Stack:
             "http": {"host": HOST, "port": self.http_port},
             "redis": {"url": self.redis_url},
             "oidc": {
-                "issuer": self.idp_url, "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
-                "audience": AUDIENCE, "algorithms": ["RS256"], "token_typ": "at+jwt",
+                "issuer": self.idp_url,
+                "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET,
+                "audience": AUDIENCE,
+                "algorithms": ["RS256"],
+                "token_typ": "at+jwt",
             },
             "stepup": {"public_url": self.envoy_url, "cookie_secure": False},
             "log": {"level": "INFO"},
             # The exporter reads the same stream (see exporter_settings); allows at or above
             # "elevated" are written before they are returned (audit before access).
-            "audit": {"enabled": True, "stream_key": self.audit_stream_key,
-                      "durable_level": AUDIT_DURABLE_LEVEL},
+            "audit": {
+                "enabled": True,
+                "stream_key": self.audit_stream_key,
+                "durable_level": AUDIT_DURABLE_LEVEL,
+            },
         }
         if self.separate_audit_redis:
             base["audit"]["redis_url"] = f"redis://{HOST}:{self.audit_redis_port}/0"
@@ -408,19 +433,26 @@ class Stack:
 
     def _write_files(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "config.yaml").write_text(
-            yaml.safe_dump(self.settings(), sort_keys=False))
-        (self.workdir / "envoy.yaml").write_text(render_envoy_config(
-            self.envoy_template, listen_port=self.listen_port, admin_port=self.admin_port,
-            authz_grpc_port=self.grpc_port, authz_http_port=self.http_port,
-            upstream_port=self.upstream_port, authz_timeout=self.authz_timeout))
+        (self.workdir / "config.yaml").write_text(yaml.safe_dump(self.settings(), sort_keys=False))
+        (self.workdir / "envoy.yaml").write_text(
+            render_envoy_config(
+                self.envoy_template,
+                listen_port=self.listen_port,
+                admin_port=self.admin_port,
+                authz_grpc_port=self.grpc_port,
+                authz_http_port=self.http_port,
+                upstream_port=self.upstream_port,
+                authz_timeout=self.authz_timeout,
+            )
+        )
 
     def _write_audit_files(self) -> None:
         # Apart from _write_files, which subclasses override to render their own Envoy.
         if self.runs_audit_exporter:
             self._ensure_signing_key()
             (self.workdir / "audit-exporter.yaml").write_text(
-                yaml.safe_dump(self.exporter_settings(), sort_keys=False))
+                yaml.safe_dump(self.exporter_settings(), sort_keys=False)
+            )
 
     # -- components ------------------------------------------------------------------------
     def _proc(self, name: str, argv: list[str]) -> _Proc:
@@ -431,10 +463,22 @@ class Stack:
 
     def _launch_redis(self, name: str = "redis") -> _Proc:
         port = self.audit_redis_port if name == "audit-redis" else self.redis_port
-        return self._proc(name, [
-            str(_valkey_binary()), "--bind", HOST, "--port", str(port),
-            "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-        ])
+        return self._proc(
+            name,
+            [
+                str(_valkey_binary()),
+                "--bind",
+                HOST,
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+        )
 
     def _service_argv(self) -> list[str]:
         config = ["serve", "--config", str(self.workdir / "config.yaml")]
@@ -490,22 +534,45 @@ class Stack:
         if self._own_redis:
             waits.append((self._launch_redis(), "PING", lambda: redis_ping(self.redis_port)))
         if self.separate_audit_redis:
-            waits.append((self._launch_redis("audit-redis"), "PING",
-                          lambda: redis_ping(self.audit_redis_port)))
+            waits.append(
+                (
+                    self._launch_redis("audit-redis"),
+                    "PING",
+                    lambda: redis_ping(self.audit_redis_port),
+                )
+            )
         exporter_needs = "audit-redis" if self.separate_audit_redis else "redis"
         if self.with_idp:
-            idp = self._proc("idp", [
-                py, "-m", "authz.devidp", "serve", "--host", HOST, "--port", str(self.idp_port),
-                "--issuer", self.idp_url, "--client-id", CLIENT_ID,
-                "--client-secret", CLIENT_SECRET, "--audience", AUDIENCE,
-                "--redirect-uri", f"{self.envoy_url}/_stepup/callback",
-                *(["--signing-key", str(self.idp_signing_key)] if self.idp_signing_key else []),
-                *self.idp_args,
-            ])
+            idp = self._proc(
+                "idp",
+                [
+                    py,
+                    "-m",
+                    "authz.devidp",
+                    "serve",
+                    "--host",
+                    HOST,
+                    "--port",
+                    str(self.idp_port),
+                    "--issuer",
+                    self.idp_url,
+                    "--client-id",
+                    CLIENT_ID,
+                    "--client-secret",
+                    CLIENT_SECRET,
+                    "--audience",
+                    AUDIENCE,
+                    "--redirect-uri",
+                    f"{self.envoy_url}/_stepup/callback",
+                    *(["--signing-key", str(self.idp_signing_key)] if self.idp_signing_key else []),
+                    *self.idp_args,
+                ],
+            )
             discovery = f"{self.idp_url}/.well-known/openid-configuration"
             waits.append((idp, discovery, lambda: http_ok(discovery)))
-        echo = self._proc("echo", [py, "-m", "authz.demo.echo", "--host", HOST,
-                                   "--port", str(self.upstream_port)])
+        echo = self._proc(
+            "echo", [py, "-m", "authz.demo.echo", "--host", HOST, "--port", str(self.upstream_port)]
+        )
         waits.append((echo, self.upstream_url, lambda: http_ok(f"{self.upstream_url}/")))
         exporter_wait: list[tuple[_Proc, str, Callable[[], bool]]] = []
         for proc, what, probe in waits:
@@ -524,17 +591,32 @@ class Stack:
             service = self._proc("service", self._service_argv())
             readyz = f"{self.service_http_url}/readyz"
             waits.append((service, readyz, lambda: http_ok(readyz)))
-        envoy = self._proc("envoy", [
-            _tool("envoy"), "-c", str(self.workdir / "envoy.yaml"), "--log-level", "warn",
-            "--concurrency", "1",
-            # Access log lines reach envoy.log within 0.1 s (the default batches for 10 s).
-            "--file-flush-interval-msec", "100",
-            # Hot-restart shared memory is keyed by base id: a distinct id per Envoy lets
-            # several stacks (parallel tests, a demo beside a test run) coexist.
-            "--base-id", str((os.getpid() % 4_000_000) * 100 + next(_base_ids) % 100),
-        ])
-        waits.append((envoy, f"{self.admin_url}/ready",
-                      lambda: http_ok(f"{self.admin_url}/ready", expect=b"LIVE")))
+        envoy = self._proc(
+            "envoy",
+            [
+                _tool("envoy"),
+                "-c",
+                str(self.workdir / "envoy.yaml"),
+                "--log-level",
+                "warn",
+                "--concurrency",
+                "1",
+                # Access log lines reach envoy.log within 0.1 s (the default batches for 10 s).
+                "--file-flush-interval-msec",
+                "100",
+                # Hot-restart shared memory is keyed by base id: a distinct id per Envoy lets
+                # several stacks (parallel tests, a demo beside a test run) coexist.
+                "--base-id",
+                str((os.getpid() % 4_000_000) * 100 + next(_base_ids) % 100),
+            ],
+        )
+        waits.append(
+            (
+                envoy,
+                f"{self.admin_url}/ready",
+                lambda: http_ok(f"{self.admin_url}/ready", expect=b"LIVE"),
+            )
+        )
         for proc, what, probe in waits:
             proc.wait_ready(what, probe, t)
 
@@ -639,9 +721,11 @@ class Stack:
         deadline = time.monotonic() + timeout
         while not self.audit_caught_up():
             if time.monotonic() > deadline:
-                raise StackError(f"the audit archive is behind the stream after {timeout:.0f}s"
-                                 f"; {self.log_path('exporter')}:\n"
-                                 f"{self._procs['exporter'].tail()}")
+                raise StackError(
+                    f"the audit archive is behind the stream after {timeout:.0f}s"
+                    f"; {self.log_path('exporter')}:\n"
+                    f"{self._procs['exporter'].tail()}"
+                )
             time.sleep(0.05)
 
     def _drain_audit(self, timeout: float = 3.0) -> None:
@@ -675,6 +759,10 @@ class Stack:
     def __enter__(self) -> Stack:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()

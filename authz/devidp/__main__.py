@@ -49,11 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="YAML with extra users and clients")
     serve.add_argument("--signing-key", type=Path, help="RSA private key PEM (default: fresh)")
     serve.add_argument("--log-level", default="INFO")
-    serve.add_argument("--misbehave", metavar="JSON",
-                       help="TEST-ONLY: knobs that make the provider misbehave "
-                            "(authz.devidp.misbehave), e.g. '{\"acr\": \"pwd\"}'")
-    serve.add_argument("--test-knobs", action="store_true",
-                       help="TEST-ONLY: let tests change the knobs with PUT /_test/misbehave")
+    serve.add_argument(
+        "--misbehave",
+        metavar="JSON",
+        help="TEST-ONLY: knobs that make the provider misbehave "
+        '(authz.devidp.misbehave), e.g. \'{"acr": "pwd"}\'',
+    )
+    serve.add_argument(
+        "--test-knobs",
+        action="store_true",
+        help="TEST-ONLY: let tests change the knobs with PUT /_test/misbehave",
+    )
     totp = sub.add_parser("totp", help="print the current TOTP code of a dev user")
     totp.add_argument("--user", default="alice")
     totp.add_argument("--config", type=Path, help="YAML with extra users and clients")

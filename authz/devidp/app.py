@@ -107,8 +107,11 @@ class Provider:
         self.knobs = config.misbehave
         self.tokens = TokenEndpoint(config, self.key, self.knobs)
         if self.knobs.active or config.test_knobs:
-            log.warning("DEV IdP MISBEHAVES ON PURPOSE (test knobs: %s, run-time changes %s)",
-                        self.knobs, "allowed" if config.test_knobs else "off")
+            log.warning(
+                "DEV IdP MISBEHAVES ON PURPOSE (test knobs: %s, run-time changes %s)",
+                self.knobs,
+                "allowed" if config.test_knobs else "off",
+            )
         self._pending: dict[str, _Pending] = {}
         self._sessions: dict[str, _Session] = {}
         parts = urlsplit(config.issuer)

@@ -77,13 +77,13 @@ def parse(raw: str | dict[str, Any] | None) -> Misbehaviour:
     known = {f.name for f in fields(Misbehaviour)}
     unknown = sorted(set(doc) - known)
     if unknown:
-        raise ConfigError(f"misbehave: unknown knob(s) {', '.join(unknown)}; "
-                          f"known: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"misbehave: unknown knob(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
     try:
         knobs = Misbehaviour(**doc)
     except TypeError as exc:
         raise ConfigError(f"misbehave: {exc}") from exc
-    if not isinstance(knobs.auth_time_offset_s, int) or isinstance(knobs.auth_time_offset_s,
-                                                                    bool):
+    if not isinstance(knobs.auth_time_offset_s, int) or isinstance(knobs.auth_time_offset_s, bool):
         raise ConfigError("misbehave: auth_time_offset_s must be an integer")
     return knobs

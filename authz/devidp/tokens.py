@@ -92,8 +92,9 @@ def s256(verifier: str) -> str:
 class TokenEndpoint:
     """``POST /token``. Holds the one-time authorization codes."""
 
-    def __init__(self, config: DevIdpConfig, key: SigningKey,
-                 knobs: Misbehaviour | None = None) -> None:
+    def __init__(
+        self, config: DevIdpConfig, key: SigningKey, knobs: Misbehaviour | None = None
+    ) -> None:
         self._config = config
         self._key = key
         self._codes: dict[str, CodeGrant] = {}

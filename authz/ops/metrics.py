@@ -11,7 +11,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 # Buckets centred on the budget: a Check should take well under 2 ms.
 _LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
 )
 
 
@@ -24,23 +35,35 @@ class Metrics:
             "checks", "Check decisions.", ["outcome", "reason", "level"], namespace=ns, registry=r
         )
         self.check_duration = Histogram(
-            "check_duration_seconds", "Time to decide one Check, inside the service.",
-            namespace=ns, registry=r, buckets=_LATENCY_BUCKETS,
+            "check_duration_seconds",
+            "Time to decide one Check, inside the service.",
+            namespace=ns,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
         )
         self.challenges = Counter(
-            "stepup_challenges", "Step-up challenges issued.", ["level", "mode"],
-            namespace=ns, registry=r,
+            "stepup_challenges",
+            "Step-up challenges issued.",
+            ["level", "mode"],
+            namespace=ns,
+            registry=r,
         )
         self.completions = Counter(
-            "stepup_completions", "Step-up round trips completed at the callback.",
-            ["level", "result", "factor"], namespace=ns, registry=r,
+            "stepup_completions",
+            "Step-up round trips completed at the callback.",
+            ["level", "result", "factor"],
+            namespace=ns,
+            registry=r,
         )
         self.redis_errors = Counter(
             "redis_errors", "Session store errors and timeouts.", ["op"], namespace=ns, registry=r
         )
         self.fail_closed = Counter(
-            "fail_closed", "Requests denied because something failed.", ["cause"],
-            namespace=ns, registry=r,
+            "fail_closed",
+            "Requests denied because something failed.",
+            ["cause"],
+            namespace=ns,
+            registry=r,
         )
         self.policy_reloads = Counter(
             "policy_reloads", "Policy reload attempts.", ["result"], namespace=ns, registry=r
@@ -50,25 +73,39 @@ class Metrics:
             "token_cache_entries", "Verified tokens cached.", namespace=ns, registry=r
         )
         self.shadow_matches = Counter(
-            "shadow_matches", "Shadow rules that matched: what they would have done, counted "
-            "but not enforced.", ["rule"], namespace=ns, registry=r,
+            "shadow_matches",
+            "Shadow rules that matched: what they would have done, counted but not enforced.",
+            ["rule"],
+            namespace=ns,
+            registry=r,
         )
         self.signals = Counter(
-            "signals", "Context and behavioural signals that fired.", ["signal"],
-            namespace=ns, registry=r,
+            "signals",
+            "Context and behavioural signals that fired.",
+            ["signal"],
+            namespace=ns,
+            registry=r,
         )
         self.noscript = Counter(
             "redis_noscript",
             "EVALSHA answered NOSCRIPT (script cache flushed): re-sent with EVAL.",
-            namespace=ns, registry=r,
+            namespace=ns,
+            registry=r,
         )
         self.corrupt_grants = Counter(
-            "corrupt_grants", "Grant values in the store that did not decode (ignored).",
-            namespace=ns, registry=r,
+            "corrupt_grants",
+            "Grant values in the store that did not decode (ignored).",
+            namespace=ns,
+            registry=r,
         )
         # Pre-create the fail-closed series so alerts see a 0 before the first failure.
-        for cause in ("session-store-unavailable", "keys-unavailable", "internal-error",
-                      "deadline-exceeded", "audit-unavailable"):
+        for cause in (
+            "session-store-unavailable",
+            "keys-unavailable",
+            "internal-error",
+            "deadline-exceeded",
+            "audit-unavailable",
+        ):
             self.fail_closed.labels(cause=cause)
         for op in ("read", "write", "state", "note"):
             self.redis_errors.labels(op=op)

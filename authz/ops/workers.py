@@ -53,8 +53,9 @@ def _check_ports(settings: Settings) -> None:
         ports["http_authz.port"] = settings.http_authz.port
     zero = [name for name, port in ports.items() if port == 0]
     if zero:
-        raise ConfigError("--workers needs fixed ports (0 would differ per worker)",
-                          location=", ".join(zero))
+        raise ConfigError(
+            "--workers needs fixed ports (0 would differ per worker)", location=", ".join(zero)
+        )
 
 
 def worker_argv(config: Path) -> list[str]:
@@ -77,8 +78,10 @@ def supervise(config: Path, settings: Settings, workers: int) -> int:
 
         embedded = EmbeddedValkey()
         env["REDIS_URL"] = embedded.start()
-        log.info("no REDIS_URL: started one embedded Valkey for all workers",
-                 extra={"url": env["REDIS_URL"]})
+        log.info(
+            "no REDIS_URL: started one embedded Valkey for all workers",
+            extra={"url": env["REDIS_URL"]},
+        )
     procs: list[subprocess.Popen[bytes]] = []
     stopping = False
 
@@ -92,22 +95,24 @@ def supervise(config: Path, settings: Settings, workers: int) -> int:
                 with contextlib.suppress(ProcessLookupError):
                     p.send_signal(sig)
 
-    previous = {s: signal.signal(s, forward)
-                for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    previous = {
+        s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    }
     code = 0
     try:
         for _ in range(workers):
             procs.append(subprocess.Popen(worker_argv(config), env=env))
-        log.info("workers started", extra={"workers": workers,
-                                           "pids": [p.pid for p in procs]})
+        log.info("workers started", extra={"workers": workers, "pids": [p.pid for p in procs]})
         while True:
             exited = [p for p in procs if p.poll() is not None]
             if len(exited) == len(procs):
                 break
             if exited and not stopping:
                 died = exited[0]
-                log.error("a worker exited; stopping the others",
-                          extra={"pid": died.pid, "returncode": died.returncode})
+                log.error(
+                    "a worker exited; stopping the others",
+                    extra={"pid": died.pid, "returncode": died.returncode},
+                )
                 code = died.returncode or 1
                 forward(signal.SIGTERM, None)
             time.sleep(_POLL_S)

@@ -43,8 +43,9 @@ class StepupTokens(Protocol):
 
 
 class StepupStore(Protocol):
-    async def write_grant(self, user: str, session: str, grant: Grant, now: int, *,
-                          remember_device: bool = True) -> None: ...
+    async def write_grant(
+        self, user: str, session: str, grant: Grant, now: int, *, remember_device: bool = True
+    ) -> None: ...
     async def put_state(self, state_id: str, payload: dict[str, Any], ttl_s: int) -> None: ...
     async def take_state(self, state_id: str) -> dict[str, Any] | None: ...
     async def ping(self) -> bool: ...
@@ -131,16 +132,24 @@ class StepupApp:
         return web.Response(status=200 if ok else 503, text=body)
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(self.metrics.registry),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )
 
     # -- helpers --------------------------------------------------------------------------
 
     def _page(self, status: int, title: str, detail: str) -> web.Response:
-        body = (f"<!doctype html><title>{title}</title><h1>{title}</h1><p>{detail}</p>"
-                f'<p><a href="{self.s.landing_path}">Continue</a></p>')
-        return web.Response(status=status, text=body, content_type="text/html",
-                            headers={"Cache-Control": "no-store"})
+        body = (
+            f"<!doctype html><title>{title}</title><h1>{title}</h1><p>{detail}</p>"
+            f'<p><a href="{self.s.landing_path}">Continue</a></p>'
+        )
+        return web.Response(
+            status=status,
+            text=body,
+            content_type="text/html",
+            headers={"Cache-Control": "no-store"},
+        )
 
     def _identity_token(self, request: web.Request) -> str | None:
         auth = request.headers.get("Authorization", "")
@@ -149,8 +158,9 @@ class StepupApp:
         values = cookie_values(request.headers.get("Cookie", ""), self.oidc_settings.token_cookie)
         return values[0] if len(values) == 1 and values[0] else None
 
-    async def _begin(self, payload: dict[str, Any], level: Level | None,
-                     login_hint: str | None) -> web.StreamResponse:
+    async def _begin(
+        self, payload: dict[str, Any], level: Level | None, login_hint: str | None
+    ) -> web.StreamResponse:
         state = secrets.token_urlsafe(32)
         nonce = secrets.token_urlsafe(24)
         verifier, challenge = pkce_pair()
@@ -161,14 +171,24 @@ class StepupApp:
             self.metrics.redis_errors.labels(op="state").inc()
             return self._page(503, "Temporarily unavailable", "Please try again shortly.")
         url = self.oidc.authorize_url(
-            state=state, nonce=nonce, code_challenge=challenge,
+            state=state,
+            nonce=nonce,
+            code_challenge=challenge,
             acr_values=tuple(sorted(level.acr)) if level is not None else (),
             max_age=level.max_age if level is not None else None,
-            prompt_login=level is not None, login_hint=login_hint,
+            prompt_login=level is not None,
+            login_hint=login_hint,
         )
         resp = _redirect(302, url)
-        resp.set_cookie(self.state_cookie, state, max_age=self.s.state_ttl_s, path="/",
-                        secure=self.s.cookie_secure, httponly=True, samesite="Lax")
+        resp.set_cookie(
+            self.state_cookie,
+            state,
+            max_age=self.s.state_ttl_s,
+            path="/",
+            secure=self.s.cookie_secure,
+            httponly=True,
+            samesite="Lax",
+        )
         return resp
 
     # -- endpoints ------------------------------------------------------------------------
@@ -196,11 +216,13 @@ class StepupApp:
             # The device and IP the Check saw, so the grant is bound to them; a link
             # without a valid context is refused rather than bound to nothing.
             try:
-                device, ip = self.signer.verify(request.query.get("ctx", ""),
-                                                level=level.name, now=int(self.clock()))
+                device, ip = self.signer.verify(
+                    request.query.get("ctx", ""), level=level.name, now=int(self.clock())
+                )
             except ValueError:
-                return self._page(400, "Step-up link expired",
-                                  "Go back to the page you wanted and try again.")
+                return self._page(
+                    400, "Step-up link expired", "Go back to the page you wanted and try again."
+                )
         payload = {
             "kind": "stepup",
             "rd": rd,
@@ -239,8 +261,9 @@ class StepupApp:
         try:
             tokens = await self.oidc.exchange_code(q["code"], str(saved["verifier"]))
             now = int(self.clock())
-            claims = await self.tokens.verify_id_token(tokens["id_token"], now,
-                                                       nonce=str(saved["nonce"]))
+            claims = await self.tokens.verify_id_token(
+                tokens["id_token"], now, nonce=str(saved["nonce"])
+            )
         except (OidcError, TokenError) as exc:
             log.warning("step-up callback refused", extra={"reason": str(exc)})
             self._completion(level_name, "token-rejected", "none")
@@ -249,8 +272,9 @@ class StepupApp:
             return await self._finish_login(tokens, saved, now)
         return await self._finish_stepup(claims, saved, now)
 
-    async def _finish_login(self, tokens: dict[str, Any], saved: dict[str, Any],
-                            now: int) -> web.StreamResponse:
+    async def _finish_login(
+        self, tokens: dict[str, Any], saved: dict[str, Any], now: int
+    ) -> web.StreamResponse:
         access = tokens.get("access_token")
         try:
             identity = await self.tokens.verify_access_token(str(access), now)
@@ -259,14 +283,21 @@ class StepupApp:
             return self._page(403, "Sign-in refused", "The sign-in could not be verified.")
         self._completion("login", "success", _factor(identity.evidence.amr))
         resp = _redirect(303, str(saved["rd"]))
-        resp.set_cookie(self.oidc_settings.token_cookie, str(access),
-                        max_age=max(1, identity.expires_at - now), path="/",
-                        secure=self.s.cookie_secure, httponly=True, samesite="Lax")
+        resp.set_cookie(
+            self.oidc_settings.token_cookie,
+            str(access),
+            max_age=max(1, identity.expires_at - now),
+            path="/",
+            secure=self.s.cookie_secure,
+            httponly=True,
+            samesite="Lax",
+        )
         resp.del_cookie(self.state_cookie, path="/")
         return resp
 
-    async def _finish_stepup(self, claims: dict[str, Any], saved: dict[str, Any],
-                             now: int) -> web.StreamResponse:
+    async def _finish_stepup(
+        self, claims: dict[str, Any], saved: dict[str, Any], now: int
+    ) -> web.StreamResponse:
         level = self.policy.current.policy.by_name.get(str(saved.get("level")))
         leeway = self.oidc_settings.leeway_s
         acr, amr, auth_time = claims.get("acr"), claims.get("amr") or [], claims.get("auth_time")
@@ -283,15 +314,26 @@ class StepupApp:
             result = "auth-time-future"
         elif auth_time < int(saved["iat"]) - leeway:
             result = "auth-too-old"  # not a fresh authentication for this challenge
-        elif not (isinstance(acr, str) and isinstance(amr, list)
-                  and all(isinstance(a, str) for a in amr)):
+        elif not (
+            isinstance(acr, str) and isinstance(amr, list) and all(isinstance(a, str) for a in amr)
+        ):
             result = "claims-invalid"
-        evidence = Evidence(acr if isinstance(acr, str) else None,
-                            tuple(a for a in amr if isinstance(a, str)),
-                            auth_time if isinstance(auth_time, int) else None)
-        if result == "success" and level is not None and not satisfies(
-            evidence, acr=level.acr, amr_any=level.amr_any, max_age=level.max_age, now=now,
-            leeway=leeway,
+        evidence = Evidence(
+            acr if isinstance(acr, str) else None,
+            tuple(a for a in amr if isinstance(a, str)),
+            auth_time if isinstance(auth_time, int) else None,
+        )
+        if (
+            result == "success"
+            and level is not None
+            and not satisfies(
+                evidence,
+                acr=level.acr,
+                amr_any=level.amr_any,
+                max_age=level.max_age,
+                now=now,
+                leeway=leeway,
+            )
         ):
             result = "acr-insufficient"
         factor = _factor(evidence.amr)
@@ -299,20 +341,27 @@ class StepupApp:
         ttl = (level.grant_ttl or level.max_age or self.s.default_grant_ttl_s) if level else 0
         audit = stepup_completed(
             result=result,  # "auth-time-missing" already when auth_time is absent
-            level=str(saved.get("level")), user=user, session=str(saved.get("sk")),
-            acr=evidence.acr, amr=evidence.amr, auth_time=evidence.auth_time,
+            level=str(saved.get("level")),
+            user=user,
+            session=str(saved.get("sk")),
+            acr=evidence.acr,
+            amr=evidence.amr,
+            auth_time=evidence.auth_time,
             issuer=str(claims.get("iss")),
-            device=saved.get("device"), client_ip=saved.get("ip"),
-            grant_expires_at=(evidence.auth_time + ttl
-                              if result == "success" and evidence.auth_time else None),
+            device=saved.get("device"),
+            client_ip=saved.get("ip"),
+            grant_expires_at=(
+                evidence.auth_time + ttl if result == "success" and evidence.auth_time else None
+            ),
             policy_version=self.policy.current.version,
         )
         if result != "success" or level is None or evidence.auth_time is None:
             if self.auditor is not None:
                 self.auditor.emit(audit)
             self._completion(str(saved.get("level")), result, factor)
-            return self._page(403, "Step-up not accepted",
-                              "The sign-in did not meet the required strength.")
+            return self._page(
+                403, "Step-up not accepted", "The sign-in did not meet the required strength."
+            )
         device = saved.get("device")
         new_cookie = None
         if device is None and self.device_cookie:
@@ -320,10 +369,14 @@ class StepupApp:
             # the "known device" record name it.
             new_cookie = secrets.token_urlsafe(24)
             device = cookie_device_id(new_cookie)
-        grant = Grant(level=level.name, evidence=evidence,
-                      expires_at=evidence.auth_time + ttl, issued_at=now,
-                      device=device if isinstance(device, str) else None,
-                      ip=saved.get("ip") if isinstance(saved.get("ip"), str) else None)
+        grant = Grant(
+            level=level.name,
+            evidence=evidence,
+            expires_at=evidence.auth_time + ttl,
+            issued_at=now,
+            device=device if isinstance(device, str) else None,
+            ip=saved.get("ip") if isinstance(saved.get("ip"), str) else None,
+        )
         if self.auditor is not None:
             # Audit before grant: no grant exists without its durable completion record,
             # which names the device the grant is bound to (a new device cookie's hash).
@@ -341,13 +394,27 @@ class StepupApp:
             self._completion(level.name, "store-error", factor)
             return self._page(503, "Temporarily unavailable", "Please try again shortly.")
         self._completion(level.name, "success", factor)
-        log.info("step-up granted", extra={"stepup_level": level.name, "acr": evidence.acr,
-                                           "factor": factor, "expires_at": grant.expires_at})
+        log.info(
+            "step-up granted",
+            extra={
+                "stepup_level": level.name,
+                "acr": evidence.acr,
+                "factor": factor,
+                "expires_at": grant.expires_at,
+            },
+        )
         resp = _redirect(303, str(saved["rd"]))
         resp.del_cookie(self.state_cookie, path="/")
         if new_cookie is not None and self.device_cookie:
-            resp.set_cookie(self.device_cookie, new_cookie, max_age=400 * 86_400, path="/",
-                            secure=self.s.cookie_secure, httponly=True, samesite="Lax")
+            resp.set_cookie(
+                self.device_cookie,
+                new_cookie,
+                max_age=400 * 86_400,
+                path="/",
+                secure=self.s.cookie_secure,
+                httponly=True,
+                samesite="Lax",
+            )
         return resp
 
     def _completion(self, level: str, result: str, factor: str) -> None:

@@ -39,8 +39,11 @@ class ContextSigner:
         return cls(key, max_age_s)
 
     def sign(self, *, level: str, device: str | None, ip: str | None, now: int) -> str:
-        body = _b64(json.dumps({"l": level, "d": device, "ip": ip, "t": now},
-                               separators=(",", ":")).encode())
+        body = _b64(
+            json.dumps(
+                {"l": level, "d": device, "ip": ip, "t": now}, separators=(",", ":")
+            ).encode()
+        )
         mac = hmac.new(self._key, body.encode(), hashlib.sha256).digest()
         return f"{body}.{_b64(mac)}"
 

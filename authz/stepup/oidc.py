@@ -124,11 +124,14 @@ class OidcClient:
                 body = await resp.json(content_type=None)
                 if resp.status != 200:
                     error = body.get("error") if isinstance(body, dict) else None
-                    raise OidcError(f"token endpoint: HTTP {resp.status} {error or ''}".strip(),
-                                    reason="code-exchange-failed")
+                    raise OidcError(
+                        f"token endpoint: HTTP {resp.status} {error or ''}".strip(),
+                        reason="code-exchange-failed",
+                    )
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise OidcError(f"token endpoint unreachable: {exc.__class__.__name__}",
-                            reason="idp-unavailable") from exc
+            raise OidcError(
+                f"token endpoint unreachable: {exc.__class__.__name__}", reason="idp-unavailable"
+            ) from exc
         if not isinstance(body, dict) or not isinstance(body.get("id_token"), str):
             raise OidcError("token response has no id_token", reason="code-exchange-failed")
         return body

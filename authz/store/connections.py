@@ -102,8 +102,9 @@ class SentinelWatcher:
     moves to the next when that one fails.
     """
 
-    def __init__(self, client: Any, master_name: str, *, poll_s: float = 1.0,
-                 retry_s: float = 1.0) -> None:
+    def __init__(
+        self, client: Any, master_name: str, *, poll_s: float = 1.0, retry_s: float = 1.0
+    ) -> None:
         self.client = client
         self.master_name = master_name
         self.poll_s, self.retry_s = poll_s, retry_s
@@ -132,18 +133,22 @@ class SentinelWatcher:
                 await pubsub.subscribe("+switch-master")
                 failures = 0
                 while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True,
-                                                   timeout=self.poll_s)
+                    msg = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=self.poll_s
+                    )
                     if msg is not None:
                         await self._on_switch(msg.get("data"))
             except (RedisError, OSError) as exc:
                 failures += 1
                 if failures <= len(sentinels):  # one warning per sentinel, not one a second
-                    log.warning("sentinel watch: lost a sentinel; trying the next",
-                                extra={"error": f"{type(exc).__name__}: {exc}"})
+                    log.warning(
+                        "sentinel watch: lost a sentinel; trying the next",
+                        extra={"error": f"{type(exc).__name__}: {exc}"},
+                    )
                 # Through every sentinel once at retry_s, then backing off to 10 s.
-                await asyncio.sleep(min(self.retry_s * 2 ** max(0, failures - len(sentinels)),
-                                        10.0))
+                await asyncio.sleep(
+                    min(self.retry_s * 2 ** max(0, failures - len(sentinels)), 10.0)
+                )
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()
@@ -154,8 +159,10 @@ class SentinelWatcher:
         if not parts or parts[0] != self.master_name:
             return
         self.switches += 1
-        log.warning("sentinel: primary switched; reconnecting to the new primary",
-                    extra={"master": self.master_name, "switch": text})
+        log.warning(
+            "sentinel: primary switched; reconnecting to the new primary",
+            extra={"master": self.master_name, "switch": text},
+        )
         await self.client.connection_pool.disconnect(inuse_connections=True)
 
 
@@ -168,17 +175,21 @@ def make_redis(settings: RedisSettings, url: str | None = None) -> Any:
 
         sn = settings.sentinel
         kwargs = _common_kwargs(settings)
-        sentinel_kwargs: dict[str, Any] = {"socket_timeout": kwargs["socket_timeout"],
-                                           "socket_connect_timeout": kwargs["socket_timeout"]}
+        sentinel_kwargs: dict[str, Any] = {
+            "socket_timeout": kwargs["socket_timeout"],
+            "socket_connect_timeout": kwargs["socket_timeout"],
+        }
         if sn.password_file is not None:
-            sentinel_kwargs["password"] = _read_secret(sn.password_file,
-                                                       "redis.sentinel.password_file")
+            sentinel_kwargs["password"] = _read_secret(
+                sn.password_file, "redis.sentinel.password_file"
+            )
         if sn.ssl:
             kwargs.update(ssl=True, **_tls_kwargs(settings))
             sentinel_kwargs.update(ssl=True, **_tls_kwargs(settings))
         # redis-py's asyncio Sentinel constructor carries no annotations.
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            [_split(n) for n in sn.nodes], sentinel_kwargs=sentinel_kwargs, **kwargs)
+            [_split(n) for n in sn.nodes], sentinel_kwargs=sentinel_kwargs, **kwargs
+        )
         return sentinel.master_for(sn.master_name, redis_class=_SentinelPrimary)
     if settings.cluster is not None:
         from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -191,7 +202,8 @@ def make_redis(settings: RedisSettings, url: str | None = None) -> Any:
         # or timeout is not retried. (``cluster_error_retry_attempts`` is deprecated since
         # redis-py 6 and warns, which the test suite turns into an error.)
         return RedisCluster(
-            startup_nodes=[ClusterNode(*_split(n)) for n in settings.cluster.nodes], **kwargs,
+            startup_nodes=[ClusterNode(*_split(n)) for n in settings.cluster.nodes],
+            **kwargs,
         )
     url = url or settings.url
     if url is None:

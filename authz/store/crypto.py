@@ -88,8 +88,9 @@ def parse_key(data: bytes, *, source: str = "key") -> bytes:
         return data
     try:
         text = data.decode("ascii").strip()
-        key = base64.b64decode(text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4),
-                               validate=True)
+        key = base64.b64decode(
+            text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4), validate=True
+        )
     except (UnicodeDecodeError, binascii.Error, ValueError):
         key = b""
     if len(key) != KEY_BYTES:
@@ -103,8 +104,14 @@ class FieldCipher:
 
     __slots__ = ("_active", "_active_prefix", "_aead", "_mac", "_previous", "ephemeral")
 
-    def __init__(self, keys: Mapping[str, bytes], active_kid: str, *,
-                 previous_kid: str | None = None, ephemeral: bool = False) -> None:
+    def __init__(
+        self,
+        keys: Mapping[str, bytes],
+        active_kid: str,
+        *,
+        previous_kid: str | None = None,
+        ephemeral: bool = False,
+    ) -> None:
         if not keys:
             raise ValueError("the keyring is empty")
         for kid, key in keys.items():
@@ -127,19 +134,20 @@ class FieldCipher:
     def generate(cls, key: bytes | None = None) -> FieldCipher:
         """A one-process key (development, demo, tests): nothing it wrote survives a restart
         or can be read by another replica. ``key``: share one among local workers."""
-        return cls({_EPHEMERAL_KID: key or os.urandom(KEY_BYTES)}, _EPHEMERAL_KID,
-                   ephemeral=True)
+        return cls({_EPHEMERAL_KID: key or os.urandom(KEY_BYTES)}, _EPHEMERAL_KID, ephemeral=True)
 
     @classmethod
-    def from_files(cls, keys: Mapping[str, Path], active_kid: str, *,
-                   previous_kid: str | None = None) -> FieldCipher:
+    def from_files(
+        cls, keys: Mapping[str, Path], active_kid: str, *, previous_kid: str | None = None
+    ) -> FieldCipher:
         material: dict[str, bytes] = {}
         for kid, path in keys.items():
             try:
                 data = path.read_bytes()
             except OSError as exc:
-                raise ConfigError(f"cannot read key {kid!r}: {exc.strerror}",
-                                  location=f"crypto.keys.{kid}") from exc
+                raise ConfigError(
+                    f"cannot read key {kid!r}: {exc.strerror}", location=f"crypto.keys.{kid}"
+                ) from exc
             material[kid] = parse_key(data, source=f"crypto.keys.{kid}")
         try:
             return cls(material, active_kid, previous_kid=previous_kid)
@@ -215,21 +223,24 @@ def ephemeral_key_env() -> dict[str, str]:
     return {EPHEMERAL_KEY_ENV: _b64e(os.urandom(KEY_BYTES))}
 
 
-def cipher_from_settings(settings: CryptoSettings,
-                         env: Mapping[str, str] | None = None) -> FieldCipher:
+def cipher_from_settings(
+    settings: CryptoSettings, env: Mapping[str, str] | None = None
+) -> FieldCipher:
     """The configured keyring; without keys an ephemeral one, announced loudly (refused
     earlier, at settings validation, when ``crypto.require`` is set)."""
     if settings.active_kid is None:
         if settings.require:  # also refused by CryptoSettings; kept for direct callers
-            raise ConfigError("crypto.require is set but no keys are configured",
-                              location="crypto")
-        log.warning("NO ENCRYPTION KEY CONFIGURED (crypto.keys): Redis values are encrypted "
-                    "under a random per-process key. Data does not survive a restart and "
-                    "replicas cannot read each other's state. Never run production like this; "
-                    "set crypto.keys, crypto.active_kid and crypto.require: true.")
+            raise ConfigError("crypto.require is set but no keys are configured", location="crypto")
+        log.warning(
+            "NO ENCRYPTION KEY CONFIGURED (crypto.keys): Redis values are encrypted "
+            "under a random per-process key. Data does not survive a restart and "
+            "replicas cannot read each other's state. Never run production like this; "
+            "set crypto.keys, crypto.active_kid and crypto.require: true."
+        )
         shared = (os.environ if env is None else env).get(EPHEMERAL_KEY_ENV)
         if shared:
             return FieldCipher.generate(parse_key(shared.encode(), source=EPHEMERAL_KEY_ENV))
         return FieldCipher.generate()
-    return FieldCipher.from_files(settings.keys, settings.active_kid,
-                                  previous_kid=settings.previous_kid)
+    return FieldCipher.from_files(
+        settings.keys, settings.active_kid, previous_kid=settings.previous_kid
+    )

@@ -231,16 +231,19 @@ class FastRedis:
         self.connects = 0  # successful connects so far (tests, metrics)
 
     @classmethod
-    def from_url(cls, url: str, *, password: str | None = None, ca_file: str | None = None,
-                 **kwargs: Any) -> FastRedis:
+    def from_url(
+        cls, url: str, *, password: str | None = None, ca_file: str | None = None, **kwargs: Any
+    ) -> FastRedis:
         """``rediss://`` verifies the server certificate (``ca_file`` or the system store)
         and its host name, as ``redis_conn.make_client`` does. ``password`` (from a file)
         must not also be in the URL."""
         p = parse_url(url)
         if password is not None:
             if p["password"] is not None:
-                raise ConfigError("a password is set both in the URL and in password_file",
-                                  location="redis.password_file")
+                raise ConfigError(
+                    "a password is set both in the URL and in password_file",
+                    location="redis.password_file",
+                )
             p["password"] = password
         ctx = None
         if p.pop("tls"):
@@ -341,10 +344,13 @@ class FastRedis:
                     await loop.create_unix_connection(lambda: conn, self._path)
                 else:
                     await loop.create_connection(
-                        lambda: conn, self._host, self._port, ssl=self._ssl,
-                        server_hostname=self._server_hostname if self._ssl else None)
-                replies = [conn.send(_pack(tuple(cmd)), loop)
-                           for cmd in self._hello]
+                        lambda: conn,
+                        self._host,
+                        self._port,
+                        ssl=self._ssl,
+                        server_hostname=self._server_hostname if self._ssl else None,
+                    )
+                replies = [conn.send(_pack(tuple(cmd)), loop) for cmd in self._hello]
                 for reply in replies:
                     await reply
         except BaseException as exc:
@@ -365,7 +371,6 @@ class FastRedis:
         return sum(len(c.waiters) for c in self._conns if c is not None)
 
 
-
 def make_fast_redis(settings: RedisSettings, url: str | None = None) -> FastRedis | None:
     """The hot-path client for a plain ``url`` (or ``settings.url``); None for Sentinel,
     Cluster or ``fast_client: false`` (the store then runs its scripts through redis-py).
@@ -381,10 +386,12 @@ def make_fast_redis(settings: RedisSettings, url: str | None = None) -> FastRedi
             raise ConfigError(str(exc), location="redis.password_file") from exc
     deadline_s = settings.deadline_ms / 1000
     return FastRedis.from_url(
-        url, password=password,
+        url,
+        password=password,
         ca_file=str(settings.ca_file) if settings.ca_file is not None else None,
         connections=settings.fast_connections,
         # A connect, like redis-py's socket timeouts, gets the deadline plus a margin; a
         # request unanswered for 10 deadlines (>= 1 s) means the connection is dead.
-        connect_timeout_s=deadline_s + 0.1, stale_after_s=max(1.0, 10 * deadline_s),
+        connect_timeout_s=deadline_s + 0.1,
+        stale_after_s=max(1.0, 10 * deadline_s),
     )

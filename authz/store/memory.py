@@ -80,7 +80,10 @@ class MemorySessionStore:
     """
 
     def __init__(
-        self, now: Callable[[], float] = time.time, *, fail: bool = False,
+        self,
+        now: Callable[[], float] = time.time,
+        *,
+        fail: bool = False,
         limits: StoreLimits | None = None,
     ) -> None:
         self.now = now
@@ -103,8 +106,17 @@ class MemorySessionStore:
         return u
 
     async def read_check(
-        self, *, user: str, session: str, levels: Sequence[str], level: str,
-        device: str | None, ip: str | None, sensitive: bool, window_s: int, now: int,
+        self,
+        *,
+        user: str,
+        session: str,
+        levels: Sequence[str],
+        level: str,
+        device: str | None,
+        ip: str | None,
+        sensitive: bool,
+        window_s: int,
+        now: int,
     ) -> UserState:
         if window_s < 1:
             raise ValueError("window_s must be >= 1")
@@ -112,7 +124,8 @@ class MemorySessionStore:
         u = self._user(user, t)
         rb = u.revoked_before[0] if u.revoked_before is not None else None
         grants = tuple(
-            entry[0] for lv in levels
+            entry[0]
+            for lv in levels
             if (entry := u.grants.get((session, lv))) is not None
             and (rb is None or entry[0].issued_at >= rb)
         )
@@ -135,7 +148,13 @@ class MemorySessionStore:
         )
 
     def _touch_session(
-        self, u: _User, t: float, session: str, now: int, ip: str | None, device: str | None,
+        self,
+        u: _User,
+        t: float,
+        session: str,
+        now: int,
+        ip: str | None,
+        device: str | None,
         level: str | None,
     ) -> None:
         s = u.sessions.get(session)
@@ -171,8 +190,16 @@ class MemorySessionStore:
                 u.ips_exp = t + lim.history_ttl_s
 
     async def note_allow(
-        self, *, user: str, session: str, level: str, ip: str | None, device: str | None,
-        now: int, lat: float | None = None, lon: float | None = None,
+        self,
+        *,
+        user: str,
+        session: str,
+        level: str,
+        ip: str | None,
+        device: str | None,
+        now: int,
+        lat: float | None = None,
+        lon: float | None = None,
     ) -> None:
         t = self._enter()
         u = self._user(user, t)
@@ -217,7 +244,11 @@ class MemorySessionStore:
         u = self._user(user, t)
         out = [
             SessionInfo(
-                session=sk, created=s.created, last_seen=s.last_seen, ip=s.ip, device=s.device,
+                session=sk,
+                created=s.created,
+                last_seen=s.last_seen,
+                ip=s.ip,
+                device=s.device,
                 grants=tuple(g[0] for lv in s.levels if (g := u.grants.get((sk, lv)))),
             )
             for sk, s in u.sessions.items()

@@ -114,15 +114,32 @@ class SessionStore(Protocol):
     """What the service, the step-up callback and the API need (Redis or the fake)."""
 
     async def read_check(
-        self, *, user: str, session: str, levels: Sequence[str], level: str,
-        device: str | None, ip: str | None, sensitive: bool, window_s: int, now: int,
+        self,
+        *,
+        user: str,
+        session: str,
+        levels: Sequence[str],
+        level: str,
+        device: str | None,
+        ip: str | None,
+        sensitive: bool,
+        window_s: int,
+        now: int,
     ) -> UserState: ...
     async def write_grant(
         self, user: str, session: str, grant: Grant, now: int, *, remember_device: bool = True
     ) -> None: ...
     async def note_allow(
-        self, *, user: str, session: str, level: str, ip: str | None, device: str | None,
-        now: int, lat: float | None = None, lon: float | None = None,
+        self,
+        *,
+        user: str,
+        session: str,
+        level: str,
+        ip: str | None,
+        device: str | None,
+        now: int,
+        lat: float | None = None,
+        lon: float | None = None,
     ) -> None: ...
     async def revoke_session(self, user: str, session: str, now: int) -> bool: ...
     async def revoke_user(self, user: str, now: int) -> int: ...
@@ -203,8 +220,9 @@ def decode_sighting(raw: bytes | str) -> Sighting | None:
     try:
         text = raw.decode() if isinstance(raw, bytes) else raw
         at, ip, lat, lon = text.split(",")
-        return Sighting(at=int(at), ip=ip, lat=float(lat) if lat else None,
-                        lon=float(lon) if lon else None)
+        return Sighting(
+            at=int(at), ip=ip, lat=float(lat) if lat else None, lon=float(lon) if lon else None
+        )
     except (ValueError, UnicodeDecodeError):
         return None
 
@@ -222,13 +240,21 @@ def decode_session_entry(raw: bytes | str) -> dict[str, Any] | None:
     if isinstance(levels, dict) and not levels:
         levels = []  # Lua's cjson encodes an empty list as {}
     if not (
-        _int(created) and _int(last_seen)
-        and isinstance(levels, list) and all(isinstance(x, str) for x in levels)
-        and _opt_str(doc.get("ip")) and _opt_str(doc.get("device"))
+        _int(created)
+        and _int(last_seen)
+        and isinstance(levels, list)
+        and all(isinstance(x, str) for x in levels)
+        and _opt_str(doc.get("ip"))
+        and _opt_str(doc.get("device"))
     ):
         return None
-    return {"created": created, "last_seen": last_seen, "ip": doc.get("ip"),
-            "device": doc.get("device"), "levels": levels}
+    return {
+        "created": created,
+        "last_seen": last_seen,
+        "ip": doc.get("ip"),
+        "device": doc.get("device"),
+        "levels": levels,
+    }
 
 
 def velocity_estimate(current: int, previous: int, now: int, window_s: int) -> int:
@@ -382,8 +408,10 @@ class RedisSessionStore:
         if not value:
             return "", ""
         c = self._cipher
-        return (c.fingerprint(purpose, user, value),
-                c.previous_fingerprint(purpose, user, value) or "")
+        return (
+            c.fingerprint(purpose, user, value),
+            c.previous_fingerprint(purpose, user, value) or "",
+        )
 
     def _seal_opt(self, value: str | None, context: str) -> str:
         return self._cipher.encrypt(value, context) if value else ""
@@ -398,8 +426,9 @@ class RedisSessionStore:
             return None
         for name in ("ip", "device"):
             if entry[name] is not None:
-                entry[name] = self._cipher.decrypt_text(entry[name],
-                                                        _entry_context(sessions_key, sk, name))
+                entry[name] = self._cipher.decrypt_text(
+                    entry[name], _entry_context(sessions_key, sk, name)
+                )
                 if entry[name] is None:
                     self._corrupt()  # the entry still lists; the unreadable part is blank
         return entry
@@ -425,8 +454,17 @@ class RedisSessionStore:
             raise StoreError(f"{what} failed: {type(exc).__name__}") from exc
 
     async def read_check(
-        self, *, user: str, session: str, levels: Sequence[str], level: str,
-        device: str | None, ip: str | None, sensitive: bool, window_s: int, now: int,
+        self,
+        *,
+        user: str,
+        session: str,
+        levels: Sequence[str],
+        level: str,
+        device: str | None,
+        ip: str | None,
+        sensitive: bool,
+        window_s: int,
+        now: int,
     ) -> UserState:
         """Everything a Check needs about ``user`` / ``session``, in one round trip.
 
@@ -440,17 +478,25 @@ class RedisSessionStore:
             raise ValueError("window_s must be >= 1")
         k = self.keys(user)
         idx = now // window_s
-        keys = [k.revoked(session), k.revoked_before, k.devices, k.ips, k.levels_seen,
-                k.last_sighting, k.velocity(idx), k.velocity(idx - 1),
-                *(k.grant(session, lv) for lv in levels)]
+        keys = [
+            k.revoked(session),
+            k.revoked_before,
+            k.devices,
+            k.ips,
+            k.levels_seen,
+            k.last_sighting,
+            k.velocity(idx),
+            k.velocity(idx - 1),
+            *(k.grant(session, lv) for lv in levels),
+        ]
         dev_fp, dev_prev = self._fps("device", user, device)
         ip_fp, ip_prev = self._fps("ip", user, ip)
-        args = (dev_fp, ip_fp, level, "1" if sensitive else "0", 2 * window_s, dev_prev,
-                ip_prev)
+        args = (dev_fp, ip_fp, level, "1" if sensitive else "0", 2 * window_s, dev_prev, ip_prev)
         reply = await self._script("session read", _READ_CHECK, keys, args)
         try:
-            (revoked, rb_raw, dev_known, ip_known, seen, ls_raw, cur, prev_raw,
-             *grant_values) = reply
+            (revoked, rb_raw, dev_known, ip_known, seen, ls_raw, cur, prev_raw, *grant_values) = (
+                reply
+            )
         except (TypeError, ValueError) as exc:
             raise StoreError("session read: unexpected script reply") from exc
         revoked_before = _opt_int(rb_raw)
@@ -506,32 +552,66 @@ class RedisSessionStore:
         keys = [gkey, k.sessions, k.devices, k.ips]
         dev_fp, dev_prev = self._fps("device", user, grant.device)
         ip_fp, ip_prev = self._fps("ip", user, grant.ip)
-        args = (self._cipher.encrypt(encode_grant(grant), gkey), ttl, session, now, grant.level,
-                self._seal_opt(grant.device, _entry_context(k.sessions, session, "device")),
-                self._seal_opt(grant.ip, _entry_context(k.sessions, session, "ip")),
-                "1" if remember_device else "0", lim.max_sessions,
-                lim.session_ttl_s, lim.max_devices, lim.max_ips, lim.history_ttl_s,
-                dev_fp, ip_fp, dev_prev, ip_prev)
+        args = (
+            self._cipher.encrypt(encode_grant(grant), gkey),
+            ttl,
+            session,
+            now,
+            grant.level,
+            self._seal_opt(grant.device, _entry_context(k.sessions, session, "device")),
+            self._seal_opt(grant.ip, _entry_context(k.sessions, session, "ip")),
+            "1" if remember_device else "0",
+            lim.max_sessions,
+            lim.session_ttl_s,
+            lim.max_devices,
+            lim.max_ips,
+            lim.history_ttl_s,
+            dev_fp,
+            ip_fp,
+            dev_prev,
+            ip_prev,
+        )
         await self._script("grant write", _WRITE_GRANT, keys, args)
 
     async def note_allow(
-        self, *, user: str, session: str, level: str, ip: str | None, device: str | None,
-        now: int, lat: float | None = None, lon: float | None = None,
+        self,
+        *,
+        user: str,
+        session: str,
+        level: str,
+        ip: str | None,
+        device: str | None,
+        now: int,
+        lat: float | None = None,
+        lon: float | None = None,
     ) -> None:
         """After an allow, off the Check's critical path: level first seen, last sighting
         (only with an IP), session last_seen; refreshes a known device's / IP's recency."""
         _check_part("session", session)
         k, lim = self.keys(user), self.limits
-        sighting = (self._cipher.encrypt(encode_sighting(Sighting(now, ip, lat, lon)),
-                                         k.last_sighting) if ip else "")
+        sighting = (
+            self._cipher.encrypt(encode_sighting(Sighting(now, ip, lat, lon)), k.last_sighting)
+            if ip
+            else ""
+        )
         keys = [k.levels_seen, k.last_sighting, k.sessions, k.devices, k.ips]
         dev_fp, dev_prev = self._fps("device", user, device)
         ip_fp, ip_prev = self._fps("ip", user, ip)
-        args = (level, now, sighting, session,
-                self._seal_opt(device, _entry_context(k.sessions, session, "device")),
-                self._seal_opt(ip, _entry_context(k.sessions, session, "ip")),
-                lim.max_sessions, lim.session_ttl_s, lim.history_ttl_s,
-                dev_fp, ip_fp, dev_prev, ip_prev)
+        args = (
+            level,
+            now,
+            sighting,
+            session,
+            self._seal_opt(device, _entry_context(k.sessions, session, "device")),
+            self._seal_opt(ip, _entry_context(k.sessions, session, "ip")),
+            lim.max_sessions,
+            lim.session_ttl_s,
+            lim.history_ttl_s,
+            dev_fp,
+            ip_fp,
+            dev_prev,
+            ip_prev,
+        )
         await self._script("note allow", _NOTE_ALLOW, keys, args)
 
     async def revoke_session(self, user: str, session: str, now: int) -> bool:
@@ -568,8 +648,7 @@ class RedisSessionStore:
                     entries.append((sk, entry))
                 gkeys = [(sk, lv) for sk, e in entries for lv in e["levels"]]
                 values: list[Any] = (
-                    await self._client.mget([k.grant(sk, lv) for sk, lv in gkeys])
-                    if gkeys else []
+                    await self._client.mget([k.grant(sk, lv) for sk, lv in gkeys]) if gkeys else []
                 )
         except _CLIENT_ERRORS as exc:
             raise StoreError(f"list sessions failed: {type(exc).__name__}") from exc
@@ -583,8 +662,14 @@ class RedisSessionStore:
             else:
                 grants.setdefault(sk, []).append(grant)
         out = [
-            SessionInfo(session=sk, created=e["created"], last_seen=e["last_seen"],
-                        ip=e["ip"], device=e["device"], grants=tuple(grants.get(sk, ())))
+            SessionInfo(
+                session=sk,
+                created=e["created"],
+                last_seen=e["last_seen"],
+                ip=e["ip"],
+                device=e["device"],
+                grants=tuple(grants.get(sk, ())),
+            )
             for sk, e in entries
         ]
         out.sort(key=lambda s: (-s.last_seen, s.session))

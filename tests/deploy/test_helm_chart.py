@@ -29,8 +29,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "k8s" / "stepup-authz"
 VALUE_SETS = ["minimal", "url", "sentinel", "cluster"]
 KUBE_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
-CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1",
-                                                        "PrometheusRule")}
+CRDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
 
 
 SIGNING_SECRET = "stepup-authz-audit-signing"
@@ -121,16 +123,24 @@ def test_rendered_manifests_match_kubernetes_schemas(chart: Any, value_set: str)
 def test_kubernetes_validate_can_fail(chart: Any) -> None:
     deployment = by_kind(render(chart, values("minimal")))["Deployment"][0]
     deployment["spec"]["template"]["spec"]["containers"][0]["securityContext"][
-        "readOnlyRootFilesystm"] = True  # a typo: strict mode refuses unknown fields
+        "readOnlyRootFilesystm"
+    ] = True  # a typo: strict mode refuses unknown fields
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBE_VERSIONS[0], strict=True)
 
 
 def test_default_values_install_set(chart: Any) -> None:
     kinds = by_kind(render(chart, values("minimal")))
-    assert sorted(kinds) == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler",
-                             "NetworkPolicy", "PersistentVolumeClaim", "PodDisruptionBudget",
-                             "Service", "ServiceAccount"]
+    assert sorted(kinds) == [
+        "ConfigMap",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "NetworkPolicy",
+        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+        "Service",
+        "ServiceAccount",
+    ]
     assert "PrometheusRule" not in kinds  # the operator CRDs are opt-in
     assert sorted(d["metadata"]["name"] for d in kinds["Deployment"]) == [SERVICE, EXPORTER]
 
@@ -160,8 +170,9 @@ def test_deployment_hardening_and_probes(chart: Any) -> None:
     assert "audit-signing-key" not in mounts  # the exporter's alone (test below)
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
     assert {"checksum/config", "checksum/policy"} <= set(annotations)
-    ports = {p["name"] for p in named(render(chart, values("url")), "Service", SERVICE)[
-        "spec"]["ports"]}
+    ports = {
+        p["name"] for p in named(render(chart, values("url")), "Service", SERVICE)["spec"]["ports"]
+    }
     assert ports == {"grpc", "http", "metrics"}
 
 
@@ -173,9 +184,15 @@ def _config(docs: list[dict[str, Any]], suffix: str, key: str) -> str:
     raise AssertionError(f"no ConfigMap *{suffix}")
 
 
-@pytest.mark.parametrize("value_set", [
-    "minimal", "url", "sentinel", "cluster",
-])
+@pytest.mark.parametrize(
+    "value_set",
+    [
+        "minimal",
+        "url",
+        "sentinel",
+        "cluster",
+    ],
+)
 def test_rendered_settings_are_accepted_by_the_service(chart: Any, value_set: str) -> None:
     """The chart's config.yaml passes the service's own settings model."""
     doc = yaml.safe_load(_config(render(chart, values(value_set)), "-config", "config.yaml"))
@@ -199,8 +216,7 @@ def test_prometheus_operator_objects(chart: Any) -> None:
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     assert sm["metadata"]["name"] and sm["metadata"]["labels"]["release"]
     assert sm["spec"]["selector"]["matchLabels"]
-    assert sm["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics",
-                                        "interval": "15s"}]
+    assert sm["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
     (rule,) = kinds["PrometheusRule"]
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     assert rule["metadata"]["name"]
@@ -214,6 +230,7 @@ def test_prometheus_operator_objects(chart: Any) -> None:
 
 
 # -- the audit exporter -----------------------------------------------------------------------
+
 
 def _pod(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
     spec: dict[str, Any] = named(docs, "Deployment", name)["spec"]["template"]["spec"]
@@ -231,8 +248,11 @@ def _secret_users(docs: list[dict[str, Any]], secret: str) -> list[str]:
         if d["kind"] not in ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"):
             continue
         pod = d["spec"]["template"]["spec"]
-        vols = {v["name"] for v in pod.get("volumes", [])
-                if v.get("secret", {}).get("secretName") == secret}
+        vols = {
+            v["name"]
+            for v in pod.get("volumes", [])
+            if v.get("secret", {}).get("secretName") == secret
+        }
         for c in pod.get("initContainers", []) + pod["containers"]:
             if vols & {m["name"] for m in c.get("volumeMounts", [])}:
                 users.append(f"{d['metadata']['name']}/{c['name']}")
@@ -249,7 +269,8 @@ def _exporter_settings(docs: list[dict[str, Any]], tmp_path: Path) -> ExporterSe
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_exporter_is_one_replica_recreate_apart_from_the_service(
-        chart: Any, value_set: str) -> None:
+    chart: Any, value_set: str
+) -> None:
     docs = render(chart, values(value_set))
     dep = named(docs, "Deployment", EXPORTER)
     assert dep["spec"]["replicas"] == 1
@@ -263,8 +284,9 @@ def test_exporter_is_one_replica_recreate_apart_from_the_service(
     for hpa in by_kind(docs).get("HorizontalPodAutoscaler", []):
         assert hpa["spec"]["scaleTargetRef"]["name"] == SERVICE
     assert not _matches(named(docs, "Service", SERVICE)["spec"]["selector"], labels)
-    assert not _matches(named(docs, "Deployment", SERVICE)["spec"]["selector"]["matchLabels"],
-                        labels)
+    assert not _matches(
+        named(docs, "Deployment", SERVICE)["spec"]["selector"]["matchLabels"], labels
+    )
     for kind in ("PodDisruptionBudget", "NetworkPolicy"):
         for d in by_kind(docs).get(kind, []):
             if d["metadata"]["name"] == SERVICE:
@@ -288,14 +310,14 @@ def test_signing_key_is_mounted_only_in_the_exporter(chart: Any, value_set: str)
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_rendered_exporter_settings_are_accepted_by_the_exporter(
-        chart: Any, value_set: str, tmp_path: Path) -> None:
+    chart: Any, value_set: str, tmp_path: Path
+) -> None:
     """exporter.yaml passes the exporter's own loader and agrees with the service's
     config.yaml (stream, Redis) and with the pod (key, archive volume, metrics port)."""
     vals = values(value_set)
     docs = render(chart, vals)
     x = _exporter_settings(docs, tmp_path)
-    service = Settings.model_validate(yaml.safe_load(
-        _config(docs, "-config", "config.yaml")))
+    service = Settings.model_validate(yaml.safe_load(_config(docs, "-config", "config.yaml")))
     assert x.stream_key == service.audit.stream_key == "stepup:audit"
     stream_redis = service.audit.redis_url or service.redis.url
     assert stream_redis is not None and x.redis_url == stream_redis
@@ -306,7 +328,8 @@ def test_rendered_exporter_settings_are_accepted_by_the_exporter(
     key_dir = str(x.signing_key_file.parent)
     assert volumes[mounts[key_dir]["name"]]["secret"]["secretName"] == SIGNING_SECRET
     assert x.signing_key_file.name == vals["secrets"]["auditSigningKey"].get(
-        "key", "audit-signing.pem")
+        "key", "audit-signing.pem"
+    )
     archive = mounts["/var/lib/stepup-authz/audit"]
     assert x.archive_dir.is_relative_to(archive["mountPath"])
     assert not archive.get("readOnly") and "persistentVolumeClaim" in volumes[archive["name"]]
@@ -317,8 +340,10 @@ def test_rendered_exporter_settings_are_accepted_by_the_exporter(
     # The service's Redis password and CA files (redis.auth, redis.tls), from mounts of the
     # same Secrets in the exporter's own container.
     assert (x.password_file, x.ca_file) == (service.redis.password_file, service.redis.ca_file)
-    for f, secret in ((x.password_file, vals["redis"].get("auth", {}).get("existingSecret")),
-                      (x.ca_file, vals["redis"].get("tls", {}).get("existingSecret"))):
+    for f, secret in (
+        (x.password_file, vals["redis"].get("auth", {}).get("existingSecret")),
+        (x.ca_file, vals["redis"].get("tls", {}).get("existingSecret")),
+    ):
         assert (f is None) == (not secret)
         if f is not None:
             mount = mounts[str(f.parent)]
@@ -329,9 +354,13 @@ def test_rendered_exporter_settings_are_accepted_by_the_exporter(
 def test_exporter_settings_follow_values(chart: Any, tmp_path: Path) -> None:
     vals = values("minimal") | {
         "audit": {"streamKey": "brokerage:audit", "redisUrl": AUDIT_REDIS},
-        "auditExporter": {"segmentMaxBytes": 8 * 1024 * 1024, "segmentMaxAgeSeconds": 900,
-                          "checkpointEvery": 200, "checkpointIntervalSeconds": 15,
-                          "metricsPort": 9500},
+        "auditExporter": {
+            "segmentMaxBytes": 8 * 1024 * 1024,
+            "segmentMaxAgeSeconds": 900,
+            "checkpointEvery": 200,
+            "checkpointIntervalSeconds": 15,
+            "metricsPort": 9500,
+        },
     }
     docs = render(chart, vals)
     x = _exporter_settings(docs, tmp_path)
@@ -352,8 +381,12 @@ def test_exporter_redis_password_comes_from_the_secret(chart: Any, tmp_path: Pat
     docs = render(chart, vals)
     cm = named(docs, "ConfigMap", EXPORTER)["data"]
     assert set(cm) == {"exporter.yaml"}  # no script beside the settings
-    assert redis.Redis.from_url(yaml.safe_load(cm["exporter.yaml"])["redis_url"]) \
-        .connection_pool.connection_kwargs.get("password") is None
+    assert (
+        redis.Redis.from_url(
+            yaml.safe_load(cm["exporter.yaml"])["redis_url"]
+        ).connection_pool.connection_kwargs.get("password")
+        is None
+    )
     pod = _pod(docs, EXPORTER)
     assert "initContainers" not in pod
     (c,) = pod["containers"]
@@ -366,9 +399,13 @@ def test_exporter_redis_password_comes_from_the_secret(chart: Any, tmp_path: Pat
     assert "run" not in volumes  # the init container's in-memory settings copy is gone
     assert mounts["config"]["mountPath"] == "/etc/stepup-authz/exporter.yaml"
     assert sorted(_secret_users(docs, auth["existingSecret"])) == [
-        f"{EXPORTER}/audit-exporter", f"{SERVICE}/stepup-authz"]
+        f"{EXPORTER}/audit-exporter",
+        f"{SERVICE}/stepup-authz",
+    ]
     assert sorted(_secret_users(docs, tls["existingSecret"])) == [
-        f"{EXPORTER}/audit-exporter", f"{SERVICE}/stepup-authz"]
+        f"{EXPORTER}/audit-exporter",
+        f"{SERVICE}/stepup-authz",
+    ]
 
     x = _exporter_settings(docs, tmp_path)
     assert x.password_file == Path(mounts["redis-auth"]["mountPath"]) / auth["key"]
@@ -433,9 +470,16 @@ def test_exporter_archive_volume(chart: Any) -> None:
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert pvc["spec"]["resources"]["requests"]["storage"] == "50Gi"
     assert "storageClassName" not in pvc["spec"]  # the cluster default
-    vals = values("minimal") | {"auditExporter": {"persistence": {
-        "size": "200Gi", "storageClass": "gp3-encrypted", "accessModes": ["ReadWriteOncePod"],
-        "keep": False}}}
+    vals = values("minimal") | {
+        "auditExporter": {
+            "persistence": {
+                "size": "200Gi",
+                "storageClass": "gp3-encrypted",
+                "accessModes": ["ReadWriteOncePod"],
+                "keep": False,
+            }
+        }
+    }
     (pvc,) = by_kind(render(chart, vals))["PersistentVolumeClaim"]
     assert pvc["spec"]["storageClassName"] == "gp3-encrypted"
     assert pvc["spec"]["accessModes"] == ["ReadWriteOncePod"]
@@ -446,8 +490,9 @@ def test_exporter_archive_volume(chart: Any) -> None:
     vals["auditExporter"]["persistence"]["storageClass"] = "-"
     (pvc,) = by_kind(render(chart, vals))["PersistentVolumeClaim"]
     assert pvc["spec"]["storageClassName"] == ""
-    existing = values("minimal") | {"auditExporter": {"persistence": {
-        "existingClaim": "audit-archive"}}}
+    existing = values("minimal") | {
+        "auditExporter": {"persistence": {"existingClaim": "audit-archive"}}
+    }
     docs = render(chart, existing)
     assert "PersistentVolumeClaim" not in by_kind(docs)
     archive = next(v for v in _pod(docs, EXPORTER)["volumes"] if v["name"] == "archive")
@@ -465,8 +510,9 @@ def test_exporter_network_policy(chart: Any) -> None:
     assert egress_ports == {6380, 53} and 443 not in egress_ports
     (ingress,) = pol["spec"]["ingress"]
     assert ingress["ports"] == [{"port": "metrics", "protocol": "TCP"}]
-    extra = values("url") | {"auditExporter": {"extraEgress": [
-        {"ports": [{"port": 443, "protocol": "TCP"}]}]}}
+    extra = values("url") | {
+        "auditExporter": {"extraEgress": [{"ports": [{"port": 443, "protocol": "TCP"}]}]}
+    }
     pol = named(render(chart, extra), "NetworkPolicy", EXPORTER)
     assert {"ports": [{"port": 443, "protocol": "TCP"}]} in pol["spec"]["egress"]
 
@@ -483,15 +529,20 @@ def test_service_monitor_scrapes_the_exporter(chart: Any) -> None:
         svc = named(docs, "Service", name)
         assert _matches(selector, svc["metadata"]["labels"])
         assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}
-    assert _matches(named(docs, "Service", EXPORTER)["spec"]["selector"],
-                    named(docs, "Deployment", EXPORTER)["spec"]["template"]["metadata"][
-                        "labels"])
+    assert _matches(
+        named(docs, "Service", EXPORTER)["spec"]["selector"],
+        named(docs, "Deployment", EXPORTER)["spec"]["template"]["metadata"]["labels"],
+    )
     registry = CollectorRegistry()
     AuditMetrics(registry)  # what the exporter serves on metrics_port
     assert "stepup_authz_audit_lag_seconds" in {f.name for f in registry.collect()}
     (rule,) = by_kind(docs)["PrometheusRule"]
-    down = next(r for g in rule["spec"]["groups"] for r in g["rules"]
-                if r.get("alert") == "StepupAuthzAuditExporterDown")
+    down = next(
+        r
+        for g in rule["spec"]["groups"]
+        for r in g["rules"]
+        if r.get("alert") == "StepupAuthzAuditExporterDown"
+    )
     assert "stepup_authz_audit_lag_seconds" in down["expr"]
 
 
@@ -512,8 +563,13 @@ def test_exporter_refuses_incomplete_values(chart: Any) -> None:
 
 
 def test_schema_refuses_bad_exporter_values(chart: Any) -> None:
-    for bad in ({"batchSize": 0}, {"metricsPort": 70000}, {"segmentMaxBytes": 10},
-                {"replicas": 2}, {"persistence": {"accessModes": ["ReadOnlyMany"]}}):
+    for bad in (
+        {"batchSize": 0},
+        {"metricsPort": 70000},
+        {"segmentMaxBytes": 10},
+        {"replicas": 2},
+        {"persistence": {"accessModes": ["ReadOnlyMany"]}},
+    ):
         vals = values("minimal") | {"auditExporter": bad}
         with pytest.raises(helm.HelmValuesError):
             chart.validate_schema(vals)

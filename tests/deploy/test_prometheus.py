@@ -52,9 +52,13 @@ def tool(name: str) -> str:
 
 def exported_names(registry: CollectorRegistry) -> set[str]:
     """Every sample name a registry can expose, with the type's suffixes."""
-    suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count",
-                                                                 "_created"],
-                "info": ["_info"], "gauge": [""], "summary": ["_sum", "_count", "_created"]}
+    suffixes = {
+        "counter": ["_total", "_created"],
+        "histogram": ["_bucket", "_sum", "_count", "_created"],
+        "info": ["_info"],
+        "gauge": [""],
+        "summary": ["_sum", "_count", "_created"],
+    }
     names = set()
     for family in registry.collect():
         names.update(family.name + s for s in suffixes.get(family.type, [""]))
@@ -75,16 +79,28 @@ SERVICE_METRICS = exported_names(_service_registry())
 
 # -- promtool ---------------------------------------------------------------------------------
 
+
 def test_promtool_check_rules() -> None:
-    r = subprocess.run([tool("promtool"), "check", "rules", str(RULES)],
-                       capture_output=True, text=True, timeout=30, check=False)
+    r = subprocess.run(
+        [tool("promtool"), "check", "rules", str(RULES)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"SUCCESS: {len(alert_names())} rules found" in r.stdout
 
 
 def test_promtool_unit_tests() -> None:
-    r = subprocess.run([tool("promtool"), "test", "rules", RULES_TEST.name], cwd=RULES.parent,
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        [tool("promtool"), "test", "rules", RULES_TEST.name],
+        cwd=RULES.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -92,8 +108,14 @@ def test_promtool_unit_tests_can_fail(tmp_path: Path) -> None:
     """Raise the fail-closed threshold past the test data: the firing case must break."""
     (tmp_path / "rules.yaml").write_text(RULES.read_text().replace(") > 0.01", ") > 0.5", 1))
     shutil.copy(RULES_TEST, tmp_path / "rules_test.yaml")
-    r = subprocess.run([tool("promtool"), "test", "rules", "rules_test.yaml"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        [tool("promtool"), "test", "rules", "rules_test.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode != 0
     assert "StepupAuthzFailClosedSpike" in r.stdout + r.stderr
 
@@ -117,6 +139,7 @@ def test_rules_name_only_exported_metrics() -> None:
 
 # -- Grafana dashboard ------------------------------------------------------------------------
 
+
 def _exprs(node: Any) -> Iterator[str]:
     if isinstance(node, dict):
         for key, value in node.items():
@@ -136,9 +159,13 @@ def test_dashboard_queries_name_exported_metrics() -> None:
     used = {n for e in exprs for n in NAME.findall(e)}
     assert used <= SERVICE_METRICS, used - SERVICE_METRICS
     # The panels the issue asks for.
-    for needed in ("stepup_authz_checks_total", "stepup_authz_stepup_challenges_total",
-                   "stepup_authz_stepup_completions_total", "stepup_authz_redis_errors_total",
-                   "stepup_authz_check_duration_seconds_bucket"):
+    for needed in (
+        "stepup_authz_checks_total",
+        "stepup_authz_stepup_challenges_total",
+        "stepup_authz_stepup_completions_total",
+        "stepup_authz_redis_errors_total",
+        "stepup_authz_check_duration_seconds_bucket",
+    ):
         assert needed in used
     assert any("histogram_quantile(0.99" in e for e in exprs)
     ids = [p["id"] for p in dash["panels"]]
@@ -158,17 +185,27 @@ PUBLIC = "http://app.test"
 async def service(redis_url: str, redis_prefix: str) -> AsyncIterator[Service]:
     sock = bind()
     idp = base_url(sock)
-    cfg = DevIdpConfig(issuer=idp, clients={
-        "stepup-authz": DevClient("dev-secret", (f"{PUBLIC}/_stepup/callback",))})
+    cfg = DevIdpConfig(
+        issuer=idp,
+        clients={"stepup-authz": DevClient("dev-secret", (f"{PUBLIC}/_stepup/callback",))},
+    )
     async with running(cfg, sock):
-        settings = Settings.model_validate({
-            "policy_file": str(ROOT / "examples" / "policy.yaml"),
-            "grpc": {"port": 0}, "http": {"port": 0},
-            "redis": {"url": redis_url, "key_prefix": redis_prefix},
-            "oidc": {"issuer": idp, "client_id": "stepup-authz", "client_secret": "dev-secret",
-                     "audience": "stepup-demo", "algorithms": ["RS256"]},
-            "stepup": {"public_url": PUBLIC, "cookie_secure": False},
-        })
+        settings = Settings.model_validate(
+            {
+                "policy_file": str(ROOT / "examples" / "policy.yaml"),
+                "grpc": {"port": 0},
+                "http": {"port": 0},
+                "redis": {"url": redis_url, "key_prefix": redis_prefix},
+                "oidc": {
+                    "issuer": idp,
+                    "client_id": "stepup-authz",
+                    "client_secret": "dev-secret",
+                    "audience": "stepup-demo",
+                    "algorithms": ["RS256"],
+                },
+                "stepup": {"public_url": PUBLIC, "cookie_secure": False},
+            }
+        )
         svc = await start_service(settings)
         try:
             yield svc
@@ -192,17 +229,33 @@ def _get_json(url: str) -> Any:
 def prometheus(tmp_path: Path, target: str) -> Iterator[str]:
     port = _free_port()
     config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": "stepup-authz", "metrics_path": "/metrics",
-                            "static_configs": [{"targets": [target]}]}],
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(RULES)],
+                "scrape_configs": [
+                    {
+                        "job_name": "stepup-authz",
+                        "metrics_path": "/metrics",
+                        "static_configs": [{"targets": [target]}],
+                    }
+                ],
+            }
+        )
+    )
     log = (tmp_path / "prometheus.log").open("wb")
     proc = subprocess.Popen(
-        [tool("prometheus"), f"--config.file={config}",
-         f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        [
+            tool("prometheus"),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         yield url
@@ -244,20 +297,26 @@ async def test_prometheus_scrapes_the_service(service: Service, tmp_path: Path) 
     with prometheus(tmp_path, target) as prom:
         await _poll(f"{prom}/-/ready", 20, lambda body: b"Ready" in body)
         query = urllib.parse.quote("sum(stepup_authz_checks_total)")
-        answer = await _poll(f"{prom}/api/v1/query?query={query}", 20,
-                             lambda a: a["data"]["result"])
+        answer = await _poll(
+            f"{prom}/api/v1/query?query={query}", 20, lambda a: a["data"]["result"]
+        )
         assert float(answer["data"]["result"][0]["value"][1]) == 4
         by_outcome = await _poll(
-            f"{prom}/api/v1/query?query=" + urllib.parse.quote(
-                "sum by (outcome) (stepup_authz_checks_total)"), 5,
-            lambda a: a["data"]["result"])
+            f"{prom}/api/v1/query?query="
+            + urllib.parse.quote("sum by (outcome) (stepup_authz_checks_total)"),
+            5,
+            lambda a: a["data"]["result"],
+        )
         outcomes = {r["metric"]["outcome"] for r in by_outcome["data"]["result"]}
         assert outcomes <= {"allow", "login", "step_up", "deny", "error"} and outcomes
         # Prometheus loaded the alert rules, and every name it scraped is one we predict.
         rules = await _poll(f"{prom}/api/v1/rules", 5, lambda a: a["data"]["groups"])
         assert len(rules["data"]["groups"][0]["rules"]) == len(alert_names())
-        names = await _poll(f"{prom}/api/v1/label/__name__/values", 5,
-                            lambda a: any(n.startswith("stepup_authz_") for n in a["data"]))
+        names = await _poll(
+            f"{prom}/api/v1/label/__name__/values",
+            5,
+            lambda a: any(n.startswith("stepup_authz_") for n in a["data"]),
+        )
         scraped = {n for n in names["data"] if n.startswith("stepup_authz_")}
         assert scraped <= SERVICE_METRICS, scraped - SERVICE_METRICS
         assert "stepup_authz_check_duration_seconds_bucket" in scraped

@@ -46,6 +46,7 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory, **kwargs: Any) -> Itera
 def stack_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Stack]]:
     """``stack_factory(**kwargs) -> Stack``: started stacks, all stopped after the module."""
     with contextlib.ExitStack() as stacks:
+
         def factory(**kwargs: Any) -> Stack:
             return stacks.enter_context(make_stack(tmp_path_factory, **kwargs))
 

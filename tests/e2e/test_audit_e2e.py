@@ -53,8 +53,9 @@ def _cli() -> list[str]:
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*_cli(), "audit", *map(str, args)], capture_output=True, text=True,
-                          timeout=60, check=False)
+    return subprocess.run(
+        [*_cli(), "audit", *map(str, args)], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +67,20 @@ def astack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 # -- helpers ----------------------------------------------------------------------------------
 
+
 async def scrape(stack: Stack) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     async with aiohttp.ClientSession() as s, s.get(f"{stack.service_http_url}/metrics") as r:
         text = await r.text()
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
-def total(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
-          **labels: str) -> float:
+def total(
+    metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
     want = set(labels.items())
     return sum(v for (n, lab), v in metrics.items() if n == name and want <= lab)
 
@@ -91,8 +97,10 @@ def wait_for_records(stack: Stack, done: Any, what: str) -> list[dict[str, Any]]
         if done(recs):
             return recs
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not archived within {ARCHIVE_WAIT_S:.0f}s\n"
-                                 f"{stack.log_path('exporter').read_text()[-2000:]}")
+            raise AssertionError(
+                f"{what}: not archived within {ARCHIVE_WAIT_S:.0f}s\n"
+                f"{stack.log_path('exporter').read_text()[-2000:]}"
+            )
         time.sleep(0.1)
 
 
@@ -160,10 +168,10 @@ async def _load(stack: Stack) -> LoadRun:
     mfa = await password_token(stack, otp=True)
     before = await scrape(stack)
     run = LoadRun(since_ms=int(time.time() * 1000) - 1)
-    run.challenges_before = total(before, "stepup_authz_stepup_challenges_total",
-                                  level="elevated")
-    run.completions_before = total(before, "stepup_authz_stepup_completions_total",
-                                   level="elevated", result="success")
+    run.challenges_before = total(before, "stepup_authz_stepup_challenges_total", level="elevated")
+    run.completions_before = total(
+        before, "stepup_authz_stepup_completions_total", level="elevated", result="success"
+    )
     await asyncio.gather(
         *(_challenge(stack, pwd, i, run) for i in range(N_CHALLENGES)),
         *(_browser_stepup(stack, i, run) for i in range(M_STEPUPS)),
@@ -171,10 +179,10 @@ async def _load(stack: Stack) -> LoadRun:
     )
     run.until_ms = int(time.time() * 1000) + 1
     after = await scrape(stack)
-    run.challenges_after = total(after, "stepup_authz_stepup_challenges_total",
-                                 level="elevated")
-    run.completions_after = total(after, "stepup_authz_stepup_completions_total",
-                                  level="elevated", result="success")
+    run.challenges_after = total(after, "stepup_authz_stepup_challenges_total", level="elevated")
+    run.completions_after = total(
+        after, "stepup_authz_stepup_completions_total", level="elevated", result="success"
+    )
     return run
 
 
@@ -195,6 +203,7 @@ def load_run(astack: Stack) -> LoadRun:
 
 
 # -- exactly one record per authentication event -----------------------------------------------
+
 
 def test_one_record_per_event_under_concurrent_load(load_run: LoadRun) -> None:
     run = load_run
@@ -219,10 +228,12 @@ def test_one_record_per_event_under_concurrent_load(load_run: LoadRun) -> None:
     assert sources == {"token": K_ALLOWS, "grant": M_STEPUPS}
 
     # Only the sign-ins' login redirects remain, one per browser; nothing else was audited.
-    assert by_type == {"stepup.challenge": N_CHALLENGES + M_STEPUPS,
-                       "stepup.completed": M_STEPUPS,
-                       "access.allowed": K_ALLOWS + M_STEPUPS,
-                       "login.required": M_STEPUPS}
+    assert by_type == {
+        "stepup.challenge": N_CHALLENGES + M_STEPUPS,
+        "stepup.completed": M_STEPUPS,
+        "access.allowed": K_ALLOWS + M_STEPUPS,
+        "login.required": M_STEPUPS,
+    }
 
     # No duplicates anywhere in the archive: event ids, and decision ids per Check.
     event_ids = [r["event_id"] for r in run.records]
@@ -236,21 +247,28 @@ def test_one_record_per_event_under_concurrent_load(load_run: LoadRun) -> None:
     assert run.completions_after - run.completions_before == M_STEPUPS
 
 
-async def test_nothing_dropped_and_the_exporter_is_current(astack: Stack,
-                                                           load_run: LoadRun) -> None:
+async def test_nothing_dropped_and_the_exporter_is_current(
+    astack: Stack, load_run: LoadRun
+) -> None:
     m = await scrape(astack)
     assert total(m, "stepup_authz_audit_dropped_total") == 0
     assert total(m, "stepup_authz_audit_events_total", sink="redis", result="error") == 0
-    assert total(m, "stepup_authz_audit_events_total", sink="redis", result="ok") \
-        >= len(load_run.in_window())
+    assert total(m, "stepup_authz_audit_events_total", sink="redis", result="ok") >= len(
+        load_run.in_window()
+    )
     async with aiohttp.ClientSession() as s, s.get(astack.exporter_metrics_url) as r:
         text = await r.text()
-    exporter = {smp.name: smp.value for fam in text_string_to_metric_families(text)
-                for smp in fam.samples if not smp.labels}
+    exporter = {
+        smp.name: smp.value
+        for fam in text_string_to_metric_families(text)
+        for smp in fam.samples
+        if not smp.labels
+    }
     assert exporter["stepup_authz_audit_lag_seconds"] == 0
 
 
 # -- audit verify, the real CLI ----------------------------------------------------------------
+
 
 def _segment_lines(archive: Path) -> tuple[Path, list[str]]:
     segs = list_segments([archive])
@@ -297,8 +315,9 @@ def test_verify_names_the_segment_and_line_of_an_edited_record(
     seg.write_text("".join(lines))
     res = run_cli("verify", "--pubkey", astack.audit_public_key, seg.parent)
     assert res.returncode == 1, res.stdout
-    assert f"modified: {seg.name}:{i + 1} seq {doc['seq']} record {doc['event_id']}" \
-        in res.stdout, res.stdout
+    assert (
+        f"modified: {seg.name}:{i + 1} seq {doc['seq']} record {doc['event_id']}" in res.stdout
+    ), res.stdout
 
 
 def test_verify_names_the_segment_and_line_of_a_deleted_record(
@@ -318,22 +337,34 @@ def test_verify_names_the_segment_and_line_of_a_deleted_record(
 
 # -- audit export, the real CLI ----------------------------------------------------------------
 
+
 def _window_args(run: LoadRun) -> list[str]:
     return ["--since", str(run.since_ms), "--until", str(run.until_ms)]
 
 
-def test_export_jsonl_and_csv_are_sorted_and_complete(astack: Stack, load_run: LoadRun,
-                                                      tmp_path: Path) -> None:
+def test_export_jsonl_and_csv_are_sorted_and_complete(
+    astack: Stack, load_run: LoadRun, tmp_path: Path
+) -> None:
     window = load_run.in_window()
     alice = {r["user"] for r in window if r["type"] == "stepup.completed"}
     assert len(alice) == 1
     user = alice.pop()
-    expected = sorted((r for r in window if r["user"] == user),
-                      key=lambda r: (r["ts_ms"], r["seq"]))
+    expected = sorted(
+        (r for r in window if r["user"] == user), key=lambda r: (r["ts_ms"], r["seq"])
+    )
     assert len(expected) == len(window) - M_STEPUPS  # all but the anonymous login redirects
 
-    res = run_cli("export", *_window_args(load_run), "--user", user, "--format", "jsonl",
-                  "--pubkey", astack.audit_public_key, astack.audit_dir)
+    res = run_cli(
+        "export",
+        *_window_args(load_run),
+        "--user",
+        user,
+        "--format",
+        "jsonl",
+        "--pubkey",
+        astack.audit_public_key,
+        astack.audit_dir,
+    )
     assert res.returncode == 0, res.stderr
     got = [json.loads(line) for line in res.stdout.splitlines()]
     assert [r["event_id"] for r in got] == [r["event_id"] for r in expected]
@@ -341,24 +372,38 @@ def test_export_jsonl_and_csv_are_sorted_and_complete(astack: Stack, load_run: L
     assert f"{len(expected)} record(s)" in res.stderr
 
     out = tmp_path / "window.csv"
-    res = run_cli("export", *_window_args(load_run), "--user", user, "--format", "csv",
-                  "--output", out, astack.audit_dir)
+    res = run_cli(
+        "export",
+        *_window_args(load_run),
+        "--user",
+        user,
+        "--format",
+        "csv",
+        "--output",
+        out,
+        astack.audit_dir,
+    )
     assert res.returncode == 0, res.stderr
     rows = list(csv.DictReader(io.StringIO(out.read_text(), newline="")))
     assert [row["event_id"] for row in rows] == [r["event_id"] for r in expected]
     assert [int(row["seq"]) for row in rows] == [r["seq"] for r in expected]
     keys = [(int(row["ts_ms"]), int(row["seq"])) for row in rows]
     assert keys == sorted(keys)
-    assert {row["type"] for row in rows} == {"stepup.challenge", "stepup.completed",
-                                             "access.allowed"}
+    assert {row["type"] for row in rows} == {
+        "stepup.challenge",
+        "stepup.completed",
+        "access.allowed",
+    }
 
     # One type, the whole archive: exactly the step-up completions.
     res = run_cli("export", "--type", "stepup.completed", astack.audit_dir)
     assert len(res.stdout.splitlines()) == sum(
-        1 for r in archived(astack) if r["type"] == "stepup.completed")
+        1 for r in archived(astack) if r["type"] == "stepup.completed"
+    )
 
 
 # -- the exporter crashes -----------------------------------------------------------------------
+
 
 async def test_exporter_killed_then_restarted_archives_each_record_once(
     astack: Stack, load_run: LoadRun
@@ -379,12 +424,14 @@ async def test_exporter_killed_then_restarted_archives_each_record_once(
     await asyncio.to_thread(astack.wait_audit_archived)
     assert sorted(r["decision_id"] for r in recs if r["decision_id"] in set(ids)) == sorted(ids)
     assert len({r["event_id"] for r in recs}) == len(recs)
-    res = await asyncio.to_thread(run_cli, "verify", "--pubkey", astack.audit_public_key,
-                                  astack.audit_dir)
+    res = await asyncio.to_thread(
+        run_cli, "verify", "--pubkey", astack.audit_public_key, astack.audit_dir
+    )
     assert res.returncode == 0, res.stdout
 
 
 # -- audit before access: the sink is down -----------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def split_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
@@ -427,16 +474,17 @@ async def test_audit_sink_down_mfa_token_denied_audit_unavailable_then_recovers(
     # The denials were buffered while the sink was down and reach the archive after it: each
     # refused allow is on record as an error.fail_closed with the same decision id.
     def all_there(recs: list[dict[str, Any]]) -> bool:
-        return set(denied) <= {r["decision_id"] for r in recs
-                               if r["type"] == "error.fail_closed"}
+        return set(denied) <= {r["decision_id"] for r in recs if r["type"] == "error.fail_closed"}
 
-    recs = await asyncio.to_thread(wait_for_records, stack, all_there,
-                                   "the audit-unavailable denials")
+    recs = await asyncio.to_thread(
+        wait_for_records, stack, all_there, "the audit-unavailable denials"
+    )
     fails = [r for r in recs if r["decision_id"] in set(denied)]
     assert {r["reason"] for r in fails} == {"audit-unavailable"}
     assert not any(r["type"] == "access.allowed" for r in fails)
-    res = await asyncio.to_thread(run_cli, "verify", "--pubkey", stack.audit_public_key,
-                                  stack.audit_dir)
+    res = await asyncio.to_thread(
+        run_cli, "verify", "--pubkey", stack.audit_public_key, stack.audit_dir
+    )
     assert res.returncode == 0, res.stdout
 
 
@@ -453,15 +501,17 @@ async def test_redis_down_sensitive_requests_are_never_allowed_then_recover(
         for _ in range(5):
             status, headers, _ = await api_get(astack, "/accounts/7", mfa)
             assert status == 403
-            assert headers.get("x-stepup-reason") in {"audit-unavailable",
-                                                      "session-store-unavailable"}
+            assert headers.get("x-stepup-reason") in {
+                "audit-unavailable",
+                "session-store-unavailable",
+            }
             status, headers, _ = await api_get(astack, "/accounts/7", pwd)
-            assert (status, headers.get("x-stepup-reason")) == (403,
-                                                                "session-store-unavailable")
+            assert (status, headers.get("x-stepup-reason")) == (403, "session-store-unavailable")
     finally:
         astack.start_redis()
     await _recovered(astack, mfa)
     await asyncio.to_thread(astack.wait_audit_archived, ARCHIVE_WAIT_S)
-    res = await asyncio.to_thread(run_cli, "verify", "--pubkey", astack.audit_public_key,
-                                  astack.audit_dir)
+    res = await asyncio.to_thread(
+        run_cli, "verify", "--pubkey", astack.audit_public_key, astack.audit_dir
+    )
     assert res.returncode == 0, res.stdout

@@ -25,16 +25,32 @@ from authz.demo.stack import (
 pytestmark = pytest.mark.e2e
 
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
-TEST_PORTS = {"listen_port": 18080, "admin_port": 19901, "authz_grpc_port": 19191,
-              "authz_http_port": 19192, "upstream_port": 19000}
+TEST_PORTS = {
+    "listen_port": 18080,
+    "admin_port": 19901,
+    "authz_grpc_port": 19191,
+    "authz_http_port": 19192,
+    "upstream_port": 19000,
+}
 
 
 def _validate(path: Path) -> subprocess.CompletedProcess[str]:
     # No hot restart in validate mode: parallel runs must not contend for shared memory.
     return subprocess.run(
-        ["envoy", "--mode", "validate", "--disable-hot-restart", "--log-level", "warn",
-         "-c", str(path)],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            "envoy",
+            "--mode",
+            "validate",
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+            "-c",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -57,8 +73,7 @@ def _routes(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {r["match"]["prefix"]: r for r in vhost["routes"]}
 
 
-def test_rendered_bootstrap_passes_envoy_validation(
-        rendered: tuple[Path, dict[str, Any]]) -> None:
+def test_rendered_bootstrap_passes_envoy_validation(rendered: tuple[Path, dict[str, Any]]) -> None:
     path, _ = rendered
     result = _validate(path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -85,7 +100,8 @@ def test_security_settings(rendered: tuple[Path, dict[str, Any]]) -> None:
     assert authz["grpc_service"]["envoy_grpc"]["cluster_name"] == "stepup_authz"
     assert authz["grpc_service"]["timeout"] == "0.3s"
     assert "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:decision_id)%" in json.dumps(
-        hcm["access_log"])
+        hcm["access_log"]
+    )
 
     routes = _routes(doc)
     assert list(routes) == ["/_stepup/", "/wires/", "/"]  # first match wins: order matters
@@ -107,12 +123,14 @@ def test_default_timeout_is_a_quarter_second() -> None:
 
 
 def test_a_broken_bootstrap_fails_validation(
-        rendered: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    rendered: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
     """The validation check can fail: an unknown field in the ext_authz config is refused."""
     path, _ = rendered
     broken = path.read_text().replace(
-        "failure_mode_allow: false", "failure_mode_allow: false\n                      "
-        "fail_open_when_tuesday: true")
+        "failure_mode_allow: false",
+        "failure_mode_allow: false\n                      fail_open_when_tuesday: true",
+    )
     assert broken != path.read_text()
     bad = tmp_path / "broken.yaml"
     bad.write_text(broken)
@@ -130,18 +148,23 @@ def test_rendering_refuses_a_missing_port() -> None:
 
 # -- a running Envoy with no authorizer behind it ----------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def no_authorizer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # Only Envoy and the echo upstream (and Valkey) run: the ext_authz cluster has no server.
-    stack = Stack(tmp_path_factory.mktemp("no-authz"),
-                  policy_file=REPO_ROOT / "examples" / "policy.yaml",
-                  with_service=False, with_idp=False)
+    stack = Stack(
+        tmp_path_factory.mktemp("no-authz"),
+        policy_file=REPO_ROOT / "examples" / "policy.yaml",
+        with_service=False,
+        with_idp=False,
+    )
     with stack:
         yield stack
 
 
-def _request(stack: Stack, raw_path: str,
-             headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+def _request(
+    stack: Stack, raw_path: str, headers: dict[str, str] | None = None
+) -> http.client.HTTPResponse:
     # http.client sends the path byte for byte: no client-side normalisation.
     conn = http.client.HTTPConnection("127.0.0.1", stack.listen_port, timeout=5)
     try:
@@ -175,8 +198,9 @@ def test_paths_are_normalised_before_routing_and_the_check(no_authorizer: Stack)
     assert _get(no_authorizer, "/accounts/1", {"x_stepup_user": "mallory"}) == 400
 
 
-def _access_log_entry(stack: Stack, path: str, timeout: float = 5.0,
-                      **fields: object) -> dict[str, Any]:
+def _access_log_entry(
+    stack: Stack, path: str, timeout: float = 5.0, **fields: object
+) -> dict[str, Any]:
     """The first access log line for ``path`` (and ``fields``); Envoy flushes every 0.1 s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -199,6 +223,7 @@ def test_access_log_is_json_with_the_decision_fields(no_authorizer: Stack) -> No
 
 
 # -- the full stack (demo policy) ---------------------------------------------------------------
+
 
 def test_decision_id_reaches_the_access_log(stack: Stack) -> None:
     """The service's dynamic metadata lands in Envoy's access log under the ext_authz namespace,

@@ -42,23 +42,37 @@ class HttpModeStack(Stack):
         self.check_port = free_ports(1)[0]
         if WIRED:
             self.extra_settings = deep_merge(
-                self.extra_settings, {"http_authz": {"enabled": True, "port": self.check_port}})
+                self.extra_settings, {"http_authz": {"enabled": True, "port": self.check_port}}
+            )
 
     def _write_files(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "config.yaml").write_text(
-            yaml.safe_dump(self.settings(), sort_keys=False))
-        (self.workdir / "envoy.yaml").write_text(render_envoy_config(
-            self.envoy_template, listen_port=self.listen_port, admin_port=self.admin_port,
-            authz_grpc_port=self.grpc_port, authz_http_port=self.http_port,
-            authz_check_port=self.check_port, upstream_port=self.upstream_port,
-            authz_timeout=self.authz_timeout))
+        (self.workdir / "config.yaml").write_text(yaml.safe_dump(self.settings(), sort_keys=False))
+        (self.workdir / "envoy.yaml").write_text(
+            render_envoy_config(
+                self.envoy_template,
+                listen_port=self.listen_port,
+                admin_port=self.admin_port,
+                authz_grpc_port=self.grpc_port,
+                authz_http_port=self.http_port,
+                authz_check_port=self.check_port,
+                upstream_port=self.upstream_port,
+                authz_timeout=self.authz_timeout,
+            )
+        )
 
     def _service_argv(self) -> list[str]:
         if WIRED:
             return super()._service_argv()
-        return [sys.executable, "-m", "tests.e2e.test_http_mode",
-                "--config", str(self.workdir / "config.yaml"), "--port", str(self.check_port)]
+        return [
+            sys.executable,
+            "-m",
+            "tests.e2e.test_http_mode",
+            "--config",
+            str(self.workdir / "config.yaml"),
+            "--port",
+            str(self.check_port),
+        ]
 
 
 # -- the tests -------------------------------------------------------------------------------
@@ -68,7 +82,8 @@ BROWSER = {"Accept": "text/html,application/xhtml+xml"}
 RFC9470_ELEVATED = (
     'Bearer realm="stepup-authz", error="insufficient_user_authentication", '
     'error_description="A different authentication level is required", '
-    'acr_values="mfa phr", max_age=900')
+    'acr_values="mfa phr", max_age=900'
+)
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +102,21 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-async def call(s: aiohttp.ClientSession, stack: Stack, path: str, token: str | None = None,
-               method: str = "GET", **headers: str) -> tuple[int, dict[str, str], str]:
+async def call(
+    s: aiohttp.ClientSession,
+    stack: Stack,
+    path: str,
+    token: str | None = None,
+    method: str = "GET",
+    **headers: str,
+) -> tuple[int, dict[str, str], str]:
     h = dict(headers)
     if token:
         h["Authorization"] = f"Bearer {token}"
     url = path if path.startswith("http") else stack.envoy_url + path
-    async with s.request(method, url, headers=h, allow_redirects=False,
-                         data=b"body" if method == "POST" else None) as r:
+    async with s.request(
+        method, url, headers=h, allow_redirects=False, data=b"body" if method == "POST" else None
+    ) as r:
         return r.status, dict(r.headers), await r.text()
 
 
@@ -104,8 +126,9 @@ async def token(stack: Stack) -> str:
     return await password_token(stack)
 
 
-async def test_no_token_browser_redirect_api_401(hstack: HttpModeStack,
-                                                 session: aiohttp.ClientSession) -> None:
+async def test_no_token_browser_redirect_api_401(
+    hstack: HttpModeStack, session: aiohttp.ClientSession
+) -> None:
     status, headers, _ = await call(session, hstack, "/accounts/123", **BROWSER)
     assert status == 302
     assert headers["Location"] == "/_stepup/login?rd=%2Faccounts%2F123"
@@ -146,18 +169,31 @@ async def test_allow_injects_our_headers_and_strips_forged_ones(
     hstack: HttpModeStack, session: aiohttp.ClientSession
 ) -> None:
     t = await token(hstack)
-    status, _, body = await call(session, hstack, "/news", t, **{
-        "X-Stepup-User": "mallory", "X-Stepup-Acr": "phr", "X-Stepup-Extra": "forged",
-        "X-Stepup-Peer-Address": "198.51.100.7",  # the blocked range: must be ignored
-    })
+    status, _, body = await call(
+        session,
+        hstack,
+        "/news",
+        t,
+        **{
+            "X-Stepup-User": "mallory",
+            "X-Stepup-Acr": "phr",
+            "X-Stepup-Extra": "forged",
+            "X-Stepup-Peer-Address": "198.51.100.7",  # the blocked range: must be ignored
+        },
+    )
     assert status == 200, body
     seen = json.loads(body)["headers"]
     assert seen["x-stepup-user"] == "alice"
     assert seen["x-stepup-acr"] == "pwd"
     assert seen["x-stepup-level"] == "standard"
     assert re.fullmatch(r"[0-9a-f]{32}", seen["x-stepup-decision-id"])
-    for gone in ("x-stepup-extra", "x-stepup-peer-address", "x-stepup-outcome",
-                 "x-stepup-reason", "x-envoy-auth-headers-to-remove"):
+    for gone in (
+        "x-stepup-extra",
+        "x-stepup-peer-address",
+        "x-stepup-outcome",
+        "x-stepup-reason",
+        "x-envoy-auth-headers-to-remove",
+    ):
         assert gone not in seen
     # Public route: no identity headers of ours, and the forged ones are gone too.
     status, _, body = await call(session, hstack, "/", None, **{"X-Stepup-User": "mallory"})
@@ -179,8 +215,9 @@ async def test_browser_step_up_round_trip(hstack: HttpModeStack) -> None:
         assert seen["x-stepup-level"] == "elevated"
 
 
-async def test_access_log_carries_the_decision_id(hstack: HttpModeStack,
-                                                  session: aiohttp.ClientSession) -> None:
+async def test_access_log_carries_the_decision_id(
+    hstack: HttpModeStack, session: aiohttp.ClientSession
+) -> None:
     status, headers, _ = await call(session, hstack, "/accounts/77")
     assert status == 401
     did = headers["x-stepup-decision-id"]
@@ -218,8 +255,7 @@ def test_fails_closed_when_the_http_authorizer_is_down(
     import urllib.error
     import urllib.request
 
-    s = HttpModeStack(tmp_path_factory.mktemp("http-mode-down"), with_service=False,
-                      with_idp=False)
+    s = HttpModeStack(tmp_path_factory.mktemp("http-mode-down"), with_service=False, with_idp=False)
     s.start()
     try:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -233,6 +269,7 @@ def test_fails_closed_when_the_http_authorizer_is_down(
 
 
 # -- the service with the HTTP listener, until the composition root starts it ----------------
+
 
 @dataclass(frozen=True)
 class _Cfg:
@@ -255,9 +292,12 @@ async def _serve(config: str, port: int) -> None:
 
     settings = load_settings(config)
     service = await start_service(settings)
-    server = await maybe_start(_Cfg(port), service.authorizer,
-                               stepup_path_prefix=settings.stepup.path_prefix,
-                               error_status=settings.stepup.error_status)
+    server = await maybe_start(
+        _Cfg(port),
+        service.authorizer,
+        stepup_path_prefix=settings.stepup.path_prefix,
+        error_status=settings.stepup.error_status,
+    )
     assert server is not None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

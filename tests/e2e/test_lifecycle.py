@@ -33,8 +33,9 @@ default_level: standard
 def reload_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Path]]:
     policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
     policy.write_text(POLICY)
-    with make_stack(tmp_path_factory, policy_file=policy,
-                    extra_settings={"policy_poll_s": 0.2}) as s:
+    with make_stack(
+        tmp_path_factory, policy_file=policy, extra_settings={"policy_poll_s": 0.2}
+    ) as s:
         yield s, policy
 
 
@@ -63,7 +64,7 @@ def wait_for(pred: object, timeout: float = 10.0) -> bool:
 
 
 def test_file_change_reloads_and_bad_policy_keeps_last_good(
-    reload_stack: tuple[Stack, Path]
+    reload_stack: tuple[Stack, Path],
 ) -> None:
     stack, policy = reload_stack
     assert status(stack, "/open/x") == 200
@@ -84,8 +85,9 @@ def test_sighup_reloads(tmp_path_factory: pytest.TempPathFactory) -> None:
     policy = tmp_path_factory.mktemp("hup") / "policy.yaml"
     policy.write_text(POLICY)
     # no file polling within the test's time: only the signal can reload
-    with make_stack(tmp_path_factory, policy_file=policy,
-                    extra_settings={"policy_poll_s": 3600}) as stack:
+    with make_stack(
+        tmp_path_factory, policy_file=policy, extra_settings={"policy_poll_s": 3600}
+    ) as stack:
         policy.write_text(POLICY.replace("path_prefix: /open/", "path_prefix: /hup/"))
         time.sleep(0.5)
         assert status(stack, "/hup/x") == 401  # not reloaded by itself

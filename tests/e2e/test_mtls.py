@@ -45,16 +45,26 @@ _TLS = """\
 """
 
 
-def _issue(name: str, key: ec.EllipticCurvePrivateKey, ca: x509.Certificate | None,
-           ca_key: ec.EllipticCurvePrivateKey, *, is_ca: bool) -> x509.Certificate:
+def _issue(
+    name: str,
+    key: ec.EllipticCurvePrivateKey,
+    ca: x509.Certificate | None,
+    ca_key: ec.EllipticCurvePrivateKey,
+    *,
+    is_ca: bool,
+) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    b = (x509.CertificateBuilder().subject_name(subject)
-         .issuer_name(ca.subject if ca else subject).public_key(key.public_key())
-         .serial_number(x509.random_serial_number())
-         .not_valid_before(now - dt.timedelta(minutes=1))
-         .not_valid_after(now + dt.timedelta(hours=1))
-         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True))
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca.subject if ca else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+    )
     if not is_ca:
         b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
     return b.sign(ca_key, hashes.SHA256())
@@ -62,9 +72,13 @@ def _issue(name: str, key: ec.EllipticCurvePrivateKey, ca: x509.Certificate | No
 
 def _write(d: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
     (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / f"{name}-key.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    (d / f"{name}-key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +103,14 @@ def mtls_stack(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Iterator[
     assert template.count(_CLUSTER) == 1
     mtls = tmp_path_factory.mktemp("envoy") / "demo-mtls.yaml"
     mtls.write_text(template.replace(_CLUSTER, _CLUSTER + _TLS % {"dir": pki}))
-    tls = {"cert_file": str(pki / "service.pem"), "key_file": str(pki / "service-key.pem"),
-           "client_ca_file": str(pki / "ca.pem")}
-    with make_stack(tmp_path_factory, envoy_template=mtls,
-                    extra_settings={"grpc": {"tls": tls}}) as s:
+    tls = {
+        "cert_file": str(pki / "service.pem"),
+        "key_file": str(pki / "service-key.pem"),
+        "client_ca_file": str(pki / "ca.pem"),
+    }
+    with make_stack(
+        tmp_path_factory, envoy_template=mtls, extra_settings={"grpc": {"tls": tls}}
+    ) as s:
         yield s
 
 
@@ -110,8 +128,12 @@ def test_envoy_reaches_the_service_over_mtls(mtls_stack: Stack) -> None:
     assert (status, headers.get("x-stepup-reason")) == (401, "no-credentials")
     status, _ = _get(mtls_stack, "/")
     assert status == 200  # public: allowed by the service over the TLS channel
-    body = json.loads(urllib.request.urlopen(mtls_stack.envoy_url + "/",  # noqa: S310
-                                             timeout=10).read())
+    body = json.loads(
+        urllib.request.urlopen(  # noqa: S310 - a fixed http:// loopback URL
+            mtls_stack.envoy_url + "/",
+            timeout=10,
+        ).read()
+    )
     assert body["headers"]["x-stepup-level"] == "public"
 
 
@@ -125,8 +147,9 @@ def test_other_clients_cannot_call_check(mtls_stack: Stack, pki: Path, client: s
     elif client == "no-certificate":
         channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root), options)
     else:
-        creds = grpc.ssl_channel_credentials(root, (pki / "rogue-key.pem").read_bytes(),
-                                             (pki / "rogue.pem").read_bytes())
+        creds = grpc.ssl_channel_credentials(
+            root, (pki / "rogue-key.pem").read_bytes(), (pki / "rogue.pem").read_bytes()
+        )
         channel = grpc.secure_channel(target, creds, options)
     req = external_auth_pb2.CheckRequest()
     req.attributes.request.http.method = "GET"

@@ -58,9 +58,13 @@ def sig_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     d = tmp_path_factory.mktemp("signals")
     (d / "policy.yaml").write_text(POLICY)
     (d / "api-secret").write_text(API_SECRET)
-    with make_stack(tmp_path_factory, policy_file=d / "policy.yaml", extra_settings={
-        "api": {"enabled": True, "bearer_secret_file": str(d / "api-secret")},
-    }) as s:
+    with make_stack(
+        tmp_path_factory,
+        policy_file=d / "policy.yaml",
+        extra_settings={
+            "api": {"enabled": True, "bearer_secret_file": str(d / "api-secret")},
+        },
+    ) as s:
         yield s
 
 
@@ -70,8 +74,9 @@ async def browser(sig_stack: Stack) -> AsyncIterator[Browser]:
         yield Browser(s, sig_stack)
 
 
-async def token(stack: Stack, *, otp: bool = False, sid: str | None = None,
-                user: str = "alice") -> str:
+async def token(
+    stack: Stack, *, otp: bool = False, sid: str | None = None, user: str = "alice"
+) -> str:
     form = {"grant_type": "password", "username": user, "password": f"{user}-password"}
     if otp:
         secret = ALICE_TOTP_SECRET if user == "alice" else BOB_TOTP_SECRET
@@ -79,16 +84,25 @@ async def token(stack: Stack, *, otp: bool = False, sid: str | None = None,
     if sid:
         form["sid"] = sid
     basic = base64.b64encode(b"stepup-authz:dev-secret").decode()
-    async with aiohttp.ClientSession() as s, s.post(
-        f"{stack.idp_url}/token", data=form, headers={"Authorization": f"Basic {basic}"}
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            f"{stack.idp_url}/token", data=form, headers={"Authorization": f"Basic {basic}"}
+        ) as r,
+    ):
         assert r.status == 200, await r.text()
         return str((await r.json())["access_token"])
 
 
-async def get(stack: Stack, path: str, tok: str | None = None, *, local: str | None = None,
-              headers: dict[str, str] | None = None,
-              raw_headers: list[tuple[str, str]] | None = None) -> tuple[int, dict[str, str]]:
+async def get(
+    stack: Stack,
+    path: str,
+    tok: str | None = None,
+    *,
+    local: str | None = None,
+    headers: dict[str, str] | None = None,
+    raw_headers: list[tuple[str, str]] | None = None,
+) -> tuple[int, dict[str, str]]:
     h = dict(headers or {})
     if tok:
         h["Authorization"] = f"Bearer {tok}"
@@ -96,9 +110,10 @@ async def get(stack: Stack, path: str, tok: str | None = None, *, local: str | N
     for k, v in raw_headers or ():  # repeated header names, as a client may send them
         md.add(k, v)
     connector = aiohttp.TCPConnector(local_addr=(local, 0) if local else None)
-    async with aiohttp.ClientSession(connector=connector) as s, s.get(
-        stack.envoy_url + path, headers=md, allow_redirects=False
-    ) as r:
+    async with (
+        aiohttp.ClientSession(connector=connector) as s,
+        s.get(stack.envoy_url + path, headers=md, allow_redirects=False) as r,
+    ):
         return r.status, dict(r.headers)
 
 
@@ -111,8 +126,7 @@ def metric(stack: Stack, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-async def test_new_device_forces_step_up_then_is_known(sig_stack: Stack,
-                                                       browser: Browser) -> None:
+async def test_new_device_forces_step_up_then_is_known(sig_stack: Stack, browser: Browser) -> None:
     await browser.sign_in("/news")  # the sign-in itself: standard, but no device yet
     status, headers, _ = await browser.get("/news")
     # no device identity: the new-device rule raises standard to elevated
@@ -128,8 +142,7 @@ async def test_new_device_forces_step_up_then_is_known(sig_stack: Stack,
     # The audit trail names the device by a hash of its cookie, never by the cookie.
     stream = redis.Redis.from_url(sig_stack.redis_url)
     try:
-        records = [json.loads(f[b"r"]) for _, f in
-                   stream.xrange(sig_stack.audit_stream_key)]
+        records = [json.loads(f[b"r"]) for _, f in stream.xrange(sig_stack.audit_stream_key)]
     finally:
         stream.close()
     assert any(r.get("device") == cookie_device_id(str(device[0].value)) for r in records)
@@ -153,19 +166,27 @@ async def test_bound_grant_is_refused_from_another_device_and_ip(sig_stack: Stac
     status, headers = await get(sig_stack, "/vault/1", headers=other)
     assert (status, headers["x-stepup-reason"]) == (401, "grant-bound-elsewhere")
     # the same device from another address (127.0.0.2 is loopback too): step-up again
-    status, headers = await get(sig_stack, "/vault/1", headers={
-        "Cookie": f"stepup_token={tok}; stepup_device={dev}"}, local="127.0.0.2")
+    status, headers = await get(
+        sig_stack,
+        "/vault/1",
+        headers={"Cookie": f"stepup_token={tok}; stepup_device={dev}"},
+        local="127.0.0.2",
+    )
     assert (status, headers["x-stepup-reason"]) == (401, "grant-bound-elsewhere")
 
 
-@pytest.mark.parametrize("forged", [
-    {"X-Forwarded-For": "198.51.100.7"},
-    {"X-Forwarded-For": "198.51.100.7, 10.0.0.1"},
-    {"X-Real-IP": "198.51.100.7"},
-    {"X-Forwarded-For": "not-an-ip, 198.51.100.7"},
-])
-async def test_forged_forwarding_headers_do_not_move_the_client_ip(sig_stack: Stack,
-                                                                   forged: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "forged",
+    [
+        {"X-Forwarded-For": "198.51.100.7"},
+        {"X-Forwarded-For": "198.51.100.7, 10.0.0.1"},
+        {"X-Real-IP": "198.51.100.7"},
+        {"X-Forwarded-For": "not-an-ip, 198.51.100.7"},
+    ],
+)
+async def test_forged_forwarding_headers_do_not_move_the_client_ip(
+    sig_stack: Stack, forged: dict[str, str]
+) -> None:
     # The rule denies 198.51.100.0/24; the client is really 127.0.0.1 and is not denied.
     tok = await token(sig_stack, otp=True)
     status, headers = await get(sig_stack, "/news", tok, headers=forged)
@@ -175,8 +196,12 @@ async def test_forged_forwarding_headers_do_not_move_the_client_ip(sig_stack: St
 
 async def test_several_xff_headers_do_not_move_the_client_ip(sig_stack: Stack) -> None:
     tok = await token(sig_stack, otp=True)
-    status, headers = await get(sig_stack, "/news", tok, raw_headers=[
-        ("X-Forwarded-For", "198.51.100.7"), ("X-Forwarded-For", "198.51.100.8")])
+    status, headers = await get(
+        sig_stack,
+        "/news",
+        tok,
+        raw_headers=[("X-Forwarded-For", "198.51.100.7"), ("X-Forwarded-For", "198.51.100.8")],
+    )
     assert status == 200 and headers.get("x-stepup-reason") != "ip-blocked"
 
 
@@ -199,12 +224,20 @@ async def test_revocation_through_the_api_applies_on_the_next_request(
     secret = tmp_path / "secret"
     secret.write_text(API_SECRET)
     cli = [sys.executable, "-m", "authz.cli", "sessions"]
-    common = ["--target", sig_stack.grpc_target, "--user", claims["iss"], claims["sub"],
-              "--token-file", str(secret)]
+    common = [
+        "--target",
+        sig_stack.grpc_target,
+        "--user",
+        claims["iss"],
+        claims["sub"],
+        "--token-file",
+        str(secret),
+    ]
 
     async def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return await asyncio.to_thread(subprocess.run, [*cli, *args], capture_output=True,
-                                       text=True, timeout=30, check=False)
+        return await asyncio.to_thread(
+            subprocess.run, [*cli, *args], capture_output=True, text=True, timeout=30, check=False
+        )
 
     listed = await run("list", *common)
     assert listed.returncode == 0, listed.stderr

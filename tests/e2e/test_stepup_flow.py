@@ -98,28 +98,35 @@ async def password_token(stack: Stack, *, otp: bool = False) -> str:
     if otp:
         form["otp"] = pyotp.TOTP(ALICE_TOTP_SECRET).now()
     basic = base64.b64encode(b"stepup-authz:dev-secret").decode()
-    async with aiohttp.ClientSession() as s, s.post(
-        f"{stack.idp_url}/token", data=form, headers={"Authorization": f"Basic {basic}"}
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            f"{stack.idp_url}/token", data=form, headers={"Authorization": f"Basic {basic}"}
+        ) as r,
+    ):
         assert r.status == 200, await r.text()
         return str((await r.json())["access_token"])
 
 
-async def api_get(stack: Stack, path: str, token: str | None = None,
-                  **headers: str) -> tuple[int, dict[str, str], str]:
+async def api_get(
+    stack: Stack, path: str, token: str | None = None, **headers: str
+) -> tuple[int, dict[str, str], str]:
     h = dict(headers)
     if token:
         h["Authorization"] = f"Bearer {token}"
-    async with aiohttp.ClientSession() as s, s.get(
-        stack.envoy_url + path, headers=h, allow_redirects=False
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(stack.envoy_url + path, headers=h, allow_redirects=False) as r,
+    ):
         return r.status, dict(r.headers), await r.text()
 
 
 # (a) no token ---------------------------------------------------------------------------
 
-async def test_no_token_browser_gets_login_redirect_api_gets_401(stack: Stack,
-                                                                  browser: Browser) -> None:
+
+async def test_no_token_browser_gets_login_redirect_api_gets_401(
+    stack: Stack, browser: Browser
+) -> None:
     status, headers, _ = await browser.get("/accounts/123")
     assert status == 302
     assert headers["Location"] == "/_stepup/login?rd=%2Faccounts%2F123"
@@ -132,16 +139,19 @@ async def test_no_token_browser_gets_login_redirect_api_gets_401(stack: Stack,
 
 # (b) acr too weak -------------------------------------------------------------------------
 
+
 async def test_weak_acr_browser_redirect_and_exact_rfc9470_challenge(
     stack: Stack, browser: Browser
 ) -> None:
     token = await password_token(stack)
     status, headers, _ = await browser.get(
-        "/accounts/123", headers={"Cookie": f"stepup_token={token}"})
+        "/accounts/123", headers={"Cookie": f"stepup_token={token}"}
+    )
     assert status == 302
     assert headers["Location"].startswith("/_stepup/start?level=elevated&rd=%2Faccounts%2F123&ctx=")
-    status, headers, _ = await browser.get(headers["Location"],
-                                           headers={"Cookie": f"stepup_token={token}"})
+    status, headers, _ = await browser.get(
+        headers["Location"], headers={"Cookie": f"stepup_token={token}"}
+    )
     q = parse_qs(urlsplit(headers["Location"]).query)
     assert q["acr_values"] == ["mfa phr"] and q["max_age"] == ["900"] and q["prompt"] == ["login"]
     status, headers, _ = await api_get(stack, "/accounts/123", token)
@@ -149,7 +159,8 @@ async def test_weak_acr_browser_redirect_and_exact_rfc9470_challenge(
     assert headers["WWW-Authenticate"] == (
         'Bearer realm="stepup-authz", error="insufficient_user_authentication", '
         'error_description="A different authentication level is required", '
-        'acr_values="mfa phr", max_age=900')
+        'acr_values="mfa phr", max_age=900'
+    )
     assert headers["x-stepup-reason"] == "acr-insufficient"
     # a per-route context extension raises /wires/ to "high" (max_age 300)
     status, headers, _ = await api_get(stack, "/wires/9", token)
@@ -158,12 +169,15 @@ async def test_weak_acr_browser_redirect_and_exact_rfc9470_challenge(
 
 # (c) the full browser round trip ------------------------------------------------------------
 
+
 async def test_browser_round_trip_with_totp(stack: Stack, browser: Browser) -> None:
     await browser.sign_in("/accounts/123")
     q = await browser.step_up("/accounts/123")
     assert q["acr_values"] == ["mfa phr"]
-    status, _, body = await browser.get("/accounts/123", headers={
-        "X-Stepup-User": "mallory", "X-Stepup-Acr": "phr", "X-Stepup-Extra": "forged"})
+    status, _, body = await browser.get(
+        "/accounts/123",
+        headers={"X-Stepup-User": "mallory", "X-Stepup-Acr": "phr", "X-Stepup-Extra": "forged"},
+    )
     assert status == 200, body
     seen = json.loads(body)["headers"]
     assert seen["x-stepup-user"] == "alice"
@@ -190,8 +204,9 @@ def short_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     policy: Path = tmp_path_factory.mktemp("policy") / "policy.yaml"
     policy.write_text(SHORT_POLICY)
     # no clock-skew leeway so the grant's 4 s are exactly 4 s
-    with make_stack(tmp_path_factory, policy_file=policy,
-                    extra_settings={"oidc": {"leeway_s": 0}}) as s:
+    with make_stack(
+        tmp_path_factory, policy_file=policy, extra_settings={"oidc": {"leeway_s": 0}}
+    ) as s:
         yield s
 
 
@@ -209,6 +224,7 @@ async def test_grant_expiry_challenges_again(short_stack: Stack) -> None:
 
 
 # (e) Redis stopped mid-test ------------------------------------------------------------------
+
 
 async def test_redis_down_denies_every_sensitive_request_then_recovers(stack: Stack) -> None:
     token = await password_token(stack)
@@ -236,12 +252,22 @@ async def test_redis_down_denies_every_sensitive_request_then_recovers(stack: St
 
 # (f) return-path attacks ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("rd", [
-    "//evil.example", "/\\evil.example", "https://evil.example", "/%09/evil.example",
-    "https:evil.example", "/%2F%2Fevil.example", "javascript:alert(1)",
-])
-async def test_return_path_attacks_land_on_the_landing_page(stack: Stack, browser: Browser,
-                                                            rd: str) -> None:
+
+@pytest.mark.parametrize(
+    "rd",
+    [
+        "//evil.example",
+        "/\\evil.example",
+        "https://evil.example",
+        "/%09/evil.example",
+        "https:evil.example",
+        "/%2F%2Fevil.example",
+        "javascript:alert(1)",
+    ],
+)
+async def test_return_path_attacks_land_on_the_landing_page(
+    stack: Stack, browser: Browser, rd: str
+) -> None:
     status, headers, _ = await browser.get("/_stepup/login", params={"rd": rd})
     assert status == 302
     callback = await browser.idp_login(headers["Location"], otp=False)
@@ -256,7 +282,9 @@ async def test_metrics_count_the_decisions(stack: Stack) -> None:
         text = await r.text()
     assert re.search(
         r'stepup_authz_checks_total\{level="elevated",outcome="login",reason="no-credentials"\} '
-        r"[1-9]", text)
+        r"[1-9]",
+        text,
+    )
 
 
 def test_logs_never_carry_a_token_or_cookie(stack: Stack) -> None:

@@ -72,8 +72,11 @@ def test_istio_and_helm_timeouts() -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with Stack(tmp_path_factory.mktemp("deadline"), policy_file=REPO_ROOT / "examples" /
-               "policy.yaml", separate_audit_redis=True) as s:
+    with Stack(
+        tmp_path_factory.mktemp("deadline"),
+        policy_file=REPO_ROOT / "examples" / "policy.yaml",
+        separate_audit_redis=True,
+    ) as s:
         yield s
 
 
@@ -89,15 +92,19 @@ def test_paused_redis_our_reason_reaches_the_client_through_envoy(stack: Stack) 
     import json
     import urllib.request
 
-    form = b"grant_type=password&username=bob&password=bob-password&client_id=stepup-authz" \
-           b"&client_secret=dev-secret"
+    form = (
+        b"grant_type=password&username=bob&password=bob-password&client_id=stepup-authz"
+        b"&client_secret=dev-secret"
+    )
     with urllib.request.urlopen(f"{stack.idp_url}/token", data=form) as r:  # noqa: S310
         token = json.loads(r.read())["access_token"]
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def get() -> tuple[int, dict[str, str], float]:
-        req = urllib.request.Request(f"{stack.envoy_url}/accounts/1",  # noqa: S310
-                                     headers={"Authorization": f"Bearer {token}"})
+        req = urllib.request.Request(  # noqa: S310 - a fixed http:// loopback URL
+            f"{stack.envoy_url}/accounts/1",
+            headers={"Authorization": f"Bearer {token}"},
+        )
         started = time.monotonic()
         try:
             with opener.open(req, timeout=5) as resp:
@@ -115,8 +122,7 @@ def test_paused_redis_our_reason_reaches_the_client_through_envoy(stack: Stack) 
             status, headers, took = get()
             # Ours: 403 with our reason and decision id, well before Envoy's 250 ms timeout
             # (Envoy's own timeout answer would be a bare 403 without them).
-            assert (status, headers.get("x-stepup-reason")) == (403,
-                                                                "session-store-unavailable")
+            assert (status, headers.get("x-stepup-reason")) == (403, "session-store-unavailable")
             assert headers.get("x-stepup-decision-id")
             assert took < 0.25, took
     finally:

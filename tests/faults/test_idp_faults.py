@@ -31,13 +31,14 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def env(redis_url: str, redis_prefix: str, tmp_path: Path) -> AsyncIterator[Env]:
-    extra = {"oidc": {"jwks_refresh_min_interval_s": 0, "jwks_timeout_s": 2.0,
-                      "http_timeout_s": 0.5},
-             "audit": {"enabled": False}}
+    extra = {
+        "oidc": {"jwks_refresh_min_interval_s": 0, "jwks_timeout_s": 2.0, "http_timeout_s": 0.5},
+        "audit": {"enabled": False},
+    }
     # A generous store deadline: these tests are about the IdP, not Redis latency.
-    async with service_env(tmp_path, {"url": redis_url, "key_prefix": redis_prefix,
-                                      "deadline_ms": 1000},
-                           extra) as e:
+    async with service_env(
+        tmp_path, {"url": redis_url, "key_prefix": redis_prefix, "deadline_ms": 1000}, extra
+    ) as e:
         yield e
 
 
@@ -45,8 +46,17 @@ def rogue_token(env: Env, kid: str = "rotated-key-we-never-saw") -> str:
     """A well-formed access token signed by a key the IdP never published."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     now = int(time.time())
-    claims = {"iss": env.idp, "aud": "stepup-demo", "sub": "alice", "sid": "s1", "iat": now,
-              "exp": now + 300, "acr": "mfa", "amr": ["pwd", "otp"], "auth_time": now}
+    claims = {
+        "iss": env.idp,
+        "aud": "stepup-demo",
+        "sub": "alice",
+        "sid": "s1",
+        "iat": now,
+        "exp": now + 300,
+        "acr": "mfa",
+        "amr": ["pwd", "otp"],
+        "auth_time": now,
+    }
     return jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid, "typ": "at+jwt"})
 
 
@@ -86,24 +96,25 @@ async def test_jwks_slow_never_blocks_the_loop(env: Env) -> None:
     assert (rogue.allowed, rogue.reason) == (False, "keys-unavailable"), rogue
     assert len(during) > 20 and all(x.allowed for x in during)
     worst = max(x.elapsed for x in during)
-    print(f"\n[jwks slow 1.5 s] unknown-kid Check answered in {rogue.elapsed * 1000:.0f} ms "
-          f"(keys-unavailable); {len(during)} other Checks meanwhile, slowest "
-          f"{worst * 1000:.1f} ms; loop lag max {lag.max_lag * 1000:.1f} ms")
+    print(
+        f"\n[jwks slow 1.5 s] unknown-kid Check answered in {rogue.elapsed * 1000:.0f} ms "
+        f"(keys-unavailable); {len(during)} other Checks meanwhile, slowest "
+        f"{worst * 1000:.1f} ms; loop lag max {lag.max_lag * 1000:.1f} ms"
+    )
     # The default wait is 100 ms; the bounds leave room for a machine shared with other load.
     assert rogue.elapsed < 0.25
     assert worst < 0.25
     assert lag.max_lag < 0.25
 
 
-async def browser_to_callback(env: Env, s: aiohttp.ClientSession, token: str) -> tuple[str,
-                                                                                      str]:
+async def browser_to_callback(env: Env, s: aiohttp.ClientSession, token: str) -> tuple[str, str]:
     """Check -> start -> IdP login with TOTP; returns (callback URL on the service, state
     cookie) without calling the callback."""
     r = await env.stub.Check(_html_check(token))
-    start = next(h.header.value for h in r.denied_response.headers
-                 if h.header.key == "location")
-    async with s.get(f"{env.http}{start}", cookies={"stepup_token": token},
-                     allow_redirects=False) as resp:
+    start = next(h.header.value for h in r.denied_response.headers if h.header.key == "location")
+    async with s.get(
+        f"{env.http}{start}", cookies={"stepup_token": token}, allow_redirects=False
+    ) as resp:
         assert resp.status == 302, await resp.text()
         authorize = resp.headers["Location"]
         state_cookie = resp.cookies["stepup-state"].value
@@ -111,8 +122,12 @@ async def browser_to_callback(env: Env, s: aiohttp.ClientSession, token: str) ->
         page = await resp.text()
     m = re.search(r'name="request_id" value="([^"]+)"', page)
     assert m is not None, page
-    form = {"request_id": m.group(1), "username": "alice", "password": "alice-password",
-            "otp": pyotp.TOTP(TOTP["alice"]).now()}
+    form = {
+        "request_id": m.group(1),
+        "username": "alice",
+        "password": "alice-password",
+        "otp": pyotp.TOTP(TOTP["alice"]).now(),
+    }
     async with s.post(f"{env.idp}/authorize", data=form, allow_redirects=False) as resp:
         assert resp.status == 302, await resp.text()
         cb = urlsplit(resp.headers["Location"])
@@ -134,8 +149,7 @@ async def test_token_endpoint_faults_at_callback(env: Env, mode: str) -> None:
         before = env.metric("stepup_authz_stepup_completions_total", rejected)
         env.proxy.modes["/token"] = mode
         started = time.monotonic()
-        async with s.get(callback, cookies={"stepup-state": cookie},
-                         allow_redirects=False) as resp:
+        async with s.get(callback, cookies={"stepup-state": cookie}, allow_redirects=False) as resp:
             status, body = resp.status, await resp.text()
         took = time.monotonic() - started
     assert status in (403, 503), body

@@ -38,8 +38,7 @@ def valkey() -> AsyncIterator[EmbeddedValkey]:  # type: ignore[misc]
 
 @pytest.fixture
 async def env(valkey: EmbeddedValkey, tmp_path: Path) -> AsyncIterator[Env]:
-    async with service_env(tmp_path, {"url": valkey.url},
-                           {"audit": {"enabled": False}}) as e:
+    async with service_env(tmp_path, {"url": valkey.url}, {"audit": {"enabled": False}}) as e:
         yield e
 
 
@@ -86,13 +85,11 @@ async def test_redis_paused_answers_within_deadline_and_replies_never_cross(
     try:
         for _ in range(3):
             c.execute_command("CLIENT", "PAUSE", 400, "ALL")  # type: ignore[no-untyped-call]
-            results = await asyncio.gather(*(env.check(SENSITIVE, t)
-                                             for t in [alice, bob] * 8))
+            results = await asyncio.gather(*(env.check(SENSITIVE, t) for t in [alice, bob] * 8))
             assert all((r.allowed, r.reason) == (False, FAIL) for r in results), results
             assert max(r.elapsed for r in results) < DEADLINE_S + MARGIN_S, results
             await asyncio.sleep(0.45)  # the paused replies are now in flight
-            results = await asyncio.gather(*(env.check(SENSITIVE, t)
-                                             for t in [alice, bob] * 8))
+            results = await asyncio.gather(*(env.check(SENSITIVE, t) for t in [alice, bob] * 8))
             assert [r.allowed for r in results] == [True, False] * 8, results
             assert {r.reason for r in results[1::2]} == {"acr-insufficient"}
     finally:
@@ -163,12 +160,18 @@ async def test_corrupt_and_wrong_type_values(env: Env, valkey: EmbeddedValkey) -
     try:
         cases: list[tuple[str, str, object]] = [
             ("grant junk", k.grant(sk, "elevated"), b"\x00not json{"),
-            ("grant wrong level", k.grant(sk, "elevated"),
-             b'{"v":1,"level":"standard","acr":"mfa","amr":[],"auth_time":1,"exp":9999999999,'
-             b'"iat":1}'),
-            ("grant plaintext forgery", k.grant(sk, "elevated"),
-             b'{"v":1,"level":"elevated","acr":"mfa","amr":["otp"],"auth_time":%d,'
-             b'"exp":9999999999,"iat":%d}' % (int(time.time()), int(time.time()))),
+            (
+                "grant wrong level",
+                k.grant(sk, "elevated"),
+                b'{"v":1,"level":"standard","acr":"mfa","amr":[],"auth_time":1,"exp":9999999999,'
+                b'"iat":1}',
+            ),
+            (
+                "grant plaintext forgery",
+                k.grant(sk, "elevated"),
+                b'{"v":1,"level":"elevated","acr":"mfa","amr":["otp"],"auth_time":%d,'
+                b'"exp":9999999999,"iat":%d}' % (int(time.time()), int(time.time())),
+            ),
             ("grant as hash", k.grant(sk, "elevated"), {"level": "elevated"}),
             ("revoked-before junk", k.revoked_before, b"yesterday"),
             ("velocity junk", k.velocity(int(time.time()) // 60), b"many"),
@@ -189,8 +192,14 @@ async def test_corrupt_and_wrong_type_values(env: Env, valkey: EmbeddedValkey) -
             assert not r.allowed, (name, r)
             assert r.reason in ("acr-insufficient", FAIL), (name, r)
             assert r.reason != "internal-error", name
-            if name in ("grant junk", "grant wrong level", "grant plaintext forgery",
-                        "revoked-before junk", "velocity junk", "last sighting junk"):
+            if name in (
+                "grant junk",
+                "grant wrong level",
+                "grant plaintext forgery",
+                "revoked-before junk",
+                "velocity junk",
+                "last sighting junk",
+            ):
                 assert env.metric(corrupt) > before, name
             c.delete(key)
         # And the valid grant still works after all that.

@@ -27,23 +27,45 @@ with atheris.instrument_imports(enable_loader_override=False):
     from authz.core.policy import load_policy
     from authz.errors import RequestError
 
-POLICY = load_policy({
-    "levels": {"public": {"public": True}, "standard": {},
-               "elevated": {"acr": ["mfa"], "max_age": 900},
-               "high": {"acr": ["phr"], "max_age": 300, "ip_allow": ["10.0.0.0/8"]}},
-    "routes": [{"path": "/", "level": "public"},
-               {"path_prefix": "/accounts/", "methods": ["GET"], "level": "elevated"},
-               {"path_prefix": "/accounts/", "level": "high"},
-               {"path_regex": "^/clients/[0-9]+/statements$", "level": "elevated"},
-               {"host": "*.example.com", "path_prefix": "/wires/", "level": "high"}],
-    "default_level": "standard",
-    "rules": [{"when": {"ip_in": ["198.51.100.0/24"]}, "deny": "ip-blocked"},
-              {"when": {"ip_not_in": ["10.0.0.0/8"], "level_at_least": "elevated"},
-               "raise_to": "high"}],
-})
+POLICY = load_policy(
+    {
+        "levels": {
+            "public": {"public": True},
+            "standard": {},
+            "elevated": {"acr": ["mfa"], "max_age": 900},
+            "high": {"acr": ["phr"], "max_age": 300, "ip_allow": ["10.0.0.0/8"]},
+        },
+        "routes": [
+            {"path": "/", "level": "public"},
+            {"path_prefix": "/accounts/", "methods": ["GET"], "level": "elevated"},
+            {"path_prefix": "/accounts/", "level": "high"},
+            {"path_regex": "^/clients/[0-9]+/statements$", "level": "elevated"},
+            {"host": "*.example.com", "path_prefix": "/wires/", "level": "high"},
+        ],
+        "default_level": "standard",
+        "rules": [
+            {"when": {"ip_in": ["198.51.100.0/24"]}, "deny": "ip-blocked"},
+            {
+                "when": {"ip_not_in": ["10.0.0.0/8"], "level_at_least": "elevated"},
+                "raise_to": "high",
+            },
+        ],
+    }
+)
 
-_KEYS = ["x-forwarded-for", "cookie", "authorization", "accept", "x-stepup-user",
-         "content-type", ":path", ":authority", ":method", "x-request-id", "host"]
+_KEYS = [
+    "x-forwarded-for",
+    "cookie",
+    "authorization",
+    "accept",
+    "x-stepup-user",
+    "content-type",
+    ":path",
+    ":authority",
+    ":method",
+    "x-request-id",
+    "host",
+]
 
 
 def _structured(fdp: atheris.FuzzedDataProvider) -> external_auth_pb2.CheckRequest:
@@ -54,8 +76,11 @@ def _structured(fdp: atheris.FuzzedDataProvider) -> external_auth_pb2.CheckReque
     http.host = fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 40))
     http.scheme = fdp.ConsumeUnicodeNoSurrogates(6)
     for _ in range(fdp.ConsumeIntInRange(0, 8)):
-        key = (_KEYS[fdp.ConsumeIntInRange(0, len(_KEYS) - 1)] if fdp.ConsumeBool()
-               else fdp.ConsumeUnicodeNoSurrogates(12))
+        key = (
+            _KEYS[fdp.ConsumeIntInRange(0, len(_KEYS) - 1)]
+            if fdp.ConsumeBool()
+            else fdp.ConsumeUnicodeNoSurrogates(12)
+        )
         http.headers[key] = fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 80))
     req.attributes.source.address.socket_address.address = fdp.ConsumeUnicodeNoSurrogates(40)
     if fdp.ConsumeBool():
@@ -102,9 +127,11 @@ def seed(corpus: Path) -> None:
     corpus.mkdir(parents=True, exist_ok=True)
     if any(corpus.iterdir()):
         return
-    samples = [("GET", "/accounts/1", "app.example.com", {"authorization": "Bearer a.b.c"}),
-               ("POST", "/wires/9?x=1", "pay.example.com", {"cookie": "stepup_token=x"}),
-               ("GET", "/public/../accounts/%2e%2e/x", "h", {"x-forwarded-for": "1.2.3.4"})]
+    samples = [
+        ("GET", "/accounts/1", "app.example.com", {"authorization": "Bearer a.b.c"}),
+        ("POST", "/wires/9?x=1", "pay.example.com", {"cookie": "stepup_token=x"}),
+        ("GET", "/public/../accounts/%2e%2e/x", "h", {"x-forwarded-for": "1.2.3.4"}),
+    ]
     for i, (method, path, host, headers) in enumerate(samples):
         req = external_auth_pb2.CheckRequest()
         http = req.attributes.request.http

@@ -37,15 +37,41 @@ with atheris.instrument_imports(enable_loader_override=False):
 ISS, AUD, CLIENT = "https://idp.example.com", "mesh", "stepup-authz"
 LEEWAY = 30
 KEY = ec.generate_private_key(ec.SECP256R1())
-JWK = {**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(KEY.public_key())),
-       "kid": "k1", "use": "sig", "alg": "ES256"}
+JWK = {
+    **json.loads(jwt.algorithms.ECAlgorithm.to_jwk(KEY.public_key())),
+    "kid": "k1",
+    "use": "sig",
+    "alg": "ES256",
+}
 VERIFIER = TokenVerifier(
-    OidcSettings(issuer=ISS, client_id=CLIENT, audience=AUD, algorithms=("ES256", "RS256"),
-                 token_typ="at+jwt", leeway_s=LEEWAY, token_cache_size=64),
-    StaticKeySource({"keys": [JWK]}))
+    OidcSettings(
+        issuer=ISS,
+        client_id=CLIENT,
+        audience=AUD,
+        algorithms=("ES256", "RS256"),
+        token_typ="at+jwt",
+        leeway_s=LEEWAY,
+        token_cache_size=64,
+    ),
+    StaticKeySource({"keys": [JWK]}),
+)
 ES256 = jwt.get_algorithm_by_name("ES256")
-_CLAIMS = ["iss", "aud", "sub", "sid", "exp", "nbf", "iat", "acr", "amr", "auth_time",
-           "nonce", "azp", "client_id", "typ"]
+_CLAIMS = [
+    "iss",
+    "aud",
+    "sub",
+    "sid",
+    "exp",
+    "nbf",
+    "iat",
+    "acr",
+    "amr",
+    "auth_time",
+    "nonce",
+    "azp",
+    "client_id",
+    "typ",
+]
 _HEADER = ["alg", "kid", "typ", "crit", "jku", "jwk", "x5u", "b64", "cty"]
 
 
@@ -82,15 +108,38 @@ def value(fdp: atheris.FuzzedDataProvider, now: int, good: Any) -> Any:
 
 def signed(fdp: atheris.FuzzedDataProvider, now: int, id_token: bool) -> str:
     goods: dict[str, Any] = {
-        "iss": ISS, "aud": CLIENT if id_token else AUD, "sub": "alice", "sid": "s1",
-        "exp": now + 600, "nbf": now - 10, "iat": now - 10, "acr": "mfa", "amr": ["otp"],
-        "auth_time": now - 20, "nonce": "n-1", "azp": CLIENT, "client_id": CLIENT, "typ": "x"}
+        "iss": ISS,
+        "aud": CLIENT if id_token else AUD,
+        "sub": "alice",
+        "sid": "s1",
+        "exp": now + 600,
+        "nbf": now - 10,
+        "iat": now - 10,
+        "acr": "mfa",
+        "amr": ["otp"],
+        "auth_time": now - 20,
+        "nonce": "n-1",
+        "azp": CLIENT,
+        "client_id": CLIENT,
+        "typ": "x",
+    }
     claims = {k: value(fdp, now, goods[k]) for k in _CLAIMS if fdp.ConsumeIntInRange(0, 7)}
-    header_goods = {"alg": "ES256", "kid": "k1", "typ": "JWT" if id_token else "at+jwt",
-                    "crit": ["b64"], "jku": "https://evil/", "jwk": {}, "x5u": "x", "b64": False,
-                    "cty": "JWT"}
-    header = {k: value(fdp, now, header_goods[k]) for k in _HEADER
-              if fdp.ConsumeIntInRange(0, 3) == 0 or k in ("alg", "kid", "typ")}
+    header_goods = {
+        "alg": "ES256",
+        "kid": "k1",
+        "typ": "JWT" if id_token else "at+jwt",
+        "crit": ["b64"],
+        "jku": "https://evil/",
+        "jwk": {},
+        "x5u": "x",
+        "b64": False,
+        "cty": "JWT",
+    }
+    header = {
+        k: value(fdp, now, header_goods[k])
+        for k in _HEADER
+        if fdp.ConsumeIntInRange(0, 3) == 0 or k in ("alg", "kid", "typ")
+    }
     header_raw = json.dumps(header).encode()
     payload_raw = json.dumps(claims).encode()
     if fdp.ConsumeIntInRange(0, 15) == 0:  # occasionally splice raw bytes into the JSON

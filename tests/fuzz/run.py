@@ -25,12 +25,19 @@ def run(name: str, seconds: int, out: Path) -> dict[str, str]:
     work = out / name
     corpus = work / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, str(HERE / f"{name}.py"), str(corpus),
-            f"-max_total_time={seconds}", "-print_final_stats=1", "-rss_limit_mb=2048",
-            "-timeout=10", f"-artifact_prefix={work}/", "-max_len=8192"]
+    argv = [
+        sys.executable,
+        str(HERE / f"{name}.py"),
+        str(corpus),
+        f"-max_total_time={seconds}",
+        "-print_final_stats=1",
+        "-rss_limit_mb=2048",
+        "-timeout=10",
+        f"-artifact_prefix={work}/",
+        "-max_len=8192",
+    ]
     started = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120,
-                          check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120, check=False)
     log = proc.stdout + proc.stderr
     (work / "last-run.log").write_text(log)
     execs = re.search(r"stat::number_of_executed_units:\s*(\d+)", log)
@@ -60,8 +67,9 @@ def main() -> int:
         print("| " + " | ".join(row[k] for k in keys) + " |")
     failed = [r for r in rows if r["exit"] != "0" or r["crashes"] != "none"]
     for r in failed:
-        print(f"FINDING: {r['harness']}: see {args.out / r['harness']}/last-run.log",
-              file=sys.stderr)
+        print(
+            f"FINDING: {r['harness']}: see {args.out / r['harness']}/last-run.log", file=sys.stderr
+        )
     return 1 if failed else 0
 
 

@@ -54,8 +54,9 @@ class Node:
     """One server process on ``127.0.0.1:port``; ``stop()`` then ``start()`` reuses the port
     and the directory (a cluster node keeps its identity in ``nodes.conf``)."""
 
-    def __init__(self, name: str, port: int, workdir: Path, args: list[str],
-                 binary: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, name: str, port: int, workdir: Path, args: list[str], binary: str, env: dict[str, str]
+    ) -> None:
         self.name, self.port, self.args = name, port, args
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -93,8 +94,13 @@ class Node:
 
     def client(self, timeout: float = 5.0) -> redis.Redis:
         """A control connection (decoded replies). Close it after use."""
-        return redis.Redis(host=HOST, port=self.port, socket_timeout=timeout,
-                           socket_connect_timeout=timeout, decode_responses=True)
+        return redis.Redis(
+            host=HOST,
+            port=self.port,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            decode_responses=True,
+        )
 
     def call(self, *args: Any) -> Any:
         c = self.client()
@@ -127,8 +133,18 @@ class _Topology:
         return node
 
     def _data_args(self, port: int, name: str) -> list[str]:
-        return ["--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no",
-                "--dir", str(self.workdir / name)]
+        return [
+            "--bind",
+            HOST,
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir / name),
+        ]
 
     def _tails(self) -> str:
         return "\n".join(n.tail() for n in self.servers)
@@ -152,8 +168,12 @@ class _Topology:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
 
@@ -164,30 +184,50 @@ class SentinelSetup(_Topology):
     default is 30 s; 1 s here keeps a kill-the-primary test short).
     """
 
-    def __init__(self, workdir: Path, *, master_name: str = "stepup", down_after_ms: int = 1000,
-                 failover_timeout_ms: int = 10_000, binary: str | None = None,
-                 start_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        master_name: str = "stepup",
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 10_000,
+        binary: str | None = None,
+        start_timeout: float = 30.0,
+    ) -> None:
         super().__init__(workdir, binary, start_timeout)
         self.master_name = master_name
         self.down_after_ms, self.failover_timeout_ms = down_after_ms, failover_timeout_ms
         p0, p1, s0, s1, s2 = free_ports(5)
         # No 5 s wait before a full resync: a demoted primary rejoins promptly.
         sync = ["--repl-diskless-sync-delay", "0"]
-        self.data = [self._node("redis-a", p0, [*self._data_args(p0, "redis-a"), *sync]),
-                     self._node("redis-b", p1, [*self._data_args(p1, "redis-b"), *sync,
-                                                "--replicaof", HOST, str(p0)])]
-        self.sentinels = [self._sentinel(f"sentinel-{i}", p, p0)
-                          for i, p in enumerate((s0, s1, s2))]
+        self.data = [
+            self._node("redis-a", p0, [*self._data_args(p0, "redis-a"), *sync]),
+            self._node(
+                "redis-b",
+                p1,
+                [*self._data_args(p1, "redis-b"), *sync, "--replicaof", HOST, str(p0)],
+            ),
+        ]
+        self.sentinels = [
+            self._sentinel(f"sentinel-{i}", p, p0) for i, p in enumerate((s0, s1, s2))
+        ]
 
     def _sentinel(self, name: str, port: int, primary: int) -> Node:
         conf = self.workdir / f"{name}.conf"  # a sentinel rewrites its config file: its own
-        conf.write_text("\n".join([
-            f"port {port}", f"bind {HOST}", f"dir {self.workdir}",
-            f"sentinel monitor {self.master_name} {HOST} {primary} 2",
-            f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
-            f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}",
-            f"sentinel parallel-syncs {self.master_name} 1", "",
-        ]))
+        conf.write_text(
+            "\n".join(
+                [
+                    f"port {port}",
+                    f"bind {HOST}",
+                    f"dir {self.workdir}",
+                    f"sentinel monitor {self.master_name} {HOST} {primary} 2",
+                    f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
+                    f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}",
+                    f"sentinel parallel-syncs {self.master_name} 1",
+                    "",
+                ]
+            )
+        )
         return self._node(name, port, [str(conf), "--sentinel"])
 
     @property
@@ -199,8 +239,12 @@ class SentinelSetup(_Topology):
         for node in self.servers:
             node.start(self.start_timeout)
         replica = self.data[1]
-        _wait("replica link up", lambda: replica.info("replication").get(
-            "master_link_status") == "up", self.start_timeout, self._tails)
+        _wait(
+            "replica link up",
+            lambda: replica.info("replication").get("master_link_status") == "up",
+            self.start_timeout,
+            self._tails,
+        )
         # A sentinel can fail over only once it knows the replica and the other sentinels
         # (learned from hello messages every 2 s).
         _wait("sentinels agree", self._sentinels_ready, self.start_timeout, self._tails)
@@ -218,8 +262,7 @@ class SentinelSetup(_Topology):
 
     def primary_port(self) -> int:
         """The primary's port as the first sentinel sees it."""
-        _, port = self.sentinels[0].call("SENTINEL", "GET-MASTER-ADDR-BY-NAME",
-                                         self.master_name)
+        _, port = self.sentinels[0].call("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
         return int(port)
 
     def node(self, port: int) -> Node:
@@ -245,8 +288,10 @@ class SentinelSetup(_Topology):
             except redis.ResponseError as exc:
                 # Right after an earlier failover or restart a sentinel may not yet count
                 # the replica as promotable (it refreshes its view every few seconds).
-                if not str(exc).startswith(("NOGOODSLAVE", "INPROG")) \
-                        or time.monotonic() > deadline:
+                if (
+                    not str(exc).startswith(("NOGOODSLAVE", "INPROG"))
+                    or time.monotonic() > deadline
+                ):
                     raise
                 time.sleep(0.5)
         return self.wait_new_primary(old, max(1.0, deadline - time.monotonic()))
@@ -254,6 +299,7 @@ class SentinelSetup(_Topology):
     def wait_settled(self, timeout: float = 60.0) -> None:
         """Until the sentinels' primary is the only master and every running data node
         replicates from it with the link up (after a failover or a restart)."""
+
         def settled() -> bool:
             try:
                 port = self.primary_port()
@@ -263,8 +309,9 @@ class SentinelSetup(_Topology):
                     role = node.call("ROLE")
                     if node.port == port and role[0] != "master":
                         return False
-                    if node.port != port and (role[0] != "slave" or int(role[2]) != port
-                                              or role[3] != "connected"):
+                    if node.port != port and (
+                        role[0] != "slave" or int(role[2]) != port or role[3] != "connected"
+                    ):
                         return False
                 return True
             except (redis.RedisError, OSError, StopIteration):
@@ -274,10 +321,13 @@ class SentinelSetup(_Topology):
 
     def wait_new_primary(self, old_port: int, timeout: float = 30.0) -> Node:
         """Wait until every sentinel names a primary other than ``old_port`` and it is one."""
+
         def moved() -> bool:
             try:
-                ports = {int(s.call("SENTINEL", "GET-MASTER-ADDR-BY-NAME",
-                                    self.master_name)[1]) for s in self.sentinels}
+                ports = {
+                    int(s.call("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)[1])
+                    for s in self.sentinels
+                }
                 if len(ports) != 1 or old_port in ports:
                     return False
                 return bool(self.node(ports.pop()).call("ROLE")[0] == "master")
@@ -291,17 +341,35 @@ class SentinelSetup(_Topology):
 class ClusterSetup(_Topology):
     """``primaries`` cluster nodes sharing the 16384 slots, no replicas."""
 
-    def __init__(self, workdir: Path, *, primaries: int = 3, node_timeout_ms: int = 2000,
-                 binary: str | None = None, start_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        primaries: int = 3,
+        node_timeout_ms: int = 2000,
+        binary: str | None = None,
+        start_timeout: float = 30.0,
+    ) -> None:
         super().__init__(workdir, binary, start_timeout)
         ports = free_ports(2 * primaries)
         self._bus_ports = ports[1::2]
         # An explicit bus port: the default (port + 10000) may be taken, or above 65535.
         self.primaries = [
-            self._node(f"cluster-{i}", p, [
-                *self._data_args(p, f"cluster-{i}"), "--cluster-enabled", "yes",
-                "--cluster-port", str(bus), "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(node_timeout_ms)])
+            self._node(
+                f"cluster-{i}",
+                p,
+                [
+                    *self._data_args(p, f"cluster-{i}"),
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    str(bus),
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    str(node_timeout_ms),
+                ],
+            )
             for i, (p, bus) in enumerate(zip(ports[::2], ports[1::2], strict=True))
         ]
 
@@ -324,13 +392,16 @@ class ClusterSetup(_Topology):
 
     def wait_ok(self, timeout: float | None = None) -> None:
         """Until every node reports cluster_state:ok and knows every other node."""
+
         def ok() -> bool:
             try:
                 for node in self.primaries:
                     info = node.call("CLUSTER", "INFO")
                     text = info if isinstance(info, str) else str(info)
-                    if ("cluster_state:ok" not in text
-                            or f"cluster_known_nodes:{len(self.primaries)}" not in text):
+                    if (
+                        "cluster_state:ok" not in text
+                        or f"cluster_known_nodes:{len(self.primaries)}" not in text
+                    ):
                         return False
                 return True
             except (redis.RedisError, OSError):

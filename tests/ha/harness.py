@@ -78,12 +78,21 @@ class FaultProxy:
         if mode.startswith("slow:"):
             await asyncio.sleep(float(mode.split(":", 1)[1]))
         body = await request.read()
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() not in ("host", "content-length", "transfer-encoding")}
-        async with aiohttp.ClientSession() as s, s.request(
-            request.method, self.upstream + request.path_qs, data=body, headers=headers,
-            allow_redirects=False,
-        ) as up:
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() not in ("host", "content-length", "transfer-encoding")
+        }
+        async with (
+            aiohttp.ClientSession() as s,
+            s.request(
+                request.method,
+                self.upstream + request.path_qs,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+            ) as up,
+        ):
             data = await up.read()
             out = web.Response(status=up.status, body=data)
             for name in ("Content-Type", "Location", "Cache-Control"):
@@ -114,9 +123,15 @@ class Env:
     def http(self) -> str:
         return f"http://127.0.0.1:{self.service.http_port}"
 
-    async def check(self, path: str, token: str | None = None, *, method: str = "GET",
-                    headers: dict[str, str] | None = None,
-                    timeout: float = 5.0) -> Result:  # noqa: ASYNC109 - the gRPC deadline
+    async def check(
+        self,
+        path: str,
+        token: str | None = None,
+        *,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        timeout: float = 5.0,  # noqa: ASYNC109 - the gRPC deadline
+    ) -> Result:
         h = dict(headers or {})
         if token is not None:
             h["authorization"] = f"Bearer {token}"
@@ -125,17 +140,24 @@ class Env:
         elapsed = time.perf_counter() - started
         if r.HasField("ok_response"):
             return Result(r.status.code == 0, 200, None, elapsed)
-        return Result(False, r.denied_response.status.code,
-                      _header(r.denied_response.headers, "x-stepup-reason"), elapsed)
+        return Result(
+            False,
+            r.denied_response.status.code,
+            _header(r.denied_response.headers, "x-stepup-reason"),
+            elapsed,
+        )
 
     async def token(self, user: str = "alice", *, otp: bool = False) -> str:
         form = {"grant_type": "password", "username": user, "password": f"{user}-password"}
         if otp:
             form["otp"] = pyotp.TOTP(TOTP[user]).now()
         basic = base64.b64encode(f"stepup-authz:{CLIENT_SECRET}".encode()).decode()
-        async with aiohttp.ClientSession() as s, s.post(
-            f"{self.idp}/token", data=form, headers={"Authorization": f"Basic {basic}"}
-        ) as resp:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                f"{self.idp}/token", data=form, headers={"Authorization": f"Basic {basic}"}
+            ) as resp,
+        ):
             assert resp.status == 200, await resp.text()
             body: dict[str, Any] = await resp.json()
         return str(body["access_token"])
@@ -143,22 +165,27 @@ class Env:
     async def keys(self, token: str) -> tuple[str, str]:
         """(user key, session key) of the token's session, as the Check computes them."""
         ident = await self.service.authorizer.tokens.verify_access_token(token, int(time.time()))
-        return (user_key(ident.issuer, ident.subject),
-                session_key(ident.issuer, ident.subject, ident.session_id))
+        return (
+            user_key(ident.issuer, ident.subject),
+            session_key(ident.issuer, ident.subject, ident.session_id),
+        )
 
     async def grant(self, token: str, level: str = "elevated", ttl: int = 600) -> None:
         """Record a step-up grant for the token's session, as the callback does."""
         uk, sk = await self.keys(token)
         now = int(time.time())
-        grant = Grant(level=level, evidence=Evidence("mfa", ("pwd", "otp"), now - 1),
-                      expires_at=now + ttl, issued_at=now)
+        grant = Grant(
+            level=level,
+            evidence=Evidence("mfa", ("pwd", "otp"), now - 1),
+            expires_at=now + ttl,
+            issued_at=now,
+        )
         # A setup write, not a Check: its own store, with no latency budget.
         r = self.service.settings.redis
         # Same cipher as the service's store (values are encrypted at rest), when it has one.
         cipher = getattr(self.service.authorizer.store, "cipher", None)
         kwargs: dict[str, Any] = {} if cipher is None else {"cipher": cipher}
-        store = RedisSessionStore(make_redis(r), prefix=r.key_prefix, deadline_ms=5000,
-                                  **kwargs)
+        store = RedisSessionStore(make_redis(r), prefix=r.key_prefix, deadline_ms=5000, **kwargs)
         try:
             await store.write_grant(uk, sk, grant, now)
         finally:
@@ -169,8 +196,9 @@ class Env:
         return 0.0 if value is None else value
 
 
-def check_request(path: str, headers: dict[str, str], *, method: str = "GET",
-                  ip: str = "10.0.0.5") -> external_auth_pb2.CheckRequest:
+def check_request(
+    path: str, headers: dict[str, str], *, method: str = "GET", ip: str = "10.0.0.5"
+) -> external_auth_pb2.CheckRequest:
     req = external_auth_pb2.CheckRequest()
     http = req.attributes.request.http
     http.method, http.path, http.host, http.scheme = method, path, "app.test", "https"
@@ -191,8 +219,10 @@ async def idp_behind_proxy() -> AsyncIterator[tuple[str, FaultProxy]]:
     """The dev IdP on one port, the fault proxy on another; the issuer is the proxy."""
     idp_sock, proxy_sock = bind(), bind()
     issuer = base_url(proxy_sock)
-    cfg = DevIdpConfig(issuer=issuer, clients={
-        "stepup-authz": DevClient(CLIENT_SECRET, (f"{PUBLIC}/_stepup/callback",))})
+    cfg = DevIdpConfig(
+        issuer=issuer,
+        clients={"stepup-authz": DevClient(CLIENT_SECRET, (f"{PUBLIC}/_stepup/callback",))},
+    )
     proxy = FaultProxy(base_url(idp_sock))
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
@@ -209,23 +239,31 @@ async def idp_behind_proxy() -> AsyncIterator[tuple[str, FaultProxy]]:
                 sock.close()
 
 
-def settings_for(issuer: str, policy_file: Path, redis: dict[str, Any],
-                 extra: dict[str, Any] | None = None) -> Settings:
+def settings_for(
+    issuer: str, policy_file: Path, redis: dict[str, Any], extra: dict[str, Any] | None = None
+) -> Settings:
     base: dict[str, Any] = {
         "policy_file": str(policy_file),
         "grpc": {"port": 0, "shutdown_delay_s": 0},
         "http": {"port": 0},
         "redis": redis,
-        "oidc": {"issuer": issuer, "client_id": "stepup-authz", "client_secret": CLIENT_SECRET,
-                 "audience": "stepup-demo", "algorithms": ["RS256"], "token_typ": "at+jwt"},
+        "oidc": {
+            "issuer": issuer,
+            "client_id": "stepup-authz",
+            "client_secret": CLIENT_SECRET,
+            "audience": "stepup-demo",
+            "algorithms": ["RS256"],
+            "token_typ": "at+jwt",
+        },
         "stepup": {"public_url": PUBLIC, "cookie_secure": False},
     }
     return Settings.model_validate(deep_merge(base, extra or {}))
 
 
 @contextlib.asynccontextmanager
-async def service_env(tmp_path: Path, redis: dict[str, Any],
-                      extra: dict[str, Any] | None = None) -> AsyncIterator[Env]:
+async def service_env(
+    tmp_path: Path, redis: dict[str, Any], extra: dict[str, Any] | None = None
+) -> AsyncIterator[Env]:
     """The service with ``redis`` settings (url | sentinel | cluster, key_prefix ...)."""
     policy = tmp_path / "policy.yaml"
     await asyncio.to_thread(_write, policy, POLICY)
@@ -241,8 +279,9 @@ async def service_env(tmp_path: Path, redis: dict[str, Any],
             await asyncio.sleep(0.05)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
         try:
-            yield Env(service, issuer, proxy,
-                      external_auth_pb2_grpc.AuthorizationStub(channel), channel)
+            yield Env(
+                service, issuer, proxy, external_auth_pb2_grpc.AuthorizationStub(channel), channel
+            )
         finally:
             await channel.close()
             await service.stop()

@@ -42,8 +42,7 @@ class Load:
                 self.transport_errors[type(exc).__name__] += 1
                 await asyncio.sleep(0.01)
                 continue
-            self.samples.append(Sample(time.monotonic(), granted, r.allowed, r.reason,
-                                       r.status))
+            self.samples.append(Sample(time.monotonic(), granted, r.allowed, r.reason, r.status))
             await asyncio.sleep(0.002)
 
     def start(self) -> None:
@@ -53,8 +52,12 @@ class Load:
         self._stop.set()
         await asyncio.gather(*self._tasks)
 
-    async def wait_recovered(self, since: float, timeout: float,  # noqa: ASYNC109
-                             streak: int = 20) -> float:
+    async def wait_recovered(
+        self,
+        since: float,
+        timeout: float,  # noqa: ASYNC109
+        streak: int = 20,
+    ) -> float:
         """Seconds from ``since`` until ``streak`` consecutive granted requests were allowed
         (the first of them marks recovery); AssertionError after ``timeout``."""
         deadline = time.monotonic() + timeout
@@ -78,8 +81,9 @@ class Load:
         return sum(1 for s in self.samples if s.allowed and not s.granted)
 
     def reasons(self, granted: bool) -> Counter[str]:
-        return Counter(str(s.reason) for s in self.samples
-                       if s.granted == granted and not s.allowed)
+        return Counter(
+            str(s.reason) for s in self.samples if s.granted == granted and not s.allowed
+        )
 
     def outage(self) -> tuple[int, float]:
         """(failed granted requests, seconds from the first to the last of them)."""
@@ -88,8 +92,10 @@ class Load:
 
     def summary(self) -> str:
         n_bad, window = self.outage()
-        return (f"requests={len(self.samples)} allowed_without_grant="
-                f"{self.allowed_without_grant} granted_denied={n_bad} "
-                f"outage_window={window:.3f}s granted_reasons={dict(self.reasons(True))} "
-                f"ungranted_reasons={dict(self.reasons(False))} "
-                f"transport_errors={dict(self.transport_errors)}")
+        return (
+            f"requests={len(self.samples)} allowed_without_grant="
+            f"{self.allowed_without_grant} granted_denied={n_bad} "
+            f"outage_window={window:.3f}s granted_reasons={dict(self.reasons(True))} "
+            f"ungranted_reasons={dict(self.reasons(False))} "
+            f"transport_errors={dict(self.transport_errors)}"
+        )

@@ -43,8 +43,17 @@ async def env(cluster_setup: ClusterSetup, tmp_path: Path) -> AsyncIterator[Env]
 async def user_slot(env: Env, token: str) -> int:
     uk, sk = await env.keys(token)
     k = UserKeys(env.service.settings.redis.key_prefix, uk)
-    names = [k.grant(sk, "elevated"), k.revoked(sk), k.revoked_before, k.sessions, k.devices,
-             k.ips, k.levels_seen, k.last_sighting, k.velocity(1)]
+    names = [
+        k.grant(sk, "elevated"),
+        k.revoked(sk),
+        k.revoked_before,
+        k.sessions,
+        k.devices,
+        k.ips,
+        k.levels_seen,
+        k.last_sighting,
+        k.velocity(1),
+    ]
     slots = {key_slot(n.encode()) for n in names}
     assert len(slots) == 1, slots  # one slot: the script never spans nodes (no CROSSSLOT)
     return slots.pop()
@@ -77,8 +86,10 @@ async def test_slot_migration_follows_moved(env: Env, cluster_setup: ClusterSetu
         await asyncio.sleep(0.5)
     finally:
         await load.stop()
-    print(f"\n[cluster slot {slot} migrated in {migrated - started:.3f}s] recovered "
-          f"{recovered:.3f}s after; {load.summary()}")
+    print(
+        f"\n[cluster slot {slot} migrated in {migrated - started:.3f}s] recovered "
+        f"{recovered:.3f}s after; {load.summary()}"
+    )
     assert load.allowed_without_grant == 0, load.summary()
     # MOVED is an answer, not a failure: the grant moved with the slot and is still honoured.
     assert set(load.reasons(True)) <= FAIL_CLOSED, load.summary()
@@ -115,14 +126,19 @@ async def test_primary_restart_fails_closed_then_steps_up(
         back = time.monotonic() - started
     finally:
         await load.stop()
-    print(f"\n[cluster primary restart] store answering {back:.2f}s after the restart; "
-          f"{load.summary()}")
+    print(
+        f"\n[cluster primary restart] store answering {back:.2f}s after the restart; "
+        f"{load.summary()}"
+    )
     assert load.allowed_without_grant == 0, load.summary()
     # A slot with no live owner (SlotNotCoveredError, not a RedisError) and redis-py's async
     # cluster race while a node fails ('NoneType' ... 'writelines') are store failures too:
     # counted as such, never an unexplained internal error.
-    escaped = [r.exc_text or r.getMessage() for r in caplog.records if r.name == "authz.check"
-               and r.levelname == "ERROR"]
+    escaped = [
+        r.exc_text or r.getMessage()
+        for r in caplog.records
+        if r.name == "authz.check" and r.levelname == "ERROR"
+    ]
     assert not escaped, (load.summary(), escaped[:2])
     assert (load.reasons(True) | load.reasons(False))["internal-error"] == 0, load.summary()
     await env.grant(alice)

@@ -69,10 +69,11 @@ async def test_checks_through_sentinel(env: Env, sentinel_setup: SentinelSetup) 
 # is not ours to fix here.
 @pytest.mark.filterwarnings(
     "ignore:Exception ignored in.*AbstractConnection.__del__:"
-    "pytest.PytestUnraisableExceptionWarning")
+    "pytest.PytestUnraisableExceptionWarning"
+)
 @pytest.mark.filterwarnings(
-    "ignore:Exception ignored in.*StreamWriter.__del__:"
-    "pytest.PytestUnraisableExceptionWarning")
+    "ignore:Exception ignored in.*StreamWriter.__del__:pytest.PytestUnraisableExceptionWarning"
+)
 @pytest.mark.parametrize("how", ["sentinel-failover", "kill-primary"])
 async def test_failover_under_load(env: Env, sentinel_setup: SentinelSetup, how: str) -> None:
     s = sentinel_setup
@@ -107,9 +108,11 @@ async def test_failover_under_load(env: Env, sentinel_setup: SentinelSetup, how:
         recovered = await load.wait_recovered(settled_at, RECOVERY_BOUND_S) + settled
     finally:
         await load.stop()
-    print(f"\n[{how}] sentinels switched in {switched:.2f}s, topology settled in "
-          f"{settled:.2f}s; service recovered {recovered:.2f}s after the trigger; "
-          f"{load.summary()}")
+    print(
+        f"\n[{how}] sentinels switched in {switched:.2f}s, topology settled in "
+        f"{settled:.2f}s; service recovered {recovered:.2f}s after the trigger; "
+        f"{load.summary()}"
+    )
     assert load.allowed_without_grant == 0, load.summary()
     # Without a grant: a step-up challenge, or a fail-closed error; never anything else.
     assert set(load.reasons(False)) <= {"acr-insufficient", *FAIL_CLOSED}, load.summary()
@@ -119,12 +122,14 @@ async def test_failover_under_load(env: Env, sentinel_setup: SentinelSetup, how:
     assert all(smp.status == 403 for smp in load.samples if smp.reason in FAIL_CLOSED)
     # Every fail-closed answer the clients saw was counted by the service.
     seen = sum(1 for smp in load.samples if smp.reason in FAIL_CLOSED)
-    assert sum(env.metric("stepup_authz_fail_closed_total", {"cause": c})
-               for c in FAIL_CLOSED) == seen
+    assert (
+        sum(env.metric("stepup_authz_fail_closed_total", {"cause": c}) for c in FAIL_CLOSED) == seen
+    )
 
 
 async def test_a_switch_is_followed_at_once_not_when_the_old_primary_is_demoted(
-    env: Env, sentinel_setup: SentinelSetup,
+    env: Env,
+    sentinel_setup: SentinelSetup,
 ) -> None:
     """After SENTINEL FAILOVER the old primary answers as a primary for ~10 s more, so a
     service still connected to it would not see a grant (or a revocation) written on the
@@ -144,9 +149,11 @@ async def test_a_switch_is_followed_at_once_not_when_the_old_primary_is_demoted(
         await asyncio.sleep(0.05)
     followed = time.monotonic() - switched
     watcher = next(c for c in env.service._closers if isinstance(c, SentinelWatcher))
-    print(f"\n[sentinel failover] grant on the new primary honoured {followed:.2f}s after "
-          f"the switch; old primary's role then: {old_role[0]!r}; switches seen: "
-          f"{watcher.switches}")
+    print(
+        f"\n[sentinel failover] grant on the new primary honoured {followed:.2f}s after "
+        f"the switch; old primary's role then: {old_role[0]!r}; switches seen: "
+        f"{watcher.switches}"
+    )
     assert watcher.switches >= 1
 
 
@@ -164,14 +171,16 @@ async def test_readonly_demoted_primary_fails_closed(
         assert (await primary_env.check(SENSITIVE, alice)).allowed
         await wait_replicated(s)
         replica_url = f"redis://{s.replica().address}"
-        async with service_env(tmp_path / "r", {"url": replica_url,
-                                                "key_prefix": prefix}) as env:
+        async with service_env(tmp_path / "r", {"url": replica_url, "key_prefix": prefix}) as env:
             alice2 = await env.token("alice")
-            before = env.metric("stepup_authz_fail_closed_total",
-                                {"cause": "session-store-unavailable"})
+            before = env.metric(
+                "stepup_authz_fail_closed_total", {"cause": "session-store-unavailable"}
+            )
             r = await env.check(SENSITIVE, alice2)
             assert (r.allowed, r.status, r.reason) == (False, 403, "session-store-unavailable")
-            assert env.metric("stepup_authz_fail_closed_total",
-                              {"cause": "session-store-unavailable"}) == before + 1
+            assert (
+                env.metric("stepup_authz_fail_closed_total", {"cause": "session-store-unavailable"})
+                == before + 1
+            )
             with pytest.raises(Exception, match=r"READONLY|ReadOnly"):
                 await env.grant(alice2)

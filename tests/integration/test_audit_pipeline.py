@@ -66,10 +66,15 @@ def value(m: AuditMetrics, name: str, **labels: str) -> float:
 
 
 def exporter(sclient: redis.Redis, archive: Path, stream: str, **kw: int) -> Exporter:
-    w = ArchiveWriter(archive, KEY, max_bytes=kw.pop("max_bytes", 16_384),
-                      checkpoint_every=kw.pop("checkpoint_every", 25))
-    return Exporter(sclient, w, stream_key=stream, batch_size=kw.pop("batch", 100),
-                    metrics=metrics())
+    w = ArchiveWriter(
+        archive,
+        KEY,
+        max_bytes=kw.pop("max_bytes", 16_384),
+        checkpoint_every=kw.pop("checkpoint_every", 25),
+    )
+    return Exporter(
+        sclient, w, stream_key=stream, batch_size=kw.pop("batch", 100), metrics=metrics()
+    )
 
 
 def drain(ex: Exporter, limit: int = 1000) -> int:
@@ -92,11 +97,17 @@ def archived_ids(archive: Path) -> list[str]:
 
 
 async def test_auditor_to_archive_exactly_n_records(
-        aclient: aioredis.Redis, sclient: redis.Redis, stream: str, tmp_path: Path) -> None:
+    aclient: aioredis.Redis, sclient: redis.Redis, stream: str, tmp_path: Path
+) -> None:
     m = metrics()
     mirror = MemorySink()
-    auditor = Auditor(RedisStreamSink(aclient, stream_key=stream, deadline_ms=500),
-                      metrics=m, buffer_size=1000, batch_size=64, mirrors=[mirror])
+    auditor = Auditor(
+        RedisStreamSink(aclient, stream_key=stream, deadline_ms=500),
+        metrics=m,
+        buffer_size=1000,
+        batch_size=64,
+        mirrors=[mirror],
+    )
     auditor.start()
     sent = []
     for i in range(300):
@@ -128,7 +139,8 @@ async def test_auditor_to_archive_exactly_n_records(
 
 
 async def test_durable_writes_over_redis_py_and_the_fast_transport(
-        aclient: aioredis.Redis, stream: str, redis_url: str) -> None:
+    aclient: aioredis.Redis, stream: str, redis_url: str
+) -> None:
     """Audit before access over both transports: redis-py (Sentinel, Cluster) and the
     hot-path FastRedis; a WAIT that the replicas cannot satisfy is a refusal on either."""
     m = metrics()
@@ -138,21 +150,34 @@ async def test_durable_writes_over_redis_py_and_the_fast_transport(
     ((_, fields),) = await aclient.xrange(stream)
     assert fields[b"r"] == encode_event(ev)
     # WAIT for a replica that a standalone server does not have: not durable -> refused.
-    strict = Auditor(RedisStreamSink(aclient, stream_key=stream, deadline_ms=500,
-                                     wait_replicas=1, wait_timeout_ms=20), metrics=m)
+    strict = Auditor(
+        RedisStreamSink(
+            aclient, stream_key=stream, deadline_ms=500, wait_replicas=1, wait_timeout_ms=20
+        ),
+        metrics=m,
+    )
     with pytest.raises(AuditUnavailable, match="WAIT"):
         await strict.durable(sample_event(2))
     assert value(m, "stepup_authz_audit_events_total", sink="redis", result="error") == 1
     # The same through the hot-path transport: XADD and WAIT go out on one connection.
     fast = FastRedis.from_url(redis_url, connections=3)
     try:
-        quick = Auditor(RedisStreamSink(aclient, stream_key=stream, deadline_ms=500, fast=fast),
-                        metrics=m)
+        quick = Auditor(
+            RedisStreamSink(aclient, stream_key=stream, deadline_ms=500, fast=fast), metrics=m
+        )
         for i in range(3):
             await quick.durable(sample_event(10 + i))
-        strict_fast = Auditor(RedisStreamSink(aclient, stream_key=stream, deadline_ms=500,
-                                              wait_replicas=1, wait_timeout_ms=20, fast=fast),
-                              metrics=m)
+        strict_fast = Auditor(
+            RedisStreamSink(
+                aclient,
+                stream_key=stream,
+                deadline_ms=500,
+                wait_replicas=1,
+                wait_timeout_ms=20,
+                fast=fast,
+            ),
+            metrics=m,
+        )
         with pytest.raises(AuditUnavailable, match="WAIT"):
             await strict_fast.durable(sample_event(20))
     finally:
@@ -161,7 +186,8 @@ async def test_durable_writes_over_redis_py_and_the_fast_transport(
 
 
 def test_exporter_restart_no_gaps_no_duplicates(
-        sclient: redis.Redis, stream: str, tmp_path: Path) -> None:
+    sclient: redis.Redis, stream: str, tmp_path: Path
+) -> None:
     ids = []
     for i in range(250):
         ev = sample_event(i)
@@ -198,19 +224,25 @@ def _archived_count(archive: Path) -> int:
 
 def _start_exporter(cfg: Path) -> subprocess.Popen[bytes]:
     with (cfg.parent / "exporter.log").open("ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "authz.audit", "exporter", "--config",
-                                 str(cfg)], stdout=subprocess.DEVNULL, stderr=log)
+        return subprocess.Popen(
+            [sys.executable, "-m", "authz.audit", "exporter", "--config", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
 
 
 def test_kill_9_mid_write_then_restart(
-        redis_url: str, sclient: redis.Redis, stream: str, tmp_path: Path) -> None:
+    redis_url: str, sclient: redis.Redis, stream: str, tmp_path: Path
+) -> None:
     keyfile = tmp_path / "signing.pem"
     keyfile.write_bytes(KEY.private_pem())
     archive = tmp_path / "archive"
     cfg = tmp_path / "exporter.yaml"
-    cfg.write_text(f"redis_url: {redis_url}\nstream_key: {stream}\narchive_dir: archive\n"
-                   "signing_key_file: signing.pem\nsegment_max_bytes: 65536\n"
-                   "checkpoint_every: 50\nbatch_size: 20\nblock_ms: 100\n")
+    cfg.write_text(
+        f"redis_url: {redis_url}\nstream_key: {stream}\narchive_dir: archive\n"
+        "signing_key_file: signing.pem\nsegment_max_bytes: 65536\n"
+        "checkpoint_every: 50\nbatch_size: 20\nblock_ms: 100\n"
+    )
     total = 4000
     pipe = sclient.pipeline(transaction=False)
     for i in range(total // 2):
@@ -280,11 +312,17 @@ async def test_durable_raises_within_its_deadline_when_the_sink_hangs(blackhole:
 
 
 async def test_sink_down_durable_refuses_and_buffer_overflow_is_counted(
-        embedded_valkey: EmbeddedValkey) -> None:
+    embedded_valkey: EmbeddedValkey,
+) -> None:
     c = aioredis.Redis.from_url(embedded_valkey.url, socket_timeout=1)
     m = metrics()
-    auditor = Auditor(RedisStreamSink(c, stream_key="audit", deadline_ms=200), metrics=m,
-                      buffer_size=20, batch_size=5, max_backoff_s=0.05)
+    auditor = Auditor(
+        RedisStreamSink(c, stream_key="audit", deadline_ms=200),
+        metrics=m,
+        buffer_size=20,
+        batch_size=5,
+        max_backoff_s=0.05,
+    )
     auditor.start()
     await auditor.durable(sample_event(0))
     await asyncio.to_thread(embedded_valkey.stop)
@@ -308,11 +346,13 @@ async def test_sink_down_durable_refuses_and_buffer_overflow_is_counted(
     await c.aclose()
 
 
-async def test_emit_never_blocks_and_counts_drops_when_full(aclient: aioredis.Redis,
-                                                           stream: str) -> None:
+async def test_emit_never_blocks_and_counts_drops_when_full(
+    aclient: aioredis.Redis, stream: str
+) -> None:
     m = metrics()
-    auditor = Auditor(RedisStreamSink(aclient, stream_key=stream, deadline_ms=100),
-                      metrics=m, buffer_size=10)
+    auditor = Auditor(
+        RedisStreamSink(aclient, stream_key=stream, deadline_ms=100), metrics=m, buffer_size=10
+    )
     t0 = time.perf_counter()
     for i in range(25):  # the drainer is not running: the buffer fills
         auditor.emit(AuditEvent(EventType.ACCESS_DENIED, decision_id=str(i)))

@@ -36,28 +36,38 @@ default_level: standard
 
 class Tokens:
     async def verify_access_token(self, token: str, now: int) -> Identity:
-        return Identity("https://idp", "alice", "s1", Evidence("mfa", ("otp",), now - 5),
-                        now + 600)
+        return Identity("https://idp", "alice", "s1", Evidence("mfa", ("otp",), now - 5), now + 600)
 
 
 def req(path: str) -> RequestAttributes:
-    return RequestAttributes("GET", "https", "h", path, "",
-                             MappingProxyType({"authorization": "Bearer abc"}), None)
+    return RequestAttributes(
+        "GET", "https", "h", path, "", MappingProxyType({"authorization": "Bearer abc"}), None
+    )
 
 
-async def test_allow_needs_a_durable_record(tmp_path: Path,
-                                            embedded_valkey: EmbeddedValkey) -> None:
+async def test_allow_needs_a_durable_record(
+    tmp_path: Path, embedded_valkey: EmbeddedValkey
+) -> None:
     (tmp_path / "p.yaml").write_text(POLICY)
     client = aioredis.Redis.from_url(embedded_valkey.url)
-    auditor = Auditor(RedisStreamSink(client, stream_key="audit", deadline_ms=100),
-                      metrics=AuditMetrics(CollectorRegistry()))
+    auditor = Auditor(
+        RedisStreamSink(client, stream_key="audit", deadline_ms=100),
+        metrics=AuditMetrics(CollectorRegistry()),
+    )
     auditor.start()
-    authz = Authorizer(policy=PolicyHolder(tmp_path / "p.yaml"), tokens=Tokens(),
-                       store=MemorySessionStore(), metrics=Metrics(), token_cookie="t",
-                       leeway=0, auditor=auditor, audit_level="elevated")
+    authz = Authorizer(
+        policy=PolicyHolder(tmp_path / "p.yaml"),
+        tokens=Tokens(),
+        store=MemorySessionStore(),
+        metrics=Metrics(),
+        token_cookie="t",
+        leeway=0,
+        auditor=auditor,
+        audit_level="elevated",
+    )
     d, did = await authz.check(req("/accounts/1"))
     assert d.outcome is Outcome.ALLOW
-    (_, fields), = await client.xrange("audit")
+    ((_, fields),) = await client.xrange("audit")
     rec = json.loads(fields[b"r"])
     assert (rec["type"], rec["decision_id"], rec["acr"]) == ("access.allowed", did, "mfa")
     embedded_valkey.stop()

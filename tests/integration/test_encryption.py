@@ -44,8 +44,17 @@ OTHER_DEVICE = "mdm:7f3a9c1e-0b2d-4e5f-8a6b-1c2d3e4f5a6b"
 IP = "203.0.113.77"
 LAT, LON = 40.7128, -74.006
 KA, KB = os.urandom(32), os.urandom(32)
-HIGH = Level(name="high", rank=2, public=False, acr=frozenset({"phr"}),
-             amr_any=frozenset(), max_age=300, grant_ttl=None, bind_device=True, bind_ip=True)
+HIGH = Level(
+    name="high",
+    rank=2,
+    public=False,
+    acr=frozenset({"phr"}),
+    amr_any=frozenset(),
+    max_age=300,
+    grant_ttl=None,
+    bind_device=True,
+    bind_ip=True,
+)
 
 
 class Counter:
@@ -57,20 +66,46 @@ class Counter:
 
 
 def grant(level: str, now: int, device: str | None = DEVICE, ip: str | None = IP) -> Grant:
-    return Grant(level=level, evidence=Evidence(acr="phr", amr=("hwk",), auth_time=now - 5),
-                 expires_at=now + 600, issued_at=now, device=device, ip=ip)
+    return Grant(
+        level=level,
+        evidence=Evidence(acr="phr", amr=("hwk",), auth_time=now - 5),
+        expires_at=now + 600,
+        issued_at=now,
+        device=device,
+        ip=ip,
+    )
 
 
-def store_for(url: str, prefix: str, cipher: FieldCipher | None = None,
-              corrupt: Counter | None = None) -> RedisSessionStore:
-    return RedisSessionStore(make_client(url, RedisSettings()), prefix=prefix,
-                             deadline_ms=DEADLINE_MS, cipher=cipher, on_corrupt=corrupt)
+def store_for(
+    url: str, prefix: str, cipher: FieldCipher | None = None, corrupt: Counter | None = None
+) -> RedisSessionStore:
+    return RedisSessionStore(
+        make_client(url, RedisSettings()),
+        prefix=prefix,
+        deadline_ms=DEADLINE_MS,
+        cipher=cipher,
+        on_corrupt=corrupt,
+    )
 
 
-async def read(store: RedisSessionStore, now: int, device: str | None = DEVICE,
-               ip: str | None = IP, session: str = SK) -> UserState:
-    return await store.read_check(user=UK, session=session, levels=LEVELS, level="high",
-                                  device=device, ip=ip, sensitive=True, window_s=60, now=now)
+async def read(
+    store: RedisSessionStore,
+    now: int,
+    device: str | None = DEVICE,
+    ip: str | None = IP,
+    session: str = SK,
+) -> UserState:
+    return await store.read_check(
+        user=UK,
+        session=session,
+        levels=LEVELS,
+        level="high",
+        device=device,
+        ip=ip,
+        sensitive=True,
+        window_s=60,
+        now=now,
+    )
 
 
 @pytest.fixture
@@ -111,24 +146,47 @@ async def test_nothing_sensitive_is_readable_with_redis_cli(
     now = int(time.time())
     store = store_for(redis_url, redis_prefix, FieldCipher({"k1": KA}, "k1"))
     state: dict[str, object] = {
-             "kind": "stepup", "rd": "/accounts/98765/wires?amount=250000", "level": "high",
-             "uk": UK, "sk": SK, "sub": "alice", "device": DEVICE, "ip": IP,
-             "nonce": "n0nce-Gq8vT2pXwLz4", "verifier": "pkce-Verifier-7hJ2kQ9mN4bV6cX1zR8t",
-             "iat": now}
+        "kind": "stepup",
+        "rd": "/accounts/98765/wires?amount=250000",
+        "level": "high",
+        "uk": UK,
+        "sk": SK,
+        "sub": "alice",
+        "device": DEVICE,
+        "ip": IP,
+        "nonce": "n0nce-Gq8vT2pXwLz4",
+        "verifier": "pkce-Verifier-7hJ2kQ9mN4bV6cX1zR8t",
+        "iat": now,
+    }
     try:
         await store.put_state("state-id-Kp9rT3", state, 300)
         await store.write_grant(UK, SK, grant("high", now), now)
-        await store.note_allow(user=UK, session=SK2, level="standard", ip=IP, device=None,
-                               now=now + 1)
-        await store.note_allow(user=UK, session=SK, level="high", ip=IP, device=DEVICE,
-                               now=now + 2, lat=LAT, lon=LON)
+        await store.note_allow(
+            user=UK, session=SK2, level="standard", ip=IP, device=None, now=now + 1
+        )
+        await store.note_allow(
+            user=UK, session=SK, level="high", ip=IP, device=DEVICE, now=now + 2, lat=LAT, lon=LON
+        )
         s = await read(store, now + 3)
 
         everything, types = await dump(raw, redis_prefix)
         assert types == {"string", "hash"}
-        needles = [DEVICE, DEVICE.split(":")[1], IP, "203.0.113", str(state["nonce"]),
-                   str(state["verifier"]), str(state["rd"]), "/accounts/98765", "state-id-Kp9rT3",
-                   repr(LAT), repr(LON), "40.71", "74.00", "alice"]
+        needles = [
+            DEVICE,
+            DEVICE.split(":")[1],
+            IP,
+            "203.0.113",
+            str(state["nonce"]),
+            str(state["verifier"]),
+            str(state["rd"]),
+            "/accounts/98765",
+            "state-id-Kp9rT3",
+            repr(LAT),
+            repr(LON),
+            "40.71",
+            "74.00",
+            "alice",
+        ]
         for needle in needles:
             assert needle.encode() not in everything, needle
         # ... while the service still sees all of it.
@@ -176,8 +234,11 @@ async def test_moved_or_forged_values_are_corrupt_never_evidence(
         await raw.set(k.grant(SK2, "high"), sealed)
         await raw.set(k.grant(SK, "high"), sealed)
         # A plaintext grant, as anyone with write access to Redis could craft.
-        await raw.set(k.grant(SK, "elevated"), b'{"v":1,"level":"elevated","acr":"phr",'
-                      b'"amr":["hwk"],"auth_time":1,"exp":9999999999,"iat":1}')
+        await raw.set(
+            k.grant(SK, "elevated"),
+            b'{"v":1,"level":"elevated","acr":"phr",'
+            b'"amr":["hwk"],"auth_time":1,"exp":9999999999,"iat":1}',
+        )
         assert [g.level for g in (await read(store, now)).grants] == ["standard"]
         assert (await read(store, now, session=SK2)).grants == ()
         assert corrupt.n == 3
@@ -198,16 +259,18 @@ async def test_rotation_through_the_store(
     now = int(time.time())
     corrupt = Counter()
     old = store_for(redis_url, redis_prefix, FieldCipher({"a": KA}, "a"), corrupt)
-    rotated = store_for(redis_url, redis_prefix,
-                        FieldCipher({"a": KA, "b": KB}, "b", previous_kid="a"), corrupt)
+    rotated = store_for(
+        redis_url, redis_prefix, FieldCipher({"a": KA, "b": KB}, "b", previous_kid="a"), corrupt
+    )
     forgetful = store_for(redis_url, redis_prefix, FieldCipher({"a": KA, "b": KB}, "b"), corrupt)
     retired = store_for(redis_url, redis_prefix, FieldCipher({"b": KB}, "b"), corrupt)
     k = old.keys(UK)
     try:
         await old.put_state("st", {"nonce": "n", "verifier": "v"}, 60)
         await old.write_grant(UK, SK, grant("high", now), now)
-        await old.note_allow(user=UK, session=SK, level="high", ip=IP, device=DEVICE,
-                             now=now, lat=LAT, lon=LON)
+        await old.note_allow(
+            user=UK, session=SK, level="high", ip=IP, device=DEVICE, now=now, lat=LAT, lon=LON
+        )
         assert (await get(raw, k.grant(SK, "high"))).startswith(b"v1.a.")
 
         # B active, A still in the ring: everything written under A reads.
@@ -224,8 +287,9 @@ async def test_rotation_through_the_store(
 
         # Seen again under B: the known device / IP move to B's fingerprints, new values
         # are written under B.
-        await rotated.note_allow(user=UK, session=SK, level="high", ip=IP, device=DEVICE,
-                                 now=now + 1)
+        await rotated.note_allow(
+            user=UK, session=SK, level="high", ip=IP, device=DEVICE, now=now + 1
+        )
         b = rotated.cipher
         assert await raw.hkeys(k.devices) == [b.fingerprint("device", UK, DEVICE).encode()]
         assert await raw.hkeys(k.ips) == [b.fingerprint("ip", UK, IP).encode()]

@@ -47,11 +47,21 @@ def write_config(tmp_path: Path, redis_url: str, **extra: Any) -> Path:
     (tmp_path / "signing.pem").write_bytes(KEY.private_pem())
     (tmp_path / "redis-password").write_text(PASSWORD + "\n")  # stripped on read
     cfg = tmp_path / "exporter.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "redis_url": redis_url, "stream_key": STREAM, "archive_dir": "archive",
-        "signing_key_file": "signing.pem", "password_file": "redis-password",
-        "batch_size": 50, "block_ms": 100, "linger_ms": 0, **extra,
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "redis_url": redis_url,
+                "stream_key": STREAM,
+                "archive_dir": "archive",
+                "signing_key_file": "signing.pem",
+                "password_file": "redis-password",
+                "batch_size": 50,
+                "block_ms": 100,
+                "linger_ms": 0,
+                **extra,
+            }
+        )
+    )
     return cfg
 
 
@@ -118,7 +128,8 @@ def protected(embedded_valkey: EmbeddedValkey) -> Iterator[redis.Redis]:
 
 
 def test_the_exporter_authenticates_with_the_password_file(
-        embedded_valkey: EmbeddedValkey, protected: redis.Redis, tmp_path: Path) -> None:
+    embedded_valkey: EmbeddedValkey, protected: redis.Redis, tmp_path: Path
+) -> None:
     ids = produce(protected, 120)
     cfg = write_config(tmp_path, embedded_valkey.url)
     ex = export_all(cfg)
@@ -132,7 +143,8 @@ def test_the_exporter_authenticates_with_the_password_file(
 
 
 def test_the_server_refuses_the_exporter_without_the_right_password(
-        embedded_valkey: EmbeddedValkey, protected: redis.Redis, tmp_path: Path) -> None:
+    embedded_valkey: EmbeddedValkey, protected: redis.Redis, tmp_path: Path
+) -> None:
     """The control: the server really requires the password the file gives."""
     produce(protected, 3)
     cfg = write_config(tmp_path, embedded_valkey.url)
@@ -145,7 +157,8 @@ def test_the_server_refuses_the_exporter_without_the_right_password(
 
 
 def test_a_refused_password_ends_the_exporter_process_non_zero(
-        embedded_valkey: EmbeddedValkey, protected: redis.Redis, tmp_path: Path) -> None:
+    embedded_valkey: EmbeddedValkey, protected: redis.Redis, tmp_path: Path
+) -> None:
     """Not retried forever as "unavailable": the process exits (2) so its supervisor
     restarts it, re-reading the password file, and the restarts show."""
     (tmp_path / "wrong").write_text("not-the-password\n")
@@ -166,8 +179,7 @@ def test_redis_down_at_start_is_retried_not_a_crash(tmp_path: Path) -> None:
     done = threading.Event()
 
     def run() -> None:
-        result.append(run_exporter(load_exporter_settings(cfg), install_signals=False,
-                                   stop=done))
+        result.append(run_exporter(load_exporter_settings(cfg), install_signals=False, stop=done))
 
     worker = threading.Thread(target=run)
     worker.start()
@@ -185,14 +197,18 @@ def _count_events(archive: Path) -> int:
 
 
 def test_the_exporter_process_authenticates_with_the_password_file(
-        embedded_valkey: EmbeddedValkey, protected: redis.Redis, tmp_path: Path) -> None:
+    embedded_valkey: EmbeddedValkey, protected: redis.Redis, tmp_path: Path
+) -> None:
     """`stepup-authz audit exporter --config` (run_exporter), as the chart runs it."""
     ids = produce(protected, 200)
     cfg = write_config(tmp_path, embedded_valkey.url)
     archive = tmp_path / "archive"
     with (tmp_path / "exporter.log").open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "authz.audit", "exporter", "--config",
-                                 str(cfg)], stdout=subprocess.DEVNULL, stderr=log)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "authz.audit", "exporter", "--config", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     try:
         deadline = time.monotonic() + 30
         while _count_events(archive) < 200 and time.monotonic() < deadline:
@@ -224,10 +240,12 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path, Path]]:
 
 
 def test_rediss_with_ca_file_and_password_file(
-        tls_redis: tuple[int, Path, Path], tmp_path: Path) -> None:
+    tls_redis: tuple[int, Path, Path], tmp_path: Path
+) -> None:
     port, ca, _ = tls_redis
-    producer = redis.Redis.from_url(f"rediss://127.0.0.1:{port}", password=PASSWORD,
-                                    ssl_ca_certs=str(ca))
+    producer = redis.Redis.from_url(
+        f"rediss://127.0.0.1:{port}", password=PASSWORD, ssl_ca_certs=str(ca)
+    )
     try:
         ids = produce(producer, 60)
         cfg = write_config(tmp_path, f"rediss://127.0.0.1:{port}/0", ca_file=str(ca))
@@ -241,7 +259,8 @@ def test_rediss_with_ca_file_and_password_file(
 
 
 def test_rediss_refuses_a_server_the_ca_file_does_not_vouch_for(
-        tls_redis: tuple[int, Path, Path], tmp_path: Path) -> None:
+    tls_redis: tuple[int, Path, Path], tmp_path: Path
+) -> None:
     port, ca, other = tls_redis
     cfg = write_config(tmp_path, f"rediss://127.0.0.1:{port}/0", ca_file=str(other))
     with pytest.raises(redis.ConnectionError, match=r"(?i)certificate verify failed"):

@@ -33,8 +33,13 @@ LEVELS = ["standard", "elevated", "high"]
 
 
 def _grant(level: str, now: int, device: str | None = None) -> Grant:
-    return Grant(level=level, evidence=Evidence("mfa", ("pwd", "otp"), now - 5),
-                 expires_at=now + 600, issued_at=now, device=device)
+    return Grant(
+        level=level,
+        evidence=Evidence("mfa", ("pwd", "otp"), now - 5),
+        expires_at=now + 600,
+        issued_at=now,
+        device=device,
+    )
 
 
 @pytest.fixture(params=["redis", "embedded"])
@@ -55,19 +60,42 @@ async def fast(backend: tuple[str, str]) -> AsyncIterator[FastRedis]:
 async def test_same_answers_as_redis_py(backend: tuple[str, str], fast: FastRedis) -> None:
     url, prefix = backend
     cipher = FieldCipher.generate()
-    slow = RedisSessionStore(make_client(url, RedisSettings()), prefix=prefix,
-                             deadline_ms=2000, cipher=cipher)
-    quick = RedisSessionStore(make_client(url, RedisSettings()), prefix=prefix,
-                              deadline_ms=2000, cipher=cipher, script_client=fast)
+    slow = RedisSessionStore(
+        make_client(url, RedisSettings()), prefix=prefix, deadline_ms=2000, cipher=cipher
+    )
+    quick = RedisSessionStore(
+        make_client(url, RedisSettings()),
+        prefix=prefix,
+        deadline_ms=2000,
+        cipher=cipher,
+        script_client=fast,
+    )
     try:
         now = int(time.time())
         await quick.write_grant(UK, SK, _grant("elevated", now, device="dev-1"), now)
         await slow.write_grant(UK, SK, _grant("high", now), now)
-        await quick.note_allow(user=UK, session=SK, level="elevated", ip="192.0.2.7",
-                               device="dev-1", now=now, lat=1.5, lon=2.5)
+        await quick.note_allow(
+            user=UK,
+            session=SK,
+            level="elevated",
+            ip="192.0.2.7",
+            device="dev-1",
+            now=now,
+            lat=1.5,
+            lon=2.5,
+        )
         for sensitive in (False, True):
-            kw = dict(user=UK, session=SK, levels=LEVELS, level="elevated", device="dev-1",
-                      ip="192.0.2.7", sensitive=sensitive, window_s=60, now=now)
+            kw = dict(
+                user=UK,
+                session=SK,
+                levels=LEVELS,
+                level="elevated",
+                device="dev-1",
+                ip="192.0.2.7",
+                sensitive=sensitive,
+                window_s=60,
+                now=now,
+            )
             a = await slow.read_check(**kw)  # type: ignore[arg-type]
             b = await quick.read_check(**kw)  # type: ignore[arg-type]
             # velocity counts each read: the second read sees one more
@@ -89,16 +117,28 @@ async def test_noscript_falls_back_to_eval(embedded_valkey: EmbeddedValkey) -> N
     fast = FastRedis.from_url(embedded_valkey.url)
     admin = aioredis.Redis.from_url(embedded_valkey.url)
     noscript = []
-    store = RedisSessionStore(make_client(embedded_valkey.url, RedisSettings()),
-                              prefix="t:", deadline_ms=2000, script_client=fast,
-                              on_noscript=lambda: noscript.append(1))
+    store = RedisSessionStore(
+        make_client(embedded_valkey.url, RedisSettings()),
+        prefix="t:",
+        deadline_ms=2000,
+        script_client=fast,
+        on_noscript=lambda: noscript.append(1),
+    )
     try:
         await admin.script_flush()
         now = int(time.time())
         await store.write_grant(UK, SK, _grant("elevated", now), now)
-        state = await store.read_check(user=UK, session=SK, levels=LEVELS, level="elevated",
-                                       device=None, ip=None, sensitive=False, window_s=60,
-                                       now=now)
+        state = await store.read_check(
+            user=UK,
+            session=SK,
+            levels=LEVELS,
+            level="elevated",
+            device=None,
+            ip=None,
+            sensitive=False,
+            window_s=60,
+            now=now,
+        )
         assert [g.level for g in state.grants] == ["elevated"]
         assert len(noscript) == 2  # one per script, then cached by the EVAL
     finally:
@@ -111,13 +151,25 @@ async def test_killed_server_fails_closed_then_recovers(
     embedded_valkey: EmbeddedValkey,
 ) -> None:
     fast = FastRedis.from_url(embedded_valkey.url, connections=2)
-    store = RedisSessionStore(make_client(embedded_valkey.url, RedisSettings()),
-                              prefix="t:", deadline_ms=500, script_client=fast)
+    store = RedisSessionStore(
+        make_client(embedded_valkey.url, RedisSettings()),
+        prefix="t:",
+        deadline_ms=500,
+        script_client=fast,
+    )
 
     async def read() -> object:
-        return await store.read_check(user=UK, session=SK, levels=LEVELS, level="high",
-                                      device=None, ip=None, sensitive=True, window_s=60,
-                                      now=int(time.time()))
+        return await store.read_check(
+            user=UK,
+            session=SK,
+            levels=LEVELS,
+            level="high",
+            device=None,
+            ip=None,
+            sensitive=True,
+            window_s=60,
+            now=int(time.time()),
+        )
 
     try:
         await read()
@@ -125,8 +177,7 @@ async def test_killed_server_fails_closed_then_recovers(
         in_flight = [asyncio.ensure_future(read()) for _ in range(50)]
         await asyncio.to_thread(embedded_valkey.stop)
         results = await asyncio.gather(*in_flight, return_exceptions=True)
-        assert all(isinstance(r, StoreError) or not isinstance(r, BaseException)
-                   for r in results)
+        assert all(isinstance(r, StoreError) or not isinstance(r, BaseException) for r in results)
         t0 = time.monotonic()
         with pytest.raises(StoreError):
             await read()  # refused: fast, not after the deadline
@@ -144,16 +195,28 @@ async def test_deadline_bounds_a_call_on_a_paused_server(
 ) -> None:
     fast = FastRedis.from_url(embedded_valkey.url, connections=1)
     admin = aioredis.Redis.from_url(embedded_valkey.url)
-    store = RedisSessionStore(make_client(embedded_valkey.url, RedisSettings()),
-                              prefix="t:", deadline_ms=50, script_client=fast)
+    store = RedisSessionStore(
+        make_client(embedded_valkey.url, RedisSettings()),
+        prefix="t:",
+        deadline_ms=50,
+        script_client=fast,
+    )
     try:
         assert await fast.ping()
         await admin.client_pause(700, all=True)
         t0 = time.monotonic()
         with pytest.raises(StoreError):
-            await store.read_check(user=UK, session=SK, levels=LEVELS, level="high",
-                                   device=None, ip=None, sensitive=False, window_s=60,
-                                   now=int(time.time()))
+            await store.read_check(
+                user=UK,
+                session=SK,
+                levels=LEVELS,
+                level="high",
+                device=None,
+                ip=None,
+                sensitive=False,
+                window_s=60,
+                now=int(time.time()),
+            )
         assert time.monotonic() - t0 < 0.3
         await asyncio.sleep(0.8)  # unpaused: the late reply is dropped, the next call works
         assert await fast.execute("ECHO", b"after") == b"after"
@@ -174,7 +237,8 @@ async def test_pipeline_within_one_connection_errors_as_values_and_its_deadline(
         await admin.set("t:str", "x")
         for _ in range(4):  # whichever connection round-robin picks: one for all commands
             a, err, b = await fast.pipeline_within(
-                1.0, ("CLIENT", "ID"), ("XADD", "t:str", "*", "r", "x"), ("CLIENT", "ID"))
+                1.0, ("CLIENT", "ID"), ("XADD", "t:str", "*", "r", "x"), ("CLIENT", "ID")
+            )
             assert a == b and isinstance(err, ResponseError) and "WRONGTYPE" in str(err)
         await admin.client_pause(700, all=True)
         t0 = time.monotonic()
@@ -234,18 +298,28 @@ async def test_service_uses_it_and_a_revocation_applies_on_the_next_check(
     root = __import__("pathlib").Path(__file__).resolve().parents[2]
     sock = bind()
     idp = base_url(sock)
-    cfg = DevIdpConfig(issuer=idp, clients={
-        "stepup-authz": DevClient("dev-secret", ("http://app.test/_stepup/callback",))})
+    cfg = DevIdpConfig(
+        issuer=idp,
+        clients={"stepup-authz": DevClient("dev-secret", ("http://app.test/_stepup/callback",))},
+    )
     async with running(cfg, sock):
-        settings = Settings.model_validate({
-            "policy_file": str(root / "examples" / "policy.yaml"),
-            "grpc": {"port": 0, "shutdown_delay_s": 0}, "http": {"port": 0},
-            "redis": {"url": embedded_valkey.url},
-            "oidc": {"issuer": idp, "client_id": "stepup-authz",
-                     "client_secret": "dev-secret", "audience": "stepup-demo",
-                     "algorithms": ["RS256"], "token_typ": "at+jwt"},
-            "stepup": {"public_url": "http://app.test", "cookie_secure": False},
-        })
+        settings = Settings.model_validate(
+            {
+                "policy_file": str(root / "examples" / "policy.yaml"),
+                "grpc": {"port": 0, "shutdown_delay_s": 0},
+                "http": {"port": 0},
+                "redis": {"url": embedded_valkey.url},
+                "oidc": {
+                    "issuer": idp,
+                    "client_id": "stepup-authz",
+                    "client_secret": "dev-secret",
+                    "audience": "stepup-demo",
+                    "algorithms": ["RS256"],
+                    "token_typ": "at+jwt",
+                },
+                "stepup": {"public_url": "http://app.test", "cookie_secure": False},
+            }
+        )
         service = await start_service(settings)
         admin = aioredis.Redis.from_url(embedded_valkey.url)
         try:

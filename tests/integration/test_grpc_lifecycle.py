@@ -38,11 +38,20 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     for name, obj in {"ca.pem": ca, "other-ca.pem": other_ca}.items():
         (d / name).write_bytes(pem(obj))
         files[name] = d / name
-    for who, issuer, issuer_key in (("server", ca, ca_key), ("client", ca, ca_key),
-                                    ("rogue", other_ca, other_key)):
+    for who, issuer, issuer_key in (
+        ("server", ca, ca_key),
+        ("client", ca, ca_key),
+        ("rogue", other_ca, other_key),
+    ):
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = tls_cert("localhost" if who == "server" else who, key, issuer, issuer_key,
-                         ca=False, sans=[x509.DNSName("localhost")])
+        cert = tls_cert(
+            "localhost" if who == "server" else who,
+            key,
+            issuer,
+            issuer_key,
+            ca=False,
+            sans=[x509.DNSName("localhost")],
+        )
         (d / f"{who}.pem").write_bytes(pem(cert))
         (d / f"{who}-key.pem").write_bytes(pem(key))
         files[who] = d / f"{who}.pem"
@@ -54,18 +63,27 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
 async def _service(redis_url: str, redis_prefix: str, **grpc_extra: Any) -> AsyncIterator[Service]:
     sock = bind()
     idp = base_url(sock)
-    cfg = DevIdpConfig(issuer=idp, clients={
-        "stepup-authz": DevClient("dev-secret", ("http://app.test/_stepup/callback",))})
+    cfg = DevIdpConfig(
+        issuer=idp,
+        clients={"stepup-authz": DevClient("dev-secret", ("http://app.test/_stepup/callback",))},
+    )
     async with running(cfg, sock):
-        settings = Settings.model_validate({
-            "policy_file": str(ROOT / "examples" / "policy.yaml"),
-            "grpc": {"port": 0, "shutdown_grace_s": 5, "shutdown_delay_s": 0.3, **grpc_extra},
-            "http": {"port": 0},
-            "redis": {"url": redis_url, "key_prefix": redis_prefix},
-            "oidc": {"issuer": idp, "client_id": "stepup-authz", "client_secret": "dev-secret",
-                     "audience": "stepup-demo", "algorithms": ["RS256"]},
-            "stepup": {"public_url": "http://app.test", "cookie_secure": False},
-        })
+        settings = Settings.model_validate(
+            {
+                "policy_file": str(ROOT / "examples" / "policy.yaml"),
+                "grpc": {"port": 0, "shutdown_grace_s": 5, "shutdown_delay_s": 0.3, **grpc_extra},
+                "http": {"port": 0},
+                "redis": {"url": redis_url, "key_prefix": redis_prefix},
+                "oidc": {
+                    "issuer": idp,
+                    "client_id": "stepup-authz",
+                    "client_secret": "dev-secret",
+                    "audience": "stepup-demo",
+                    "algorithms": ["RS256"],
+                },
+                "stepup": {"public_url": "http://app.test", "cookie_secure": False},
+            }
+        )
         service = await start_service(settings)
         try:
             yield service
@@ -83,8 +101,11 @@ def _request(path: str = "/") -> external_auth_pb2.CheckRequest:
 async def test_mtls_listener_requires_a_client_cert_from_the_ca(
     redis_url: str, redis_prefix: str, pki: dict[str, Path]
 ) -> None:
-    tls = {"cert_file": str(pki["server"]), "key_file": str(pki["server-key"]),
-           "client_ca_file": str(pki["ca.pem"])}
+    tls = {
+        "cert_file": str(pki["server"]),
+        "key_file": str(pki["server-key"]),
+        "client_ca_file": str(pki["ca.pem"]),
+    }
     async with _service(redis_url, redis_prefix, tls=tls) as service:
         target = f"localhost:{service.grpc_port}"
         root = pki["ca.pem"].read_bytes()
@@ -95,12 +116,16 @@ async def test_mtls_listener_requires_a_client_cert_from_the_ca(
                 r = await stub.Check(_request(), timeout=3)
                 return int(r.denied_response.status.code or 200)
 
-        good = grpc.ssl_channel_credentials(root, pki["client-key"].read_bytes(),
-                                            pki["client"].read_bytes())
+        good = grpc.ssl_channel_credentials(
+            root, pki["client-key"].read_bytes(), pki["client"].read_bytes()
+        )
         assert await call(good) == 200  # "/" is public in the demo policy
-        for creds in (grpc.ssl_channel_credentials(root),  # no client certificate
-                      grpc.ssl_channel_credentials(root, pki["rogue-key"].read_bytes(),
-                                                   pki["rogue"].read_bytes())):
+        for creds in (
+            grpc.ssl_channel_credentials(root),  # no client certificate
+            grpc.ssl_channel_credentials(
+                root, pki["rogue-key"].read_bytes(), pki["rogue"].read_bytes()
+            ),
+        ):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await call(creds)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -135,10 +160,14 @@ async def test_graceful_shutdown_goes_not_serving_and_drains(
     async with _service(redis_url, redis_prefix) as service:
         idp = service.settings.oidc.issuer
         basic = base64.b64encode(b"stepup-authz:dev-secret").decode()
-        async with aiohttp.ClientSession() as s, s.post(
-            f"{idp}/token", headers={"Authorization": f"Basic {basic}"},
-            data={"grant_type": "password", "username": "alice", "password": "alice-password"},
-        ) as resp:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                f"{idp}/token",
+                headers={"Authorization": f"Basic {basic}"},
+                data={"grant_type": "password", "username": "alice", "password": "alice-password"},
+            ) as resp,
+        ):
             token = (await resp.json())["access_token"]
         service.authorizer.store = _SlowStore(service.authorizer.store, 0.5)
         target = f"127.0.0.1:{service.grpc_port}"

@@ -42,8 +42,7 @@ class Env:
 
 
 @contextlib.asynccontextmanager
-async def service_env(redis_url: str, redis_prefix: str,
-                      **extra: Any) -> AsyncIterator[Env]:
+async def service_env(redis_url: str, redis_prefix: str, **extra: Any) -> AsyncIterator[Env]:
     sock = bind()
     idp = base_url(sock)
     cfg = DevIdpConfig(
@@ -51,16 +50,24 @@ async def service_env(redis_url: str, redis_prefix: str,
         clients={"stepup-authz": DevClient("dev-secret", (f"{PUBLIC}/_stepup/callback",))},
     )
     async with running(cfg, sock):
-        settings = Settings.model_validate({
-            "policy_file": str(ROOT / "examples" / "policy.yaml"),
-            "grpc": {"port": 0, "shutdown_delay_s": 0},
-            "http": {"port": 0},
-            "redis": {"url": redis_url, "key_prefix": redis_prefix},
-            "oidc": {"issuer": idp, "client_id": "stepup-authz", "client_secret": "dev-secret",
-                     "audience": "stepup-demo", "algorithms": ["RS256"], "token_typ": "at+jwt"},
-            "stepup": {"public_url": PUBLIC, "cookie_secure": False},
-            **extra,
-        })
+        settings = Settings.model_validate(
+            {
+                "policy_file": str(ROOT / "examples" / "policy.yaml"),
+                "grpc": {"port": 0, "shutdown_delay_s": 0},
+                "http": {"port": 0},
+                "redis": {"url": redis_url, "key_prefix": redis_prefix},
+                "oidc": {
+                    "issuer": idp,
+                    "client_id": "stepup-authz",
+                    "client_secret": "dev-secret",
+                    "audience": "stepup-demo",
+                    "algorithms": ["RS256"],
+                    "token_typ": "at+jwt",
+                },
+                "stepup": {"public_url": PUBLIC, "cookie_secure": False},
+                **extra,
+            }
+        )
         service = await start_service(settings)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
         try:
@@ -76,8 +83,9 @@ async def env(redis_url: str, redis_prefix: str) -> AsyncIterator[Env]:
         yield e
 
 
-def check_request(path: str, headers: dict[str, str], *, method: str = "GET",
-                  ip: str = "10.0.0.5") -> external_auth_pb2.CheckRequest:
+def check_request(
+    path: str, headers: dict[str, str], *, method: str = "GET", ip: str = "10.0.0.5"
+) -> external_auth_pb2.CheckRequest:
     req = external_auth_pb2.CheckRequest()
     http = req.attributes.request.http
     http.method, http.path, http.host, http.scheme = method, path, "app.test", "https"
@@ -99,9 +107,10 @@ async def password_token(idp: str, *, otp: str | None = None) -> str:
     if otp:
         form["otp"] = otp
     basic = base64.b64encode(b"stepup-authz:dev-secret").decode()
-    async with aiohttp.ClientSession() as s, s.post(
-        f"{idp}/token", data=form, headers={"Authorization": f"Basic {basic}"}
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{idp}/token", data=form, headers={"Authorization": f"Basic {basic}"}) as resp,
+    ):
         assert resp.status == 200, await resp.text()
         body: dict[str, Any] = await resp.json()
     return str(body["access_token"])
@@ -129,8 +138,9 @@ async def test_decisions_over_grpc(env: Env) -> None:
     token = await password_token(env.idp)
     auth = {"authorization": f"Bearer {token}"}
     # standard route: allowed, identity headers set, forged ones removed
-    r = await env.stub.Check(check_request("/news", {**auth, "x-stepup-user": "mallory",
-                                                     "x-stepup-role": "admin"}))
+    r = await env.stub.Check(
+        check_request("/news", {**auth, "x-stepup-user": "mallory", "x-stepup-role": "admin"})
+    )
     assert r.status.code == 0
     assert header(r, "x-stepup-user") == "alice"
     assert header(r, "x-stepup-level") == "standard"
@@ -143,11 +153,14 @@ async def test_decisions_over_grpc(env: Env) -> None:
     assert header(r, "www-authenticate") == (
         'Bearer realm="stepup-authz", error="insufficient_user_authentication", '
         'error_description="A different authentication level is required", '
-        'acr_values="mfa phr", max_age=900')
+        'acr_values="mfa phr", max_age=900'
+    )
     # gRPC clients get the same 401 (Envoy maps it to UNAUTHENTICATED)
-    r = await env.stub.Check(check_request("/accounts/1", {**auth,
-                                                           "content-type": "application/grpc",
-                                                           "accept": "text/html"}))
+    r = await env.stub.Check(
+        check_request(
+            "/accounts/1", {**auth, "content-type": "application/grpc", "accept": "text/html"}
+        )
+    )
     assert r.denied_response.status.code == 401
     # rule deny: 403 with the reason
     r = await env.stub.Check(check_request("/news", auth, ip="198.51.100.9"))
@@ -172,15 +185,23 @@ async def test_browser_step_up_round_trip(env: Env) -> None:
     http = f"http://127.0.0.1:{env.service.http_port}"
     jar = {"stepup_token": token}
     # the Check's redirect carries the signed device/IP context
-    r = await env.stub.Check(check_request("/accounts/1?tab=2", {
-        "cookie": f"stepup_token={token}", "accept": "text/html"}))
+    r = await env.stub.Check(
+        check_request(
+            "/accounts/1?tab=2", {"cookie": f"stepup_token={token}", "accept": "text/html"}
+        )
+    )
     start = header(r, "location")
     assert start is not None and start.startswith(
-        "/_stepup/start?level=elevated&rd=%2Faccounts%2F1%3Ftab%3D2&ctx=")
+        "/_stepup/start?level=elevated&rd=%2Faccounts%2F1%3Ftab%3D2&ctx="
+    )
     async with aiohttp.ClientSession() as s:
         # a start link without (or with a forged) context is refused
-        async with s.get(f"{http}/_stepup/start", params={"level": "elevated", "rd": "/x"},
-                         cookies=jar, allow_redirects=False) as resp:
+        async with s.get(
+            f"{http}/_stepup/start",
+            params={"level": "elevated", "rd": "/x"},
+            cookies=jar,
+            allow_redirects=False,
+        ) as resp:
             assert resp.status == 400
         async with s.get(f"{http}{start}x", cookies=jar, allow_redirects=False) as resp:
             assert resp.status == 400
@@ -197,8 +218,12 @@ async def test_browser_step_up_round_trip(env: Env) -> None:
             page = await resp.text()
         request_id = re.search(r'name="request_id" value="([^"]+)"', page)
         assert request_id is not None, page
-        form = {"request_id": request_id.group(1), "username": "alice",
-                "password": "alice-password", "otp": pyotp.TOTP(ALICE_TOTP_SECRET).now()}
+        form = {
+            "request_id": request_id.group(1),
+            "username": "alice",
+            "password": "alice-password",
+            "otp": pyotp.TOTP(ALICE_TOTP_SECRET).now(),
+        }
         async with s.post(f"{env.idp}/authorize", data=form, allow_redirects=False) as resp:
             assert resp.status == 302, await resp.text()
             callback = resp.headers["Location"]
@@ -207,21 +232,24 @@ async def test_browser_step_up_round_trip(env: Env) -> None:
         # a foreign browser (no state cookie) is refused and does not consume the state
         async with s.get(callback_here, allow_redirects=False) as resp:
             assert resp.status == 400
-        async with s.get(callback_here, cookies={"stepup-state": state_cookie},
-                         allow_redirects=False) as resp:
+        async with s.get(
+            callback_here, cookies={"stepup-state": state_cookie}, allow_redirects=False
+        ) as resp:
             assert resp.status == 303, await resp.text()
             assert resp.headers["Location"] == "/accounts/1?tab=2"
         # replaying the callback: the state was used once
-        async with s.get(callback_here, cookies={"stepup-state": state_cookie},
-                         allow_redirects=False) as resp:
+        async with s.get(
+            callback_here, cookies={"stepup-state": state_cookie}, allow_redirects=False
+        ) as resp:
             assert resp.status == 400
     # the retried request is allowed by the grant
     r = await env.stub.Check(check_request("/accounts/1", {"cookie": f"stepup_token={token}"}))
     assert r.status.code == 0, r
     assert header(r, "x-stepup-acr") == "mfa"
     metrics = await asyncio.to_thread(_scrape, http)
-    assert ('stepup_authz_stepup_completions_total'
-            '{factor="otp",level="elevated",result="success"} 1.0') in metrics
+    assert (
+        'stepup_authz_stepup_completions_total{factor="otp",level="elevated",result="success"} 1.0'
+    ) in metrics
 
 
 def _scrape(http: str) -> str:
@@ -240,15 +268,16 @@ async def test_store_down_fails_closed(env: Env) -> None:
 
 
 async def test_audit_stdout_mirror_writes_the_records_the_stream_got(
-        redis_url: str, redis_prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
+    redis_url: str, redis_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """audit.stdout: every record also goes to stdout as one JSON line (from the mirror's
     own thread), the same bytes as the stream entry; a durable allow included."""
     stream = f"{redis_prefix}audit-stdout"
-    async with service_env(redis_url, redis_prefix,
-                           audit={"stdout": True, "stream_key": stream}) as env:
+    async with service_env(
+        redis_url, redis_prefix, audit={"stdout": True, "stream_key": stream}
+    ) as env:
         mfa = await password_token(env.idp, otp=pyotp.TOTP(ALICE_TOTP_SECRET).now())
-        r = await env.stub.Check(check_request("/accounts/1",
-                                               {"authorization": f"Bearer {mfa}"}))
+        r = await env.stub.Check(check_request("/accounts/1", {"authorization": f"Bearer {mfa}"}))
         assert r.status.code == 0  # elevated: audited before access
         r = await env.stub.Check(check_request("/accounts/1", {}))
         assert r.denied_response.status.code == 401  # login.required, buffered

@@ -39,8 +39,14 @@ LEVELS = ["standard", "elevated", "high"]
 WINDOW = 60
 
 
-def grant(level: str, now: int, ttl: int = 600, acr: str | None = "mfa",
-          device: str | None = None, ip: str | None = None) -> Grant:
+def grant(
+    level: str,
+    now: int,
+    ttl: int = 600,
+    acr: str | None = "mfa",
+    device: str | None = None,
+    ip: str | None = None,
+) -> Grant:
     return Grant(
         level=level,
         evidence=Evidence(acr=acr, amr=("pwd", "otp"), auth_time=now - 5),
@@ -51,16 +57,33 @@ def grant(level: str, now: int, ttl: int = 600, acr: str | None = "mfa",
     )
 
 
-async def read(store: RedisSessionStore, now: int | None = None, *, session: str = SK,
-               levels: list[str] = LEVELS, level: str = "high", device: str | None = None,
-               ip: str | None = None, sensitive: bool = False) -> UserState:
+async def read(
+    store: RedisSessionStore,
+    now: int | None = None,
+    *,
+    session: str = SK,
+    levels: list[str] = LEVELS,
+    level: str = "high",
+    device: str | None = None,
+    ip: str | None = None,
+    sensitive: bool = False,
+) -> UserState:
     return await store.read_check(
-        user=UK, session=session, levels=levels, level=level, device=device, ip=ip,
-        sensitive=sensitive, window_s=WINDOW, now=int(time.time()) if now is None else now)
+        user=UK,
+        session=session,
+        levels=levels,
+        level=level,
+        device=device,
+        ip=ip,
+        sensitive=sensitive,
+        window_s=WINDOW,
+        now=int(time.time()) if now is None else now,
+    )
 
 
-async def grants(store: RedisSessionStore, levels: list[str] = LEVELS,
-                 session: str = SK) -> list[str]:
+async def grants(
+    store: RedisSessionStore, levels: list[str] = LEVELS, session: str = SK
+) -> list[str]:
     return [g.level for g in (await read(store, levels=levels, session=session)).grants]
 
 
@@ -111,8 +134,11 @@ async def test_write_and_read_grants_for_several_levels(
     store: RedisSessionStore, raw: aioredis.Redis
 ) -> None:
     now = int(time.time())
-    written = [grant("standard", now, acr="pwd"), grant("elevated", now),
-               grant("high", now, 120, device="dev-1", ip="192.0.2.7")]
+    written = [
+        grant("standard", now, acr="pwd"),
+        grant("elevated", now),
+        grant("high", now, 120, device="dev-1", ip="192.0.2.7"),
+    ]
     for g in written:
         await store.write_grant(UK, SK, g, now)
 
@@ -136,28 +162,47 @@ async def test_key_layout_value_and_ttls(
     c = store.cipher  # values are sealed (test_encryption.py covers what that means)
     doc = json.loads(c.decrypt(await raw.get(key) or b"", key) or b"null")
     assert doc == {
-        "v": 1, "level": "elevated", "acr": "mfa", "amr": ["pwd", "otp"],
-        "auth_time": now - 5, "exp": now + 600, "iat": now, "device": "d1", "ip": "192.0.2.1",
+        "v": 1,
+        "level": "elevated",
+        "acr": "mfa",
+        "amr": ["pwd", "otp"],
+        "auth_time": now - 5,
+        "exp": now + 600,
+        "iat": now,
+        "device": "d1",
+        "ip": "192.0.2.1",
     }
     base = f"{prefix}u:{{{UK}}}:"
     entry = json.loads(await raw.hget(base + "ss", SK) or b"null")
     ss = base + "ss"
     assert {n: c.decrypt_text(entry.pop(n), f"{ss}#{SK}#{n}") for n in ("ip", "device")} == {
-        "ip": "192.0.2.1", "device": "d1"}
+        "ip": "192.0.2.1",
+        "device": "d1",
+    }
     assert entry == {"created": now, "last_seen": now, "levels": ["elevated"]}
     assert await raw.hgetall(base + "dv") == {
-        c.fingerprint("device", UK, "d1").encode(): str(now).encode()}
+        c.fingerprint("device", UK, "d1").encode(): str(now).encode()
+    }
     assert await raw.hgetall(base + "ip") == {
-        c.fingerprint("ip", UK, "192.0.2.1").encode(): str(now).encode()}
+        c.fingerprint("ip", UK, "192.0.2.1").encode(): str(now).encode()
+    }
     lim = store.limits
-    for k, ttl in (("ss", lim.session_ttl_s), ("dv", lim.history_ttl_s),
-                   ("ip", lim.history_ttl_s)):
+    for k, ttl in (("ss", lim.session_ttl_s), ("dv", lim.history_ttl_s), ("ip", lim.history_ttl_s)):
         assert ttl - 2 <= await raw.ttl(base + k) <= ttl
 
-    await store.note_allow(user=UK, session=SK, level="elevated", ip="192.0.2.1", device="d1",
-                           now=now + 1, lat=40.5, lon=-74.25)
+    await store.note_allow(
+        user=UK,
+        session=SK,
+        level="elevated",
+        ip="192.0.2.1",
+        device="d1",
+        now=now + 1,
+        lat=40.5,
+        lon=-74.25,
+    )
     assert c.decrypt(await raw.get(base + "ls") or b"", base + "ls") == (
-        f"{now + 1},192.0.2.1,40.5,-74.25".encode())
+        f"{now + 1},192.0.2.1,40.5,-74.25".encode()
+    )
     assert await raw.hgetall(base + "lv") == {b"elevated": str(now + 1).encode()}
     await read(store, now, sensitive=True)
     vc = base + f"vc:{now // WINDOW}"
@@ -185,9 +230,16 @@ async def test_read_check_fields_for_crafted_state(
     await raw.set(base + "ls", c.encrypt(f"{now - 50},192.0.2.9,,", base + "ls"))
 
     s = await read(store, now, level="high", device="laptop", ip="198.51.100.1")
-    assert s == UserState(grants=(), session_revoked=False, revoked_before=None,
-                          device_known=True, ip_known=False, level_seen=False, velocity=0,
-                          last_seen=Sighting(now - 50, "192.0.2.9", None, None))
+    assert s == UserState(
+        grants=(),
+        session_revoked=False,
+        revoked_before=None,
+        device_known=True,
+        ip_known=False,
+        level_seen=False,
+        velocity=0,
+        last_seen=Sighting(now - 50, "192.0.2.9", None, None),
+    )
     s = await read(store, now, level="elevated", device="phone", ip="192.0.2.9")
     assert (s.device_known, s.ip_known, s.level_seen) == (False, True, True)
     s = await read(store, now)  # nothing presented: unknown, not "not known"
@@ -219,14 +271,19 @@ async def test_known_devices_and_ips_are_bounded(
 ) -> None:
     url, prefix = backend
     limits = StoreLimits(max_devices=3, max_ips=2, max_sessions=2)
-    store = RedisSessionStore(make_client(url, RedisSettings()), prefix=prefix,
-                              deadline_ms=FUNCTIONAL_DEADLINE_MS, limits=limits)
+    store = RedisSessionStore(
+        make_client(url, RedisSettings()),
+        prefix=prefix,
+        deadline_ms=FUNCTIONAL_DEADLINE_MS,
+        limits=limits,
+    )
     try:
         now = 1_800_000_000
         for i in range(5):
             sk = session_key("https://idp.example", "alice", f"s{i}")
-            await store.write_grant(UK, sk, grant("high", now + i, device=f"d{i}",
-                                                  ip=f"192.0.2.{i}"), now + i)
+            await store.write_grant(
+                UK, sk, grant("high", now + i, device=f"d{i}", ip=f"192.0.2.{i}"), now + i
+            )
         base = store.keys(UK).base
 
         def fps(purpose: str, *values: str) -> list[bytes]:
@@ -238,13 +295,19 @@ async def test_known_devices_and_ips_are_bounded(
         s = await read(store, now, device="d0", ip="192.0.2.0")
         assert (s.device_known, s.ip_known) == (False, False)
         # Seeing d2 again makes it the most recent: d3 is evicted next, not d2.
-        await store.note_allow(user=UK, session=SK, level="high", ip=None, device="d2",
-                               now=now + 10)
+        await store.note_allow(
+            user=UK, session=SK, level="high", ip=None, device="d2", now=now + 10
+        )
         await store.write_grant(UK, SK, grant("high", now + 11, device="d9"), now + 11)
         assert sorted(await raw.hkeys(base + "dv")) == fps("device", "d2", "d4", "d9")
         # remember_device=False records the grant but learns nothing.
-        await store.write_grant(UK, SK, grant("high", now + 12, device="dx", ip="192.0.2.99"),
-                                now + 12, remember_device=False)
+        await store.write_grant(
+            UK,
+            SK,
+            grant("high", now + 12, device="dx", ip="192.0.2.99"),
+            now + 12,
+            remember_device=False,
+        )
         assert fps("device", "dx")[0] not in await raw.hkeys(base + "dv")
     finally:
         await store.aclose()
@@ -344,8 +407,9 @@ async def test_list_sessions(store: RedisSessionStore) -> None:
     now = int(time.time())
     await store.write_grant(UK, SK, grant("elevated", now, device="d1", ip="192.0.2.1"), now)
     await store.write_grant(UK, SK, grant("high", now, 60, device="d1", ip="192.0.2.1"), now)
-    await store.note_allow(user=UK, session=SK2, level="standard", ip="192.0.2.2",
-                           device=None, now=now + 3)
+    await store.note_allow(
+        user=UK, session=SK2, level="standard", ip="192.0.2.2", device=None, now=now + 3
+    )
     listed = await store.list_sessions(UK)
     assert [(i.session, i.created, i.last_seen, i.ip, i.device) for i in listed] == [
         (SK2, now + 3, now + 3, "192.0.2.2", None),
@@ -374,8 +438,7 @@ async def test_all_keys_of_a_user_share_one_slot(
 ) -> None:
     now = int(time.time())
     await store.write_grant(UK, SK, grant("high", now, device="d", ip="192.0.2.1"), now)
-    await store.note_allow(user=UK, session=SK, level="high", ip="192.0.2.1", device="d",
-                           now=now)
+    await store.note_allow(user=UK, session=SK, level="high", ip="192.0.2.1", device="d", now=now)
     await read(store, now, sensitive=True)
     await read(store, now + WINDOW, sensitive=True)
     await store.revoke_session(UK, SK2, now)
@@ -455,8 +518,7 @@ async def test_read_check_is_one_round_trip(
     # The client sent one EVALSHA; everything else is what the script ran inside it
     # (commandstats counts those too): EXISTS r; GET rb, ls, previous window, 3 grants;
     # HEXISTS dv, ip, lv; INCR + EXPIRE of the current window.
-    assert delta == {"evalsha": 1, "exists": 1, "get": 6, "hexists": 3, "incr": 1,
-                     "expire": 1}
+    assert delta == {"evalsha": 1, "exists": 1, "get": 6, "hexists": 3, "incr": 1, "expire": 1}
 
 
 async def test_store_down_fails_closed_fast(
@@ -473,8 +535,7 @@ async def test_store_down_fails_closed_fast(
     with pytest.raises(StoreError):
         await private.write_grant(UK, SK, grant("high", now), now)
     with pytest.raises(StoreError):
-        await private.note_allow(user=UK, session=SK, level="high", ip=None, device=None,
-                                 now=now)
+        await private.note_allow(user=UK, session=SK, level="high", ip=None, device=None, now=now)
     with pytest.raises(StoreError):
         await private.revoke_session(UK, SK, now)
     with pytest.raises(StoreError):
@@ -613,20 +674,29 @@ async def test_memory_store_matches_redis(redis_url: str, redis_prefix: str) -> 
         out: list[object] = []
 
         async def rc(sk: str = SK, **kw: object) -> None:
-            out.append(await store.read_check(user=UK, session=sk, levels=LEVELS,
-                                              window_s=WINDOW, **kw))  # type: ignore[arg-type]
+            out.append(
+                await store.read_check(user=UK, session=sk, levels=LEVELS, window_s=WINDOW, **kw)
+            )  # type: ignore[arg-type]
 
         await rc(level="high", device="d1", ip="192.0.2.1", sensitive=True, now=now)
         for i in range(3):
             sk = session_key("https://idp.example", "alice", f"p{i}")
-            await store.write_grant(UK, sk, grant("high", now + i, device=f"d{i}",
-                                                  ip=f"192.0.2.{i}"), now + i)
+            await store.write_grant(
+                UK, sk, grant("high", now + i, device=f"d{i}", ip=f"192.0.2.{i}"), now + i
+            )
         await store.write_grant(UK, SK, grant("elevated", now, device="d2"), now + 4)
-        await store.note_allow(user=UK, session=SK, level="elevated", ip="192.0.2.2",
-                               device="d2", now=now + 5, lat=1.0, lon=2.0)
+        await store.note_allow(
+            user=UK,
+            session=SK,
+            level="elevated",
+            ip="192.0.2.2",
+            device="d2",
+            now=now + 5,
+            lat=1.0,
+            lon=2.0,
+        )
         for dev in ("d0", "d1", "d2"):
-            await rc(level="elevated", device=dev, ip="192.0.2.0", sensitive=True,
-                     now=now + 6)
+            await rc(level="elevated", device=dev, ip="192.0.2.0", sensitive=True, now=now + 6)
         await rc(level="high", device=None, ip=None, sensitive=True, now=now + WINDOW + 30)
         out.append(await store.list_sessions(UK))
         out.append(await store.revoke_session(UK, SK, now + 7))
@@ -636,8 +706,12 @@ async def test_memory_store_matches_redis(redis_url: str, redis_prefix: str) -> 
         out.append(await store.list_sessions(UK))
         return out
 
-    redis_store = RedisSessionStore(make_client(redis_url, RedisSettings()), prefix=redis_prefix,
-                                    deadline_ms=FUNCTIONAL_DEADLINE_MS, limits=limits)
+    redis_store = RedisSessionStore(
+        make_client(redis_url, RedisSettings()),
+        prefix=redis_prefix,
+        deadline_ms=FUNCTIONAL_DEADLINE_MS,
+        limits=limits,
+    )
     try:
         from_redis = await scenario(redis_store)
     finally:

@@ -39,15 +39,17 @@ pytestmark = pytest.mark.integration
 ISS, SUB, SID = "https://idp.example", "alice", "sid-1"
 UK, SK = user_key(ISS, SUB), session_key(ISS, SUB, SID)
 SECRET = "s3cret-api-token-0123456789"
-POLICY = load_policy({
-    "levels": {
-        "standard": {},
-        "elevated": {"acr": ["mfa", "phr"], "max_age": 900},
-        "high": {"acr": ["phr"], "amr_any": ["hwk", "fido"], "max_age": 300},
-    },
-    "routes": [],
-    "default_level": "standard",
-})
+POLICY = load_policy(
+    {
+        "levels": {
+            "standard": {},
+            "elevated": {"acr": ["mfa", "phr"], "max_age": 900},
+            "high": {"acr": ["phr"], "amr_any": ["hwk", "fido"], "max_age": 300},
+        },
+        "routes": [],
+        "default_level": "standard",
+    }
+)
 USER = pb.User(issuer=ISS, subject=SUB)
 
 
@@ -62,10 +64,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     (d / "ca.pem").write_bytes(pem(ca))
     files = {"ca": d / "ca.pem"}
     people: dict[str, tuple[str, list[x509.GeneralName]]] = {
-        "server": ("localhost", [x509.DNSName("localhost"),
-                                 x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-        "push": ("push-mfa", [x509.UniformResourceIdentifier(
-            "spiffe://mesh.example/ns/mfa/sa/push")]),
+        "server": (
+            "localhost",
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+        ),
+        "push": (
+            "push-mfa",
+            [x509.UniformResourceIdentifier("spiffe://mesh.example/ns/mfa/sa/push")],
+        ),
         "envoy": ("envoy", [x509.DNSName("envoy.mesh.example")]),  # same CA, not allowed
     }
     for who, (cn, sans) in people.items():
@@ -98,26 +104,36 @@ class Api:
 
     async def read(self, now: int | None = None, session: str = SK) -> UserState:
         return await self.store.read_check(
-            user=UK, session=session, levels=POLICY.grant_levels or ("elevated", "high"),
-            level="high", device="yubi-1", ip="192.0.2.10", sensitive=False, window_s=60,
-            now=int(time.time()) if now is None else now)
+            user=UK,
+            session=session,
+            levels=POLICY.grant_levels or ("elevated", "high"),
+            level="high",
+            device="yubi-1",
+            ip="192.0.2.10",
+            sensitive=False,
+            window_s=60,
+            now=int(time.time()) if now is None else now,
+        )
 
 
 @pytest.fixture
 async def api(redis_url: str, redis_prefix: str, pki: dict[str, Path]) -> AsyncIterator[Api]:
-    store = RedisSessionStore(make_client(redis_url, RedisSettings()), prefix=redis_prefix,
-                              deadline_ms=2000)
+    store = RedisSessionStore(
+        make_client(redis_url, RedisSettings()), prefix=redis_prefix, deadline_ms=2000
+    )
     audit = Audit()
-    auth = CallerAuth(allowed_peers=["spiffe://mesh.example/ns/mfa/sa/push"],
-                      bearer_secret=SECRET.encode())
-    servicer = SessionsServicer(store, levels=POLICY.by_name.get, auth=auth, audit=audit,
-                                leeway=30)
+    auth = CallerAuth(
+        allowed_peers=["spiffe://mesh.example/ns/mfa/sa/push"], bearer_secret=SECRET.encode()
+    )
+    servicer = SessionsServicer(store, levels=POLICY.by_name.get, auth=auth, audit=audit, leeway=30)
     server = grpc.aio.server()
     add_to_server(servicer, server)
     plain = server.add_insecure_port("127.0.0.1:0")
     creds = grpc.ssl_server_credentials(
         [(pki["server-key"].read_bytes(), pki["server"].read_bytes())],
-        root_certificates=pki["ca"].read_bytes(), require_client_auth=True)
+        root_certificates=pki["ca"].read_bytes(),
+        require_client_auth=True,
+    )
     tls = server.add_secure_port("127.0.0.1:0", creds)
     await server.start()
     try:
@@ -128,10 +144,14 @@ async def api(redis_url: str, redis_prefix: str, pki: dict[str, Path]) -> AsyncI
 
 
 @contextlib.asynccontextmanager
-async def stub(target: str, creds: grpc.ChannelCredentials | None = None
-               ) -> AsyncIterator[sessions_pb2_grpc.SessionsStub]:
-    channel = (grpc.aio.secure_channel(target, creds) if creds is not None
-               else grpc.aio.insecure_channel(target))
+async def stub(
+    target: str, creds: grpc.ChannelCredentials | None = None
+) -> AsyncIterator[sessions_pb2_grpc.SessionsStub]:
+    channel = (
+        grpc.aio.secure_channel(target, creds)
+        if creds is not None
+        else grpc.aio.insecure_channel(target)
+    )
     async with channel:
         yield sessions_pb2_grpc.SessionsStub(channel)  # type: ignore[no-untyped-call]
 
@@ -140,8 +160,15 @@ BEARER = (("authorization", f"Bearer {SECRET}"),)
 
 
 def grant_request(**kw: Any) -> pb.RecordGrantRequest:
-    doc: dict[str, Any] = {"user": USER, "session_id": SID, "level": "high", "acr": "phr",
-                           "amr": ["hwk"], "device": "yubi-1", "ip": "::ffff:192.0.2.10"}
+    doc: dict[str, Any] = {
+        "user": USER,
+        "session_id": SID,
+        "level": "high",
+        "acr": "phr",
+        "amr": ["hwk"],
+        "device": "yubi-1",
+        "ip": "::ffff:192.0.2.10",
+    }
     doc.update(kw)
     return pb.RecordGrantRequest(**doc)
 
@@ -166,13 +193,22 @@ async def test_record_grant_is_seen_by_read_check(api: Api) -> None:
     state = await api.read(now)
     (g,) = state.grants
     assert (g.level, g.evidence.acr, g.evidence.amr, g.evidence.auth_time) == (
-        "high", "phr", ("hwk",), now - 10)
+        "high",
+        "phr",
+        ("hwk",),
+        now - 10,
+    )
     assert (g.device, g.ip) == ("yubi-1", "192.0.2.10")  # IPv4-mapped normalised
     assert (state.device_known, state.ip_known) == (True, True)
     (ev,) = api.audit.events
     rec = ev.to_record()
     assert (rec["type"], rec["outcome"], rec["actor"], rec["via"], rec["level"]) == (
-        "stepup.completed", "success", "bearer", "api", "high")
+        "stepup.completed",
+        "success",
+        "bearer",
+        "api",
+        "high",
+    )
     assert rec["session"] == SK and rec["user"] == f"{ISS}|{SUB}"
 
 
@@ -185,22 +221,26 @@ async def test_ttl_is_capped_by_the_level(api: Api) -> None:
     assert long.expires_at == now + 300
 
 
-@pytest.mark.parametrize(("kw", "slug"), [
-    ({"level": "nope"}, "level-unknown"),
-    ({"acr": "mfa"}, "acr-insufficient"),  # high needs phr
-    ({"amr": ["otp"]}, "acr-insufficient"),  # high needs hwk or fido
-    ({"auth_time": 1}, "acr-insufficient"),  # beyond max_age
-    ({"auth_time": 2**40}, "auth-time-future"),
-    ({"ip": "not-an-ip"}, "argument-invalid"),
-    ({"session_id": ""}, "argument-invalid"),
-    ({"user": pb.User(issuer=ISS)}, "argument-invalid"),
-])
+@pytest.mark.parametrize(
+    ("kw", "slug"),
+    [
+        ({"level": "nope"}, "level-unknown"),
+        ({"acr": "mfa"}, "acr-insufficient"),  # high needs phr
+        ({"amr": ["otp"]}, "acr-insufficient"),  # high needs hwk or fido
+        ({"auth_time": 1}, "acr-insufficient"),  # beyond max_age
+        ({"auth_time": 2**40}, "auth-time-future"),
+        ({"ip": "not-an-ip"}, "argument-invalid"),
+        ({"session_id": ""}, "argument-invalid"),
+        ({"user": pb.User(issuer=ISS)}, "argument-invalid"),
+    ],
+)
 async def test_invalid_grants_are_refused_and_audited(
     api: Api, kw: dict[str, Any], slug: str
 ) -> None:
     async with stub(api.plain_target) as s:
         assert await code_of(s.RecordGrant(grant_request(**kw), metadata=BEARER)) == (
-            grpc.StatusCode.INVALID_ARGUMENT)
+            grpc.StatusCode.INVALID_ARGUMENT
+        )
     assert (await api.read()).grants == ()
     (ev,) = api.audit.events
     assert (ev.type, ev.outcome, ev.reason) == (EventType.STEPUP_COMPLETED, "failure", slug)
@@ -208,19 +248,25 @@ async def test_invalid_grants_are_refused_and_audited(
 
 async def test_unauthenticated_callers(api: Api, pki: dict[str, Path]) -> None:
     root = pki["ca"].read_bytes()
-    bad_meta = [(), (("authorization", "Bearer wrong-secret-0123456789"),),
-                (("authorization", SECRET),), (("authorization", f"Basic {SECRET}"),)]
+    bad_meta = [
+        (),
+        (("authorization", "Bearer wrong-secret-0123456789"),),
+        (("authorization", SECRET),),
+        (("authorization", f"Basic {SECRET}"),),
+    ]
     async with stub(api.plain_target) as s:
         for meta in bad_meta:
-            for call in (s.RecordGrant(grant_request(), metadata=meta),
-                         s.ListSessions(pb.ListSessionsRequest(user=USER), metadata=meta),
-                         s.RevokeSession(pb.RevokeSessionRequest(user=USER, session_id=SID),
-                                         metadata=meta),
-                         s.RevokeUser(pb.RevokeUserRequest(user=USER), metadata=meta)):
+            for call in (
+                s.RecordGrant(grant_request(), metadata=meta),
+                s.ListSessions(pb.ListSessionsRequest(user=USER), metadata=meta),
+                s.RevokeSession(pb.RevokeSessionRequest(user=USER, session_id=SID), metadata=meta),
+                s.RevokeUser(pb.RevokeUserRequest(user=USER), metadata=meta),
+            ):
                 assert await code_of(call) == grpc.StatusCode.UNAUTHENTICATED
     # mTLS with a certificate from the right CA that is not on the allowlist.
-    envoy = grpc.ssl_channel_credentials(root, pki["envoy-key"].read_bytes(),
-                                         pki["envoy"].read_bytes())
+    envoy = grpc.ssl_channel_credentials(
+        root, pki["envoy-key"].read_bytes(), pki["envoy"].read_bytes()
+    )
     async with stub(api.tls_target, envoy) as s:
         assert await code_of(s.RecordGrant(grant_request())) == grpc.StatusCode.UNAUTHENTICATED
         # ... but the bearer still works over that TLS connection.
@@ -230,8 +276,9 @@ async def test_unauthenticated_callers(api: Api, pki: dict[str, Path]) -> None:
 
 
 async def test_mtls_allowlisted_peer(api: Api, pki: dict[str, Path]) -> None:
-    push = grpc.ssl_channel_credentials(pki["ca"].read_bytes(), pki["push-key"].read_bytes(),
-                                        pki["push"].read_bytes())
+    push = grpc.ssl_channel_credentials(
+        pki["ca"].read_bytes(), pki["push-key"].read_bytes(), pki["push"].read_bytes()
+    )
     async with stub(api.tls_target, push) as s:
         await s.RecordGrant(grant_request(auth_time=int(time.time())))
     assert len((await api.read()).grants) == 1
@@ -242,8 +289,10 @@ async def test_mtls_allowlisted_peer(api: Api, pki: dict[str, Path]) -> None:
 async def test_audit_unavailable_means_no_grant(api: Api) -> None:
     api.audit.fail = True
     async with stub(api.plain_target) as s:
-        assert await code_of(s.RecordGrant(grant_request(auth_time=int(time.time())),
-                                           metadata=BEARER)) == grpc.StatusCode.UNAVAILABLE
+        assert (
+            await code_of(s.RecordGrant(grant_request(auth_time=int(time.time())), metadata=BEARER))
+            == grpc.StatusCode.UNAVAILABLE
+        )
     assert (await api.read()).grants == ()
 
 
@@ -251,25 +300,42 @@ async def test_list_and_revoke(api: Api) -> None:
     now = int(time.time())
     async with stub(api.plain_target) as s:
         await s.RecordGrant(grant_request(auth_time=now - 1), metadata=BEARER)
-        await s.RecordGrant(grant_request(session_id="sid-2", level="elevated", acr="mfa",
-                                          amr=["otp"], auth_time=now - 1, device="", ip=""),
-                            metadata=BEARER)
+        await s.RecordGrant(
+            grant_request(
+                session_id="sid-2",
+                level="elevated",
+                acr="mfa",
+                amr=["otp"],
+                auth_time=now - 1,
+                device="",
+                ip="",
+            ),
+            metadata=BEARER,
+        )
         listed = await s.ListSessions(pb.ListSessionsRequest(user=USER), metadata=BEARER)
         by_key = {x.session_key: x for x in listed.sessions}
         assert set(by_key) == {SK, session_key(ISS, SUB, "sid-2")}
         mine = by_key[SK]
         assert (mine.device, mine.ip, [g.level for g in mine.grants]) == (
-            "yubi-1", "192.0.2.10", ["high"])
+            "yubi-1",
+            "192.0.2.10",
+            ["high"],
+        )
 
-        r = await s.RevokeSession(pb.RevokeSessionRequest(user=USER, session_key=SK,
-                                                          reason="lost token"),
-                                  metadata=BEARER)
+        r = await s.RevokeSession(
+            pb.RevokeSessionRequest(user=USER, session_key=SK, reason="lost token"), metadata=BEARER
+        )
         assert (r.known, r.session_key) == (True, SK)
         state = await api.read(now)
         assert (state.session_revoked, state.grants) == (True, ())
-        assert await code_of(s.RevokeSession(
-            pb.RevokeSessionRequest(user=USER, session_key="not-a-key"), metadata=BEARER)
-        ) == grpc.StatusCode.INVALID_ARGUMENT
+        assert (
+            await code_of(
+                s.RevokeSession(
+                    pb.RevokeSessionRequest(user=USER, session_key="not-a-key"), metadata=BEARER
+                )
+            )
+            == grpc.StatusCode.INVALID_ARGUMENT
+        )
 
         u = await s.RevokeUser(pb.RevokeUserRequest(user=USER), metadata=BEARER)
         assert u.sessions == 1 and abs(u.revoked_before - now) <= 2
@@ -279,7 +345,9 @@ async def test_list_and_revoke(api: Api) -> None:
         assert list(listed.sessions) == []
     revoked = [e.to_record() for e in api.audit.events if e.type is EventType.GRANT_REVOKED]
     assert [(r["session"], r["reason"], r["revoked"], r["actor"]) for r in revoked] == [
-        (SK, "lost token", 1, "bearer"), ("*", "api-revoke-user", 1, "bearer")]
+        (SK, "lost token", 1, "bearer"),
+        ("*", "api-revoke-user", 1, "bearer"),
+    ]
 
 
 # --- the CLI against the same server --------------------------------------------------------
@@ -308,18 +376,44 @@ async def test_cli(api: Api, pki: dict[str, Path], tmp_path: Path) -> None:
     bearer = ["--target", api.plain_target, "--token-file", str(token)]
     now = int(time.time())
 
-    rc, out, _ = await cli("sessions", "grant", *bearer, *user, "--session", SID,
-                           "--level", "elevated", "--acr", "mfa", "--amr", "otp",
-                           "--auth-time", str(now), "--device", "laptop")
+    rc, out, _ = await cli(
+        "sessions",
+        "grant",
+        *bearer,
+        *user,
+        "--session",
+        SID,
+        "--level",
+        "elevated",
+        "--acr",
+        "mfa",
+        "--amr",
+        "otp",
+        "--auth-time",
+        str(now),
+        "--device",
+        "laptop",
+    )
     assert rc == 0 and out["session_key"] == SK and out["expires_at"] == now + 900
     rc, out, _ = await cli("sessions", "list", *bearer, *user)
     assert rc == 0
     (sess,) = out["sessions"]
     assert (sess["session_key"], sess["device"], sess["grants"][0]["level"]) == (
-        SK, "laptop", "elevated")
+        SK,
+        "laptop",
+        "elevated",
+    )
 
-    mtls = ["--target", api.tls_target, "--ca", str(pki["ca"]), "--cert", str(pki["push"]),
-            "--key", str(pki["push-key"])]
+    mtls = [
+        "--target",
+        api.tls_target,
+        "--ca",
+        str(pki["ca"]),
+        "--cert",
+        str(pki["push"]),
+        "--key",
+        str(pki["push-key"]),
+    ]
     rc, out, _ = await cli("sessions", "revoke", *mtls, *user, "--session", SID)
     assert (rc, out) == (0, {"known": True, "session_key": SK})
     assert (await api.read(now)).session_revoked is True
@@ -328,6 +422,7 @@ async def test_cli(api: Api, pki: dict[str, Path], tmp_path: Path) -> None:
 
     rc, out, err = await cli("sessions", "list", "--target", api.plain_target, *user)
     assert (rc, out, json.loads(err)["error"]) == (1, None, "UNAUTHENTICATED")
-    rc, out, err = await cli("sessions", "grant", *bearer, *user, "--session", SID,
-                             "--level", "high", "--acr", "mfa")
+    rc, out, err = await cli(
+        "sessions", "grant", *bearer, *user, "--session", SID, "--level", "high", "--acr", "mfa"
+    )
     assert (rc, json.loads(err)["error"]) == (1, "INVALID_ARGUMENT")

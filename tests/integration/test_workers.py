@@ -73,26 +73,41 @@ async def _ready(port: int) -> bool:
 async def tree(tmp_path: Path, redis_url: str, redis_prefix: str) -> AsyncIterator[Tree]:
     sock = bind()
     idp = base_url(sock)
-    cfg = DevIdpConfig(issuer=idp, clients={
-        "stepup-authz": DevClient("dev-secret", ("http://app.test/_stepup/callback",))})
+    cfg = DevIdpConfig(
+        issuer=idp,
+        clients={"stepup-authz": DevClient("dev-secret", ("http://app.test/_stepup/callback",))},
+    )
     grpc_port, http_port = free_ports(2)
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "policy_file": str(ROOT / "examples" / "policy.yaml"),
-        "grpc": {"host": "127.0.0.1", "port": grpc_port, "shutdown_delay_s": 0},
-        "http": {"host": "127.0.0.1", "port": http_port},
-        "redis": {"url": redis_url, "key_prefix": redis_prefix},
-        "oidc": {"issuer": idp, "client_id": "stepup-authz", "client_secret": "dev-secret",
-                 "audience": "stepup-demo", "algorithms": ["RS256"], "token_typ": "at+jwt"},
-        "stepup": {"public_url": "http://app.test", "cookie_secure": False},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "policy_file": str(ROOT / "examples" / "policy.yaml"),
+                "grpc": {"host": "127.0.0.1", "port": grpc_port, "shutdown_delay_s": 0},
+                "http": {"host": "127.0.0.1", "port": http_port},
+                "redis": {"url": redis_url, "key_prefix": redis_prefix},
+                "oidc": {
+                    "issuer": idp,
+                    "client_id": "stepup-authz",
+                    "client_secret": "dev-secret",
+                    "audience": "stepup-demo",
+                    "algorithms": ["RS256"],
+                    "token_typ": "at+jwt",
+                },
+                "stepup": {"public_url": "http://app.test", "cookie_secure": False},
+            }
+        )
+    )
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     async with running(cfg, sock):
         proc = subprocess.Popen(  # noqa: ASYNC220 (a long-lived child; Popen returns at once)
-            [sys.executable, "-m", "authz.cli", "serve", "--config", str(config),
-             "--workers", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [sys.executable, "-m", "authz.cli", "serve", "--config", str(config), "--workers", "2"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         t = Tree(proc, grpc_port, http_port, metrics_dir)
         try:
             await _wait(lambda: len(t.workers()) == 2, 20, "two workers")
@@ -145,11 +160,16 @@ async def test_two_workers_answer_and_sigterm_stops_all(tree: Tree) -> None:
     assert sum(per_worker.values()) == n
 
     # Any worker's /metrics reports the sum over both.
-    async with aiohttp.ClientSession() as s, s.get(
-            f"http://127.0.0.1:{tree.http_port}/metrics") as resp:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"http://127.0.0.1:{tree.http_port}/metrics") as resp,
+    ):
         text = await resp.text()
-    total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                if line.startswith("stepup_authz_checks_total{"))
+    total = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("stepup_authz_checks_total{")
+    )
     assert total == n
 
     tree.proc.send_signal(signal.SIGTERM)
@@ -167,14 +187,27 @@ async def test_a_dead_worker_stops_the_tree(tree: Tree) -> None:
 
 def test_workers_refuse_port_zero(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "policy_file": str(ROOT / "examples" / "policy.yaml"),
-        "grpc": {"port": 0}, "http": {"port": 0},
-        "oidc": {"issuer": "http://127.0.0.1:1", "client_id": "c", "client_secret": "s",
-                 "audience": "a"},
-        "stepup": {"public_url": "http://app.test"},
-    }))
-    r = subprocess.run([sys.executable, "-m", "authz.cli", "serve", "--config", str(config),
-                        "--workers", "2"], capture_output=True, text=True, timeout=60)
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "policy_file": str(ROOT / "examples" / "policy.yaml"),
+                "grpc": {"port": 0},
+                "http": {"port": 0},
+                "oidc": {
+                    "issuer": "http://127.0.0.1:1",
+                    "client_id": "c",
+                    "client_secret": "s",
+                    "audience": "a",
+                },
+                "stepup": {"public_url": "http://app.test"},
+            }
+        )
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "authz.cli", "serve", "--config", str(config), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "fixed ports" in r.stderr

@@ -40,6 +40,7 @@ def policy() -> Policy:
 
 # -- raw HTTP/1.1 --------------------------------------------------------------------------
 
+
 @dataclass
 class RawResponse:
     status: int
@@ -65,12 +66,19 @@ class RawResponse:
         return f"{self.status} {self.reason or ''}".strip()
 
 
-async def raw_request(port: int, method: str | bytes, target: str | bytes,
-                      headers: list[tuple[str | bytes, str | bytes]] | None = None, *,
-                      host: str | bytes | None = "app.example", body: bytes = b"",
-                      wait_s: float = 10.0) -> RawResponse:
+async def raw_request(
+    port: int,
+    method: str | bytes,
+    target: str | bytes,
+    headers: list[tuple[str | bytes, str | bytes]] | None = None,
+    *,
+    host: str | bytes | None = "app.example",
+    body: bytes = b"",
+    wait_s: float = 10.0,
+) -> RawResponse:
     """Send one request over a fresh connection, exactly as given, and read the answer.
     A connection Envoy closes or resets without answering gives status 0."""
+
     def b(x: str | bytes) -> bytes:
         return x if isinstance(x, bytes) else x.encode("latin-1")
 
@@ -125,11 +133,12 @@ def _dechunk(data: bytes) -> bytes:
         if size == 0:
             break
         out += data[:size]
-        data = data[size + 2:]
+        data = data[size + 2 :]
     return bytes(out)
 
 
 # -- tokens --------------------------------------------------------------------------------
+
 
 def b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
@@ -150,10 +159,17 @@ class Minter:
     def claims(self, now: int | None = None, **over: Any) -> dict[str, Any]:
         now = int(time.time()) if now is None else now
         c: dict[str, Any] = {
-            "iss": self.issuer, "sub": "alice", "aud": self.audience,
-            "iat": now, "exp": now + 600, "auth_time": now,
-            "acr": "mfa", "amr": ["pwd", "otp"], "sid": secrets.token_urlsafe(8),
-            "client_id": CLIENT_ID, "jti": secrets.token_urlsafe(8),
+            "iss": self.issuer,
+            "sub": "alice",
+            "aud": self.audience,
+            "iat": now,
+            "exp": now + 600,
+            "auth_time": now,
+            "acr": "mfa",
+            "amr": ["pwd", "otp"],
+            "sid": secrets.token_urlsafe(8),
+            "client_id": CLIENT_ID,
+            "jti": secrets.token_urlsafe(8),
         }
         c.update(over)
         return {k: v for k, v in c.items() if v is not DROP}
@@ -163,13 +179,23 @@ class Minter:
         h.update(over)
         return {k: v for k, v in h.items() if v is not DROP}
 
-    def sign(self, claims: dict[str, Any] | None = None, *, key: Any = None,
-             alg: str = "RS256", raw_payload: bytes | None = None, **header: Any) -> str:
+    def sign(
+        self,
+        claims: dict[str, Any] | None = None,
+        *,
+        key: Any = None,
+        alg: str = "RS256",
+        raw_payload: bytes | None = None,
+        **header: Any,
+    ) -> str:
         """A compact JWS over ``claims`` (or exact payload bytes) with the header changes."""
         h = self.header(**header)
         h["alg"] = alg
-        payload = raw_payload if raw_payload is not None else json.dumps(
-            claims if claims is not None else self.claims()).encode()
+        payload = (
+            raw_payload
+            if raw_payload is not None
+            else json.dumps(claims if claims is not None else self.claims()).encode()
+        )
         # Signed by hand: pyjwt's encoder refuses some headers the attacks need (kid: 0).
         signing_input = f"{b64(json.dumps(h).encode())}.{b64(payload)}"
         algo = jwt.get_algorithm_by_name(alg)
@@ -188,14 +214,18 @@ def forge(header: dict[str, Any], payload: dict[str, Any] | bytes, sig: bytes = 
 
 # -- HTTP clients --------------------------------------------------------------------------
 
+
 async def password_token(stack: Stack, *, user: str = "alice", otp: bool = False) -> str:
     form = {"grant_type": "password", "username": user, "password": f"{user}-password"}
     if otp:
         form["otp"] = pyotp.TOTP(TOTP[user]).now()
     basic = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
-    async with aiohttp.ClientSession() as s, s.post(
-        f"{stack.idp_url}/token", data=form, headers={"Authorization": f"Basic {basic}"}
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            f"{stack.idp_url}/token", data=form, headers={"Authorization": f"Basic {basic}"}
+        ) as r,
+    ):
         assert r.status == 200, await r.text()
         return str((await r.json())["access_token"])
 
@@ -203,9 +233,12 @@ async def password_token(stack: Stack, *, user: str = "alice", otp: bool = False
 async def password_tokens(stack: Stack, *, user: str = "alice") -> dict[str, Any]:
     form = {"grant_type": "password", "username": user, "password": f"{user}-password"}
     basic = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
-    async with aiohttp.ClientSession() as s, s.post(
-        f"{stack.idp_url}/token", data=form, headers={"Authorization": f"Basic {basic}"}
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            f"{stack.idp_url}/token", data=form, headers={"Authorization": f"Basic {basic}"}
+        ) as r,
+    ):
         assert r.status == 200, await r.text()
         doc: dict[str, Any] = await r.json()
         return doc
@@ -213,9 +246,10 @@ async def password_tokens(stack: Stack, *, user: str = "alice") -> dict[str, Any
 
 async def set_knobs(stack: Stack, **knobs: Any) -> None:
     """TEST-ONLY dev IdP misbehaviour (authz.devidp.misbehave); no knobs = honest again."""
-    async with aiohttp.ClientSession() as s, s.put(
-        f"{stack.idp_url}/_test/misbehave", json=knobs
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.put(f"{stack.idp_url}/_test/misbehave", json=knobs) as r,
+    ):
         assert r.status == 200, await r.text()
 
 
@@ -247,8 +281,9 @@ class Browser:
             return Hop(r.status, dict(r.headers), await r.text())
 
     async def post(self, url: str, data: dict[str, str]) -> Hop:
-        async with self.session.post(url, data=data, headers=BROWSER_HEADERS,
-                                     allow_redirects=False) as r:
+        async with self.session.post(
+            url, data=data, headers=BROWSER_HEADERS, allow_redirects=False
+        ) as r:
             return Hop(r.status, dict(r.headers), await r.text())
 
     async def idp_login(self, authorize_url: str, *, otp: bool, user: str | None = None) -> str:
@@ -298,6 +333,7 @@ class Browser:
 
 
 # -- what the upstream saw -----------------------------------------------------------------
+
 
 def servlet_view(raw_path: str) -> str:
     """How a servlet container (Tomcat, Jetty) maps a path: ';' parameters are dropped from

@@ -46,9 +46,13 @@ FORGERIES: dict[str, list[tuple[str, str | bytes]]] = {
     "cf-connecting-ip": [("CF-Connecting-IP", "203.0.113.9")],
     "x-cluster-client-ip": [("X-Cluster-Client-IP", "203.0.113.9")],
     "x-envoy-external-address": [("X-Envoy-External-Address", "203.0.113.9")],
-    "all-at-once": [("X-Forwarded-For", "203.0.113.9"), ("X-Real-IP", "203.0.113.9"),
-                    ("Forwarded", "for=203.0.113.9"), ("True-Client-IP", "203.0.113.9"),
-                    ("X-Envoy-External-Address", "203.0.113.9")],
+    "all-at-once": [
+        ("X-Forwarded-For", "203.0.113.9"),
+        ("X-Real-IP", "203.0.113.9"),
+        ("Forwarded", "for=203.0.113.9"),
+        ("True-Client-IP", "203.0.113.9"),
+        ("X-Envoy-External-Address", "203.0.113.9"),
+    ],
     "blocked-range-in-xff": [("X-Forwarded-For", "198.51.100.7")],
 }
 
@@ -58,8 +62,12 @@ async def test_forged_address_does_not_escape_an_ip_deny(
     sec_stack: Stack, minter: Minter, name: str, outcome: Callable[[str, str], None]
 ) -> None:
     token = minter.token(acr="pwd", amr=["pwd"])
-    r = await raw_request(sec_stack.listen_port, "GET", "/ops/x",
-                          [("Authorization", f"Bearer {token}"), *FORGERIES[name]])
+    r = await raw_request(
+        sec_stack.listen_port,
+        "GET",
+        "/ops/x",
+        [("Authorization", f"Bearer {token}"), *FORGERIES[name]],
+    )
     outcome("403 ip-not-allowed (the service saw Envoy's peer 127.0.0.1)", str(r))
     assert (r.status, r.reason) == (403, "ip-not-allowed"), str(r)
 
@@ -72,27 +80,36 @@ async def test_forged_address_is_not_believed(
     believed the forged external address."""
     r = await raw_request(sec_stack.listen_port, "GET", "/public/x", list(FORGERIES[name]))
     seen = r.echo()
-    outcome("200 public (no ip-external / ip-blocked deny)",
-            f"{r}; upstream x-envoy-external-address="
-            f"{seen['headers'].get('x-envoy-external-address') if seen else None}")
+    outcome(
+        "200 public (no ip-external / ip-blocked deny)",
+        f"{r}; upstream x-envoy-external-address="
+        f"{seen['headers'].get('x-envoy-external-address') if seen else None}",
+    )
     assert r.status == 200 and seen is not None, str(r)
     assert seen["headers"]["x-stepup-level"] == "public"
     # What an upstream should use as the client address is Envoy's, not the client's.
     assert seen["headers"]["x-envoy-external-address"] == "127.0.0.1"
 
 
-@pytest.mark.parametrize(("xff", "hops", "expected"), [
-    pytest.param("203.0.113.9", 0, "127.0.0.1", id="no-trusted-hop-xff-unread"),
-    pytest.param("203.0.113.9, 10.0.0.2", 1, "10.0.0.2", id="one-hop-takes-the-lb-view"),
-    pytest.param("6.6.6.6, 203.0.113.9, 10.0.0.2", 1, "10.0.0.2",
-                 id="one-hop-ignores-forged-leftmost"),
-    pytest.param("6.6.6.6, 203.0.113.9", 2, "6.6.6.6", id="two-hops-peer-appended"),
-    pytest.param("garbage, 10.0.0.2", 1, "10.0.0.2", id="one-hop-junk-on-the-left-ignored"),
-    pytest.param("10.0.0.2, garbage", 1, None, id="one-hop-junk-in-trusted-part-is-unknown"),
-    pytest.param("203.0.113.9", 5, "203.0.113.9", id="fewer-entries-than-hops-earliest-proxy-view"),
-])
-def test_client_ip_with_trusted_hops(xff: str, hops: int, expected: str | None,
-                                     outcome: Callable[[str, str], None]) -> None:
+@pytest.mark.parametrize(
+    ("xff", "hops", "expected"),
+    [
+        pytest.param("203.0.113.9", 0, "127.0.0.1", id="no-trusted-hop-xff-unread"),
+        pytest.param("203.0.113.9, 10.0.0.2", 1, "10.0.0.2", id="one-hop-takes-the-lb-view"),
+        pytest.param(
+            "6.6.6.6, 203.0.113.9, 10.0.0.2", 1, "10.0.0.2", id="one-hop-ignores-forged-leftmost"
+        ),
+        pytest.param("6.6.6.6, 203.0.113.9", 2, "6.6.6.6", id="two-hops-peer-appended"),
+        pytest.param("garbage, 10.0.0.2", 1, "10.0.0.2", id="one-hop-junk-on-the-left-ignored"),
+        pytest.param("10.0.0.2, garbage", 1, None, id="one-hop-junk-in-trusted-part-is-unknown"),
+        pytest.param(
+            "203.0.113.9", 5, "203.0.113.9", id="fewer-entries-than-hops-earliest-proxy-view"
+        ),
+    ],
+)
+def test_client_ip_with_trusted_hops(
+    xff: str, hops: int, expected: str | None, outcome: Callable[[str, str], None]
+) -> None:
     """Behind N trusted proxies the client is N entries left of the peer (127.0.0.1 here),
     never the leftmost entry a client wrote; an unparseable trusted entry is unknown."""
     got = client_ip("127.0.0.1", xff, hops)

@@ -31,8 +31,9 @@ async def completions(stack: Stack) -> dict[tuple[str, str], float]:
     async with aiohttp.ClientSession() as s, s.get(f"{stack.service_http_url}/metrics") as r:
         text = await r.text()
     out: dict[tuple[str, str], float] = {}
-    for m in re.finditer(r'^stepup_authz_stepup_completions_total\{([^}]*)\} (\S+)$', text,
-                         re.MULTILINE):
+    for m in re.finditer(
+        r"^stepup_authz_stepup_completions_total\{([^}]*)\} (\S+)$", text, re.MULTILINE
+    ):
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
         key = (labels["level"], labels["result"])
         out[key] = out.get(key, 0.0) + float(m.group(2))
@@ -53,8 +54,11 @@ class Results:
 
     async def __aexit__(self, *exc: object) -> None:
         after = await completions(self.stack)
-        self.delta = {k: v - self.before.get(k, 0.0) for k, v in after.items()
-                      if v - self.before.get(k, 0.0) > 0}
+        self.delta = {
+            k: v - self.before.get(k, 0.0)
+            for k, v in after.items()
+            if v - self.before.get(k, 0.0) > 0
+        }
 
     def __str__(self) -> str:
         return ", ".join(f"{lv}:{res}" for (lv, res) in sorted(self.delta)) or "none"
@@ -80,8 +84,10 @@ def drop_query(url: str, *names: str) -> str:
 
 # -- state ---------------------------------------------------------------------------------------
 
-async def test_callback_without_state(sec_stack: Stack, browser: Browser,
-                                      outcome: Callable[[str, str], None]) -> None:
+
+async def test_callback_without_state(
+    sec_stack: Stack, browser: Browser, outcome: Callable[[str, str], None]
+) -> None:
     await browser.sign_in()
     callback = await browser.step_up_callback("/accounts/1")
     async with Results(sec_stack) as res:
@@ -91,9 +97,12 @@ async def test_callback_without_state(sec_stack: Stack, browser: Browser,
     assert await still_needs_step_up(browser)
 
 
-async def test_callback_from_a_foreign_browser(sec_stack: Stack, browser: Browser,
-                                               make_browser: Callable[[], Browser],
-                                               outcome: Callable[[str, str], None]) -> None:
+async def test_callback_from_a_foreign_browser(
+    sec_stack: Stack,
+    browser: Browser,
+    make_browser: Callable[[], Browser],
+    outcome: Callable[[str, str], None],
+) -> None:
     """The victim's callback URL opened in another browser (no state cookie, or its own)
     is refused, and refusing it does not burn the victim's state."""
     await browser.sign_in()
@@ -107,8 +116,10 @@ async def test_callback_from_a_foreign_browser(sec_stack: Stack, browser: Browse
         no_cookie = await stranger.get(callback)
         own_cookie = await other.get(callback)
     victim = await browser.get(callback)
-    outcome("400 and 400 (state-mismatch x2); the victim then completes (303)",
-            f"{no_cookie.status}, {own_cookie.status} ({res}); victim {victim.status}")
+    outcome(
+        "400 and 400 (state-mismatch x2); the victim then completes (303)",
+        f"{no_cookie.status}, {own_cookie.status} ({res}); victim {victim.status}",
+    )
     assert no_cookie.status == 400 and own_cookie.status == 400
     assert res.delta == {("unknown", "state-mismatch"): 2}
     assert victim.status == 303 and victim.location == "/accounts/1"
@@ -116,27 +127,35 @@ async def test_callback_from_a_foreign_browser(sec_stack: Stack, browser: Browse
     assert await still_needs_step_up(other)
 
 
-async def test_state_reused_after_success(sec_stack: Stack, browser: Browser,
-                                          outcome: Callable[[str, str], None]) -> None:
+async def test_state_reused_after_success(
+    sec_stack: Stack, browser: Browser, outcome: Callable[[str, str], None]
+) -> None:
     await browser.sign_in()
     callback = await browser.step_up_callback("/accounts/1")
     state = parse_qs(urlsplit(callback).query)["state"][0]
     assert (await browser.get(callback)).status == 303
     async with Results(sec_stack) as res:
         replay = await browser.get(callback)  # the cookie was cleared on success
-        replay_cookie = await browser.get(callback, headers={
-            "Cookie": f"{STATE_COOKIE}={state}"})  # ... so bring it back by hand
-    outcome("400 state-mismatch, then 400 state-invalid (used once)",
-            f"{replay.status}, {replay_cookie.status} ({res})")
+        replay_cookie = await browser.get(
+            callback, headers={"Cookie": f"{STATE_COOKIE}={state}"}
+        )  # ... so bring it back by hand
+    outcome(
+        "400 state-mismatch, then 400 state-invalid (used once)",
+        f"{replay.status}, {replay_cookie.status} ({res})",
+    )
     assert replay.status == 400 and replay_cookie.status == 400
     assert res.delta == {("unknown", "state-mismatch"): 1, ("unknown", "state-invalid"): 1}
 
 
 # -- codes ---------------------------------------------------------------------------------------
 
-async def test_code_replayed_into_a_fresh_state(sec_stack: Stack, browser: Browser,
-                                                make_browser: Callable[[], Browser],
-                                                outcome: Callable[[str, str], None]) -> None:
+
+async def test_code_replayed_into_a_fresh_state(
+    sec_stack: Stack,
+    browser: Browser,
+    make_browser: Callable[[], Browser],
+    outcome: Callable[[str, str], None],
+) -> None:
     """A code already exchanged, injected into the attacker's own fresh round trip."""
     await browser.sign_in()
     callback = await browser.step_up_callback("/accounts/1")
@@ -148,14 +167,15 @@ async def test_code_replayed_into_a_fresh_state(sec_stack: Stack, browser: Brows
     state = parse_qs(urlsplit(authorize).query)["state"][0]
     async with Results(sec_stack) as res:
         hop = await attacker.get(with_query(callback, state=state, code=code))
-    outcome("403 token-rejected (IdP: code already used); no grant",
-            f"{hop.status} ({res})")
+    outcome("403 token-rejected (IdP: code already used); no grant", f"{hop.status} ({res})")
     assert hop.status == 403 and res.delta == {("elevated", "token-rejected"): 1}
     assert await still_needs_step_up(attacker)
 
 
 async def test_unused_code_injected_into_another_flow(
-    sec_stack: Stack, browser: Browser, make_browser: Callable[[], Browser],
+    sec_stack: Stack,
+    browser: Browser,
+    make_browser: Callable[[], Browser],
     outcome: Callable[[str, str], None],
 ) -> None:
     """The victim's not-yet-used code in the attacker's round trip: PKCE binds the code to
@@ -171,26 +191,30 @@ async def test_unused_code_injected_into_another_flow(
     async with Results(sec_stack) as res:
         hop = await attacker.get(with_query(callback, state=state, code=code))
     victim = await browser.get(callback)
-    outcome("403 token-rejected (PKCE mismatch); no grant for the attacker; victim refused "
-            "too (code spent)", f"{hop.status} ({res}); victim {victim.status}")
+    outcome(
+        "403 token-rejected (PKCE mismatch); no grant for the attacker; victim refused "
+        "too (code spent)",
+        f"{hop.status} ({res}); victim {victim.status}",
+    )
     assert hop.status == 403 and res.delta == {("elevated", "token-rejected"): 1}
     assert await still_needs_step_up(attacker)
     assert victim.status == 403 and await still_needs_step_up(browser)
 
 
-async def test_idp_error_response(sec_stack: Stack, browser: Browser,
-                                  outcome: Callable[[str, str], None]) -> None:
+async def test_idp_error_response(
+    sec_stack: Stack, browser: Browser, outcome: Callable[[str, str], None]
+) -> None:
     await browser.sign_in()
     callback = await browser.step_up_callback("/accounts/1")
     async with Results(sec_stack) as res:
-        hop = await browser.get(with_query(drop_query(callback, "code"),
-                                           error="access_denied"))
+        hop = await browser.get(with_query(drop_query(callback, "code"), error="access_denied"))
         again = await browser.get(callback)  # the state was consumed by the error
-    outcome("403 idp-error; the state is then spent (400)",
-            f"{hop.status}, {again.status} ({res})")
+    outcome("403 idp-error; the state is then spent (400)", f"{hop.status}, {again.status} ({res})")
     assert hop.status == 403 and again.status == 400
-    assert res.delta == {("elevated", "idp-error"): 1, ("unknown", "state-mismatch"): 1} or \
-        res.delta == {("elevated", "idp-error"): 1, ("unknown", "state-invalid"): 1}
+    assert res.delta == {
+        ("elevated", "idp-error"): 1,
+        ("unknown", "state-mismatch"): 1,
+    } or res.delta == {("elevated", "idp-error"): 1, ("unknown", "state-invalid"): 1}
 
 
 # -- a misbehaving IdP ------------------------------------------------------------------------
@@ -201,31 +225,50 @@ MISBEHAVIOUR: list[tuple[str, dict[str, Any], str, str]] = [
     ("acr-case-variant", {"acr": "MFA"}, "/accounts/1", "acr-insufficient"),
     ("acr-unknown-value", {"acr": "mfa-ish"}, "/accounts/1", "acr-insufficient"),
     ("no-auth-time", {"drop_auth_time": True}, "/accounts/1", "auth-time-missing"),
-    ("auth-time-before-the-challenge", {"auth_time_offset_s": -120}, "/accounts/1",
-     "auth-too-old"),
+    ("auth-time-before-the-challenge", {"auth_time_offset_s": -120}, "/accounts/1", "auth-too-old"),
     ("auth-time-an-hour-old", {"auth_time_offset_s": -3600}, "/accounts/1", "auth-too-old"),
-    ("auth-time-in-the-future", {"auth_time_offset_s": 3600}, "/accounts/1",
-     "auth-time-future"),
-    ("auth-time-future-on-a-level-without-max-age", {"auth_time_offset_s": 30 * 86_400},
-     "/acronly/1", "auth-time-future"),
-    ("iss-mix-up-in-the-response", {"response_iss": "https://evil.example"}, "/accounts/1",
-     "issuer-mismatch"),
+    ("auth-time-in-the-future", {"auth_time_offset_s": 3600}, "/accounts/1", "auth-time-future"),
+    (
+        "auth-time-future-on-a-level-without-max-age",
+        {"auth_time_offset_s": 30 * 86_400},
+        "/acronly/1",
+        "auth-time-future",
+    ),
+    (
+        "iss-mix-up-in-the-response",
+        {"response_iss": "https://evil.example"},
+        "/accounts/1",
+        "issuer-mismatch",
+    ),
     ("iss-of-the-tokens", {"token_iss": "TOKEN_ISS"}, "/accounts/1", "token-rejected"),
-    ("id-token-for-another-subject", {"id_token_sub": "bob"}, "/accounts/1",
-     "subject-mismatch"),
-    ("id-token-for-another-client", {"id_token_aud": "other-client"}, "/accounts/1",
-     "token-rejected"),
+    ("id-token-for-another-subject", {"id_token_sub": "bob"}, "/accounts/1", "subject-mismatch"),
+    (
+        "id-token-for-another-client",
+        {"id_token_aud": "other-client"},
+        "/accounts/1",
+        "token-rejected",
+    ),
     ("nonce-not-ours", {"nonce": "attacker-chosen"}, "/accounts/1", "token-rejected"),
-    ("id-token-replayed-from-an-earlier-round-trip", {"replay_id_token": True},
-     "/accounts/1", "token-rejected"),
+    (
+        "id-token-replayed-from-an-earlier-round-trip",
+        {"replay_id_token": True},
+        "/accounts/1",
+        "token-rejected",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("knobs", "path", "result"), [
-    pytest.param(k, p, r, id=i) for i, k, p, r in MISBEHAVIOUR])
-async def test_misbehaving_idp(sec_stack: Stack, browser: Browser, knobs: dict[str, Any],
-                               path: str, result: str,
-                               outcome: Callable[[str, str], None]) -> None:
+@pytest.mark.parametrize(
+    ("knobs", "path", "result"), [pytest.param(k, p, r, id=i) for i, k, p, r in MISBEHAVIOUR]
+)
+async def test_misbehaving_idp(
+    sec_stack: Stack,
+    browser: Browser,
+    knobs: dict[str, Any],
+    path: str,
+    result: str,
+    outcome: Callable[[str, str], None],
+) -> None:
     knobs = {k: (sec_stack.idp_url + "/" if v == "TOKEN_ISS" else v) for k, v in knobs.items()}
     await browser.sign_in(path)
     authorize = await browser.begin_step_up(path)
@@ -236,15 +279,18 @@ async def test_misbehaving_idp(sec_stack: Stack, browser: Browser, knobs: dict[s
         hop = await browser.get(callback)
     await set_knobs(sec_stack)
     granted = not await still_needs_step_up(browser, path)
-    outcome(f"403, result {result}, no grant",
-            f"{hop.status} ({res}), {'GRANTED' if granted else 'no grant'}")
+    outcome(
+        f"403, result {result}, no grant",
+        f"{hop.status} ({res}), {'GRANTED' if granted else 'no grant'}",
+    )
     assert res.delta == {(level, result): 1}
     assert hop.status == 403
     assert not granted
 
 
-async def test_another_user_signs_in_at_the_idp(sec_stack: Stack, browser: Browser,
-                                                outcome: Callable[[str, str], None]) -> None:
+async def test_another_user_signs_in_at_the_idp(
+    sec_stack: Stack, browser: Browser, outcome: Callable[[str, str], None]
+) -> None:
     """Alice's step-up completed by Bob (his password and TOTP) must not grant Alice."""
     await browser.sign_in()
     authorize = await browser.begin_step_up("/accounts/1")
@@ -256,8 +302,9 @@ async def test_another_user_signs_in_at_the_idp(sec_stack: Stack, browser: Brows
     assert await still_needs_step_up(browser)
 
 
-async def test_honest_idp_control(sec_stack: Stack, browser: Browser,
-                                  outcome: Callable[[str, str], None]) -> None:
+async def test_honest_idp_control(
+    sec_stack: Stack, browser: Browser, outcome: Callable[[str, str], None]
+) -> None:
     """The same flow with honest knobs is granted (so each refusal above is the knob's)."""
     await browser.sign_in("/acronly/1")
     callback = await browser.step_up_callback("/acronly/1")
@@ -271,21 +318,42 @@ async def test_honest_idp_control(sec_stack: Stack, browser: Browser,
 # -- open redirects --------------------------------------------------------------------------
 
 OPEN_REDIRECTS = [
-    "//evil.example", "//evil.example/path", "/\\evil.example", "\\\\evil.example",
-    "https://evil.example", "https:evil.example", "http:/evil.example", "HTTPS://evil.example",
-    "/%09/evil.example", "/%0a/evil.example", "/%0d%0aLocation:%20https://evil.example",
-    "/%2F%2Fevil.example", "/%2f%5cevil.example", "/%5Cevil.example", "%2F%2Fevil.example",
-    "javascript:alert(1)", "JaVaScRiPt:alert(1)", "data:text/html,<script>alert(1)</script>",
-    "//user@evil.example", "//evil.example@app.example", "/\t/evil.example",
-    "/ /evil.example", "//%65vil.example", "/\\/evil.example", "///evil.example",
-    "evil.example", "", "/" + "a" * 3000,
+    "//evil.example",
+    "//evil.example/path",
+    "/\\evil.example",
+    "\\\\evil.example",
+    "https://evil.example",
+    "https:evil.example",
+    "http:/evil.example",
+    "HTTPS://evil.example",
+    "/%09/evil.example",
+    "/%0a/evil.example",
+    "/%0d%0aLocation:%20https://evil.example",
+    "/%2F%2Fevil.example",
+    "/%2f%5cevil.example",
+    "/%5Cevil.example",
+    "%2F%2Fevil.example",
+    "javascript:alert(1)",
+    "JaVaScRiPt:alert(1)",
+    "data:text/html,<script>alert(1)</script>",
+    "//user@evil.example",
+    "//evil.example@app.example",
+    "/\t/evil.example",
+    "/ /evil.example",
+    "//%65vil.example",
+    "/\\/evil.example",
+    "///evil.example",
+    "evil.example",
+    "",
+    "/" + "a" * 3000,
 ]
 SAME_ORIGIN_OK = ["/@evil.example", "/accounts/1?x=//evil.example", "/.//evil.example"]
 
 
 @pytest.mark.parametrize("rd", OPEN_REDIRECTS + SAME_ORIGIN_OK)
-async def test_login_return_path(sec_stack: Stack, browser: Browser, rd: str,
-                                 outcome: Callable[[str, str], None]) -> None:
+async def test_login_return_path(
+    sec_stack: Stack, browser: Browser, rd: str, outcome: Callable[[str, str], None]
+) -> None:
     hop = await browser.get("/_stepup/login", params={"rd": rd})
     assert hop.status == 302
     callback = await browser.idp_login(hop.location, otp=False)
@@ -297,11 +365,20 @@ async def test_login_return_path(sec_stack: Stack, browser: Browser, rd: str,
     assert hop.location == expected
 
 
-@pytest.mark.parametrize("rd", ["//evil.example", "/\\evil.example", "/%09/evil.example",
-                                "https:evil.example", "javascript:alert(1)",
-                                "//user@evil.example"])
-async def test_step_up_return_path(sec_stack: Stack, browser: Browser, rd: str,
-                                   outcome: Callable[[str, str], None]) -> None:
+@pytest.mark.parametrize(
+    "rd",
+    [
+        "//evil.example",
+        "/\\evil.example",
+        "/%09/evil.example",
+        "https:evil.example",
+        "javascript:alert(1)",
+        "//user@evil.example",
+    ],
+)
+async def test_step_up_return_path(
+    sec_stack: Stack, browser: Browser, rd: str, outcome: Callable[[str, str], None]
+) -> None:
     await browser.sign_in()
     hop = await browser.get("/accounts/1")
     start = with_query(hop.location, rd=rd)  # keep the signed ctx, swap the return path
@@ -315,8 +392,11 @@ async def test_step_up_return_path(sec_stack: Stack, browser: Browser, rd: str,
 
 # -- the start link ------------------------------------------------------------------------
 
+
 async def test_login_csrf_callback_in_the_victims_browser(
-    sec_stack: Stack, browser: Browser, make_browser: Callable[[], Browser],
+    sec_stack: Stack,
+    browser: Browser,
+    make_browser: Callable[[], Browser],
     outcome: Callable[[str, str], None],
 ) -> None:
     """Login CSRF: the attacker signs in as bob in their own browser and makes the victim's
@@ -329,16 +409,18 @@ async def test_login_csrf_callback_in_the_victims_browser(
     async with Results(sec_stack) as res:
         hop = await browser.get(callback)
     token_cookie = "SET" if browser.cookie("stepup_token") else "none"
-    outcome("400 state-mismatch; the victim gets no token cookie",
-            f"{hop.status} ({res}); token cookie {token_cookie}")
+    outcome(
+        "400 state-mismatch; the victim gets no token cookie",
+        f"{hop.status} ({res}); token cookie {token_cookie}",
+    )
     assert hop.status == 400 and browser.cookie("stepup_token") is None
     assert res.delta == {("unknown", "state-mismatch"): 1}
 
 
 @pytest.mark.parametrize("level", ["public", "standard", "ops", "nope", "", "ELEVATED"])
-async def test_start_for_a_level_without_evidence(sec_stack: Stack, browser: Browser,
-                                                  level: str,
-                                                  outcome: Callable[[str, str], None]) -> None:
+async def test_start_for_a_level_without_evidence(
+    sec_stack: Stack, browser: Browser, level: str, outcome: Callable[[str, str], None]
+) -> None:
     await browser.sign_in()
     hop = await browser.get("/_stepup/start", params={"level": level, "rd": "/"})
     outcome("400 unknown step-up level", str(hop.status))
@@ -346,8 +428,9 @@ async def test_start_for_a_level_without_evidence(sec_stack: Stack, browser: Bro
 
 
 @pytest.mark.parametrize("how", ["flip-a-byte", "other-level", "missing", "forged-mac"])
-async def test_start_link_context_tampering(sec_stack: Stack, browser: Browser, how: str,
-                                            outcome: Callable[[str, str], None]) -> None:
+async def test_start_link_context_tampering(
+    sec_stack: Stack, browser: Browser, how: str, outcome: Callable[[str, str], None]
+) -> None:
     """The start link carries the device and IP the Check saw, HMAC-signed: an edited,
     foreign or missing context is refused rather than binding the grant to something else."""
     import base64
@@ -374,17 +457,20 @@ async def test_start_link_context_tampering(sec_stack: Stack, browser: Browser, 
     assert hop.status == 400 and browser.cookie(STATE_COOKIE) is None
 
 
-@pytest.mark.parametrize("headers", [{"Host": "evil.example"},
-                                     {"X-Forwarded-Host": "evil.example"}],
-                         ids=["host", "x-forwarded-host"])
-async def test_redirect_uri_is_configured_not_reflected(sec_stack: Stack, browser: Browser,
-                                                       headers: dict[str, str],
-                                                       outcome: Callable[[str, str], None]
-                                                       ) -> None:
+@pytest.mark.parametrize(
+    "headers",
+    [{"Host": "evil.example"}, {"X-Forwarded-Host": "evil.example"}],
+    ids=["host", "x-forwarded-host"],
+)
+async def test_redirect_uri_is_configured_not_reflected(
+    sec_stack: Stack, browser: Browser, headers: dict[str, str], outcome: Callable[[str, str], None]
+) -> None:
     """The IdP is told to send the code to the configured public URL, whatever Host the
     client sent: a forged Host cannot divert the authorization code."""
     hop = await browser.get("/_stepup/login", params={"rd": "/"}, headers=headers)
     q = parse_qs(urlsplit(hop.location).query)
-    outcome(f"redirect_uri = {sec_stack.envoy_url}/_stepup/callback",
-            f"redirect_uri = {q['redirect_uri'][0]}")
+    outcome(
+        f"redirect_uri = {sec_stack.envoy_url}/_stepup/callback",
+        f"redirect_uri = {q['redirect_uri'][0]}",
+    )
     assert q["redirect_uri"] == [f"{sec_stack.envoy_url}/_stepup/callback"]

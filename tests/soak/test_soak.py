@@ -48,8 +48,11 @@ HTML = {"Accept": "text/html"}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with Stack(tmp_path_factory.mktemp("soak"), policy_file=REPO_ROOT / "examples" /
-               "policy.yaml", separate_audit_redis=True) as s:
+    with Stack(
+        tmp_path_factory.mktemp("soak"),
+        policy_file=REPO_ROOT / "examples" / "policy.yaml",
+        separate_audit_redis=True,
+    ) as s:
         yield s
 
 
@@ -61,8 +64,13 @@ def rss_kb(pid: int) -> int:
 
 
 async def password_token(stack: Stack, user: str) -> str:
-    form = {"grant_type": "password", "username": user, "password": f"{user}-password",
-            "client_id": "stepup-authz", "client_secret": "dev-secret"}
+    form = {
+        "grant_type": "password",
+        "username": user,
+        "password": f"{user}-password",
+        "client_id": "stepup-authz",
+        "client_secret": "dev-secret",
+    }
     async with aiohttp.ClientSession() as s, s.post(f"{stack.idp_url}/token", data=form) as r:
         assert r.status == 200, await r.text()
         return str((await r.json())["access_token"])
@@ -82,14 +90,17 @@ async def step_up(stack: Stack, s: aiohttp.ClientSession) -> float:
         page = await r.text()
     m = re.search(r'name="request_id" value="([^"]+)"', page)
     assert m is not None, page
-    form = {"request_id": m.group(1), "username": "alice", "password": "alice-password",
-            "otp": pyotp.TOTP(ALICE_TOTP_SECRET).now()}
+    form = {
+        "request_id": m.group(1),
+        "username": "alice",
+        "password": "alice-password",
+        "otp": pyotp.TOTP(ALICE_TOTP_SECRET).now(),
+    }
     async with s.post(authorize.split("?")[0], data=form, allow_redirects=False) as r:
         assert r.status == 302, await r.text()
         cb = urlsplit(r.headers["Location"])
     sent = time.monotonic()
-    async with s.get(f"{base}{cb.path}?{cb.query}", headers=HTML,
-                     allow_redirects=False) as r:
+    async with s.get(f"{base}{cb.path}?{cb.query}", headers=HTML, allow_redirects=False) as r:
         assert r.status == 303, await r.text()
     return sent
 
@@ -114,8 +125,15 @@ class Tally:
         return self.regranted_at is None or answered_at < self.regranted_at
 
 
-async def worker(stack: Stack, i: int, until: float, tally: Tally, alice: aiohttp.ClientSession,
-                 anon: aiohttp.ClientSession, bob_token: str) -> None:
+async def worker(
+    stack: Stack,
+    i: int,
+    until: float,
+    tally: Tally,
+    alice: aiohttp.ClientSession,
+    anon: aiohttp.ClientSession,
+    bob_token: str,
+) -> None:
     base = stack.envoy_url
     kinds = ("grant", "no-grant", "no-token", "public")
     n = i
@@ -127,13 +145,15 @@ async def worker(stack: Stack, i: int, until: float, tally: Tally, alice: aiohtt
             if kind == "grant":
                 resp = await alice.get(base + SENSITIVE, headers=JSON, allow_redirects=False)
             elif kind == "no-grant":
-                resp = await anon.get(base + SENSITIVE, allow_redirects=False,
-                                      headers={**JSON, "Authorization": f"Bearer {bob_token}"})
+                resp = await anon.get(
+                    base + SENSITIVE,
+                    allow_redirects=False,
+                    headers={**JSON, "Authorization": f"Bearer {bob_token}"},
+                )
             elif kind == "no-token":
                 resp = await anon.get(base + SENSITIVE, headers=JSON, allow_redirects=False)
             else:
-                resp = await anon.get(base + "/public/info", headers=JSON,
-                                      allow_redirects=False)
+                resp = await anon.get(base + "/public/info", headers=JSON, allow_redirects=False)
             async with resp:
                 await resp.read()
                 status, headers = resp.status, resp.headers
@@ -147,10 +167,13 @@ async def worker(stack: Stack, i: int, until: float, tally: Tally, alice: aiohtt
             tally.fail_opens.append(f"{kind} at {sent_at:.3f}")
         answered_at = time.monotonic()
         if status == 200 and kind == "grant" and tally.grant_absent(sent_at, answered_at):
-            tally.fail_opens.append(f"grant lost at {tally.lost_at:.3f}, allowed: sent "
-                                    f"{sent_at:.3f}, answered {answered_at:.3f}")
+            tally.fail_opens.append(
+                f"grant lost at {tally.lost_at:.3f}, allowed: sent "
+                f"{sent_at:.3f}, answered {answered_at:.3f}"
+            )
         if status == 401 and "insufficient_user_authentication" in headers.get(
-                "WWW-Authenticate", ""):
+            "WWW-Authenticate", ""
+        ):
             tally.challenge_ids.add(headers["x-stepup-decision-id"])
 
 
@@ -167,18 +190,24 @@ async def scrape(url: str) -> dict[str, float]:
 async def test_soak(stack: Stack) -> None:
     pid = stack.pid("service")
     assert pid is not None
-    alice_token, bob_token = await password_token(stack, "alice"), await password_token(
-        stack, "bob")
+    alice_token, bob_token = (
+        await password_token(stack, "alice"),
+        await password_token(stack, "bob"),
+    )
     jar = aiohttp.CookieJar(unsafe=True)  # cookies for an IP-address host
     jar.update_cookies({"stepup_token": alice_token}, URL(stack.envoy_url))
     tally = Tally()
-    async with aiohttp.ClientSession(cookie_jar=jar, connector=aiohttp.TCPConnector(limit=64)) \
-            as alice, aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as anon:
+    async with (
+        aiohttp.ClientSession(cookie_jar=jar, connector=aiohttp.TCPConnector(limit=64)) as alice,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as anon,
+    ):
         await step_up(stack, alice)
         started = time.monotonic()
         until = started + SOAK_SECONDS
-        workers = [asyncio.ensure_future(worker(stack, i, until, tally, alice, anon, bob_token))
-                   for i in range(WORKERS)]
+        workers = [
+            asyncio.ensure_future(worker(stack, i, until, tally, alice, anon, bob_token))
+            for i in range(WORKERS)
+        ]
         warm = min(10.0, SOAK_SECONDS / 6)
         await asyncio.sleep(warm)
         rss_start = rss_kb(pid)
@@ -218,15 +247,17 @@ async def test_soak(stack: Stack) -> None:
     tracebacks = log.count("Traceback") + log.count("check failed")
     peak = max(rss_samples)
     total = sum(tally.sent.values())
-    print(f"\nSOAK seconds={SOAK_SECONDS:.0f} requests={total} rps={total / SOAK_SECONDS:.0f} "
-          f"by_kind={dict(tally.sent)} statuses={dict(sorted(tally.statuses.items()))} "
-          f"fail_opens={len(tally.fail_opens)} client_errors={dict(tally.errors)} "
-          f"redis_restart_recovery_s={recovery:.2f} tracebacks={tracebacks} "
-          f"rss_start_mb={rss_start / 1024:.1f} rss_peak_mb={peak / 1024:.1f} "
-          f"rss_end_mb={rss_end / 1024:.1f} rss_bound_mb={rss_start / 1024 + RSS_BOUND_MB:.1f} "
-          f"challenges_seen={len(tally.challenge_ids)} challenges_counted={counted:.0f} "
-          f"challenges_archived={len(archived_challenges)} audit_records_lost={lost} "
-          f"audit_dropped={metrics.get('stepup_authz_audit_dropped_total', 0):.0f}")
+    print(
+        f"\nSOAK seconds={SOAK_SECONDS:.0f} requests={total} rps={total / SOAK_SECONDS:.0f} "
+        f"by_kind={dict(tally.sent)} statuses={dict(sorted(tally.statuses.items()))} "
+        f"fail_opens={len(tally.fail_opens)} client_errors={dict(tally.errors)} "
+        f"redis_restart_recovery_s={recovery:.2f} tracebacks={tracebacks} "
+        f"rss_start_mb={rss_start / 1024:.1f} rss_peak_mb={peak / 1024:.1f} "
+        f"rss_end_mb={rss_end / 1024:.1f} rss_bound_mb={rss_start / 1024 + RSS_BOUND_MB:.1f} "
+        f"challenges_seen={len(tally.challenge_ids)} challenges_counted={counted:.0f} "
+        f"challenges_archived={len(archived_challenges)} audit_records_lost={lost} "
+        f"audit_dropped={metrics.get('stepup_authz_audit_dropped_total', 0):.0f}"
+    )
     assert restarted
     assert tally.fail_opens == [], tally.fail_opens[:10]
     assert tracebacks == 0, log[-3000:]

@@ -23,9 +23,9 @@ from authz.errors import RequestError
         ("/public/../accounts/1", "/accounts/1", ""),
         ("/./accounts/./1", "/accounts/1", ""),
         ("/a/b/../../../accounts/1", "/accounts/1", ""),
-        ("/%61ccounts/1", "/accounts/1", ""),       # unreserved percent-decoded
+        ("/%61ccounts/1", "/accounts/1", ""),  # unreserved percent-decoded
         ("/accounts/%7e", "/accounts/~", ""),
-        ("/a%20b", "/a%20b", ""),                   # reserved stays encoded, upper-cased
+        ("/a%20b", "/a%20b", ""),  # reserved stays encoded, upper-cased
         ("/a%2a", "/a%2A", ""),
         ("/accounts/", "/accounts/", ""),
         ("/accounts/1/.", "/accounts/1/", ""),
@@ -41,17 +41,17 @@ def test_canonical_paths(raw: str, path: str, query: str) -> None:
 @pytest.mark.parametrize(
     "raw",
     [
-        "accounts/1",          # not absolute
-        "/accounts%2F1",       # encoded slash
+        "accounts/1",  # not absolute
+        "/accounts%2F1",  # encoded slash
         "/accounts%2f1",
-        "/accounts%5C1",       # encoded backslash
-        "/accounts\\1",        # raw backslash
-        "/a/..;/accounts",     # servlet path-parameter trick
-        "/a%zz",               # bad percent-encoding
+        "/accounts%5C1",  # encoded backslash
+        "/accounts\\1",  # raw backslash
+        "/a/..;/accounts",  # servlet path-parameter trick
+        "/a%zz",  # bad percent-encoding
         "/a%2",
-        "/a\tb",               # control character
-        "/a%00b",              # encoded NUL
-        "/caf\u00e9",          # non-ASCII
+        "/a\tb",  # control character
+        "/a%00b",  # encoded NUL
+        "/caf\u00e9",  # non-ASCII
         "/a b",
     ],
 )

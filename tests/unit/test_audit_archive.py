@@ -60,8 +60,9 @@ def test_one_writer_per_archive(tmp_path: Path) -> None:
 
 def test_rotation_by_size_and_age_seals_read_only_segments(tmp_path: Path) -> None:
     now = [1_700_000_000.0]
-    w = ArchiveWriter(tmp_path, KEY, max_bytes=1 << 20, max_age_s=60, checkpoint_every=1000,
-                      clock=lambda: now[0])
+    w = ArchiveWriter(
+        tmp_path, KEY, max_bytes=1 << 20, max_age_s=60, checkpoint_every=1000, clock=lambda: now[0]
+    )
     w.open()
     w.append([("1-0", sample_event(0).to_record())])
     now[0] += 61
@@ -78,8 +79,10 @@ def test_export_filters_sorts_and_writes_csv(tmp_path: Path) -> None:
     sample_archive(tmp_path, KEY, 30)
     since = 1_700_000_000_000 + 5_000
     until = 1_700_000_000_000 + 25_000
-    recs, _ = select([tmp_path], Filter(since_ms=since, until_ms=until,
-                                        users=frozenset({"https://idp.example|user1"})))
+    recs, _ = select(
+        [tmp_path],
+        Filter(since_ms=since, until_ms=until, users=frozenset({"https://idp.example|user1"})),
+    )
     assert [r["seq"] for r in recs] == [i + 1 for i in range(5, 25) if i % 3 == 1]
     recs, _ = select([tmp_path], Filter(types=frozenset({"access.allowed"})))
     assert len(recs) == 7 and all(r["type"] == "access.allowed" for r in recs)
@@ -92,8 +95,13 @@ def test_export_filters_sorts_and_writes_csv(tmp_path: Path) -> None:
 
 
 def test_csv_escapes_controls_and_formulas() -> None:
-    rec = {"seq": 1, "ts_ms": 0, "type": "access.denied", "device": "=HYPERLINK(\"x\")\n",
-           "route": "GET h /a\x1b[31m"}
+    rec = {
+        "seq": 1,
+        "ts_ms": 0,
+        "type": "access.denied",
+        "device": '=HYPERLINK("x")\n',
+        "route": "GET h /a\x1b[31m",
+    }
     out = io.StringIO()
     write_csv([rec], out)
     text = out.getvalue()
@@ -113,17 +121,30 @@ def test_export_refuses_a_broken_archive(tmp_path: Path) -> None:
     assert not report.ok and len(recs) == 10
 
 
-def test_cli_export_jsonl_is_complete_and_sorted(tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_export_jsonl_is_complete_and_sorted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     sample_archive(tmp_path / "a", KEY, 20)
-    rc = audit_main(["audit", "export", str(tmp_path / "a"), "--since",
-                     "2023-11-14T22:13:25Z", "--type", "stepup.challenge,stepup.completed"])
+    rc = audit_main(
+        [
+            "audit",
+            "export",
+            str(tmp_path / "a"),
+            "--since",
+            "2023-11-14T22:13:25Z",
+            "--type",
+            "stepup.challenge,stepup.completed",
+        ]
+    )
     assert rc == 0
     out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert {r["type"] for r in out} == {"stepup.challenge", "stepup.completed"}
     assert all(r["ts_ms"] >= parse_time("2023-11-14T22:13:25Z") for r in out)
-    expected = [i + 1 for i in range(20) if i % 4 in (0, 1)
-                and 1_700_000_000_000 + i * 1000 >= parse_time("2023-11-14T22:13:25Z")]
+    expected = [
+        i + 1
+        for i in range(20)
+        if i % 4 in (0, 1) and 1_700_000_000_000 + i * 1000 >= parse_time("2023-11-14T22:13:25Z")
+    ]
     assert [r["seq"] for r in out] == expected and expected
 
 

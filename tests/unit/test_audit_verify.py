@@ -65,7 +65,8 @@ def test_chain_and_checkpoint_sign_and_verify() -> None:
     assert checkpoint_signature_ok({**cp, "seq": 3}, KEYS) == "bad signature"
     other = SigningKey.generate()
     assert "unknown key id" in checkpoint_signature_ok(
-        other.checkpoint(segment="s", seq=1, hash_="h", ts_ms=1), KEYS)
+        other.checkpoint(segment="s", seq=1, hash_="h", ts_ms=1), KEYS
+    )
 
 
 def test_public_keys_load_from_pem_files(tmp_path: Path) -> None:
@@ -103,8 +104,7 @@ def test_edit_a_field(archive: Path) -> None:
     assert r.error.record_id == doc["event_id"] and r.error.seq == doc["seq"]
 
 
-def test_edit_a_field_and_recompute_the_whole_chain_is_caught_by_signatures(
-        archive: Path) -> None:
+def test_edit_a_field_and_recompute_the_whole_chain_is_caught_by_signatures(archive: Path) -> None:
     """SHA-256 is keyless: a rewritten chain is consistent, but its checkpoints are not."""
     prev = GENESIS
     for seg in segs(archive):
@@ -225,8 +225,9 @@ def test_forged_checkpoint_signature(archive: Path) -> None:
     doc = json.loads(ls[i])
     assert doc["kind"] == "checkpoint"
     forger = SigningKey(KEY.private_key, KEY.key_id)  # same id, wrong key below
-    forged = SigningKey.generate().checkpoint(segment=doc["segment"], seq=doc["seq"],
-                                              hash_=doc["hash"], ts_ms=doc["ts_ms"])
+    forged = SigningKey.generate().checkpoint(
+        segment=doc["segment"], seq=doc["seq"], hash_=doc["hash"], ts_ms=doc["ts_ms"]
+    )
     forged["key_id"] = forger.key_id
     ls[i] = canonical_bytes(forged)
     put(seg, ls)
@@ -246,8 +247,9 @@ def test_tail_cut_is_caught_by_the_anchor(archive: Path) -> None:
     assert r.error is not None and r.error.kind == "truncated"
 
 
-def test_cli_verify_exit_codes(archive: Path, tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_verify_exit_codes(
+    archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     pub = tmp_path / "k.pub.pem"
     pub.write_bytes(KEY.public_pem())
     assert audit_main(["audit", "verify", str(archive), "--pubkey", str(pub)]) == 0
@@ -265,13 +267,13 @@ def test_cli_verify_exit_codes(archive: Path, tmp_path: Path,
 
 
 _KEYS = st.text(alphabet='abcdefghijklmnopqrstuvwxyz_"\\\x7f\u00e9', min_size=1, max_size=12)
-_SCALARS = st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.text(max_size=30)
+_SCALARS = st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.text(max_size=30)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(_KEYS, _SCALARS, max_size=12), st.integers(1, 2**40))
 @example({"i\x7f": 1, "a": "x"}, 1)
-@example({"i\u00e9\"": "\x7f", "hash": "forged"}, 2)
+@example({'i\u00e9"': "\x7f", "hash": "forged"}, 2)
 @example({"zz": None}, 3)
 def test_chain_line_is_the_canonical_chained_record(record: dict[str, Any], seq: int) -> None:
     """The archive's one-encoding splice writes exactly the canonical bytes of the chained
@@ -279,7 +281,8 @@ def test_chain_line_is_the_canonical_chained_record(record: dict[str, Any], seq:
     record = {k: v for k, v in record.items() if k not in ARCHIVE_FIELDS - {"hash"}}
     prev = "ab" * 32
     line, digest = chain_line(record, seq=seq, stream_id="1-0", prev_hash=prev)
-    expected = chain_record({k: v for k, v in record.items() if k != "hash"}, seq=seq,
-                            stream_id="1-0", prev_hash=prev)
+    expected = chain_record(
+        {k: v for k, v in record.items() if k != "hash"}, seq=seq, stream_id="1-0", prev_hash=prev
+    )
     assert digest == expected["hash"]
     assert line == canonical_bytes(expected)

@@ -77,8 +77,9 @@ def test_parse_wrk_refuses_output_without_latency_distribution() -> None:
         parse_wrk("unable to connect to 127.0.0.1:1 Connection refused\n")
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("12.5us", 12.5e-6), ("3ms", 3e-3), ("1.00s", 1.0), ("2.00m", 120.0)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("12.5us", 12.5e-6), ("3ms", 3e-3), ("1.00s", 1.0), ("2.00m", 120.0)]
+)
 def test_wrk_duration_units(text: str, seconds: float) -> None:
     assert wrk_duration_s(text) == pytest.approx(seconds)
 
@@ -89,8 +90,9 @@ def test_wrk_duration_rejects_garbage() -> None:
 
 
 def test_parse_h2load_log_skips_blank_lines_and_extra_columns() -> None:
-    text = "1700000000000000\t200\t512\n\n1700000000000500\t401\t900\textra\n" \
-           "1700000000001000\t-1\t0\n"
+    text = (
+        "1700000000000000\t200\t512\n\n1700000000000500\t401\t900\textra\n1700000000001000\t-1\t0\n"
+    )
     rows = parse_h2load_log(text)
     assert [(r.status, r.latency_us) for r in rows] == [(200, 512), (401, 900), (-1, 0)]
     assert rows[1].start_us == 1700000000000500
@@ -127,11 +129,16 @@ def test_proc_cpu_ticks_handles_spaces_and_parens_in_the_command_name() -> None:
 
 
 def test_parse_envoy_stats_keeps_counters_and_skips_histograms() -> None:
-    text = ("http.edge.downstream_rq_2xx: 120\nhttp.edge.ext_authz.ok: 118\n"
-            "http.edge.downstream_rq_time: P0(nan,0) P25(nan,1)\nhttp.edge.gauge: -3\n")
+    text = (
+        "http.edge.downstream_rq_2xx: 120\nhttp.edge.ext_authz.ok: 118\n"
+        "http.edge.downstream_rq_time: P0(nan,0) P25(nan,1)\nhttp.edge.gauge: -3\n"
+    )
     stats = parse_envoy_stats(text)
-    assert stats == {"http.edge.downstream_rq_2xx": 120, "http.edge.ext_authz.ok": 118,
-                     "http.edge.gauge": -3}
+    assert stats == {
+        "http.edge.downstream_rq_2xx": 120,
+        "http.edge.ext_authz.ok": 118,
+        "http.edge.gauge": -3,
+    }
     assert delta({"a": 5, "b": 2}, {"a": 3}) == {"a": 2, "b": 2}
 
 
@@ -151,15 +158,28 @@ def test_parse_prometheus_selects_one_metric_by_exact_name() -> None:
 
 
 def _run(sid: str, conc: int, rps: float, p99: float, **kw: Any) -> dict[str, Any]:
-    return {"scenario": sid, "concurrency": conc, "rps": rps, "p50_ms": p99 / 4,
-            "p90_ms": p99 / 2, "p99_ms": p99, "requests": int(rps), "errors": 0,
-            "unexpected": 0, "cpu_ms_per_req": kw.get("cpu", {"envoy": 0.01})}
+    return {
+        "scenario": sid,
+        "concurrency": conc,
+        "rps": rps,
+        "p50_ms": p99 / 4,
+        "p90_ms": p99 / 2,
+        "p99_ms": p99,
+        "requests": int(rps),
+        "errors": 0,
+        "unexpected": 0,
+        "cpu_ms_per_req": kw.get("cpu", {"envoy": 0.01}),
+    }
 
 
 def test_summarize_takes_medians_over_reps_and_ratios_at_the_same_concurrency() -> None:
     runs = [
-        _run("0", 8, 70000, 0.2), _run("0", 8, 80000, 0.3), _run("0", 8, 75000, 0.4),
-        _run("1", 8, 20000, 0.5), _run("1", 8, 25000, 0.6), _run("1", 8, 30000, 0.7),
+        _run("0", 8, 70000, 0.2),
+        _run("0", 8, 80000, 0.3),
+        _run("0", 8, 75000, 0.4),
+        _run("1", 8, 20000, 0.5),
+        _run("1", 8, 25000, 0.6),
+        _run("1", 8, 30000, 0.7),
         _run("2", 8, 3000, 4.0, cpu={"envoy": 0.1, "service": 0.4}),
         _run("2", 8, 2000, 9.0, cpu={"envoy": 0.2, "service": 0.3}),
         _run("2", 8, 2500, 5.0, cpu={"envoy": 0.3, "service": 0.5}),
@@ -177,15 +197,24 @@ def test_summarize_takes_medians_over_reps_and_ratios_at_the_same_concurrency() 
     # no scenario 0 at concurrency 32 in this run: no ratio rather than a wrong one
     assert rows[("2", 32)]["rps_vs_0"] is None
     assert [(r["scenario"], r["concurrency"]) for r in summarize(runs)] == [
-        ("0", 8), ("1", 8), ("2", 8), ("2", 32)]
+        ("0", 8),
+        ("1", 8),
+        ("2", 8),
+        ("2", 32),
+    ]
 
 
 def test_markdown_renders_every_row_and_marks_missing_values() -> None:
     runs = [_run("0", 1, 18000, 0.19), _run("2", 1, 1300, 2.1, cpu={"service": 0.5})]
     doc = {
-        "meta": {"started": "T", "host": {"cpus": 2, "cpu_model": "cpu"},
-                 "versions": {"envoy": "1.40.0", "python": "3.11"}, "mode": "quick",
-                 "reps": 1, "duration_s": 2.0},
+        "meta": {
+            "started": "T",
+            "host": {"cpus": 2, "cpu_model": "cpu"},
+            "versions": {"envoy": "1.40.0", "python": "3.11"},
+            "mode": "quick",
+            "reps": 1,
+            "duration_s": 2.0,
+        },
         "scenarios": [{"id": "0", "title": "ceiling"}, {"id": "2", "title": "allow"}],
         "summary": summarize(runs),
         "skipped": [{"id": "5", "title": "http", "reason": "not yet"}],
@@ -205,9 +234,19 @@ def test_system_busy_ticks_excludes_idle_and_iowait() -> None:
 
 
 def test_audit_ratio_pairs_scenario_4_with_scenario_2_per_repetition() -> None:
-    runs = [{**_run(sid, 32, rps, 1.0), "rep": rep} for sid, rep, rps in [
-        ("2", 0, 2000), ("4", 0, 1800), ("2", 1, 2200), ("4", 1, 1700),
-        ("2", 2, 2100), ("4", 2, 1900), ("2", -1, 99), ("4", -1, 1)]]  # rep -1: warm-up
+    runs = [
+        {**_run(sid, 32, rps, 1.0), "rep": rep}
+        for sid, rep, rps in [
+            ("2", 0, 2000),
+            ("4", 0, 1800),
+            ("2", 1, 2200),
+            ("4", 1, 1700),
+            ("2", 2, 2100),
+            ("4", 2, 1900),
+            ("2", -1, 99),
+            ("4", -1, 1),
+        ]
+    ]  # rep -1: warm-up
     runs.append({**_run("2", 8, 1000, 1.0), "rep": 0})  # no scenario 4 at 8: no row
     (row,) = audit_ratios(runs)
     assert row["concurrency"] == 32

@@ -48,22 +48,46 @@ def explain(tmp_path: Path, request: dict[str, object], *, as_json: bool = True)
     assert main([*args, "--json"] if as_json else args) == 0
 
 
-BASE = {"method": "GET", "host": "app.test", "path": "/accounts/1", "source_ip": "10.0.0.1",
-        "now": NOW,
-        "claims": {"iss": "https://idp", "sub": "alice", "sid": "s1", "acr": "pwd",
-                   "amr": ["pwd"], "auth_time": NOW - 60, "iat": NOW - 60}}
+BASE = {
+    "method": "GET",
+    "host": "app.test",
+    "path": "/accounts/1",
+    "source_ip": "10.0.0.1",
+    "now": NOW,
+    "claims": {
+        "iss": "https://idp",
+        "sub": "alice",
+        "sid": "s1",
+        "acr": "pwd",
+        "amr": ["pwd"],
+        "auth_time": NOW - 60,
+        "iat": NOW - 60,
+    },
+}
 
 
-def run(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: dict[str, object],
-        *, as_json: bool = True) -> str:
+def run(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: dict[str, object],
+    *,
+    as_json: bool = True,
+) -> str:
     explain(tmp_path, {**BASE, **extra}, as_json=as_json)
     return capsys.readouterr().out
 
 
 def test_explain_step_up_and_signals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = json.loads(run(tmp_path, capsys, {
-        "device": {"id": "laptop", "source": "cookie"},
-        "state": {"device_known": False, "velocity": 11}}))
+    out = json.loads(
+        run(
+            tmp_path,
+            capsys,
+            {
+                "device": {"id": "laptop", "source": "cookie"},
+                "state": {"device_known": False, "velocity": 11},
+            },
+        )
+    )
     assert out["decision"] == "step_up" and out["level"] == "elevated"
     assert out["signals"] == ["new-device", "velocity"]
     assert out["fired"] == ["new-device"] and out["shadow"] == ["fast"]
@@ -72,9 +96,23 @@ def test_explain_step_up_and_signals(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_explain_grant_allows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = json.loads(run(tmp_path, capsys, {"grants": [
-        {"level": "elevated", "acr": "mfa", "amr": ["otp"], "auth_time": NOW - 30,
-         "expires_at": NOW + 870}]}))
+    out = json.loads(
+        run(
+            tmp_path,
+            capsys,
+            {
+                "grants": [
+                    {
+                        "level": "elevated",
+                        "acr": "mfa",
+                        "amr": ["otp"],
+                        "auth_time": NOW - 30,
+                        "expires_at": NOW + 870,
+                    }
+                ]
+            },
+        )
+    )
     assert (out["decision"], out["reason"]) == ("allow", "allowed")
 
 
@@ -85,8 +123,9 @@ def test_explain_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "signals:  no-device, velocity" in text
 
 
-def test_explain_refuses_a_bad_request_file(tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_explain_refuses_a_bad_request_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     req = tmp_path / "req.json"

@@ -64,10 +64,21 @@ def test_tampering_fails(position: int) -> None:
     assert c.decrypt(forged, CTX) is None
 
 
-@pytest.mark.parametrize("token", [
-    "", "garbage", "v1.a", "v1.a.", "v1.a.!!!!", "v2.a.AAAA", "v1.a.AAAA", "v1.a.b.c",
-    "{\"v\":1}", "v1.a." + "A" * 40,
-])
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "garbage",
+        "v1.a",
+        "v1.a.",
+        "v1.a.!!!!",
+        "v2.a.AAAA",
+        "v1.a.AAAA",
+        "v1.a.b.c",
+        '{"v":1}',
+        "v1.a." + "A" * 40,
+    ],
+)
 def test_malformed_values_are_none(token: str) -> None:
     assert ring().decrypt(token, CTX) is None
     assert ring().decrypt(b"\xff\xfe" + token.encode(), CTX) is None
@@ -114,7 +125,8 @@ def test_previous_fingerprint_is_the_old_active_one() -> None:
     old = FieldCipher({"a": A}, "a")
     rotated = ring(active="b", previous="a")
     assert rotated.previous_fingerprint("ip", "u", "192.0.2.1") == old.fingerprint(
-        "ip", "u", "192.0.2.1")
+        "ip", "u", "192.0.2.1"
+    )
     assert rotated.fingerprint("ip", "u", "192.0.2.1") != old.fingerprint("ip", "u", "192.0.2.1")
 
 
@@ -195,13 +207,15 @@ def test_settings_file_resolves_key_paths(tmp_path: Path) -> None:
     (tmp_path / "settings.yaml").write_text(
         "policy_file: policy.yaml\n"
         "oidc: {issuer: 'https://idp.example', client_id: c, audience: a}\n"
-        "crypto: {keys: {'2025-06': keys/2025-06}, active_kid: '2025-06', require: true}\n")
+        "crypto: {keys: {'2025-06': keys/2025-06}, active_kid: '2025-06', require: true}\n"
+    )
     s = load_settings(tmp_path / "settings.yaml", env={})
     assert s.crypto.keys == {"2025-06": tmp_path / "keys" / "2025-06"}
     assert cipher_from_settings(s.crypto).active_kid == "2025-06"
     (tmp_path / "settings.yaml").write_text(
         "policy_file: policy.yaml\n"
         "oidc: {issuer: 'https://idp.example', client_id: c, audience: a}\n"
-        "crypto: {require: true}\n")
+        "crypto: {require: true}\n"
+    )
     with pytest.raises(ConfigError, match="require"):
         load_settings(tmp_path / "settings.yaml", env={})

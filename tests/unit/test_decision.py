@@ -23,8 +23,12 @@ POLICY_DOC = {
     },
     "routes": [
         {"path": "/", "level": "public"},
-        {"host": "trading.example.com", "path_prefix": "/accounts/", "methods": ["GET"],
-         "level": "elevated"},
+        {
+            "host": "trading.example.com",
+            "path_prefix": "/accounts/",
+            "methods": ["GET"],
+            "level": "elevated",
+        },
         {"path_prefix": "/wires/", "methods": ["POST", "PUT"], "level": "high"},
         {"path_regex": "^/clients/[0-9]+$", "level": "elevated"},
         {"host": "*.internal.example.com", "level": "high"},
@@ -32,8 +36,11 @@ POLICY_DOC = {
     "default_level": "standard",
     "rules": [
         {"name": "blocked", "when": {"ip_in": ["198.51.100.0/24"]}, "deny": "ip-blocked"},
-        {"name": "offsite", "when": {"ip_not_in": ["10.0.0.0/8", "127.0.0.0/8"]},
-         "raise_to": "elevated"},
+        {
+            "name": "offsite",
+            "when": {"ip_not_in": ["10.0.0.0/8", "127.0.0.0/8"]},
+            "raise_to": "elevated",
+        },
     ],
 }
 
@@ -43,22 +50,38 @@ def policy() -> Policy:
     return load_policy(POLICY_DOC)
 
 
-def attrs(path: str = "/accounts/1", *, method: str = "GET", host: str = "trading.example.com",
-          ip: str = "10.1.2.3", ctx: dict[str, str] | None = None) -> RequestAttributes:
+def attrs(
+    path: str = "/accounts/1",
+    *,
+    method: str = "GET",
+    host: str = "trading.example.com",
+    ip: str = "10.1.2.3",
+    ctx: dict[str, str] | None = None,
+) -> RequestAttributes:
     return RequestAttributes(
-        method=method, scheme="https", host=host, path=path, query="",
-        headers=MappingProxyType({}), source_ip=ipaddress.ip_address(ip),
+        method=method,
+        scheme="https",
+        host=host,
+        path=path,
+        query="",
+        headers=MappingProxyType({}),
+        source_ip=ipaddress.ip_address(ip),
         context_extensions=MappingProxyType(ctx or {}),
     )
 
 
-def ident(acr: str | None = "pwd", amr: tuple[str, ...] = ("pwd",),
-          auth_time: int | None = NOW - 3600) -> Identity:
+def ident(
+    acr: str | None = "pwd", amr: tuple[str, ...] = ("pwd",), auth_time: int | None = NOW - 3600
+) -> Identity:
     return Identity("https://idp", "alice", "sid-1", Evidence(acr, amr, auth_time), NOW + 600)
 
 
-def grant(acr: str = "mfa", auth_time: int = NOW - 60, expires_at: int = NOW + 600,
-          amr: tuple[str, ...] = ("pwd", "otp")) -> Grant:
+def grant(
+    acr: str = "mfa",
+    auth_time: int = NOW - 60,
+    expires_at: int = NOW + 600,
+    amr: tuple[str, ...] = ("pwd", "otp"),
+) -> Grant:
     return Grant("elevated", Evidence(acr, amr, auth_time), expires_at, auth_time)
 
 
@@ -74,14 +97,25 @@ def grant(acr: str = "mfa", auth_time: int = NOW - 60, expires_at: int = NOW + 6
         (attrs(), ident(), (), Outcome.STEP_UP, "acr-insufficient", "elevated"),
         (attrs(), ident(), (grant(),), Outcome.ALLOW, "allowed", "elevated"),
         # the token's own acr/auth_time satisfy: no grant needed
-        (attrs(), ident("mfa", ("pwd", "otp"), NOW - 10), (), Outcome.ALLOW, "allowed",
-         "elevated"),
+        (attrs(), ident("mfa", ("pwd", "otp"), NOW - 10), (), Outcome.ALLOW, "allowed", "elevated"),
         # the token's mfa is too old -> auth-too-old
-        (attrs(), ident("mfa", ("otp",), NOW - 901), (), Outcome.STEP_UP, "auth-too-old",
-         "elevated"),
+        (
+            attrs(),
+            ident("mfa", ("otp",), NOW - 901),
+            (),
+            Outcome.STEP_UP,
+            "auth-too-old",
+            "elevated",
+        ),
         # an expired grant is ignored
-        (attrs(), ident(), (grant(expires_at=NOW),), Outcome.STEP_UP, "acr-insufficient",
-         "elevated"),
+        (
+            attrs(),
+            ident(),
+            (grant(expires_at=NOW),),
+            Outcome.STEP_UP,
+            "acr-insufficient",
+            "elevated",
+        ),
         # a grant with a weaker acr does not satisfy
         (attrs(), ident(), (grant(acr="pwd"),), Outcome.STEP_UP, "acr-insufficient", "elevated"),
         # route's method filter: POST /accounts on trading host is not the GET route
@@ -89,37 +123,90 @@ def grant(acr: str = "mfa", auth_time: int = NOW - 60, expires_at: int = NOW + 6
         # host must match: other host, same path -> default level
         (attrs(host="other.example.com"), ident(), (), Outcome.ALLOW, "allowed", "standard"),
         # high needs phr + hwk/fido amr: mfa grant is not enough
-        (attrs("/wires/1", method="POST"), ident(), (grant(),), Outcome.STEP_UP,
-         "acr-insufficient", "high"),
-        (attrs("/wires/1", method="POST"),
-         ident("phr", ("hwk",), NOW - 100), (), Outcome.ALLOW, "allowed", "high"),
-        (attrs("/wires/1", method="POST"),
-         ident("phr", ("otp",), NOW - 100), (), Outcome.STEP_UP, "acr-insufficient", "high"),
+        (
+            attrs("/wires/1", method="POST"),
+            ident(),
+            (grant(),),
+            Outcome.STEP_UP,
+            "acr-insufficient",
+            "high",
+        ),
+        (
+            attrs("/wires/1", method="POST"),
+            ident("phr", ("hwk",), NOW - 100),
+            (),
+            Outcome.ALLOW,
+            "allowed",
+            "high",
+        ),
+        (
+            attrs("/wires/1", method="POST"),
+            ident("phr", ("otp",), NOW - 100),
+            (),
+            Outcome.STEP_UP,
+            "acr-insufficient",
+            "high",
+        ),
         # regex route
         (attrs("/clients/42"), ident(), (), Outcome.STEP_UP, "acr-insufficient", "elevated"),
         (attrs("/clients/42/x"), ident(), (), Outcome.ALLOW, "allowed", "standard"),
         # wildcard host
-        (attrs("/x", host="db.internal.example.com"), ident(), (), Outcome.STEP_UP,
-         "acr-insufficient", "high"),
-        (attrs("/x", host="internal.example.com"), ident(), (), Outcome.ALLOW, "allowed",
-         "standard"),
+        (
+            attrs("/x", host="db.internal.example.com"),
+            ident(),
+            (),
+            Outcome.STEP_UP,
+            "acr-insufficient",
+            "high",
+        ),
+        (
+            attrs("/x", host="internal.example.com"),
+            ident(),
+            (),
+            Outcome.ALLOW,
+            "allowed",
+            "standard",
+        ),
         # rules: deny beats everything, raise_to raises
         (attrs("/", ip="198.51.100.7"), ident(), (), Outcome.DENY, "ip-blocked", "public"),
-        (attrs("/news", ip="203.0.113.5"), ident(), (), Outcome.STEP_UP, "acr-insufficient",
-         "elevated"),
+        (
+            attrs("/news", ip="203.0.113.5"),
+            ident(),
+            (),
+            Outcome.STEP_UP,
+            "acr-insufficient",
+            "elevated",
+        ),
         # context extensions raise...
-        (attrs("/news", ctx={"stepup_level": "high"}), ident(), (), Outcome.STEP_UP,
-         "acr-insufficient", "high"),
+        (
+            attrs("/news", ctx={"stepup_level": "high"}),
+            ident(),
+            (),
+            Outcome.STEP_UP,
+            "acr-insufficient",
+            "high",
+        ),
         # ...but never lower
-        (attrs(ctx={"stepup_level": "public"}), ident(), (), Outcome.STEP_UP,
-         "acr-insufficient", "elevated"),
+        (
+            attrs(ctx={"stepup_level": "public"}),
+            ident(),
+            (),
+            Outcome.STEP_UP,
+            "acr-insufficient",
+            "elevated",
+        ),
         # an unknown context level is a deny (configuration drift)
         (attrs(ctx={"stepup_level": "ultra"}), ident(), (), Outcome.DENY, "unknown-level", None),
     ],
 )
 def test_decision_table(
-    policy: Policy, request_: RequestAttributes, identity: Identity | None,
-    grants: tuple[Grant, ...], outcome: Outcome, reason: str, level: str | None,
+    policy: Policy,
+    request_: RequestAttributes,
+    identity: Identity | None,
+    grants: tuple[Grant, ...],
+    outcome: Outcome,
+    reason: str,
+    level: str | None,
 ) -> None:
     d = decide(policy, request_, identity, UserState(grants=grants), NOW)
     assert (d.outcome, str(d.reason)) == (outcome, reason)
@@ -156,11 +243,11 @@ MFA = frozenset({"mfa"})
 @pytest.mark.parametrize(
     ("age", "leeway", "ok"),
     [
-        (899, 0, True),     # now - 1 s before the limit
-        (900, 0, True),     # exactly max_age: still fresh (OIDC: elapsed <= max_age)
-        (901, 0, False),    # one second past
-        (930, 30, True),    # at the edge of the leeway
-        (931, 30, False),   # past the leeway
+        (899, 0, True),  # now - 1 s before the limit
+        (900, 0, True),  # exactly max_age: still fresh (OIDC: elapsed <= max_age)
+        (901, 0, False),  # one second past
+        (930, 30, True),  # at the edge of the leeway
+        (931, 30, False),  # past the leeway
     ],
 )
 def test_max_age_boundaries(age: int, leeway: int, ok: bool) -> None:
@@ -185,7 +272,6 @@ def test_missing_auth_time_fails_a_max_age_level() -> None:
     assert satisfies(ev, acr=MFA, amr_any=frozenset(), max_age=None, now=NOW, leeway=0)
 
 
-@pytest.mark.parametrize(("expires_at", "live"), [(NOW - 1, False), (NOW, False),
-                                                   (NOW + 1, True)])
+@pytest.mark.parametrize(("expires_at", "live"), [(NOW - 1, False), (NOW, False), (NOW + 1, True)])
 def test_grant_expiry_boundary(expires_at: int, live: bool) -> None:
     assert grant(expires_at=expires_at).is_live(NOW) is live

@@ -32,20 +32,35 @@ def cert_pem(uri: str | None = None) -> str:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "laptop")])
     now = dt.datetime.now(dt.UTC)
-    b = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-         .public_key(key.public_key()).serial_number(1)
-         .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1)))
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+    )
     if uri:
-        b = b.add_extension(x509.SubjectAlternativeName(
-            [x509.UniformResourceIdentifier(uri)]), critical=False)
+        b = b.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False
+        )
     cert = b.sign(key, hashes.SHA256())
     # Envoy forwards the URL-encoded PEM
     return quote(cert.public_bytes(serialization.Encoding.PEM).decode())
 
 
 def attrs(headers: dict[str, str] | None = None, cert: str = "") -> RequestAttributes:
-    return RequestAttributes("GET", "https", "app.test", "/", "",
-                             MappingProxyType(headers or {}), None, peer_certificate=cert)
+    return RequestAttributes(
+        "GET",
+        "https",
+        "app.test",
+        "/",
+        "",
+        MappingProxyType(headers or {}),
+        None,
+        peer_certificate=cert,
+    )
 
 
 def test_certificate_spiffe_id_and_fingerprint() -> None:
@@ -63,19 +78,34 @@ MDM_JWK.update(kid="mdm-1", alg="ES256", use="sig")
 
 
 def assertion(**claims: object) -> str:
-    body = {"iss": "https://mdm.example", "aud": "stepup-authz", "sub": "dev-7",
-            "iat": NOW - 10, "exp": NOW + 300, "managed": True, "compliant": True,
-            "platform": "macOS", **claims}
+    body = {
+        "iss": "https://mdm.example",
+        "aud": "stepup-authz",
+        "sub": "dev-7",
+        "iat": NOW - 10,
+        "exp": NOW + 300,
+        "managed": True,
+        "compliant": True,
+        "platform": "macOS",
+        **claims,
+    }
     return jwt.encode(body, MDM_KEY, algorithm="ES256", headers={"kid": "mdm-1"})
 
 
 @pytest.fixture
 def resolver() -> DeviceResolver:
-    settings = OidcSettings(issuer="https://mdm.example", client_id="stepup-authz",
-                            audience="stepup-authz", algorithms=("ES256",))
+    settings = OidcSettings(
+        issuer="https://mdm.example",
+        client_id="stepup-authz",
+        audience="stepup-authz",
+        algorithms=("ES256",),
+    )
     verifier = TokenVerifier(settings, StaticKeySource({"keys": [MDM_JWK]}))
-    return DeviceResolver(assertion_header="X-Device-Assertion", assertions=verifier,
-                          assertion_audience="stepup-authz")
+    return DeviceResolver(
+        assertion_header="X-Device-Assertion",
+        assertions=verifier,
+        assertion_audience="stepup-authz",
+    )
 
 
 async def test_sources_in_order_of_strength(resolver: DeviceResolver) -> None:
@@ -95,16 +125,26 @@ async def test_sources_in_order_of_strength(resolver: DeviceResolver) -> None:
 
 async def test_a_bad_assertion_is_not_an_identity(resolver: DeviceResolver) -> None:
     other = ec.generate_private_key(ec.SECP256R1())
-    forged = jwt.encode({"sub": "dev-7", "aud": "stepup-authz", "iss": "https://mdm.example",
-                         "iat": NOW, "exp": NOW + 60}, other, algorithm="ES256",
-                        headers={"kid": "mdm-1"})
+    forged = jwt.encode(
+        {
+            "sub": "dev-7",
+            "aud": "stepup-authz",
+            "iss": "https://mdm.example",
+            "iat": NOW,
+            "exp": NOW + 60,
+        },
+        other,
+        algorithm="ES256",
+        headers={"kid": "mdm-1"},
+    )
     for token in (forged, assertion(exp=NOW - 100), assertion(aud="someone-else"), "junk"):
         assert await resolver.resolve(attrs({"x-device-assertion": token}), NOW) is None
 
 
 async def test_noncompliant_flags_come_through(resolver: DeviceResolver) -> None:
     d = await resolver.resolve(
-        attrs({"x-device-assertion": assertion(compliant=False, managed=False)}), NOW)
+        attrs({"x-device-assertion": assertion(compliant=False, managed=False)}), NOW
+    )
     assert d is not None and d.compliant is False and d.managed is False
 
 
@@ -120,10 +160,14 @@ async def test_two_device_cookies_are_ambiguous() -> None:
 
 def write_mmdb(path: Path) -> None:
     w = MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="GeoIP2-City")
-    w.insert_network(IPSet(["198.51.100.0/24"]), {
-        "country": {"iso_code": "US"}, "location": {"latitude": 40.71, "longitude": -74.01}})
-    w.insert_network(IPSet(["203.0.113.0/24"]), {
-        "country": {"iso_code": "GB"}, "location": {"latitude": 51.51, "longitude": -0.13}})
+    w.insert_network(
+        IPSet(["198.51.100.0/24"]),
+        {"country": {"iso_code": "US"}, "location": {"latitude": 40.71, "longitude": -74.01}},
+    )
+    w.insert_network(
+        IPSet(["203.0.113.0/24"]),
+        {"country": {"iso_code": "GB"}, "location": {"latitude": 51.51, "longitude": -0.13}},
+    )
     w.insert_network(IPSet(["2001:db8::/32"]), {"country": {"iso_code": "FR"}})
     w.to_db_file(str(path))
 

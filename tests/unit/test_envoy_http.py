@@ -41,37 +41,52 @@ BASE = {"host": "trading.example.com", PEER_HEADER: "10.1.2.3"}
 
 # -- parsing -------------------------------------------------------------------------------
 
+
 def test_parse_head_reads_method_target_headers() -> None:
-    head = ("GET /check/a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
-            "X-Stepup-User:  mallory \r\nAccept:\t*/*")
+    head = (
+        "GET /check/a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+        "X-Stepup-User:  mallory \r\nAccept:\t*/*"
+    )
     method, target, headers, keep_alive = parse_head(head, 10)
     assert (method, target, keep_alive) == ("GET", "/check/a?b=1", True)
-    assert headers == {"host": "x", "content-length": "0", "x-stepup-user": "mallory",
-                       "accept": "*/*"}
+    assert headers == {
+        "host": "x",
+        "content-length": "0",
+        "x-stepup-user": "mallory",
+        "accept": "*/*",
+    }
 
 
-@pytest.mark.parametrize(("version", "connection", "keep"), [
-    ("HTTP/1.1", None, True), ("HTTP/1.1", "close", False), ("HTTP/1.0", None, False),
-    ("HTTP/1.0", "keep-alive", True),
-])
+@pytest.mark.parametrize(
+    ("version", "connection", "keep"),
+    [
+        ("HTTP/1.1", None, True),
+        ("HTTP/1.1", "close", False),
+        ("HTTP/1.0", None, False),
+        ("HTTP/1.0", "keep-alive", True),
+    ],
+)
 def test_parse_head_keep_alive(version: str, connection: str | None, keep: bool) -> None:
     head = f"GET / {version}\r\nhost: x" + (f"\r\nconnection: {connection}" if connection else "")
     assert parse_head(head, 10)[3] is keep
 
 
-@pytest.mark.parametrize("head", [
-    "GET /a HTTP/2.0\r\nhost: x",              # unknown version
-    "GET  /a HTTP/1.1\r\nhost: x",             # two spaces
-    "get /a HTTP/1.1\r\nhost: x",              # lower-case method
-    "GET /a HTTP/1.1\r\nhost : x",             # whitespace before the colon (smuggling)
-    "GET /a HTTP/1.1\r\nhost: x\r\n folded",   # obs-fold
-    "GET /a HTTP/1.1\r\nhost: x\r\nnocolon",
-    "GET /a HTTP/1.1\r\nhost: x\x00y",         # NUL in a value
-    "GET /a HTTP/1.1\r\nhost: x\r\nhost: y",   # repeated header
-    "GET /a HTTP/1.1\r\nhost: x\r\ncontent-length: 5",       # a body
-    "GET /a HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked",
-    "GET /a HTTP/1.1\r\n" + "\r\n".join(f"h{i}: v" for i in range(11)),  # too many headers
-])
+@pytest.mark.parametrize(
+    "head",
+    [
+        "GET /a HTTP/2.0\r\nhost: x",  # unknown version
+        "GET  /a HTTP/1.1\r\nhost: x",  # two spaces
+        "get /a HTTP/1.1\r\nhost: x",  # lower-case method
+        "GET /a HTTP/1.1\r\nhost : x",  # whitespace before the colon (smuggling)
+        "GET /a HTTP/1.1\r\nhost: x\r\n folded",  # obs-fold
+        "GET /a HTTP/1.1\r\nhost: x\r\nnocolon",
+        "GET /a HTTP/1.1\r\nhost: x\x00y",  # NUL in a value
+        "GET /a HTTP/1.1\r\nhost: x\r\nhost: y",  # repeated header
+        "GET /a HTTP/1.1\r\nhost: x\r\ncontent-length: 5",  # a body
+        "GET /a HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked",
+        "GET /a HTTP/1.1\r\n" + "\r\n".join(f"h{i}: v" for i in range(11)),  # too many headers
+    ],
+)
 def test_parse_head_refuses(head: str) -> None:
     with pytest.raises(_Unframeable):
         parse_head(head, 10)
@@ -79,8 +94,10 @@ def test_parse_head_refuses(head: str) -> None:
 
 # -- attributes ----------------------------------------------------------------------------
 
-def check_request(method: str, path: str, headers: dict[str, str],
-                  ctx: dict[str, str] | None = None) -> external_auth_pb2.CheckRequest:
+
+def check_request(
+    method: str, path: str, headers: dict[str, str], ctx: dict[str, str] | None = None
+) -> external_auth_pb2.CheckRequest:
     req = external_auth_pb2.CheckRequest()
     http = req.attributes.request.http
     http.method, http.path, http.host = method, path, headers.get("host", "")
@@ -90,13 +107,27 @@ def check_request(method: str, path: str, headers: dict[str, str],
     return req
 
 
-@pytest.mark.parametrize("raw", [
-    "/accounts/1", "/accounts/1?x=1&y=2", "//accounts///1", "/public/../accounts/1",
-    "/%61ccounts/1", "/a%2a", "/accounts/", "/..",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/accounts/1",
+        "/accounts/1?x=1&y=2",
+        "//accounts///1",
+        "/public/../accounts/1",
+        "/%61ccounts/1",
+        "/a%2a",
+        "/accounts/",
+        "/..",
+    ],
+)
 def test_attributes_equal_the_grpc_modes(raw: str) -> None:
-    headers = {**BASE, "host": "Trading.Example.com:8443", "x-request-id": "r1",
-               "authorization": "Bearer t", "x-forwarded-proto": "https"}
+    headers = {
+        **BASE,
+        "host": "Trading.Example.com:8443",
+        "x-request-id": "r1",
+        "authorization": "Bearer t",
+        "x-forwarded-proto": "https",
+    }
     http = attributes_from_http("GET", "/check" + raw, headers, path_prefix="/check")
     grpc = attributes_from_check(check_request("GET", raw, headers))
     for name in ("method", "host", "path", "query", "source_ip", "request_id"):
@@ -112,26 +143,32 @@ def test_level_segment_is_the_context_level() -> None:
     assert a.path == "/wires/1" and dict(a.context_extensions) == {"stepup_level": "high"}
 
 
-@pytest.mark.parametrize(("target", "reason"), [
-    ("/other/accounts/1", "bad-request"),     # outside the prefix
-    ("/checkaccounts", "bad-path"),           # prefix then not '/' nor '@'
-    ("/check@high", "bad-request"),           # a level and no path
-    ("/check@hi gh/x", "bad-request"),
-    ("/check@/x", "bad-request"),
-    ("/check/accounts%2F1", "bad-path"),      # refused like the gRPC mode
-    ("/check*", "bad-path"),
-])
+@pytest.mark.parametrize(
+    ("target", "reason"),
+    [
+        ("/other/accounts/1", "bad-request"),  # outside the prefix
+        ("/checkaccounts", "bad-path"),  # prefix then not '/' nor '@'
+        ("/check@high", "bad-request"),  # a level and no path
+        ("/check@hi gh/x", "bad-request"),
+        ("/check@/x", "bad-request"),
+        ("/check/accounts%2F1", "bad-path"),  # refused like the gRPC mode
+        ("/check*", "bad-path"),
+    ],
+)
 def test_attributes_refuse(target: str, reason: str) -> None:
     with pytest.raises(RequestError) as info:
         attributes_from_http("GET", target, BASE, path_prefix="/check")
     assert info.value.reason == reason
 
 
-@pytest.mark.parametrize("headers", [
-    {"host": "x"},                               # no peer header: Envoy config is wrong
-    {"host": "x", PEER_HEADER: "not-an-ip"},
-    {PEER_HEADER: "10.0.0.1"},                   # no host
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"host": "x"},  # no peer header: Envoy config is wrong
+        {"host": "x", PEER_HEADER: "not-an-ip"},
+        {PEER_HEADER: "10.0.0.1"},  # no host
+    ],
+)
 def test_attributes_need_host_and_peer(headers: dict[str, str]) -> None:
     with pytest.raises(RequestError):
         attributes_from_http("GET", "/check/", headers, path_prefix="/check")
@@ -139,11 +176,18 @@ def test_attributes_need_host_and_peer(headers: dict[str, str]) -> None:
 
 # -- answers equal the gRPC mode's ---------------------------------------------------------
 
+
 def _envoy_lists() -> dict[str, set[str] | str]:
     """The header lists of envoy/demo-http.yaml, so the comparison follows the real config."""
-    text = render_envoy_config(REPO_ROOT / "envoy" / "demo-http.yaml", listen_port=1,
-                               admin_port=2, authz_grpc_port=3, authz_http_port=4,
-                               authz_check_port=5, upstream_port=6)
+    text = render_envoy_config(
+        REPO_ROOT / "envoy" / "demo-http.yaml",
+        listen_port=1,
+        admin_port=2,
+        authz_grpc_port=3,
+        authz_http_port=4,
+        authz_check_port=5,
+        upstream_port=6,
+    )
     doc = yaml.safe_load(text)
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     authz = hcm["typed_config"]["http_filters"][0]["typed_config"]
@@ -153,56 +197,108 @@ def _envoy_lists() -> dict[str, set[str] | str]:
         return {p["exact"] for p in resp[key]["patterns"]}
 
     client = names("allowed_client_headers") | {"location", "www-authenticate"}
-    return {"upstream": names("allowed_upstream_headers"), "client": client,
-            "metadata": names("dynamic_metadata_from_headers")}
+    return {
+        "upstream": names("allowed_upstream_headers"),
+        "client": client,
+        "metadata": names("dynamic_metadata_from_headers"),
+    }
 
 
 LISTS = _envoy_lists()
-LEVELS = load_policy({
-    "levels": {"public": {"public": True}, "standard": {},
-               "elevated": {"acr": ["mfa", "phr"], "max_age": 900}},
-    "default_level": "standard",
-}).by_name
+LEVELS = load_policy(
+    {
+        "levels": {
+            "public": {"public": True},
+            "standard": {},
+            "elevated": {"acr": ["mfa", "phr"], "max_age": 900},
+        },
+        "default_level": "standard",
+    }
+).by_name
 ALICE = Identity("https://idp", "alice", "sid-1", Evidence("pwd", ("pwd",), NOW - 60), NOW + 600)
 MFA = Evidence("mfa", ("pwd", "otp"), NOW - 30)
 
 
 def _attrs(method: str = "GET", **headers: str) -> RequestAttributes:
     return RequestAttributes(
-        method=method, scheme="http", host="trading.example.com", path="/accounts/1",
-        query="x=1", headers=MappingProxyType({**BASE, **headers}),
+        method=method,
+        scheme="http",
+        host="trading.example.com",
+        path="/accounts/1",
+        query="x=1",
+        headers=MappingProxyType({**BASE, **headers}),
         source_ip=ipaddress.ip_address("10.1.2.3"),
     )
 
 
 HTML = "text/html,application/xhtml+xml"
 CASES: list[tuple[str, Decision, RequestAttributes | None]] = [
-    ("allow", Decision(Outcome.ALLOW, "allowed", level=LEVELS["elevated"], identity=ALICE,
-                       evidence=MFA, grant=Grant("elevated", MFA, NOW + 900, NOW - 30)),
-     _attrs(**{"x-stepup-user": "mallory", "x-stepup-extra": "forged"})),
-    ("allow-public", Decision(Outcome.ALLOW, "public", level=LEVELS["public"]),
-     _attrs(**{"x-stepup-user": "mallory"})),
-    ("allow-token", Decision(Outcome.ALLOW, "allowed", level=LEVELS["standard"],
-                             identity=ALICE, evidence=ALICE.evidence), _attrs()),
-    ("login-api", Decision(Outcome.LOGIN, "no-credentials", level=LEVELS["elevated"]),
-     _attrs()),
-    ("login-browser", Decision(Outcome.LOGIN, "no-credentials", level=LEVELS["elevated"]),
-     _attrs(accept=HTML)),
-    ("login-bad-token", Decision(Outcome.LOGIN, "token-expired", level=LEVELS["elevated"]),
-     _attrs()),
-    ("step-up-api", Decision(Outcome.STEP_UP, "acr-insufficient", level=LEVELS["elevated"],
-                             identity=ALICE), _attrs()),
-    ("step-up-browser", Decision(Outcome.STEP_UP, "auth-too-old", level=LEVELS["elevated"],
-                                 identity=ALICE), _attrs(accept=HTML)),
-    ("step-up-browser-post", Decision(Outcome.STEP_UP, "acr-insufficient",
-                                      level=LEVELS["elevated"], identity=ALICE),
-     _attrs("POST", accept=HTML)),
-    ("step-up-grpc", Decision(Outcome.STEP_UP, "acr-insufficient", level=LEVELS["elevated"]),
-     _attrs("POST", accept=HTML, **{"content-type": "application/grpc"})),
+    (
+        "allow",
+        Decision(
+            Outcome.ALLOW,
+            "allowed",
+            level=LEVELS["elevated"],
+            identity=ALICE,
+            evidence=MFA,
+            grant=Grant("elevated", MFA, NOW + 900, NOW - 30),
+        ),
+        _attrs(**{"x-stepup-user": "mallory", "x-stepup-extra": "forged"}),
+    ),
+    (
+        "allow-public",
+        Decision(Outcome.ALLOW, "public", level=LEVELS["public"]),
+        _attrs(**{"x-stepup-user": "mallory"}),
+    ),
+    (
+        "allow-token",
+        Decision(
+            Outcome.ALLOW,
+            "allowed",
+            level=LEVELS["standard"],
+            identity=ALICE,
+            evidence=ALICE.evidence,
+        ),
+        _attrs(),
+    ),
+    ("login-api", Decision(Outcome.LOGIN, "no-credentials", level=LEVELS["elevated"]), _attrs()),
+    (
+        "login-browser",
+        Decision(Outcome.LOGIN, "no-credentials", level=LEVELS["elevated"]),
+        _attrs(accept=HTML),
+    ),
+    (
+        "login-bad-token",
+        Decision(Outcome.LOGIN, "token-expired", level=LEVELS["elevated"]),
+        _attrs(),
+    ),
+    (
+        "step-up-api",
+        Decision(Outcome.STEP_UP, "acr-insufficient", level=LEVELS["elevated"], identity=ALICE),
+        _attrs(),
+    ),
+    (
+        "step-up-browser",
+        Decision(Outcome.STEP_UP, "auth-too-old", level=LEVELS["elevated"], identity=ALICE),
+        _attrs(accept=HTML),
+    ),
+    (
+        "step-up-browser-post",
+        Decision(Outcome.STEP_UP, "acr-insufficient", level=LEVELS["elevated"], identity=ALICE),
+        _attrs("POST", accept=HTML),
+    ),
+    (
+        "step-up-grpc",
+        Decision(Outcome.STEP_UP, "acr-insufficient", level=LEVELS["elevated"]),
+        _attrs("POST", accept=HTML, **{"content-type": "application/grpc"}),
+    ),
     ("deny", Decision(Outcome.DENY, "ip-blocked", level=LEVELS["standard"]), _attrs()),
     ("deny-unread", Decision(Outcome.DENY, "bad-path"), None),
-    ("error", Decision(Outcome.ERROR, "session-store-unavailable", level=LEVELS["elevated"]),
-     _attrs()),
+    (
+        "error",
+        Decision(Outcome.ERROR, "session-store-unavailable", level=LEVELS["elevated"]),
+        _attrs(),
+    ),
 ]
 
 
@@ -213,8 +309,9 @@ def _metadata(resp: external_auth_pb2.CheckResponse) -> dict[str, str]:
 
 @pytest.mark.parametrize("error_status", [403, 503])
 @pytest.mark.parametrize(("name", "decision", "attrs"), CASES, ids=[c[0] for c in CASES])
-def test_answers_equal_the_grpc_modes(name: str, decision: Decision,
-                                      attrs: RequestAttributes | None, error_status: int) -> None:
+def test_answers_equal_the_grpc_modes(
+    name: str, decision: Decision, attrs: RequestAttributes | None, error_status: int
+) -> None:
     grpc = ResponseBuilder(error_status=error_status).build(decision, attrs, "d-1")
     answer = HttpResponseBuilder(error_status=error_status).build(decision, attrs, "d-1")
     sent = dict(answer.headers)
@@ -223,8 +320,11 @@ def test_answers_equal_the_grpc_modes(name: str, decision: Decision,
     meta = {k: v for k, v in sent.items() if k in LISTS["metadata"]}
     assert set(meta) <= set(METADATA_HEADERS)
     assert _metadata(grpc) == {
-        "decision_id": meta["x-stepup-decision-id"], "outcome": meta["x-stepup-outcome"],
-        "reason": meta["x-stepup-reason"], "level": meta["x-stepup-level"]}
+        "decision_id": meta["x-stepup-decision-id"],
+        "outcome": meta["x-stepup-outcome"],
+        "reason": meta["x-stepup-reason"],
+        "level": meta["x-stepup-level"],
+    }
     if grpc.HasField("ok_response"):
         assert answer.status == 200
         upstream = {k: v for k, v in sent.items() if k in LISTS["upstream"]}
@@ -244,7 +344,8 @@ def test_answers_equal_the_grpc_modes(name: str, decision: Decision,
     lines = head.decode().split("\r\n")
     assert lines[0].startswith(f"HTTP/1.1 {answer.status} ")
     assert lines[1:] == [f"{k}: {v}" for k, v in answer.headers] + [
-        f"content-length: {len(answer.body)}"]
+        f"content-length: {len(answer.body)}"
+    ]
     assert body == answer.body
 
 
@@ -252,17 +353,22 @@ def test_exact_rfc9470_challenge_line() -> None:
     decision = CASES[6][1]
     wire = HttpResponseBuilder().build(decision, _attrs(), "d-1").wire
     assert wire.startswith(b"HTTP/1.1 401 Unauthorized\r\n")
-    assert (b'\r\nwww-authenticate: Bearer realm="stepup-authz", '
-            b'error="insufficient_user_authentication", '
-            b'error_description="A different authentication level is required", '
-            b'acr_values="mfa phr", max_age=900\r\n') in wire
+    assert (
+        b'\r\nwww-authenticate: Bearer realm="stepup-authz", '
+        b'error="insufficient_user_authentication", '
+        b'error_description="A different authentication level is required", '
+        b'acr_values="mfa phr", max_age=900\r\n'
+    ) in wire
 
 
 def test_header_injection_is_refused() -> None:
     evil = Identity("https://idp", "alice\r\nx-stepup-level: high", "s", MFA, NOW + 60)
     with pytest.raises(ValueError, match="control character"):
-        HttpResponseBuilder().build(Decision(Outcome.ALLOW, "allowed", level=LEVELS["standard"],
-                                             identity=evil), _attrs(), "d")
+        HttpResponseBuilder().build(
+            Decision(Outcome.ALLOW, "allowed", level=LEVELS["standard"], identity=evil),
+            _attrs(),
+            "d",
+        )
 
 
 # -- the server ----------------------------------------------------------------------------
@@ -289,23 +395,36 @@ class FakeTokens:
         if self.delay:
             await asyncio.sleep(self.delay)
         if token == "mfa":
-            return Identity("https://idp", "alice", "s1", Evidence("mfa", ("otp",), now - 5),
-                            now + 600)
+            return Identity(
+                "https://idp", "alice", "s1", Evidence("mfa", ("otp",), now - 5), now + 600
+            )
         if token == "pwd":
-            return Identity("https://idp", "alice", "s1", Evidence("pwd", ("pwd",), now - 5),
-                            now + 600)
+            return Identity(
+                "https://idp", "alice", "s1", Evidence("pwd", ("pwd",), now - 5), now + 600
+            )
         raise TokenError("unknown token")
 
 
 def make_server(tmp_path: Path) -> HttpAuthzServer:
     (tmp_path / "policy.yaml").write_text(POLICY)
     authorizer = Authorizer(
-        policy=PolicyHolder(tmp_path / "policy.yaml"), tokens=FakeTokens(),
-        store=MemorySessionStore(), metrics=Metrics(), token_cookie="stepup_token", leeway=0,
+        policy=PolicyHolder(tmp_path / "policy.yaml"),
+        tokens=FakeTokens(),
+        store=MemorySessionStore(),
+        metrics=Metrics(),
+        token_cookie="stepup_token",
+        leeway=0,
     )
-    return HttpAuthzServer(authorizer, HttpResponseBuilder(), port=0, max_header_bytes=4096,
-                           max_headers=20, request_timeout_s=0.5, idle_timeout_s=0.6,
-                           max_connections=4)
+    return HttpAuthzServer(
+        authorizer,
+        HttpResponseBuilder(),
+        port=0,
+        max_header_bytes=4096,
+        max_headers=20,
+        request_timeout_s=0.5,
+        idle_timeout_s=0.6,
+        max_connections=4,
+    )
 
 
 @pytest.fixture
@@ -316,11 +435,19 @@ async def server(tmp_path: Path) -> AsyncIterator[HttpAuthzServer]:
     await srv.stop(1.0)
 
 
-def req(path: str = "/accounts/1", cred: str | None = "mfa", *, method: str = "GET",
-        extra: str = "", prefix: str = "/check") -> bytes:
+def req(
+    path: str = "/accounts/1",
+    cred: str | None = "mfa",
+    *,
+    method: str = "GET",
+    extra: str = "",
+    prefix: str = "/check",
+) -> bytes:
     auth = f"authorization: Bearer {cred}\r\n" if cred else ""
-    return (f"{method} {prefix}{path} HTTP/1.1\r\nhost: trading.example.com\r\n"
-            f"content-length: 0\r\n{auth}{PEER_HEADER}: 10.1.2.3\r\n{extra}\r\n").encode()
+    return (
+        f"{method} {prefix}{path} HTTP/1.1\r\nhost: trading.example.com\r\n"
+        f"content-length: 0\r\n{auth}{PEER_HEADER}: 10.1.2.3\r\n{extra}\r\n"
+    ).encode()
 
 
 async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
@@ -367,15 +494,19 @@ async def test_bad_path_denies_and_keeps_the_connection(server: HttpAuthzServer)
     w.close()
 
 
-@pytest.mark.parametrize("payload", [
-    b"GARBAGE\r\n\r\n",
-    b"GET /check/ HTTP/1.1\r\nhost : x\r\n\r\n",
-    b"POST /check/ HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nbody",
-    b"GET /check/ HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 5000 + b"\r\n\r\n",  # too large
-    b"GET /check/ HTTP/1.1\r\n" + b"".join(b"h%d: v\r\n" % i for i in range(21)) + b"\r\n",
-])
-async def test_unreadable_stream_gets_403_and_close(server: HttpAuthzServer,
-                                                    payload: bytes) -> None:
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /check/ HTTP/1.1\r\nhost : x\r\n\r\n",
+        b"POST /check/ HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nbody",
+        b"GET /check/ HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 5000 + b"\r\n\r\n",  # too large
+        b"GET /check/ HTTP/1.1\r\n" + b"".join(b"h%d: v\r\n" % i for i in range(21)) + b"\r\n",
+    ],
+)
+async def test_unreadable_stream_gets_403_and_close(
+    server: HttpAuthzServer, payload: bytes
+) -> None:
     r, w = await connect(server)
     w.write(payload + req())  # a valid request after it must not be answered
     status, headers, _ = await read_answer(r)

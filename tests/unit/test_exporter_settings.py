@@ -42,8 +42,10 @@ def files(tmp_path: Path) -> dict[str, Path]:
 
 
 def settings(tmp_path: Path, **kw: Any) -> ExporterSettings:
-    doc: dict[str, Any] = {"archive_dir": tmp_path / "archive",
-                           "signing_key_file": tmp_path / "secrets" / "audit-signing.pem"}
+    doc: dict[str, Any] = {
+        "archive_dir": tmp_path / "archive",
+        "signing_key_file": tmp_path / "secrets" / "audit-signing.pem",
+    }
     return ExporterSettings.model_validate(doc | kw)
 
 
@@ -72,10 +74,16 @@ def test_relative_paths_resolve_against_the_settings_folder(tmp_path: Path) -> N
     conf = tmp_path / "conf"
     conf.mkdir()
     path = conf / "exporter.yaml"
-    path.write_text(yaml.safe_dump({
-        "archive_dir": "archive", "signing_key_file": "secrets/audit-signing.pem",
-        "password_file": "secrets/redis-password", "ca_file": "../ca/ca.crt",
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "archive_dir": "archive",
+                "signing_key_file": "secrets/audit-signing.pem",
+                "password_file": "secrets/redis-password",
+                "ca_file": "../ca/ca.crt",
+            }
+        )
+    )
     s = load_exporter_settings(path)
     assert s.password_file == conf / "secrets" / "redis-password"
     assert s.ca_file == conf / ".." / "ca" / "ca.crt"
@@ -85,11 +93,16 @@ def test_relative_paths_resolve_against_the_settings_folder(tmp_path: Path) -> N
 
 def test_absolute_paths_are_kept(tmp_path: Path) -> None:
     path = tmp_path / "exporter.yaml"
-    path.write_text(yaml.safe_dump({
-        "archive_dir": "/var/lib/a", "signing_key_file": "/etc/k.pem",
-        "password_file": "/etc/stepup-authz/secrets/redis-auth/password",
-        "ca_file": "/etc/stepup-authz/secrets/redis-tls/ca.crt",
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "archive_dir": "/var/lib/a",
+                "signing_key_file": "/etc/k.pem",
+                "password_file": "/etc/stepup-authz/secrets/redis-auth/password",
+                "ca_file": "/etc/stepup-authz/secrets/redis-tls/ca.crt",
+            }
+        )
+    )
     s = load_exporter_settings(path)
     assert s.password_file == Path("/etc/stepup-authz/secrets/redis-auth/password")
     assert s.ca_file == Path("/etc/stepup-authz/secrets/redis-tls/ca.crt")
@@ -105,16 +118,21 @@ def test_unknown_keys_are_still_refused(tmp_path: Path) -> None:
 # -- the client -------------------------------------------------------------------------------
 
 
-def test_password_from_the_file_reaches_the_client(
-        tmp_path: Path, files: dict[str, Path]) -> None:
+def test_password_from_the_file_reaches_the_client(tmp_path: Path, files: dict[str, Path]) -> None:
     """Through build_exporter, as run_exporter builds it, from a settings file with a
     relative password_file."""
     path = tmp_path / "exporter.yaml"
-    path.write_text(yaml.safe_dump({
-        "redis_url": "redis://redis.internal:6379/2", "archive_dir": "archive",
-        "signing_key_file": "secrets/audit-signing.pem",
-        "password_file": "secrets/redis-password", "block_ms": 2000,
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "redis_url": "redis://redis.internal:6379/2",
+                "archive_dir": "archive",
+                "signing_key_file": "secrets/audit-signing.pem",
+                "password_file": "secrets/redis-password",
+                "block_ms": 2000,
+            }
+        )
+    )
     exporter = build_exporter(load_exporter_settings(path))
     try:
         kwargs = exporter.client.connection_pool.connection_kwargs
@@ -134,12 +152,16 @@ def test_no_password_file_no_password(tmp_path: Path, files: dict[str, Path]) ->
     assert pool_kwargs(url)["password"] == "in-url"  # a URL password alone still works
 
 
-@pytest.mark.parametrize("url", [
-    "redis://:other@redis.internal:6379/0",
-    "rediss://user:other@redis.internal:6380/0",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:other@redis.internal:6379/0",
+        "rediss://user:other@redis.internal:6380/0",
+    ],
+)
 def test_password_in_the_url_and_in_the_file_is_refused(
-        tmp_path: Path, files: dict[str, Path], url: str) -> None:
+    tmp_path: Path, files: dict[str, Path], url: str
+) -> None:
     s = settings(tmp_path, redis_url=url, password_file=files["password_file"])
     with pytest.raises(ConfigError, match="both") as err:
         make_exporter_client(s)
@@ -149,9 +171,13 @@ def test_password_in_the_url_and_in_the_file_is_refused(
 
 
 def test_a_username_in_the_url_goes_with_the_file_password(
-        tmp_path: Path, files: dict[str, Path]) -> None:
-    s = settings(tmp_path, redis_url="redis://exporter@redis.internal:6379",
-                 password_file=files["password_file"])
+    tmp_path: Path, files: dict[str, Path]
+) -> None:
+    s = settings(
+        tmp_path,
+        redis_url="redis://exporter@redis.internal:6379",
+        password_file=files["password_file"],
+    )
     kwargs = pool_kwargs(s)
     assert (kwargs["username"], kwargs["password"]) == ("exporter", PASSWORD)
 
@@ -174,9 +200,14 @@ def test_unreadable_password_file(tmp_path: Path, files: dict[str, Path]) -> Non
 
 
 def test_rediss_verifies_against_the_ca_file_with_host_name_check(
-        tmp_path: Path, files: dict[str, Path]) -> None:
-    s = settings(tmp_path, redis_url="rediss://redis.internal:6380/0",
-                 ca_file=files["ca_file"], password_file=files["password_file"])
+    tmp_path: Path, files: dict[str, Path]
+) -> None:
+    s = settings(
+        tmp_path,
+        redis_url="rediss://redis.internal:6380/0",
+        ca_file=files["ca_file"],
+        password_file=files["password_file"],
+    )
     kwargs = pool_kwargs(s)
     assert kwargs["ssl_ca_certs"] == str(files["ca_file"])
     assert kwargs["ssl_cert_reqs"] == "required"
@@ -192,8 +223,9 @@ def test_rediss_verifies_against_the_ca_file_with_host_name_check(
 def test_ca_file_is_ignored_without_tls(tmp_path: Path, files: dict[str, Path]) -> None:
     """As the service ignores redis.ca_file for redis:// (the chart sets both from one
     redis.tls, whatever the audit stream's scheme)."""
-    kwargs = pool_kwargs(settings(tmp_path, redis_url="redis://redis.internal:6379",
-                                  ca_file=tmp_path / "absent.crt"))
+    kwargs = pool_kwargs(
+        settings(tmp_path, redis_url="redis://redis.internal:6379", ca_file=tmp_path / "absent.crt")
+    )
     assert "ssl_ca_certs" not in kwargs and "ssl_cert_reqs" not in kwargs
 
 
@@ -207,23 +239,34 @@ def test_unreadable_or_empty_ca_file(tmp_path: Path, files: dict[str, Path]) -> 
         assert err.value.location == "ca_file"
 
 
-def test_ca_in_the_url_and_in_ca_file_is_refused(
-        tmp_path: Path, files: dict[str, Path]) -> None:
-    s = settings(tmp_path, redis_url="rediss://redis.internal:6380/0?ssl_ca_certs=/x.crt",
-                 ca_file=files["ca_file"])
+def test_ca_in_the_url_and_in_ca_file_is_refused(tmp_path: Path, files: dict[str, Path]) -> None:
+    s = settings(
+        tmp_path,
+        redis_url="rediss://redis.internal:6380/0?ssl_ca_certs=/x.crt",
+        ca_file=files["ca_file"],
+    )
     with pytest.raises(ConfigError, match="both") as err:
         make_exporter_client(s)
     assert err.value.location == "ca_file"
 
 
-def test_the_cli_reports_a_config_error_and_exits_1(
-        tmp_path: Path, files: dict[str, Path]) -> None:
+def test_the_cli_reports_a_config_error_and_exits_1(tmp_path: Path, files: dict[str, Path]) -> None:
     path = tmp_path / "exporter.yaml"
-    path.write_text(yaml.safe_dump({
-        "redis_url": "redis://127.0.0.1:1", "archive_dir": "archive",
-        "signing_key_file": "secrets/audit-signing.pem", "password_file": "missing-password",
-    }))
-    r = subprocess.run([sys.executable, "-m", "authz.audit", "exporter", "--config", str(path)],
-                       capture_output=True, text=True, timeout=60)
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "redis_url": "redis://127.0.0.1:1",
+                "archive_dir": "archive",
+                "signing_key_file": "secrets/audit-signing.pem",
+                "password_file": "missing-password",
+            }
+        )
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "authz.audit", "exporter", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1, r.stderr
     assert "password_file" in r.stderr and "missing-password" in r.stderr

@@ -33,10 +33,10 @@ def _parse_commands(buf: bytearray) -> list[list[bytes]]:
             end = buf.find(b"\r\n", i)
             if end < 0:
                 return out
-            size = int(buf[i + 1:end])
+            size = int(buf[i + 1 : end])
             if len(buf) < end + 2 + size + 2:
                 return out
-            args.append(bytes(buf[end + 2:end + 2 + size]))
+            args.append(bytes(buf[end + 2 : end + 2 + size]))
             i = end + 2 + size + 2
         del buf[:i]
         out.append(args)
@@ -126,11 +126,11 @@ async def test_pipelined_calls_are_matched_in_order(make_server) -> None:  # typ
 @pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 16])
 async def test_replies_split_or_coalesced_in_any_way(make_server, chunk: int) -> None:  # type: ignore[no-untyped-def]
     # One EVALSHA reply of read_check's shape: ints, nil, bulk strings, a nested array.
-    body = (b"*6\r\n:1\r\n$-1\r\n:-1\r\n$5\r\nhello\r\n*2\r\n:7\r\n$0\r\n\r\n$3\r\n\x00\r\n\r\n")
+    body = b"*6\r\n:1\r\n$-1\r\n:-1\r\n$5\r\nhello\r\n*2\r\n:7\r\n$0\r\n\r\n$3\r\n\x00\r\n\r\n"
 
     async def respond_split(writer: asyncio.StreamWriter, data: bytes) -> None:
         for i in range(0, len(data), chunk):
-            writer.write(data[i:i + chunk])
+            writer.write(data[i : i + chunk])
             await writer.drain()
             await asyncio.sleep(0)
 
@@ -203,8 +203,11 @@ async def test_connect_sends_auth_select_setname_first(make_server) -> None:  # 
     client = FastRedis.from_url(f"redis://bob:s3cr%40t@127.0.0.1:{fake.port}/3")
     try:
         assert await client.ping()
-        assert fake.seen[:3] == [[b"AUTH", b"bob", b"s3cr@t"], [b"SELECT", b"3"],
-                                 [b"CLIENT", b"SETNAME", b"stepup-authz"]]
+        assert fake.seen[:3] == [
+            [b"AUTH", b"bob", b"s3cr@t"],
+            [b"SELECT", b"3"],
+            [b"CLIENT", b"SETNAME", b"stepup-authz"],
+        ]
     finally:
         await client.aclose()
 
@@ -226,8 +229,7 @@ async def test_failed_auth_fails_the_call_and_is_retried_next_time(make_server) 
 
 
 async def test_late_reply_after_a_deadline_is_dropped_not_misdelivered(make_server) -> None:  # type: ignore[no-untyped-def]
-    fake = await make_server(lambda c: None if c[0] == b"ECHO" and c[1] == b"slow"
-                             else echo_ok(c))
+    fake = await make_server(lambda c: None if c[0] == b"ECHO" and c[1] == b"slow" else echo_ok(c))
     client = FastRedis(port=fake.port, connections=1)
     try:
         with pytest.raises(TimeoutError):
@@ -301,8 +303,14 @@ async def test_closed_client_refuses_calls(make_server) -> None:  # type: ignore
 
 def test_parse_url() -> None:
     assert parse_url("redis://127.0.0.1:6380/2") == {
-        "host": "127.0.0.1", "port": 6380, "path": None, "db": 2, "username": None,
-        "password": None, "tls": False}
+        "host": "127.0.0.1",
+        "port": 6380,
+        "path": None,
+        "db": 2,
+        "username": None,
+        "password": None,
+        "tls": False,
+    }
     u = parse_url("rediss://:pw@redis.internal")
     assert (u["host"], u["port"], u["password"], u["tls"]) == ("redis.internal", 6379, "pw", True)
     u = parse_url("unix:///run/redis.sock?db=4")

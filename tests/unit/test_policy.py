@@ -31,22 +31,46 @@ def test_shipped_policy_is_valid() -> None:
 @pytest.mark.parametrize(
     ("text", "location", "reason"),
     [
-        (GOOD.replace("level: elevated}", "level: elevatd}"),
-         "line 5, column 38 (routes.0.level)", "unknown level 'elevatd'"),
-        (GOOD.replace("max_age: 900", "max_age: -1"),
-         "line 3, column 35 (levels.elevated.max_age)", "must be an integer"),
-        (GOOD.replace("path_prefix: /accounts/", "path_prefix: accounts/"),
-         "line 5, column 19 (routes.0.path_prefix)", "must be a string starting with '/'"),
-        (GOOD.replace("{path_prefix: /accounts/,", "{path_regex: '(', "),
-         "line 5, column 18 (routes.0.path_regex)", "invalid regular expression"),
-        (GOOD.replace("default_level: standard", "default_level: nope"),
-         "line 6, column 16 (default_level)", "unknown level 'nope'"),
-        (GOOD + "rules:\n  - {when: {ip_in: [10.0.0.1/8]}, deny: x}\n",
-         "line 8, column 21 (rules.0.when.ip_in.0)", "invalid CIDR block"),
-        (GOOD + "rules:\n  - {when: {ip_in: [10.0.0.0/8]}, deny: x, raise_to: elevated}\n",
-         "line 8, column 5 (rules.0)", "exactly one of raise_to or deny"),
-        (GOOD.replace("routes:", "routes:\n  - {path: /a, methods: [FETCH], level: standard}"),
-         "line 5, column 25 (routes.0.methods)", "unknown method(s) FETCH"),
+        (
+            GOOD.replace("level: elevated}", "level: elevatd}"),
+            "line 5, column 38 (routes.0.level)",
+            "unknown level 'elevatd'",
+        ),
+        (
+            GOOD.replace("max_age: 900", "max_age: -1"),
+            "line 3, column 35 (levels.elevated.max_age)",
+            "must be an integer",
+        ),
+        (
+            GOOD.replace("path_prefix: /accounts/", "path_prefix: accounts/"),
+            "line 5, column 19 (routes.0.path_prefix)",
+            "must be a string starting with '/'",
+        ),
+        (
+            GOOD.replace("{path_prefix: /accounts/,", "{path_regex: '(', "),
+            "line 5, column 18 (routes.0.path_regex)",
+            "invalid regular expression",
+        ),
+        (
+            GOOD.replace("default_level: standard", "default_level: nope"),
+            "line 6, column 16 (default_level)",
+            "unknown level 'nope'",
+        ),
+        (
+            GOOD + "rules:\n  - {when: {ip_in: [10.0.0.1/8]}, deny: x}\n",
+            "line 8, column 21 (rules.0.when.ip_in.0)",
+            "invalid CIDR block",
+        ),
+        (
+            GOOD + "rules:\n  - {when: {ip_in: [10.0.0.0/8]}, deny: x, raise_to: elevated}\n",
+            "line 8, column 5 (rules.0)",
+            "exactly one of raise_to or deny",
+        ),
+        (
+            GOOD.replace("routes:", "routes:\n  - {path: /a, methods: [FETCH], level: standard}"),
+            "line 5, column 25 (routes.0.methods)",
+            "unknown method(s) FETCH",
+        ),
         ("levels: [\n", "line 2, column 1", "invalid YAML"),
     ],
 )

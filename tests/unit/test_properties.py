@@ -47,8 +47,11 @@ from authz.errors import PolicyError, RequestError
 from authz.ops.metrics import Metrics
 from authz.store.memory import MemorySessionStore
 
-BOUNDED = settings(max_examples=200, deadline=None,
-                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+BOUNDED = settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 NOW = 1_800_000_000
 ISS = "https://idp.example.com"
@@ -76,22 +79,42 @@ POLICY_DOC: dict[str, Any] = {
     "signals": {"sensitive_level": "elevated", "velocity": {"window_s": 60, "max": 1_000_000}},
     "rules": [
         {"name": "blocked", "when": {"ip_in": ["198.51.100.0/24"]}, "deny": "ip-blocked"},
-        {"name": "outside", "when": {"ip_not_in": ["10.0.0.0/8", "127.0.0.0/8"],
-                                     "level_at_least": "elevated"}, "raise_to": "high"},
-        {"name": "no-device", "when": {"device": "absent", "level_at_least": "high"},
-         "raise_to": "high", "mode": "shadow"},
+        {
+            "name": "outside",
+            "when": {"ip_not_in": ["10.0.0.0/8", "127.0.0.0/8"], "level_at_least": "elevated"},
+            "raise_to": "high",
+        },
+        {
+            "name": "no-device",
+            "when": {"device": "absent", "level_at_least": "high"},
+            "raise_to": "high",
+            "mode": "shadow",
+        },
     ],
 }
 LEVELS = list(POLICY_DOC["levels"])
 
 _KEY = ec.generate_private_key(ec.SECP256R1())
-_JWK = {**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(_KEY.public_key())),
-        "kid": "k1", "use": "sig", "alg": "ES256"}
+_JWK = {
+    **json.loads(jwt.algorithms.ECAlgorithm.to_jwk(_KEY.public_key())),
+    "kid": "k1",
+    "use": "sig",
+    "alg": "ES256",
+}
 
 
 def _token(**over: Any) -> str:
-    claims = {"iss": ISS, "aud": AUD, "sub": "alice", "sid": "s1", "iat": NOW - 60,
-              "exp": NOW + 3600, "acr": "pwd", "amr": ["pwd"], "auth_time": NOW - 60}
+    claims = {
+        "iss": ISS,
+        "aud": AUD,
+        "sub": "alice",
+        "sid": "s1",
+        "iat": NOW - 60,
+        "exp": NOW + 3600,
+        "acr": "pwd",
+        "amr": ["pwd"],
+        "auth_time": NOW - 60,
+    }
     claims.update(over)
     return jwt.encode(claims, _KEY, algorithm="ES256", headers={"kid": "k1"})
 
@@ -113,9 +136,11 @@ _POLICY_FILE.write_text(json.dumps(POLICY_DOC))  # JSON is YAML
 HOLDER = PolicyHolder(_POLICY_FILE)
 POLICY: Policy = HOLDER.current.policy
 VERIFIER = TokenVerifier(
-    OidcSettings(issuer=ISS, client_id="stepup-authz", audience=AUD, algorithms=("ES256",),
-                 leeway_s=30),
-    StaticKeySource({"keys": [_JWK]}))
+    OidcSettings(
+        issuer=ISS, client_id="stepup-authz", audience=AUD, algorithms=("ES256",), leeway_s=30
+    ),
+    StaticKeySource({"keys": [_JWK]}),
+)
 METRICS = Metrics()
 
 
@@ -123,10 +148,21 @@ async def _fresh_authorizer() -> Authorizer:
     store = MemorySessionStore(now=lambda: NOW)
     # alice's session s1 holds a grant for elevated, as if she had stepped up earlier
     ev = Evidence("mfa", ("pwd", "otp"), NOW - 100)
-    await store.write_grant(user_key(ISS, "alice"), session_key(ISS, "alice", "s1"),
-                            Grant("elevated", ev, NOW + 800, NOW - 100), NOW)
-    return Authorizer(policy=HOLDER, tokens=VERIFIER, store=store, metrics=METRICS,
-                      token_cookie="stepup_token", leeway=30, clock=lambda: NOW)
+    await store.write_grant(
+        user_key(ISS, "alice"),
+        session_key(ISS, "alice", "s1"),
+        Grant("elevated", ev, NOW + 800, NOW - 100),
+        NOW,
+    )
+    return Authorizer(
+        policy=HOLDER,
+        tokens=VERIFIER,
+        store=store,
+        metrics=METRICS,
+        token_cookie="stepup_token",
+        leeway=30,
+        clock=lambda: NOW,
+    )
 
 
 def _run(coro: Any) -> Any:
@@ -146,36 +182,129 @@ async def _decide(attrs: RequestAttributes) -> Decision:
 
 # -- strategies ----------------------------------------------------------------------------
 
-_PATH_PIECES = st.sampled_from([
-    "", ".", "..", "%2e", "%2E%2e", ".%2e", "a", "A", "accounts", "ACCOUNTS", "public", "wires",
-    "clients", "7", "statements", "%61", "%2f", "%2F", "%5c", "\\", ";", ";x", "..;", ".;",
-    "%", "%4", "%zz", "%00", "%20", "~", "%7e", "é", " ", "\t", "?", "?x=../..", "#", "#/..",
-    "a;b=c", "x%3By",
-])
-PATHS = st.lists(_PATH_PIECES, max_size=8).map(lambda xs: "/" + "/".join(xs)) | st.text(
-    max_size=40)
-METHODS = st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "get",
-                           "PROPFIND", "", "G-T", "GET ", "CONNECT"])
-HOSTS = st.sampled_from([
-    "app.example", "trading.example.com", "TRADING.example.com.", "trading.example.com:443",
-    "x.ops.example.com", "ops.example.com", "evil@trading.example.com", "a,b", "[::1]:8443",
-    "", "trading.example.com:443:443", "host%2e", "h_o-s.t",
-]) | st.text(max_size=20)
-IPS = st.sampled_from(["127.0.0.1", "10.1.2.3", "198.51.100.7", "203.0.113.9", "::1",
-                       "::ffff:10.0.0.1", "", "junk"])
-HEADER_NAMES = st.sampled_from([
-    "x-stepup-user", "x-stepup-level", "x-stepup-acr", "x-stepup-auth-time",
-    "x-forwarded-for", "x-real-ip", "forwarded", "x-http-method-override", "x-envoy-internal",
-    "x-envoy-original-path", "x-request-id", "accept", "content-type", "user-agent",
-    "x-stepup-peer-address", "true-client-ip", "x-client-ip",
-]) | st.from_regex(r"x-[a-z0-9-]{1,20}", fullmatch=True)
-HEADER_VALUES = st.text(max_size=40) | st.sampled_from([
-    "DELETE", "10.0.0.1", "198.51.100.7, 10.0.0.1", "phr", "high", "alice", "text/html",
-    "application/grpc", "true", "/public/"])
+_PATH_PIECES = st.sampled_from(
+    [
+        "",
+        ".",
+        "..",
+        "%2e",
+        "%2E%2e",
+        ".%2e",
+        "a",
+        "A",
+        "accounts",
+        "ACCOUNTS",
+        "public",
+        "wires",
+        "clients",
+        "7",
+        "statements",
+        "%61",
+        "%2f",
+        "%2F",
+        "%5c",
+        "\\",
+        ";",
+        ";x",
+        "..;",
+        ".;",
+        "%",
+        "%4",
+        "%zz",
+        "%00",
+        "%20",
+        "~",
+        "%7e",
+        "é",
+        " ",
+        "\t",
+        "?",
+        "?x=../..",
+        "#",
+        "#/..",
+        "a;b=c",
+        "x%3By",
+    ]
+)
+PATHS = st.lists(_PATH_PIECES, max_size=8).map(lambda xs: "/" + "/".join(xs)) | st.text(max_size=40)
+METHODS = st.sampled_from(
+    [
+        "GET",
+        "HEAD",
+        "POST",
+        "PUT",
+        "DELETE",
+        "PATCH",
+        "OPTIONS",
+        "get",
+        "PROPFIND",
+        "",
+        "G-T",
+        "GET ",
+        "CONNECT",
+    ]
+)
+HOSTS = st.sampled_from(
+    [
+        "app.example",
+        "trading.example.com",
+        "TRADING.example.com.",
+        "trading.example.com:443",
+        "x.ops.example.com",
+        "ops.example.com",
+        "evil@trading.example.com",
+        "a,b",
+        "[::1]:8443",
+        "",
+        "trading.example.com:443:443",
+        "host%2e",
+        "h_o-s.t",
+    ]
+) | st.text(max_size=20)
+IPS = st.sampled_from(
+    ["127.0.0.1", "10.1.2.3", "198.51.100.7", "203.0.113.9", "::1", "::ffff:10.0.0.1", "", "junk"]
+)
+HEADER_NAMES = st.sampled_from(
+    [
+        "x-stepup-user",
+        "x-stepup-level",
+        "x-stepup-acr",
+        "x-stepup-auth-time",
+        "x-forwarded-for",
+        "x-real-ip",
+        "forwarded",
+        "x-http-method-override",
+        "x-envoy-internal",
+        "x-envoy-original-path",
+        "x-request-id",
+        "accept",
+        "content-type",
+        "user-agent",
+        "x-stepup-peer-address",
+        "true-client-ip",
+        "x-client-ip",
+    ]
+) | st.from_regex(r"x-[a-z0-9-]{1,20}", fullmatch=True)
+HEADER_VALUES = st.text(max_size=40) | st.sampled_from(
+    [
+        "DELETE",
+        "10.0.0.1",
+        "198.51.100.7, 10.0.0.1",
+        "phr",
+        "high",
+        "alice",
+        "text/html",
+        "application/grpc",
+        "true",
+        "/public/",
+    ]
+)
 NOISE = st.dictionaries(HEADER_NAMES, HEADER_VALUES, max_size=6)
-CONTEXT = st.dictionaries(st.sampled_from([CONTEXT_LEVEL_KEY, "other", "stepup"]),
-                          st.sampled_from([*LEVELS, "HIGH", "", "unknown", "elevated "]),
-                          max_size=2)
+CONTEXT = st.dictionaries(
+    st.sampled_from([CONTEXT_LEVEL_KEY, "other", "stepup"]),
+    st.sampled_from([*LEVELS, "HIGH", "", "unknown", "elevated "]),
+    max_size=2,
+)
 
 
 @st.composite
@@ -215,10 +344,10 @@ def _with(attrs: RequestAttributes, **changes: Any) -> RequestAttributes:
 
 # -- the Check path ------------------------------------------------------------------------
 
+
 @BOUNDED
 @given(check_requests(), st.integers(0, 2))
-def test_any_check_request_gets_a_decision(req: external_auth_pb2.CheckRequest,
-                                           hops: int) -> None:
+def test_any_check_request_gets_a_decision(req: external_auth_pb2.CheckRequest, hops: int) -> None:
     try:
         attrs = attributes_from_check(req, hops)
     except RequestError as exc:
@@ -245,8 +374,9 @@ def test_any_bytes_parse_or_are_refused(raw: bytes) -> None:
 
 @BOUNDED
 @given(check_requests(), NOISE)
-def test_noise_headers_never_change_the_decision(req: external_auth_pb2.CheckRequest,
-                                                 noise: dict[str, str]) -> None:
+def test_noise_headers_never_change_the_decision(
+    req: external_auth_pb2.CheckRequest, noise: dict[str, str]
+) -> None:
     try:
         attrs = attributes_from_check(req)
     except RequestError:
@@ -260,8 +390,9 @@ def test_noise_headers_never_change_the_decision(req: external_auth_pb2.CheckReq
 
 @BOUNDED
 @given(check_requests(), CONTEXT)
-def test_context_extensions_never_lower_a_level(req: external_auth_pb2.CheckRequest,
-                                                ctx: dict[str, str]) -> None:
+def test_context_extensions_never_lower_a_level(
+    req: external_auth_pb2.CheckRequest, ctx: dict[str, str]
+) -> None:
     try:
         attrs = attributes_from_check(req)
     except RequestError:
@@ -281,6 +412,7 @@ def test_context_extensions_never_lower_a_level(req: external_auth_pb2.CheckRequ
 
 
 # -- canonical forms -----------------------------------------------------------------------
+
 
 @BOUNDED
 @given(PATHS)
@@ -314,36 +446,112 @@ def test_host_is_plain_or_refused(authority: str) -> None:
 # -- policies ------------------------------------------------------------------------------
 
 _JSONISH = st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 100_000) | st.text(max_size=12)
-    | st.sampled_from([*LEVELS, "mfa", "/x/", "10.0.0.0/8", "device", "ip", "GET", "US",
-                       "new-device", "known", "enforce", "shadow", "(", "^/a$"]),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                               max_size=4),
-    max_leaves=12)
-_LEVEL_SPEC = st.fixed_dictionaries({}, optional={
-    k: _JSONISH for k in ("acr", "amr_any", "max_age", "public", "grant_ttl", "bind",
-                          "ip_allow", "ip_deny", "junk")})
-_ROUTE = st.fixed_dictionaries({}, optional={
-    k: _JSONISH for k in ("host", "path", "path_prefix", "path_regex", "methods", "level")})
-_RULE = st.fixed_dictionaries({}, optional={
-    "name": _JSONISH, "raise_to": _JSONISH, "deny": _JSONISH, "mode": _JSONISH,
-    "when": st.fixed_dictionaries({}, optional={
-        k: _JSONISH for k in ("ip_in", "ip_not_in", "country_in", "country_not_in", "device",
-                              "signals_any", "signals_all", "level_at_least")}) | _JSONISH})
-_SIGNALS = st.fixed_dictionaries({}, optional={
-    "sensitive_level": _JSONISH, "velocity": _JSONISH, "impossible_travel": _JSONISH,
-    "risk_weights": _JSONISH,
-    "hours": st.fixed_dictionaries({}, optional={
-        k: _JSONISH for k in ("timezone", "start", "end", "days")}) | _JSONISH})
-POLICIES = st.fixed_dictionaries({}, optional={
-    "levels": st.dictionaries(st.sampled_from(LEVELS) | st.text(max_size=6), _LEVEL_SPEC,
-                              max_size=4) | _JSONISH,
-    "routes": st.lists(_ROUTE, max_size=4) | _JSONISH,
-    "rules": st.lists(_RULE, max_size=3) | _JSONISH,
-    "default_level": _JSONISH,
-    "signals": _SIGNALS | _JSONISH,
-    "version": _JSONISH,
-}) | _JSONISH
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 100_000)
+    | st.text(max_size=12)
+    | st.sampled_from(
+        [
+            *LEVELS,
+            "mfa",
+            "/x/",
+            "10.0.0.0/8",
+            "device",
+            "ip",
+            "GET",
+            "US",
+            "new-device",
+            "known",
+            "enforce",
+            "shadow",
+            "(",
+            "^/a$",
+        ]
+    ),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_LEVEL_SPEC = st.fixed_dictionaries(
+    {},
+    optional={
+        k: _JSONISH
+        for k in (
+            "acr",
+            "amr_any",
+            "max_age",
+            "public",
+            "grant_ttl",
+            "bind",
+            "ip_allow",
+            "ip_deny",
+            "junk",
+        )
+    },
+)
+_ROUTE = st.fixed_dictionaries(
+    {},
+    optional={
+        k: _JSONISH for k in ("host", "path", "path_prefix", "path_regex", "methods", "level")
+    },
+)
+_RULE = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": _JSONISH,
+        "raise_to": _JSONISH,
+        "deny": _JSONISH,
+        "mode": _JSONISH,
+        "when": st.fixed_dictionaries(
+            {},
+            optional={
+                k: _JSONISH
+                for k in (
+                    "ip_in",
+                    "ip_not_in",
+                    "country_in",
+                    "country_not_in",
+                    "device",
+                    "signals_any",
+                    "signals_all",
+                    "level_at_least",
+                )
+            },
+        )
+        | _JSONISH,
+    },
+)
+_SIGNALS = st.fixed_dictionaries(
+    {},
+    optional={
+        "sensitive_level": _JSONISH,
+        "velocity": _JSONISH,
+        "impossible_travel": _JSONISH,
+        "risk_weights": _JSONISH,
+        "hours": st.fixed_dictionaries(
+            {}, optional={k: _JSONISH for k in ("timezone", "start", "end", "days")}
+        )
+        | _JSONISH,
+    },
+)
+POLICIES = (
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "levels": st.dictionaries(
+                st.sampled_from(LEVELS) | st.text(max_size=6), _LEVEL_SPEC, max_size=4
+            )
+            | _JSONISH,
+            "routes": st.lists(_ROUTE, max_size=4) | _JSONISH,
+            "rules": st.lists(_RULE, max_size=3) | _JSONISH,
+            "default_level": _JSONISH,
+            "signals": _SIGNALS | _JSONISH,
+            "version": _JSONISH,
+        },
+    )
+    | _JSONISH
+)
 
 
 @BOUNDED
@@ -351,10 +559,16 @@ POLICIES = st.fixed_dictionaries({}, optional={
 # Found by this property (TypeError, not PolicyError, before the fix): unhashable items.
 @example({"levels": [[]]})
 @example({"levels": {"a": {"bind": [{}]}}, "default_level": "a"})
-@example({"levels": {"a": {}}, "default_level": "a", "rules": [
-    {"when": {"device": [[]]}, "deny": "x"}]})
-@example({"levels": {"a": {}}, "default_level": "a", "signals": {"hours": {
-    "timezone": "UTC", "start": "07:00", "end": "19:00", "days": [{}]}}})
+@example(
+    {"levels": {"a": {}}, "default_level": "a", "rules": [{"when": {"device": [[]]}, "deny": "x"}]}
+)
+@example(
+    {
+        "levels": {"a": {}},
+        "default_level": "a",
+        "signals": {"hours": {"timezone": "UTC", "start": "07:00", "end": "19:00", "days": [{}]}},
+    }
+)
 def test_generated_policies_load_or_raise_policy_error(doc: Any) -> None:
     try:
         policy = load_policy(doc)
@@ -366,16 +580,22 @@ def test_generated_policies_load_or_raise_policy_error(doc: Any) -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.sampled_from(LEVELS), min_size=1, max_size=5, unique=True),
-       st.lists(st.tuples(st.sampled_from(["/a/", "/b/", "/"]), st.integers(0, 4)),
-                max_size=4))
-def test_valid_policies_route_every_request(names: list[str],
-                                            routes: list[tuple[str, int]]) -> None:
+@given(
+    st.lists(st.sampled_from(LEVELS), min_size=1, max_size=5, unique=True),
+    st.lists(st.tuples(st.sampled_from(["/a/", "/b/", "/"]), st.integers(0, 4)), max_size=4),
+)
+def test_valid_policies_route_every_request(
+    names: list[str], routes: list[tuple[str, int]]
+) -> None:
     """Random but valid level/route tables always give every request some level."""
     levels: dict[str, Mapping[str, Any]] = {n: {} for n in names}
-    doc = {"levels": levels, "default_level": names[0],
-           "routes": [{"path_prefix": p, "level": names[i % len(names)]} for p, i in routes]}
+    doc = {
+        "levels": levels,
+        "default_level": names[0],
+        "routes": [{"path_prefix": p, "level": names[i % len(names)]} for p, i in routes],
+    }
     policy = load_policy(doc)
-    attrs = RequestAttributes("GET", "https", "h", "/a/x", "", MappingProxyType({}),
-                              ipaddress.ip_address("10.0.0.1"))
+    attrs = RequestAttributes(
+        "GET", "https", "h", "/a/x", "", MappingProxyType({}), ipaddress.ip_address("10.0.0.1")
+    )
     assert route_level(policy, attrs).level is not None

@@ -19,8 +19,7 @@ class FakePubSub:
         if self.fail:
             raise RedisConnectionError("sentinel down")
 
-    async def get_message(self, ignore_subscribe_messages: bool,
-                          timeout: float) -> Any:  # noqa: ASYNC109 - redis-py's signature
+    async def get_message(self, ignore_subscribe_messages: bool, timeout: float) -> Any:  # noqa: ASYNC109 - redis-py's signature
         if self.messages:
             return {"type": "message", "data": self.messages.pop(0)}
         await asyncio.sleep(timeout)
@@ -51,11 +50,13 @@ class FakePool:
 
 async def test_a_switch_of_our_primary_drops_every_connection_others_are_ignored() -> None:
     down = FakeSentinel([], fail=True)  # the first sentinel is down: the next one is used
-    up = FakeSentinel([b"other 10.0.0.1 6379 10.0.0.2 6379",
-                       b"mymaster 10.0.0.1 6379 10.0.0.3 6379"])
+    up = FakeSentinel(
+        [b"other 10.0.0.1 6379 10.0.0.2 6379", b"mymaster 10.0.0.1 6379 10.0.0.3 6379"]
+    )
     pool = FakePool([down, up])
-    watcher = SentinelWatcher(type("C", (), {"connection_pool": pool})(), "mymaster",
-                              poll_s=0.01, retry_s=0.01)
+    watcher = SentinelWatcher(
+        type("C", (), {"connection_pool": pool})(), "mymaster", poll_s=0.01, retry_s=0.01
+    )
     watcher.start()
     for _ in range(200):
         if watcher.switches:

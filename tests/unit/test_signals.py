@@ -32,11 +32,17 @@ DOC = {
     "levels": {
         "standard": {},
         "elevated": {"acr": ["mfa"], "max_age": 900},
-        "high": {"acr": ["mfa"], "max_age": 300, "bind": ["device", "ip"],
-                 "ip_allow": ["10.0.0.0/8", "192.0.2.0/24"]},
+        "high": {
+            "acr": ["mfa"],
+            "max_age": 300,
+            "bind": ["device", "ip"],
+            "ip_allow": ["10.0.0.0/8", "192.0.2.0/24"],
+        },
     },
-    "routes": [{"path_prefix": "/accounts/", "level": "elevated"},
-               {"path_prefix": "/wires/", "level": "high"}],
+    "routes": [
+        {"path_prefix": "/accounts/", "level": "elevated"},
+        {"path_prefix": "/wires/", "level": "high"},
+    ],
     "default_level": "standard",
     "signals": {
         "sensitive_level": "elevated",
@@ -46,16 +52,30 @@ DOC = {
     },
     "rules": [
         {"name": "noncompliant", "when": {"device": "noncompliant"}, "deny": "device-noncompliant"},
-        {"name": "new-device", "when": {"signals_any": ["new-device", "no-device"]},
-         "raise_to": "elevated"},
+        {
+            "name": "new-device",
+            "when": {"signals_any": ["new-device", "no-device"]},
+            "raise_to": "elevated",
+        },
         {"name": "travel", "when": {"signals_any": ["impossible-travel"]}, "deny": "travel"},
         {"name": "embargo", "when": {"country_in": ["KP"]}, "deny": "country-blocked"},
-        {"name": "abroad", "when": {"country_not_in": ["US", "CA"], "level_at_least": "elevated"},
-         "raise_to": "high"},
-        {"name": "fast", "when": {"signals_any": ["velocity"]}, "raise_to": "high",
-         "mode": "shadow"},
-        {"name": "night", "when": {"signals_all": ["off-hours", "new-ip"]}, "raise_to": "high",
-         "mode": "shadow"},
+        {
+            "name": "abroad",
+            "when": {"country_not_in": ["US", "CA"], "level_at_least": "elevated"},
+            "raise_to": "high",
+        },
+        {
+            "name": "fast",
+            "when": {"signals_any": ["velocity"]},
+            "raise_to": "high",
+            "mode": "shadow",
+        },
+        {
+            "name": "night",
+            "when": {"signals_all": ["off-hours", "new-ip"]},
+            "raise_to": "high",
+            "mode": "shadow",
+        },
     ],
 }
 
@@ -66,27 +86,36 @@ def policy() -> Policy:
 
 
 def attrs(path: str = "/news", ip: str = "10.1.1.1") -> RequestAttributes:
-    return RequestAttributes("GET", "https", "app.test", path, "", MappingProxyType({}),
-                             ipaddress.ip_address(ip))
+    return RequestAttributes(
+        "GET", "https", "app.test", path, "", MappingProxyType({}), ipaddress.ip_address(ip)
+    )
 
 
 def ident(acr: str = "pwd", auth_time: int = NOW - 3600, iat: int = NOW - 60) -> Identity:
-    return Identity("https://idp", "alice", "s1", Evidence(acr, ("pwd",), auth_time),
-                    NOW + 600, issued_at=iat)
+    return Identity(
+        "https://idp", "alice", "s1", Evidence(acr, ("pwd",), auth_time), NOW + 600, issued_at=iat
+    )
 
 
 KNOWN = UserState(device_known=True, ip_known=True, level_seen=True)
 LAPTOP = Device("spiffe://corp/laptop-1", "mtls", managed=True, compliant=True)
 
 
-def ctx_for(policy: Policy, device: Device | None, state: UserState | None,
-            geo: Geo | None = None, now: int = NOW) -> Context:
+def ctx_for(
+    policy: Policy,
+    device: Device | None,
+    state: UserState | None,
+    geo: Geo | None = None,
+    now: int = NOW,
+) -> Context:
     signals = compute_signals(policy.signals, device=device, state=state, geo=geo, now=now)
-    return Context(device=device_states(device, state),
-                   country=geo.country if geo else "US", signals=signals)
+    return Context(
+        device=device_states(device, state), country=geo.country if geo else "US", signals=signals
+    )
 
 
 # -- signals ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("device", "state", "expected"),
@@ -95,18 +124,26 @@ def ctx_for(policy: Policy, device: Device | None, state: UserState | None,
         (None, KNOWN, {"no-device"}),
         (LAPTOP, UserState(device_known=False, ip_known=True), {"new-device"}),
         (LAPTOP, UserState(device_known=True, ip_known=False), {"new-ip"}),
-        (LAPTOP, UserState(device_known=True, ip_known=True, level_seen=False),
-         {"first-level-access"}),
-        (Device("d", "assertion", managed=False, compliant=False), KNOWN,
-         {"device-noncompliant", "device-unmanaged"}),
+        (
+            LAPTOP,
+            UserState(device_known=True, ip_known=True, level_seen=False),
+            {"first-level-access"},
+        ),
+        (
+            Device("d", "assertion", managed=False, compliant=False),
+            KNOWN,
+            {"device-noncompliant", "device-unmanaged"},
+        ),
         # no state (an anonymous request): history signals stay silent
         (LAPTOP, None, set()),
     ],
 )
-def test_device_ip_level_signals(policy: Policy, device: Device | None,
-                                 state: UserState | None, expected: set[str]) -> None:
-    assert compute_signals(policy.signals, device=device, state=state, geo=None,
-                           now=NOW) == expected
+def test_device_ip_level_signals(
+    policy: Policy, device: Device | None, state: UserState | None, expected: set[str]
+) -> None:
+    assert (
+        compute_signals(policy.signals, device=device, state=state, geo=None, now=NOW) == expected
+    )
 
 
 @pytest.mark.parametrize(("count", "fires"), [(19, False), (20, False), (21, True)])
@@ -123,9 +160,11 @@ def test_distance() -> None:
 
 @pytest.mark.parametrize(
     ("elapsed_s", "fires"),
-    [(3600, True),          # NYC -> London in an hour: impossible
-     (8 * 3600, False),     # in eight hours: a flight (~700 km/h)
-     (5 * 3600, True)],     # ~1,110 km/h
+    [
+        (3600, True),  # NYC -> London in an hour: impossible
+        (8 * 3600, False),  # in eight hours: a flight (~700 km/h)
+        (5 * 3600, True),
+    ],  # ~1,110 km/h
 )
 def test_impossible_travel(elapsed_s: int, fires: bool) -> None:
     last = Sighting(NOW - elapsed_s, "203.0.113.1", 40.71, -74.01)
@@ -146,11 +185,11 @@ def ts(local: str, tz: str = "America/New_York") -> int:
 @pytest.mark.parametrize(
     ("local", "off"),
     [
-        ("2027-01-15 06:59", True),   # Friday before 07:00 in New York
+        ("2027-01-15 06:59", True),  # Friday before 07:00 in New York
         ("2027-01-15 07:00", False),
         ("2027-01-15 18:59", False),
         ("2027-01-15 19:00", True),
-        ("2027-01-16 12:00", True),   # Saturday
+        ("2027-01-16 12:00", True),  # Saturday
         ("2027-07-15 07:30", False),  # summer time: still local 07:30
     ],
 )
@@ -159,11 +198,17 @@ def test_office_hours_in_the_configured_zone(policy: Policy, local: str, off: bo
 
 
 def test_overnight_window_belongs_to_its_start_day() -> None:
-    p = load_policy({**DOC, "signals": {"hours": {
-        "timezone": "UTC", "start": "22:00", "end": "06:00", "days": ["mon"]}}})
+    p = load_policy(
+        {
+            **DOC,
+            "signals": {
+                "hours": {"timezone": "UTC", "start": "22:00", "end": "06:00", "days": ["mon"]}
+            },
+        }
+    )
     assert off_hours(p.signals, ts("2027-01-18 23:00", "UTC")) is False  # Monday night
     assert off_hours(p.signals, ts("2027-01-19 05:00", "UTC")) is False  # ...until Tuesday 06:00
-    assert off_hours(p.signals, ts("2027-01-19 23:00", "UTC")) is True   # Tuesday night
+    assert off_hours(p.signals, ts("2027-01-19 23:00", "UTC")) is True  # Tuesday night
 
 
 def test_risk_score_weights_and_cap(policy: Policy) -> None:
@@ -175,56 +220,152 @@ def test_risk_score_weights_and_cap(policy: Policy) -> None:
 
 # -- rules ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("path", "device", "state", "geo", "outcome", "reason", "level", "fired", "shadow"),
     [
         # a known device on a standard route: nothing fires
         ("/news", LAPTOP, KNOWN, None, Outcome.ALLOW, "allowed", "standard", (), ()),
         # a new device raises standard to elevated (a password token then needs step-up)
-        ("/news", LAPTOP, UserState(device_known=False, ip_known=True), None,
-         Outcome.STEP_UP, "acr-insufficient", "elevated", ("new-device",), ()),
+        (
+            "/news",
+            LAPTOP,
+            UserState(device_known=False, ip_known=True),
+            None,
+            Outcome.STEP_UP,
+            "acr-insufficient",
+            "elevated",
+            ("new-device",),
+            (),
+        ),
         # no device at all: the same rule
-        ("/news", None, KNOWN, None, Outcome.STEP_UP, "acr-insufficient", "elevated",
-         ("new-device",), ()),
+        (
+            "/news",
+            None,
+            KNOWN,
+            None,
+            Outcome.STEP_UP,
+            "acr-insufficient",
+            "elevated",
+            ("new-device",),
+            (),
+        ),
         # a non-compliant device is denied before anything else
-        ("/news", Device("d", "assertion", compliant=False), KNOWN, None, Outcome.DENY,
-         "device-noncompliant", "standard", ("noncompliant",), ()),
+        (
+            "/news",
+            Device("d", "assertion", compliant=False),
+            KNOWN,
+            None,
+            Outcome.DENY,
+            "device-noncompliant",
+            "standard",
+            ("noncompliant",),
+            (),
+        ),
         # impossible travel denies
-        ("/news", LAPTOP, UserState(device_known=True, ip_known=True,
-                                    last_seen=Sighting(NOW - 600, "x", 40.71, -74.01)),
-         Geo("GB", 51.51, -0.13), Outcome.DENY, "travel", "standard", ("travel",), ()),
+        (
+            "/news",
+            LAPTOP,
+            UserState(
+                device_known=True, ip_known=True, last_seen=Sighting(NOW - 600, "x", 40.71, -74.01)
+            ),
+            Geo("GB", 51.51, -0.13),
+            Outcome.DENY,
+            "travel",
+            "standard",
+            ("travel",),
+            (),
+        ),
         # country rules: an embargoed country is denied, abroad raises elevated to high
-        ("/news", LAPTOP, KNOWN, Geo("KP"), Outcome.DENY, "country-blocked", "standard",
-         ("embargo",), ()),
+        (
+            "/news",
+            LAPTOP,
+            KNOWN,
+            Geo("KP"),
+            Outcome.DENY,
+            "country-blocked",
+            "standard",
+            ("embargo",),
+            (),
+        ),
         ("/news", LAPTOP, KNOWN, Geo("FR"), Outcome.ALLOW, "allowed", "standard", (), ()),
-        ("/accounts/1", LAPTOP, KNOWN, Geo("FR"), Outcome.STEP_UP, "acr-insufficient", "high",
-         ("abroad",), ()),
+        (
+            "/accounts/1",
+            LAPTOP,
+            KNOWN,
+            Geo("FR"),
+            Outcome.STEP_UP,
+            "acr-insufficient",
+            "high",
+            ("abroad",),
+            (),
+        ),
         # an unknown country (no GeoIP answer) is treated as abroad: untrusted
-        ("/accounts/1", LAPTOP, KNOWN, Geo(None), Outcome.STEP_UP, "acr-insufficient",
-         "high", ("abroad",), ()),
+        (
+            "/accounts/1",
+            LAPTOP,
+            KNOWN,
+            Geo(None),
+            Outcome.STEP_UP,
+            "acr-insufficient",
+            "high",
+            ("abroad",),
+            (),
+        ),
         # velocity matches only a shadow rule: counted, decision unchanged
-        ("/accounts/1", LAPTOP, UserState(device_known=True, ip_known=True, velocity=50),
-         None, Outcome.STEP_UP, "acr-insufficient", "elevated", (), ("fast",)),
+        (
+            "/accounts/1",
+            LAPTOP,
+            UserState(device_known=True, ip_known=True, velocity=50),
+            None,
+            Outcome.STEP_UP,
+            "acr-insufficient",
+            "elevated",
+            (),
+            ("fast",),
+        ),
         # signals_all: both needed for the shadow rule
-        ("/news", LAPTOP, UserState(device_known=True, ip_known=False), None, Outcome.ALLOW,
-         "allowed", "standard", (), ()),
+        (
+            "/news",
+            LAPTOP,
+            UserState(device_known=True, ip_known=False),
+            None,
+            Outcome.ALLOW,
+            "allowed",
+            "standard",
+            (),
+            (),
+        ),
     ],
 )
-def test_rule_table(policy: Policy, path: str, device: Device | None,
-                    state: UserState | None, geo: Geo | None, outcome: Outcome, reason: str,
-                    level: str, fired: tuple[str, ...], shadow: tuple[str, ...]) -> None:
+def test_rule_table(
+    policy: Policy,
+    path: str,
+    device: Device | None,
+    state: UserState | None,
+    geo: Geo | None,
+    outcome: Outcome,
+    reason: str,
+    level: str,
+    fired: tuple[str, ...],
+    shadow: tuple[str, ...],
+) -> None:
     ctx = ctx_for(policy, device, state, geo)
-    d = decide(policy, attrs(path), ident(), state, NOW, ctx=ctx,
-               device=device.id if device else None)
-    assert (d.outcome, str(d.reason), d.level.name if d.level else None) == (outcome, reason,
-                                                                             level)
+    d = decide(
+        policy, attrs(path), ident(), state, NOW, ctx=ctx, device=device.id if device else None
+    )
+    assert (d.outcome, str(d.reason), d.level.name if d.level else None) == (outcome, reason, level)
     assert d.fired == fired
     assert d.shadow == shadow
 
 
 def test_shadow_rules_never_change_the_decision(policy: Policy) -> None:
-    enforced_doc = {**DOC, "rules": [dict(r, mode="enforce") if r.get("mode") == "shadow"
-                                     else r for r in DOC["rules"]]}
+    enforced_doc = {
+        **DOC,
+        "rules": [
+            dict(r, mode="enforce") if r.get("mode") == "shadow" else r for r in DOC["rules"]
+        ],
+    }
     enforced = load_policy(enforced_doc)
     state = UserState(device_known=True, ip_known=True, velocity=50)
     ctx = ctx_for(policy, LAPTOP, state)
@@ -244,9 +385,11 @@ def test_level_ip_allow_list(policy: Policy) -> None:
 
 # -- grant binding and revocation -----------------------------------------------------------
 
+
 def bound_grant(device: str | None, ip: str | None) -> Grant:
-    return Grant("high", Evidence("mfa", ("otp",), NOW - 10), NOW + 290, NOW - 10,
-                 device=device, ip=ip)
+    return Grant(
+        "high", Evidence("mfa", ("otp",), NOW - 10), NOW + 290, NOW - 10, device=device, ip=ip
+    )
 
 
 @pytest.mark.parametrize(
@@ -259,25 +402,38 @@ def bound_grant(device: str | None, ip: str | None) -> Grant:
         (None, None, None, "10.1.1.1", Outcome.STEP_UP, "grant-bound-elsewhere"),
     ],
 )
-def test_bound_grants(policy: Policy, grant_device: str | None, grant_ip: str | None,
-                      here_device: str | None, here_ip: str, outcome: Outcome,
-                      reason: str) -> None:
-    state = UserState(grants=(bound_grant(grant_device, grant_ip),), device_known=True,
-                      ip_known=True)
+def test_bound_grants(
+    policy: Policy,
+    grant_device: str | None,
+    grant_ip: str | None,
+    here_device: str | None,
+    here_ip: str,
+    outcome: Outcome,
+    reason: str,
+) -> None:
+    state = UserState(
+        grants=(bound_grant(grant_device, grant_ip),), device_known=True, ip_known=True
+    )
     dev = Device(here_device, "cookie") if here_device else None
     ctx = Context(device=device_states(dev, state), country="US")
-    d = decide(policy, attrs("/wires/1", here_ip), ident(), state, NOW, ctx=ctx,
-               device=here_device)
+    d = decide(policy, attrs("/wires/1", here_ip), ident(), state, NOW, ctx=ctx, device=here_device)
     assert (d.outcome, str(d.reason)) == (outcome, reason)
 
 
 def test_unbound_level_honours_a_grant_from_anywhere(policy: Policy) -> None:
-    g = Grant("elevated", Evidence("mfa", ("otp",), NOW - 10), NOW + 800, NOW - 10,
-              device="laptop", ip="10.1.1.1")
+    g = Grant(
+        "elevated",
+        Evidence("mfa", ("otp",), NOW - 10),
+        NOW + 800,
+        NOW - 10,
+        device="laptop",
+        ip="10.1.1.1",
+    )
     state = UserState(grants=(g,), device_known=True, ip_known=True)
     ctx = Context(device=frozenset({"known"}), country="US")
-    d = decide(policy, attrs("/accounts/1", "10.7.7.7"), ident(), state, NOW, ctx=ctx,
-               device="phone")
+    d = decide(
+        policy, attrs("/accounts/1", "10.7.7.7"), ident(), state, NOW, ctx=ctx, device="phone"
+    )
     assert d.outcome is Outcome.ALLOW
 
 
@@ -285,8 +441,8 @@ def test_unbound_level_honours_a_grant_from_anywhere(policy: Policy) -> None:
     ("state", "iat", "outcome"),
     [
         (UserState(session_revoked=True), NOW - 60, Outcome.LOGIN),
-        (UserState(revoked_before=NOW - 30), NOW - 60, Outcome.LOGIN),   # issued before
-        (UserState(revoked_before=NOW - 30), NOW - 30, Outcome.ALLOW),   # issued at/after
+        (UserState(revoked_before=NOW - 30), NOW - 60, Outcome.LOGIN),  # issued before
+        (UserState(revoked_before=NOW - 30), NOW - 30, Outcome.ALLOW),  # issued at/after
         (UserState(revoked_before=NOW - 30), NOW - 10, Outcome.ALLOW),
     ],
 )
@@ -300,16 +456,21 @@ def test_revocation(policy: Policy, state: UserState, iat: int, outcome: Outcome
 
 # -- validation of the new policy parts --------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
         ({"rules": [{"when": {"signals_any": ["telepathy"]}, "deny": "x"}]}, "unknown 'telepathy'"),
         ({"rules": [{"when": {"device": "purple"}, "deny": "x"}]}, "unknown 'purple'"),
         ({"rules": [{"when": {"country_in": ["usa"]}, "deny": "x"}]}, "ISO 3166"),
-        ({"rules": [{"when": {"ip_in": ["10.0.0.0/8"]}, "deny": "x", "mode": "dry"}]},
-         "mode is enforce"),
-        ({"signals": {"hours": {"timezone": "Mars/Olympus", "start": "07:00", "end": "19:00"}}},
-         "IANA time zone"),
+        (
+            {"rules": [{"when": {"ip_in": ["10.0.0.0/8"]}, "deny": "x", "mode": "dry"}]},
+            "mode is enforce",
+        ),
+        (
+            {"signals": {"hours": {"timezone": "Mars/Olympus", "start": "07:00", "end": "19:00"}}},
+            "IANA time zone",
+        ),
         ({"signals": {"velocity": {"max": 5}}}, "needs signals.sensitive_level"),
         ({"levels": {"standard": {"bind": ["phase-of-moon"]}}}, "bind is a list of"),
     ],

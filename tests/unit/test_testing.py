@@ -24,18 +24,41 @@ class Clock:
         return self.t
 
 
-def grant(level: str, now: int, ttl: int, device: str | None = None,
-          ip: str | None = None) -> Grant:
-    return Grant(level, Evidence("mfa", ("otp",), now), expires_at=now + ttl, issued_at=now,
-                 device=device, ip=ip)
+def grant(
+    level: str, now: int, ttl: int, device: str | None = None, ip: str | None = None
+) -> Grant:
+    return Grant(
+        level,
+        Evidence("mfa", ("otp",), now),
+        expires_at=now + ttl,
+        issued_at=now,
+        device=device,
+        ip=ip,
+    )
 
 
-async def read(store: MemorySessionStore, now: int, *, session: str = SK,
-               level: str = "high", device: str | None = None, ip: str | None = None,
-               sensitive: bool = False, window_s: int = 60) -> UserState:
-    return await store.read_check(user=UK, session=session, levels=LEVELS, level=level,
-                                  device=device, ip=ip, sensitive=sensitive,
-                                  window_s=window_s, now=now)
+async def read(
+    store: MemorySessionStore,
+    now: int,
+    *,
+    session: str = SK,
+    level: str = "high",
+    device: str | None = None,
+    ip: str | None = None,
+    sensitive: bool = False,
+    window_s: int = 60,
+) -> UserState:
+    return await store.read_check(
+        user=UK,
+        session=session,
+        levels=LEVELS,
+        level=level,
+        device=device,
+        ip=ip,
+        sensitive=sensitive,
+        window_s=window_s,
+        now=now,
+    )
 
 
 async def test_grants_expire_on_the_clock() -> None:
@@ -67,26 +90,24 @@ async def test_known_device_ip_level_seen_and_sighting() -> None:
     s = await read(store, now, device="d1", ip="192.0.2.1")
     assert s == UserState(device_known=False, ip_known=False, level_seen=False)
     await store.write_grant(UK, SK, grant("high", now, 60, "d1", "192.0.2.1"), now)
-    await store.note_allow(user=UK, session=SK, level="high", ip="192.0.2.1", device="d1",
-                           now=now, lat=1.5, lon=2.5)
+    await store.note_allow(
+        user=UK, session=SK, level="high", ip="192.0.2.1", device="d1", now=now, lat=1.5, lon=2.5
+    )
     s = await read(store, now, device="d1", ip="192.0.2.2")
     assert (s.device_known, s.ip_known, s.level_seen) == (True, False, True)
     assert s.last_seen == Sighting(now, "192.0.2.1", 1.5, 2.5)
     assert (await read(store, now)).device_known is None
     # note_allow never teaches a device: only a grant does.
-    await store.note_allow(user=UK, session=SK, level="high", ip="192.0.2.9", device="d9",
-                           now=now)
+    await store.note_allow(user=UK, session=SK, level="high", ip="192.0.2.9", device="d9", now=now)
     assert (await read(store, now, device="d9", ip="192.0.2.9")).device_known is False
 
 
 async def test_bounded_lists_evict_the_oldest() -> None:
     clock = Clock()
-    store = MemorySessionStore(clock, limits=StoreLimits(max_devices=2, max_ips=2,
-                                                         max_sessions=2))
+    store = MemorySessionStore(clock, limits=StoreLimits(max_devices=2, max_ips=2, max_sessions=2))
     now = int(clock.t)
     for i in range(4):
-        await store.write_grant(UK, f"s{i}", grant("high", now + i, 60, f"d{i}", f"ip{i}"),
-                                now + i)
+        await store.write_grant(UK, f"s{i}", grant("high", now + i, 60, f"d{i}", f"ip{i}"), now + i)
     known = [(await read(store, now, device=f"d{i}")).device_known for i in range(4)]
     assert known == [False, False, True, True]
     assert [s.session for s in await store.list_sessions(UK)] == ["s3", "s2"]
@@ -95,8 +116,7 @@ async def test_bounded_lists_evict_the_oldest() -> None:
 async def test_velocity_sliding_window() -> None:
     store = MemorySessionStore(Clock())
     t0 = 1_800_000_000 // 60 * 60
-    assert [(await read(store, t0 + 1, sensitive=True)).velocity for _ in range(4)] == [
-        1, 2, 3, 4]
+    assert [(await read(store, t0 + 1, sensitive=True)).velocity for _ in range(4)] == [1, 2, 3, 4]
     assert (await read(store, t0 + 2)).velocity == 0
     assert (await read(store, t0 + 60 + 30, sensitive=True)).velocity == 3  # 4*0.5 + 1
 

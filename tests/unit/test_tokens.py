@@ -45,6 +45,7 @@ NOW = 1_700_000_000
 
 # -- keys and tokens -------------------------------------------------------------------------
 
+
 @dataclass
 class Key:
     kid: str
@@ -58,8 +59,11 @@ class Key:
         return d
 
     def public_pem(self) -> bytes:
-        return bytes(self.private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        return bytes(
+            self.private.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
 
 
 _RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -79,9 +83,16 @@ def jwks(*keys: Key) -> dict[str, Any]:
 
 def claims(**over: Any) -> dict[str, Any]:
     c: dict[str, Any] = {
-        "iss": ISS, "aud": AUD, "sub": "alice", "sid": "s-1",
-        "iat": NOW - 10, "exp": NOW + 300,
-        "acr": "mfa", "amr": ["pwd", "otp"], "auth_time": NOW - 20, "azp": CLIENT,
+        "iss": ISS,
+        "aud": AUD,
+        "sub": "alice",
+        "sid": "s-1",
+        "iat": NOW - 10,
+        "exp": NOW + 300,
+        "acr": "mfa",
+        "amr": ["pwd", "otp"],
+        "auth_time": NOW - 20,
+        "azp": CLIENT,
     }
     c.update(over)
     return {k: v for k, v in c.items() if v is not _DROP}
@@ -90,8 +101,13 @@ def claims(**over: Any) -> dict[str, Any]:
 _DROP = object()
 
 
-def sign(key: Key, payload: dict[str, Any] | None = None, *, headers: dict[str, Any] | None = None,
-         kid: str | object | None = None) -> str:
+def sign(
+    key: Key,
+    payload: dict[str, Any] | None = None,
+    *,
+    headers: dict[str, Any] | None = None,
+    kid: str | object | None = None,
+) -> str:
     h = {"kid": key.kid if kid is None else kid, **(headers or {})}
     if h["kid"] is _DROP:
         del h["kid"]
@@ -105,8 +121,7 @@ def b64(raw: bytes) -> str:
 
 
 def forge(header: dict[str, Any], payload: dict[str, Any], sig: bytes = b"x") -> str:
-    return ".".join([b64(json.dumps(header).encode()), b64(json.dumps(payload).encode()),
-                     b64(sig)])
+    return ".".join([b64(json.dumps(header).encode()), b64(json.dumps(payload).encode()), b64(sig)])
 
 
 def settings(**over: Any) -> OidcSettings:
@@ -144,8 +159,13 @@ def verifier(*keys: Key, **over: Any) -> TokenVerifier:
     return TokenVerifier(settings(**over), StaticKeySource(jwks(*(keys or (RSA_KEY, EC_KEY)))))
 
 
-async def invalid(v: TokenVerifier, token: str, now: int = NOW, reason: str = "token-invalid",
-                  match: str | None = None) -> TokenError:
+async def invalid(
+    v: TokenVerifier,
+    token: str,
+    now: int = NOW,
+    reason: str = "token-invalid",
+    match: str | None = None,
+) -> TokenError:
     with pytest.raises(TokenError, match=match) as ei:
         await v.verify_access_token(token, now)
     assert ei.value.reason == reason
@@ -154,6 +174,7 @@ async def invalid(v: TokenVerifier, token: str, now: int = NOW, reason: str = "t
 
 
 # -- the happy paths -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("key", [RSA_KEY, EC_KEY], ids=["RS256", "ES256"])
 async def test_valid_token(key: Key) -> None:
@@ -181,6 +202,7 @@ async def test_token_without_kid_uses_the_only_fitting_key() -> None:
 
 
 # -- algorithm and header attacks ------------------------------------------------------------
+
 
 async def test_alg_none_refused() -> None:
     unsigned = jwt.encode(claims(), "", algorithm="none", headers={"kid": "rsa-1"})
@@ -242,10 +264,20 @@ async def test_unknown_kid_refreshes_once_then_refuses() -> None:
     assert src.refreshes == 1
 
 
-@pytest.mark.parametrize("token", [
-    "", "a.b", "a.b.c.d.e", "not a token", "!!!.e30.sig", "e30.e30.", "eyJ.e30.c2ln",
-    b64(b"[1]") + ".e30.c2ln", b64(b'{"alg":"RS256","alg":"none"}') + ".e30.c2ln",
-])
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "a.b",
+        "a.b.c.d.e",
+        "not a token",
+        "!!!.e30.sig",
+        "e30.e30.",
+        "eyJ.e30.c2ln",
+        b64(b"[1]") + ".e30.c2ln",
+        b64(b'{"alg":"RS256","alg":"none"}') + ".e30.c2ln",
+    ],
+)
 async def test_malformed(token: str) -> None:
     await invalid(verifier(), token)
 
@@ -273,11 +305,14 @@ async def test_short_rsa_key_refused() -> None:
 
 # -- claims ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("iss", [ISS + "/", ISS + "x", ISS[:-1], "https://idp.example.com",
-                                 ISS.upper(), None, 1])
+
+@pytest.mark.parametrize(
+    "iss", [ISS + "/", ISS + "x", ISS[:-1], "https://idp.example.com", ISS.upper(), None, 1]
+)
 async def test_iss_must_match_exactly(iss: Any) -> None:
-    await invalid(verifier(), sign(RSA_KEY, claims(iss=iss if iss is not None else _DROP)),
-                  match="iss")
+    await invalid(
+        verifier(), sign(RSA_KEY, claims(iss=iss if iss is not None else _DROP)), match="iss"
+    )
 
 
 @pytest.mark.parametrize("aud", ["other", AUD + "x", [], ["other"], [AUD, 1], {"a": AUD}, _DROP])
@@ -295,10 +330,17 @@ async def test_sub_required(sub: Any) -> None:
     await invalid(verifier(), sign(RSA_KEY, claims(sub=sub)), match="sub")
 
 
-@pytest.mark.parametrize(("leeway", "now", "ok"), [
-    (0, NOW + 299, True), (0, NOW + 300, False),
-    (30, NOW + 299, True), (30, NOW + 300, True), (30, NOW + 329, True), (30, NOW + 330, False),
-])
+@pytest.mark.parametrize(
+    ("leeway", "now", "ok"),
+    [
+        (0, NOW + 299, True),
+        (0, NOW + 300, False),
+        (30, NOW + 299, True),
+        (30, NOW + 300, True),
+        (30, NOW + 329, True),
+        (30, NOW + 330, False),
+    ],
+)
 async def test_exp_boundary(leeway: int, now: int, ok: bool) -> None:
     v = verifier(leeway_s=leeway, token_cache_size=0)
     tok = sign(RSA_KEY)
@@ -311,8 +353,11 @@ async def test_exp_boundary(leeway: int, now: int, ok: bool) -> None:
 @pytest.mark.parametrize("bad", [None, "1", 1.5, True, float(NOW + 300)])
 async def test_time_claims_must_be_integers(bad: Any) -> None:
     for name in ("exp", "iat"):
-        await invalid(verifier(), sign(RSA_KEY, claims(**{name: bad if bad is not None
-                                                           else _DROP})), match=name)
+        await invalid(
+            verifier(),
+            sign(RSA_KEY, claims(**{name: bad if bad is not None else _DROP})),
+            match=name,
+        )
     if bad is not None:
         await invalid(verifier(), sign(RSA_KEY, claims(nbf=bad)), match="nbf")
 
@@ -325,10 +370,18 @@ async def test_nbf_and_iat_in_the_future() -> None:
     assert await v.verify_access_token(sign(RSA_KEY, claims(iat=NOW + 30)), NOW)
 
 
-@pytest.mark.parametrize(("typ", "ok"), [
-    ("at+jwt", True), ("AT+JWT", True), ("application/at+jwt", True),
-    ("Application/At+JWT", True), ("JWT", False), (None, False), ("xat+jwt", False),
-])
+@pytest.mark.parametrize(
+    ("typ", "ok"),
+    [
+        ("at+jwt", True),
+        ("AT+JWT", True),
+        ("application/at+jwt", True),
+        ("Application/At+JWT", True),
+        ("JWT", False),
+        (None, False),
+        ("xat+jwt", False),
+    ],
+)
 async def test_typ(typ: str | None, ok: bool) -> None:
     v = verifier(token_typ="at+jwt")
     tok = sign(RSA_KEY, headers={"typ": typ})  # pyjwt leaves `typ` out when it is None
@@ -345,23 +398,36 @@ async def test_typ_not_checked_when_unset() -> None:
 async def test_sid_fallback() -> None:
     tok = sign(RSA_KEY, claims(sid=_DROP))
     assert (await verifier().verify_access_token(tok, NOW)).session_id == "alice"  # "sub"
-    assert (await verifier(sid_fallback_claim="sess").verify_access_token(
-        sign(RSA_KEY, claims(sid=_DROP, sess="z")), NOW)).session_id == "z"
+    assert (
+        await verifier(sid_fallback_claim="sess").verify_access_token(
+            sign(RSA_KEY, claims(sid=_DROP, sess="z")), NOW
+        )
+    ).session_id == "z"
     await invalid(verifier(sid_fallback_claim=None), tok, match="session id")
     await invalid(verifier(sid_fallback_claim="sess"), tok, match="session id")
     await invalid(verifier(), sign(RSA_KEY, claims(sid=5)), match="sid")
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("amr", "otp"), ("amr", ["otp", 1]), ("amr", {"otp": 1}),
-    ("auth_time", True), ("auth_time", 1.5), ("auth_time", "1700000000"),
-    ("acr", 2), ("acr", ["mfa"]), ("client_id", 3),
-])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("amr", "otp"),
+        ("amr", ["otp", 1]),
+        ("amr", {"otp": 1}),
+        ("auth_time", True),
+        ("auth_time", 1.5),
+        ("auth_time", "1700000000"),
+        ("acr", 2),
+        ("acr", ["mfa"]),
+        ("client_id", 3),
+    ],
+)
 async def test_wrong_typed_evidence(name: str, value: Any) -> None:
     await invalid(verifier(), sign(RSA_KEY, claims(**{name: value})), match=name)
 
 
 # -- cache -----------------------------------------------------------------------------------
+
 
 async def test_cache_hit_then_expiry() -> None:
     v = verifier(leeway_s=30)
@@ -403,6 +469,7 @@ async def test_cache_dropped_when_key_withdrawn(tmp_path: Path) -> None:
 
 # -- ID tokens -------------------------------------------------------------------------------
 
+
 async def test_id_token() -> None:
     v = verifier()
     tok = sign(RSA_KEY, claims(aud=CLIENT, nonce="n-123"))
@@ -439,6 +506,7 @@ async def test_verify_claims_with_other_audience_and_typ() -> None:
 
 
 # -- key sets and static / file sources ------------------------------------------------------
+
 
 def test_keyset_skips_unusable_keys() -> None:
     good = RSA_KEY.jwk()
@@ -500,6 +568,7 @@ async def test_file_source(tmp_path: Path) -> None:
 
 # -- JWKS over HTTP --------------------------------------------------------------------------
 
+
 @dataclass
 class Idp:
     """A tiny JWKS + discovery server. Set ``status``/``delay``/``doc`` to misbehave."""
@@ -523,8 +592,9 @@ class Idp:
 
     async def config(self, _: web.Request) -> web.Response:
         self.discovery_hits += 1
-        return web.json_response(self.discovery or {"issuer": self.base,
-                                                    "jwks_uri": self.base + "/jwks"})
+        return web.json_response(
+            self.discovery or {"issuer": self.base, "jwks_uri": self.base + "/jwks"}
+        )
 
 
 @pytest.fixture
@@ -550,14 +620,16 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-def jwks_source(idp: Idp, http: aiohttp.ClientSession, clock: Callable[[], float],
-                **kw: Any) -> JwksKeySource:
+def jwks_source(
+    idp: Idp, http: aiohttp.ClientSession, clock: Callable[[], float], **kw: Any
+) -> JwksKeySource:
     kw.setdefault("refresh_every_s", None)
     return JwksKeySource(http, url=idp.base + "/jwks", min_interval_s=30, clock=clock, **kw)
 
 
-async def test_jwks_unknown_kid_one_fetch_per_interval(idp: Idp,
-                                                       http: aiohttp.ClientSession) -> None:
+async def test_jwks_unknown_kid_one_fetch_per_interval(
+    idp: Idp, http: aiohttp.ClientSession
+) -> None:
     clock = FakeClock()
     src = jwks_source(idp, http, clock)
     await src.start()
@@ -570,7 +642,8 @@ async def test_jwks_unknown_kid_one_fetch_per_interval(idp: Idp,
     # many concurrent requests with an unknown kid share one fetch
     results = await asyncio.gather(
         *(v.verify_access_token(sign(RSA_KEY2, claims(sub=f"u{i}")), NOW) for i in range(20)),
-        return_exceptions=True)
+        return_exceptions=True,
+    )
     assert all(isinstance(r, TokenError) and r.reason == "token-invalid" for r in results)
     assert idp.hits == 2
     await invalid(v, sign(RSA_KEY2), match="kid")
@@ -584,7 +657,8 @@ async def test_jwks_unknown_kid_one_fetch_per_interval(idp: Idp,
 
 
 async def test_unknown_kid_waits_briefly_then_keys_unavailable_while_the_fetch_goes_on(
-        idp: Idp, http: aiohttp.ClientSession) -> None:
+    idp: Idp, http: aiohttp.ClientSession
+) -> None:
     """A slow IdP must not hold a Check past Envoy's timeout: the Check gets our own
     keys-unavailable after jwks_refresh_wait_ms; the fetch is not cancelled, and once it
     lands the rotated key verifies without another fetch."""
@@ -606,8 +680,9 @@ async def test_unknown_kid_waits_briefly_then_keys_unavailable_while_the_fetch_g
     await src.aclose()
 
 
-async def test_jwks_rotation_and_failed_refresh_keeps_keys(idp: Idp,
-                                                           http: aiohttp.ClientSession) -> None:
+async def test_jwks_rotation_and_failed_refresh_keeps_keys(
+    idp: Idp, http: aiohttp.ClientSession
+) -> None:
     clock = FakeClock()
     src = jwks_source(idp, http, clock)
     await src.start()
@@ -642,8 +717,7 @@ async def test_jwks_start_fails_closed(idp: Idp, http: aiohttp.ClientSession) ->
         await TokenVerifier(settings(), src).verify_access_token(sign(RSA_KEY), NOW)
 
 
-async def test_jwks_timeout_does_not_block_the_loop(idp: Idp,
-                                                    http: aiohttp.ClientSession) -> None:
+async def test_jwks_timeout_does_not_block_the_loop(idp: Idp, http: aiohttp.ClientSession) -> None:
     idp.delay = 5.0
     ticks = 0
 
@@ -696,9 +770,11 @@ async def test_discovery(idp: Idp, http: aiohttp.ClientSession) -> None:
 
 
 async def test_discovery_issuer_must_match(idp: Idp, http: aiohttp.ClientSession) -> None:
-    for doc in ({"issuer": idp.base + "/", "jwks_uri": idp.base + "/jwks"},
-                {"issuer": idp.base + "x", "jwks_uri": idp.base + "/jwks"},
-                {"jwks_uri": idp.base + "/jwks"}):
+    for doc in (
+        {"issuer": idp.base + "/", "jwks_uri": idp.base + "/jwks"},
+        {"issuer": idp.base + "x", "jwks_uri": idp.base + "/jwks"},
+        {"jwks_uri": idp.base + "/jwks"},
+    ):
         idp.discovery = doc
         with pytest.raises(KeysUnavailable, match="issuer"):
             await discover_jwks_url(idp.base, http, 1.0)
@@ -709,7 +785,8 @@ async def test_discovery_issuer_must_match(idp: Idp, http: aiohttp.ClientSession
 
 async def test_key_source_from_settings(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     f = tmp_path / "k.json"
-    assert isinstance(key_source_from_settings(
-        settings(jwks_file=f, jwks_url="https://x/j"), http), FileKeySource)
+    assert isinstance(
+        key_source_from_settings(settings(jwks_file=f, jwks_url="https://x/j"), http), FileKeySource
+    )
     src = key_source_from_settings(settings(jwks_url="https://x/j"), http)
     assert isinstance(src, JwksKeySource) and src.url == "https://x/j"
