@@ -57,11 +57,16 @@ security: $(STAMP) ## adversarial suite through the real Envoy; rewrites docs/se
 soak: $(STAMP) ## soak through real Envoy, Redis restarted mid-run (SOAK_SECONDS, default 300)
 	$(PY) -m pytest -q -s -m soak tests/soak
 
-lint: $(STAMP) ## ruff and mypy --strict
-	$(BIN)/ruff check authz tests bench
+lint: $(STAMP) ## ruff check, ruff format --check and mypy --strict (as CI runs them)
+	$(BIN)/ruff check authz tests bench tools
+	$(BIN)/ruff format --check authz tests bench tools
 	$(BIN)/mypy
+
+format: $(STAMP) ## ruff format and the fixable ruff findings, in place
+	$(BIN)/ruff format authz tests bench tools
+	$(BIN)/ruff check --fix authz tests bench tools
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache var
 
-.PHONY: help install system-deps demo serve test test-unit test-deploy bench bench-quick fuzz security soak lint clean
+.PHONY: help install system-deps demo serve test test-unit test-deploy bench bench-quick fuzz security soak lint format clean
