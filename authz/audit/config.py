@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from authz.config.yamlfile import load_yaml
 from authz.errors import ConfigError
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -74,18 +74,18 @@ class ExporterSettings(BaseModel):
 def load_exporter_settings(path: Path) -> ExporterSettings:
     """Load the exporter's YAML file; relative paths resolve against its folder."""
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(str(exc), source=str(path)) from exc
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from exc
+    parsed = load_yaml(raw, str(path))
+    doc = parsed.doc or {}
     if not isinstance(doc, dict):
         raise ConfigError("the exporter settings must be a mapping", source=str(path))
     try:
         s = ExporterSettings.model_validate(doc)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise ConfigError(
-            first["msg"], source=str(path), location=".".join(str(p) for p in first["loc"])
-        ) from exc
+        raise parsed.error(first["msg"], ".".join(str(p) for p in first["loc"])) from exc
     base = path.parent
     fixes = {
         n: base / p

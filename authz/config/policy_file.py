@@ -1,4 +1,5 @@
-"""Reading a policy file: YAML -> load_policy, with errors pointing at a line and column.
+"""Reading a policy file: YAML (``authz.config.yamlfile``) -> load_policy, with errors
+pointing at a line and column.
 
 Also the hot-reload holder: a ``PolicyHolder`` keeps the current policy and swaps in a new
 one atomically only when it validates; a bad file leaves the last good policy in force.
@@ -11,10 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from authz.config.yamlfile import load_yaml
 from authz.core.policy import Policy, load_policy
-from authz.errors import PolicyError
+from authz.errors import ConfigError, PolicyError
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,42 +28,17 @@ class LoadedPolicy:
         return self.policy.version or self.sha256[:12]
 
 
-def _locate(node: yaml.Node | None, location: str) -> str:
-    """Follow a dotted location (``routes.2.level``) through the YAML node tree."""
-    if node is None or not location:
-        return f"line {node.start_mark.line + 1}" if node is not None else ""
-    for part in location.split("."):
-        nxt: yaml.Node | None = None
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode) and key.value == part:
-                    nxt = value
-                    break
-        elif isinstance(node, yaml.SequenceNode) and part.isdigit():
-            idx = int(part)
-            nxt = node.value[idx] if idx < len(node.value) else None
-        if nxt is None:
-            break
-        node = nxt
-    mark = node.start_mark
-    return f"line {mark.line + 1}, column {mark.column + 1} ({location})"
-
-
 def parse_policy_text(text: str | bytes, source: str) -> LoadedPolicy:
     raw = text.encode() if isinstance(text, str) else text
     digest = hashlib.sha256(raw).hexdigest()
     try:
-        node = yaml.compose(raw, Loader=yaml.SafeLoader)
-        doc = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise PolicyError(f"invalid YAML: {problem}", source=source, location=where) from exc
+        parsed = load_yaml(raw, source)
+    except ConfigError as exc:
+        raise PolicyError(exc.reason, source=source, location=exc.location) from None
     try:
-        policy = load_policy(doc, version="")
+        policy = load_policy(parsed.doc, version="")
     except PolicyError as exc:
-        raise PolicyError(exc.reason, source=source, location=_locate(node, exc.location)) from exc
+        raise PolicyError(exc.reason, source=source, location=parsed.locate(exc.location)) from exc
     return LoadedPolicy(policy=policy, sha256=digest, path=Path(source))
 
 

@@ -12,10 +12,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from authz.audit.config import AuditSettings
+from authz.config.yamlfile import load_yaml
 from authz.errors import ConfigError
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -352,9 +352,11 @@ def load_settings(path: Path | str, env: dict[str, str] | None = None) -> Settin
     """Load and validate the settings file; relative paths resolve against its folder."""
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(str(exc), source=str(path)) from exc
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from exc
+    parsed = load_yaml(raw, str(path))
+    doc = parsed.doc or {}
     if not isinstance(doc, dict):
         raise ConfigError("the settings document must be a mapping", source=str(path))
     _apply_env(doc, dict(os.environ) if env is None else env)
@@ -363,7 +365,7 @@ def load_settings(path: Path | str, env: dict[str, str] | None = None) -> Settin
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(first["msg"], source=str(path), location=loc) from exc
+        raise parsed.error(first["msg"], loc) from exc
     return _resolve_paths(settings, path.parent)
 
 
