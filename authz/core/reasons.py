@@ -1,8 +1,13 @@
-"""Reason codes.
+"""Reason codes: the only place a reason slug is written.
 
 One slug per reason, reused verbatim as the ``reason`` metric label, the audit record's
-reason and the ``x-stepup-reason`` response header, so the three can be joined.
-Policy rules may add their own deny reasons (validated slugs); those are plain strings.
+reason and the ``x-stepup-reason`` response header, so the three can be joined. A test
+(``tests/unit/test_reasons.py``) refuses a reason slug written as a string literal anywhere
+else in ``authz/``.
+
+Policy rules may name their own deny reasons (validated slugs in the policy file): a
+Decision then carries ``Reason.RULE_DENIED`` and the rule's slug beside it
+(``Decision.slug``), which is what the header, the metric and the audit record show.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from enum import StrEnum
 
 
 class Reason(StrEnum):
+    # -- Check outcomes ---------------------------------------------------------------------
     ALLOWED = "allowed"
     PUBLIC = "public"
     # identity
@@ -19,11 +25,13 @@ class Reason(StrEnum):
     TOKEN_EXPIRED = "token-expired"  # noqa: S105 - a reason slug, not a secret
     # step-up
     ACR_INSUFFICIENT = "acr-insufficient"
+    AMR_INSUFFICIENT = "amr-insufficient"
     AUTH_TOO_OLD = "auth-too-old"
     GRANT_BOUND_ELSEWHERE = "grant-bound-elsewhere"  # a grant exists for another device/IP
     SESSION_REVOKED = "session-revoked"
     # context
     IP_NOT_ALLOWED = "ip-not-allowed"  # the level's ip_allow / ip_deny lists
+    RULE_DENIED = "rule-denied"  # a policy rule's deny; its own slug is Decision.rule_reason
     # request shape
     BAD_PATH = "bad-path"
     BAD_REQUEST = "bad-request"
@@ -35,3 +43,34 @@ class Reason(StrEnum):
     INTERNAL_ERROR = "internal-error"
     DEADLINE_EXCEEDED = "deadline-exceeded"
     AUDIT_UNAVAILABLE = "audit-unavailable"  # audit-before-access record not durably accepted
+
+    # -- grants (authz.core.grants): why a proof does not become a grant ---------------------
+    SUCCESS = "success"  # a completed step-up / recorded grant (the completion's result)
+    AUTH_TIME_MISSING = "auth-time-missing"
+    AUTH_TIME_FUTURE = "auth-time-future"
+    SUBJECT_MISMATCH = "subject-mismatch"  # someone else proved the factor
+    ISSUER_MISMATCH = "issuer-mismatch"
+    DEVICE_MISMATCH = "device-mismatch"  # a bound level completed from another device
+    IP_MISMATCH = "ip-mismatch"  # ... or from another address
+    DEVICE_REQUIRED = "device-required"  # a level bound to a device, and no device known
+    IP_REQUIRED = "ip-required"
+    LEVEL_UNKNOWN = "level-unknown"
+    LEVEL_NOT_GRANTABLE = "level-not-grantable"  # a level that asks for no evidence
+
+    # -- the step-up round trip (authz.stepup) -----------------------------------------------
+    STATE_MISMATCH = "state-mismatch"  # state parameter and browser cookie differ
+    STATE_INVALID = "state-invalid"  # unknown, expired or already used
+    IDP_ERROR = "idp-error"  # the IdP answered with an error instead of a code
+    CLAIMS_INVALID = "claims-invalid"
+    TOKEN_REJECTED = "token-rejected"  # noqa: S105 - a reason slug, not a secret
+    CODE_EXCHANGE_FAILED = "code-exchange-failed"
+    IDP_UNAVAILABLE = "idp-unavailable"
+    STORE_ERROR = "store-error"
+
+    # -- the Sessions API (authz.admin) -------------------------------------------------------
+    ARGUMENT_INVALID = "argument-invalid"
+    API_REVOKE_SESSION = "api-revoke-session"
+    API_REVOKE_USER = "api-revoke-user"
+
+    # -- error codes (authz.errors) that are not decisions -----------------------------------
+    OIDC_ERROR = "oidc-error"

@@ -8,6 +8,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Protocol
+
+from authz.core.reasons import Reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,21 +128,51 @@ def satisfies(
     now: int,
     leeway: int,
 ) -> bool:
-    """Whether ``evidence`` meets a level's requirements at ``now``.
+    """Whether ``evidence`` meets a level's requirements at ``now`` (see ``unmet``)."""
+    return _unmet(evidence, acr, amr_any, max_age, now, leeway) is None
 
-    ``max_age`` follows OpenID Connect Core 1.0 section 3.1.2.1: the authentication is
-    acceptable while ``now - auth_time <= max_age`` (plus leeway for clock skew). An
-    ``auth_time`` in the future beyond the leeway is not trusted.
+
+def unmet(evidence: Evidence, level: Requirements, *, now: int, leeway: int) -> Reason | None:
+    """The first of a level's requirements ``evidence`` does not meet, or None.
+
+    ``acr-insufficient`` (the acr is not one the level accepts), ``amr-insufficient`` (no
+    accepted method in ``amr``), ``auth-time-missing`` (the level has a ``max_age`` and the
+    evidence no ``auth_time``), ``auth-time-future`` (an ``auth_time`` beyond the leeway is
+    not trusted) or ``auth-too-old``. ``max_age`` follows OpenID Connect Core 1.0 section
+    3.1.2.1: the authentication is acceptable while ``now - auth_time <= max_age`` (plus
+    leeway for clock skew).
     """
+    return _unmet(evidence, level.acr, level.amr_any, level.max_age, now, leeway)
+
+
+class Requirements(Protocol):
+    """What ``unmet`` reads of a level (``authz.core.policy.Level`` fits)."""
+
+    @property
+    def acr(self) -> frozenset[str]: ...
+    @property
+    def amr_any(self) -> frozenset[str]: ...
+    @property
+    def max_age(self) -> int | None: ...
+
+
+def _unmet(
+    evidence: Evidence,
+    acr: frozenset[str],
+    amr_any: frozenset[str],
+    max_age: int | None,
+    now: int,
+    leeway: int,
+) -> Reason | None:
     if acr and evidence.acr not in acr:
-        return False
+        return Reason.ACR_INSUFFICIENT
     if amr_any and amr_any.isdisjoint(evidence.amr):
-        return False
+        return Reason.AMR_INSUFFICIENT
     if max_age is not None:
         if evidence.auth_time is None:
-            return False
+            return Reason.AUTH_TIME_MISSING
         if evidence.auth_time > now + leeway:
-            return False
+            return Reason.AUTH_TIME_FUTURE
         if now - evidence.auth_time > max_age + leeway:
-            return False
-    return True
+            return Reason.AUTH_TOO_OLD
+    return None
