@@ -28,11 +28,12 @@ from authz.check.geoip import GeoIP
 from authz.check.grpc_server import AuthorizationServicer, GrpcServer
 from authz.check.http_server import HttpAuthzServer, maybe_start
 from authz.check.redirects import Redirects
-from authz.check.response import ResponseBuilder
+from authz.check.response import HttpResponseBuilder, ResponseBuilder
 from authz.check.tokens import TokenVerifier, key_source_from_settings
 from authz.config.policy_file import LoadedPolicy, PolicyHolder
 from authz.config.settings import OidcSettings, Settings
 from authz.core.policy import Policy
+from authz.ops.health import Health
 from authz.ops.metrics import Metrics
 from authz.stepup.endpoints import StepupApp
 from authz.stepup.link import ContextSigner
@@ -55,6 +56,7 @@ class Service:
     authorizer: Authorizer
     grpc: GrpcServer
     stepup: StepupApp
+    health: Health
     http_runner: web.AppRunner
     http_port: int
     http_authz: HttpAuthzServer | None = None
@@ -72,7 +74,7 @@ class Service:
                 self.policy.reload()
 
     async def stop(self) -> None:
-        self.stepup.ready = False  # /readyz fails first so load balancers drain us
+        self.health.accepting = False  # /readyz fails first so load balancers drain us
         for task in self._tasks:
             task.cancel()
         await self.authorizer.drain()
@@ -302,12 +304,20 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
             store=store,
             oidc=oidc,
             metrics=metrics,
-            keys_ready=lambda: keys.ready,
             auditor=auditor,
             signer=signer,
             device_cookie=settings.devices.cookie,
         )
-        runner = web.AppRunner(stepup.build(), access_log=None)
+        health = Health(
+            metrics=metrics,
+            store_ok=store.ping,
+            keys_ready=lambda: keys.ready,
+            policy_loaded=lambda: policy.current is not None,
+        )
+        http_app = web.Application(client_max_size=64 * 1024)
+        stepup.add_routes(http_app)
+        health.add_routes(http_app)
+        runner = web.AppRunner(http_app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.http.host, settings.http.port, reuse_port=True)
         await site.start()
@@ -316,10 +326,8 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
         http_authz = await maybe_start(
             settings.http_authz,
             authorizer,
-            stepup_path_prefix=settings.stepup.path_prefix,
-            error_status=settings.stepup.error_status,
+            HttpResponseBuilder(error_status=settings.stepup.error_status, redirects=redirects),
             trusted_hops=settings.network.trusted_xff_hops,
-            redirects=redirects,
         )
     except BaseException:
         await _close_all(closers)
@@ -338,6 +346,7 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
         authorizer,
         grpc_server,
         stepup,
+        health,
         runner,
         http_port,
         http_authz,

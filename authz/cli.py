@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from authz.errors import ConfigError, RequestError
+from authz.errors import ConfigError
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -72,8 +72,14 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
         return 1
     try:
         out = explain(loaded, json.loads(Path(args.request).read_text()))
-    except (OSError, ValueError, TypeError, KeyError, RequestError) as exc:
-        print(f"invalid request file: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"cannot read the request file: {exc.strerror}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # json.JSONDecodeError
+        print(f"invalid request file: not JSON: {exc}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"invalid request file: {exc.reason}", file=sys.stderr)
         return 1
     print(json.dumps(out, indent=2) if args.json else render_text(out))
     return 0

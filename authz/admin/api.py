@@ -27,10 +27,12 @@ from authz.admin.auth import CallerAuth
 from authz.admin.proto.stepup.v1 import sessions_pb2, sessions_pb2_grpc
 from authz.audit.events import AuditEvent
 from authz.audit.mapping import grant_revoked, stepup_completed
+from authz.core.grants import GrantRefused, Proof, Target, grant_for
 from authz.core.policy import Level
-from authz.core.session import Evidence, Grant, satisfies, session_key, user_key
+from authz.core.reasons import Reason
+from authz.core.session import Evidence, Grant, session_key, user_key
 from authz.errors import StoreError
-from authz.store.sessions import SessionInfo, SessionStore
+from authz.store.interfaces import AdminStore, SessionInfo
 
 log = logging.getLogger("authz.api")
 
@@ -43,16 +45,16 @@ _SESSION_KEY = re.compile(r"[0-9a-f]{40}")
 
 
 class _Invalid(Exception):
-    def __init__(self, slug: str, message: str) -> None:
+    def __init__(self, slug: Reason, message: str) -> None:
         super().__init__(message)
         self.slug = slug
 
 
 def _text(name: str, value: str, *, required: bool = True) -> str:
     if required and not value:
-        raise _Invalid("argument-invalid", f"{name} is required")
+        raise _Invalid(Reason.ARGUMENT_INVALID, f"{name} is required")
     if len(value) > _MAX_FIELD or not value.isprintable():
-        raise _Invalid("argument-invalid", f"{name} is too long or not printable")
+        raise _Invalid(Reason.ARGUMENT_INVALID, f"{name} is too long or not printable")
     return value
 
 
@@ -63,7 +65,7 @@ def _ip(value: str) -> str | None:
     try:
         addr = ipaddress.ip_address(value)
     except ValueError:
-        raise _Invalid("argument-invalid", "ip is not an IP address") from None
+        raise _Invalid(Reason.ARGUMENT_INVALID, "ip is not an IP address") from None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     return str(addr)
@@ -102,7 +104,7 @@ def _session_pb(s: SessionInfo) -> sessions_pb2.Session:
 class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
     def __init__(
         self,
-        store: SessionStore,
+        store: AdminStore,
         *,
         levels: Callable[[str], Level | None],
         auth: CallerAuth,
@@ -144,49 +146,36 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
             sid = _text("session_id", request.session_id)
             level = self.levels(request.level)
             if level is None:
-                raise _Invalid("level-unknown", f"no level {request.level!r} in the policy")
+                raise _Invalid(Reason.LEVEL_UNKNOWN, f"no level {request.level!r} in the policy")
             amr = tuple(_text("amr", a) for a in request.amr)
             if len(amr) > _MAX_AMR:
-                raise _Invalid("argument-invalid", "too many amr values")
+                raise _Invalid(Reason.ARGUMENT_INVALID, "too many amr values")
             acr = _text("acr", request.acr, required=False) or None
             device = _text("device", request.device, required=False) or None
             ip = _ip(request.ip)
             auth_time = request.auth_time if request.HasField("auth_time") else now
-            if auth_time > now + self.leeway:
-                raise _Invalid("auth-time-future", "auth_time is in the future")
             if request.ttl_s < 0:
-                raise _Invalid("argument-invalid", "ttl_s must be >= 0")
+                raise _Invalid(Reason.ARGUMENT_INVALID, "ttl_s must be >= 0")
             evidence = Evidence(acr=acr, amr=amr, auth_time=auth_time)
-            if not satisfies(
-                evidence,
-                acr=level.acr,
-                amr_any=level.amr_any,
-                max_age=level.max_age,
-                now=now,
-                leeway=self.leeway,
-            ):
-                raise _Invalid("acr-insufficient", f"acr/amr do not satisfy {level.name}")
-            ttl = level.grant_ttl or level.max_age or self.default_grant_ttl_s
-            if request.ttl_s:
-                ttl = min(ttl, request.ttl_s)
-            expires_at = auth_time + ttl
-            if expires_at - now < 1:
-                raise _Invalid("auth-too-old", "the grant would already have expired")
+            try:
+                grant = grant_for(
+                    level,
+                    Target(iss, sub, device=device, ip=ip),
+                    Proof(iss, sub, evidence, device=device, ip=ip),
+                    now=now,
+                    leeway=self.leeway,
+                    default_ttl_s=self.default_grant_ttl_s,
+                    ttl_cap_s=request.ttl_s or None,
+                )
+            except GrantRefused as exc:
+                raise _Invalid(exc.reason, str(exc)) from None
         except _Invalid as exc:
             await self._audit_grant(request, actor, exc.slug, None)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise AssertionError("unreachable") from exc  # abort raises
         uk, sk = user_key(iss, sub), session_key(iss, sub, sid)
-        grant = Grant(
-            level=level.name,
-            evidence=evidence,
-            expires_at=expires_at,
-            issued_at=now,
-            device=device,
-            ip=ip,
-        )
         try:
-            await self._audit_grant(request, actor, "success", grant, session=sk, ip=ip)
+            await self._audit_grant(request, actor, Reason.SUCCESS, grant, session=sk, ip=ip)
         except Exception:
             log.exception("sessions API: audit unavailable; grant not recorded")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "audit trail unavailable")
@@ -196,17 +185,17 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
             await self._unavailable(context, exc)
         log.info(
             "sessions API: grant recorded",
-            extra={"actor": actor, "level": level.name, "expires_at": expires_at},
+            extra={"actor": actor, "level": grant.level, "expires_at": grant.expires_at},
         )
         return sessions_pb2.RecordGrantResponse(
-            grant_id=f"{sk}:{level.name}", expires_at=expires_at, session_key=sk
+            grant_id=f"{sk}:{grant.level}", expires_at=grant.expires_at, session_key=sk
         )
 
     async def _audit_grant(
         self,
         request: sessions_pb2.RecordGrantRequest,
         actor: str,
-        result: str,
+        result: Reason,
         grant: Grant | None,
         *,
         session: str | None = None,
@@ -251,7 +240,7 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
             elif which == "session_key" and _SESSION_KEY.fullmatch(request.session_key):
                 sk = request.session_key
             else:
-                raise _Invalid("argument-invalid", "session_id or a session_key is required")
+                raise _Invalid(Reason.ARGUMENT_INVALID, "session_id or a session_key is required")
             reason = _text("reason", request.reason, required=False) or None
         except _Invalid as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -267,7 +256,7 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
                 levels=(),
                 revoked=int(known),
                 actor=actor,
-                reason=reason or "api-revoke-session",
+                reason=reason or Reason.API_REVOKE_SESSION,
             )
         )
         return sessions_pb2.RevokeSessionResponse(known=known, session_key=sk)
@@ -294,7 +283,7 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
                 levels=(),
                 revoked=n,
                 actor=actor,
-                reason=reason or "api-revoke-user",
+                reason=reason or Reason.API_REVOKE_USER,
             )
         )
         return sessions_pb2.RevokeUserResponse(sessions=n, revoked_before=now)

@@ -35,12 +35,13 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from authz.audit.events import AuditEvent, encode_event
 from authz.audit.metrics import AuditMetrics
+from authz.core.reasons import Reason
 from authz.errors import StepupError
 
 log = logging.getLogger("authz.audit")
 
 STREAM_FIELD = b"r"  # the one stream field: the canonical JSON record
-AUDIT_UNAVAILABLE = "audit-unavailable"  # the reason slug for a denial when durable() fails
+AUDIT_UNAVAILABLE = Reason.AUDIT_UNAVAILABLE  # the denial reason when durable() fails
 
 
 class AuditUnavailable(StepupError):

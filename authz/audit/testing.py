@@ -10,6 +10,7 @@ from types import MappingProxyType
 from authz.audit.archive import ArchiveWriter
 from authz.audit.chain import SigningKey
 from authz.audit.events import AuditEvent, EventType
+from authz.core.reasons import Reason
 
 _TYPES = (
     EventType.STEPUP_CHALLENGE,
@@ -31,7 +32,7 @@ def sample_event(i: int, *, ts_ms: int = 1_700_000_000_000) -> AuditEvent:
         route=f"GET trading.example.com /accounts/{i}",
         level="elevated",
         outcome="allow",
-        reason="allowed",
+        reason=Reason.ALLOWED,
         factor="otp",
         policy_version="v1",
         details=MappingProxyType({"acr": "mfa", "auth_time": 1}),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -21,7 +20,8 @@ from authz.check.authorizer import Authorizer
 from authz.check.request import attributes_from_check
 from authz.check.response import ResponseBuilder
 from authz.config.settings import GrpcSettings
-from authz.core.decision import Decision, Outcome
+from authz.core.decision import failed, refused
+from authz.core.reasons import Reason
 from authz.errors import RequestError
 
 log = logging.getLogger("authz.grpc")
@@ -43,18 +43,14 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         try:
             attrs = attributes_from_check(request, self.trusted_hops)
         except RequestError as exc:
-            decision = Decision(Outcome.DENY, exc.reason)
-            decision_id = f"req-{time.time_ns():x}"
-            self.authorizer.record(decision, decision_id, None, 0.0)
-            return self.responses.build(decision, None, decision_id)
+            answer = self.authorizer.unread(refused(exc.reason))
+            return self.responses.build(answer.decision, None, answer.decision_id)
         except Exception:
             log.exception("unreadable CheckRequest")
-            decision = Decision(Outcome.ERROR, "internal-error")
-            decision_id = f"err-{time.time_ns():x}"
-            self.authorizer.record(decision, decision_id, None, 0.0)
-            return self.responses.build(decision, None, decision_id)
-        decision, decision_id = await self.authorizer.check(attrs)
-        return self.responses.build(decision, attrs, decision_id)
+            answer = self.authorizer.unread(failed(Reason.INTERNAL_ERROR))
+            return self.responses.build(answer.decision, None, answer.decision_id)
+        result = await self.authorizer.check(attrs)
+        return self.responses.build(result.decision, attrs, result.decision_id)
 
 
 def _credentials(settings: GrpcSettings) -> grpc.ServerCredentials | None:

@@ -14,8 +14,10 @@ import hmac
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Protocol
 
 import jwt
 from jwt.utils import base64url_decode
@@ -36,11 +38,15 @@ from authz.errors import KeysUnavailable, TokenError
 
 __all__ = [
     "MAX_TOKEN_BYTES",
+    "AccessTokenVerifier",
     "CacheStats",
     "FileKeySource",
+    "IdToken",
+    "IdTokenVerifier",
     "JwksKeySource",
     "KeySource",
     "StaticKeySource",
+    "StepupTokens",
     "TokenVerifier",
     "discover_jwks_url",
     "evidence_from_claims",
@@ -122,6 +128,35 @@ def evidence_from_claims(claims: dict[str, Any]) -> Evidence:
         amr=tuple(amr),
         auth_time=_int_claim(claims, "auth_time", required=False),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class IdToken:
+    """A verified ID token: who authenticated, what the authentication proved (its
+    Evidence, typed strictly) and the claims as the IdP sent them."""
+
+    issuer: str
+    subject: str
+    evidence: Evidence
+    session_id: str | None
+    claims: Mapping[str, Any]
+
+
+class AccessTokenVerifier(Protocol):
+    """What the Check path and the step-up endpoints need to turn a token into an Identity."""
+
+    async def verify_access_token(self, token: str, now: int) -> Identity: ...
+
+
+class IdTokenVerifier(Protocol):
+    """What the step-up callback needs to verify the IdP's ID token (OIDC Core 3.1.3.7)."""
+
+    async def verify_id_token(self, token: str, now: int, *, nonce: str) -> IdToken: ...
+
+
+class StepupTokens(AccessTokenVerifier, IdTokenVerifier, Protocol):
+    """Both: what the step-up endpoints verify (the session's access token at ``start``,
+    the IdP's ID token at the callback)."""
 
 
 @dataclass(slots=True)
@@ -218,7 +253,7 @@ class TokenVerifier:
 
     # -- ID tokens -----------------------------------------------------------------------
 
-    async def verify_id_token(self, token: str, now: int, *, nonce: str) -> dict[str, Any]:
+    async def verify_id_token(self, token: str, now: int, *, nonce: str) -> IdToken:
         """Verify an ID token from the step-up round trip (OIDC Core 3.1.3.7, 3.1.3.8).
 
         ``aud`` must contain ``client_id``; with several audiences ``azp`` is required, and
@@ -237,8 +272,13 @@ class TokenVerifier:
             raise _invalid("several audiences and no `azp`")
         if azp is not None and azp != client_id:
             raise _invalid("`azp` is not our client_id")
-        evidence_from_claims(claims)  # the caller builds a grant from these: type them now
-        return claims
+        return IdToken(
+            issuer=claims["iss"],
+            subject=claims["sub"],
+            evidence=evidence_from_claims(claims),
+            session_id=_str_claim(claims, "sid"),
+            claims=MappingProxyType(claims),
+        )
 
     # -- shared core ---------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from authz.core.reasons import Reason
+
 # Buckets centred on the budget: a Check should take well under 2 ms.
 _LATENCY_BUCKETS = (
     0.0001,
@@ -100,11 +102,11 @@ class Metrics:
         )
         # Pre-create the fail-closed series so alerts see a 0 before the first failure.
         for cause in (
-            "session-store-unavailable",
-            "keys-unavailable",
-            "internal-error",
-            "deadline-exceeded",
-            "audit-unavailable",
+            Reason.SESSION_STORE_UNAVAILABLE,
+            Reason.KEYS_UNAVAILABLE,
+            Reason.INTERNAL_ERROR,
+            Reason.DEADLINE_EXCEEDED,
+            Reason.AUDIT_UNAVAILABLE,
         ):
             self.fail_closed.labels(cause=cause)
         for op in ("read", "write", "state", "note"):

@@ -13,6 +13,7 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 
+from authz.core.reasons import Reason
 from authz.errors import OidcError
 
 
@@ -126,12 +127,13 @@ class OidcClient:
                     error = body.get("error") if isinstance(body, dict) else None
                     raise OidcError(
                         f"token endpoint: HTTP {resp.status} {error or ''}".strip(),
-                        reason="code-exchange-failed",
+                        reason=Reason.CODE_EXCHANGE_FAILED,
                     )
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise OidcError(
-                f"token endpoint unreachable: {exc.__class__.__name__}", reason="idp-unavailable"
+                f"token endpoint unreachable: {exc.__class__.__name__}",
+                reason=Reason.IDP_UNAVAILABLE,
             ) from exc
         if not isinstance(body, dict) or not isinstance(body.get("id_token"), str):
-            raise OidcError("token response has no id_token", reason="code-exchange-failed")
+            raise OidcError("token response has no id_token", reason=Reason.CODE_EXCHANGE_FAILED)
         return body

@@ -16,7 +16,8 @@ from typing import Any
 
 from authz.core.session import Grant, Sighting, UserState
 from authz.errors import StoreError
-from authz.store.sessions import SessionInfo, StoreLimits, velocity_estimate
+from authz.store.interfaces import SessionInfo
+from authz.store.sessions import StoreLimits, velocity_estimate
 
 
 @dataclass

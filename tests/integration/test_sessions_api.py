@@ -226,8 +226,8 @@ async def test_ttl_is_capped_by_the_level(api: Api) -> None:
     [
         ({"level": "nope"}, "level-unknown"),
         ({"acr": "mfa"}, "acr-insufficient"),  # high needs phr
-        ({"amr": ["otp"]}, "acr-insufficient"),  # high needs hwk or fido
-        ({"auth_time": 1}, "acr-insufficient"),  # beyond max_age
+        ({"amr": ["otp"]}, "amr-insufficient"),  # high needs hwk or fido
+        ({"auth_time": 1}, "auth-too-old"),  # beyond max_age
         ({"auth_time": 2**40}, "auth-time-future"),
         ({"ip": "not-an-ip"}, "argument-invalid"),
         ({"session_id": ""}, "argument-invalid"),

@@ -474,7 +474,7 @@ async def test_id_token() -> None:
     v = verifier()
     tok = sign(RSA_KEY, claims(aud=CLIENT, nonce="n-123"))
     got = await v.verify_id_token(tok, NOW, nonce="n-123")
-    assert got["sub"] == "alice"
+    assert (got.subject, got.issuer, got.claims["nonce"]) == ("alice", ISS, "n-123")
     for bad in ("n-124", "n-12", "n-1234"):
         with pytest.raises(TokenError, match="nonce"):
             await v.verify_id_token(tok, NOW, nonce=bad)
