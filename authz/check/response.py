@@ -137,6 +137,37 @@ def denial(
     )
 
 
+def allowance(
+    d: Decision, attrs: RequestAttributes | None, decision_id: str
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """(headers set on the upstream request, headers removed from it) of an allow: one
+    definition for both ext_authz modes.
+
+    Identity headers come only from us: every client-sent ``x-stepup-*`` we do not set
+    ourselves is removed, and so are method overrides, always (the HTTP mode cannot see
+    them, since they are not in its allowed headers, and both modes answer alike).
+    """
+    headers = [
+        ("x-stepup-level", d.level.name if d.level is not None else ""),
+        ("x-stepup-decision-id", decision_id),
+        ("x-stepup-risk", str(d.risk)),
+    ]
+    if d.identity is not None:
+        ev = d.evidence or d.identity.evidence
+        headers += [
+            ("x-stepup-user", d.identity.subject),
+            ("x-stepup-issuer", d.identity.issuer),
+            ("x-stepup-acr", ev.acr or ""),
+            ("x-stepup-auth-time", str(ev.auth_time or "")),
+        ]
+    remove: list[str] = []
+    if attrs is not None:
+        ours = {k for k, _ in headers}
+        remove = [h for h in attrs.headers if h.startswith(HEADER_PREFIX) and h not in ours]
+    remove += METHOD_OVERRIDE_HEADERS
+    return headers, remove
+
+
 class ResponseBuilder:
     def __init__(
         self,
@@ -170,29 +201,10 @@ class ResponseBuilder:
         decision_id: str,
         resp: external_auth_pb2.CheckResponse,
     ) -> external_auth_pb2.CheckResponse:
-        set_headers = {
-            "x-stepup-level": d.level.name if d.level is not None else "",
-            "x-stepup-decision-id": decision_id,
-            "x-stepup-risk": str(d.risk),
-        }
-        if d.identity is not None:
-            set_headers["x-stepup-user"] = d.identity.subject
-            set_headers["x-stepup-issuer"] = d.identity.issuer
-            ev = d.evidence or d.identity.evidence
-            set_headers["x-stepup-acr"] = ev.acr or ""
-            set_headers["x-stepup-auth-time"] = str(ev.auth_time or "")
-        # Identity headers come only from us: drop every client-sent x-stepup-* we
-        # do not overwrite ourselves; and method overrides, always (the HTTP mode does not
-        # see them, and both modes answer alike).
-        remove = []
-        if attrs is not None:
-            remove = [
-                h for h in attrs.headers if h.startswith(HEADER_PREFIX) and h not in set_headers
-            ]
-        remove += METHOD_OVERRIDE_HEADERS
+        set_headers, remove = allowance(d, attrs, decision_id)
         resp.status.code = code_pb2.OK
         ok = resp.ok_response
-        _add_headers(ok.headers, set_headers.items())
+        _add_headers(ok.headers, set_headers)
         ok.headers_to_remove.extend(remove)
         return resp
 
@@ -261,25 +273,8 @@ class HttpResponseBuilder:
         d = decision
         reason = d.slug
         if d.outcome is Outcome.ALLOW:
-            headers = [
-                ("x-stepup-level", d.level.name if d.level is not None else ""),
-                ("x-stepup-decision-id", decision_id),
-                ("x-stepup-risk", str(d.risk)),
-            ]
-            if d.identity is not None:
-                ev = d.evidence or d.identity.evidence
-                headers += [
-                    ("x-stepup-user", d.identity.subject),
-                    ("x-stepup-issuer", d.identity.issuer),
-                    ("x-stepup-acr", ev.acr or ""),
-                    ("x-stepup-auth-time", str(ev.auth_time or "")),
-                ]
-            remove: list[str] = []
-            if attrs is not None:
-                ours = {k for k, _ in headers}
-                remove = [h for h in attrs.headers if h.startswith(HEADER_PREFIX) and h not in ours]
-            # Method overrides are not in allowed_headers, so we cannot see them: always.
-            headers.append((REMOVE_HEADER, ", ".join([*remove, *METHOD_OVERRIDE_HEADERS])))
+            headers, remove = allowance(d, attrs, decision_id)
+            headers.append((REMOVE_HEADER, ", ".join(remove)))
             headers += [("x-stepup-outcome", d.outcome.value), ("x-stepup-reason", reason)]
             return 200, headers, ""
         status, headers, body = denial(

@@ -12,11 +12,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from authz.audit.config import AuditSettings
-from authz.config.yamlfile import load_yaml
-from authz.errors import ConfigError
+from authz.config.yamlfile import read_mapping, validated
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -351,21 +350,10 @@ def _apply_env(doc: dict[str, Any], env: dict[str, str]) -> None:
 def load_settings(path: Path | str, env: dict[str, str] | None = None) -> Settings:
     """Load and validate the settings file; relative paths resolve against its folder."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from exc
-    parsed = load_yaml(raw, str(path))
-    doc = parsed.doc or {}
-    if not isinstance(doc, dict):
-        raise ConfigError("the settings document must be a mapping", source=str(path))
+    parsed = read_mapping(path, "settings document")
+    doc = parsed.doc
     _apply_env(doc, dict(os.environ) if env is None else env)
-    try:
-        settings = Settings.model_validate(doc)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise parsed.error(first["msg"], loc) from exc
+    settings = validated(parsed, Settings, doc)
     return _resolve_paths(settings, path.parent)
 
 
