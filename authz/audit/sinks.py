@@ -50,6 +50,15 @@ class AuditUnavailable(StepupError):
     code = AUDIT_UNAVAILABLE
 
 
+class AuditTrail(Protocol):
+    """What producers of audit events need: ``Auditor`` implements it, and so does
+    ``authz.audit.testing.MemoryAuditor`` (unit tests)."""
+
+    def emit(self, event: AuditEvent) -> None: ...
+    async def durable(self, event: AuditEvent) -> None: ...
+    async def durable_record(self, record: bytes) -> None: ...
+
+
 class MirrorSink(Protocol):
     """A best-effort copy (stdout for log collectors). Must not block for long. It gets the
     canonical record bytes the stream got (``events.encode_event``)."""

@@ -1,5 +1,6 @@
-"""Test helpers shipped next to the interfaces: a sample archive generator and an in-memory
-mirror sink (unit tests, docs, trying ``audit verify`` without Redis)."""
+"""Test helpers shipped next to the interfaces: a sample archive generator, an in-memory
+mirror sink and an in-memory audit trail (unit tests, docs, trying ``audit verify``
+without Redis)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from types import MappingProxyType
 from authz.audit.archive import ArchiveWriter
 from authz.audit.chain import SigningKey
 from authz.audit.events import AuditEvent, EventType
+from authz.audit.sinks import AuditUnavailable
 from authz.core.reasons import Reason
 
 _TYPES = (
@@ -74,3 +76,29 @@ class MemorySink:
 
     def write_many(self, records: Sequence[bytes]) -> None:
         self.records.extend(records)
+
+
+class MemoryAuditor:
+    """``AuditTrail`` in a list: ``events`` holds every emitted or durably written event in
+    order (``durable`` ones are also in ``durable_events``). Set ``fail`` to make the
+    durable writes raise ``AuditUnavailable``, as a dead audit Redis would."""
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.fail = fail
+        self.events: list[AuditEvent] = []
+        self.durable_events: list[AuditEvent] = []
+        self.records: list[bytes] = []
+
+    def emit(self, event: AuditEvent) -> None:
+        self.events.append(event)
+
+    async def durable(self, event: AuditEvent) -> None:
+        if self.fail:
+            raise AuditUnavailable("MemoryAuditor.fail")
+        self.events.append(event)
+        self.durable_events.append(event)
+
+    async def durable_record(self, record: bytes) -> None:
+        if self.fail:
+            raise AuditUnavailable("MemoryAuditor.fail")
+        self.records.append(record)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from authz.audit.mapping import allowed_record, event_for_check, requires_durable
-from authz.audit.sinks import Auditor, AuditUnavailable
+from authz.audit.sinks import AuditTrail, AuditUnavailable
 from authz.check.devices import DeviceResolver
 from authz.check.geoip import GeoIP
 from authz.check.tokens import AccessTokenVerifier
@@ -87,7 +87,7 @@ class Authorizer:
         token_cookie: str,
         leeway: int,
         clock: Callable[[], float] = time.time,
-        auditor: Auditor | None = None,
+        auditor: AuditTrail | None = None,
         audit_level: str | None = None,
         devices: DeviceResolver | None = None,
         geoip: GeoIP | None = None,

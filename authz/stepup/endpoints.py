@@ -31,7 +31,7 @@ from aiohttp import web
 
 from authz.audit.events import AuditEvent
 from authz.audit.mapping import stepup_completed
-from authz.audit.sinks import Auditor, AuditUnavailable
+from authz.audit.sinks import AuditTrail, AuditUnavailable
 from authz.check.devices import cookie_device_id
 from authz.check.tokens import IdToken, StepupTokens
 from authz.config.policy_file import PolicyHolder
@@ -45,7 +45,7 @@ from authz.core.session import Evidence, Grant, factor_of, session_key, user_key
 from authz.errors import OidcError, StoreError, TokenError
 from authz.ops.metrics import Metrics
 from authz.stepup.link import ContextSigner
-from authz.stepup.oidc import OidcClient, pkce_pair
+from authz.stepup.oidc import RelyingParty, pkce_pair
 from authz.stepup.pages import page
 from authz.stepup.state import StateKind, StepupState
 from authz.store.interfaces import StepupStore
@@ -87,10 +87,10 @@ class StepupApp:
         policy: PolicyHolder,
         tokens: StepupTokens,
         store: StepupStore,
-        oidc: OidcClient,
+        oidc: RelyingParty,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
-        auditor: Auditor | None = None,
+        auditor: AuditTrail | None = None,
         signer: ContextSigner | None = None,
         device_cookie: str | None = "stepup_device",
     ) -> None:

@@ -8,7 +8,7 @@ import base64
 import hashlib
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -53,6 +53,24 @@ async def discover(
         )
     except KeyError as exc:
         raise OidcError(f"discovery document lacks {exc.args[0]}") from exc
+
+
+class RelyingParty(Protocol):
+    """What the step-up endpoints ask of the OIDC client (``OidcClient``; a fake in tests)."""
+
+    def authorize_url(
+        self,
+        *,
+        state: str,
+        nonce: str,
+        code_challenge: str,
+        acr_values: tuple[str, ...] = (),
+        max_age: int | None = None,
+        prompt_login: bool = False,
+        login_hint: str | None = None,
+    ) -> str: ...
+
+    async def exchange_code(self, code: str, verifier: str) -> dict[str, Any]: ...
 
 
 class OidcClient:
