@@ -43,6 +43,7 @@ class EventType(StrEnum):
     ERROR_FAIL_CLOSED = "error.fail_closed"
     POLICY_RELOAD = "policy.reload"
     GRANT_REVOKED = "grant.revoked"
+    SESSIONS_LISTED = "sessions.listed"  # a Sessions API read: who looked at whose sessions
 
 
 # The common fields, in the order the CSV export uses. ``details`` holds per-type extras

@@ -335,3 +335,13 @@ def grant_revoked(
         level=",".join(levels),
         details=MappingProxyType({"revoked": revoked, "actor": actor}),
     )
+
+
+def sessions_listed(*, user: str, actor: str, count: int) -> AuditEvent:
+    """A Sessions API read: the caller looked at a user's sessions (IPs, devices)."""
+    return AuditEvent(
+        type=EventType.SESSIONS_LISTED,
+        user=user,
+        outcome="read",
+        details=MappingProxyType({"actor": actor, "sessions": count}),
+    )

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from authz.admin.config import ApiSettings
 from authz.audit.config import AuditSettings
 from authz.config.yamlfile import read_mapping, validated
 
@@ -38,6 +40,7 @@ class GrpcSettings(BaseModel):
     shutdown_delay_s: float = Field(1.0, ge=0)
     shutdown_grace_s: float = Field(5.0, ge=0)
     max_concurrent_rpcs: int | None = Field(None, ge=1)
+    reflection: bool = False  # gRPC server reflection (advertises the services): opt-in
 
 
 class HttpSettings(BaseModel):
@@ -278,16 +281,6 @@ class CryptoSettings(BaseModel):
         return self
 
 
-class ApiSettings(BaseModel):
-    """The Sessions API (RecordGrant, RevokeSession, RevokeUser, ListSessions) on the gRPC
-    port. Callers authenticate by mTLS (peer CN/SAN in allowed_peers) or a bearer secret."""
-
-    model_config = _FROZEN
-    enabled: bool = False
-    allowed_peers: tuple[str, ...] = ()  # exact CN or SAN (DNS/URI/IP), e.g. spiffe://...
-    bearer_secret_file: Path | None = None
-
-
 class NetworkSettings(BaseModel):
     model_config = _FROZEN
     # Proxies in front of Envoy that append to X-Forwarded-For (a cloud load balancer: 1).
@@ -374,8 +367,8 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
         updates["network"] = s.network.model_copy(update={"geoip_database": p})
     if (p := fix(s.stepup.context_key_file)) is not None:
         updates["stepup"] = s.stepup.model_copy(update={"context_key_file": p})
-    if (p := fix(s.api.bearer_secret_file)) is not None:
-        updates["api"] = s.api.model_copy(update={"bearer_secret_file": p})
+    if s.api.callers or s.api.tls is not None:
+        updates["api"] = _resolve_api(s.api, fix)
     assertion = s.devices.assertion
     if assertion is not None and (p := fix(assertion.jwks_file)) is not None:
         updates["devices"] = s.devices.model_copy(
@@ -392,3 +385,23 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
         }
         updates["grpc"] = s.grpc.model_copy(update={"tls": s.grpc.tls.model_copy(update=tls)})
     return s.model_copy(update=updates) if updates else s
+
+
+def _resolve_api(api: ApiSettings, fix: Callable[[Path | None], Path | None]) -> ApiSettings:
+    def keep(p: Path | None) -> Path | None:
+        return fix(p) or p
+
+    callers = []
+    for c in api.callers:
+        update: dict[str, Any] = {"bearer_secret_file": keep(c.bearer_secret_file)}
+        if c.proof is not None:
+            update["proof"] = c.proof.model_copy(update={"jwks_file": keep(c.proof.jwks_file)})
+        callers.append(c.model_copy(update=update))
+    update_api: dict[str, Any] = {"callers": tuple(callers)}
+    if api.tls is not None:
+        update_api["tls"] = api.tls.model_copy(
+            update={
+                n: keep(getattr(api.tls, n)) for n in ("cert_file", "key_file", "client_ca_file")
+            }
+        )
+    return api.model_copy(update=update_api)

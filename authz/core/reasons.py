@@ -69,6 +69,9 @@ class Reason(StrEnum):
 
     # -- the Sessions API (authz.admin) -------------------------------------------------------
     ARGUMENT_INVALID = "argument-invalid"
+    PROOF_INVALID = "proof-invalid"  # no proof, or one that does not verify
+    PROOF_REPLAYED = "proof-replayed"  # a proof's jti used a second time
+    OUT_OF_SCOPE = "out-of-scope"  # beyond what this caller may grant or assert
     API_REVOKE_SESSION = "api-revoke-session"
     API_REVOKE_USER = "api-revoke-user"
 

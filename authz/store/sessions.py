@@ -650,6 +650,15 @@ class RedisSessionStore:
             return None
         return doc
 
+    async def remember_once(self, key: str, ttl_s: int) -> bool:
+        """SET NX EX under ``{prefix}once:<key>``: True only for the first caller."""
+        if ttl_s < 1:
+            raise ValueError("ttl_s must be >= 1")
+        done = await self._call(
+            "remember", self._client.set(f"{self._prefix}once:{key}", b"1", ex=ttl_s, nx=True)
+        )
+        return bool(done)
+
     async def ping(self) -> bool:
         """For /readyz: whether the store answers within the deadline. Never raises."""
         try:
