@@ -144,6 +144,9 @@ class CountingSource:
         self.refreshes += 1
         return await self.inner.refresh()
 
+    def retry_after(self, kid: str | None = None) -> float | None:
+        return self.inner.retry_after(kid)
+
     async def start(self) -> None:
         await self.inner.start()
 
@@ -636,8 +639,11 @@ async def test_jwks_unknown_kid_one_fetch_per_interval(
     assert idp.hits == 1
     v = TokenVerifier(settings(), src)
     assert await v.verify_access_token(sign(RSA_KEY), NOW)
-    await invalid(v, sign(RSA_KEY2), match="kid")
-    assert idp.hits == 1  # start() counts as the interval's fetch
+    # start() counts as the interval's fetch: the refetch is held back, so the kid cannot
+    # be judged yet -> keys-unavailable with the seconds left, never invalid_token
+    held = await invalid(v, sign(RSA_KEY2), reason="keys-unavailable", match="rate-limited")
+    assert isinstance(held, KeysUnavailable) and held.retry_after_s == 30
+    assert idp.hits == 1
     clock.t += 31
     # many concurrent requests with an unknown kid share one fetch
     results = await asyncio.gather(
@@ -646,7 +652,9 @@ async def test_jwks_unknown_kid_one_fetch_per_interval(
     )
     assert all(isinstance(r, TokenError) and r.reason == "token-invalid" for r in results)
     assert idp.hits == 2
-    await invalid(v, sign(RSA_KEY2), match="kid")
+    clock.t += 10
+    held = await invalid(v, sign(RSA_KEY2), reason="keys-unavailable")
+    assert isinstance(held, KeysUnavailable) and held.retry_after_s == 20
     assert idp.hits == 2  # within the interval: no fetch
     # the IdP rotates in the new key; once the interval has passed, one fetch finds it
     idp.doc = jwks(RSA_KEY, RSA_KEY2)
