@@ -229,9 +229,12 @@ class SignIn:
 class Browser:
     """A cookie-keeping HTTP client standing in for the user's browser at the OP."""
 
-    def __init__(self, op: Op, http: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, op: Op, http: aiohttp.ClientSession, *, redirect_uri: str = REDIRECT_URI
+    ) -> None:
         self.op = op
         self.http = http
+        self.redirect_uri = redirect_uri
 
     async def authorize_url(self, url: str, *, factor: str = "otp") -> dict[str, str]:
         """Follow an authorization request through login and consent to the callback;
@@ -260,7 +263,7 @@ class Browser:
                 login_done = True
             if location is None:
                 raise OpError(f"authorization stopped at {status}: {body[:500]}")
-            if location.startswith(REDIRECT_URI):
+            if location.startswith(self.redirect_uri):
                 return {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
             url = location if location.startswith("http") else self.op.issuer + location
         raise OpError("too many redirects")
@@ -281,7 +284,7 @@ class Browser:
         nonce = secrets.token_urlsafe(16)
         params = {
             "client_id": CLIENT_ID,
-            "redirect_uri": REDIRECT_URI,
+            "redirect_uri": self.redirect_uri,
             "response_type": "code",
             "scope": scope,
             "state": secrets.token_urlsafe(16),
@@ -312,7 +315,7 @@ class Browser:
         data = {
             "grant_type": "authorization_code",
             "code": query["code"],
-            "redirect_uri": REDIRECT_URI,
+            "redirect_uri": self.redirect_uri,
             "code_verifier": verifier,
         }
         if resource:

@@ -184,9 +184,10 @@ function configuration() {
     claims: {
       openid: ['sub'],
       email: ['email'],
-      profile: ['preferred_username'],
+      // Entra puts `oid` in ID tokens under the profile scope; `acrs` only when requested.
+      profile: ['preferred_username', ...(config === 'entra' ? ['oid'] : [])],
       ...(JWT_CONFIG ? { amr: null } : {}), // requestable once the claims parameter is on
-      ...(config === 'entra' ? { acrs: null, oid: null } : {}),
+      ...(config === 'entra' ? { acrs: null } : {}),
     },
     // Without this the OP renders its own development login, which proves nothing.
     interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
