@@ -7,6 +7,7 @@ StepupError                 base; ``code`` is a stable slug
 │                           canonicalise); maps to a deny with its ``reason``
 ├── TokenError              a presented token is not acceptable; ``reason`` says why
 │   └── KeysUnavailable     no verification keys could be obtained (fail closed)
+│       └── IntrospectionUnavailable  RFC 7662 introspection failed or timed out
 ├── StoreError              the session store failed or missed its deadline (fail closed)
 └── OidcError               the step-up round trip failed (state, code exchange, ID token)
 
@@ -56,10 +57,20 @@ class TokenError(StepupError):
 
 
 class KeysUnavailable(TokenError):
+    """``retry_after_s``: when known, the seconds after which a retry can succeed (a JWKS
+    refetch held back by its rate limit); for a ``Retry-After`` header."""
+
     code = Reason.KEYS_UNAVAILABLE
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        self.retry_after_s = retry_after_s
         super().__init__(message, reason=Reason.KEYS_UNAVAILABLE)
+
+
+class IntrospectionUnavailable(KeysUnavailable):
+    """The introspection endpoint failed, timed out or is saturated: fail closed."""
+
+    code = Reason.INTROSPECTION_UNAVAILABLE
 
 
 class StoreError(StepupError):

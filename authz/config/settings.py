@@ -137,6 +137,80 @@ class RedisSettings(BaseModel):
         return self.url is None and self.sentinel is None and self.cluster is None
 
 
+IdpProfileName = Literal["generic", "okta", "entra", "keycloak", "ping"]
+
+
+class AuthContextSettings(BaseModel):
+    """One Entra Conditional Access authentication context and the policy acr it proves."""
+
+    model_config = _FROZEN
+    id: str = Field(pattern=r"^c([1-9]|[1-9][0-9])$")  # Entra names them c1..c99
+    acr: str = Field(min_length=1, max_length=256)
+
+
+class ProfileSettings(BaseModel):
+    """The IdP profile (``authz.stepup.profiles``) and the parts of it overridden here.
+
+    Every field left unset takes the profile's value; ``docs/idp/<name>.md`` lists them.
+    """
+
+    model_config = _FROZEN
+    name: IdpProfileName = "generic"
+    scope: tuple[str, ...] | None = None
+    # RFC 8707 resource indicators sent with every authorization and token request.
+    resource: tuple[str, ...] = ()
+    claims_request: bool | None = None  # OIDC Core 5.5 `claims` with the level's needs
+    send_acr_values: bool | None = None
+    acr_claim: str | None = None
+    amr_claim: str | None = None
+    auth_time_claim: str | None = None
+    sid_claim: str | None = None
+    # "Same user" between the access token and the ID token: (access claim, ID claim).
+    subject_claims: tuple[str, str] | None = None
+    # Where an access token names its client (RFC 9068 client_id, azp, Okta cid, ...).
+    client_claims: tuple[str, ...] | None = None
+    challenge: Literal["rfc9470", "claims", "both"] | None = None
+    # Entra: authentication contexts, weakest first; levels ask for them via `claims`.
+    auth_contexts: tuple[AuthContextSettings, ...] = ()
+    authorization_uri: str | None = None  # Entra claims challenge `authorization_uri`
+
+    @field_validator("resource")
+    @classmethod
+    def _absolute(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for r in v:  # RFC 8707 section 2: an absolute URI without a fragment
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*:[^#\s]+", r):
+                raise ValueError(f"resource {r!r} is not an absolute URI without a fragment")
+        return v
+
+
+class IntrospectionSettings(BaseModel):
+    """RFC 7662 token introspection for access tokens that are not JWTs (``authz.check.
+    introspection``). Present means on; the client credentials default to the OIDC client's."""
+
+    model_config = _FROZEN
+    endpoint: str | None = None  # default: `introspection_endpoint` from discovery
+    client_id: str | None = None
+    client_secret: str | None = None
+    client_secret_file: Path | None = None
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    # Each call must end well inside Envoy's ext_authz timeout; a late answer is a deny.
+    timeout_ms: int = Field(150, ge=1, le=10_000)
+    cache_ttl_s: int = Field(60, ge=0, le=3600)  # never beyond the token's own `exp`
+    negative_cache_ttl_s: int = Field(5, ge=0, le=300)  # "inactive" answers
+    cache_size: int = Field(10_000, ge=0, le=1_000_000)
+    max_inflight: int = Field(32, ge=1, le=1024)  # beyond it: fail closed, not a queue
+    # The answer's `aud` must contain oidc.audience. Off only with oidc.allowed_clients.
+    require_audience: bool = True
+    # `token_type` must say Bearer (a refresh token introspects as active too).
+    require_token_type: bool = True
+    jwt_tokens: bool = False  # introspect JWT access tokens as well (revocation at the IdP)
+
+    def secret(self) -> str | None:
+        if self.client_secret_file is not None:
+            return self.client_secret_file.read_text().strip()
+        return self.client_secret
+
+
 class OidcSettings(BaseModel):
     model_config = _FROZEN
     issuer: str
@@ -156,7 +230,14 @@ class OidcSettings(BaseModel):
     # before its ext_authz timeout (250 ms in the shipped configs), not Envoy's bare 403.
     jwks_refresh_wait_ms: int = Field(100, ge=1, le=10_000)
     leeway_s: int = Field(30, ge=0, le=300)
-    token_typ: str | None = None  # e.g. "at+jwt" (RFC 9068); None => not checked
+    # Accepted access-token `typ` headers (RFC 9068 "at+jwt"; Keycloak and Entra send
+    # "JWT"); null in the list accepts a token without `typ`. Unset: the profile's default.
+    # Set to null: not checked.
+    token_typ: tuple[str | None, ...] | None = None
+    # When non-empty, access tokens must name one of these clients (client_id, azp, ...).
+    allowed_clients: tuple[str, ...] = ()
+    profile: ProfileSettings = ProfileSettings()
+    introspection: IntrospectionSettings | None = None
     token_cookie: str = "stepup_token"  # noqa: S105 - a cookie name, not a secret
     # When a token has no `sid`, use this claim as the session id (e.g. "jti" is wrong:
     # it changes per token). "sub" means one session per user.
@@ -183,6 +264,31 @@ class OidcSettings(BaseModel):
         if bad or not v:
             raise ValueError(f"asymmetric algorithms only; refused: {bad or 'empty list'}")
         return v
+
+    @field_validator("token_typ", mode="before")
+    @classmethod
+    def _typ_list(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("profile", mode="before")
+    @classmethod
+    def _profile_name(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _introspection_binding(self) -> OidcSettings:
+        i = self.introspection
+        if i is not None and not i.require_audience and not self.allowed_clients:
+            raise ValueError(
+                "introspection.require_audience is off: set oidc.allowed_clients, or any "
+                "active token of this IdP would be accepted"
+            )
+        return self
+
+    @property
+    def token_typ_set(self) -> bool:
+        """Whether ``token_typ`` was given (else the profile's default applies)."""
+        return "token_typ" in self.model_fields_set
 
     def secret(self) -> str | None:
         if self.client_secret_file is not None:
@@ -361,6 +467,9 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
     for name in ("jwks_file", "client_secret_file"):
         if (p := fix(getattr(s.oidc, name))) is not None:
             oidc[name] = p
+    intro = s.oidc.introspection
+    if intro is not None and (p := fix(intro.client_secret_file)) is not None:
+        oidc["introspection"] = intro.model_copy(update={"client_secret_file": p})
     if oidc:
         updates["oidc"] = s.oidc.model_copy(update=oidc)
     if (p := fix(s.network.geoip_database)) is not None:

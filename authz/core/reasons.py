@@ -40,6 +40,7 @@ class Reason(StrEnum):
     # fail-closed causes
     SESSION_STORE_UNAVAILABLE = "session-store-unavailable"
     KEYS_UNAVAILABLE = "keys-unavailable"
+    INTROSPECTION_UNAVAILABLE = "introspection-unavailable"  # RFC 7662 endpoint failed
     INTERNAL_ERROR = "internal-error"
     DEADLINE_EXCEEDED = "deadline-exceeded"
     AUDIT_UNAVAILABLE = "audit-unavailable"  # audit-before-access record not durably accepted
