@@ -38,7 +38,16 @@ def _period(args: argparse.Namespace, now: float) -> tuple[int, int]:
             "the period is required: --since and --until (ISO 8601, UTC when no offset is "
             "given, or epoch ms; until is exclusive), or --last DAYS"
         )
-    return parse_time(args.since), parse_time(args.until)
+    out = []
+    for flag, text in (("--since", args.since), ("--until", args.until)):
+        try:
+            out.append(parse_time(text))
+        except ValueError:
+            raise ValueError(
+                f"{flag} {text!r} is not a time (ISO 8601 such as 2026-03-01 or "
+                "2026-03-01T09:30:00Z, or epoch ms)"
+            ) from None
+    return out[0], out[1]
 
 
 def _deadline(args: argparse.Namespace) -> tuple[int, tuple[str, ...]]:
