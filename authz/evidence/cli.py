@@ -113,6 +113,8 @@ def _cmd_evidence(args: argparse.Namespace) -> int:
         return _fail(cmd, f"refused: {exc}", 1)
     except PackError as exc:
         return _fail(cmd, str(exc))
+    except OSError as exc:  # writing the pack: a full disk, a read-only --out
+        return _fail(cmd, f"cannot write the pack: {exc}")
     s = result.facts["summary"]
     warn = " -- UNVERIFIED ARCHIVE (--allow-unverified)" if result.facts["unverified"] else ""
     print(
@@ -175,7 +177,10 @@ def _cmd_coverage(args: argparse.Namespace) -> int:
     report = check_mesh(urls, deadline_ms=deadline, exempt_prefixes=exempt, timeout_s=args.timeout)
     text = json.dumps(report.as_dict(), indent=2) if args.json else render_text(report)
     if args.output is not None:
-        args.output.write_text(text + "\n")
+        try:
+            args.output.write_text(text + "\n")
+        except OSError as exc:
+            return _fail("coverage", f"--output: {exc}")
     else:
         print(text)
     for e in report.errors:
