@@ -34,6 +34,7 @@ from authz.check.tokens import TokenVerifier, key_source_from_settings
 from authz.config.policy_file import LoadedPolicy, PolicyHolder
 from authz.config.settings import OidcSettings, Settings
 from authz.core.policy import Policy
+from authz.evidence.monitor import CoverageMonitor
 from authz.ops.health import Health
 from authz.ops.metrics import Metrics
 from authz.stepup.endpoints import StepupApp
@@ -331,6 +332,10 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
             AuthorizationServicer(authorizer, responses, settings.network.trusted_xff_hops),
         )
         api_server = await _sessions_api(settings, store, policy, auditor, closers)
+        coverage = CoverageMonitor.from_settings(settings, metrics)  # None without admin URLs
+        if coverage is not None:
+            coverage.start()
+            closers.append(coverage)
 
         stepup = StepupApp(
             settings=settings,

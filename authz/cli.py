@@ -136,11 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     # Subcommand groups of their own modules (imported here: `serve` need not load them).
     from authz.admin.cli import add_sessions_parser
     from authz.audit.cli import add_audit_parser
+    from authz.evidence.cli import add_evidence_parsers
     from authz.render import add_render_parser
 
     add_audit_parser(sub)
     add_render_parser(sub)
     add_sessions_parser(sub)
+    add_evidence_parsers(sub)
     return p
 
 

@@ -396,6 +396,18 @@ class NetworkSettings(BaseModel):
     geoip_database: Path | None = None
 
 
+class CoverageSettings(BaseModel):
+    """The periodic mesh coverage check (``authz.evidence.monitor``): off with no URLs."""
+
+    model_config = _FROZEN
+    # Envoy admin addresses (http://host:port) whose /config_dump is read.
+    envoy_admin_urls: tuple[str, ...] = ()
+    interval_s: float = Field(300.0, ge=5)
+    timeout_s: float = Field(5.0, gt=0, le=60)
+    # Route prefixes where ext_authz is meant to be off; default: stepup.path_prefix + "/".
+    exempt_prefixes: tuple[str, ...] | None = None
+
+
 class LogSettings(BaseModel):
     model_config = _FROZEN
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -419,6 +431,7 @@ class Settings(BaseModel):
     crypto: CryptoSettings = CryptoSettings()
     log: LogSettings = LogSettings()
     audit: AuditSettings = AuditSettings()
+    coverage: CoverageSettings = CoverageSettings()
 
 
 _ENV_MAP: dict[str, tuple[str, ...]] = {

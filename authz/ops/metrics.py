@@ -100,6 +100,28 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        # Mesh coverage (authz.evidence.monitor), per Envoy admin address checked.
+        self.routes_uncovered = Gauge(
+            "routes_uncovered",
+            "Routes of a live Envoy that no fail-closed ext_authz filter checks.",
+            ["envoy"],
+            namespace=ns,
+            registry=r,
+        )
+        self.routes_fail_open = Gauge(
+            "routes_fail_open",
+            "Routes of a live Envoy checked only by ext_authz with failure_mode_allow.",
+            ["envoy"],
+            namespace=ns,
+            registry=r,
+        )
+        self.coverage_unreachable = Gauge(
+            "coverage_unreachable",
+            "1 when the last coverage check could not read this Envoy's config dump.",
+            ["envoy"],
+            namespace=ns,
+            registry=r,
+        )
         # Pre-create the fail-closed series so alerts see a 0 before the first failure.
         for cause in (
             Reason.SESSION_STORE_UNAVAILABLE,
