@@ -24,7 +24,7 @@ from authz.audit.mapping import policy_reload
 from authz.audit.metrics import AuditMetrics
 from authz.audit.sinks import Auditor, MirrorSink, RedisStreamSink, StdoutSink
 from authz.check.authorizer import Authorizer
-from authz.check.devices import DeviceResolver
+from authz.check.devices import CertificateTrust, DeviceCookies, DeviceResolver
 from authz.check.geoip import GeoIP
 from authz.check.grpc_server import AuthorizationServicer, GrpcServer
 from authz.check.http_server import HttpAuthzServer, maybe_start
@@ -95,11 +95,21 @@ class Service:
 
 
 async def _device_resolver(
-    settings: Settings, http: aiohttp.ClientSession, closers: list[object]
+    settings: Settings,
+    http: aiohttp.ClientSession,
+    closers: list[object],
+    signer: ContextSigner,
 ) -> DeviceResolver:
-    a = settings.devices.assertion
+    d = settings.devices
+    cookies = None
+    if d.cookie:
+        cookies = DeviceCookies(signer.derived_key(), settings.stepup.cookie(d.cookie))
+    certificates = None
+    if d.certificate_ca_file is not None:
+        certificates = CertificateTrust(d.certificate_ca_file)
+    a = d.assertion
     if a is None:
-        return DeviceResolver(cookie_name=settings.devices.cookie)
+        return DeviceResolver(cookies=cookies, certificates=certificates)
     # Assertions are JWTs from the device-trust service, verified with its own keys.
     oidc_like = OidcSettings(
         issuer=a.issuer,
@@ -109,15 +119,18 @@ async def _device_resolver(
         jwks_url=a.jwks_url,
         jwks_file=a.jwks_file,
         token_typ=None,
+        token_cache_size=0,
     )
     keys = key_source_from_settings(oidc_like, http)
     closers.append(keys)
     await keys.start()
     return DeviceResolver(
-        cookie_name=settings.devices.cookie,
+        cookies=cookies,
+        certificates=certificates,
         assertion_header=a.header,
         assertions=TokenVerifier(oidc_like, keys),
         assertion_audience=a.audience,
+        assertion_max_lifetime_s=a.max_lifetime_s,
     )
 
 
@@ -160,6 +173,26 @@ async def _sessions_api(
     )
     log.info("Sessions API listening", extra={"address": f"{api.host}:{server.port}"})
     return server
+
+
+def _service_cookies(settings: Settings) -> tuple[str, ...]:
+    """Cookies that carry a credential of this service's (or one the operator names): they
+    are removed from what Envoy forwards to the upstream."""
+    s = settings.stepup
+    names = [s.cookie(settings.oidc.token_cookie), s.cookie(s.state_cookie)]
+    if settings.devices.cookie:
+        names.append(s.cookie(settings.devices.cookie))
+    names += settings.oidc.credential_cookies
+    return tuple(dict.fromkeys(names))
+
+
+def _warn_about(settings: Settings) -> None:
+    if settings.oidc.sid_fallback_claim is not None:
+        log.warning(
+            "oidc.sid_fallback_claim is set: tokens without `sid` that share the claim "
+            "%r are one session, so one step-up elevates all of them on every device",
+            settings.oidc.sid_fallback_claim,
+        )
 
 
 def _uses_countries(policy: Policy) -> bool:
@@ -210,6 +243,7 @@ def _policy_hook(metrics: Metrics, auditors: list[Auditor]):  # type: ignore[no-
 
 async def start_service(settings: Settings, *, metrics: Metrics | None = None) -> Service:
     metrics = metrics or Metrics()
+    _warn_about(settings)
     closers: list[object] = []
     auditors: list[Auditor] = []
     try:
@@ -234,6 +268,7 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
             deadline_ms=settings.redis.deadline_ms,
             limits=StoreLimits(
                 session_ttl_s=st.session_ttl_s,
+                revocation_ttl_s=st.revocation_ttl_s,
                 history_ttl_s=st.history_ttl_s,
                 max_sessions=st.max_sessions,
                 max_devices=st.max_devices,
@@ -296,7 +331,15 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
             timeout_s=settings.oidc.http_timeout_s,
         )
 
-        devices = await _device_resolver(settings, http, closers)
+        if settings.stepup.context_key_file is None:
+            log.warning(
+                "no stepup.context_key_file: a per-process key signs step-up links "
+                "(fine for one replica; several replicas need a shared key)"
+            )
+        signer = ContextSigner.from_file(
+            settings.stepup.context_key_file, settings.stepup.state_ttl_s
+        )
+        devices = await _device_resolver(settings, http, closers, signer)
         geoip = None
         if settings.network.geoip_database is not None:
             geoip = GeoIP(settings.network.geoip_database)
@@ -310,23 +353,18 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
             tokens=tokens,
             store=store,
             metrics=metrics,
-            token_cookie=settings.oidc.token_cookie,
+            token_cookie=settings.stepup.cookie(settings.oidc.token_cookie),
             leeway=settings.oidc.leeway_s,
             auditor=auditor,
             audit_level=settings.audit.durable_level,
             devices=devices,
             geoip=geoip,
         )
-        if settings.stepup.context_key_file is None:
-            log.warning(
-                "no stepup.context_key_file: a per-process key signs step-up links "
-                "(fine for one replica; several replicas need a shared key)"
-            )
-        signer = ContextSigner.from_file(
-            settings.stepup.context_key_file, settings.stepup.state_ttl_s
-        )
         redirects = Redirects(settings.stepup.path_prefix, signer)
-        responses = ResponseBuilder(error_status=settings.stepup.error_status, redirects=redirects)
+        strip = _service_cookies(settings)
+        responses = ResponseBuilder(
+            error_status=settings.stepup.error_status, redirects=redirects, strip_cookies=strip
+        )
         grpc_server = GrpcServer.for_ext_authz(
             settings.grpc,
             AuthorizationServicer(authorizer, responses, settings.network.trusted_xff_hops),
@@ -346,7 +384,7 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
             metrics=metrics,
             auditor=auditor,
             signer=signer,
-            device_cookie=settings.devices.cookie,
+            devices=devices,
         )
         health = Health(
             metrics=metrics,
@@ -368,7 +406,11 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
         http_authz = await maybe_start(
             settings.http_authz,
             authorizer,
-            HttpResponseBuilder(error_status=settings.stepup.error_status, redirects=redirects),
+            HttpResponseBuilder(
+                error_status=settings.stepup.error_status,
+                redirects=redirects,
+                strip_cookies=strip,
+            ),
             trusted_hops=settings.network.trusted_xff_hops,
         )
     except BaseException:

@@ -128,6 +128,17 @@ def _envoy_routes(
             "name": "stepup-endpoints",
             "match": {"prefix": f"{path_prefix}/"},
             "route": {"cluster": stepup_cluster, "timeout": route_timeout},
+            # The client address Envoy sees, for a bound level's callback check; it
+            # overwrites any client-sent value.
+            "request_headers_to_add": [
+                {
+                    "header": {
+                        "key": "x-stepup-peer-address",
+                        "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+                    },
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ],
             # Reachable before the user has stepped up; the service authenticates these itself.
             "typed_per_filter_config": {EXT_AUTHZ: {"@type": _PER_ROUTE, "disabled": True}},
         }
@@ -255,6 +266,9 @@ def render_envoy(
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "REJECT_REQUEST",
         "use_remote_address": True,
+        # Client certificates reach the step-up endpoints only as Envoy sets them.
+        "forward_client_cert_details": "SANITIZE_SET",
+        "set_current_client_cert_details": {"cert": True},
         "xff_num_trusted_hops": xff_num_trusted_hops,
         "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
         "request_headers_timeout": "10s",

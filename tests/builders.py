@@ -16,10 +16,11 @@ from typing import Any
 from urllib.parse import urlencode
 
 from authz.audit.testing import MemoryAuditor
+from authz.check.devices import DeviceCookies, DeviceResolver
 from authz.check.tokens import IdToken
 from authz.config.policy_file import PolicyHolder
 from authz.config.settings import OidcSettings, Settings, StepupSettings
-from authz.core.session import Evidence, Identity
+from authz.core.session import Evidence, Identity, session_key
 from authz.errors import OidcError, TokenError
 from authz.ops.metrics import Metrics
 from authz.stepup.endpoints import StepupApp
@@ -129,6 +130,7 @@ class FakeOidc:
     )
     exchange_error: OidcError | None = None
     exchanged: list[tuple[str, str]] = field(default_factory=list)
+    requires_iss: bool = False  # the IdP's RFC 9207 advertisement
 
     def authorize_url(self, **params: Any) -> str:
         self.requests.append(params)
@@ -169,10 +171,27 @@ class StepupEnv:
     metrics: Metrics
     signer: ContextSigner
     settings: Settings
+    devices: DeviceResolver
 
-    def link(self, level: str, *, device: str | None = None, ip: str | None = None) -> str:
-        """The signed ``ctx`` the Check would put in the step-up link."""
-        return self.signer.sign(level=level, device=device, ip=ip, now=int(self.clock()))
+    def link(
+        self,
+        level: str,
+        *,
+        device: str | None = None,
+        ip: str | None = None,
+        subject: str = "alice",
+        sid: str = "s1",
+        nonce: str | None = None,
+    ) -> str:
+        """The signed ``ctx`` the Check would put in the step-up link of that session."""
+        return self.signer.sign(
+            level=level,
+            session_key=session_key(ISSUER, subject, sid),
+            device=device,
+            ip=ip,
+            now=int(self.clock()),
+            nonce=nonce,
+        )
 
     def completions(self, level: str, result: str, factor: str) -> float:
         value = self.metrics.registry.get_sample_value(
@@ -188,6 +207,7 @@ def stepup_env(tmp_path: Path, clock: FakeClock | None = None, **stepup: Any) ->
     store = MemorySessionStore(clock)
     tokens, oidc, auditor, metrics = FakeTokens(), FakeOidc(), MemoryAuditor(), Metrics()
     signer = ContextSigner(LINK_KEY, s.stepup.state_ttl_s)
+    devices = DeviceResolver(cookies=DeviceCookies(signer.derived_key(), "__Host-stepup-device"))
     app = StepupApp(
         settings=s,
         policy=PolicyHolder(s.policy_file),
@@ -198,8 +218,9 @@ def stepup_env(tmp_path: Path, clock: FakeClock | None = None, **stepup: Any) ->
         clock=clock,
         auditor=auditor,
         signer=signer,
+        devices=devices,
     )
-    return StepupEnv(app, clock, store, tokens, oidc, auditor, metrics, signer, s)
+    return StepupEnv(app, clock, store, tokens, oidc, auditor, metrics, signer, s, devices)
 
 
 def replace(obj: Any, **changes: Any) -> Any:

@@ -36,7 +36,14 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 
 from authz.check.jwks import get_json
-from authz.check.tokens import MAX_TOKEN_BYTES, CacheStats, IdToken, TokenVerifier, json_object
+from authz.check.tokens import (
+    MAX_TOKEN_BYTES,
+    CacheStats,
+    IdToken,
+    TokenVerifier,
+    json_object,
+    token_session_id,
+)
 from authz.config.settings import IntrospectionSettings, OidcSettings
 from authz.core.reasons import Reason
 from authz.core.session import Identity
@@ -153,7 +160,7 @@ class Introspector:
             raise IntrospectionUnavailable("introspection timed out") from None
         except aiohttp.ClientError as exc:
             raise IntrospectionUnavailable(f"introspection failed: {type(exc).__name__}") from None
-        return self._entry(body, now)
+        return self._entry(body, now, token_session_id(token))
 
     async def _post(self, data: dict[str, str]) -> bytes:
         async with self._session.post(
@@ -170,7 +177,7 @@ class Introspector:
                     raise IntrospectionUnavailable("introspection response too large")
         return bytes(body)
 
-    def _entry(self, body: bytes, now: int) -> _Entry:
+    def _entry(self, body: bytes, now: int, token_sid: str) -> _Entry:
         try:
             doc = json_object(body, "introspection response")
         except TokenError:
@@ -180,11 +187,11 @@ class Introspector:
             if active is not False:  # RFC 7662 section 2.2: REQUIRED boolean
                 raise IntrospectionUnavailable("introspection response has no boolean `active`")
             return _Entry(None, now + self._conf.negative_cache_ttl_s)
-        identity = self._identity(doc, now)
+        identity = self._identity(doc, now, token_sid)
         until = min(identity.expires_at, now + self._conf.cache_ttl_s)
         return _Entry(identity, until)
 
-    def _identity(self, doc: dict[str, Any], now: int) -> Identity:
+    def _identity(self, doc: dict[str, Any], now: int, token_sid: str) -> Identity:
         """RFC 7662 section 2.2 members checked as a JWT's claims would be (fail closed)."""
         o = self._oidc
         iss = doc.setdefault("iss", o.issuer)  # we asked the issuer's own endpoint
@@ -217,7 +224,9 @@ class Introspector:
         iat = doc.get("iat", 0)  # absent: issued "at 0", so a user revocation covers it
         if type(iat) is not int or iat > now + o.leeway_s:
             raise _invalid("`iat` not an integer or in the future")
-        return self._verifier.identity_from_claims(doc, expires_at=exp, issued_at=iat)
+        return self._verifier.identity_from_claims(
+            doc, expires_at=exp, issued_at=iat, token_sid=token_sid
+        )
 
 
 class AccessTokens:

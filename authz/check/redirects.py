@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 from authz.core.attributes import RequestAttributes
 from authz.core.decision import Decision, Outcome
+from authz.core.session import session_key
 from authz.stepup.link import ContextSigner
 
 
@@ -29,10 +30,15 @@ class Redirects:
         if d.outcome is not Outcome.STEP_UP or d.level is None:
             return f"{self.login_path}?rd={rd}"
         target = f"{self.start_path}?level={quote(d.level.name)}&rd={rd}"
-        if self.signer is not None:
+        if self.signer is not None and d.identity is not None:
             ip = str(attrs.source_ip) if attrs.source_ip is not None else None
+            ident = d.identity
             ctx = self.signer.sign(
-                level=d.level.name, device=d.device, ip=ip, now=int(self.clock())
+                level=d.level.name,
+                session_key=session_key(ident.issuer, ident.subject, ident.session_id),
+                device=d.device,
+                ip=ip,
+                now=int(self.clock()),
             )
             target += f"&ctx={ctx}"
         return target

@@ -137,8 +137,22 @@ def denial(
     )
 
 
+def without_cookies(header: str, names: frozenset[str]) -> str | None:
+    """The Cookie header without the cookies named ``names`` (RFC 6265 section 5.4
+    syntax); None when nothing of it is left."""
+    kept = [
+        part.strip()
+        for part in header.split(";")
+        if part.strip() and part.strip().partition("=")[0].strip() not in names
+    ]
+    return "; ".join(kept) if kept else None
+
+
 def allowance(
-    d: Decision, attrs: RequestAttributes | None, decision_id: str
+    d: Decision,
+    attrs: RequestAttributes | None,
+    decision_id: str,
+    strip_cookies: frozenset[str] = frozenset(),
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """(headers set on the upstream request, headers removed from it) of an allow: one
     definition for both ext_authz modes.
@@ -146,6 +160,8 @@ def allowance(
     Identity headers come only from us: every client-sent ``x-stepup-*`` we do not set
     ourselves is removed, and so are method overrides, always (the HTTP mode cannot see
     them, since they are not in its allowed headers, and both modes answer alike).
+    Credentials never reach the upstream: the cookies in ``strip_cookies`` (the session's
+    token, the device and state cookies) are cut out of the forwarded Cookie header.
     """
     headers = [
         ("x-stepup-level", d.level.name if d.level is not None else ""),
@@ -165,6 +181,13 @@ def allowance(
         ours = {k for k, _ in headers}
         remove = [h for h in attrs.headers if h.startswith(HEADER_PREFIX) and h not in ours]
     remove += METHOD_OVERRIDE_HEADERS
+    cookie = attrs.headers.get("cookie") if attrs is not None else None
+    if cookie and strip_cookies and any(name in cookie for name in strip_cookies):
+        rest = without_cookies(cookie, strip_cookies)
+        if rest is None:
+            remove.append("cookie")
+        elif rest != cookie:
+            headers.append(("cookie", rest))
     return headers, remove
 
 
@@ -175,9 +198,11 @@ class ResponseBuilder:
         path_prefix: str = "/_stepup",
         error_status: int = 403,
         redirects: Redirects | None = None,
+        strip_cookies: tuple[str, ...] = (),
     ) -> None:
         self.redirects = redirects or Redirects(path_prefix)
         self.error_status = error_status
+        self.strip_cookies = frozenset(strip_cookies)
 
     def build(
         self, decision: Decision, attrs: RequestAttributes | None, decision_id: str
@@ -201,7 +226,7 @@ class ResponseBuilder:
         decision_id: str,
         resp: external_auth_pb2.CheckResponse,
     ) -> external_auth_pb2.CheckResponse:
-        set_headers, remove = allowance(d, attrs, decision_id)
+        set_headers, remove = allowance(d, attrs, decision_id, self.strip_cookies)
         resp.status.code = code_pb2.OK
         ok = resp.ok_response
         _add_headers(ok.headers, set_headers)
@@ -257,9 +282,11 @@ class HttpResponseBuilder:
         path_prefix: str = "/_stepup",
         error_status: int = 403,
         redirects: Redirects | None = None,
+        strip_cookies: tuple[str, ...] = (),
     ) -> None:
         self.redirects = redirects or Redirects(path_prefix)
         self.error_status = error_status
+        self.strip_cookies = frozenset(strip_cookies)
         self._status_lines = {
             code: f"HTTP/1.1 {code} {_reason_phrase(code)}\r\n".encode("latin-1")
             for code in (200, 302, 401, 403, 503, error_status)
@@ -273,7 +300,7 @@ class HttpResponseBuilder:
         d = decision
         reason = d.slug
         if d.outcome is Outcome.ALLOW:
-            headers, remove = allowance(d, attrs, decision_id)
+            headers, remove = allowance(d, attrs, decision_id, self.strip_cookies)
             headers.append((REMOVE_HEADER, ", ".join(remove)))
             headers += [("x-stepup-outcome", d.outcome.value), ("x-stepup-reason", reason)]
             return 200, headers, ""

@@ -62,6 +62,7 @@ MAX_TOKEN_BYTES = 8 * 1024
 # Compact JWS only (three base64url parts); JWE (five parts) and JSON serialisation refused.
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _NEVER = frozenset({"none", "HS256", "HS384", "HS512"})
+_KID = re.compile(r"[A-Za-z0-9_.:~+=-]{1,256}")
 # `sub` and `acr` travel on as upstream headers (x-stepup-user, x-stepup-acr): a control
 # character there would split a header line. Such a token is refused with a reason here,
 # not left to the proxy's codec.
@@ -142,6 +143,11 @@ def accepted_typs(typs: tuple[str | None, ...] | None) -> frozenset[str | None] 
     if typs is None:
         return None
     return frozenset(None if t is None else _normalise_typ(t) for t in typs)
+
+
+def token_session_id(token: str) -> str:
+    """The session id of a token without ``sid``: a hash of the token itself."""
+    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +241,7 @@ class TokenVerifier:
         claims, header, key = await self._verify(
             token, now, audience=self._settings.audience, typ=self._typ
         )
-        identity = self._identity(claims)
+        identity = self._identity(claims, token)
         if self._cache_size and now < identity.expires_at:
             self._cache[digest] = _Cached(
                 identity,
@@ -248,14 +254,16 @@ class TokenVerifier:
                 self._cache.popitem(last=False)
         return identity
 
-    def _identity(self, claims: dict[str, Any]) -> Identity:
+    def _identity(self, claims: dict[str, Any], token: str) -> Identity:
         exp = _int_claim(claims, "exp", required=True)
         iat = _int_claim(claims, "iat", required=True)
         assert exp is not None and iat is not None
-        return self.identity_from_claims(claims, expires_at=exp, issued_at=iat)
+        return self.identity_from_claims(
+            claims, expires_at=exp, issued_at=iat, token_sid=token_session_id(token)
+        )
 
     def identity_from_claims(
-        self, claims: dict[str, Any], *, expires_at: int, issued_at: int
+        self, claims: dict[str, Any], *, expires_at: int, issued_at: int, token_sid: str
     ) -> Identity:
         """The Identity verified claims prove, read the profile's way: the user from its
         subject claim (``uid`` for Okta, ``oid`` for Entra), ``sid`` or the fallback, the
@@ -270,8 +278,14 @@ class TokenVerifier:
         sid = _str_claim(claims, p.sid_claim)
         if sid is None and self._settings.sid_fallback_claim is not None:
             sid = _str_claim(claims, self._settings.sid_fallback_claim)
+            if not sid:
+                raise _invalid("no session id (`sid` or the configured fallback claim)")
+        if sid is None:
+            # No `sid`: the session is this token. A step-up made with it is not reused
+            # by another token of the same user (another browser, a refreshed token).
+            sid = token_sid
         if not sid:
-            raise _invalid("no session id (`sid` or the configured fallback claim)")
+            raise _invalid("empty `sid`")
         evidence = evidence_from_claims(claims, p)
         try:
             client_id = client_of(p, claims)
@@ -348,7 +362,12 @@ class TokenVerifier:
         if "crit" in header:
             raise _invalid("`crit` header not supported")  # RFC 7515 section 4.1.11
         kid = header.get("kid")
-        if kid is not None and (not isinstance(kid, str) or len(kid) > MAX_KID_LEN):
+        if kid is not None and (
+            not isinstance(kid, str) or len(kid) > MAX_KID_LEN or not _KID.fullmatch(kid)
+        ):
+            # Key ids are short tokens (base64url thumbprints, names, UUIDs): a path, a
+            # URL, quotes, spaces or control characters are no key's id. Refused as
+            # malformed, before any key lookup or refetch it could trigger.
             raise _invalid("bad `kid`")
         if typ is not None:
             got = header.get("typ")

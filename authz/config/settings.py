@@ -238,10 +238,16 @@ class OidcSettings(BaseModel):
     allowed_clients: tuple[str, ...] = ()
     profile: ProfileSettings = ProfileSettings()
     introspection: IntrospectionSettings | None = None
-    token_cookie: str = "stepup_token"  # noqa: S105 - a cookie name, not a secret
-    # When a token has no `sid`, use this claim as the session id (e.g. "jti" is wrong:
-    # it changes per token). "sub" means one session per user.
-    sid_fallback_claim: str | None = "sub"
+    # The session's access token, set at sign-in (HttpOnly; removed from what Envoy
+    # forwards upstream). "__Host-" is dropped when stepup.cookie_secure is false.
+    token_cookie: str = "__Host-stepup-token"  # noqa: S105 - a cookie name, not a secret
+    # More cookies that carry credentials and must never reach an upstream.
+    credential_cookies: tuple[str, ...] = ()
+    # When a token has no `sid`, the session is the token itself: a step-up made with one
+    # token is not reused by another (another browser, a refreshed token). Naming a claim
+    # here (e.g. "sub") makes every token with the same value one session: one step-up
+    # then elevates all of them, on every device -- the service warns at start.
+    sid_fallback_claim: str | None = None
     token_cache_size: int = Field(10_000, ge=0)
     http_timeout_s: float = Field(5.0, gt=0)
 
@@ -313,10 +319,20 @@ class StepupSettings(BaseModel):
     # all replicas. Without it each process makes its own (single-replica setups only).
     context_key_file: Path | None = None
 
+    # The header Envoy's /_stepup/ route sets to the client address it sees
+    # (%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%); the callback compares it with the
+    # address a bound level's challenge was issued to.
+    peer_header: str = "x-stepup-peer-address"
+
     @field_validator("public_url")
     @classmethod
     def _no_slash(cls, v: str) -> str:
         return v.rstrip("/")
+
+    def cookie(self, name: str) -> str:
+        """A cookie's name as set: a "__Host-" prefix needs Secure, so a plain-http
+        deployment (the demo) drops it."""
+        return name if self.cookie_secure else name.removeprefix("__Host-")
 
 
 class DeviceAssertionSettings(BaseModel):
@@ -329,6 +345,9 @@ class DeviceAssertionSettings(BaseModel):
     algorithms: tuple[str, ...] = ("ES256", "RS256")
     jwks_url: str | None = None
     jwks_file: Path | None = None
+    # An assertion must be short-lived (exp - iat) and carry a jti; the same jti from
+    # another client address is a replay.
+    max_lifetime_s: int = Field(300, ge=10, le=3600)
 
     @model_validator(mode="after")
     def _keys(self) -> DeviceAssertionSettings:
@@ -339,9 +358,13 @@ class DeviceAssertionSettings(BaseModel):
 
 class DeviceSettings(BaseModel):
     model_config = _FROZEN
-    # The random device id set after a completed step-up; None disables device cookies.
-    cookie: str | None = "stepup_device"
+    # The device cookie the service issues after a completed step-up (random, MAC'd with
+    # a key derived from stepup.context_key_file); None disables device cookies.
+    cookie: str | None = "__Host-stepup-device"
     assertion: DeviceAssertionSettings | None = None
+    # Client certificates (mTLS) become device ids only when they chain to this CA and
+    # are within their validity. Without it, certificates are not device identities.
+    certificate_ca_file: Path | None = None
 
 
 class StateSettings(BaseModel):
@@ -349,10 +372,19 @@ class StateSettings(BaseModel):
 
     model_config = _FROZEN
     session_ttl_s: int = Field(86_400, ge=60)  # >= the longest access-token lifetime
+    # Revocation markers are kept this long: at least the longest session (with its
+    # refreshed tokens) the IdP allows. A marker that expires lets older tokens back in.
+    revocation_ttl_s: int = Field(30 * 86_400, ge=60)
     history_ttl_s: int = Field(90 * 86_400, ge=3600)  # known devices / IPs, levels seen
     max_sessions: int = Field(50, ge=1, le=1000)
     max_devices: int = Field(20, ge=1, le=1000)
     max_ips: int = Field(50, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _revocations_outlive_sessions(self) -> StateSettings:
+        if self.revocation_ttl_s < self.session_ttl_s:
+            raise ValueError("state.revocation_ttl_s must be >= state.session_ttl_s")
+        return self
 
 
 class CryptoSettings(BaseModel):
@@ -491,11 +523,14 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
         updates["stepup"] = s.stepup.model_copy(update={"context_key_file": p})
     if s.api.callers or s.api.tls is not None:
         updates["api"] = _resolve_api(s.api, fix)
+    devices: dict[str, Any] = {}
     assertion = s.devices.assertion
     if assertion is not None and (p := fix(assertion.jwks_file)) is not None:
-        updates["devices"] = s.devices.model_copy(
-            update={"assertion": assertion.model_copy(update={"jwks_file": p})}
-        )
+        devices["assertion"] = assertion.model_copy(update={"jwks_file": p})
+    if (p := fix(s.devices.certificate_ca_file)) is not None:
+        devices["certificate_ca_file"] = p
+    if devices:
+        updates["devices"] = s.devices.model_copy(update=devices)
     if s.crypto.keys:
         keys = {kid: fix(p) or p for kid, p in s.crypto.keys.items()}
         updates["crypto"] = s.crypto.model_copy(update={"keys": keys})

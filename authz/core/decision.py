@@ -293,9 +293,17 @@ def decide(
     if base.deny is not None or base.level is None:
         return evaluate(base, None, (), inputs.now, leeway=inputs.leeway)
     state, device, geo = inputs.state, inputs.device, inputs.geo
-    signals = compute_signals(policy.signals, device=device, state=state, geo=geo, now=inputs.now)
+    posture = policy.uses_posture
+    signals = compute_signals(
+        policy.signals,
+        device=device,
+        state=state,
+        geo=geo,
+        now=inputs.now,
+        posture_required=posture,
+    )
     ctx = Context(
-        device=device_states(device, state),
+        device=device_states(device, state, posture_required=posture),
         country=geo.country if geo is not None else None,
         signals=signals,
     )

@@ -22,7 +22,7 @@ The rule, in order (the first failure is the refusal's reason):
    grant to the device that asked for it;
 6. expiry = ``auth_time`` + the level's ``grant_ttl`` (else ``max_age``, else the service
    default), capped by the caller's own cap; a grant that would already have expired is
-   refused (``auth-too-old``).
+   refused (``auth-too-old``). The grant records the device and IP the proof came from.
 
 Pure: time comes in as ``now``; the caller writes the grant and its audit record.
 """
@@ -117,11 +117,14 @@ def grant_for(
     expires_at = ev.auth_time + ttl
     if expires_at - now < 1:
         raise GrantRefused(Reason.AUTH_TOO_OLD, "the grant would already have expired")
+    # Where the factor was proved: for a bound level the same as the challenge's (checked
+    # above); for others, never the device a link was issued for (an attacker's link
+    # opened on the victim's browser must not make the attacker's device "known").
     return Grant(
         level=level.name,
         evidence=ev,
         expires_at=expires_at,
         issued_at=now,
-        device=target.device,
-        ip=target.ip,
+        device=proof.device,
+        ip=proof.ip,
     )

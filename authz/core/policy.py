@@ -194,6 +194,9 @@ class Policy:
     # session read fetches.
     grant_levels: tuple[str, ...] = ()
     signals: SignalSettings = field(default_factory=SignalSettings)
+    # Whether any rule looks at device posture: then unattested posture counts as
+    # noncompliant and unmanaged (authz.core.signals).
+    uses_posture: bool = False
 
     def is_sensitive(self, level: Level) -> bool:
         """Whether checks at ``level`` count towards the velocity signal."""
@@ -481,6 +484,13 @@ def _signals(doc: Any, by_name: Mapping[str, Level]) -> SignalSettings:
     return SignalSettings(sensitive, window, vmax, kmh, hours, MappingProxyType(weights))
 
 
+def _posture_rule(rule: Rule) -> bool:
+    return bool(
+        rule.device & {"noncompliant", "unmanaged"}
+        or (rule.signals_any | rule.signals_all) & {"device-noncompliant", "device-unmanaged"}
+    )
+
+
 def load_policy(doc: Any, *, version: str = "") -> Policy:
     """Validate a parsed policy document. Raises PolicyError with the failing location."""
     top = _mapping(doc, [], {"version", "levels", "routes", "default_level", "rules", "signals"})
@@ -499,12 +509,14 @@ def load_policy(doc: Any, *, version: str = "") -> Policy:
     declared = top.get("version")
     if declared is not None and not isinstance(declared, str | int):
         raise _fail(["version"], "must be a string")
+    rules = tuple(_rule(i, r, by_name) for i, r in enumerate(rules_doc))
     return Policy(
         levels=levels,
         by_name=by_name,
         routes=tuple(_route(i, r, by_name) for i, r in enumerate(routes_doc)),
         default_level=_level_ref(by_name, top["default_level"], ["default_level"]),
-        rules=tuple(_rule(i, r, by_name) for i, r in enumerate(rules_doc)),
+        rules=rules,
+        uses_posture=any(_posture_rule(r) for r in rules),
         version=str(declared) if declared is not None else version,
         grant_levels=tuple(lv.name for lv in levels if lv.needs_evidence),
         signals=_signals(top.get("signals"), by_name),

@@ -61,6 +61,10 @@ class Reason(StrEnum):
     # -- the step-up round trip (authz.stepup) -----------------------------------------------
     STATE_MISMATCH = "state-mismatch"  # state parameter and browser cookie differ
     STATE_INVALID = "state-invalid"  # unknown, expired or already used
+    LINK_INVALID = "link-invalid"  # a step-up link without a valid signature, or expired
+    LINK_OTHER_SESSION = "link-other-session"  # a link the Check issued for another session
+    LINK_REUSED = "link-reused"  # a step-up link opened a second time
+    ISS_MISSING = "iss-missing"  # RFC 9207: the IdP always sends iss, and this had none
     IDP_ERROR = "idp-error"  # the IdP answered with an error instead of a code
     CLAIMS_INVALID = "claims-invalid"
     TOKEN_REJECTED = "token-rejected"  # noqa: S105 - a reason slug, not a secret

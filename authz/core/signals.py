@@ -34,15 +34,31 @@ class Geo:
     lon: float | None = None
 
 
-def device_states(device: Device | None, state: UserState | None) -> frozenset[str]:
+def _posture(device: Device | None, posture_required: bool) -> tuple[bool, bool]:
+    """(noncompliant, unmanaged). Only a valid device assertion attests posture; when the
+    policy depends on posture, unattested (no device, no assertion, an invalid, expired or
+    replayed one) counts as noncompliant and unmanaged -- never as fine."""
+    compliant = device.compliant if device is not None else None
+    managed = device.managed if device is not None else None
+    if posture_required:
+        return compliant is not True, managed is not True
+    return compliant is False, managed is False
+
+
+def device_states(
+    device: Device | None, state: UserState | None, *, posture_required: bool = False
+) -> frozenset[str]:
     """The device's states for rules: known / unknown / absent, plus noncompliant and
-    unmanaged from a device assertion."""
-    if device is None:
-        return frozenset({"absent", "unknown"})
-    out = {"known" if state is not None and state.device_known else "unknown"}
-    if device.compliant is False:
+    unmanaged (see ``_posture``)."""
+    out = (
+        {"absent", "unknown"}
+        if device is None
+        else {"known" if state is not None and state.device_known else "unknown"}
+    )
+    noncompliant, unmanaged = _posture(device, posture_required)
+    if noncompliant:
         out.add("noncompliant")
-    if device.managed is False:
+    if unmanaged:
         out.add("unmanaged")
     return frozenset(out)
 
@@ -89,17 +105,18 @@ def compute_signals(
     state: UserState | None,
     geo: Geo | None,
     now: int,
+    posture_required: bool = False,
 ) -> frozenset[str]:
     """The signals that fire. Signals that need the user's state are silent without it
     (an anonymous request has no history to compare with)."""
     fired: set[str] = set()
     if device is None:
         fired.add("no-device")
-    else:
-        if device.compliant is False:
-            fired.add("device-noncompliant")
-        if device.managed is False:
-            fired.add("device-unmanaged")
+    noncompliant, unmanaged = _posture(device, posture_required)
+    if noncompliant:
+        fired.add("device-noncompliant")
+    if unmanaged:
+        fired.add("device-unmanaged")
     if cfg.hours is not None and off_hours(cfg, now):
         fired.add("off-hours")
     if state is None:

@@ -32,11 +32,11 @@ from aiohttp import web
 from authz.audit.events import AuditEvent
 from authz.audit.mapping import stepup_completed
 from authz.audit.sinks import AuditTrail, AuditUnavailable
-from authz.check.devices import cookie_device_id
+from authz.check.devices import DeviceResolver, xfcc_certificate
 from authz.check.tokens import IdToken, StepupTokens
 from authz.config.policy_file import PolicyHolder
 from authz.config.settings import Settings
-from authz.core.attributes import cookie_values
+from authz.core.attributes import cookie_values, parse_ip
 from authz.core.grants import GrantRefused, Proof, Target, grant_for
 from authz.core.ids import new_id
 from authz.core.policy import Level
@@ -90,13 +90,13 @@ class StepupApp:
         oidc: RelyingParty,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        signer: ContextSigner,
         auditor: AuditTrail | None = None,
-        signer: ContextSigner | None = None,
-        device_cookie: str | None = "stepup_device",
+        devices: DeviceResolver | None = None,
     ) -> None:
         self.auditor = auditor
         self.signer = signer
-        self.device_cookie = device_cookie
+        self.devices = devices
         self.s = settings.stepup
         self.oidc_settings = settings.oidc
         self.policy = policy
@@ -105,9 +105,8 @@ class StepupApp:
         self.oidc = oidc
         self.metrics = metrics
         self.clock = clock
-        name = self.s.state_cookie
-        # A __Host- cookie must be Secure; a plain-http demo drops the prefix.
-        self.state_cookie = name if self.s.cookie_secure else name.removeprefix("__Host-")
+        self.state_cookie = self.s.cookie(self.s.state_cookie)
+        self.token_cookie = self.s.cookie(self.oidc_settings.token_cookie)
 
     def add_routes(self, app: web.Application) -> None:
         p = self.s.path_prefix
@@ -169,7 +168,7 @@ class StepupApp:
         auth = request.headers.get("Authorization", "")
         if auth[:7].lower() == "bearer ":
             return auth[7:].strip() or None
-        values = cookie_values(request.headers.get("Cookie", ""), self.oidc_settings.token_cookie)
+        values = cookie_values(request.headers.get("Cookie", ""), self.token_cookie)
         return values[0] if len(values) == 1 and values[0] else None
 
     async def _begin(self, state: StepupState, level: Level | None) -> web.StreamResponse:
@@ -231,30 +230,53 @@ class StepupApp:
             )
         token = self._identity_token(request)
         identity = None
+        now = self._now()
         if token is not None:
             try:
-                identity = await self.tokens.verify_access_token(token, self._now())
+                identity = await self.tokens.verify_access_token(token, now)
             except TokenError:
                 identity = None
         if identity is None:
             return await self._begin(self._login_state(rd), None)
-        device = ip = None
-        if self.signer is not None:
-            # The device and IP the Check saw, so the grant is bound to them; a link
-            # without a valid context is refused rather than bound to nothing.
-            try:
-                device, ip = self.signer.verify(
-                    request.query.get("ctx", ""), level=level.name, now=self._now()
-                )
-            except ValueError:
-                return self._refusal(
-                    400,
-                    "Step-up link expired",
-                    "Go back to the page you wanted and try again.",
-                    reason=Reason.STATE_INVALID,
-                    level=level.name,
-                    back=rd,
-                )
+        sk = session_key(identity.issuer, identity.subject, identity.session_id)
+        try:
+            link = self.signer.verify(request.query.get("ctx", ""), level=level.name, now=now)
+        except ValueError:
+            return self._refusal(
+                400,
+                "Step-up link expired",
+                "Go back to the page you wanted and try again.",
+                reason=Reason.LINK_INVALID,
+                level=level.name,
+                back=rd,
+            )
+        if not hmac.compare_digest(link.session_key, sk):
+            # A link the Check issued for another session (an attacker's, opened here).
+            return self._refusal(
+                403,
+                "Step-up link not for this session",
+                "This step-up link was made for another sign-in. Go back to the page you "
+                "wanted and try again from there.",
+                reason=Reason.LINK_OTHER_SESSION,
+                level=level.name,
+                back=rd,
+            )
+        try:
+            first = await self.store.remember_once(
+                f"link:{link.nonce}", self.signer.max_age_s + self.oidc_settings.leeway_s
+            )
+        except StoreError:
+            self.metrics.redis_errors.labels(op="state").inc()
+            return self._unavailable(reason=Reason.STORE_ERROR, level=level.name, back=rd)
+        if not first:
+            return self._refusal(
+                400,
+                "Step-up link already used",
+                "Each step-up link works once. Go back to the page you wanted and try again.",
+                reason=Reason.LINK_REUSED,
+                level=level.name,
+                back=rd,
+            )
         state = StepupState(
             StateKind.STEPUP,
             rd,
@@ -265,9 +287,9 @@ class StepupApp:
             issuer=identity.issuer,
             subject=identity.subject,
             user_key=user_key(identity.issuer, identity.subject),
-            session_key=session_key(identity.issuer, identity.subject, identity.session_id),
-            device=device,
-            ip=ip,
+            session_key=sk,
+            device=link.device,
+            ip=link.ip,
         )
         return await self._begin(state, level)
 
@@ -288,6 +310,17 @@ class StepupApp:
         level_name = saved.level or LOGIN_LEVEL
         retry = self._retry_path(saved)
         iss = q.get("iss")
+        if iss is None and self.oidc.requires_iss:
+            # RFC 9207 section 2.4: the IdP says it always sends `iss`; a response without
+            # it came from elsewhere or was altered.
+            return self._refusal(
+                403,
+                "Sign-in refused",
+                "The answer did not say which identity provider sent it.",
+                reason=Reason.ISS_MISSING,
+                level=level_name,
+                back=retry,
+            )
         if iss is not None and iss != self.oidc_settings.issuer:  # RFC 9207 mix-up defence
             return self._refusal(
                 403,
@@ -322,7 +355,7 @@ class StepupApp:
             )
         if saved.kind is StateKind.LOGIN:
             return await self._finish_login(tokens, saved, now)
-        return await self._finish_stepup(id_token, saved, now)
+        return await self._finish_stepup(id_token, saved, now, request)
 
     def _retry_path(self, saved: StepupState) -> str:
         """Where "Try again" goes: the page the user wanted (it restarts the step-up)."""
@@ -346,7 +379,7 @@ class StepupApp:
         self._completion(LOGIN_LEVEL, Reason.SUCCESS, factor_of(identity.evidence.amr))
         resp = _redirect(303, saved.return_path)
         resp.set_cookie(
-            self.oidc_settings.token_cookie,
+            self.token_cookie,
             str(access),
             max_age=max(1, identity.expires_at - now),
             path="/",
@@ -357,8 +390,25 @@ class StepupApp:
         resp.del_cookie(self.state_cookie, path="/")
         return resp
 
+    async def _presented(self, request: web.Request, now: int) -> tuple[str | None, str | None]:
+        """(device, client IP) of the browser completing the step-up: its device cookie,
+        an MDM assertion or (through Envoy's x-forwarded-client-cert) its certificate;
+        the address Envoy saw, from the header the /_stepup/ route sets."""
+        ip = parse_ip(request.headers.get(self.s.peer_header, ""))
+        client = str(ip) if ip is not None else None
+        if self.devices is None:
+            return None, client
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        device = await self.devices.resolve_headers(
+            headers,
+            now,
+            peer_certificate=xfcc_certificate(headers.get("x-forwarded-client-cert", "")),
+            client=client or "",
+        )
+        return (device.id if device is not None else None), client
+
     async def _finish_stepup(
-        self, id_token: IdToken, saved: StepupState, now: int
+        self, id_token: IdToken, saved: StepupState, now: int, request: web.Request
     ) -> web.StreamResponse:
         assert saved.level is not None and saved.user_key is not None
         assert saved.session_key is not None and saved.issuer is not None
@@ -366,21 +416,28 @@ class StepupApp:
         level = self.policy.current.policy.by_name.get(saved.level)
         evidence = id_token.evidence
         factor = factor_of(evidence.amr)
-        device = saved.device
+        device, ip = await self._presented(request, now)
         new_cookie = None
-        if device is None and self.device_cookie:
-            # No device identity yet: this browser gets a device cookie, and the grant and
-            # the "known device" record name it.
-            new_cookie = secrets.token_urlsafe(24)
-            device = cookie_device_id(new_cookie)
-        target = Target(saved.issuer, saved.subject, device=device, ip=saved.ip)
+        cookies = self.devices.cookies if self.devices is not None else None
+        if device is None and cookies is not None:
+            # No device identity yet: this browser gets a device cookie of ours, and the
+            # grant and the "known device" record name it.
+            new_cookie, device = cookies.issue()
+        # The challenge's device and IP; where the Check saw none, the binding starts with
+        # the browser that completes the step-up.
+        target = Target(
+            saved.issuer,
+            saved.subject,
+            device=saved.device if saved.device is not None else device,
+            ip=saved.ip if saved.ip is not None else ip,
+        )
         proof = Proof(
             id_token.issuer,
             id_token.subject,
             evidence,
             challenged_at=saved.issued_at,
             device=device,
-            ip=saved.ip,
+            ip=ip,
         )
         try:
             grant = grant_for(
@@ -430,9 +487,9 @@ class StepupApp:
         )
         resp = _redirect(303, saved.return_path)
         resp.del_cookie(self.state_cookie, path="/")
-        if new_cookie is not None and self.device_cookie:
+        if new_cookie is not None and cookies is not None:
             resp.set_cookie(
-                self.device_cookie,
+                cookies.name,
                 new_cookie,
                 max_age=400 * 86_400,
                 path="/",

@@ -1,10 +1,18 @@
-"""The signed step-up context carried in the /_stepup/start link.
+"""The signed step-up link: what the Check's redirect to ``/_stepup/start`` carries.
 
-The Check that decides "step-up" knows the device and client IP; /_stepup/start (routed
-around ext_authz) does not see the client certificate. The redirect therefore carries
-them, HMAC-SHA256-signed with a key shared by all replicas and time-limited, so the grant
-recorded at the callback is bound to the device and IP the Check saw -- and a user cannot
-bind a grant to a device they do not hold by editing the link.
+The Check that decides "step-up" knows the session, the device and the client IP;
+``/_stepup/start`` (routed around ext_authz) must act for exactly that session. The link
+therefore carries, HMAC-SHA256-signed with a key shared by all replicas and time-limited:
+
+- the level;
+- the session key H(iss, sub, sid) the Check saw: ``start`` refuses a link opened with
+  another session's token (an attacker's link opened by the victim cannot elevate the
+  attacker's session, nor overwrite the victim's grant);
+- the device and IP the Check saw: for levels with ``bind``, the browser that completes
+  the step-up must present the same ones (``authz.core.grants``);
+- a random nonce: ``start`` consumes it (once), so a link cannot be reused.
+
+A user cannot edit any of it without the key.
 """
 
 from __future__ import annotations
@@ -14,7 +22,10 @@ import hashlib
 import hmac
 import json
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
+
+_DEVICE_COOKIE_CONTEXT = b"stepup-authz device cookie v1"
 
 
 def _b64(raw: bytes) -> str:
@@ -23,6 +34,16 @@ def _b64(raw: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True, slots=True)
+class LinkContext:
+    level: str
+    session_key: str
+    device: str | None
+    ip: str | None
+    nonce: str
+    issued_at: int
 
 
 class ContextSigner:
@@ -38,17 +59,34 @@ class ContextSigner:
         key = path.read_bytes().strip() if path is not None else secrets.token_bytes(32)
         return cls(key, max_age_s)
 
-    def sign(self, *, level: str, device: str | None, ip: str | None, now: int) -> str:
-        body = _b64(
-            json.dumps(
-                {"l": level, "d": device, "ip": ip, "t": now}, separators=(",", ":")
-            ).encode()
-        )
+    def derived_key(self, context: bytes = _DEVICE_COOKIE_CONTEXT) -> bytes:
+        """A key for another purpose (the device cookie's MAC), bound to ``context``."""
+        return hmac.new(self._key, context, hashlib.sha256).digest()
+
+    def sign(
+        self,
+        *,
+        level: str,
+        session_key: str,
+        device: str | None,
+        ip: str | None,
+        now: int,
+        nonce: str | None = None,
+    ) -> str:
+        doc = {
+            "l": level,
+            "s": session_key,
+            "d": device,
+            "ip": ip,
+            "t": now,
+            "n": nonce or secrets.token_urlsafe(12),
+        }
+        body = _b64(json.dumps(doc, separators=(",", ":")).encode())
         mac = hmac.new(self._key, body.encode(), hashlib.sha256).digest()
         return f"{body}.{_b64(mac)}"
 
-    def verify(self, token: str, *, level: str, now: int) -> tuple[str | None, str | None]:
-        """(device, ip) from a valid context for ``level``; ValueError otherwise."""
+    def verify(self, token: str, *, level: str, now: int) -> LinkContext:
+        """The context of a valid link for ``level``; ValueError otherwise."""
         body, _, mac = token.partition(".")
         try:
             expected = hmac.new(self._key, body.encode(), hashlib.sha256).digest()
@@ -62,5 +100,15 @@ class ContextSigner:
         t = doc.get("t")
         if not isinstance(t, int) or not now - self.max_age_s <= t <= now + 5:
             raise ValueError("step-up context expired")
+        session, nonce = doc.get("s"), doc.get("n")
+        if not (isinstance(session, str) and session and isinstance(nonce, str) and nonce):
+            raise ValueError("step-up context without session or nonce")
         device, ip = doc.get("d"), doc.get("ip")
-        return (device if isinstance(device, str) else None, ip if isinstance(ip, str) else None)
+        return LinkContext(
+            level=level,
+            session_key=session,
+            device=device if isinstance(device, str) else None,
+            ip=ip if isinstance(ip, str) else None,
+            nonce=nonce,
+            issued_at=t,
+        )

@@ -22,6 +22,9 @@ class ProviderMetadata:
     issuer: str
     authorization_endpoint: str
     token_endpoint: str
+    # RFC 9207: the IdP puts `iss` in every authorization response; one without it is then
+    # refused (a mix-up attack strips or swaps it).
+    iss_parameter_supported: bool = False
 
 
 def pkce_pair() -> tuple[str, str]:
@@ -50,6 +53,8 @@ async def discover(
             issuer=issuer,
             authorization_endpoint=str(doc["authorization_endpoint"]),
             token_endpoint=str(doc["token_endpoint"]),
+            iss_parameter_supported=doc.get("authorization_response_iss_parameter_supported")
+            is True,
         )
     except KeyError as exc:
         raise OidcError(f"discovery document lacks {exc.args[0]}") from exc
@@ -72,6 +77,11 @@ class RelyingParty(Protocol):
 
     async def exchange_code(self, code: str, verifier: str) -> dict[str, Any]: ...
 
+    @property
+    def requires_iss(self) -> bool:
+        """Whether a callback without ``iss`` must be refused (RFC 9207 section 2.4)."""
+        ...
+
 
 class OidcClient:
     def __init__(
@@ -90,6 +100,10 @@ class OidcClient:
         self.redirect_uri = redirect_uri
         self.session = session
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    @property
+    def requires_iss(self) -> bool:
+        return self.metadata.iss_parameter_supported
 
     def authorize_url(
         self,

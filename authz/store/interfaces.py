@@ -68,8 +68,15 @@ class GrantStore(Protocol):
     ) -> None: ...
 
 
-class StateStore(Protocol):
-    """One-time step-up state: stored once (SET NX), consumed once (GETDEL)."""
+class OnceStore(Protocol):
+    async def remember_once(self, key: str, ttl_s: int) -> bool:
+        """True the first time ``key`` is seen within ``ttl_s`` (a nonce, a proof's jti)."""
+        ...
+
+
+class StateStore(OnceStore, Protocol):
+    """One-time step-up state: stored once (SET NX), consumed once (GETDEL); one-time
+    nonces of step-up links."""
 
     async def put_state(self, state_id: str, payload: Mapping[str, Any], ttl_s: int) -> None: ...
     async def take_state(self, state_id: str) -> dict[str, Any] | None: ...
@@ -79,12 +86,8 @@ class StepupStore(GrantStore, StateStore, Protocol):
     """The step-up endpoints."""
 
 
-class AdminStore(GrantStore, Protocol):
+class AdminStore(GrantStore, OnceStore, Protocol):
     """The Sessions API."""
-
-    async def remember_once(self, key: str, ttl_s: int) -> bool:
-        """True the first time ``key`` is seen within ``ttl_s`` (a proof's jti)."""
-        ...
 
     async def revoke_session(self, user: str, session: str, now: int) -> bool: ...
     async def revoke_user(self, user: str, now: int) -> int: ...

@@ -221,7 +221,7 @@ class MemorySessionStore:
     async def revoke_session(self, user: str, session: str, now: int) -> bool:
         t = self._enter()
         u = self._user(user, t)
-        u.revoked[session] = t + self.limits.session_ttl_s
+        u.revoked[session] = t + self.limits.revocation_ttl_s
         entry = u.sessions.pop(session, None)
         if entry is None:
             return False
@@ -233,7 +233,7 @@ class MemorySessionStore:
         t = self._enter()
         u = self._user(user, t)
         prev = u.revoked_before[0] if u.revoked_before is not None else 0
-        u.revoked_before = (max(prev, now), t + self.limits.session_ttl_s)
+        u.revoked_before = (max(prev, now), t + self.limits.revocation_ttl_s)
         n = len(u.sessions)
         for sk, entry in u.sessions.items():
             for lv in entry.levels:

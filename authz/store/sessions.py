@@ -6,8 +6,9 @@ H(iss, sub) and ``sk`` the session key H(iss, sub, sid) (``authz.core.session``)
 
     key                        type    value                                  TTL
     P u:{uk}:g:<sk>:<level>    string  E(grant, compact JSON)                 until grant expiry
-    P u:{uk}:r:<sk>            string  revoked at (unix s)                    session_ttl_s
-    P u:{uk}:rb                string  revoked before (unix s; iat < it: no)  session_ttl_s
+    P u:{uk}:r:<sk>            string  revoked at (unix s); present = revoked revocation_ttl_s
+    P u:{uk}:rb                string  revoked before (unix s; iat < it: no;  revocation_ttl_s
+                                       unreadable: every token refused)
     P u:{uk}:ss                hash    sk -> {created, last_seen, ip: E(ip), device: E(device),
                                        levels}
                                        at most max_sessions (least recently seen evicted)
@@ -81,13 +82,17 @@ from authz.store.interfaces import SessionInfo
 _CLIENT_ERRORS = (RedisError, RedisClusterException, OSError, AttributeError)
 
 GRANT_FORMAT_VERSION = 1
+REVOKED_ALWAYS = 2**62  # an unreadable revoked-before marker: no token was issued after it
 
 
 @dataclass(frozen=True, slots=True)
 class StoreLimits:
     """Retention and bounds of the per-user state (see the key table above)."""
 
-    session_ttl_s: int = 86_400  # the longest an access token lives: revocations, sessions
+    session_ttl_s: int = 86_400  # the longest an access token lives: sessions index, sightings
+    # Revocation markers live at least this long: the longest a session (and the tokens
+    # refreshed within it) may last at the IdP. Never shorter than session_ttl_s.
+    revocation_ttl_s: int = 30 * 86_400
     history_ttl_s: int = 90 * 86_400  # known devices / IPs, levels seen
     max_sessions: int = 50
     max_devices: int = 20
@@ -97,6 +102,8 @@ class StoreLimits:
         for name in self.__slots__:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.revocation_ttl_s < self.session_ttl_s:
+            raise ValueError("revocation_ttl_s must be >= session_ttl_s")
 
 
 # --- values -------------------------------------------------------------------------------
@@ -450,7 +457,10 @@ class RedisSessionStore:
             raise StoreError("session read: unexpected script reply") from exc
         revoked_before = _opt_int(rb_raw)
         if rb_raw not in (None, False) and revoked_before is None:
+            # A marker that is there but cannot be read (not an integer, the wrong type)
+            # means revoked: every token of the user is refused until it is rewritten.
             self._corrupt()
+            revoked_before = REVOKED_ALWAYS
         grants: list[Grant] = []
         for lv, raw in zip(levels, grant_values, strict=True):
             if raw is None or raw is False:
@@ -568,7 +578,7 @@ class RedisSessionStore:
         index entry. True when the session was in the index."""
         _check_part("session", session)
         k = self.keys(user)
-        args = (now, self.limits.session_ttl_s, session, k.base)
+        args = (now, self.limits.revocation_ttl_s, session, k.base)
         done = await self._script("revoke", _REVOKE, [k.sessions, k.revoked(session)], args)
         return bool(done)
 
@@ -576,7 +586,7 @@ class RedisSessionStore:
         """Refuse every token issued before ``now``, delete every indexed session's grants
         and the index. Returns how many indexed sessions there were."""
         k = self.keys(user)
-        args = (now, self.limits.session_ttl_s, "", k.base)
+        args = (now, self.limits.revocation_ttl_s, "", k.base)
         n = await self._script("revoke", _REVOKE, [k.sessions, k.revoked_before], args)
         return int(n)
 

@@ -155,3 +155,25 @@ async def test_a_password_token_reaches_wires_only_through_a_proven_factor(
     assert status == 200, headers
     # The same proof again: refused (single use), even for the same session.
     assert await record_grant(gstack, proven) is grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_the_upstream_never_sees_the_services_cookies(gstack: Stack) -> None:
+    """The review found the raw access-token cookie forwarded to every upstream. The
+    session token, device and state cookies are cut from what Envoy forwards; the
+    application's own cookies pass."""
+    token = await password_token(gstack)
+    cookie = f"theme=dark; stepup-token={token}; stepup-device=d1.x.y; stepup-state=s; lang=en"
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(gstack.envoy_url + "/news", headers={"Cookie": cookie}) as r,
+    ):
+        assert r.status == 200, await r.text()
+        seen = (await r.json())["headers"]
+    assert seen.get("cookie") == "theme=dark; lang=en"
+    assert token not in json.dumps(seen)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(gstack.envoy_url + "/news", headers={"Cookie": f"stepup-token={token}"}) as r,
+    ):
+        assert r.status == 200
+        assert "cookie" not in (await r.json())["headers"]  # nothing of it is left

@@ -141,7 +141,7 @@ async def test_new_device_forces_step_up_then_is_known(sig_stack: Stack, browser
     # no device identity: the new-device rule raises standard to elevated
     assert status == 302 and headers["Location"].startswith("/_stepup/start?level=elevated")
     await browser.step_up("/news")  # TOTP; the callback sets the device cookie
-    device = [c for c in browser.s.cookie_jar if c.key == "stepup_device"]
+    device = [c for c in browser.s.cookie_jar if c.key == "stepup-device"]
     assert len(device) == 1
     status, _, body = await browser.get("/news")
     assert status == 200, body
@@ -166,19 +166,19 @@ async def test_bound_grant_is_refused_from_another_device_and_ip(sig_stack: Stac
         status, _, _ = await b.get("/vault/1")
         assert status == 200
         cookies = {c.key: c.value for c in s.cookie_jar}
-    tok, dev = cookies["stepup_token"], cookies["stepup_device"]
-    same = {"Cookie": f"stepup_token={tok}; stepup_device={dev}", "Accept": "text/html"}
+    tok, dev = cookies["stepup-token"], cookies["stepup-device"]
+    same = {"Cookie": f"stepup-token={tok}; stepup-device={dev}", "Accept": "text/html"}
     # the same device and IP: honoured
     assert (await get(sig_stack, "/vault/1", headers=same))[0] == 200
     # another device (a different device cookie) on the same IP: step-up again
-    other = {"Cookie": f"stepup_token={tok}; stepup_device={'z' * 32}"}
+    other = {"Cookie": f"stepup-token={tok}; stepup-device={'z' * 32}"}
     status, headers = await get(sig_stack, "/vault/1", headers=other)
     assert (status, headers["x-stepup-reason"]) == (401, "grant-bound-elsewhere")
     # the same device from another address (127.0.0.2 is loopback too): step-up again
     status, headers = await get(
         sig_stack,
         "/vault/1",
-        headers={"Cookie": f"stepup_token={tok}; stepup_device={dev}"},
+        headers={"Cookie": f"stepup-token={tok}; stepup-device={dev}"},
         local="127.0.0.2",
     )
     assert (status, headers["x-stepup-reason"]) == (401, "grant-bound-elsewhere")

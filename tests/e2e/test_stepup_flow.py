@@ -145,12 +145,12 @@ async def test_weak_acr_browser_redirect_and_exact_rfc9470_challenge(
 ) -> None:
     token = await password_token(stack)
     status, headers, _ = await browser.get(
-        "/accounts/123", headers={"Cookie": f"stepup_token={token}"}
+        "/accounts/123", headers={"Cookie": f"stepup-token={token}"}
     )
     assert status == 302
     assert headers["Location"].startswith("/_stepup/start?level=elevated&rd=%2Faccounts%2F123&ctx=")
     status, headers, _ = await browser.get(
-        headers["Location"], headers={"Cookie": f"stepup_token={token}"}
+        headers["Location"], headers={"Cookie": f"stepup-token={token}"}
     )
     q = parse_qs(urlsplit(headers["Location"]).query)
     assert q["acr_values"] == ["mfa phr"] and q["max_age"] == ["900"] and q["prompt"] == ["login"]
@@ -294,4 +294,4 @@ def test_logs_never_carry_a_token_or_cookie(stack: Stack) -> None:
         text = stack.log_path(name).read_text()
         assert text, f"{name} log is empty"
         assert "eyJ" not in text, f"a JWT reached the {name} log"
-        assert "stepup_token=" not in text and "code=" not in text
+        assert "stepup-token=" not in text and "code=" not in text

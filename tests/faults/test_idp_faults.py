@@ -113,7 +113,7 @@ async def browser_to_callback(env: Env, s: aiohttp.ClientSession, token: str) ->
     r = await env.stub.Check(_html_check(token))
     start = next(h.header.value for h in r.denied_response.headers if h.header.key == "location")
     async with s.get(
-        f"{env.http}{start}", cookies={"stepup_token": token}, allow_redirects=False
+        f"{env.http}{start}", cookies={"stepup-token": token}, allow_redirects=False
     ) as resp:
         assert resp.status == 302, await resp.text()
         authorize = resp.headers["Location"]
@@ -137,7 +137,7 @@ async def browser_to_callback(env: Env, s: aiohttp.ClientSession, token: str) ->
 def _html_check(token: str) -> Any:
     from tests.ha.harness import check_request
 
-    return check_request(SENSITIVE, {"cookie": f"stepup_token={token}", "accept": "text/html"})
+    return check_request(SENSITIVE, {"cookie": f"stepup-token={token}", "accept": "text/html"})
 
 
 @pytest.mark.parametrize("mode", ["error", "slow:2", "close", "down"])

@@ -183,11 +183,11 @@ async def test_decisions_over_grpc(env: Env) -> None:
 async def test_browser_step_up_round_trip(env: Env) -> None:
     token = await password_token(env.idp)
     http = f"http://127.0.0.1:{env.service.http_port}"
-    jar = {"stepup_token": token}
+    jar = {"stepup-token": token}
     # the Check's redirect carries the signed device/IP context
     r = await env.stub.Check(
         check_request(
-            "/accounts/1?tab=2", {"cookie": f"stepup_token={token}", "accept": "text/html"}
+            "/accounts/1?tab=2", {"cookie": f"stepup-token={token}", "accept": "text/html"}
         )
     )
     start = header(r, "location")
@@ -243,7 +243,7 @@ async def test_browser_step_up_round_trip(env: Env) -> None:
         ) as resp:
             assert resp.status == 400
     # the retried request is allowed by the grant
-    r = await env.stub.Check(check_request("/accounts/1", {"cookie": f"stepup_token={token}"}))
+    r = await env.stub.Check(check_request("/accounts/1", {"cookie": f"stepup-token={token}"}))
     assert r.status.code == 0, r
     assert header(r, "x-stepup-acr") == "mfa"
     metrics = await asyncio.to_thread(_scrape, http)

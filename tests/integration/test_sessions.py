@@ -24,7 +24,7 @@ from authz.config.settings import RedisSettings
 from authz.core.session import Evidence, Grant, Sighting, UserState, session_key, user_key
 from authz.errors import ConfigError, StoreError
 from authz.store.connections import EmbeddedValkey, make_client
-from authz.store.sessions import RedisSessionStore, StoreLimits
+from authz.store.sessions import REVOKED_ALWAYS, RedisSessionStore, StoreLimits
 
 pytestmark = pytest.mark.integration
 
@@ -210,8 +210,8 @@ async def test_key_layout_value_and_ttls(
     assert 2 * WINDOW - 2 <= await raw.ttl(vc) <= 2 * WINDOW
     await store.revoke_session(UK, SK, now)
     await store.revoke_user(UK, now)
-    for k in (f"r:{SK}", "rb"):
-        assert lim.session_ttl_s - 2 <= await raw.ttl(base + k) <= lim.session_ttl_s
+    for k in (f"r:{SK}", "rb"):  # revocations outlive sessions (state.revocation_ttl_s)
+        assert lim.revocation_ttl_s - 2 <= await raw.ttl(base + k) <= lim.revocation_ttl_s
 
     await store.put_state("raw-state-id", {"nonce": "n"}, 60)
     keys = [k.decode() async for k in raw.scan_iter(match=f"{prefix}st:*")]
@@ -344,13 +344,30 @@ async def test_corrupt_values_are_skipped_and_counted(
     await put("bin", b"\xff\xfe")
     await put("dev", json.dumps({**good, "level": "dev", "device": 7}))
     await raw.set(k.last_sighting, c.encrypt("garbage", k.last_sighting))
-    await raw.set(k.revoked_before, b"soon")
     await raw.set(k.velocity(now // WINDOW - 1), b"lots")
 
     s = await read(store, now, levels=[*LEVELS, "admin", "v2", "bin", "dev"], sensitive=True)
     assert [g.level for g in s.grants] == ["standard"]
     assert (s.last_seen, s.revoked_before, s.velocity) == (None, None, 1)
-    assert corrupt.n == 9
+    assert corrupt.n == 8
+
+
+@pytest.mark.parametrize("marker", [b"soon", b"", b"1e9", "list"])
+async def test_an_unreadable_revocation_marker_means_revoked(
+    store: RedisSessionStore, raw: aioredis.Redis, corrupt: Counter, marker: bytes | str
+) -> None:
+    """The review's fail-open: a non-integer marker read as "not revoked" (a revoked
+    token got 200). Now it revokes every token of the user, and is counted as corrupt."""
+    now = int(time.time())
+    k = store.keys(UK)
+    await store.write_grant(UK, SK, grant("standard", now), now)
+    if marker == "list":
+        await raw.rpush(k.revoked_before, "x")  # the wrong type altogether
+    else:
+        await raw.set(k.revoked_before, marker)
+    s = await read(store, now)
+    assert s.grants == () and s.revoked_before == REVOKED_ALWAYS
+    assert corrupt.n == 1
 
 
 async def test_wrong_type_keys_read_as_absent(

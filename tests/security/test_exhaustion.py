@@ -52,27 +52,27 @@ def rss_mb(pid: int | None) -> float:
         ),
         pytest.param(
             "cookie-64k-with-token",
-            lambda t: [("Cookie", f"stepup_token={t}; junk=" + "a" * 65_536)],
+            lambda t: [("Cookie", f"stepup-token={t}; junk=" + "a" * 65_536)],
             {"431", "0"},
             id="cookie-64KiB-with-valid-token-refused",
         ),
         pytest.param(
             "cookie-50k",
-            lambda t: [("Cookie", f"stepup_token={t}; junk=" + "a" * 50_000)],
+            lambda t: [("Cookie", f"stepup-token={t}; junk=" + "a" * 50_000)],
             {"401 acr-insufficient"},
             id="cookie-50KiB-processed-no-allow",
         ),
         pytest.param(
             "cookie-many",
             lambda t: [
-                ("Cookie", "; ".join(f"c{i}=v" for i in range(5000)) + f"; stepup_token={t}")
+                ("Cookie", "; ".join(f"c{i}=v" for i in range(5000)) + f"; stepup-token={t}")
             ],
             {"401 acr-insufficient"},
             id="cookie-5000-pairs-processed-no-allow",
         ),
         pytest.param(
             "cookie-token-repeated",
-            lambda t: [("Cookie", "; ".join([f"stepup_token={t}"] * 60))],
+            lambda t: [("Cookie", "; ".join([f"stepup-token={t}"] * 60))],
             {"401 token-invalid"},
             id="token-cookie-60-times",
         ),

@@ -416,7 +416,7 @@ NON_UTF8 = [
     ),
     pytest.param(
         "/accounts/1",
-        [("Cookie", b"stepup_token=\xff\xfe")],
+        [("Cookie", b"stepup-token=\xff\xfe")],
         {"401 token-invalid", "400"},
         id="cookie-token",
     ),

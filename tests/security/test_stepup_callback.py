@@ -408,12 +408,12 @@ async def test_login_csrf_callback_in_the_victims_browser(
     callback = await attacker.idp_login(hop.location, otp=False)
     async with Results(sec_stack) as res:
         hop = await browser.get(callback)
-    token_cookie = "SET" if browser.cookie("stepup_token") else "none"
+    token_cookie = "SET" if browser.cookie("stepup-token") else "none"
     outcome(
         "400 state-mismatch; the victim gets no token cookie",
         f"{hop.status} ({res}); token cookie {token_cookie}",
     )
-    assert hop.status == 400 and browser.cookie("stepup_token") is None
+    assert hop.status == 400 and browser.cookie("stepup-token") is None
     assert res.delta == {("unknown", "state-mismatch"): 1}
 
 

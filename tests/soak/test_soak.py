@@ -195,7 +195,7 @@ async def test_soak(stack: Stack) -> None:
         await password_token(stack, "bob"),
     )
     jar = aiohttp.CookieJar(unsafe=True)  # cookies for an IP-address host
-    jar.update_cookies({"stepup_token": alice_token}, URL(stack.envoy_url))
+    jar.update_cookies({"stepup-token": alice_token}, URL(stack.envoy_url))
     tally = Tally()
     async with (
         aiohttp.ClientSession(cookie_jar=jar, connector=aiohttp.TCPConnector(limit=64)) as alice,

@@ -101,6 +101,11 @@ KNOWN = UserState(device_known=True, ip_known=True, level_seen=True)
 LAPTOP = Device("spiffe://corp/laptop-1", "mtls", managed=True, compliant=True)
 
 
+def attested(device_id: str) -> Device:
+    """A device whose MDM assertion says managed and compliant (this policy checks it)."""
+    return Device(device_id, "assertion", managed=True, compliant=True)
+
+
 def ctx_for(
     policy: Policy,
     device: Device | None,
@@ -251,16 +256,16 @@ def test_risk_score_weights_and_cap(policy: Policy) -> None:
             ("new-device",),
             (),
         ),
-        # no device at all: the same rule
+        # no device at all: no attested posture, and this policy checks posture
         (
             "/news",
             None,
             KNOWN,
             None,
-            Outcome.STEP_UP,
-            "acr-insufficient",
-            "elevated",
-            ("new-device",),
+            Outcome.DENY,
+            "device-noncompliant",
+            "standard",
+            ("noncompliant",),
             (),
         ),
         # a non-compliant device is denied before anything else
@@ -423,8 +428,12 @@ def test_bound_grants(
     state = UserState(
         grants=(bound_grant(grant_device, grant_ip),), device_known=True, ip_known=True
     )
-    dev = Device(here_device, "cookie") if here_device else None
-    d = decide(policy, attrs("/wires/1", here_ip), inputs(state, dev))
+    dev = attested(here_device) if here_device else None
+    # Binding, not posture, is the subject: the same policy without its posture rule.
+    unposed = load_policy(
+        {**DOC, "rules": [r for r in DOC["rules"] if r["name"] != "noncompliant"]}
+    )
+    d = decide(unposed, attrs("/wires/1", here_ip), inputs(state, dev))
     assert (d.outcome, d.slug) == (outcome, reason)
 
 
@@ -438,7 +447,7 @@ def test_unbound_level_honours_a_grant_from_anywhere(policy: Policy) -> None:
         ip="10.1.1.1",
     )
     state = UserState(grants=(g,), device_known=True, ip_known=True)
-    d = decide(policy, attrs("/accounts/1", "10.7.7.7"), inputs(state, Device("phone", "cookie")))
+    d = decide(policy, attrs("/accounts/1", "10.7.7.7"), inputs(state, attested("phone")))
     assert d.outcome is Outcome.ALLOW
 
 
@@ -452,9 +461,7 @@ def test_unbound_level_honours_a_grant_from_anywhere(policy: Policy) -> None:
     ],
 )
 def test_revocation(policy: Policy, state: UserState, iat: int, outcome: Outcome) -> None:
-    d = decide(
-        policy, attrs("/news"), inputs(state, Device("x", "cookie"), identity=ident(iat=iat))
-    )
+    d = decide(policy, attrs("/news"), inputs(state, attested("x"), identity=ident(iat=iat)))
     assert d.outcome is outcome
     if outcome is Outcome.LOGIN:
         assert d.reason == "session-revoked"
@@ -484,3 +491,42 @@ def test_revocation(policy: Policy, state: UserState, iat: int, outcome: Outcome
 def test_invalid_signal_policies(patch: dict[str, object], message: str) -> None:
     with pytest.raises(PolicyError, match=message):
         load_policy({**DOC, **patch})
+
+
+# -- posture: only an assertion attests it -------------------------------------------------
+
+POSTURE_POLICY = load_policy(
+    {
+        "levels": {"standard": {}, "elevated": {"acr": ["mfa"], "max_age": 900}},
+        "default_level": "standard",
+        "rules": [{"name": "mdm", "when": {"device": ["noncompliant"]}, "deny": "device-posture"}],
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("device", "allowed"),
+    [
+        (Device("mdm:1", "assertion", managed=True, compliant=True), True),
+        (Device("mdm:1", "assertion", managed=True, compliant=False), False),
+        (Device("cookie:1", "cookie"), False),  # no assertion, or an invalid one: unattested
+        (None, False),  # no device at all
+    ],
+)
+def test_a_posture_rule_counts_unattested_as_noncompliant(
+    device: Device | None, allowed: bool
+) -> None:
+    """The review's fail-open: a missing or bad assertion fell back to the cookie and the
+    `device: noncompliant` rule never fired."""
+    assert POSTURE_POLICY.uses_posture
+    d = decide(POSTURE_POLICY, attrs("/x"), inputs(UserState(device_known=True), device))
+    assert (d.outcome is Outcome.ALLOW) is allowed
+    if not allowed:
+        assert d.slug == "device-posture"
+
+
+def test_without_a_posture_rule_unattested_is_not_noncompliant() -> None:
+    plain = load_policy({"levels": {"standard": {}}, "default_level": "standard"})
+    assert not plain.uses_posture
+    d = decide(plain, attrs("/x"), inputs(UserState(device_known=True), Device("c", "cookie")))
+    assert d.outcome is Outcome.ALLOW and "noncompliant" not in d.device_states

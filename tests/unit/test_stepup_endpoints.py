@@ -22,6 +22,7 @@ from authz.stepup.state import StateKind, StepupState
 from tests.builders import ISSUER, NOW, StepupEnv, id_token, identity, stepup_env
 
 STATE_COOKIE = "__Host-stepup-state"
+DEVICE_COOKIE = "__Host-stepup-device"
 TOKEN = "alice-access-token"
 
 
@@ -54,7 +55,7 @@ async def start(
     ip: str | None = "10.0.0.7",
 ) -> tuple[str, str]:
     """/start with a valid link; returns (state id from the IdP redirect, state cookie)."""
-    headers = {"Cookie": f"stepup_token={token}"} if token else {}
+    headers = {"Cookie": f"__Host-stepup-token={token}"} if token else {}
     resp = await client.get(
         "/_stepup/start",
         params={"level": level, "rd": rd, "ctx": env.link(level, device=device, ip=ip)},
@@ -72,10 +73,21 @@ async def callback(
     client: TestClient[object, object],
     state: str,
     cookie: str | None,
+    *,
+    peer: str | None = "10.0.0.7",
+    device_cookie: str | None = None,
     **params: str,
 ) -> object:
+    """The browser comes back from the IdP, through Envoy (which sets the peer header)."""
     query = {"state": state, "code": "the-code", **params}
-    headers = {"Cookie": f"{STATE_COOKIE}={cookie}"} if cookie is not None else {}
+    cookies = []
+    if cookie is not None:
+        cookies.append(f"{STATE_COOKIE}={cookie}")
+    if device_cookie is not None:
+        cookies.append(f"{DEVICE_COOKIE}={device_cookie}")
+    headers = {"Cookie": "; ".join(cookies)} if cookies else {}
+    if peer is not None:
+        headers["x-stepup-peer-address"] = peer
     return await client.get(
         "/_stepup/callback", params=query, headers=headers, allow_redirects=False
     )
@@ -165,7 +177,7 @@ async def test_start_with_a_forged_or_missing_link_is_refused(
     resp = await client.get(
         "/_stepup/start",
         params={"level": "elevated", "ctx": ctx},
-        headers={"Cookie": f"stepup_token={TOKEN}"},
+        headers={"Cookie": f"__Host-stepup-token={TOKEN}"},
     )
     assert resp.status == 400 and "expired" in await resp.text()
     assert env.oidc.requests == []
@@ -177,7 +189,7 @@ async def test_a_link_for_another_level_is_refused(
     resp = await client.get(
         "/_stepup/start",
         params={"level": "high", "ctx": env.link("elevated")},
-        headers={"Cookie": f"stepup_token={TOKEN}"},
+        headers={"Cookie": f"__Host-stepup-token={TOKEN}"},
     )
     assert resp.status == 400
 
@@ -190,7 +202,7 @@ async def test_an_expired_link_is_refused(
     resp = await client.get(
         "/_stepup/start",
         params={"level": "elevated", "ctx": ctx},
-        headers={"Cookie": f"stepup_token={TOKEN}"},
+        headers={"Cookie": f"__Host-stepup-token={TOKEN}"},
     )
     assert resp.status == 400
 
@@ -202,7 +214,7 @@ async def test_start_with_the_store_down_is_503(
     resp = await client.get(
         "/_stepup/start",
         params={"level": "elevated", "ctx": env.link("elevated")},
-        headers={"Cookie": f"stepup_token={TOKEN}"},
+        headers={"Cookie": f"__Host-stepup-token={TOKEN}"},
     )
     assert resp.status == 503
 
@@ -328,7 +340,7 @@ async def test_a_step_up_records_a_grant_audits_it_first_and_returns(
     (grant,) = await grants_of(env)
     assert grant.level == "elevated" and grant.expires_at == NOW + 900  # type: ignore[attr-defined]
     assert grant.ip == "10.0.0.7"  # type: ignore[attr-defined]
-    assert cookie_of(resp, "stepup_device") is not None  # a device cookie for this browser
+    assert cookie_of(resp, "__Host-stepup-device") is not None  # a device cookie for this browser
     (event,) = env.auditor.durable_events
     assert (event.type, event.outcome, event.reason) == (
         EventType.STEPUP_COMPLETED,
@@ -388,13 +400,7 @@ async def test_a_grant_the_store_cannot_write_is_503(
     assert env.completions("elevated", "store-error", "none") == 1
 
 
-async def test_a_bound_level_binds_the_grant_to_the_links_device_and_ip(
-    client: TestClient[object, object], env: StepupEnv
-) -> None:
-    env.tokens.next_id_token = id_token(acr="phr", amr=("hwk",))
-    state_id, cookie = await start(client, env, "high", device="mtls:dev-1", ip="10.0.0.7")
-    resp = await callback(client, state_id, cookie)
-    assert resp.status == 303  # type: ignore[attr-defined]
+async def high_grant(env: StepupEnv) -> tuple[object, ...]:
     state = await env.store.read_check(
         user=user_key(ISSUER, "alice"),
         session=session_key(ISSUER, "alice", "s1"),
@@ -406,9 +412,97 @@ async def test_a_bound_level_binds_the_grant_to_the_links_device_and_ip(
         window_s=60,
         now=NOW,
     )
-    (grant,) = state.grants
-    assert (grant.device, grant.ip) == ("mtls:dev-1", "10.0.0.7")
-    assert cookie_of(resp, "stepup_device") is None  # the link named a device already
+    return state.grants
+
+
+async def test_a_bound_level_binds_the_grant_to_the_device_and_ip_that_completed_it(
+    client: TestClient[object, object], env: StepupEnv
+) -> None:
+    env.tokens.next_id_token = id_token(acr="phr", amr=("hwk",))
+    value, device = env.devices.cookies.issue()  # type: ignore[union-attr]
+    state_id, cookie = await start(client, env, "high", device=device, ip="10.0.0.7")
+    resp = await callback(client, state_id, cookie, device_cookie=value, peer="10.0.0.7")
+    assert resp.status == 303  # type: ignore[attr-defined]
+    (grant,) = await high_grant(env)
+    assert (grant.device, grant.ip) == (device, "10.0.0.7")  # type: ignore[attr-defined]
+    assert cookie_of(resp, DEVICE_COOKIE) is None  # the browser has one of ours already
+
+
+@pytest.mark.parametrize(
+    ("presented", "peer", "reason"),
+    [
+        ("another", "10.0.0.7", "device-mismatch"),  # the victim's browser, not the link's
+        (None, "10.0.0.7", "device-mismatch"),  # no device: a fresh cookie is not the link's
+        ("same", "10.9.9.9", "ip-mismatch"),
+        ("same", None, "ip-mismatch"),  # Envoy's address missing: not the bound one
+    ],
+)
+async def test_a_bound_step_up_completed_elsewhere_is_refused(
+    client: TestClient[object, object],
+    env: StepupEnv,
+    presented: str | None,
+    peer: str | None,
+    reason: str,
+) -> None:
+    """The review's attack: an attacker's link (its device and IP) opened by the victim,
+    who completes MFA. The grant would have been bound to the attacker's device."""
+    env.tokens.next_id_token = id_token(acr="phr", amr=("hwk",))
+    cookies = env.devices.cookies
+    assert cookies is not None
+    attacker_value, attacker_device = cookies.issue()
+    victim_value, _ = cookies.issue()
+    state_id, cookie = await start(client, env, "high", device=attacker_device, ip="10.0.0.7")
+    device_cookie = {"another": victim_value, "same": attacker_value, None: None}[presented]
+    resp = await callback(client, state_id, cookie, device_cookie=device_cookie, peer=peer)
+    assert resp.status == 403  # type: ignore[attr-defined]
+    assert await high_grant(env) == ()
+    (event,) = env.auditor.events
+    assert (event.outcome, event.reason) == ("failure", reason)
+
+
+async def test_a_link_for_another_session_is_refused_at_start(
+    client: TestClient[object, object], env: StepupEnv
+) -> None:
+    resp = await client.get(
+        "/_stepup/start",
+        params={"level": "elevated", "ctx": env.link("elevated", sid="the-attackers-sid")},
+        headers={"Cookie": f"__Host-stepup-token={TOKEN}"},
+    )
+    assert resp.status == 403
+    assert env.oidc.requests == []
+    assert env.completions("elevated", "link-other-session", "none") == 1
+
+
+async def test_a_link_works_once(client: TestClient[object, object], env: StepupEnv) -> None:
+    ctx = env.link("elevated", nonce="n-1")
+    headers = {"Cookie": f"__Host-stepup-token={TOKEN}"}
+    params = {"level": "elevated", "ctx": ctx}
+    first = await client.get(
+        "/_stepup/start", params=params, headers=headers, allow_redirects=False
+    )
+    assert first.status == 302
+    again = await client.get(
+        "/_stepup/start", params=params, headers=headers, allow_redirects=False
+    )
+    assert again.status == 400 and "once" in await again.text()
+    assert len(env.oidc.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "planted", ["A" * 32, "d1.xxxxxxxxxxxxxxxxxxxxxxxx.yyyyyyyyyyyyyyyyyyyyyyyy"]
+)
+async def test_a_planted_device_cookie_is_no_device(
+    client: TestClient[object, object], env: StepupEnv, planted: str
+) -> None:
+    """The review's fixation: a value the client picked became the victim's bound device.
+    Now a value without our MAC is no device: the browser gets a cookie of ours."""
+    state_id, cookie = await start(client, env)
+    resp = await callback(client, state_id, cookie, device_cookie=planted)
+    assert resp.status == 303  # type: ignore[attr-defined]
+    issued = cookie_of(resp, DEVICE_COOKIE)
+    assert issued is not None and issued != planted
+    (grant,) = await grants_of(env)
+    assert grant.device == env.devices.cookies.device_id(issued)  # type: ignore[attr-defined, union-attr]
 
 
 async def test_a_first_sign_in_sets_the_token_cookie(
@@ -420,8 +514,8 @@ async def test_a_first_sign_in_sets_the_token_cookie(
     resp = await callback(client, state_id, cookie_of(resp, STATE_COOKIE))
     assert resp.status == 303  # type: ignore[attr-defined]
     assert resp.headers["Location"] == "/news"  # type: ignore[attr-defined]
-    assert cookie_of(resp, "stepup_token") == "access-token"
-    assert resp.cookies["stepup_token"]["max-age"] == "600"  # type: ignore[attr-defined]
+    assert cookie_of(resp, "__Host-stepup-token") == "access-token"
+    assert resp.cookies["__Host-stepup-token"]["max-age"] == "600"  # type: ignore[attr-defined]
     assert env.completions("login", "success", "pwd") == 1
 
 
@@ -432,5 +526,21 @@ async def test_a_sign_in_whose_access_token_is_not_acceptable_is_refused(
     state_id = env.oidc.requests[0]["state"]
     resp = await callback(client, state_id, cookie_of(resp, STATE_COOKIE))
     assert resp.status == 403  # type: ignore[attr-defined]
-    assert cookie_of(resp, "stepup_token") is None
+    assert cookie_of(resp, "__Host-stepup-token") is None
     assert env.completions("login", "token-rejected", "none") == 1
+
+
+async def test_a_callback_without_iss_is_refused_when_the_idp_always_sends_it(
+    client: TestClient[object, object], env: StepupEnv
+) -> None:
+    """RFC 9207: the review found a callback without `iss` accepted although the IdP
+    advertises authorization_response_iss_parameter_supported."""
+    env.oidc.requires_iss = True
+    state_id, cookie = await start(client, env)
+    resp = await callback(client, state_id, cookie)
+    assert resp.status == 403  # type: ignore[attr-defined]
+    assert env.oidc.exchanged == []
+    assert env.completions("elevated", "iss-missing", "none") == 1
+    state_id, cookie = await start(client, env)
+    resp = await callback(client, state_id, cookie, iss=ISSUER)
+    assert resp.status == 303  # type: ignore[attr-defined]

@@ -398,15 +398,28 @@ async def test_typ_not_checked_when_unset() -> None:
     assert await verifier().verify_access_token(sign(RSA_KEY, headers={"typ": "whatever"}), NOW)
 
 
-async def test_sid_fallback() -> None:
+async def test_without_sid_each_token_is_its_own_session() -> None:
+    """The review's widening: with `sid_fallback_claim: sub` by default, one step-up
+    elevated every token of the user on every device. Now, without `sid`, the session is
+    the token: two tokens of one user are two sessions."""
+    one = sign(RSA_KEY, claims(sid=_DROP, jti="t-1"))
+    two = sign(RSA_KEY, claims(sid=_DROP, jti="t-2"))
+    a = (await verifier().verify_access_token(one, NOW)).session_id
+    b = (await verifier().verify_access_token(two, NOW)).session_id
+    assert a.startswith("token:") and b.startswith("token:") and a != b
+    assert (await verifier().verify_access_token(one, NOW)).session_id == a  # stable
+
+
+async def test_sid_fallback_is_an_opt_in() -> None:
     tok = sign(RSA_KEY, claims(sid=_DROP))
-    assert (await verifier().verify_access_token(tok, NOW)).session_id == "alice"  # "sub"
+    assert (await verifier(sid_fallback_claim="sub").verify_access_token(tok, NOW)).session_id == (
+        "alice"
+    )
     assert (
         await verifier(sid_fallback_claim="sess").verify_access_token(
             sign(RSA_KEY, claims(sid=_DROP, sess="z")), NOW
         )
     ).session_id == "z"
-    await invalid(verifier(sid_fallback_claim=None), tok, match="session id")
     await invalid(verifier(sid_fallback_claim="sess"), tok, match="session id")
     await invalid(verifier(), sign(RSA_KEY, claims(sid=5)), match="sid")
 
@@ -911,3 +924,24 @@ async def test_two_rotations_inside_the_interval(idp: Idp, http: aiohttp.ClientS
     # the reload withdrew rsa-1: within the next interval that is a verdict, not a wait
     await invalid(v, sign(RSA_KEY), match="kid")
     await src.aclose()
+
+
+@pytest.mark.parametrize(
+    "kid",
+    ["../../etc/passwd", "/abs", "a b", "' OR '1'='1", "x\r\ny", "nul\x00", "https://e/j", ""],
+)
+async def test_a_kid_that_is_no_key_id_is_refused_before_any_refetch(kid: str) -> None:
+    """Paths, URLs, quotes, spaces, control characters: malformed, refused without asking
+    the key source to refetch (an attacker's stream of odd kids cannot drive refetches or
+    count as fail-closed errors)."""
+    src = CountingSource(StaticKeySource(jwks(RSA_KEY)))
+    v = TokenVerifier(settings(), src)
+    await invalid(v, sign(RSA_KEY, kid=kid), match="kid")
+    assert src.refreshes == 0
+
+
+async def test_ordinary_key_ids_are_accepted() -> None:
+    for kid in ("rsa-1", "2c0e6f9a_b1.KEY:v2", "AbC-_~+=", "f" * 64):
+        key = Key(kid, _RSA, "RS256")
+        v = TokenVerifier(settings(), StaticKeySource(jwks(key)))
+        assert (await v.verify_access_token(sign(key), NOW)).subject == "alice"

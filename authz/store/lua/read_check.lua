@@ -22,7 +22,11 @@ end
 
 local out = {}
 out[1] = redis.call('EXISTS', KEYS[1])
-out[2] = get(KEYS[2])
+-- The revoked-before marker: a key of another type is there but unreadable, which the
+-- reader takes as "everything revoked" (fail closed), never as absent.
+local rb = redis.pcall('GET', KEYS[2])
+if type(rb) == 'table' then rb = 'unreadable' end
+out[2] = rb
 local function known(key, fp, prev)
   if fp == '' then return -1 end
   local v = hexists(key, fp)
