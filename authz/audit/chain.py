@@ -109,15 +109,27 @@ class SigningKey:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 
-    def checkpoint(self, *, segment: str, seq: int, hash_: str, ts_ms: int) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "kind": "checkpoint",
-            "segment": segment,
-            "seq": seq,
-            "hash": hash_,
-            "ts_ms": ts_ms,
-            "key_id": self.key_id,
-        }
+    def checkpoint(
+        self,
+        *,
+        segment: str,
+        seq: int,
+        hash_: str,
+        ts_ms: int,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A signed checkpoint. ``extra``: ``next_segment`` (the seal of a segment names the
+        one after it) and ``producers`` (the exporter's sequence account, restored from
+        here after a restart); the signature covers them too."""
+        body: dict[str, Any] = dict(extra or {})
+        body.update(
+            kind="checkpoint",
+            segment=segment,
+            seq=seq,
+            hash=hash_,
+            ts_ms=ts_ms,
+            key_id=self.key_id,
+        )
         sig = self.private_key.sign(canonical_bytes(body))
         body["sig"] = base64.b64encode(sig).decode("ascii")
         return body

@@ -14,7 +14,7 @@ from authz.audit.chain import SigningKey
 from authz.audit.cli import main as audit_main
 from authz.audit.export import ExportRefused, Filter, parse_time, select, write_csv
 from authz.audit.segments import list_segments
-from authz.audit.testing import sample_archive, sample_event
+from authz.audit.testing import make_ring, sample_archive, sample_event
 from authz.audit.verify import verify
 
 KEY = SigningKey.generate()
@@ -172,7 +172,7 @@ def test_exporter_lingers_only_after_a_partial_batch(read: int, waits: list[floa
     blocked in XREAD; a full batch means a backlog, read on at once."""
     from authz.audit.exporter import Exporter
 
-    ex = Exporter(None, None, stream_key="s", batch_size=500)  # type: ignore[arg-type]
+    ex = Exporter(None, None, stream_key="s", ring=make_ring(), batch_size=500)  # type: ignore[arg-type]
     stop = _Stop()
     ex.linger(read, stop, 100)  # type: ignore[arg-type]
     assert stop.waits == waits
