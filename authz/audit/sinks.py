@@ -313,9 +313,10 @@ class Auditor:
         """Queue ``audit.producer_heartbeat`` if nothing was stamped since the last tick
         (the drainer ticks every ``heartbeat_s`` while idle); True when it did."""
         idle = self.producer.seq == self._seq_at_tick and self.announced
-        if idle:
-            self.emit(producer_heartbeat(last_seq=self.producer.seq))
-        self._seq_at_tick = self.producer.seq + (1 if idle else 0)
+        if idle:  # stamped now: it is this interval's record whenever it is written
+            beat = producer_heartbeat(last_seq=self.producer.seq)
+            self._enqueue(self.producer.fields(encode_event(beat)))
+        self._seq_at_tick = self.producer.seq
         return idle
 
     @property
