@@ -11,6 +11,7 @@ archive verifies. Bad input to the commands is a message and a non-zero exit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
