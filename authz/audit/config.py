@@ -72,13 +72,15 @@ class AuditSettings(BaseModel):
 _KID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
-def _check_ring(keys: dict[str, Path], active: str | None, what: str) -> None:
+def _check_ring(
+    keys: dict[str, Path], active: str | None, what: str, *, producer: bool = True
+) -> None:
     bad = [k for k in keys if not _KID.fullmatch(k)]
     if bad:
         raise ValueError(f"{what} key ids must match [A-Za-z0-9_-]{{1,32}}: {bad}")
     if active is not None and active not in keys:
         raise ValueError(f"{what}_active_kid {active!r} is not in {what}_keys")
-    if len(keys) > 1 and active is None:
+    if producer and len(keys) > 1 and active is None:
         raise ValueError(f"several {what}_keys: set {what}_active_kid")
 
 
@@ -128,7 +130,7 @@ class ExporterSettings(BaseModel):
     def _ring(self) -> ExporterSettings:
         if not self.mac_keys:
             raise ValueError("mac_keys is required: the producers' MAC keys")
-        _check_ring(self.mac_keys, None, "mac")
+        _check_ring(self.mac_keys, None, "mac", producer=False)  # it verifies only
         if self.producer_forget_s < self.producer_silent_s:
             raise ValueError("producer_forget_s must be at least producer_silent_s")
         return self
