@@ -275,7 +275,24 @@ def test_the_exporter_process_counts_a_forgery_on_its_metrics(trail: Trail, tmp_
         log.close()
         sc.close()
     assert proc.returncode == 0
-    assert "audit stream entry quarantined" in (tmp_path / "exporter.log").read_text()
+    text = (tmp_path / "exporter.log").read_text()
+    assert "audit stream entry quarantined" in text
+    # The head it published to its log (for the log collectors) is one `verify --head` takes.
+    head_line = [line for line in text.splitlines() if '"msg": "audit head"' in line][-1]
+    (tmp_path / "head-from-log.json").write_text(head_line)
+    code = audit_main(
+        [
+            "audit",
+            "verify",
+            "--pubkey",
+            str(trail.pubkey),
+            "--head",
+            str(tmp_path / "head-from-log.json"),
+            "--require-sealed",
+            str(trail.archive),
+        ]
+    )
+    assert code == 0
 
 
 # -- the archive's storage admins ----------------------------------------------------------------
