@@ -22,7 +22,8 @@ from authz.admin.auth import Callers
 from authz.admin.proofs import ProofVerifier
 from authz.audit.mapping import policy_reload
 from authz.audit.metrics import AuditMetrics
-from authz.audit.sinks import Auditor, MirrorSink, RedisStreamSink, StdoutSink
+from authz.audit.service import build_auditor
+from authz.audit.sinks import Auditor
 from authz.check.authorizer import Authorizer
 from authz.check.devices import CertificateTrust, DeviceCookies, DeviceResolver
 from authz.check.geoip import GeoIP
@@ -40,7 +41,7 @@ from authz.ops.metrics import Metrics
 from authz.stepup.endpoints import StepupApp
 from authz.stepup.link import ContextSigner
 from authz.stepup.oidc import OidcClient, discover
-from authz.store.connections import EmbeddedValkey, SentinelWatcher, make_client, make_redis
+from authz.store.connections import EmbeddedValkey, SentinelWatcher, make_redis
 from authz.store.crypto import cipher_from_settings
 from authz.store.fastredis import make_fast_redis
 from authz.store.sessions import RedisSessionStore, StoreLimits
@@ -285,34 +286,9 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
             watcher.start()
             closers.append(watcher)
 
-        auditor: Auditor | None = None
-        audit = settings.audit
-        if audit.enabled:
-            audit_client, audit_fast = client, fast
-            if audit.redis_url is not None:
-                audit_client = make_client(audit.redis_url, settings.redis)
-                closers.append(audit_client)
-                # A separate audit Redis gets a hot-path transport of its own, too.
-                audit_fast = make_fast_redis(settings.redis, audit.redis_url)
-                if audit_fast is not None:
-                    closers.append(audit_fast)
-            mirrors: list[MirrorSink] = [StdoutSink()] if audit.stdout else []
-            auditor = Auditor(
-                RedisStreamSink(
-                    audit_client,
-                    stream_key=audit.stream_key,
-                    deadline_ms=audit.durable_deadline_ms,
-                    wait_replicas=audit.wait_replicas,
-                    wait_timeout_ms=audit.wait_timeout_ms,
-                    fast=audit_fast,
-                ),
-                metrics=AuditMetrics(metrics.registry),
-                buffer_size=audit.buffer_size,
-                batch_size=audit.batch_size,
-                mirrors=mirrors,
-            )
-            auditor.start()
-            closers.append(auditor)  # closed (drained) before the Redis client
+        # The audit trail's producer (MAC'd, sequenced records): authz/audit/service.py.
+        auditor = build_auditor(settings, client, fast, AuditMetrics(metrics.registry), closers)
+        if auditor is not None:
             auditors.append(auditor)
 
         http = aiohttp.ClientSession()

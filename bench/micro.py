@@ -27,6 +27,7 @@ import uvloop
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.app import start_service
+from authz.audit.testing import dev_mac_settings
 from authz.check.grpc_server import AuthorizationServicer
 from authz.check.response import ResponseBuilder
 from authz.config.settings import Settings
@@ -108,6 +109,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                 "audit": {
                     "enabled": args.audit or args.audited,
                     "durable_level": "high" if args.audited else None,
+                    **dev_mac_settings(),
                 },
             }
         )

@@ -405,7 +405,7 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
             "sessions API: sessions listed", extra={"actor": caller.name, "count": len(sessions)}
         )
         await self._audit_quietly(
-            sessions_listed(user=f"{iss}|{sub}", actor=caller.name, count=len(sessions))
+            sessions_listed(user=f"{iss}|{sub}", caller=caller.name, count=len(sessions))
         )
         return sessions_pb2.ListSessionsResponse(sessions=[_session_pb(s) for s in sessions])
 

@@ -52,6 +52,11 @@ class ResumePoint:
     stream_id: str = "0-0"
     torn_copy: Path | None = None
     recent_ids: list[str] = field(default_factory=list)
+    # The producers' sequence account in the newest checkpoint (None: no checkpoint has
+    # one, e.g. an archive written before producers were tracked) and the event lines
+    # archived after that checkpoint, oldest first, to replay onto it.
+    producers: dict[str, Any] | None = None
+    replay: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -77,8 +82,14 @@ class ArchiveWriter:
         checkpoint_interval_s: float = 60.0,
         metrics: AuditMetrics | None = None,
         clock: Callable[[], float] = time.time,
+        head_file: Path | None = None,
     ) -> None:
         self.dir = directory
+        self.head_file = head_file
+        # Set by the exporter: what each checkpoint also carries (the producers' account)
+        # and who hears of each new head (the stream and the log).
+        self.state: Callable[[], Mapping[str, Any]] | None = None
+        self.on_checkpoint: Callable[[Mapping[str, Any]], None] | None = None
         self.key = key
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
@@ -129,7 +140,9 @@ class ArchiveWriter:
 
     def _recover(self) -> ResumePoint:
         rp = ResumePoint()
-        segs = list_segments([self.dir])
+        segs = self._drop_unsealed_successor(list_segments([self.dir]))
+        last_event: dict[str, Any] | None = None
+        snapshot_found = False
         for i, path in enumerate(reversed(segs)):
             data = path.read_bytes()
             if data and not data.endswith(b"\n"):
@@ -142,7 +155,6 @@ class ArchiveWriter:
             lines = data.split(b"\n")[:-1]
             if i == 0:
                 self._adopt(path, lines)
-            last_event: dict[str, Any] | None = None
             since_cp = 0
             seen_cp = False
             for raw in reversed(lines):
@@ -154,29 +166,64 @@ class ArchiveWriter:
                     raise ArchiveError(f"{path.name}: unreadable line in the archive")
                 if doc.get("kind") == "checkpoint":
                     seen_cp = True
+                    if not snapshot_found:
+                        snapshot_found = True
+                        prod = doc.get("producers")
+                        rp.producers = prod if isinstance(prod, dict) else None
                 elif doc.get("kind") == "event":
                     if last_event is None:
                         last_event = doc
                     if not seen_cp:
                         since_cp += 1
+                    if not snapshot_found:
+                        rp.replay.append(doc)
                     if len(rp.recent_ids) < RECENT_IDS and isinstance(doc.get("event_id"), str):
                         rp.recent_ids.append(doc["event_id"])
             if i == 0:
                 self._since_cp = since_cp
-            if last_event is not None:
-                if record_hash(str(last_event["prev_hash"]), last_event) != last_event["hash"]:
-                    raise ArchiveError(f"{path.name}: the last record's hash does not verify")
-                rp.seq = int(last_event["seq"])
-                rp.hash = str(last_event["hash"])
-                rp.stream_id = str(last_event["stream_id"])
+            if last_event is not None and snapshot_found:
                 break
+        if last_event is not None:
+            if record_hash(str(last_event["prev_hash"]), last_event) != last_event["hash"]:
+                raise ArchiveError("the newest record's hash does not verify")
+            rp.seq = int(last_event["seq"])
+            rp.hash = str(last_event["hash"])
+            rp.stream_id = str(last_event["stream_id"])
         rp.recent_ids.reverse()
+        rp.replay.reverse()
         self.seq, self.hash, self.stream_id = rp.seq, rp.hash, rp.stream_id
+        if self._fd is None and segs:
+            self._open_named_successor(segs[-1])
         log.info(
             "archive opened",
             extra={"seq": rp.seq, "stream_id": rp.stream_id, "torn_copy": str(rp.torn_copy or "")},
         )
         return rp
+
+    def _drop_unsealed_successor(self, segs: list[Path]) -> list[Path]:
+        """A crash between creating the next segment and sealing the current one leaves an
+        empty newest segment after an unsealed one: remove it and go on with the old one."""
+        if len(segs) >= 2 and segs[-1].stat().st_size == 0 and _writable(segs[-2]):
+            log.warning(
+                "empty segment after an unsealed one removed", extra={"segment": segs[-1].name}
+            )
+            segs[-1].unlink()
+            fsync_dir(self.dir)
+            return segs[:-1]
+        return segs
+
+    def _open_named_successor(self, sealed: Path) -> None:
+        """The newest segment is sealed: create the one its seal names, if a crash came
+        between the seal and the creation (a legacy seal names none: created lazily)."""
+        name = None
+        for raw in reversed(sealed.read_bytes().split(b"\n")):
+            if b'"kind":"checkpoint"' in raw:
+                with contextlib.suppress(ValueError):
+                    doc = json.loads(raw)
+                    name = doc.get("next_segment") if isinstance(doc, dict) else None
+                break
+        if isinstance(name, str) and segment_created(Path(name)) is not None:
+            self._new_segment(name)
 
     def _cut_torn(self, path: Path, data: bytes) -> tuple[bytes, Path]:
         cut = data.rfind(b"\n") + 1
@@ -244,19 +291,32 @@ class ArchiveWriter:
         self.checkpoint()
         return len(entries)
 
-    def checkpoint(self, *, force: bool = False) -> bool:
-        """Write a signed checkpoint when due (or ``force``) and there is something new."""
-        if self._fd is None or self._path is None or self._since_cp == 0:
+    def checkpoint(self, *, force: bool = False, next_segment: str | None = None) -> bool:
+        """Write a signed checkpoint when due (or ``force``) and there is something new; a
+        seal (``next_segment``) is written whenever asked."""
+        if self._fd is None or self._path is None:
+            return False
+        if self._since_cp == 0 and next_segment is None:
             return False
         now = self.clock()
         if not (
             force
+            or next_segment is not None
             or self._since_cp >= self.checkpoint_every
             or now - self._last_cp >= self.checkpoint_interval_s
         ):
             return False
+        extra: dict[str, Any] = {}
+        if self.state is not None:
+            extra["producers"] = dict(self.state())
+        if next_segment is not None:
+            extra["next_segment"] = next_segment
         cp = self.key.checkpoint(
-            segment=self._path.name, seq=self.seq, hash_=self.hash, ts_ms=int(now * 1000)
+            segment=self._path.name,
+            seq=self.seq,
+            hash_=self.hash,
+            ts_ms=int(now * 1000),
+            extra=extra,
         )
         data = canonical_bytes(cp) + b"\n"
         _write_all(self._fd, data)
@@ -270,40 +330,63 @@ class ArchiveWriter:
         return True
 
     def maybe_rotate(self) -> bool:
-        """Seal and close the current segment when it is too big or too old."""
+        """Seal and close the current segment when it is too big or too old.
+
+        The next segment is created first, then the seal names it: at every moment a seal
+        that names a successor has one, so a deleted newest segment is always detectable
+        (``audit verify``: the seal names a file that is not there)."""
         if self._fd is None or self._path is None or self._size == 0:
             return False
-        if self._size < self.max_bytes and self.clock() - self._created < self.max_age_s:
+        now = self.clock()
+        if self._size < self.max_bytes and now - self._created < self.max_age_s:
             return False
-        self.checkpoint(force=True)
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
+        old_fd, old_path = self._fd, self._path
+        name = segment_name(self.seq + 1, now)
+        new_fd = os.open(self.dir / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o640)
+        fsync_dir(self.dir)
+        self.checkpoint(next_segment=name)
+        os.fsync(old_fd)
+        os.close(old_fd)
         # Read-only from here on: the hint to ship it to WORM storage, and the marker
         # recovery uses to start a new segment rather than reopen this one.
-        self._path.chmod(0o440)
+        old_path.chmod(0o440)
         fsync_dir(self.dir)
-        log.info("segment sealed", extra={"segment": self._path.name, "seq": self.seq})
-        self._path = None
+        log.info("segment sealed", extra={"segment": old_path.name, "seq": self.seq})
+        self._fd, self._path = new_fd, self.dir / name
+        self._size, self._created, self._since_cp = 0, now, 0
         return True
 
-    def _new_segment(self) -> None:
+    def _new_segment(self, name: str | None = None) -> None:
         now = self.clock()
-        path = self.dir / segment_name(self.seq + 1, now)
+        path = self.dir / (name or segment_name(self.seq + 1, now))
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o640)
         fsync_dir(self.dir)
-        self._path, self._size, self._created, self._since_cp = path, 0, now, 0
+        created = segment_created(path) if name else None
+        self._path, self._size, self._created, self._since_cp = path, 0, created or now, 0
 
     def _write_head(self, cp: Mapping[str, Any]) -> None:
-        """HEAD.json: the latest checkpoint, replaced atomically. Copy it off-host (or
-        compare it with the one in the next shipment) to detect a cut-off archive tail."""
-        tmp = self.dir / f".{HEAD_FILE}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            _write_all(fd, canonical_bytes(cp) + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(self.dir / HEAD_FILE)
-        with contextlib.suppress(OSError):
-            fsync_dir(self.dir)
+        """HEAD.json: the latest checkpoint, replaced atomically; the same in ``head_file``
+        (another volume) and to ``on_checkpoint`` (the stream, the log). The copies outside
+        the archive are what catch a cut-off tail with its HEAD.json rolled back."""
+        line = canonical_bytes(cp) + b"\n"
+        targets = [self.dir / HEAD_FILE]
+        if self.head_file is not None:
+            targets.append(self.head_file)
+        for target in targets:
+            tmp = target.parent / f".{target.name}.tmp"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+                try:
+                    _write_all(fd, line)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                tmp.replace(target)
+                with contextlib.suppress(OSError):
+                    fsync_dir(target.parent)
+            except OSError:
+                if target.parent == self.dir:
+                    raise  # the archive's own disk: exit and recover
+                log.error("head file not written", extra={"head_file": str(target)}, exc_info=True)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(cp)

@@ -25,7 +25,7 @@ from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -109,30 +109,47 @@ class SigningKey:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 
-    def checkpoint(self, *, segment: str, seq: int, hash_: str, ts_ms: int) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "kind": "checkpoint",
-            "segment": segment,
-            "seq": seq,
-            "hash": hash_,
-            "ts_ms": ts_ms,
-            "key_id": self.key_id,
-        }
+    def checkpoint(
+        self,
+        *,
+        segment: str,
+        seq: int,
+        hash_: str,
+        ts_ms: int,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A signed checkpoint. ``extra``: ``next_segment`` (the seal of a segment names the
+        one after it) and ``producers`` (the exporter's sequence account, restored from
+        here after a restart); the signature covers them too."""
+        body: dict[str, Any] = dict(extra or {})
+        body.update(
+            kind="checkpoint",
+            segment=segment,
+            seq=seq,
+            hash=hash_,
+            ts_ms=ts_ms,
+            key_id=self.key_id,
+        )
         sig = self.private_key.sign(canonical_bytes(body))
         body["sig"] = base64.b64encode(sig).decode("ascii")
         return body
 
 
 def load_public_keys(paths: Iterable[Path]) -> dict[str, Ed25519PublicKey]:
-    """Public keys by key id, from PEM files (a public key, or a private key's public half)."""
+    """Public keys by key id, from PEM files (a public key, or a private key's public half).
+    Raises ValueError naming the file for anything that is not an Ed25519 key (OSError
+    when a file cannot be read)."""
     keys: dict[str, Ed25519PublicKey] = {}
     for path in paths:
         data = path.read_bytes()
         pub: object
-        if b"PRIVATE KEY" in data:
-            pub = serialization.load_pem_private_key(data, password=None).public_key()
-        else:
-            pub = serialization.load_pem_public_key(data)
+        try:
+            if b"PRIVATE KEY" in data:
+                pub = serialization.load_pem_private_key(data, password=None).public_key()
+            else:
+                pub = serialization.load_pem_public_key(data)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise ValueError(f"{path}: not a PEM key ({exc})") from exc
         if not isinstance(pub, Ed25519PublicKey):
             raise ValueError(f"{path}: not an Ed25519 key")
         keys[key_id(pub)] = pub

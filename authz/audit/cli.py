@@ -26,24 +26,32 @@ def _keys(args: argparse.Namespace) -> dict[str, Any]:
     return load_public_keys(args.pubkey or ())
 
 
+def _heads(args: argparse.Namespace) -> list[Any]:
+    from authz.audit.verify import Head, load_head
+
+    files = [*(args.head or ()), *([args.anchor] if getattr(args, "anchor", None) else [])]
+    return [Head(load_head(f), str(f)) for f in files]
+
+
+def _verify_args(args: argparse.Namespace) -> dict[str, Any]:
+    """verify()'s options from the command line; ValueError/OSError for bad input files."""
+    if args.require_sealed and not args.pubkey:
+        raise ValueError("--require-sealed needs --pubkey: an unsigned checkpoint proves nothing")
+    return {
+        "public_keys": _keys(args),
+        "heads": _heads(args),
+        "allow_partial_start": args.allow_partial_start,
+        "require_sealed": args.require_sealed,
+    }
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from authz.audit.verify import load_anchor, verify
+    from authz.audit.verify import verify
 
     try:
-        keys = _keys(args)
-        anchor = load_anchor(args.anchor) if args.anchor else None
+        report = verify(args.paths, **_verify_args(args))
     except (OSError, ValueError) as exc:
-        print(f"audit verify: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        report = verify(
-            args.paths,
-            public_keys=keys,
-            anchor=anchor,
-            allow_partial_start=args.allow_partial_start,
-        )
-    except OSError as exc:
-        print(f"audit verify: {exc}", file=sys.stderr)
+        print(f"audit verify: {_why(exc)}", file=sys.stderr)
         return EXIT_USAGE
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
@@ -53,8 +61,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         f"{report.checkpoints}, last seq {report.last_seq}, signed through seq "
         f"{report.signed_through}"
     )
+    for head in report.heads_checked:
+        print(f"head checked: {head}")
     for note in report.notes:
         print(f"note: {note}")
+    if report.tail is not None:
+        print(f"UNVERIFIED TAIL: {report.tail}")
     if report.torn is not None:
         print(f"TORN LAST LINE (crash mid-write; everything before it verifies): {report.torn}")
     if report.error is not None:
@@ -62,6 +74,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     elif report.torn is None:
         print("OK")
     return report.exit_code
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -74,19 +92,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
             users=frozenset(args.user or ()),
             types=frozenset(t for v in args.type or () for t in v.split(",") if t),
         )
-        keys = _keys(args)
+        options = _verify_args(args)
     except (OSError, ValueError) as exc:
-        print(f"audit export: {exc}", file=sys.stderr)
+        print(f"audit export: {_why(exc)}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        records, report = ex.select(args.paths, flt, public_keys=keys, force=args.force)
-    except OSError as exc:
-        print(f"audit export: {exc}", file=sys.stderr)
+        records, report = ex.select(args.paths, flt, force=args.force, **options)
+    except (OSError, ValueError) as exc:
+        print(f"audit export: {_why(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except ex.ExportRefused as exc:
         print(f"audit export: refused, the archive does not verify: {exc}", file=sys.stderr)
         return 1
-    out = sys.stdout if args.output is None else args.output.open("w", newline="")
+    try:
+        out = sys.stdout if args.output is None else args.output.open("w", newline="")
+    except OSError as exc:
+        print(f"audit export: {_why(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         write = ex.write_csv if args.format == "csv" else ex.write_jsonl
         n = write(records, out)
@@ -95,9 +117,46 @@ def _cmd_export(args: argparse.Namespace) -> int:
             out.close()
     print(
         f"audit export: {n} record(s); archive last seq {report.last_seq}"
-        + ("; TORN last line" if report.torn else ""),
+        + ("; TORN last line" if report.torn else "")
+        + (f"; UNVERIFIED TAIL of {report.unsigned_tail} record(s)" if report.tail else "")
+        + (f"; {report.error}" if report.error else ""),
         file=sys.stderr,
     )
+    return 0
+
+
+def _cmd_head(args: argparse.Namespace) -> int:
+    """The newest signed head the exporter published to ``<stream>:head``."""
+    import redis
+
+    from authz.audit.exporter import HEAD_STREAM_SUFFIX
+
+    client = redis.Redis.from_url(
+        args.redis_url or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379",
+        socket_timeout=5,
+        socket_connect_timeout=5,
+    )
+    try:
+        newest: Any = client.xrevrange(args.stream + HEAD_STREAM_SUFFIX, count=1)
+    except redis.RedisError as exc:
+        print(f"audit head: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    if not newest:
+        print(
+            f"audit head: nothing published to {args.stream}{HEAD_STREAM_SUFFIX}", file=sys.stderr
+        )
+        return 1
+    cp = newest[0][1].get(b"cp")
+    if cp is None:
+        print("audit head: the newest entry holds no checkpoint", file=sys.stderr)
+        return 1
+    text = cp.decode("ascii", "replace") + "\n"
+    if args.output is not None:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -180,10 +239,28 @@ def _cmd_exporter(args: argparse.Namespace) -> int:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.mac:
+        from authz.audit.mac import KID_RE
+        from authz.audit.testing import write_mac_key
+
+        if not KID_RE.fullmatch(args.mac):
+            print(f"audit keygen: a key id must match {KID_RE.pattern}", file=sys.stderr)
+            return EXIT_USAGE
+        path = args.out / f"audit-mac-{args.mac}.key"
+        try:
+            write_mac_key(path)
+        except FileExistsError:
+            print(f"audit keygen: {path} exists", file=sys.stderr)
+            return 1
+        print(
+            f"MAC key id {args.mac}: {path} (secret: the services' audit.mac_keys and the "
+            "exporter's mac_keys, from one Secret; never in Redis)"
+        )
+        return 0
     from authz.audit.chain import SigningKey
 
     key = SigningKey.generate()
-    args.out.mkdir(parents=True, exist_ok=True)
     priv = args.out / f"audit-signing-{key.key_id}.pem"
     pub = args.out / f"audit-signing-{key.key_id}.pub.pem"
     fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -197,29 +274,43 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_verify_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pubkey",
+        action="append",
+        type=Path,
+        help="Ed25519 public key PEM (repeat for rotated keys)",
+    )
+    p.add_argument(
+        "--head",
+        action="append",
+        type=Path,
+        help="a signed head published outside the archive (`audit head`, the exporter's "
+        "head_file or its log line); the archive must hold it (repeatable)",
+    )
+    p.add_argument("--anchor", type=Path, help=argparse.SUPPRESS)  # the older --head
+    p.add_argument(
+        "--require-sealed",
+        action="store_true",
+        help="fail on records after the newest checkpoint (an archive at rest is sealed)",
+    )
+    p.add_argument(
+        "--allow-partial-start",
+        action="store_true",
+        help="accept an archive whose oldest segments were retired",
+    )
+
+
 def add_audit_parser(subparsers: Any) -> None:
     """Register ``audit`` and its subcommands on an argparse subparsers object."""
     a = subparsers.add_parser("audit", help="audit trail: verify, export, tail, exporter")
     sub = a.add_subparsers(dest="audit_command", required=True)
 
     v = sub.add_parser(
-        "verify", help="verify an archive; exit 0 ok, 3 torn last line, 1 broken link"
+        "verify", help="verify an archive; exit 0 ok, 3 torn last line, 1 broken link, 2 usage"
     )
     v.add_argument("paths", nargs="+", type=Path, help="archive directories or segment files")
-    v.add_argument(
-        "--pubkey",
-        action="append",
-        type=Path,
-        help="Ed25519 public key PEM (repeat for rotated keys)",
-    )
-    v.add_argument(
-        "--anchor", type=Path, help="a saved HEAD.json checkpoint the archive must reach"
-    )
-    v.add_argument(
-        "--allow-partial-start",
-        action="store_true",
-        help="accept an archive whose oldest segments were retired",
-    )
+    _add_verify_options(v)
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=_cmd_verify)
 
@@ -231,9 +322,15 @@ def add_audit_parser(subparsers: Any) -> None:
     e.add_argument("--type", action="append", help="event type (repeatable, or comma list)")
     e.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     e.add_argument("--output", type=Path, help="file (default stdout)")
-    e.add_argument("--pubkey", action="append", type=Path)
+    _add_verify_options(e)
     e.add_argument("--force", action="store_true", help="export even if verify fails")
     e.set_defaults(func=_cmd_export)
+
+    h = sub.add_parser("head", help="the newest signed head the exporter published (Redis)")
+    h.add_argument("--redis-url", help="default $REDIS_URL or redis://127.0.0.1:6379")
+    h.add_argument("--stream", default="stepup:audit", help="the audit stream key")
+    h.add_argument("--output", type=Path, help="file (default stdout)")
+    h.set_defaults(func=_cmd_head)
 
     t = sub.add_parser("tail", help="follow the stream, or the newest archive segment")
     t.add_argument("path", nargs="?", type=Path, help="archive directory (else the stream)")
@@ -247,8 +344,11 @@ def add_audit_parser(subparsers: Any) -> None:
     x.add_argument("--config", required=True, type=Path, help="exporter YAML file")
     x.set_defaults(func=_cmd_exporter)
 
-    k = sub.add_parser("keygen", help="generate an Ed25519 checkpoint signing key pair (dev)")
+    k = sub.add_parser(
+        "keygen", help="generate an Ed25519 checkpoint signing key pair, or (--mac KID) a MAC key"
+    )
     k.add_argument("--out", required=True, type=Path)
+    k.add_argument("--mac", metavar="KID", help="a producers' MAC key with this key id instead")
     k.set_defaults(func=_cmd_keygen)
 
     from authz.evidence.incident import add_incident_parser

@@ -43,7 +43,28 @@ class EventType(StrEnum):
     ERROR_FAIL_CLOSED = "error.fail_closed"
     POLICY_RELOAD = "policy.reload"
     GRANT_REVOKED = "grant.revoked"
-    SESSIONS_LISTED = "sessions.listed"  # a Sessions API read: who looked at whose sessions
+    # Authentication events of the step-up flow, the logout paths, passkeys and the
+    # Sessions API (builders in authz.audit.mapping; docs/audit.md lists their fields).
+    LOGIN_COMPLETED = "login.completed"
+    STEPUP_STARTED = "stepup.started"
+    STEPUP_FAILED = "stepup.failed"
+    STEPUP_CANCELLED = "stepup.cancelled"
+    LOGOUT = "logout"
+    GRANT_RECORDED = "grant.recorded"
+    SESSIONS_LISTED = "sessions.listed"
+    PASSKEY_ENROLLED = "passkey.enrolled"
+    PASSKEY_REMOVED = "passkey.removed"
+    PASSKEY_CEREMONY = "passkey.ceremony"
+    # The trail's own records: a producer's start, idle heartbeat and clean stop (written by
+    # the producer, MAC'd like every record), and what the exporter found (written by the
+    # exporter into the archive: never taken from the stream).
+    PRODUCER_STARTED = "audit.producer_started"
+    PRODUCER_HEARTBEAT = "audit.producer_heartbeat"
+    PRODUCER_STOPPED = "audit.producer_stopped"
+    PRODUCER_SILENT = "audit.producer_silent"
+    SEQUENCE_GAP = "audit.gap"
+    QUARANTINED = "audit.quarantined"
+    MALFORMED = "audit.malformed"
 
 
 # The common fields, in the order the CSV export uses. ``details`` holds per-type extras
@@ -78,11 +99,20 @@ def clip_text(value: str) -> str:
     return value
 
 
+# Integers a verifier in any language reads exactly (an IEEE double's safe range, as
+# RFC 8785 numbers): epoch milliseconds and counters fit with room to spare.
+MAX_SAFE_INT = 2**53 - 1
+
+
 def _check_scalar(name: str, value: object) -> Scalar:
     if isinstance(value, str):
         return clip_text(value)
-    if value is None or isinstance(value, bool | int):
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, int):
+        if -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
+            return value
+        raise ValueError(f"audit field {name!r}: {value} is outside +-(2**53 - 1)")
     raise TypeError(f"audit field {name!r}: {type(value).__name__} is not a str/int/bool/None")
 
 
@@ -121,8 +151,21 @@ class AuditEvent:
 
 
 # Fields the archive adds around an event record (see authz.audit.chain).
+# ``producer`` / ``producer_seq``: who wrote a stream record and its sequence number, as the
+# exporter verified them (the entry's MAC'd p and n fields).
 ARCHIVE_FIELDS: frozenset[str] = frozenset(
-    {"kind", "seq", "stream_id", "prev_hash", "hash", "segment", "key_id", "sig"}
+    {
+        "kind",
+        "seq",
+        "stream_id",
+        "prev_hash",
+        "hash",
+        "segment",
+        "key_id",
+        "sig",
+        "producer",
+        "producer_seq",
+    }
 )
 
 

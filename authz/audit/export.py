@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from authz.audit.events import COMMON_FIELDS, canonical_bytes
 from authz.audit.segments import list_segments, read_lines
-from authz.audit.verify import Report, verify
+from authz.audit.verify import Head, Report, verify
 
 CSV_COLUMNS: tuple[str, ...] = ("seq", "time_utc", *COMMON_FIELDS, "details", "stream_id", "hash")
 _CHAIN = frozenset({"kind", "seq", "stream_id", "prev_hash", "hash", "v"})
@@ -73,12 +73,17 @@ class Filter:
 
 
 def read_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """Every event line of the segments. A line that is not JSON (``--force`` on a broken
+    archive) is skipped: verify reported it, and it holds no record."""
     out: list[dict[str, Any]] = []
     for seg in list_segments(list(paths)):
         for ln in read_lines(seg):
             if not ln.complete:
                 continue  # a torn last line: verify reports it; it holds no record
-            doc = json.loads(ln.raw)
+            try:
+                doc = json.loads(ln.raw)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                continue
             if isinstance(doc, dict) and doc.get("kind") == "event":
                 out.append(doc)
     return out
@@ -89,10 +94,19 @@ def select(
     flt: Filter,
     *,
     public_keys: Mapping[str, Ed25519PublicKey] | None = None,
+    heads: Sequence[Head] = (),
+    allow_partial_start: bool = False,
+    require_sealed: bool = False,
     force: bool = False,
 ) -> tuple[list[dict[str, Any]], Report]:
     paths = list(paths)
-    report = verify(paths, public_keys=public_keys)
+    report = verify(
+        paths,
+        public_keys=public_keys,
+        heads=heads,
+        allow_partial_start=allow_partial_start,
+        require_sealed=require_sealed,
+    )
     if not report.ok and not force:
         raise ExportRefused(report)
     recs = [r for r in read_records(paths) if flt(r)]

@@ -1,4 +1,12 @@
-"""The exporter: Redis Stream -> archive, in order, exactly once, restart-safe.
+"""The exporter: Redis Stream -> archive, in order, exactly once, restart-safe, trusting
+nothing it cannot verify.
+
+Every entry's MAC is checked (authz/audit/mac.py) and its producer's sequence number
+accounted for (authz/audit/producers.py). What does not verify is archived as
+``audit.quarantined`` (the entry as text, marked, never as the record it claims to be); a
+missing sequence number becomes an ``audit.gap`` record; each is counted
+(``audit_quarantined_total``, ``audit_missing_records_total``) for the alerts. Deletions
+are found by those gaps, not by stream ids, which ``XSETID`` can rewrite.
 
 Progress lives in the archive, not beside it: every archived record carries its stream id,
 so after any crash ``ArchiveWriter.open`` yields the last id that is on disk (fsync'ed) and
@@ -27,14 +35,18 @@ from prometheus_client import CollectorRegistry, start_http_server
 from authz.audit.archive import ArchiveWriter, ResumePoint
 from authz.audit.chain import SigningKey
 from authz.audit.config import ExporterSettings
-from authz.audit.events import ARCHIVE_FIELDS, decode_record
+from authz.audit.events import ARCHIVE_FIELDS, EventType, canonical_bytes, decode_record
+from authz.audit.mac import F_PRODUCER, F_RECORD, F_SEQ, EntryRefused, MacKeyRing, verify_entry
+from authz.audit.mapping import quarantined
 from authz.audit.metrics import AuditMetrics
-from authz.audit.sinks import STREAM_FIELD
+from authz.audit.producers import ProducerTracker, Verdict
 from authz.errors import ConfigError
 
 log = logging.getLogger("authz.audit.exporter")
 
-MALFORMED = "audit.malformed"  # the type given to a stream entry that is not a valid record
+MALFORMED = str(EventType.MALFORMED)
+HEAD_STREAM_SUFFIX = ":head"  # <stream_key>:head: the signed heads, newest last
+HEAD_STREAM_MAXLEN = 1000
 
 
 def _id_ms(stream_id: str) -> int:
@@ -53,18 +65,34 @@ def _ok_record(doc: Mapping[str, Any]) -> bool:
 
 
 def entry_record(stream_id: str, fields: Mapping[bytes, bytes]) -> dict[str, Any]:
-    """The event record of one stream entry. An entry that is not a valid record is still
-    archived (as ``audit.malformed`` with its raw text), never skipped."""
-    raw = fields.get(STREAM_FIELD)
+    """The record an entry claims to hold, unverified (``audit tail`` shows the stream as
+    it is). An entry that is not a valid record shows as ``audit.malformed``."""
+    raw = fields.get(F_RECORD)
     if raw is not None:
-        try:
-            doc = decode_record(raw)
-        except (ValueError, UnicodeDecodeError):
-            doc = None
-        if doc is not None and _ok_record(doc):
+        doc = _parse_record(raw)
+        if doc is not None:
             return doc
-    text = repr({k.decode("latin-1"): v.decode("latin-1") for k, v in fields.items()})
-    return {"v": 1, "type": MALFORMED, "raw": text[:4096], "ts_ms": _id_ms(stream_id)}
+    return {"v": 1, "type": MALFORMED, "raw": _raw_text(fields), "ts_ms": _id_ms(stream_id)}
+
+
+def _parse_record(raw: bytes) -> dict[str, Any] | None:
+    try:
+        doc = decode_record(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return doc if _ok_record(doc) else None
+
+
+def _raw_text(fields: Mapping[bytes, bytes]) -> str:
+    return repr({k.decode("latin-1"): v.decode("latin-1") for k, v in fields.items()})[:4096]
+
+
+def _claimed(fields: Mapping[bytes, bytes]) -> tuple[str | None, int | None]:
+    """The producer and sequence number an unverified entry claims (for the record)."""
+    p, n = fields.get(F_PRODUCER), fields.get(F_SEQ)
+    pid = p.decode("latin-1")[:128] if p is not None else None
+    seq = int(n) if n is not None and n.isdigit() and len(n) < 16 else None
+    return pid, seq
 
 
 class Exporter:
@@ -74,18 +102,33 @@ class Exporter:
         writer: ArchiveWriter,
         *,
         stream_key: str,
+        ring: MacKeyRing,
         batch_size: int = 500,
         trim: bool = True,
         metrics: AuditMetrics | None = None,
         clock: Any = time.time,
+        reorder_window_s: float = 10.0,
+        producer_silent_s: float = 300.0,
+        producer_forget_s: float = 7 * 86_400.0,
     ) -> None:
         self.client = client
         self.writer = writer
         self.stream_key = stream_key
+        self.head_key = stream_key + HEAD_STREAM_SUFFIX
+        self.ring = ring
         self.batch_size = batch_size
         self.trim = trim
         self.metrics = metrics
         self.clock = clock
+        self._window_ms = int(reorder_window_s * 1000)
+        self._silent_ms = int(producer_silent_s * 1000)
+        self._forget_ms = int(producer_forget_s * 1000)
+        self.tracker = ProducerTracker.restore(
+            None,
+            reorder_window_ms=self._window_ms,
+            silent_after_ms=self._silent_ms,
+            forget_after_ms=self._forget_ms,
+        )
         self.last_id = "0-0"
         self.duplicates = 0
         self._gap_checked = True  # until start()
@@ -96,6 +139,18 @@ class Exporter:
         self.last_id = rp.stream_id
         for eid in rp.recent_ids:
             self._remember(eid)
+        # The producers' account: the newest checkpoint's, plus what was archived after it.
+        self.tracker = ProducerTracker.restore(
+            rp.producers,
+            reorder_window_ms=self._window_ms,
+            silent_after_ms=self._silent_ms,
+            forget_after_ms=self._forget_ms,
+        )
+        for line in rp.replay:
+            sid = line.get("stream_id")
+            self.tracker.replay(line, _id_ms(sid) if isinstance(sid, str) else 0)
+        self.writer.state = self.tracker.snapshot
+        self.writer.on_checkpoint = self.publish_head
         self._gap_checked = False
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
             self.check_stream_gap_once()  # Redis down now: the run loop asks again
@@ -116,7 +171,8 @@ class Exporter:
             self._recent.popitem(last=False)
 
     def _check_stream_gap(self) -> None:
-        """Loudly report records deleted from the stream before they were archived."""
+        """Log what the stream's own bookkeeping says about deleted entries. Not relied on
+        (``XSETID ... MAXDELETEDID`` rewrites it): the producers' sequence numbers are."""
         try:
             info = self.client.xinfo_stream(self.stream_key)
         except redis.ResponseError:  # no stream yet
@@ -130,6 +186,82 @@ class Exporter:
                 extra={"max_deleted": deleted, "last_archived": self.last_id},
             )
 
+    def publish_head(self, cp: Mapping[str, Any]) -> None:
+        """A new signed head, outside the archive: one log line (stdout, for the log
+        collectors) and the stream ``<stream_key>:head``. Best effort: the next checkpoint
+        publishes again; ``head_file`` is the writer's."""
+        text = canonical_bytes(cp).decode("ascii")
+        log.info("audit head", extra={"head": text, "seq": cp.get("seq")})
+        try:
+            self.client.xadd(
+                self.head_key,
+                {b"cp": text.encode("ascii")},
+                maxlen=HEAD_STREAM_MAXLEN,
+                approximate=True,
+            )
+        except redis.RedisError as exc:
+            log.warning("audit head not published to the stream", extra={"error": str(exc)})
+
+    def judge(self, sid: str, fields: Mapping[bytes, bytes], now_ms: int) -> dict[str, Any] | None:
+        """The archive record for one stream entry: the verified record (with its producer
+        and sequence number), or an ``audit.quarantined`` record; None for a duplicate."""
+        try:
+            entry = verify_entry(self.ring, self.stream_key, fields)
+        except EntryRefused as refused:
+            return self._quarantine(sid, fields, refused.reason)
+        rec = _parse_record(entry.record)
+        eid = rec.get("event_id") if rec is not None else None
+        recent = isinstance(eid, str) and eid in self._recent
+        verdict, reason = self.tracker.observe(
+            entry.producer, entry.seq, rec, now_ms, recent=recent
+        )
+        if verdict is Verdict.DUPLICATE:
+            self.duplicates += 1
+            if self.metrics is not None:
+                self.metrics.duplicates.inc()
+            log.warning("duplicate audit record skipped", extra={"event_id": eid, "stream_id": sid})
+            return None
+        if verdict is Verdict.QUARANTINE:
+            return self._quarantine(sid, fields, reason)
+        if rec is None:  # authenticated, counted in its sequence, but not a valid record
+            return self._quarantine(sid, fields, "malformed-record")
+        if isinstance(eid, str):
+            self._remember(eid)
+        rec["producer"], rec["producer_seq"] = entry.producer, entry.seq
+        return rec
+
+    def _quarantine(self, sid: str, fields: Mapping[bytes, bytes], reason: str) -> dict[str, Any]:
+        pid, seq = _claimed(fields)
+        if self.metrics is not None:
+            self.metrics.quarantined.labels(reason=reason).inc()
+        log.error(
+            "audit stream entry quarantined",
+            extra={"stream_id": sid, "reason": reason, "claimed_producer": pid},
+        )
+        return quarantined(
+            reason=reason,
+            raw=_raw_text(fields),
+            claimed_producer=pid,
+            claimed_seq=seq,
+            ts_ms=_id_ms(sid),
+        ).to_record()
+
+    def _due(self, now_ms: int) -> list[dict[str, Any]]:
+        out = []
+        for event in self.tracker.due(now_ms):
+            rec = event.to_record()
+            if self.metrics is not None:
+                if rec["type"] == EventType.SEQUENCE_GAP:
+                    self.metrics.missing.inc(int(rec["missing"] or 0))
+                else:
+                    self.metrics.silent.inc()
+            log.error(
+                "audit records unaccounted for",
+                extra={k: rec.get(k) for k in ("type", "of_producer", "first_missing", "missing")},
+            )
+            out.append(rec)
+        return out
+
     def poll(self, block_ms: int | None = None) -> int:
         """Archive the next batch (waiting up to ``block_ms`` for one); returns how many
         stream entries it read (duplicates included: ``batch_size`` means "maybe more")."""
@@ -139,23 +271,17 @@ class Exporter:
         entries: list[tuple[str, dict[str, Any]]] = []
         last = self.last_id
         read = 0
+        now_ms = int(self.clock() * 1000)
         for _key, items in resp or ():
             read += len(items)
             for sid_raw, fields in items:
                 sid = sid_raw.decode() if isinstance(sid_raw, bytes) else str(sid_raw)
                 last = sid
-                rec = entry_record(sid, fields)
-                eid = rec.get("event_id")
-                if isinstance(eid, str):
-                    if eid in self._recent:
-                        self.duplicates += 1
-                        log.warning(
-                            "duplicate audit record skipped",
-                            extra={"event_id": eid, "stream_id": sid},
-                        )
-                        continue
-                    self._remember(eid)
-                entries.append((sid, rec))
+                rec = self.judge(sid, fields, now_ms)
+                if rec is not None:
+                    entries.append((sid, rec))
+        # The exporter's own findings, at the stream position they were made at.
+        entries.extend((last, rec) for rec in self._due(now_ms))
         self.writer.append(entries)  # fsync'ed when this returns
         self.last_id = last
         if last != "0-0" and self.trim and (entries or resp):
@@ -218,6 +344,10 @@ def make_exporter_client(settings: ExporterSettings) -> redis.Redis:
         "socket_timeout": settings.block_ms / 1000 + 5,
         "socket_connect_timeout": 5,
     }
+    if settings.username is not None:
+        if parts.username and parts.username != settings.username:
+            raise ConfigError("redis_url names another user than username", location="username")
+        kwargs["username"] = settings.username
     if settings.password_file is not None:
         if parts.password:
             raise ConfigError(
@@ -253,7 +383,13 @@ def build_exporter(
     settings: ExporterSettings, registry: CollectorRegistry | None = None
 ) -> Exporter:
     metrics = AuditMetrics(registry or CollectorRegistry(auto_describe=True))
-    key = SigningKey.from_pem_file(settings.signing_key_file)
+    try:
+        key = SigningKey.from_pem_file(settings.signing_key_file)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"{settings.signing_key_file}: {_why(exc)}", location="signing_key_file"
+        ) from exc
+    ring = MacKeyRing.from_files(settings.mac_keys, None, location="mac_keys", verifier=True)
     writer = ArchiveWriter(
         settings.archive_dir,
         key,
@@ -262,15 +398,20 @@ def build_exporter(
         checkpoint_every=settings.checkpoint_every,
         checkpoint_interval_s=settings.checkpoint_interval_s,
         metrics=metrics,
+        head_file=settings.head_file,
     )
     client = make_exporter_client(settings)
     return Exporter(
         client,
         writer,
         stream_key=settings.stream_key,
+        ring=ring,
         batch_size=settings.batch_size,
         trim=settings.trim,
         metrics=metrics,
+        reorder_window_s=settings.reorder_window_s,
+        producer_silent_s=settings.producer_silent_s,
+        producer_forget_s=settings.producer_forget_s,
     )
 
 

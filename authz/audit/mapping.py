@@ -337,11 +337,502 @@ def grant_revoked(
     )
 
 
-def sessions_listed(*, user: str, actor: str, count: int) -> AuditEvent:
-    """A Sessions API read: the caller looked at a user's sessions (IPs, devices)."""
+# -- authentication events of the flows (called by authz/stepup and authz/admin) ------------
+#
+# Every builder takes what the flow knows at that point and gives the record the common
+# fields an examiner asks for: ``user`` ("iss|sub", None when the failure came before a
+# verified identity), ``ts_ms`` (UTC epoch ms; injected in tests), ``factor`` (the strongest
+# RFC 8176 amr value, or the one the flow names), ``outcome`` and ``reason`` (a slug). A
+# failure's ``reason`` is the same slug as the metric label and the error page's log line.
+
+
+def _now_ms(ts_ms: int | None) -> int:
+    return int(time.time() * 1000) if ts_ms is None else ts_ms
+
+
+def _flow_event(
+    etype: EventType,
+    *,
+    ts_ms: int | None,
+    outcome: str,
+    reason: str | None,
+    user: str | None,
+    factor: str | None = None,
+    amr: tuple[str, ...] | list[str] | None = None,
+    session: str | None = None,
+    device: str | None = None,
+    client_ip: str | None = None,
+    route: str | None = None,
+    level: str | None = None,
+    decision_id: str | None = None,
+    policy_version: str | None = None,
+    **details: Scalar,
+) -> AuditEvent:
+    now = _now_ms(ts_ms)
+    if amr is not None:
+        details["amr"] = " ".join(amr)
+        if factor is None:
+            factor = factor_of(tuple(amr))
     return AuditEvent(
-        type=EventType.SESSIONS_LISTED,
+        type=etype,
+        event_id=new_event_id(now),
+        ts_ms=now,
+        decision_id=decision_id,
         user=user,
-        outcome="read",
-        details=MappingProxyType({"actor": actor, "sessions": count}),
+        session=session,
+        device=device,
+        client_ip=client_ip,
+        route=route,
+        level=level,
+        outcome=outcome,
+        reason=reason,
+        factor=factor,
+        policy_version=policy_version,
+        details=MappingProxyType({k: v for k, v in details.items() if v is not None}),
+    )
+
+
+def _result(reason: str | None) -> tuple[str, str]:
+    """(outcome, reason): None or "success" is a success, any other slug a failure."""
+    return ("success", "success") if reason in (None, "success") else ("failure", str(reason))
+
+
+def login_completed(
+    *,
+    failure: str | None = None,
+    user: str | None,
+    session: str | None = None,
+    issuer: str | None = None,
+    acr: str | None = None,
+    amr: tuple[str, ...] | list[str] = (),
+    auth_time: int | None = None,
+    client_ip: str | None = None,
+    device: str | None = None,
+    decision_id: str | None = None,
+    idp_error: str | None = None,
+    ts_ms: int | None = None,
+) -> AuditEvent:
+    """The first-factor sign-in (``/_stepup/login`` callback): ``failure`` None for a
+    completed sign-in, else the slug (``authz.core.reasons.Reason``); ``idp_error`` the IdP's
+    ``error`` parameter (e.g. ``access_denied``) when it sent one."""
+    outcome, reason = _result(failure)
+    return _flow_event(
+        EventType.LOGIN_COMPLETED,
+        ts_ms=ts_ms,
+        outcome=outcome,
+        reason=reason,
+        user=user,
+        amr=amr,
+        session=session,
+        device=device,
+        client_ip=client_ip,
+        decision_id=decision_id,
+        issuer=issuer,
+        acr=acr,
+        auth_time=auth_time,
+        idp_error=idp_error,
+    )
+
+
+def stepup_started(
+    *,
+    level: str,
+    user: str,
+    session: str | None,
+    acr_values: tuple[str, ...] | list[str] = (),
+    max_age: int | None = None,
+    client_ip: str | None = None,
+    device: str | None = None,
+    route: str | None = None,
+    decision_id: str | None = None,
+    policy_version: str | None = None,
+    ts_ms: int | None = None,
+) -> AuditEvent:
+    """``/_stepup/start`` sent the user to the IdP for ``level`` (``acr_values``, ``max_age``
+    as requested). ``factor`` is null: none was used yet."""
+    return _flow_event(
+        EventType.STEPUP_STARTED,
+        ts_ms=ts_ms,
+        outcome="started",
+        reason="redirected-to-idp",
+        user=user,
+        session=session,
+        device=device,
+        client_ip=client_ip,
+        route=route,
+        level=level,
+        decision_id=decision_id,
+        policy_version=policy_version,
+        acr_values=" ".join(acr_values),
+        max_age=max_age,
+    )
+
+
+def stepup_failed(
+    *,
+    reason: Reason | str,
+    level: str | None,
+    user: str | None,
+    session: str | None = None,
+    issuer: str | None = None,
+    acr: str | None = None,
+    amr: tuple[str, ...] | list[str] = (),
+    auth_time: int | None = None,
+    client_ip: str | None = None,
+    device: str | None = None,
+    decision_id: str | None = None,
+    idp_error: str | None = None,
+    policy_version: str | None = None,
+    ts_ms: int | None = None,
+) -> AuditEvent:
+    """A refused step-up callback (one record per refusal). ``decision_id`` is the id the
+    error page shows (and the service log line has); ``user`` None when the refusal came
+    before an ID token was verified (state missing, cookie mismatch, IdP error ...)."""
+    return _flow_event(
+        EventType.STEPUP_FAILED,
+        ts_ms=ts_ms,
+        outcome="failure",
+        reason=str(reason),
+        user=user,
+        amr=amr,
+        session=session,
+        device=device,
+        client_ip=client_ip,
+        level=level,
+        decision_id=decision_id,
+        policy_version=policy_version,
+        issuer=issuer,
+        acr=acr,
+        auth_time=auth_time,
+        idp_error=idp_error,
+    )
+
+
+def stepup_cancelled(
+    *,
+    level: str | None,
+    user: str | None,
+    session: str | None = None,
+    reason: str = "user-cancelled",
+    client_ip: str | None = None,
+    device: str | None = None,
+    decision_id: str | None = None,
+    ts_ms: int | None = None,
+) -> AuditEvent:
+    """The user abandoned a step-up (cancelled at the IdP, or the cancel link)."""
+    return _flow_event(
+        EventType.STEPUP_CANCELLED,
+        ts_ms=ts_ms,
+        outcome="cancelled",
+        reason=reason,
+        user=user,
+        session=session,
+        device=device,
+        client_ip=client_ip,
+        level=level,
+        decision_id=decision_id,
+    )
+
+
+def logout(
+    *,
+    via: str,
+    user: str | None,
+    session: str | None,
+    failure: str | None = None,
+    issuer: str | None = None,
+    grants_ended: int | None = None,
+    client_ip: str | None = None,
+    ts_ms: int | None = None,
+) -> AuditEvent:
+    """A logout: ``via`` is ``rp-initiated`` (the user's browser) or ``back-channel`` (the
+    IdP's logout token, OIDC Back-Channel Logout 1.0); ``failure`` the refusal slug."""
+    outcome, reason = _result(failure)
+    return _flow_event(
+        EventType.LOGOUT,
+        ts_ms=ts_ms,
+        outcome=outcome,
+        reason=reason,
+        user=user,
+        session=session,
+        client_ip=client_ip,
+        via=via,
+        issuer=issuer,
+        grants_ended=grants_ended,
+    )
+
+
+def grant_recorded(
+    *,
+    caller: str,
+    user: str | None,
+    session: str | None,
+    level: str | None,
+    failure: str | None = None,
+    acr: str | None = None,
+    amr: tuple[str, ...] | list[str] = (),
+    auth_time: int | None = None,
+    grant_expires_at: int | None = None,
+    client_ip: str | None = None,
+    ts_ms: int | None = None,
+) -> AuditEvent:
+    """Sessions API RecordGrant: ``caller`` the authenticated factor service."""
+    outcome, reason = _result(failure)
+    return _flow_event(
+        EventType.GRANT_RECORDED,
+        ts_ms=ts_ms,
+        outcome=outcome,
+        reason=reason,
+        user=user,
+        amr=amr,
+        session=session,
+        client_ip=client_ip,
+        level=level,
+        caller=caller,
+        acr=acr,
+        auth_time=auth_time,
+        grant_expires_at=grant_expires_at,
+    )
+
+
+def grant_revoked_by(
+    *,
+    caller: str,
+    user: str | None,
+    session: str | None,
+    levels: tuple[str, ...] = (),
+    revoked: int = 0,
+    failure: str | None = None,
+    reason: str | None = None,
+    ts_ms: int | None = None,
+) -> AuditEvent:
+    """Sessions API revocation, with its caller (``grant.revoked``; ``reason`` the caller's
+    stated reason, kept as ``revoke_reason``)."""
+    outcome, slug = ("revoked", "revoked") if failure is None else ("failure", failure)
+    return _flow_event(
+        EventType.GRANT_REVOKED,
+        ts_ms=ts_ms,
+        outcome=outcome,
+        reason=slug,
+        user=user,
+        session=session,
+        level=",".join(levels) or None,
+        caller=caller,
+        actor=caller,
+        revoked=revoked,
+        revoke_reason=reason,
+    )
+
+
+def sessions_listed(
+    *,
+    caller: str,
+    user: str | None,
+    count: int = 0,
+    failure: str | None = None,
+    ts_ms: int | None = None,
+) -> AuditEvent:
+    """Sessions API ListSessions: who read whose sessions, and how many."""
+    outcome, reason = _result(failure)
+    return _flow_event(
+        EventType.SESSIONS_LISTED,
+        ts_ms=ts_ms,
+        outcome=outcome,
+        reason=reason,
+        user=user,
+        caller=caller,
+        count=count,
+    )
+
+
+def passkey_enrolled(
+    *,
+    user: str,
+    credential: str,
+    session: str | None = None,
+    factor: str = "hwk",
+    failure: str | None = None,
+    aaguid: str | None = None,
+    client_ip: str | None = None,
+    device: str | None = None,
+    ts_ms: int | None = None,
+) -> AuditEvent:
+    """A passkey registered (``credential``: a hash of the credential id, never the id)."""
+    outcome, reason = _result(failure)
+    return _flow_event(
+        EventType.PASSKEY_ENROLLED,
+        ts_ms=ts_ms,
+        outcome=outcome,
+        reason=reason,
+        user=user,
+        factor=factor,
+        session=session,
+        client_ip=client_ip,
+        device=device,
+        credential=credential,
+        aaguid=aaguid,
+    )
+
+
+def passkey_removed(
+    *,
+    user: str,
+    credential: str,
+    caller: str | None = None,
+    session: str | None = None,
+    failure: str | None = None,
+    client_ip: str | None = None,
+    ts_ms: int | None = None,
+) -> AuditEvent:
+    """A passkey removed, by the user (``caller`` None) or an operator / API caller."""
+    outcome, reason = _result(failure)
+    return _flow_event(
+        EventType.PASSKEY_REMOVED,
+        ts_ms=ts_ms,
+        outcome=outcome,
+        reason=reason,
+        user=user,
+        session=session,
+        client_ip=client_ip,
+        credential=credential,
+        caller=caller,
+    )
+
+
+def passkey_ceremony(
+    *,
+    ceremony: str,
+    user: str | None,
+    failure: str | None = None,
+    credential: str | None = None,
+    level: str | None = None,
+    factor: str = "hwk",
+    user_verified: bool | None = None,
+    session: str | None = None,
+    client_ip: str | None = None,
+    device: str | None = None,
+    ts_ms: int | None = None,
+) -> AuditEvent:
+    """One WebAuthn ceremony's result: ``ceremony`` ``registration`` or ``authentication``."""
+    outcome, reason = _result(failure)
+    return _flow_event(
+        EventType.PASSKEY_CEREMONY,
+        ts_ms=ts_ms,
+        outcome=outcome,
+        reason=reason,
+        user=user,
+        factor=factor,
+        session=session,
+        client_ip=client_ip,
+        device=device,
+        level=level,
+        ceremony=ceremony,
+        credential=credential,
+        user_verified=user_verified,
+    )
+
+
+# -- the trail's own records ---------------------------------------------------------------
+
+
+def producer_started(
+    *, first_seq: int, mac_kid: str, host: str, pid: int, ts_ms: int | None = None
+) -> AuditEvent:
+    """A producer's first record (its sequence number is ``first_seq``): the exporter
+    learns the producer from it, so a restart is a new producer, not a gap."""
+    return _flow_event(
+        EventType.PRODUCER_STARTED,
+        ts_ms=ts_ms,
+        outcome="started",
+        reason="producer-started",
+        user=None,
+        first_seq=first_seq,
+        mac_kid=mac_kid,
+        host=host,
+        pid=pid,
+    )
+
+
+def producer_heartbeat(*, last_seq: int, ts_ms: int | None = None) -> AuditEvent:
+    """Written by an idle producer: "I am alive and have written up to ``last_seq``", so a
+    deleted tail shows as a gap within a heartbeat interval."""
+    return _flow_event(
+        EventType.PRODUCER_HEARTBEAT,
+        ts_ms=ts_ms,
+        outcome="alive",
+        reason="idle",
+        user=None,
+        last_seq=last_seq,
+    )
+
+
+def producer_stopped(*, dropped: int, ts_ms: int | None = None) -> AuditEvent:
+    """A producer's last record at a graceful stop (its own sequence number is the last);
+    ``dropped`` how many records it could not write (``audit_dropped_total``)."""
+    return _flow_event(
+        EventType.PRODUCER_STOPPED,
+        ts_ms=ts_ms,
+        outcome="stopped",
+        reason="shutdown",
+        user=None,
+        dropped=dropped,
+    )
+
+
+def producer_silent(
+    *, of: str, last_seq: int, last_seen_ms: int, ts_ms: int | None = None
+) -> AuditEvent:
+    """(exporter) A producer wrote nothing, not even a heartbeat, for too long and never
+    stopped: killed, or its newest records were deleted. Records after ``last_seq`` cannot
+    be accounted for."""
+    return _flow_event(
+        EventType.PRODUCER_SILENT,
+        ts_ms=ts_ms,
+        outcome="silent",
+        reason="no-stop-record",
+        user=None,
+        of_producer=of,
+        last_seq=last_seq,
+        last_seen_ms=last_seen_ms,
+    )
+
+
+def sequence_gap(
+    *, of: str, first_missing: int, last_missing: int, ts_ms: int | None = None
+) -> AuditEvent:
+    """(exporter) Records ``first_missing..last_missing`` of producer ``of`` never reached
+    the archive: deleted from the stream, or lost by the producer (see audit_dropped)."""
+    return _flow_event(
+        EventType.SEQUENCE_GAP,
+        ts_ms=ts_ms,
+        outcome="missing",
+        reason="sequence-gap",
+        user=None,
+        of_producer=of,
+        first_missing=first_missing,
+        last_missing=last_missing,
+        missing=last_missing - first_missing + 1,
+    )
+
+
+def quarantined(
+    *,
+    reason: str,
+    raw: str,
+    claimed_producer: str | None = None,
+    claimed_seq: int | None = None,
+    ts_ms: int | None = None,
+) -> AuditEvent:
+    """(exporter) A stream entry that did not verify (``reason``: mac-missing, mac-invalid,
+    unknown-key, unknown-producer, malformed-entry, sequence-replayed, after-stop ...),
+    kept as text in ``raw`` and never as the record it claims to be."""
+    return _flow_event(
+        EventType.QUARANTINED,
+        ts_ms=ts_ms,
+        outcome="quarantined",
+        reason=reason,
+        user=None,
+        raw=raw[:4096],
+        claimed_producer=claimed_producer,
+        claimed_seq=claimed_seq,
     )

@@ -48,7 +48,53 @@ class AuditMetrics:
             namespace=_NS,
             registry=registry,
         )
+        self.quarantined = Counter(
+            "audit_quarantined",
+            "Stream entries the exporter could not verify (bad or missing MAC, unknown "
+            "producer or key, replayed sequence number): archived as audit.quarantined, "
+            "never as the record they claim to be. Alert on any increase.",
+            ["reason"],
+            namespace=_NS,
+            registry=registry,
+        )
+        self.missing = Counter(
+            "audit_missing_records",
+            "Records missing from a producer's sequence (deleted from the stream, or lost "
+            "by the producer): each gap is an audit.gap record. Alert on any increase.",
+            namespace=_NS,
+            registry=registry,
+        )
+        self.silent = Counter(
+            "audit_producers_silent",
+            "Producers that went silent without a stop record (audit.producer_silent).",
+            namespace=_NS,
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "audit_duplicates",
+            "Stream entries dropped as copies of a record archived moments ago (retries).",
+            namespace=_NS,
+            registry=registry,
+        )
         # Series exist at 0 before the first event, so alerts can use increase().
         for sink in ("redis", "stdout", "archive"):
             for result in ("ok", "error"):
                 self.events.labels(sink=sink, result=result)
+        for reason in QUARANTINE_REASONS:
+            self.quarantined.labels(reason=reason)
+
+
+# Every reason the exporter quarantines an entry for (authz/audit/mac.py verify_entry,
+# authz/audit/producers.py observe, and an authenticated entry whose record is not valid).
+QUARANTINE_REASONS = (
+    "mac-missing",
+    "mac-invalid",
+    "unknown-key",
+    "malformed-entry",
+    "malformed-record",
+    "unknown-producer",
+    "bad-announcement",
+    "sequence-replayed",
+    "arrived-after-gap",
+    "after-stop",
+)

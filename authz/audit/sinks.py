@@ -23,7 +23,9 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import queue
+import socket
 import sys
 import threading
 import time
@@ -34,13 +36,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisClusterException, RedisError
 
 from authz.audit.events import AuditEvent, encode_event
+from authz.audit.mac import F_RECORD, Producer
+from authz.audit.mapping import producer_heartbeat, producer_started, producer_stopped
 from authz.audit.metrics import AuditMetrics
 from authz.core.reasons import Reason
 from authz.errors import StepupError
 
 log = logging.getLogger("authz.audit")
 
-STREAM_FIELD = b"r"  # the one stream field: the canonical JSON record
+STREAM_FIELD = F_RECORD  # the record's field; authz.audit.mac names the others (p n k m)
+Fields = tuple[bytes, ...]  # one entry's field/value list, as Producer.fields makes it
 AUDIT_UNAVAILABLE = Reason.AUDIT_UNAVAILABLE  # the denial reason when durable() fails
 
 
@@ -148,8 +153,9 @@ class RedisStreamSink:
             ):
                 raise AuditUnavailable(f"WAIT: {acked!r} of {self.wait_replicas} replicas")
 
-    async def write(self, record: bytes) -> None:
-        """One encoded record, durably (see the module docstring), within the deadline."""
+    async def write(self, fields: Fields) -> None:
+        """One stamped entry (``Producer.fields``), durably (see the module docstring),
+        within the deadline."""
         try:
             wait = (
                 (("WAIT", self.wait_replicas, self.wait_timeout_ms),) if self.wait_replicas else ()
@@ -157,12 +163,12 @@ class RedisStreamSink:
             if self.fast is not None:
                 # XADD (+ WAIT on the same connection), the deadline a timer on the replies.
                 results = await self.fast.pipeline_within(
-                    self.deadline_s, ("XADD", self.stream_key, "*", STREAM_FIELD, record), *wait
+                    self.deadline_s, ("XADD", self.stream_key, "*", *fields), *wait
                 )
             else:  # Sentinel / Cluster: redis-py, one pipeline (one connection)
                 async with asyncio.timeout(self.deadline_s):
                     async with self.client.pipeline(transaction=False) as pipe:
-                        pipe.xadd(self.stream_key, {STREAM_FIELD: record})
+                        pipe.execute_command("XADD", self.stream_key, "*", *fields)
                         for cmd in wait:
                             pipe.execute_command(*cmd)
                         results = await pipe.execute(raise_on_error=False)
@@ -171,24 +177,24 @@ class RedisStreamSink:
             raise AuditUnavailable(f"audit write failed: {type(exc).__name__}") from exc
         self.check_results(results)
 
-    async def write_many(self, records: Sequence[bytes], timeout_s: float) -> None:
+    async def write_many(self, entries: Sequence[Fields], timeout_s: float) -> None:
         """A batch in one round trip (no WAIT: these are the non-critical events)."""
         try:
             async with asyncio.timeout(timeout_s):
                 async with self.client.pipeline(transaction=False) as pipe:
-                    for r in records:
-                        pipe.xadd(self.stream_key, {STREAM_FIELD: r})
+                    for fields in entries:
+                        pipe.execute_command("XADD", self.stream_key, "*", *fields)
                     results = await pipe.execute(raise_on_error=False)
         except (RedisError, RedisClusterException, OSError) as exc:
             raise AuditUnavailable(f"audit batch failed: {type(exc).__name__}") from exc
         failed = sum(1 for r in results if isinstance(r, BaseException) or not r)
         if failed:
             # Individual XADD errors (OOM, wrong type) are not transient in a useful way.
-            raise AuditUnavailable(f"{failed} of {len(records)} XADDs failed")
+            raise AuditUnavailable(f"{failed} of {len(entries)} XADDs failed")
 
 
 class Auditor:
-    """The service's audit API.
+    """The service's audit API: one producer (``authz.audit.mac.Producer``) of the stream.
 
     - ``await durable(event)``: audit before access; raises ``AuditUnavailable``.
       ``durable_record(bytes)`` is the same for a record already encoded (the Check path
@@ -197,46 +203,99 @@ class Auditor:
       task (``start()``/``aclose()``). When the buffer is full the event is dropped and
       counted in ``audit_dropped_total``. While Redis is down the drainer keeps the batch
       it holds and retries with capped backoff; new events fill the buffer up to its bound.
-    Call both from the event loop's thread.
+
+    Every record is stamped with the producer's next sequence number and MAC'd. The first
+    is ``audit.producer_started`` (written before any other: the exporter learns the
+    producer from it); an idle producer writes ``audit.producer_heartbeat`` every
+    ``heartbeat_s``; ``aclose()`` ends with ``audit.producer_stopped``. A stamped record is
+    never abandoned silently: a durable write that failed is queued again (it may have
+    landed: the exporter drops the copy), so the sequence has a gap only where a record was
+    really lost (counted in ``audit_dropped_total``) or deleted from the stream.
+    Call everything from the event loop's thread.
     """
 
     def __init__(
         self,
         primary: RedisStreamSink,
         *,
+        producer: Producer,
         metrics: AuditMetrics,
         buffer_size: int = 10_000,
         batch_size: int = 256,
         mirrors: Sequence[MirrorSink] = (),
         batch_timeout_s: float = 1.0,
         max_backoff_s: float = 2.0,
+        heartbeat_s: float = 60.0,
     ) -> None:
         self.primary = primary
+        self.producer = producer
         self.metrics = metrics
         self.buffer_size = buffer_size
         self.batch_size = batch_size
         self.mirrors = tuple(mirrors)
         self.batch_timeout_s = batch_timeout_s
         self.max_backoff_s = max_backoff_s
-        self._buffer: collections.deque[AuditEvent] = collections.deque()
-        self._pending: list[bytes] = []  # the batch being written, encoded (retried on failure)
+        self.heartbeat_s = heartbeat_s
+        # Queued: events (stamped when drained) or entries stamped already (a failed
+        # durable write, sent again).
+        self._buffer: collections.deque[AuditEvent | Fields] = collections.deque()
+        self._pending: list[Fields] = []  # the batch being written (retried on failure)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._last_drop_log = 0.0
+        self._dropped = 0
+        self._announce_lock = asyncio.Lock()
+        # The announcement takes the first sequence number, whenever it is sent.
+        self._hello: Fields | None = producer.fields(
+            encode_event(
+                producer_started(
+                    first_seq=producer.first_seq,
+                    mac_kid=producer.kid,
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                )
+            )
+        )
+        self._seq_at_tick = producer.seq
         # The labelled children the hot path counts with (labels() is a dict lookup + lock).
         self._redis_ok = metrics.events.labels(sink="redis", result="ok")
         self._redis_error = metrics.events.labels(sink="redis", result="error")
+
+    # -- the producer's announcement ---------------------------------------------------
+    @property
+    def announced(self) -> bool:
+        return self._hello is None
+
+    async def _announce(self) -> None:
+        """Write ``audit.producer_started`` once, before any other record of this producer
+        (so the exporter knows the producer when its records arrive)."""
+        async with self._announce_lock:
+            hello = self._hello
+            if hello is None:
+                return
+            try:
+                await self.primary.write(hello)
+            except AuditUnavailable:
+                self._redis_error.inc()
+                raise
+            self._hello = None
+            self.accepted(hello[1])
 
     # -- audit before access ---------------------------------------------------------
     async def durable(self, event: AuditEvent) -> None:
         await self.durable_record(encode_event(event))
 
     async def durable_record(self, record: bytes) -> None:
+        if self._hello is not None:
+            await self._announce()
+        fields = self.producer.fields(record)
         try:
-            await self.primary.write(record)
+            await self.primary.write(fields)
         except AuditUnavailable:
             self._redis_error.inc()
+            # Stamped: it must reach the stream (again, if it did land) or be counted lost.
+            self._enqueue(fields, front=True)
             raise
         self.accepted(record)
 
@@ -247,12 +306,28 @@ class Auditor:
 
     # -- non-critical events ---------------------------------------------------------
     def emit(self, event: AuditEvent) -> None:
+        self._enqueue(event)
+
+    def _enqueue(self, item: AuditEvent | Fields, *, front: bool = False) -> None:
         if self._closing or len(self._buffer) >= self.buffer_size:
             self._drop(1, "buffer full" if not self._closing else "auditor closed")
             return
-        self._buffer.append(event)
+        if front:
+            self._buffer.appendleft(item)
+        else:
+            self._buffer.append(item)
         self.metrics.buffered.set(len(self._buffer))
         self._wakeup.set()
+
+    def heartbeat_tick(self) -> bool:
+        """Queue ``audit.producer_heartbeat`` if nothing was stamped since the last tick
+        (the drainer ticks every ``heartbeat_s`` while idle); True when it did."""
+        idle = self.producer.seq == self._seq_at_tick and self.announced
+        if idle:  # stamped now: it is this interval's record whenever it is written
+            beat = producer_heartbeat(last_seq=self.producer.seq)
+            self._enqueue(self.producer.fields(encode_event(beat)))
+        self._seq_at_tick = self.producer.seq
+        return idle
 
     @property
     def backlog(self) -> int:
@@ -271,7 +346,8 @@ class Auditor:
         return not self.backlog
 
     async def aclose(self, drain_timeout_s: float = 5.0) -> None:
-        """Stop accepting, drain what is buffered (bounded), count the rest as dropped."""
+        """Stop accepting, drain what is buffered (bounded), count the rest as dropped,
+        and end the sequence with ``audit.producer_stopped``."""
         self._closing = True
         if self._task is not None:
             await self.flush(drain_timeout_s)
@@ -285,6 +361,9 @@ class Auditor:
             self._buffer.clear()
             self._pending = []
         self.metrics.buffered.set(0)
+        if self.announced:  # a producer that never announced has nothing to end
+            with contextlib.suppress(AuditUnavailable):
+                await self.durable(producer_stopped(dropped=self._dropped))
         for m in self.mirrors:
             close = getattr(m, "close", None)
             if close is not None:
@@ -292,6 +371,7 @@ class Auditor:
 
     def _drop(self, n: int, why: str) -> None:
         self.metrics.dropped.inc(n)
+        self._dropped += n
         now = time.monotonic()
         if now - self._last_drop_log >= 1.0:  # rate-limited: a flood must not flood the log
             self._last_drop_log = now
@@ -306,19 +386,27 @@ class Auditor:
             else:
                 self.metrics.events.labels(sink=m.name, result="ok").inc(len(records))
 
+    def _stamp(self, item: AuditEvent | Fields) -> Fields:
+        return item if isinstance(item, tuple) else self.producer.fields(encode_event(item))
+
     async def _run(self) -> None:
         backoff = 0.05
         while True:
             if not self._pending:
                 if not self._buffer:
                     self._wakeup.clear()
-                    await self._wakeup.wait()
+                    try:
+                        # The heartbeat's timer is this wait: an idle producer wakes up.
+                        await asyncio.wait_for(self._wakeup.wait(), self.heartbeat_s)
+                    except TimeoutError:
+                        self.heartbeat_tick()
                     continue
                 n = min(self.batch_size, len(self._buffer))
-                self._pending = [encode_event(self._buffer.popleft()) for _ in range(n)]
+                self._pending = [self._stamp(self._buffer.popleft()) for _ in range(n)]
                 self.metrics.buffered.set(len(self._buffer))
-                self._mirror(self._pending)
             try:
+                if self._hello is not None:
+                    await self._announce()
                 await self.primary.write_many(self._pending, self.batch_timeout_s)
             except AuditUnavailable as exc:
                 self.metrics.events.labels(sink="redis", result="error").inc(len(self._pending))
@@ -330,5 +418,6 @@ class Auditor:
                 backoff = min(backoff * 2, self.max_backoff_s)
                 continue
             self.metrics.events.labels(sink="redis", result="ok").inc(len(self._pending))
+            self._mirror([f[1] for f in self._pending])
             self._pending = []
             backoff = 0.05

@@ -4,13 +4,19 @@ without Redis)."""
 
 from __future__ import annotations
 
+import base64
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from authz.audit.archive import ArchiveWriter
 from authz.audit.chain import SigningKey
-from authz.audit.events import AuditEvent, EventType
+from authz.audit.events import AuditEvent, EventType, encode_event
+from authz.audit.mac import MacKeyRing, Producer
+from authz.audit.mapping import producer_started
 from authz.audit.sinks import AuditUnavailable
 from authz.core.reasons import Reason
 
@@ -76,6 +82,48 @@ class MemorySink:
 
     def write_many(self, records: Sequence[bytes]) -> None:
         self.records.extend(records)
+
+
+def write_mac_key(path: Path) -> Path:
+    """A new MAC key file (32 random bytes, base64), mode 0600, as `audit keygen --mac`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(base64.b64encode(os.urandom(32)).decode("ascii") + "\n")
+    return path
+
+
+def dev_mac_settings(directory: Path | None = None, kid: str = "dev") -> dict[str, Any]:
+    """``audit.mac_keys`` / ``mac_active_kid`` for a service under test (the key file is
+    made once in ``directory``, by default a folder of this process under the temp dir):
+    the service refuses to audit without a MAC key."""
+    if directory is None:
+        directory = Path(tempfile.gettempdir()) / f"stepup-audit-test-{os.getpid()}"
+    path = directory / f"audit-mac-{kid}.key"
+    if not path.exists():
+        write_mac_key(path)
+    return {"mac_keys": {kid: str(path)}, "mac_active_kid": kid}
+
+
+def make_ring(kid: str = "test") -> MacKeyRing:
+    return MacKeyRing({kid: os.urandom(32)}, kid)
+
+
+class StreamWriter:
+    """A producer's entries for tests that XADD by hand: ``hello()`` then ``fields(ev)``."""
+
+    def __init__(self, ring: MacKeyRing, stream_key: str, producer_id: str | None = None):
+        self.producer = Producer(ring, stream_key, producer_id=producer_id)
+
+    def hello(self) -> dict[bytes, bytes]:
+        p = self.producer
+        ev = producer_started(first_seq=p.seq + 1, mac_kid=p.kid, host="test", pid=0)
+        return self.fields(ev)
+
+    def fields(self, event: AuditEvent | bytes) -> dict[bytes, bytes]:
+        raw = event if isinstance(event, bytes) else encode_event(event)
+        f = self.producer.fields(raw)
+        return dict(zip(f[::2], f[1::2], strict=True))
 
 
 class MemoryAuditor:

@@ -534,6 +534,13 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
     if s.crypto.keys:
         keys = {kid: fix(p) or p for kid, p in s.crypto.keys.items()}
         updates["crypto"] = s.crypto.model_copy(update={"keys": keys})
+    audit: dict[str, Any] = {
+        n: q for n in ("password_file", "ca_file") if (q := fix(getattr(s.audit, n)))
+    }
+    if any(not q.is_absolute() for q in s.audit.mac_keys.values()):
+        audit["mac_keys"] = {kid: fix(q) or q for kid, q in s.audit.mac_keys.items()}
+    if audit:
+        updates["audit"] = s.audit.model_copy(update=audit)
     if s.grpc.tls is not None:
         tls = {
             n: q

@@ -61,6 +61,7 @@ class Reason(StrEnum):
     # -- the step-up round trip (authz.stepup) -----------------------------------------------
     STATE_MISMATCH = "state-mismatch"  # state parameter and browser cookie differ
     STATE_INVALID = "state-invalid"  # unknown, expired or already used
+    STATE_REPLAYED = "state-replayed"  # a state id that was already consumed once
     LINK_INVALID = "link-invalid"  # a step-up link without a valid signature, or expired
     LINK_OTHER_SESSION = "link-other-session"  # a link the Check issued for another session
     LINK_REUSED = "link-reused"  # a step-up link opened a second time

@@ -36,6 +36,7 @@ import authz
 # package itself, so the stack reads exactly what the exporter writes.
 from authz.audit.chain import SigningKey
 from authz.audit.segments import list_segments
+from authz.audit.testing import write_mac_key
 
 REPO_ROOT = Path(authz.__file__).resolve().parent.parent
 DEFAULT_ENVOY_TEMPLATE = REPO_ROOT / "envoy" / "demo.yaml"
@@ -45,6 +46,7 @@ CLIENT_SECRET = "dev-secret"  # noqa: S105  (the dev IdP's demo client, not a re
 AUDIENCE = "stepup-demo"
 AUDIT_STREAM_KEY = "stepup:audit"
 AUDIT_DURABLE_LEVEL = "elevated"  # the demo policy's first step-up level
+AUDIT_MAC_KID = "dev"  # the dev MAC key's id (audit.mac_keys / the exporter's mac_keys)
 
 _STOP_GRACE_S = 5.0
 _base_ids = itertools.count()
@@ -355,6 +357,12 @@ class Stack:
         return self.audit_key_dir / "audit-signing.pub.pem"
 
     @property
+    def audit_mac_key(self) -> Path:
+        """The dev MAC key (32 random bytes, base64) the service MACs every stream record
+        with and the exporter verifies them with; made once in ``audit_key_dir``."""
+        return self.audit_key_dir / f"audit-mac-{AUDIT_MAC_KID}.key"
+
+    @property
     def exporter_proc(self) -> subprocess.Popen[bytes] | None:
         proc = self._procs.get("exporter")
         return None if proc is None else proc.popen
@@ -394,6 +402,8 @@ class Stack:
                 "enabled": True,
                 "stream_key": self.audit_stream_key,
                 "durable_level": AUDIT_DURABLE_LEVEL,
+                "mac_keys": {AUDIT_MAC_KID: str(self.audit_mac_key)},
+                "mac_active_kid": AUDIT_MAC_KID,
             },
         }
         if self.separate_audit_redis:
@@ -409,6 +419,12 @@ class Stack:
             "stream_key": audit.get("stream_key", AUDIT_STREAM_KEY),
             "archive_dir": str(self.audit_dir),
             "signing_key_file": str(self.audit_signing_key),
+            "mac_keys": {
+                kid: str(path)
+                for kid, path in (
+                    audit.get("mac_keys") or {AUDIT_MAC_KID: self.audit_mac_key}
+                ).items()
+            },
             # Short blocking reads: SIGTERM is honoured within 0.2 s. A checkpoint every few
             # seconds, so a demo user's `audit verify` soon shows the records as signed.
             "block_ms": 200,
@@ -422,6 +438,11 @@ class Stack:
     def runs_audit_exporter(self) -> bool:
         audit = self.settings().get("audit") or {}
         return self.with_audit_exporter and bool(audit.get("enabled", True))
+
+    def _ensure_mac_key(self) -> None:
+        """The dev MAC key, made once and then reused (a key of the dev stack only)."""
+        if not self.audit_mac_key.exists():
+            write_mac_key(self.audit_mac_key)
 
     def _ensure_signing_key(self) -> None:
         """A dev key pair in ``audit_key_dir``, made once and then reused, so an archive kept
@@ -533,6 +554,7 @@ class Stack:
         return self
 
     def _start(self) -> None:
+        self._ensure_mac_key()  # the service refuses to audit without a MAC key
         self._write_files()
         self._write_audit_files()
         t = self.ready_timeout

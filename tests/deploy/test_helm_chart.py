@@ -27,7 +27,7 @@ pytestmark = pytest.mark.deploy
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "k8s" / "stepup-authz"
-VALUE_SETS = ["minimal", "url", "sentinel", "cluster"]
+VALUE_SETS = ["minimal", "url", "sentinel", "cluster", "audit-acl"]
 KUBE_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 CRDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
@@ -36,6 +36,7 @@ CRDS = {
 
 
 SIGNING_SECRET = "stepup-authz-audit-signing"
+MAC_SECRET = "stepup-authz-audit-mac"
 AUDIT_REDIS = "rediss://audit-redis.redis.svc.cluster.local:6380/0"
 
 
@@ -52,6 +53,7 @@ def values(name: str) -> dict[str, Any]:
     doc = raw_values(name)
     keys = doc.setdefault("secrets", {}).setdefault("auditSigningKey", {})
     keys.setdefault("existingSecret", SIGNING_SECRET)
+    doc.setdefault("audit", {}).setdefault("macKeys", {}).setdefault("existingSecret", MAC_SECRET)
     if doc["redis"].get("mode", "url") != "url":
         doc.setdefault("audit", {}).setdefault("redisUrl", AUDIT_REDIS)
     return doc
@@ -338,10 +340,28 @@ def test_rendered_exporter_settings_are_accepted_by_the_exporter(
     assert port == {"name": "metrics", "containerPort": x.metrics_port, "protocol": "TCP"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
     # The service's Redis password and CA files (redis.auth, redis.tls), from mounts of the
-    # same Secrets in the exporter's own container.
-    assert (x.password_file, x.ca_file) == (service.redis.password_file, service.redis.ca_file)
+    # same Secrets in the exporter's own container; with audit.acl, the password of the
+    # exporter's own Redis user instead (the service's user has another).
+    acl = vals["audit"].get("acl", {})
+    password_secret = vals["redis"].get("auth", {}).get("existingSecret")
+    if acl.get("enabled"):
+        password_secret = acl["exporterPassword"]["existingSecret"]
+        assert x.username == "stepup-audit-exporter"
+        assert service.audit.username == "stepup-audit-writer"
+        assert service.audit.password_file is not None
+        # The same path in two pods, each a mount of its own user's Secret alone.
+        writer = acl["servicePassword"]["existingSecret"]
+        assert _secret_users(docs, writer) == [f"{SERVICE}/stepup-authz"]
+        assert _secret_users(docs, password_secret) == [f"{EXPORTER}/audit-exporter"]
+    else:
+        assert x.password_file == service.redis.password_file
+    assert x.ca_file == service.redis.ca_file
+    # Both verify and MAC with the same keys, from the one Secret.
+    assert x.mac_keys == service.audit.mac_keys and service.audit.mac_active_kid in x.mac_keys
+    mac_mount = mounts[str(next(iter(x.mac_keys.values())).parent)]
+    assert volumes[mac_mount["name"]]["secret"]["secretName"] == MAC_SECRET
     for f, secret in (
-        (x.password_file, vals["redis"].get("auth", {}).get("existingSecret")),
+        (x.password_file, password_secret),
         (x.ca_file, vals["redis"].get("tls", {}).get("existingSecret")),
     ):
         assert (f is None) == (not secret)
@@ -353,7 +373,11 @@ def test_rendered_exporter_settings_are_accepted_by_the_exporter(
 
 def test_exporter_settings_follow_values(chart: Any, tmp_path: Path) -> None:
     vals = values("minimal") | {
-        "audit": {"streamKey": "brokerage:audit", "redisUrl": AUDIT_REDIS},
+        "audit": {
+            "streamKey": "brokerage:audit",
+            "redisUrl": AUDIT_REDIS,
+            "macKeys": {"existingSecret": MAC_SECRET},
+        },
         "auditExporter": {
             "segmentMaxBytes": 8 * 1024 * 1024,
             "segmentMaxAgeSeconds": 900,
@@ -555,7 +579,7 @@ def test_exporter_refuses_incomplete_values(chart: Any) -> None:
         chart.render(no_key, name="x", namespace="x")
     for value_set in ("sentinel", "cluster"):
         vals = copy.deepcopy(raw_values(value_set))
-        vals.pop("audit")
+        vals["audit"].pop("redisUrl")
         with pytest.raises(helm.HelmError, match=r"audit\.redisUrl"):
             chart.render(vals, name="x", namespace="x")
     off = raw_values("minimal") | {"auditExporter": {"enabled": False}}
@@ -575,3 +599,159 @@ def test_schema_refuses_bad_exporter_values(chart: Any) -> None:
             chart.validate_schema(vals)
     with pytest.raises(helm.HelmValuesError):
         chart.validate_schema(values("minimal") | {"audit": {"redisUrl": "http://x"}})
+
+
+# -- the audit trail's keys and its Redis's ACL users ------------------------------------------
+
+
+def test_mac_keys_are_mounted_in_the_service_and_the_exporter_alone(chart: Any) -> None:
+    docs = render(chart, values("url"))
+    assert sorted(_secret_users(docs, MAC_SECRET)) == [
+        f"{EXPORTER}/audit-exporter",
+        f"{SERVICE}/stepup-authz",
+    ]
+    service = Settings.model_validate(yaml.safe_load(_config(docs, "-config", "config.yaml")))
+    assert service.audit.mac_keys == {"k1": Path("/etc/stepup-authz/secrets/audit-mac/k1")}
+    assert service.audit.mac_active_kid == "k1"
+
+
+def test_the_chart_refuses_incomplete_audit_values(chart: Any) -> None:
+    no_mac = values("minimal")
+    del no_mac["audit"]["macKeys"]
+    with pytest.raises(helm.HelmError, match=r"audit\.macKeys\.existingSecret"):
+        chart.render(no_mac, name="x", namespace="x")
+    bad_kid = values("minimal")
+    bad_kid["audit"]["macKeys"].update(keyIds=["k1"], activeKeyId="k9")
+    with pytest.raises(helm.HelmError, match="activeKeyId"):
+        chart.render(bad_kid, name="x", namespace="x")
+    acl = values("audit-acl")
+    acl["audit"].pop("redisUrl")
+    with pytest.raises(helm.HelmError, match=r"acl\.enabled needs audit\.redisUrl"):
+        chart.render(acl, name="x", namespace="x")
+    acl = values("audit-acl")
+    acl["audit"]["acl"]["exporterPassword"]["existingSecret"] = ""
+    with pytest.raises(helm.HelmError, match="exporterPassword"):
+        chart.render(acl, name="x", namespace="x")
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(values("minimal") | {"audit": {"macKeys": {"keyIds": ["a b"]}}})
+
+
+def _acl_lines(docs: list[dict[str, Any]], key: str) -> list[str]:
+    data = named(docs, "ConfigMap", "stepup-authz-audit-acl")["data"]
+    return [line for line in data[key].splitlines() if line]
+
+
+def test_the_acl_users_hold_on_a_real_valkey(chart: Any, tmp_path: Path) -> None:
+    """The rendered ACL rules, loaded into a real Valkey as docs/audit.md says, with the
+    rendered settings of the service and the exporter (their mounted files replaced by
+    local copies): the service's user writes its records and can do nothing else to the
+    stream; the exporter's user archives them and cannot add, delete or re-id entries."""
+    import asyncio
+
+    from authz.audit.chain import SigningKey
+    from authz.audit.export import read_records
+    from authz.audit.exporter import build_exporter
+    from authz.audit.service import build_auditor
+    from authz.audit.testing import sample_event, write_mac_key
+    from authz.store.connections import EmbeddedValkey
+
+    docs = render(chart, values("audit-acl"))
+    writer_rules = _acl_lines(docs, "service-user.acl")
+    exporter_rules = _acl_lines(docs, "exporter-user.acl")
+    assert writer_rules[0] == "stepup-audit-writer" and "+xadd" in writer_rules
+    assert "+xadd" not in exporter_rules and "(~stepup:audit:head +xadd)" in exporter_rules
+    for bad in ("+@all", "allkeys", "+xdel", "+xsetid", "+del", "+xgroup"):
+        assert bad not in writer_rules + exporter_rules
+
+    k1, k2 = write_mac_key(tmp_path / "k1"), write_mac_key(tmp_path / "k2")
+    (tmp_path / "writer-pw").write_text("writer-secret\n")
+    (tmp_path / "exporter-pw").write_text("exporter-secret\n")
+    (tmp_path / "signing.pem").write_bytes(SigningKey.generate().private_pem())
+    server = EmbeddedValkey()
+    url = server.start()
+    admin = redis.Redis.from_url(url)
+    try:
+        admin.execute_command("ACL", "SETUSER", *writer_rules, ">writer-secret")
+        admin.execute_command("ACL", "SETUSER", *exporter_rules, ">exporter-secret")
+        macs = {"k1": k1, "k2": k2}
+        rendered = yaml.safe_load(_config(docs, "-config", "config.yaml"))
+        service = Settings.model_validate(rendered).model_copy(
+            update={
+                "redis": Settings.model_validate(rendered).redis.model_copy(
+                    update={"url": url, "password_file": None, "ca_file": None}
+                )
+            }
+        )
+        service = service.model_copy(
+            update={
+                "audit": service.audit.model_copy(
+                    update={
+                        "redis_url": url,
+                        "password_file": tmp_path / "writer-pw",
+                        "mac_keys": macs,
+                    }
+                )
+            }
+        )
+
+        async def produce() -> None:
+            from authz.audit.metrics import AuditMetrics
+
+            closers: list[object] = []
+            auditor = build_auditor(service, None, None, AuditMetrics(CollectorRegistry()), closers)
+            assert auditor is not None
+            for i in range(3):
+                await auditor.durable(sample_event(i))
+            await auditor.aclose()
+            for c in reversed(closers[:-1]):
+                await c.aclose()  # type: ignore[attr-defined]
+
+        asyncio.run(produce())
+        host, port = url.split("//")[1].split("/")[0].split(":")
+        writer = redis.Redis(
+            host=host, port=int(port), username="stepup-audit-writer", password="writer-secret"
+        )
+        for cmd in (
+            ("XRANGE", "stepup:audit", "-", "+"),
+            ("XDEL", "stepup:audit", "0-1"),
+            ("XSETID", "stepup:audit", "99999999999999-0", "MAXDELETEDID", "0-1"),
+            ("XTRIM", "stepup:audit", "MAXLEN", "0"),
+            ("DEL", "stepup:audit"),
+            ("XADD", "stepup:audit:head", "*", "cp", "forged"),
+            ("SET", "stepup:session", "x"),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                writer.execute_command(*cmd)
+        writer.close()
+
+        x = _exporter_settings(docs, tmp_path).model_copy(
+            update={
+                "redis_url": url,
+                "password_file": tmp_path / "exporter-pw",
+                "ca_file": None,
+                "mac_keys": macs,
+                "signing_key_file": tmp_path / "signing.pem",
+                "archive_dir": tmp_path / "archive",
+            }
+        )
+        ex = build_exporter(x, CollectorRegistry())
+        ex.start()
+        while ex.poll(block_ms=None):
+            pass
+        for cmd in (
+            ("XADD", "stepup:audit", "*", "r", "forged"),
+            ("XDEL", "stepup:audit", "0-1"),
+            ("XSETID", "stepup:audit", "99999999999999-0"),
+            ("DEL", "stepup:audit"),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                ex.client.execute_command(*cmd)
+        ex.close()  # the shutdown checkpoint, published to <stream>:head by the same user
+        ex.client.close()
+        types = [r["type"] for r in read_records([tmp_path / "archive"])]
+        assert types[0] == "audit.producer_started" and types[-1] == "audit.producer_stopped"
+        assert len(types) == 5 and "audit.quarantined" not in types
+        assert admin.xlen("stepup:audit:head") >= 1
+    finally:
+        admin.close()
+        server.stop()

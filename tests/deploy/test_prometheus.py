@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from authz.app import Service, start_service
 from authz.audit.metrics import AuditMetrics
+from authz.audit.testing import dev_mac_settings
 from authz.config.settings import Settings
 from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
 from authz.ops.metrics import Metrics
@@ -204,6 +205,7 @@ async def service(redis_url: str, redis_prefix: str) -> AsyncIterator[Service]:
                     "algorithms": ["RS256"],
                 },
                 "stepup": {"public_url": PUBLIC, "cookie_secure": False},
+                "audit": dev_mac_settings(),
             }
         )
         svc = await start_service(settings)

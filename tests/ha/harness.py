@@ -25,6 +25,7 @@ from aiohttp import web
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from authz.app import Service, start_service
+from authz.audit.testing import dev_mac_settings
 from authz.config.settings import Settings
 from authz.core.session import Evidence, Grant, session_key, user_key
 from authz.demo.stack import deep_merge
@@ -256,6 +257,7 @@ def settings_for(
             "token_typ": "at+jwt",
         },
         "stepup": {"public_url": PUBLIC, "cookie_secure": False},
+        "audit": dev_mac_settings(),  # the service refuses to audit without a MAC key
     }
     return Settings.model_validate(deep_merge(base, extra or {}))
 

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -23,10 +24,11 @@ from authz.audit.archive import ArchiveWriter
 from authz.audit.chain import SigningKey
 from authz.audit.events import AuditEvent, EventType, encode_event
 from authz.audit.exporter import Exporter
+from authz.audit.mac import Producer, verify_entry
 from authz.audit.metrics import AuditMetrics
 from authz.audit.segments import list_segments
 from authz.audit.sinks import Auditor, AuditUnavailable, RedisStreamSink
-from authz.audit.testing import MemorySink, sample_event
+from authz.audit.testing import MemorySink, StreamWriter, make_ring, sample_event
 from authz.audit.verify import verify
 from authz.store.connections import EmbeddedValkey
 from authz.store.fastredis import FastRedis
@@ -35,6 +37,7 @@ pytestmark = pytest.mark.integration
 
 KEY = SigningKey.generate()
 KEYS = {KEY.key_id: KEY.private_key.public_key()}
+RING = make_ring()
 
 
 @pytest.fixture
@@ -73,7 +76,7 @@ def exporter(sclient: redis.Redis, archive: Path, stream: str, **kw: int) -> Exp
         checkpoint_every=kw.pop("checkpoint_every", 25),
     )
     return Exporter(
-        sclient, w, stream_key=stream, batch_size=kw.pop("batch", 100), metrics=metrics()
+        sclient, w, stream_key=stream, ring=RING, batch_size=kw.pop("batch", 100), metrics=metrics()
     )
 
 
@@ -103,6 +106,7 @@ async def test_auditor_to_archive_exactly_n_records(
     mirror = MemorySink()
     auditor = Auditor(
         RedisStreamSink(aclient, stream_key=stream, deadline_ms=500),
+        producer=Producer(RING, stream),
         metrics=m,
         buffer_size=1000,
         batch_size=64,
@@ -119,18 +123,27 @@ async def test_auditor_to_archive_exactly_n_records(
             auditor.emit(ev)
     assert await auditor.flush(10)
     await auditor.aclose()
-    assert value(m, "stepup_authz_audit_events_total", sink="redis", result="ok") == 300
+    # 300 records between the producer's announcement and its stop record.
+    assert value(m, "stepup_authz_audit_events_total", sink="redis", result="ok") == 302
     assert value(m, "stepup_authz_audit_dropped_total") == 0
-    assert len(mirror.records) == 300
-    assert sorted(json.loads(r)["event_id"] for r in mirror.records) == sorted(sent)
+    assert len(mirror.records) == 302
+    mirrored = [json.loads(r) for r in mirror.records]
+    assert (mirrored[0]["type"], mirrored[-1]["type"]) == (
+        "audit.producer_started",
+        "audit.producer_stopped",
+    )
+    assert sorted(r["event_id"] for r in mirrored[1:-1]) == sorted(sent)
 
     ex = exporter(sclient, tmp_path, stream)
     ex.start()
-    assert drain(ex) == 300
+    assert drain(ex) == 302
     ex.close()
     r = verify([tmp_path], public_keys=KEYS)
-    assert r.ok and r.records == 300 and r.unsigned_tail == 0, r.error
-    assert sorted(archived_ids(tmp_path)) == sorted(sent)
+    assert r.ok and r.records == 302 and r.unsigned_tail == 0, r.error
+    assert sorted(archived_ids(tmp_path)[1:-1]) == sorted(sent)
+    assert ex.metrics is not None
+    assert value(ex.metrics, "stepup_authz_audit_quarantined_total", reason="mac-missing") == 0
+    assert ex.tracker.states == {}  # stopped cleanly, every number accounted for
     assert len(list_segments([tmp_path])) > 1
     # Trimmed only up to what is archived: the last archived entry is still there.
     assert sclient.xlen(stream) >= 1
@@ -144,16 +157,24 @@ async def test_durable_writes_over_redis_py_and_the_fast_transport(
     """Audit before access over both transports: redis-py (Sentinel, Cluster) and the
     hot-path FastRedis; a WAIT that the replicas cannot satisfy is a refusal on either."""
     m = metrics()
-    auditor = Auditor(RedisStreamSink(aclient, stream_key=stream, deadline_ms=500), metrics=m)
+    auditor = Auditor(
+        RedisStreamSink(aclient, stream_key=stream, deadline_ms=500),
+        producer=Producer(RING, stream),
+        metrics=m,
+    )
     ev = sample_event(1)
     await auditor.durable(ev)
-    ((_, fields),) = await aclient.xrange(stream)
-    assert fields[b"r"] == encode_event(ev)
+    (_, hello), (_, fields) = await aclient.xrange(stream)
+    assert fields[b"r"] == encode_event(ev)  # the record's bytes as built, MAC'd beside them
+    first, second = verify_entry(RING, stream, hello), verify_entry(RING, stream, fields)
+    assert (first.seq, second.seq) == (1, 2) and first.producer == second.producer
+    assert json.loads(first.record)["type"] == "audit.producer_started"
     # WAIT for a replica that a standalone server does not have: not durable -> refused.
     strict = Auditor(
         RedisStreamSink(
             aclient, stream_key=stream, deadline_ms=500, wait_replicas=1, wait_timeout_ms=20
         ),
+        producer=Producer(RING, stream),
         metrics=m,
     )
     with pytest.raises(AuditUnavailable, match="WAIT"):
@@ -163,7 +184,9 @@ async def test_durable_writes_over_redis_py_and_the_fast_transport(
     fast = FastRedis.from_url(redis_url, connections=3)
     try:
         quick = Auditor(
-            RedisStreamSink(aclient, stream_key=stream, deadline_ms=500, fast=fast), metrics=m
+            RedisStreamSink(aclient, stream_key=stream, deadline_ms=500, fast=fast),
+            producer=Producer(RING, stream),
+            metrics=m,
         )
         for i in range(3):
             await quick.durable(sample_event(10 + i))
@@ -176,6 +199,7 @@ async def test_durable_writes_over_redis_py_and_the_fast_transport(
                 wait_timeout_ms=20,
                 fast=fast,
             ),
+            producer=Producer(RING, stream),
             metrics=m,
         )
         with pytest.raises(AuditUnavailable, match="WAIT"):
@@ -188,29 +212,41 @@ async def test_durable_writes_over_redis_py_and_the_fast_transport(
 def test_exporter_restart_no_gaps_no_duplicates(
     sclient: redis.Redis, stream: str, tmp_path: Path
 ) -> None:
-    ids = []
+    w = StreamWriter(RING, stream)
+    hello = w.hello()
+    sclient.xadd(stream, hello)  # type: ignore[arg-type]
+    ids = [json.loads(hello[b"r"])["event_id"]]
     for i in range(250):
         ev = sample_event(i)
         ids.append(ev.event_id)
-        sclient.xadd(stream, {b"r": json.dumps(ev.to_record()).encode()})
+        sclient.xadd(stream, w.fields(ev))  # type: ignore[arg-type]
     ex1 = exporter(sclient, tmp_path, stream, batch=40)
     ex1.start()
     for _ in range(3):
         ex1.poll(block_ms=None)
     ex1.writer.close(seal=False)  # stopped abruptly: no sealing checkpoint
-    # A producer retry wrote one record twice: archived once.
+    # A producer retry wrote one record twice (the same entry): archived once.
     dup = sample_event(7)
-    sclient.xadd(stream, {b"r": json.dumps(dup.to_record()).encode()})
-    sclient.xadd(stream, {b"r": json.dumps(dup.to_record()).encode()})
+    again = w.fields(dup)
+    sclient.xadd(stream, again)  # type: ignore[arg-type]
+    sclient.xadd(stream, again)  # type: ignore[arg-type]
     ex2 = exporter(sclient, tmp_path, stream, batch=40)
     rp = ex2.start()
     assert rp.seq == 120
+    # The producers' account came back from the last checkpoint and the records after it.
+    assert ex2.tracker.states[w.producer.id].next == 121  # 120 archived: seq 1..120
     drain(ex2)
     ex2.close()
     assert ex2.duplicates == 1
     r = verify([tmp_path], public_keys=KEYS)
-    assert r.ok and r.records == 251, r.error
+    assert r.ok and r.records == 252, r.error
     assert archived_ids(tmp_path) == [*ids, dup.event_id]
+    assert ex2.metrics is not None
+    assert sum(s.value for s in _samples(ex2.metrics, "stepup_authz_audit_quarantined_total")) == 0
+
+
+def _samples(m: AuditMetrics, name: str) -> list[Any]:
+    return [s for f in m.registry.collect() for s in f.samples if s.name == name]
 
 
 def _archived_count(archive: Path) -> int:
@@ -236,17 +272,21 @@ def test_kill_9_mid_write_then_restart(
 ) -> None:
     keyfile = tmp_path / "signing.pem"
     keyfile.write_bytes(KEY.private_pem())
+    (tmp_path / "mac.key").write_bytes(RING.keys[RING.active])
     archive = tmp_path / "archive"
     cfg = tmp_path / "exporter.yaml"
     cfg.write_text(
         f"redis_url: {redis_url}\nstream_key: {stream}\narchive_dir: archive\n"
         "signing_key_file: signing.pem\nsegment_max_bytes: 65536\n"
         "checkpoint_every: 50\nbatch_size: 20\nblock_ms: 100\n"
+        f"mac_keys: {{{RING.active}: mac.key}}\n"
     )
-    total = 4000
+    w = StreamWriter(RING, stream)
+    total = 4001  # the announcement and 4000 records
     pipe = sclient.pipeline(transaction=False)
+    pipe.xadd(stream, w.hello())  # type: ignore[arg-type]
     for i in range(total // 2):
-        pipe.xadd(stream, {b"r": json.dumps(sample_event(i).to_record()).encode()})
+        pipe.xadd(stream, w.fields(sample_event(i)))  # type: ignore[arg-type]
     pipe.execute()
     proc = _start_exporter(cfg)
     try:
@@ -255,8 +295,8 @@ def test_kill_9_mid_write_then_restart(
             time.sleep(0.01)
         # More records arrive while it is busy writing; then kill -9 mid-stream.
         pipe = sclient.pipeline(transaction=False)
-        for i in range(total // 2, total):
-            pipe.xadd(stream, {b"r": json.dumps(sample_event(i).to_record()).encode()})
+        for i in range(total // 2, total - 1):
+            pipe.xadd(stream, w.fields(sample_event(i)))  # type: ignore[arg-type]
         pipe.execute()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
@@ -303,7 +343,11 @@ def blackhole() -> Iterator[int]:
 async def test_durable_raises_within_its_deadline_when_the_sink_hangs(blackhole: int) -> None:
     c = aioredis.Redis(host="127.0.0.1", port=blackhole, socket_timeout=5)
     m = metrics()
-    auditor = Auditor(RedisStreamSink(c, stream_key="s", deadline_ms=100), metrics=m)
+    auditor = Auditor(
+        RedisStreamSink(c, stream_key="s", deadline_ms=100),
+        producer=Producer(RING, "s"),
+        metrics=m,
+    )
     t0 = time.perf_counter()
     with pytest.raises(AuditUnavailable):
         await auditor.durable(sample_event(0))
@@ -318,6 +362,7 @@ async def test_sink_down_durable_refuses_and_buffer_overflow_is_counted(
     m = metrics()
     auditor = Auditor(
         RedisStreamSink(c, stream_key="audit", deadline_ms=200),
+        producer=Producer(RING, "audit"),
         metrics=m,
         buffer_size=20,
         batch_size=5,
@@ -335,13 +380,15 @@ async def test_sink_down_durable_refuses_and_buffer_overflow_is_counted(
         if i % 10 == 0:
             await asyncio.sleep(0.01)  # let the drainer take a batch and fail
     dropped = value(m, "stepup_authz_audit_dropped_total")
-    assert dropped >= 100 - 20 - 5  # at most buffer + one held batch survive
+    assert dropped >= 101 - 20 - 5  # at most buffer + one held batch survive
     kept = auditor.backlog
-    assert kept + dropped == 100
+    # The refused durable record is queued again (stamped: it must land or count as lost).
+    assert kept + dropped == 101
     await asyncio.to_thread(embedded_valkey.start)  # back, same port
     assert await auditor.flush(10)
     await auditor.aclose()
-    assert await c.xlen("audit") == kept  # the first record went with the old server
+    # The first records went with the old server; the stop record ends the sequence.
+    assert await c.xlen("audit") == kept + 1
     assert value(m, "stepup_authz_audit_dropped_total") == dropped
     await c.aclose()
 
@@ -351,7 +398,10 @@ async def test_emit_never_blocks_and_counts_drops_when_full(
 ) -> None:
     m = metrics()
     auditor = Auditor(
-        RedisStreamSink(aclient, stream_key=stream, deadline_ms=100), metrics=m, buffer_size=10
+        RedisStreamSink(aclient, stream_key=stream, deadline_ms=100),
+        producer=Producer(RING, stream),
+        metrics=m,
+        buffer_size=10,
     )
     t0 = time.perf_counter()
     for i in range(25):  # the drainer is not running: the buffer fills
@@ -362,4 +412,4 @@ async def test_emit_never_blocks_and_counts_drops_when_full(
     auditor.start()
     assert await auditor.flush(5)
     await auditor.aclose()
-    assert await aclient.xlen(stream) == 10
+    assert await aclient.xlen(stream) == 12  # the announcement, 10 records, the stop

@@ -11,8 +11,10 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
+from authz.audit.mac import Producer
 from authz.audit.metrics import AuditMetrics
 from authz.audit.sinks import Auditor, RedisStreamSink
+from authz.audit.testing import make_ring
 from authz.check.authorizer import Authorizer
 from authz.config.policy_file import PolicyHolder
 from authz.core.attributes import RequestAttributes
@@ -52,6 +54,7 @@ async def test_allow_needs_a_durable_record(
     client = aioredis.Redis.from_url(embedded_valkey.url)
     auditor = Auditor(
         RedisStreamSink(client, stream_key="audit", deadline_ms=100),
+        producer=Producer(make_ring(), "audit"),
         metrics=AuditMetrics(CollectorRegistry()),
     )
     auditor.start()
@@ -68,7 +71,8 @@ async def test_allow_needs_a_durable_record(
     result = await authz.check(req("/accounts/1"))
     d, did = result.decision, result.decision_id
     assert d.outcome is Outcome.ALLOW
-    ((_, fields),) = await client.xrange("audit")
+    (_, hello), (_, fields) = await client.xrange("audit")
+    assert json.loads(hello[b"r"])["type"] == "audit.producer_started"
     rec = json.loads(fields[b"r"])
     assert (rec["type"], rec["decision_id"], rec["acr"]) == ("access.allowed", did, "mfa")
     embedded_valkey.stop()

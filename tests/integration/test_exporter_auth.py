@@ -9,6 +9,7 @@ of tests/integration/test_encryption.py starts one, Debian's build has TLS)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -27,9 +28,9 @@ from prometheus_client import CollectorRegistry
 from authz.audit.chain import SigningKey
 from authz.audit.config import load_exporter_settings
 from authz.audit.exporter import Exporter, build_exporter, run_exporter
+from authz.audit.mac import MacKeyRing
 from authz.audit.segments import list_segments
-from authz.audit.sinks import STREAM_FIELD
-from authz.audit.testing import sample_event
+from authz.audit.testing import StreamWriter, sample_event
 from authz.audit.verify import verify
 from authz.store.connections import EmbeddedValkey
 from tests.tlsutil import tls_redis_server
@@ -40,12 +41,15 @@ KEY = SigningKey.generate()
 KEYS = {KEY.key_id: KEY.private_key.public_key()}
 PASSWORD = "p@ss:w/rd#1?"  # what a URL would have to quote: never in one here
 STREAM = "stepup:audit"
+MAC_KEY = os.urandom(32)
+RING = MacKeyRing({"t": MAC_KEY}, "t")
 
 
 def write_config(tmp_path: Path, redis_url: str, **extra: Any) -> Path:
     """exporter.yaml beside its files, with relative paths (resolved against its folder)."""
     (tmp_path / "signing.pem").write_bytes(KEY.private_pem())
     (tmp_path / "redis-password").write_text(PASSWORD + "\n")  # stripped on read
+    (tmp_path / "mac.key").write_bytes(MAC_KEY)  # raw bytes: one of the two key formats
     cfg = tmp_path / "exporter.yaml"
     cfg.write_text(
         yaml.safe_dump(
@@ -55,6 +59,7 @@ def write_config(tmp_path: Path, redis_url: str, **extra: Any) -> Path:
                 "archive_dir": "archive",
                 "signing_key_file": "signing.pem",
                 "password_file": "redis-password",
+                "mac_keys": {"t": "mac.key"},
                 "batch_size": 50,
                 "block_ms": 100,
                 "linger_ms": 0,
@@ -66,12 +71,16 @@ def write_config(tmp_path: Path, redis_url: str, **extra: Any) -> Path:
 
 
 def produce(client: redis.Redis, n: int) -> list[str]:
-    ids = []
+    """A new producer's announcement and ``n`` records, MAC'd; their event ids."""
+    w = StreamWriter(RING, STREAM)
+    hello = w.hello()
+    ids = [json.loads(hello[b"r"])["event_id"]]
     pipe = client.pipeline(transaction=False)
+    pipe.xadd(STREAM, hello)  # type: ignore[arg-type]
     for i in range(n):
         ev = sample_event(i)
         ids.append(ev.event_id)
-        pipe.xadd(STREAM, {STREAM_FIELD: json.dumps(ev.to_record()).encode()})
+        pipe.xadd(STREAM, w.fields(ev))  # type: ignore[arg-type]
     pipe.execute()
     return ids
 
@@ -138,7 +147,7 @@ def test_the_exporter_authenticates_with_the_password_file(
     finally:
         ex.client.close()
     r = verify([tmp_path / "archive"], public_keys=KEYS)
-    assert r.ok and r.records == 120, r.error
+    assert r.ok and r.records == 121, r.error  # the announcement, then the 120
     assert archived_ids(tmp_path / "archive") == ids
 
 
@@ -153,7 +162,7 @@ def test_the_server_refuses_the_exporter_without_the_right_password(
     (tmp_path / "wrong").write_text("not-the-password\n")
     with pytest.raises(redis.AuthenticationError):
         export_all(cfg, password_file=tmp_path / "wrong")
-    assert protected.xlen(STREAM) == 3  # nothing was archived, nothing trimmed
+    assert protected.xlen(STREAM) == 4  # nothing was archived, nothing trimmed
 
 
 def test_a_refused_password_ends_the_exporter_process_non_zero(
@@ -224,7 +233,7 @@ def test_the_exporter_process_authenticates_with_the_password_file(
     assert proc.returncode == 0, log_text
     assert "redis unavailable" not in log_text  # never refused (NOAUTH/WRONGPASS retries)
     r = verify([archive], public_keys=KEYS)
-    assert r.ok and r.records == 200 and r.unsigned_tail == 0, r.error
+    assert r.ok and r.records == 201 and r.unsigned_tail == 0, r.error
     assert archived_ids(archive) == ids
 
 
@@ -252,7 +261,7 @@ def test_rediss_with_ca_file_and_password_file(
         ex = export_all(cfg)
         ex.client.close()
         r = verify([tmp_path / "archive"], public_keys=KEYS)
-        assert r.ok and r.records == 60, r.error
+        assert r.ok and r.records == 61, r.error
         assert archived_ids(tmp_path / "archive") == ids
     finally:
         producer.close()

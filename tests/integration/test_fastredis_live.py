@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from envoy.service.auth.v3 import external_auth_pb2
 from redis.exceptions import ResponseError
 
+from authz.audit.testing import dev_mac_settings
 from authz.config.settings import RedisSettings
 from authz.core.session import Evidence, Grant, session_key, user_key
 from authz.errors import StoreError
@@ -318,6 +319,7 @@ async def test_service_uses_it_and_a_revocation_applies_on_the_next_check(
                     "token_typ": "at+jwt",
                 },
                 "stepup": {"public_url": "http://app.test", "cookie_secure": False},
+                "audit": dev_mac_settings(),
             }
         )
         service = await start_service(settings)

@@ -16,6 +16,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz.app import Service, start_service
+from authz.audit.testing import dev_mac_settings
 from authz.config.settings import Settings
 from authz.core.session import UserState
 from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
@@ -82,6 +83,7 @@ async def _service(redis_url: str, redis_prefix: str, **grpc_extra: Any) -> Asyn
                     "algorithms": ["RS256"],
                 },
                 "stepup": {"public_url": "http://app.test", "cookie_secure": False},
+                "audit": dev_mac_settings(),
             }
         )
         service = await start_service(settings)

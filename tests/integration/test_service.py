@@ -23,6 +23,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz.app import Service, start_service
+from authz.audit.testing import dev_mac_settings
 from authz.check.response import METHOD_OVERRIDE_HEADERS
 from authz.config.settings import Settings
 from authz.devidp import ALICE_TOTP_SECRET, DevClient, DevIdpConfig, base_url, bind, running
@@ -66,6 +67,7 @@ async def service_env(redis_url: str, redis_prefix: str, **extra: Any) -> AsyncI
                 },
                 "stepup": {"public_url": PUBLIC, "cookie_secure": False},
                 **extra,
+                "audit": {**dev_mac_settings(), **extra.get("audit", {})},
             }
         )
         service = await start_service(settings)

@@ -588,7 +588,7 @@ async def test_list_and_revoke(api: Api, pki: dict[str, Path], keys: dict[str, P
         other = await api.read(session=session_key(ISS, SUB, "sid-2"))
         assert other.grants == () and other.revoked_before == u.revoked_before
     listed_events = [e.to_record() for e in api.audit.events if e.type is EventType.SESSIONS_LISTED]
-    assert [(r["user"], r["actor"], r["sessions"]) for r in listed_events] == [
+    assert [(r["user"], r["caller"], r["count"]) for r in listed_events] == [
         (f"{ISS}|{SUB}", "helpdesk", 2)
     ]
     revoked = [e.to_record() for e in api.audit.events if e.type is EventType.GRANT_REVOKED]

@@ -22,6 +22,7 @@ import yaml
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from prometheus_client.mmap_dict import MmapedDict
 
+from authz.audit.testing import dev_mac_settings
 from authz.demo.stack import free_ports
 from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
 
@@ -95,6 +96,7 @@ async def tree(tmp_path: Path, redis_url: str, redis_prefix: str) -> AsyncIterat
                     "token_typ": "at+jwt",
                 },
                 "stepup": {"public_url": "http://app.test", "cookie_secure": False},
+                "audit": dev_mac_settings(tmp_path),
             }
         )
     )

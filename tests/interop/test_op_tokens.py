@@ -189,7 +189,8 @@ async def test_rfc9470_api_flow_with_a_jwt_access_token(
     v = TokenVerifier(s, src)
     ident = await v.verify_access_token(mfa.access_token, now())
     assert ident.evidence.acr == "mfa" and ident.evidence.amr == ("pwd", "otp")
-    assert ident.session_id == ident.subject  # no sid in the OP's access tokens: fallback
+    # no sid in the OP's access tokens: the token is its own session (no fallback by default)
+    assert ident.session_id.startswith("token:")
     assert unmet(ident.evidence, ELEVATED, now=now(), leeway=30) is None
     # Without `resource` the same OP hands out an opaque token the JWT verifier refuses
     plain = await b.sign_in(acr_values="mfa")

@@ -14,7 +14,7 @@ from authz.audit.chain import SigningKey
 from authz.audit.cli import main as audit_main
 from authz.audit.export import ExportRefused, Filter, parse_time, select, write_csv
 from authz.audit.segments import list_segments
-from authz.audit.testing import sample_archive, sample_event
+from authz.audit.testing import make_ring, sample_archive, sample_event
 from authz.audit.verify import verify
 
 KEY = SigningKey.generate()
@@ -73,6 +73,71 @@ def test_rotation_by_size_and_age_seals_read_only_segments(tmp_path: Path) -> No
     assert len(s) == 2 and not s[0].stat().st_mode & 0o200
     assert s[1].name.startswith("audit-0000000000000002-")
     assert verify([tmp_path], public_keys=KEYS).ok
+
+
+def test_a_seal_names_the_next_segment_which_exists_before_it(tmp_path: Path) -> None:
+    now = [1_700_000_000.0]
+    w = ArchiveWriter(tmp_path, KEY, max_bytes=1 << 20, max_age_s=60, clock=lambda: now[0])
+    w.open()
+    w.append([("1-0", sample_event(0).to_record())])
+    now[0] += 61
+    assert w.maybe_rotate()
+    old, new = list_segments([tmp_path])
+    seal = json.loads(old.read_bytes().split(b"\n")[-2])
+    assert seal["kind"] == "checkpoint" and seal["next_segment"] == new.name
+    assert new.stat().st_size == 0  # created (empty) before the seal named it
+    w.close()
+    assert verify([tmp_path], public_keys=KEYS).ok
+
+
+def test_recovery_after_a_crash_between_the_seal_and_the_next_segment(tmp_path: Path) -> None:
+    now = [1_700_000_000.0]
+    w = ArchiveWriter(tmp_path, KEY, max_bytes=1 << 20, max_age_s=60, clock=lambda: now[0])
+    w.open()
+    w.append([("1-0", sample_event(0).to_record())])
+    now[0] += 61
+    w.maybe_rotate()
+    w.close()
+    _, new = list_segments([tmp_path])
+    new.unlink()  # as if the process died after the seal, before the file existed
+    assert verify([tmp_path], public_keys=KEYS).error is not None
+    w2 = ArchiveWriter(tmp_path, KEY, clock=lambda: now[0])
+    w2.open()
+    assert new.exists()  # recreated under the name the seal gave it
+    w2.append([("2-0", sample_event(1).to_record())])
+    w2.close()
+    r = verify([tmp_path], public_keys=KEYS)
+    assert r.ok and r.records == 2, r.error
+
+
+def test_recovery_after_a_crash_between_the_next_segment_and_the_seal(tmp_path: Path) -> None:
+    w = ArchiveWriter(tmp_path, KEY, max_bytes=1 << 20)
+    w.open()
+    w.append([("1-0", sample_event(0).to_record())])
+    w.close(seal=False)
+    (tmp_path / "audit-0000000000000002-20991231T000000Z.jsonl").write_bytes(b"")
+    w2 = ArchiveWriter(tmp_path, KEY)
+    w2.open()  # the empty successor of an unsealed segment is removed: writing goes on
+    assert len(list_segments([tmp_path])) == 1
+    w2.append([("2-0", sample_event(1).to_record())])
+    w2.close()
+    r = verify([tmp_path], public_keys=KEYS, require_sealed=True)
+    assert r.ok and r.records == 2, r.error
+
+
+def test_heads_go_to_head_file_and_the_callback(tmp_path: Path) -> None:
+    heads: list[dict[str, object]] = []
+    other = tmp_path / "other-volume"
+    other.mkdir()
+    w = ArchiveWriter(tmp_path / "a", KEY, checkpoint_every=1, head_file=other / "head.json")
+    w.on_checkpoint = lambda cp: heads.append(dict(cp))
+    w.state = lambda: {"p": {"next": 2}}
+    w.open()
+    w.append([("1-0", sample_event(0).to_record())])
+    w.close()
+    assert heads and heads[-1]["producers"] == {"p": {"next": 2}}
+    assert json.loads((other / "head.json").read_text()) == heads[-1]
+    assert json.loads((tmp_path / "a" / "HEAD.json").read_text()) == heads[-1]
 
 
 def test_export_filters_sorts_and_writes_csv(tmp_path: Path) -> None:
@@ -172,7 +237,7 @@ def test_exporter_lingers_only_after_a_partial_batch(read: int, waits: list[floa
     blocked in XREAD; a full batch means a backlog, read on at once."""
     from authz.audit.exporter import Exporter
 
-    ex = Exporter(None, None, stream_key="s", batch_size=500)  # type: ignore[arg-type]
+    ex = Exporter(None, None, stream_key="s", ring=make_ring(), batch_size=500)  # type: ignore[arg-type]
     stop = _Stop()
     ex.linger(read, stop, 100)  # type: ignore[arg-type]
     assert stop.waits == waits

@@ -11,8 +11,12 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
+from authz.audit.mac import Producer
 from authz.audit.metrics import AuditMetrics
 from authz.audit.sinks import Auditor, StdoutSink
+from authz.audit.testing import make_ring
+
+PRODUCER = Producer(make_ring(), "stepup:audit")
 
 
 class StalledStream(io.StringIO):
@@ -46,7 +50,7 @@ def test_the_auditor_counts_what_the_mirror_refused() -> None:
     out = StalledStream()
     sink = StdoutSink(out, queue_size=1)
     m = AuditMetrics(CollectorRegistry())
-    auditor = Auditor(None, metrics=m, mirrors=[sink])  # type: ignore[arg-type]
+    auditor = Auditor(None, producer=PRODUCER, metrics=m, mirrors=[sink])  # type: ignore[arg-type]
     for i in range(5):
         auditor.accepted(f'{{"n":{i}}}'.encode())
         time.sleep(0.02)

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from authz.audit.chain import SigningKey
 from authz.audit.config import ExporterSettings, load_exporter_settings
 from authz.audit.exporter import build_exporter, make_exporter_client
+from authz.audit.testing import write_mac_key
 from authz.errors import ConfigError
 from tests.tlsutil import cert as tls_cert
 from tests.tlsutil import pem
@@ -38,13 +39,15 @@ def files(tmp_path: Path) -> dict[str, Path]:
     pw.write_text(f"  {PASSWORD}\n")  # as a Secret mount or `echo` leaves it: stripped
     ca = tmp_path / "secrets" / "ca.crt"
     ca.write_bytes(_ca_pem())
-    return {"signing_key_file": key, "password_file": pw, "ca_file": ca}
+    mac = write_mac_key(tmp_path / "secrets" / "audit-mac.key")
+    return {"signing_key_file": key, "password_file": pw, "ca_file": ca, "mac_key": mac}
 
 
 def settings(tmp_path: Path, **kw: Any) -> ExporterSettings:
     doc: dict[str, Any] = {
         "archive_dir": tmp_path / "archive",
         "signing_key_file": tmp_path / "secrets" / "audit-signing.pem",
+        "mac_keys": {"k1": tmp_path / "secrets" / "audit-mac.key"},
     }
     return ExporterSettings.model_validate(doc | kw)
 
@@ -65,7 +68,7 @@ def test_defaults_are_none(tmp_path: Path) -> None:
     s = settings(tmp_path)
     assert (s.password_file, s.ca_file) == (None, None)
     path = tmp_path / "exporter.yaml"
-    path.write_text("archive_dir: archive\nsigning_key_file: key.pem\n")
+    path.write_text("archive_dir: archive\nsigning_key_file: key.pem\nmac_keys: {k1: mac.key}\n")
     s = load_exporter_settings(path)
     assert (s.password_file, s.ca_file) == (None, None)
 
@@ -79,6 +82,7 @@ def test_relative_paths_resolve_against_the_settings_folder(tmp_path: Path) -> N
             {
                 "archive_dir": "archive",
                 "signing_key_file": "secrets/audit-signing.pem",
+                "mac_keys": {"k1": "secrets/audit-mac.key"},
                 "password_file": "secrets/redis-password",
                 "ca_file": "../ca/ca.crt",
             }
@@ -98,6 +102,7 @@ def test_absolute_paths_are_kept(tmp_path: Path) -> None:
             {
                 "archive_dir": "/var/lib/a",
                 "signing_key_file": "/etc/k.pem",
+                "mac_keys": {"k1": "/etc/m.key"},
                 "password_file": "/etc/stepup-authz/secrets/redis-auth/password",
                 "ca_file": "/etc/stepup-authz/secrets/redis-tls/ca.crt",
             }
@@ -110,7 +115,7 @@ def test_absolute_paths_are_kept(tmp_path: Path) -> None:
 
 def test_unknown_keys_are_still_refused(tmp_path: Path) -> None:
     path = tmp_path / "exporter.yaml"
-    path.write_text("archive_dir: a\nsigning_key_file: k\npassword: hunter2\n")
+    path.write_text("archive_dir: a\nsigning_key_file: k\nmac_keys: {k1: m}\npassword: hunter2\n")
     with pytest.raises(ConfigError, match="password"):
         load_exporter_settings(path)
 
@@ -128,6 +133,7 @@ def test_password_from_the_file_reaches_the_client(tmp_path: Path, files: dict[s
                 "redis_url": "redis://redis.internal:6379/2",
                 "archive_dir": "archive",
                 "signing_key_file": "secrets/audit-signing.pem",
+                "mac_keys": {"k1": "secrets/audit-mac.key"},
                 "password_file": "secrets/redis-password",
                 "block_ms": 2000,
             }
@@ -258,6 +264,7 @@ def test_the_cli_reports_a_config_error_and_exits_1(tmp_path: Path, files: dict[
                 "redis_url": "redis://127.0.0.1:1",
                 "archive_dir": "archive",
                 "signing_key_file": "secrets/audit-signing.pem",
+                "mac_keys": {"k1": "secrets/audit-mac.key"},
                 "password_file": "missing-password",
             }
         )

@@ -136,7 +136,7 @@ async def test_revocations() -> None:
     assert (s.revoked_before, s.grants) == (now + 1, ())
     await store.write_grant(UK, SK2, grant("high", now + 2, 60), now + 2)
     assert [g.level for g in (await read(store, now, session=SK2)).grants] == ["high"]
-    clock.t += StoreLimits().session_ttl_s
+    clock.t += StoreLimits().revocation_ttl_s
     s = await read(store, now)
     assert (s.session_revoked, s.revoked_before) == (False, None)
 

@@ -78,6 +78,13 @@ each is a *_file pointing at a mounted Secret.
 {{- if .Values.audit.redisUrl }}
 {{- $_ := set $audit "redis_url" .Values.audit.redisUrl -}}
 {{- end }}
+{{- $_ := set $audit "mac_keys" (include "stepup-authz.audit.macKeyFiles" . | fromYaml) -}}
+{{- $_ := set $audit "mac_active_kid" (include "stepup-authz.audit.activeKid" .) -}}
+{{- if .Values.audit.acl.enabled }}
+{{- $_ := include "stepup-authz.audit.acl" . -}}
+{{- $_ := set $audit "username" .Values.audit.acl.serviceUser -}}
+{{- $_ := set $audit "password_file" (printf "/etc/stepup-authz/secrets/audit-redis-auth/%s" .Values.audit.acl.servicePassword.key) -}}
+{{- end }}
 {{- $settings := dict
   "policy_file" "/etc/stepup-authz/policy/policy.yaml"
   "policy_poll_s" .Values.policy.pollSeconds
@@ -155,8 +162,13 @@ the URL: the settings name the mounted files (password_file, ca_file), as the se
   "metrics_port" (int64 $x.metricsPort)
   "metrics_host" "0.0.0.0"
 -}}
+{{- $_ := set $settings "mac_keys" (include "stepup-authz.audit.macKeyFiles" . | fromYaml) -}}
+{{- if .Values.audit.acl.enabled }}
+{{- $_ := include "stepup-authz.audit.acl" . -}}
+{{- $_ := set $settings "username" .Values.audit.acl.exporterUser -}}
+{{- $_ := set $settings "password_file" (printf "/etc/stepup-authz/secrets/audit-redis-auth/%s" .Values.audit.acl.exporterPassword.key) -}}
 {{- /* The same Secrets and mount paths as the service (stepup-authz.settings). */}}
-{{- if .Values.redis.auth.existingSecret }}
+{{- else if .Values.redis.auth.existingSecret }}
 {{- $_ := set $settings "password_file" (printf "/etc/stepup-authz/secrets/redis-auth/%s" .Values.redis.auth.key) -}}
 {{- end }}
 {{- if .Values.redis.tls.existingSecret }}
@@ -179,4 +191,75 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: stepup-authz
+{{- end }}
+
+{{/* ---- The audit trail's keys and its Redis's ACL users (docs/audit.md) ------------- */}}
+
+{{/* kid -> mounted key file, for the service's audit.mac_keys and the exporter's. */}}
+{{- define "stepup-authz.audit.macKeyFiles" -}}
+{{- $m := .Values.audit.macKeys -}}
+{{- $_ := required "audit.macKeys.existingSecret is required: a Secret of MAC keys (stepup-authz audit keygen --mac KID), mounted into the service and the exporter" $m.existingSecret -}}
+{{- range $m.keyIds }}
+{{ . }}: /etc/stepup-authz/secrets/audit-mac/{{ . }}
+{{- end }}
+{{- end }}
+
+{{- define "stepup-authz.audit.activeKid" -}}
+{{- $m := .Values.audit.macKeys -}}
+{{- if not (has $m.activeKeyId $m.keyIds) }}
+{{- fail (printf "audit.macKeys.activeKeyId %q is not one of audit.macKeys.keyIds" $m.activeKeyId) }}
+{{- end }}
+{{- $m.activeKeyId }}
+{{- end }}
+
+{{/* With audit.acl.enabled: a separate audit Redis and both users' password Secrets. */}}
+{{- define "stepup-authz.audit.acl" -}}
+{{- $a := .Values.audit.acl -}}
+{{- $_ := required "audit.acl.enabled needs audit.redisUrl: the ACL users live in a Redis of the audit stream alone" .Values.audit.redisUrl -}}
+{{- $_ := required "audit.acl.enabled needs audit.acl.servicePassword.existingSecret" $a.servicePassword.existingSecret -}}
+{{- $_ := required "audit.acl.enabled needs audit.acl.exporterPassword.existingSecret" $a.exporterPassword.existingSecret -}}
+ok: true
+{{- end }}
+
+{{/*
+ACL SETUSER arguments, one per line (docs/audit.md loads them with the password appended).
+The service's user: XADD to the stream and nothing else (PING, WAIT for replicas, the
+connection's own SELECT / CLIENT SETNAME / SETINFO / HELLO). The exporter's: read and trim
+the stream; XADD only to <streamKey>:head (a selector), so it cannot add records either.
+*/}}
+{{- define "stepup-authz.audit.serviceAcl" -}}
+{{ .Values.audit.acl.serviceUser }}
+reset
+on
+resetchannels
+~{{ .Values.audit.streamKey }}
+-@all
++xadd
++ping
++wait
++select
++client|setname
++client|setinfo
++hello
+{{- end }}
+
+{{- define "stepup-authz.audit.exporterAcl" -}}
+{{ .Values.audit.acl.exporterUser }}
+reset
+on
+resetchannels
+~{{ .Values.audit.streamKey }}
+-@all
++xread
++xrange
++xrevrange
++xlen
++xinfo|stream
++xtrim
++ping
++select
++client|setname
++client|setinfo
++hello
+(~{{ .Values.audit.streamKey }}:head +xadd)
 {{- end }}
