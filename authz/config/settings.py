@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from authz.audit.config import AuditSettings
 from authz.config.yamlfile import load_yaml
 from authz.errors import ConfigError
+from authz.stepup.passkeys.settings import PasskeySettings
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -321,6 +322,7 @@ class Settings(BaseModel):
     crypto: CryptoSettings = CryptoSettings()
     log: LogSettings = LogSettings()
     audit: AuditSettings = AuditSettings()
+    passkeys: PasskeySettings = PasskeySettings()
 
 
 _ENV_MAP: dict[str, tuple[str, ...]] = {
@@ -392,6 +394,12 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
     if assertion is not None and (p := fix(assertion.jwks_file)) is not None:
         updates["devices"] = s.devices.model_copy(
             update={"assertion": assertion.model_copy(update={"jwks_file": p})}
+        )
+    mds = s.passkeys.mds
+    mds_paths = {n: q for n in ("blob_file", "root_cert_file") if (q := fix(getattr(mds, n)))}
+    if mds_paths:
+        updates["passkeys"] = s.passkeys.model_copy(
+            update={"mds": mds.model_copy(update=mds_paths)}
         )
     if s.crypto.keys:
         keys = {kid: fix(p) or p for kid, p in s.crypto.keys.items()}
