@@ -131,10 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     from authz.admin.cli import add_sessions_parser
     from authz.audit.cli import add_audit_parser
     from authz.render import add_render_parser
+    from authz.stepup.passkeys.cli import add_passkeys_parser
 
     add_audit_parser(sub)
     add_render_parser(sub)
     add_sessions_parser(sub)
+    add_passkeys_parser(sub)
     return p
 
 

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from authz.core.session import Evidence, Grant
 from authz.errors import StoreError
@@ -293,9 +293,7 @@ class RedisCredentialStore:
         async def run() -> Any:
             try:
                 return await self._client.evalsha(script.sha, len(keys), *keys, *args)
-            except RedisError as exc:
-                if "NOSCRIPT" not in str(exc):
-                    raise
+            except NoScriptError:  # a restarted or flushed server: send the text once
                 return await self._client.eval(script.text, len(keys), *keys, *args)
 
         return await self._call(what, run())
