@@ -283,16 +283,16 @@ async def test_a_key_enrolled_during_a_stepup_cannot_complete_it(
     async with passkey_stack(tmp_path, redis_url, redis_prefix) as stack:
         b = await _session(browser, stack)
         await b.open_stepup("high")  # the step-up begins (no key yet: the page still renders)
-        stepup = b.page.url
+        stepup = b.page.url  # it carries when the step-up began (st)
+        assert "st=" in stepup
         stack.clock.advance(10)
-        second = await b.context.new_page()
-        b.page, first = second, b.page
-        await b.enrol()  # same browser, another tab, during the step-up
-        b.page = first
+        await b.enrol()  # "add a key" from the step-up page, during the step-up
         stack.clock.advance(10)
+        await b.page.goto(stepup)  # back to the same step-up
         text = await b.confirm()
         assert "added during this step-up" in text
         assert b.last_reply()["reason"] == "enrolled-during-stepup"
+        assert b.last_reply()["rule"] == "enrolment.same_stepup"
         assert await _grants(stack, "high") == []
         # Reloading the same step-up does not reset it ...
         await b.page.goto(stepup)

@@ -5,7 +5,7 @@ Three record types (the ``type`` of the audit record):
 =====================  ========================================================  =========
 type                   details                                                   outcome
 =====================  ========================================================  =========
-``passkey.ceremony``   kind (register / authenticate), credential_id, rule,      started,
+``passkey.ceremony``   ceremony (register / authenticate), credential_id, rule,     started,
                        clone_suspected                                           success,
                                                                                  refused
 ``passkey.enrolled``   the whole public credential: credential_id, public_key,   success
@@ -71,7 +71,7 @@ def ceremony(
     route: str | None = None,
     device: str | None = None,
 ) -> PasskeyRecord:
-    details: dict[str, Scalar] = {"kind": kind}
+    details: dict[str, Scalar] = {"ceremony": kind}
     if credential is not None:
         details["credential_id"] = credential.id_b64
         details["aaguid"] = credential.aaguid
