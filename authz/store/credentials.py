@@ -29,6 +29,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -53,7 +54,13 @@ def b64u(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
+_B64U = re.compile(r"^[A-Za-z0-9_-]*$")
+
+
 def unb64u(text: str) -> bytes:
+    """Strict base64url without padding; ValueError on any other character."""
+    if not _B64U.match(text) or len(text) % 4 == 1:
+        raise ValueError("not base64url")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 

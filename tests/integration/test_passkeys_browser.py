@@ -76,8 +76,9 @@ class Browser:
             "(document.getElementById('status') || {}).className === 'error'"
         )
         if "added=1" not in self.page.url:
-            raise AssertionError(f"enrolment failed: {await self.page.inner_text('#status')}"
-                                 f" {self.replies[-1:]}")
+            raise AssertionError(
+                f"enrolment failed: {await self.page.inner_text('#status')} {self.replies[-1:]}"
+            )
 
     async def open_stepup(self, level: str, **kw: Any) -> None:
         await self.page.goto(self.stack.stepup_url(level, **kw))
@@ -238,7 +239,6 @@ async def test_a_synced_passkey_is_refused_on_a_device_bound_level(
         assert cred.backup_eligible and not cred.device_bound
         stack.clock.advance(60)
         await b.open_stepup("high")
-        await b.page.screenshot(path=str(IMG / "passkey-refused.png"))
         text = await b.confirm()
         await b.page.screenshot(path=str(IMG / "passkey-refused.png"))
         assert "synced passkey is not accepted" in text
