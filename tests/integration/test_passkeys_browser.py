@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 from playwright.async_api import BrowserContext, CDPSession, Page, Route
 
+from authz.core.grants import Proof, Target, grant_for
+from authz.core.session import Evidence
 from authz.core.transactions import TransactionRequest
 from tests.browser import chromium
 from tests.passkeys.harness import CHROMIUM_AAGUID, ISS, Stack, passkey_stack
@@ -432,3 +434,21 @@ async def test_enrolment_needs_a_fresh_stepup(
         )
         assert resp.status == 403
         assert (await resp.json())["reason"] == "enrolment-not-allowed"
+        # An IdP step-up to elevated completes (the callback records a grant through the one
+        # grant rule): enrolment opens for enrol_window_s.
+        now = int(stack.clock())
+        level = stack.routes._policy.by_name["elevated"]
+        grant = grant_for(
+            level,
+            Target(ISS, "alice"),
+            Proof(ISS, "alice", Evidence("mfa", ("pwd", "otp"), now), challenged_at=now),
+            now=now,
+            leeway=0,
+            default_ttl_s=900,
+        )
+        await stack.sessions.write_grant(stack.uk, stack.sk, grant, now)
+        await b.enrol("After IdP step-up")
+        stack.clock.advance(stack.settings.passkeys.enrol_window_s + 1)
+        await b.page.goto(f"{stack.url}/_stepup/passkey/keys")
+        assert "first confirm your sign-in" in await b.page.inner_text("main")
+        assert await b.page.query_selector("button.remove") is None
