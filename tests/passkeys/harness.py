@@ -35,7 +35,7 @@ from authz.core.session import session_key, user_key
 from authz.ops.metrics import Metrics
 from authz.stepup.link import ContextSigner
 from authz.stepup.passkeys.attestation import Mds
-from authz.stepup.passkeys.handlers import AuditorBridge, PasskeyRoutes, add_routes
+from authz.stepup.passkeys.handlers import PasskeyRoutes, add_routes, build_passkey_routes
 from authz.stepup.passkeys.links import LinkSigner
 from authz.store.credentials import RedisCredentialStore
 from authz.store.crypto import cipher_from_settings
@@ -160,7 +160,7 @@ def settings_for(
     key_file.write_bytes(base64.b64encode(os.urandom(32)))
     doc = {
         "policy_file": str(policy_file),
-        "redis": {"url": redis_url, "key_prefix": prefix},
+        "redis": {"url": redis_url, "key_prefix": prefix, "deadline_ms": 2000},
         "oidc": {"issuer": ISS, "client_id": "stepup-authz", "audience": AUD},
         "stepup": {"public_url": f"http://localhost:{port}", "cookie_secure": False},
         "crypto": {"keys": {"k1": str(key_file)}, "active_kid": "k1"},
@@ -205,9 +205,7 @@ async def passkey_stack(
     client = aioredis.Redis.from_url(redis_url)
     cipher = cipher_from_settings(settings.crypto)
     sessions = RedisSessionStore(client, prefix=prefix, deadline_ms=2000, cipher=cipher)
-    creds = RedisCredentialStore(client, prefix=prefix, deadline_ms=2000, cipher=cipher)
     metrics = Metrics(CollectorRegistry())
-    links = LinkSigner(b"k" * 32)
     signer = ContextSigner(b"c" * 32, max_age_s=300)
     auditor = None
     stream = None
@@ -218,19 +216,22 @@ async def passkey_stack(
             metrics=AuditMetrics(CollectorRegistry()),
         )
         auditor.start()
-    routes = PasskeyRoutes(
-        settings=settings,
+    # The service's own factory: the same parts app.py will hand it.
+    routes = build_passkey_routes(
+        settings,
         policy=PolicyHolder(policy_file),
         tokens=tokens,
-        credentials=creds,
-        grants=sessions,
+        client=client,
+        sessions=sessions,
         metrics=metrics,
-        links=links,
+        auditor=auditor,
         signer=signer,
-        mds=mds,
-        audit=AuditorBridge(auditor) if auditor is not None else None,
         clock=clock,
     )
+    if mds is not None:
+        routes.mds = mds
+    creds = routes.store
+    links = routes.links
     app = web.Application(client_max_size=64 * 1024)
     add_routes(app, routes)
     app.router.add_get("/done", _done)

@@ -45,6 +45,7 @@ from webauthn.helpers.validate_certificate_chain import validate_certificate_cha
 from authz.core.policy import AuthenticatorPolicy
 from authz.core.reasons import Reason
 from authz.errors import ConfigError
+from authz.stepup.passkeys.settings import MdsSettings
 
 log = logging.getLogger("authz.passkeys")
 
@@ -244,3 +245,11 @@ def check(policy: AuthenticatorPolicy | None, auth: Authenticator) -> None:
             for r in rules
         ),
     )
+
+
+def mds_from_settings(settings: MdsSettings) -> Mds | None:
+    """The configured metadata: a verified BLOB file, else the bundled statements (unless
+    ``bundled: false``), else none (then ``mds: true`` levels accept nothing certified)."""
+    if settings.blob_file is not None:
+        return Mds.from_files(settings.blob_file, settings.root_cert_file)
+    return Mds.bundled() if settings.bundled else None

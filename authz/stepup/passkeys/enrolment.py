@@ -240,7 +240,7 @@ class EnrolmentHandlers(PasskeyBase):
                 raise Refusal(409, Reason.TOO_MANY_CREDENTIALS, "remove a key first")
         except Refusal as exc:
             return self._refusal_json(exc, kind=kind, level=None, who=who)
-        self._count(kind, "success", None)
+        self._count(kind, Reason.SUCCESS, None)
         self.metrics.passkey_credentials.labels(op="enrolled").inc()
         log.info("passkey enrolled", extra={"decision_id": decision_id, "aaguid": cred.aaguid})
         resp = self._json({"ok": True, "credential_id": cred.id_b64, "decision_id": decision_id})
@@ -317,6 +317,6 @@ class EnrolmentHandlers(PasskeyBase):
                 raise Refusal(503, Reason.STORE_ERROR) from exc
         except Refusal as exc:
             return self._refusal_json(exc, kind=kind, level=None, who=who)
-        self._count(kind, "success", None)
+        self._count(kind, Reason.SUCCESS, None)
         self.metrics.passkey_credentials.labels(op="removed").inc()
         return self._json({"ok": True, "decision_id": decision_id})

@@ -22,17 +22,35 @@ cross-site form cannot send them). Every failure is a deny with a reason slug, a
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
+from authz.audit.sinks import Auditor
+from authz.config.settings import Settings
 from authz.errors import StoreError
+from authz.ops.metrics import Metrics
+from authz.stepup.link import ContextSigner
 from authz.stepup.passkeys import pages
-from authz.stepup.passkeys.base import AuditorBridge, PasskeyAudit, Refusal, relying_party
+from authz.stepup.passkeys.attestation import mds_from_settings
+from authz.stepup.passkeys.base import (
+    AuditorBridge,
+    PasskeyAudit,
+    PolicySource,
+    Refusal,
+    Tokens,
+    relying_party,
+)
 from authz.stepup.passkeys.enrolment import EnrolmentHandlers
+from authz.stepup.passkeys.links import LinkSigner
 from authz.stepup.passkeys.stepup import StepupHandlers
 from authz.store.credentials import (
     Durability,
+    RedisCredentialStore,
 )
+from authz.store.sessions import RedisSessionStore
 
 __all__ = [
     "AuditorBridge",
@@ -40,6 +58,7 @@ __all__ = [
     "PasskeyRoutes",
     "Refusal",
     "add_routes",
+    "build_passkey_routes",
     "relying_party",
 ]
 
@@ -95,6 +114,44 @@ class PasskeyRoutes(StepupHandlers, EnrolmentHandlers):
             content_type=types[name],
             headers={"Cache-Control": "max-age=300", "X-Content-Type-Options": "nosniff"},
         )
+
+
+def build_passkey_routes(
+    settings: Settings,
+    *,
+    policy: PolicySource,
+    tokens: Tokens,
+    client: Any,
+    sessions: RedisSessionStore,
+    metrics: Metrics,
+    auditor: Auditor | None = None,
+    signer: ContextSigner | None = None,
+    clock: Callable[[], float] = time.time,
+) -> PasskeyRoutes:
+    """Everything the passkey endpoints need, from the service's own parts: the Redis
+    client and keyring of the session store, its grant writer, the step-up link signer and
+    the auditor. Raises ConfigError for an MDS BLOB that does not verify."""
+    store = RedisCredentialStore(
+        client,
+        prefix=settings.redis.key_prefix,
+        deadline_ms=settings.redis.deadline_ms,
+        cipher=sessions.cipher,
+        max_credentials=settings.passkeys.max_credentials,
+        on_corrupt=metrics.corrupt_grants.inc,
+    )
+    return PasskeyRoutes(
+        settings=settings,
+        policy=policy,
+        tokens=tokens,
+        credentials=store,
+        grants=sessions,
+        metrics=metrics,
+        links=LinkSigner.from_file(settings.stepup.context_key_file),
+        signer=signer,
+        mds=mds_from_settings(settings.passkeys.mds),
+        audit=AuditorBridge(auditor) if auditor is not None else None,
+        clock=clock,
+    )
 
 
 def add_routes(app: web.Application, routes: PasskeyRoutes) -> None:

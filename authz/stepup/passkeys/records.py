@@ -32,6 +32,7 @@ from types import MappingProxyType
 from typing import Any, cast
 
 from authz.audit.events import AuditEvent, EventType, Scalar
+from authz.core.reasons import Reason
 from authz.store.credentials import Credential, b64u, unb64u
 
 CEREMONY = "passkey.ceremony"
@@ -118,7 +119,7 @@ def enrolled(
     }
     return PasskeyRecord(
         type=ENROLLED,
-        outcome="success",
+        outcome=Reason.SUCCESS,
         user=f"{cred.issuer}|{cred.subject}",
         session=session,
         level=cred.enrolled_level,
@@ -141,7 +142,7 @@ def removed(
     }
     return PasskeyRecord(
         type=REMOVED,
-        outcome="success",
+        outcome=Reason.SUCCESS,
         user=f"{cred.issuer}|{cred.subject}",
         session=session,
         decision_id=decision_id,
@@ -225,7 +226,7 @@ def replay(records: Iterable[Mapping[str, Any]]) -> Replay:
     out = Replay()
     for rec in records:
         kind = rec.get("type")
-        if kind == ENROLLED and rec.get("outcome") == "success":
+        if kind == ENROLLED and rec.get("outcome") == Reason.SUCCESS:
             try:
                 cred = credential_from_record(rec)
             except ValueError:
@@ -233,7 +234,7 @@ def replay(records: Iterable[Mapping[str, Any]]) -> Replay:
                 continue
             live[(cred.issuer, cred.subject, cred.credential_id)] = cred
             out.enrolments += 1
-        elif kind == REMOVED and rec.get("outcome") == "success":
+        elif kind == REMOVED and rec.get("outcome") == Reason.SUCCESS:
             try:
                 cid = unb64u(str(rec.get("credential_id")))
             except ValueError:

@@ -275,7 +275,7 @@ class StepupHandlers(PasskeyBase):
                     await self.audit.durable(
                         records.ceremony(
                             kind=kind,
-                            outcome="success",
+                            outcome=Reason.SUCCESS,
                             user=who.identity.user,
                             session=who.sk,
                             level=level.name,
@@ -300,8 +300,10 @@ class StepupHandlers(PasskeyBase):
                 raise Refusal(503, Reason.STORE_ERROR) from exc
         except Refusal as exc:
             return self._refusal_json(exc, kind=kind, level=level_name, who=who, cred=cred)
-        self._count(kind, "success", level.name)
-        self.metrics.completions.labels(level=level.name, result="success", factor="passkey").inc()
+        self._count(kind, Reason.SUCCESS, level.name)
+        self.metrics.completions.labels(
+            level=level.name, result=Reason.SUCCESS, factor="passkey"
+        ).inc()
         log.info(
             "passkey step-up granted",
             extra={
