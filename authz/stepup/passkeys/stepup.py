@@ -50,7 +50,7 @@ class StepupHandlers(PasskeyBase):
             return self._login(request.path_qs)
         ctx, tx_token = q.get("ctx", ""), q.get("tx", "")
         try:
-            device, ip = self._context(level, ctx, now)
+            self._context(level, ctx, now)  # checked here; bound into the grant at verify
             tx = self._transaction(level, tx_token, now)
         except Refusal as exc:
             return self._error_page(
@@ -81,11 +81,10 @@ class StepupHandlers(PasskeyBase):
                 return web.Response(
                     status=303, headers={"Location": keys_url, "Cache-Control": "no-store"}
                 )
-        _ = device, ip  # bound into the grant at verification, from the same signed ctx
         view = pages.StepupView(
             level_label=level.label,
             route_label=self._why(level, rd, tx),
-            return_to=rd if tx is None else landing if rd == landing else rd,
+            return_to=rd,
             fallback_url=fallback,
             keys_url=keys_url,
             action=(tx.method, tx.host, tx.path_and_query) if tx is not None else None,
