@@ -4,13 +4,15 @@ app on loopback over real Redis (``tests/passkeys/harness.py``).
 
 Each test starts from the attacker's (or the unlucky user's) story and checks the limit
 holds: the refusal names the rule, and no grant is written. Time is the harness's Clock.
-Screenshots of the pages go to docs/img/ (the docs show exactly what these tests saw).
+Screenshots of the pages: ``STEPUP_SCREENSHOTS=docs/img`` (the docs show what these tests saw).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,9 @@ from tests.passkeys.harness import CHROMIUM_AAGUID, ISS, Stack, passkey_stack
 
 pytestmark = pytest.mark.integration
 
-IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
+# Screenshots land where STEPUP_SCREENSHOTS says (docs/img to refresh the docs), else in a
+# scratch folder: a test run does not rewrite tracked files.
+IMG = Path(os.environ.get("STEPUP_SCREENSHOTS") or tempfile.mkdtemp(prefix="passkey-shots-"))
 HARDWARE_KEY = {
     "protocol": "ctap2",
     "ctap2Version": "ctap2_1",

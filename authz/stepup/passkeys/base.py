@@ -44,7 +44,7 @@ MAX_BODY = 64 * 1024
 NAME_MAX = 64
 
 # What a user reads for a refusal (the slug, rule and decision id go with it).
-_MESSAGES: Mapping[str, str] = {
+MESSAGES: Mapping[str, str] = {
     Reason.NO_CREDENTIAL: "You have no security key that this page accepts.",
     Reason.CREDENTIAL_UNKNOWN: "That security key is not registered to you.",
     Reason.USER_VERIFICATION_REQUIRED: "This page needs your key's PIN or fingerprint, "
@@ -61,7 +61,8 @@ _MESSAGES: Mapping[str, str] = {
     Reason.STATE_MISMATCH: "This attempt belongs to another sign-in. Try again.",
     Reason.ORIGIN_NOT_ALLOWED: "The request did not come from this site.",
     Reason.ORIGIN_MISSING: "The request did not come from this site.",
-    Reason.TRANSACTION_INVALID: "The request to approve could not be read. Go back and try again.",
+    Reason.TRANSACTION_INVALID: "The details of the request to approve could not be "
+    "verified. Go back to the page and submit it again.",
     Reason.CREDENTIAL_EXISTS: "This security key is already registered.",
     Reason.TOO_MANY_CREDENTIALS: "You have registered the most keys allowed. Remove one first.",
     Reason.ENROLMENT_DURABILITY: "Adding keys is paused: the key store is not durable. "
@@ -284,7 +285,7 @@ class PasskeyBase:
                 "stepup_level": level,
             },
         )
-        message = _MESSAGES.get(exc.reason) or exc.detail or "The request was refused."
+        message = MESSAGES.get(exc.reason) or exc.detail or "The request was refused."
         return self._json(
             {
                 "error": message,

@@ -22,7 +22,7 @@ from authz.errors import StoreError
 from authz.stepup.endpoints import safe_return_path
 from authz.stepup.passkeys import ceremonies, pages, records, rules
 from authz.stepup.passkeys.attestation import PasskeyRefused
-from authz.stepup.passkeys.base import PasskeyBase, Refusal
+from authz.stepup.passkeys.base import MESSAGES, PasskeyBase, Refusal
 from authz.store.credentials import (
     TransactionGrant,
     b64u,
@@ -53,9 +53,8 @@ class StepupHandlers(PasskeyBase):
             self._context(level, ctx, now)  # checked here; bound into the grant at verify
             tx = self._transaction(level, tx_token, now)
         except Refusal as exc:
-            return self._error_page(
-                400, "This step-up link cannot be used", exc.detail or "It expired.", rd
-            )
+            detail = MESSAGES.get(exc.reason) or "It has expired. Go back and try again."
+            return self._error_page(400, "This step-up link cannot be used", detail, rd)
         try:
             started = self._started(level, who, q.get("st"), now)
         except Refusal:
