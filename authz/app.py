@@ -18,7 +18,8 @@ from aiohttp import web
 from authz.admin.api import SERVICE_NAME as SESSIONS_SERVICE
 from authz.admin.api import SessionsServicer
 from authz.admin.api import add_to_server as add_sessions_api
-from authz.admin.auth import CallerAuth
+from authz.admin.auth import Callers
+from authz.admin.proofs import ProofVerifier
 from authz.audit.mapping import policy_reload
 from authz.audit.metrics import AuditMetrics
 from authz.audit.sinks import Auditor, MirrorSink, RedisStreamSink, StdoutSink
@@ -28,11 +29,13 @@ from authz.check.geoip import GeoIP
 from authz.check.grpc_server import AuthorizationServicer, GrpcServer
 from authz.check.http_server import HttpAuthzServer, maybe_start
 from authz.check.redirects import Redirects
-from authz.check.response import ResponseBuilder
+from authz.check.response import HttpResponseBuilder, ResponseBuilder
 from authz.check.tokens import TokenVerifier, key_source_from_settings
 from authz.config.policy_file import LoadedPolicy, PolicyHolder
 from authz.config.settings import OidcSettings, Settings
 from authz.core.policy import Policy
+from authz.evidence.monitor import CoverageMonitor
+from authz.ops.health import Health
 from authz.ops.metrics import Metrics
 from authz.stepup.endpoints import StepupApp
 from authz.stepup.link import ContextSigner
@@ -55,15 +58,21 @@ class Service:
     authorizer: Authorizer
     grpc: GrpcServer
     stepup: StepupApp
+    health: Health
     http_runner: web.AppRunner
     http_port: int
     http_authz: HttpAuthzServer | None = None
+    api: GrpcServer | None = None
     _closers: list[object] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
     def grpc_port(self) -> int:
         return int(self.grpc.port)
+
+    @property
+    def api_port(self) -> int | None:
+        return int(self.api.port) if self.api is not None else None
 
     async def _watch_policy(self) -> None:
         while True:
@@ -72,12 +81,14 @@ class Service:
                 self.policy.reload()
 
     async def stop(self) -> None:
-        self.stepup.ready = False  # /readyz fails first so load balancers drain us
+        self.health.accepting = False  # /readyz fails first so load balancers drain us
         for task in self._tasks:
             task.cancel()
         await self.authorizer.drain()
         if self.http_authz is not None:
             await self.http_authz.stop(self.settings.http_authz.shutdown_grace_s)
+        if self.api is not None:
+            await self.api.stop()
         await self.grpc.stop()
         await self.http_runner.cleanup()
         await _close_all(self._closers)
@@ -108,6 +119,47 @@ async def _device_resolver(
         assertions=TokenVerifier(oidc_like, keys),
         assertion_audience=a.audience,
     )
+
+
+async def _sessions_api(
+    settings: Settings,
+    store: RedisSessionStore,
+    policy: PolicyHolder,
+    auditor: Auditor | None,
+    closers: list[object],
+) -> GrpcServer | None:
+    """The Sessions API on its own listener (``api.port``), or None when it is off."""
+    api = settings.api
+    if not api.enabled:
+        return None
+    proofs: dict[str, ProofVerifier] = {}
+    for caller in api.callers:
+        if caller.proof is not None:
+            verifier = ProofVerifier(caller, api, leeway_s=settings.oidc.leeway_s)
+            await verifier.start()
+            closers.append(verifier)
+            proofs[caller.name] = verifier
+    servicer = SessionsServicer(
+        store,
+        levels=lambda name: policy.current.policy.by_name.get(name),
+        callers=Callers.from_settings(api.callers),
+        proofs=proofs,
+        idp_issuers=frozenset({settings.oidc.issuer}),
+        audit=auditor.durable if auditor is not None else None,
+        leeway=settings.oidc.leeway_s,
+        default_grant_ttl_s=settings.stepup.default_grant_ttl_s,
+    )
+    server = GrpcServer(
+        host=api.host,
+        port=api.port,
+        services=[(SESSIONS_SERVICE, lambda s: add_sessions_api(servicer, s))],
+        tls=api.tls,
+        reflection_on=api.reflection,
+        shutdown_delay_s=settings.grpc.shutdown_delay_s,
+        shutdown_grace_s=settings.grpc.shutdown_grace_s,
+    )
+    log.info("Sessions API listening", extra={"address": f"{api.host}:{server.port}"})
+    return server
 
 
 def _uses_countries(policy: Policy) -> bool:
@@ -275,25 +327,15 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
         )
         redirects = Redirects(settings.stepup.path_prefix, signer)
         responses = ResponseBuilder(error_status=settings.stepup.error_status, redirects=redirects)
-        extra = []
-        if settings.api.enabled:
-            sessions_api = SessionsServicer(
-                store,
-                levels=lambda name: policy.current.policy.by_name.get(name),
-                auth=CallerAuth.from_files(
-                    allowed_peers=settings.api.allowed_peers,
-                    bearer_secret_file=settings.api.bearer_secret_file,
-                ),
-                audit=auditor.durable if auditor is not None else None,
-                leeway=settings.oidc.leeway_s,
-                default_grant_ttl_s=settings.stepup.default_grant_ttl_s,
-            )
-            extra.append((SESSIONS_SERVICE, lambda server: add_sessions_api(sessions_api, server)))
-        grpc_server = GrpcServer(
+        grpc_server = GrpcServer.for_ext_authz(
             settings.grpc,
             AuthorizationServicer(authorizer, responses, settings.network.trusted_xff_hops),
-            extra,
         )
+        api_server = await _sessions_api(settings, store, policy, auditor, closers)
+        coverage = CoverageMonitor.from_settings(settings, metrics)  # None without admin URLs
+        if coverage is not None:
+            coverage.start()
+            closers.append(coverage)
 
         stepup = StepupApp(
             settings=settings,
@@ -302,24 +344,32 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
             store=store,
             oidc=oidc,
             metrics=metrics,
-            keys_ready=lambda: keys.ready,
             auditor=auditor,
             signer=signer,
             device_cookie=settings.devices.cookie,
         )
-        runner = web.AppRunner(stepup.build(), access_log=None)
+        health = Health(
+            metrics=metrics,
+            store_ok=store.ping,
+            keys_ready=lambda: keys.ready,
+            policy_loaded=lambda: policy.current is not None,
+        )
+        http_app = web.Application(client_max_size=64 * 1024)
+        stepup.add_routes(http_app)
+        health.add_routes(http_app)
+        runner = web.AppRunner(http_app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.http.host, settings.http.port, reuse_port=True)
         await site.start()
         http_port = runner.addresses[0][1]
         await grpc_server.start()
+        if api_server is not None:
+            await api_server.start()
         http_authz = await maybe_start(
             settings.http_authz,
             authorizer,
-            stepup_path_prefix=settings.stepup.path_prefix,
-            error_status=settings.stepup.error_status,
+            HttpResponseBuilder(error_status=settings.stepup.error_status, redirects=redirects),
             trusted_hops=settings.network.trusted_xff_hops,
-            redirects=redirects,
         )
     except BaseException:
         await _close_all(closers)
@@ -338,9 +388,11 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
         authorizer,
         grpc_server,
         stepup,
+        health,
         runner,
         http_port,
         http_authz,
+        api_server,
         closers,
     )
     service._tasks.append(asyncio.create_task(service._watch_policy()))

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from authz.errors import ConfigError, RequestError
+from authz.errors import ConfigError
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -72,8 +72,14 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
         return 1
     try:
         out = explain(loaded, json.loads(Path(args.request).read_text()))
-    except (OSError, ValueError, TypeError, KeyError, RequestError) as exc:
-        print(f"invalid request file: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"cannot read the request file: {exc.strerror}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # json.JSONDecodeError
+        print(f"invalid request file: not JSON: {exc}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"invalid request file: {exc.reason}", file=sys.stderr)
         return 1
     print(json.dumps(out, indent=2) if args.json else render_text(out))
     return 0
@@ -130,12 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     # Subcommand groups of their own modules (imported here: `serve` need not load them).
     from authz.admin.cli import add_sessions_parser
     from authz.audit.cli import add_audit_parser
+    from authz.evidence.cli import add_evidence_parsers
     from authz.render import add_render_parser
     from authz.stepup.passkeys.cli import add_passkeys_parser
 
     add_audit_parser(sub)
     add_render_parser(sub)
     add_sessions_parser(sub)
+    add_evidence_parsers(sub)
     add_passkeys_parser(sub)
     return p
 

@@ -1,141 +1,218 @@
 """`stepup-authz policy explain`: decide one request offline -- no token, Redis or IdP --
-and say why: the route, the rules that fired (and shadow rules that would have), the
-signals and the risk score.
+with the service's own pipeline (``authz.core.decision.decide``), and say why: the route,
+the rules that fired (and shadow rules that would have), the signals and the risk score.
 
-The request file is JSON: ``method``, ``host``, ``path``, ``headers``, ``source_ip``,
-``context_extensions``, verified ``claims`` (iss, sub, sid, acr, amr, auth_time, iat),
-and optionally ``grants`` (level, acr, amr, auth_time, expires_at, device, ip),
-``device`` (id, source, managed, compliant, platform), ``state`` (device_known, ip_known,
-level_seen, velocity, session_revoked, revoked_before, last_seen {at, ip, lat, lon}),
-``geo`` (country, lat, lon), ``now`` and ``leeway``.
+The request file is JSON (``RequestFile`` below is its schema): ``method``, ``host``,
+``path``, ``headers``, ``source_ip``, ``context_extensions``, verified ``claims`` (iss, sub,
+sid, acr, amr, auth_time, iat, exp), and optionally ``grants`` (level, acr, amr,
+auth_time, expires_at, issued_at, device, ip), ``device`` (id, source, managed, compliant,
+platform), ``state`` (device_known, ip_known, level_seen, velocity, session_revoked,
+revoked_before, last_seen {at, ip, lat, lon}), ``geo`` (country, lat, lon), ``now`` and
+``leeway``. A file that does not fit is refused with every wrong field named
+(``RequestFileError``), never a Python message.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from authz.config.policy_file import LoadedPolicy
 from authz.core.attributes import RequestAttributes, canonicalize_path, normalize_host, parse_ip
-from authz.core.decision import decide
-from authz.core.policy import Context
+from authz.core.decision import CheckInputs, decide
 from authz.core.session import Evidence, Grant, Identity, Sighting, UserState
-from authz.core.signals import Device, Geo, compute_signals, device_states
+from authz.core.signals import Device, Geo
+from authz.errors import ConfigError, RequestError
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
 
 
-def request_from_json(doc: dict[str, Any]) -> RequestAttributes:
-    path, query = canonicalize_path(str(doc.get("path", "/")))
-    headers = {str(k).lower(): str(v) for k, v in (doc.get("headers") or {}).items()}
+class _Claims(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)  # a token carries other claims
+    iss: str = ""
+    sub: str = ""
+    sid: str = ""
+    acr: str | None = None
+    amr: list[str] = []
+    auth_time: int | None = None
+    iat: int | None = None
+    exp: int | None = None
+
+
+class _Grant(BaseModel):
+    model_config = _STRICT
+    level: str
+    expires_at: int
+    acr: str | None = None
+    amr: list[str] = []
+    auth_time: int | None = None
+    issued_at: int | None = None
+    device: str | None = None
+    ip: str | None = None
+
+
+class _Device(BaseModel):
+    model_config = _STRICT
+    id: str
+    source: str = "cookie"
+    managed: bool | None = None
+    compliant: bool | None = None
+    platform: str | None = None
+
+
+class _Sighting(BaseModel):
+    model_config = _STRICT
+    at: int
+    ip: str
+    lat: float | None = None
+    lon: float | None = None
+
+
+class _State(BaseModel):
+    model_config = _STRICT
+    device_known: bool | None = True
+    ip_known: bool | None = True
+    level_seen: bool = True
+    velocity: int = 0
+    session_revoked: bool = False
+    revoked_before: int | None = None
+    last_seen: _Sighting | None = None
+
+
+class _Geo(BaseModel):
+    model_config = _STRICT
+    country: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+
+
+class RequestFile(BaseModel):
+    """The ``--request`` JSON document."""
+
+    model_config = _STRICT
+    method: str = "GET"
+    scheme: str = "https"
+    host: str = ""
+    path: str = "/"
+    headers: dict[str, str] = {}
+    source_ip: str = ""
+    context_extensions: dict[str, str] = {}
+    claims: _Claims | None = None
+    grants: list[_Grant] = []
+    device: _Device | None = None
+    state: _State | None = None
+    geo: _Geo | None = None
+    now: int | None = None
+    leeway: int = 0
+
+
+class RequestFileError(ConfigError):
+    code = "request-file-invalid"
+
+
+def read_request(doc: Any, source: str = "request") -> RequestFile:
+    """Validate a parsed request document; RequestFileError names every wrong field."""
+    try:
+        return RequestFile.model_validate(doc)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(document)'}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise RequestFileError(problems, source=source) from None
+
+
+def attributes_of(req: RequestFile) -> RequestAttributes:
+    path, query = canonicalize_path(req.path)
     return RequestAttributes(
-        method=str(doc.get("method", "GET")).upper(),
-        scheme=str(doc.get("scheme", "https")),
-        host=normalize_host(str(doc.get("host", ""))),
+        method=req.method.upper(),
+        scheme=req.scheme,
+        host=normalize_host(req.host),
         path=path,
         query=query,
-        headers=MappingProxyType(headers),
-        source_ip=parse_ip(str(doc.get("source_ip", ""))),
-        context_extensions=MappingProxyType(
-            {str(k): str(v) for k, v in (doc.get("context_extensions") or {}).items()}
-        ),
+        headers=MappingProxyType({k.lower(): v for k, v in req.headers.items()}),
+        source_ip=parse_ip(req.source_ip),
+        context_extensions=MappingProxyType(dict(req.context_extensions)),
     )
 
 
-def _evidence(doc: dict[str, Any]) -> Evidence:
-    auth_time = doc.get("auth_time")
-    return Evidence(
-        doc.get("acr"),
-        tuple(str(a) for a in doc.get("amr") or ()),
-        int(auth_time) if auth_time is not None else None,
-    )
+def _evidence(acr: str | None, amr: list[str], auth_time: int | None) -> Evidence:
+    return Evidence(acr, tuple(amr), auth_time)
 
 
-def _state(doc: dict[str, Any] | None, grants: tuple[Grant, ...]) -> UserState:
-    doc = doc or {}
-    last = doc.get("last_seen")
-    sighting = None
-    if isinstance(last, dict):
-        sighting = Sighting(
-            int(last.get("at", 0)), str(last.get("ip", "")), last.get("lat"), last.get("lon")
-        )
-    rb = doc.get("revoked_before")
-    return UserState(
-        grants=grants,
-        session_revoked=bool(doc.get("session_revoked", False)),
-        revoked_before=int(rb) if rb is not None else None,
-        device_known=doc.get("device_known", True),
-        ip_known=doc.get("ip_known", True),
-        level_seen=bool(doc.get("level_seen", True)),
-        velocity=int(doc.get("velocity", 0)),
-        last_seen=sighting,
-    )
-
-
-def explain(loaded: LoadedPolicy, doc: dict[str, Any]) -> dict[str, Any]:
-    policy = loaded.policy
-    attrs = request_from_json(doc)
-    now = int(doc.get("now", time.time()))
-    claims = doc.get("claims")
+def inputs_of(req: RequestFile, now: int) -> CheckInputs:
+    """What the service would have gathered: identity, state, device, GeoIP."""
     identity = None
-    if claims:
+    state = None
+    c = req.claims
+    if c is not None:
         identity = Identity(
-            issuer=str(claims.get("iss", "")),
-            subject=str(claims.get("sub", "")),
-            session_id=str(claims.get("sid", "")),
-            evidence=_evidence(claims),
-            expires_at=int(claims.get("exp", now + 3600)),
-            issued_at=int(claims.get("iat", now)),
+            issuer=c.iss,
+            subject=c.sub,
+            session_id=c.sid,
+            evidence=_evidence(c.acr, c.amr, c.auth_time),
+            expires_at=c.exp if c.exp is not None else now + 3600,
+            issued_at=c.iat if c.iat is not None else now,
         )
-    grants = tuple(
-        Grant(
-            level=str(g.get("level", "")),
-            evidence=_evidence(g),
-            expires_at=int(g["expires_at"]),
-            issued_at=int(g.get("issued_at", now)),
-            device=g.get("device"),
-            ip=g.get("ip"),
+        grants = tuple(
+            Grant(
+                level=g.level,
+                evidence=_evidence(g.acr, g.amr, g.auth_time),
+                expires_at=g.expires_at,
+                issued_at=g.issued_at if g.issued_at is not None else now,
+                device=g.device,
+                ip=g.ip,
+            )
+            for g in req.grants
         )
-        for g in doc.get("grants") or ()
-    )
-    state = _state(doc.get("state"), grants) if identity is not None else None
-    d = doc.get("device")
-    device = None
-    if isinstance(d, dict) and d.get("id"):
-        device = Device(
-            str(d["id"]),
-            str(d.get("source", "cookie")),
-            d.get("managed"),
-            d.get("compliant"),
-            d.get("platform"),
+        s = req.state or _State()
+        last = s.last_seen
+        state = UserState(
+            grants=grants,
+            session_revoked=s.session_revoked,
+            revoked_before=s.revoked_before,
+            device_known=s.device_known,
+            ip_known=s.ip_known,
+            level_seen=s.level_seen,
+            velocity=s.velocity,
+            last_seen=Sighting(last.at, last.ip, last.lat, last.lon) if last else None,
         )
-    g = doc.get("geo")
-    geo = Geo(g.get("country"), g.get("lat"), g.get("lon")) if isinstance(g, dict) else None
-    signals = compute_signals(policy.signals, device=device, state=state, geo=geo, now=now)
-    ctx = Context(
-        device=device_states(device, state),
-        country=geo.country if geo is not None else None,
-        signals=signals,
-    )
-    decision = decide(
-        policy,
-        attrs,
-        identity,
-        state,
-        now,
-        leeway=int(doc.get("leeway", 0)),
-        ctx=ctx,
-        device=device.id if device is not None else None,
-    )
+    d = req.device
+    device = Device(d.id, d.source, d.managed, d.compliant, d.platform) if d and d.id else None
+    g = req.geo
+    geo = Geo(g.country, g.lat, g.lon) if g is not None else None
+    return CheckInputs(now, req.leeway, identity=identity, state=state, device=device, geo=geo)
+
+
+def explain(
+    loaded: LoadedPolicy, doc: Any, *, clock: Callable[[], float] | None = None
+) -> dict[str, Any]:
+    """The decision for one request document, as a JSON-ready mapping.
+
+    Raises RequestFileError for a document that does not fit ``RequestFile`` or names a
+    path or host the service would refuse (with the reason it would give)."""
+    req = read_request(doc)
+    try:
+        attrs = attributes_of(req)
+    except RequestError as exc:
+        raise RequestFileError(f"{exc} ({exc.reason})", source="request") from None
+    now = req.now if req.now is not None else int((clock or time.time)())
+    policy = loaded.policy
+    decision = decide(policy, attrs, inputs_of(req, now))
     route = policy.route_for(attrs.host, attrs.method, attrs.path)
     return {
         "decision": decision.outcome.value,
-        "reason": str(decision.reason),
+        "reason": decision.slug,
         "level": decision.level.name if decision.level else None,
         "route": route.index if route is not None else None,
         "fired": list(decision.fired),
         "shadow": list(decision.shadow),
         "signals": sorted(decision.signals),
-        "device_states": sorted(ctx.device),
+        "device_states": sorted(decision.device_states),
         "risk": decision.risk,
         "acr_values": list(decision.acr_values),
         "max_age": decision.max_age,

@@ -3,9 +3,17 @@
     stepup-authz sessions list        --user ISS SUB
     stepup-authz sessions revoke      --user ISS SUB (--session SID | --session-key KEY)
     stepup-authz sessions revoke-user --user ISS SUB
-    stepup-authz sessions grant       --user ISS SUB --session SID --level L --acr A
-                                      [--amr X ...] [--auth-time T] [--ttl S] [--device D]
-                                      [--ip IP]
+    stepup-authz sessions grant       --user ISS SUB --session SID --level L
+                                      --proof-file F [--ttl S] [--device D] [--ip IP]
+    stepup-authz sessions proof       --key KEY.pem --issuer CALLER --user ISS SUB
+                                      --session SID --level L --acr A [--amr X ...]
+                                      [--auth-time T] [--kid K] [--audience A]
+    stepup-authz sessions jwks        --key KEY.pem --kid K
+
+``grant`` needs a proof signed with the caller's key (see authz/admin/proofs.py): a
+factor service signs one per verified user; ``proof`` signs one from a private key (for
+trying the API, and for tools that hold the caller's key); ``jwks`` prints the public
+JWKS of that key for the caller's ``proof.jwks_file``. ``proof`` and ``jwks`` are offline.
 
 Common: ``--target host:port`` and either ``--token-file`` (bearer secret) or ``--cert``,
 ``--key``, ``--ca`` (mTLS). ``--ca`` alone with ``--token-file``: TLS plus the bearer.
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +66,68 @@ def add_sessions_parser(subparsers: Any) -> None:
     common(g)
     g.add_argument("--session", required=True, help="the session id (sid)")
     g.add_argument("--level", required=True)
-    g.add_argument("--acr", default="")
-    g.add_argument("--amr", action="append", default=[], help="repeatable")
-    g.add_argument("--auth-time", type=int, help="unix seconds (default: now)")
+    g.add_argument("--proof-file", type=Path, required=True, help="the signed proof (a JWT)")
     g.add_argument("--ttl", type=int, default=0, help="seconds (default: the level's)")
     g.add_argument("--device", default="")
     g.add_argument("--ip", default="")
+
+    pr = ssub.add_parser("proof", help="sign a grant proof with a caller's private key")
+    pr.add_argument("--key", type=Path, required=True, help="the caller's private key (PEM)")
+    pr.add_argument("--kid", help="key id (as in the caller's JWKS)")
+    pr.add_argument("--issuer", required=True, help="the caller's proof issuer")
+    pr.add_argument("--audience", default="stepup-authz-api")
+    pr.add_argument("--user", nargs=2, metavar=("ISS", "SUB"), required=True)
+    pr.add_argument("--session", required=True)
+    pr.add_argument("--level", required=True)
+    pr.add_argument("--acr", required=True)
+    pr.add_argument("--amr", action="append", default=[], help="repeatable")
+    pr.add_argument("--auth-time", type=int, help="unix seconds (default: now)")
+    pr.add_argument("--lifetime", type=int, default=120, help="seconds (default 120)")
+    pr.set_defaults(func=run_proof)
+
+    jw = ssub.add_parser("jwks", help="the public JWKS of a caller's private key")
+    jw.add_argument("--key", type=Path, required=True)
+    jw.add_argument("--kid", required=True)
+    jw.set_defaults(func=run_jwks)
+
+
+def run_proof(args: argparse.Namespace) -> int:
+    from authz.admin.proofs import sign_proof
+
+    now = int(time.time())
+    try:
+        token = sign_proof(
+            args.key.read_bytes(),
+            issuer=args.issuer,
+            audience=args.audience,
+            user_issuer=args.user[0],
+            subject=args.user[1],
+            session_id=args.session,
+            level=args.level,
+            acr=args.acr,
+            amr=list(args.amr),
+            auth_time=args.auth_time if args.auth_time is not None else now,
+            kid=args.kid,
+            now=now,
+            lifetime_s=args.lifetime,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"stepup-authz: cannot sign the proof: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
+def run_jwks(args: argparse.Namespace) -> int:
+    from authz.admin.proofs import public_jwks
+
+    try:
+        doc = public_jwks(args.key.read_bytes(), args.kid)
+    except (OSError, ValueError) as exc:
+        print(f"stepup-authz: cannot read the key: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(doc, indent=2))
+    return 0
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
@@ -100,14 +165,11 @@ def _request(args: argparse.Namespace) -> tuple[str, Message]:
         user=user,
         session_id=args.session,
         level=args.level,
-        acr=args.acr,
-        amr=args.amr,
         ttl_s=args.ttl,
         device=args.device,
         ip=args.ip,
+        proof=args.proof_file.read_text().strip(),
     )
-    if args.auth_time is not None:
-        req.auth_time = args.auth_time
     return "RecordGrant", req
 
 

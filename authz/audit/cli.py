@@ -251,6 +251,10 @@ def add_audit_parser(subparsers: Any) -> None:
     k.add_argument("--out", required=True, type=Path)
     k.set_defaults(func=_cmd_keygen)
 
+    from authz.evidence.incident import add_incident_parser
+
+    add_incident_parser(sub)
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="stepup-authz")

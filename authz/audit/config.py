@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from authz.config.yamlfile import load_yaml
-from authz.errors import ConfigError
+from authz.config.yamlfile import read_mapping, validated
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -73,19 +72,7 @@ class ExporterSettings(BaseModel):
 
 def load_exporter_settings(path: Path) -> ExporterSettings:
     """Load the exporter's YAML file; relative paths resolve against its folder."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from exc
-    parsed = load_yaml(raw, str(path))
-    doc = parsed.doc or {}
-    if not isinstance(doc, dict):
-        raise ConfigError("the exporter settings must be a mapping", source=str(path))
-    try:
-        s = ExporterSettings.model_validate(doc)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise parsed.error(first["msg"], ".".join(str(p) for p in first["loc"])) from exc
+    s = validated(read_mapping(path, "exporter settings"), ExporterSettings)
     base = path.parent
     fixes = {
         n: base / p

@@ -14,14 +14,14 @@ builders in :mod:`authz.audit.mapping` take the route as method, host and canoni
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
+
+from authz.core.ids import new_id
 
 RECORD_VERSION = 1
 # One field longer than this is cut, with a marker, so a hostile path cannot bloat the trail.
@@ -43,6 +43,7 @@ class EventType(StrEnum):
     ERROR_FAIL_CLOSED = "error.fail_closed"
     POLICY_RELOAD = "policy.reload"
     GRANT_REVOKED = "grant.revoked"
+    SESSIONS_LISTED = "sessions.listed"  # a Sessions API read: who looked at whose sessions
 
 
 # The common fields, in the order the CSV export uses. ``details`` holds per-type extras
@@ -64,38 +65,10 @@ COMMON_FIELDS: tuple[str, ...] = (
     "policy_version",
 )
 
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_PAIRS = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)  # 10 bits -> two digits
-
-
-@lru_cache(maxsize=2)
-def _ulid_head(high: int) -> str:
-    """The first six digits of a ULID: bits 47..20 of the time (changes every ~17 min)."""
-    return "".join(_CROCKFORD[(high >> shift) & 31] for shift in range(25, -1, -5))
-
 
 def new_event_id(now_ms: int | None = None) -> str:
-    """A ULID: 48-bit UTC milliseconds + 80 random bits, Crockford base32, 26 characters.
-
-    Sorts by creation time across instances (to clock skew) and needs no coordination.
-    Written two digits (10 bits) at a time: one is made per audited Check.
-    """
-    ms = (int(time.time() * 1000) if now_ms is None else now_ms) & ((1 << 48) - 1)
-    r = int.from_bytes(os.urandom(10), "big")
-    p = _PAIRS
-    return (
-        _ulid_head(ms >> 20)
-        + p[(ms >> 10) & 1023]
-        + p[ms & 1023]
-        + p[r >> 70]
-        + p[(r >> 60) & 1023]
-        + p[(r >> 50) & 1023]
-        + p[(r >> 40) & 1023]
-        + p[(r >> 30) & 1023]
-        + p[(r >> 20) & 1023]
-        + p[(r >> 10) & 1023]
-        + p[r & 1023]
-    )
+    """A ULID (``authz.core.ids``): the same scheme as decision ids."""
+    return new_id(int(time.time() * 1000) if now_ms is None else now_ms)
 
 
 def clip_text(value: str) -> str:

@@ -38,11 +38,10 @@ from authz.audit.events import (
 from authz.core.attributes import IpAddress, RequestAttributes
 from authz.core.decision import Decision, Outcome
 from authz.core.policy import Level
-from authz.core.session import session_key
+from authz.core.reasons import Reason
+from authz.core.session import factor_of, session_key
 
-_TOKEN_REASONS = frozenset({"token-invalid", "token-expired"})
-# RFC 8176 amr values, strongest first: the factor recorded is the strongest one present.
-_FACTORS = ("hwk", "fido", "swk", "otp", "sms", "pwd")
+_TOKEN_REASONS = frozenset({Reason.TOKEN_INVALID, Reason.TOKEN_EXPIRED})
 
 
 _OUTCOME_TEXT = {o: o.value for o in Outcome}  # enum .value is a property: a lookup is cheaper
@@ -51,13 +50,6 @@ _OUTCOME_TEXT = {o: o.value for o in Outcome}  # enum .value is a property: a lo
 @lru_cache(maxsize=4096)
 def _ip_text(ip: IpAddress) -> str:
     return str(ip)
-
-
-def factor_of(amr: tuple[str, ...] | list[str]) -> str:
-    for f in _FACTORS:
-        if f in amr:
-            return f
-    return "other" if amr else "none"
 
 
 def route_of(attrs: RequestAttributes) -> str:
@@ -95,7 +87,7 @@ def event_for_check(
     elif outcome is Outcome.LOGIN:
         etype = (
             EventType.TOKEN_REJECTED
-            if str(decision.reason) in _TOKEN_REASONS
+            if decision.reason in _TOKEN_REASONS
             else EventType.LOGIN_REQUIRED
         )
     elif outcome is Outcome.STEP_UP:
@@ -153,7 +145,7 @@ def event_for_check(
         route=route_of(attrs) if attrs is not None else None,
         level=decision.level.name if decision.level is not None else None,
         outcome=_OUTCOME_TEXT[outcome],
-        reason=str(decision.reason),
+        reason=decision.slug,
         factor=factor,
         policy_version=policy_version,
         details=MappingProxyType(details),
@@ -220,7 +212,7 @@ def allowed_record(
     add(
         f'"level":{q(decision.level.name)},"outcome":"allow",'
         f'"policy_version":{"null" if policy_version is None else q(policy_version)},'
-        f'"reason":{q(str(decision.reason))},'
+        f'"reason":{q(decision.slug)},'
     )
     if decision.signals:
         add(f'"risk":{decision.risk},')
@@ -292,13 +284,13 @@ def stepup_completed(
         device=device,
         client_ip=client_ip,
         level=level,
-        outcome="success" if result == "success" else "failure",
+        outcome="success" if result == Reason.SUCCESS else "failure",
         reason=result,
         factor=factor_of(tuple(amr)),
         policy_version=policy_version,
         details=MappingProxyType(
             {
-                "result": "success" if result == "success" else "failure",
+                "result": "success" if result == Reason.SUCCESS else "failure",
                 "acr": acr,
                 "amr": " ".join(amr),
                 "auth_time": auth_time,
@@ -342,4 +334,14 @@ def grant_revoked(
         reason=reason,
         level=",".join(levels),
         details=MappingProxyType({"revoked": revoked, "actor": actor}),
+    )
+
+
+def sessions_listed(*, user: str, actor: str, count: int) -> AuditEvent:
+    """A Sessions API read: the caller looked at a user's sessions (IPs, devices)."""
+    return AuditEvent(
+        type=EventType.SESSIONS_LISTED,
+        user=user,
+        outcome="read",
+        details=MappingProxyType({"actor": actor, "sessions": count}),
     )

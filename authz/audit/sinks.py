@@ -35,18 +35,28 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from authz.audit.events import AuditEvent, encode_event
 from authz.audit.metrics import AuditMetrics
+from authz.core.reasons import Reason
 from authz.errors import StepupError
 
 log = logging.getLogger("authz.audit")
 
 STREAM_FIELD = b"r"  # the one stream field: the canonical JSON record
-AUDIT_UNAVAILABLE = "audit-unavailable"  # the reason slug for a denial when durable() fails
+AUDIT_UNAVAILABLE = Reason.AUDIT_UNAVAILABLE  # the denial reason when durable() fails
 
 
 class AuditUnavailable(StepupError):
     """The primary sink did not durably accept a record within its deadline."""
 
     code = AUDIT_UNAVAILABLE
+
+
+class AuditTrail(Protocol):
+    """What producers of audit events need: ``Auditor`` implements it, and so does
+    ``authz.audit.testing.MemoryAuditor`` (unit tests)."""
+
+    def emit(self, event: AuditEvent) -> None: ...
+    async def durable(self, event: AuditEvent) -> None: ...
+    async def durable_record(self, record: bytes) -> None: ...
 
 
 class MirrorSink(Protocol):

@@ -1,5 +1,6 @@
-"""Test helpers shipped next to the interfaces: a sample archive generator and an in-memory
-mirror sink (unit tests, docs, trying ``audit verify`` without Redis)."""
+"""Test helpers shipped next to the interfaces: a sample archive generator, an in-memory
+mirror sink and an in-memory audit trail (unit tests, docs, trying ``audit verify``
+without Redis)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from types import MappingProxyType
 from authz.audit.archive import ArchiveWriter
 from authz.audit.chain import SigningKey
 from authz.audit.events import AuditEvent, EventType
+from authz.audit.sinks import AuditUnavailable
+from authz.core.reasons import Reason
 
 _TYPES = (
     EventType.STEPUP_CHALLENGE,
@@ -31,7 +34,7 @@ def sample_event(i: int, *, ts_ms: int = 1_700_000_000_000) -> AuditEvent:
         route=f"GET trading.example.com /accounts/{i}",
         level="elevated",
         outcome="allow",
-        reason="allowed",
+        reason=Reason.ALLOWED,
         factor="otp",
         policy_version="v1",
         details=MappingProxyType({"acr": "mfa", "auth_time": 1}),
@@ -73,3 +76,29 @@ class MemorySink:
 
     def write_many(self, records: Sequence[bytes]) -> None:
         self.records.extend(records)
+
+
+class MemoryAuditor:
+    """``AuditTrail`` in a list: ``events`` holds every emitted or durably written event in
+    order (``durable`` ones are also in ``durable_events``). Set ``fail`` to make the
+    durable writes raise ``AuditUnavailable``, as a dead audit Redis would."""
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.fail = fail
+        self.events: list[AuditEvent] = []
+        self.durable_events: list[AuditEvent] = []
+        self.records: list[bytes] = []
+
+    def emit(self, event: AuditEvent) -> None:
+        self.events.append(event)
+
+    async def durable(self, event: AuditEvent) -> None:
+        if self.fail:
+            raise AuditUnavailable("MemoryAuditor.fail")
+        self.events.append(event)
+        self.durable_events.append(event)
+
+    async def durable_record(self, record: bytes) -> None:
+        if self.fail:
+            raise AuditUnavailable("MemoryAuditor.fail")
+        self.records.append(record)

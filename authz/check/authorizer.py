@@ -1,5 +1,5 @@
-"""Authorizer.check: route level -> device, GeoIP, token -> user state -> signals -> rules
--> decide -> audit/metrics/log. Fails closed.
+"""Authorizer.check: route level -> device, GeoIP, token -> the one session read ->
+``authz.core.decision.decide`` (signals, rules, grants) -> audit, metrics, log. Fails closed.
 
 Every signed-in request to a non-public level reads the user's state in exactly one round
 trip under the store's deadline (grants, revocations, known devices and IPs, velocity):
@@ -11,63 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from authz.audit.mapping import allowed_record, event_for_check, requires_durable
-from authz.audit.sinks import Auditor, AuditUnavailable
+from authz.audit.sinks import AuditTrail, AuditUnavailable
 from authz.check.devices import DeviceResolver
 from authz.check.geoip import GeoIP
+from authz.check.tokens import AccessTokenVerifier
 from authz.config.policy_file import PolicyHolder
 from authz.core.attributes import RequestAttributes, cookie_values
-from authz.core.decision import Decision, Outcome, evaluate, resolve_level, route_level
-from authz.core.policy import Context, Level, Policy
+from authz.core.decision import CheckInputs, Decision, Outcome, decide, failed, route_level
+from authz.core.ids import new_id
 from authz.core.reasons import Reason
 from authz.core.session import Identity, UserState, session_key, user_key
-from authz.core.signals import Device, Geo, compute_signals, device_states
+from authz.core.signals import Device, Geo
 from authz.errors import KeysUnavailable, StoreError, TokenError
 from authz.ops.metrics import Metrics
+from authz.store.interfaces import CheckStore
 
 log = logging.getLogger("authz.check")
 
 # RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _BEARER = re.compile(r"Bearer ([A-Za-z0-9\-._~+/]+=*)", re.IGNORECASE)
-
-
-class AccessTokenVerifier(Protocol):
-    async def verify_access_token(self, token: str, now: int) -> Identity: ...
-
-
-class StateStore(Protocol):
-    async def read_check(
-        self,
-        *,
-        user: str,
-        session: str,
-        levels: Sequence[str],
-        level: str,
-        device: str | None,
-        ip: str | None,
-        sensitive: bool,
-        window_s: int,
-        now: int,
-    ) -> UserState: ...
-
-    async def note_allow(
-        self,
-        *,
-        user: str,
-        session: str,
-        level: str,
-        ip: str | None,
-        device: str | None,
-        now: int,
-        lat: float | None = None,
-        lon: float | None = None,
-    ) -> None: ...
 
 
 # What an allow teaches the store is written in the background; beyond this many writes in
@@ -81,7 +49,16 @@ _NOTE_EVERY_S = 5
 _NOTE_MEMORY = 4096  # distinct recent lessons remembered (cleared when full)
 
 
-def extract_token(attrs: RequestAttributes, cookie_name: str) -> tuple[str | None, str | None]:
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """One Check's answer: the decision and the id that joins it to its audit record, the
+    response headers and Envoy's access log."""
+
+    decision: Decision
+    decision_id: str
+
+
+def extract_token(attrs: RequestAttributes, cookie_name: str) -> tuple[str | None, Reason | None]:
     """(token, error reason). A malformed or ambiguous credential is an error, not absent."""
     auth = attrs.headers.get("authorization")
     if auth is not None:
@@ -105,12 +82,12 @@ class Authorizer:
         *,
         policy: PolicyHolder,
         tokens: AccessTokenVerifier,
-        store: StateStore,
+        store: CheckStore,
         metrics: Metrics,
         token_cookie: str,
         leeway: int,
         clock: Callable[[], float] = time.time,
-        auditor: Auditor | None = None,
+        auditor: AuditTrail | None = None,
         audit_level: str | None = None,
         devices: DeviceResolver | None = None,
         geoip: GeoIP | None = None,
@@ -129,8 +106,11 @@ class Authorizer:
         self.auditor = auditor
         self.audit_level = audit_level  # level name; allows at/above it are audited durably
 
-    async def check(self, attrs: RequestAttributes) -> tuple[Decision, str]:
-        decision_id = os.urandom(16).hex()  # 128 random bits, as uuid4().hex, 4x cheaper
+    def new_decision_id(self) -> str:
+        return new_id(int(self.clock() * 1000))
+
+    async def check(self, attrs: RequestAttributes) -> CheckResult:
+        decision_id = self.new_decision_id()
         started = time.perf_counter()
         try:
             decision = await self._decide(attrs)
@@ -139,9 +119,18 @@ class Authorizer:
         except Exception:
             # Re-check after evaluating: whatever escaped is a deny, never an allow.
             log.exception("check failed", extra={"decision_id": decision_id})
-            decision = Decision(Outcome.ERROR, Reason.INTERNAL_ERROR)
+            decision = failed(Reason.INTERNAL_ERROR)
         self.record(decision, decision_id, attrs, time.perf_counter() - started)
-        return decision, decision_id
+        return CheckResult(decision, decision_id)
+
+    def unread(
+        self, decision: Decision, attrs: RequestAttributes | None = None, elapsed: float = 0.0
+    ) -> CheckResult:
+        """A Check answered without evaluating it (a request the listener could not read, a
+        deadline it missed): given an id, counted and logged like any Check."""
+        result = CheckResult(decision, self.new_decision_id())
+        self.record(decision, result.decision_id, attrs, elapsed)
+        return result
 
     def record(
         self,
@@ -152,10 +141,10 @@ class Authorizer:
     ) -> None:
         m = self.metrics
         level = decision.level.name if decision.level is not None else ""
-        m.checks.labels(decision.outcome.value, str(decision.reason), level).inc()
+        m.checks.labels(decision.outcome.value, decision.slug, level).inc()
         m.check_duration.observe(elapsed)
         if decision.outcome is Outcome.ERROR:
-            m.fail_closed.labels(cause=str(decision.reason)).inc()
+            m.fail_closed.labels(cause=decision.reason).inc()
         elif decision.outcome is Outcome.STEP_UP:
             mode = "redirect" if attrs is not None and attrs.accepts_html else "challenge"
             m.challenges.labels(level=level, mode=mode).inc()
@@ -165,7 +154,7 @@ class Authorizer:
                 extra={
                     "decision_id": decision_id,
                     "outcome": decision.outcome.value,
-                    "reason": str(decision.reason),
+                    "reason": decision.slug,
                     "stepup_level": level,
                     "user": decision.identity.user if decision.identity else None,
                     "method": attrs.method if attrs else None,
@@ -197,13 +186,7 @@ class Authorizer:
                 allowed_record(decision, decision_id, attrs, policy_version=loaded.version)
             )
         except AuditUnavailable:
-            denied = Decision(
-                Outcome.ERROR,
-                Reason.AUDIT_UNAVAILABLE,
-                level=decision.level,
-                identity=decision.identity,
-                fired=decision.fired,
-            )
+            denied = failed(Reason.AUDIT_UNAVAILABLE, decision.level, decision.identity)
             # Same decision id: a timed-out XADD that did land is followed by this denial.
             fail = event_for_check(
                 denied, decision_id, attrs, audit_level=level, policy_version=loaded.version
@@ -218,19 +201,19 @@ class Authorizer:
         now = int(self.clock())
         base = route_level(policy, attrs)
         if base.deny is not None or base.level is None:
-            return evaluate(base, None, (), now, leeway=self.leeway)
+            return decide(policy, attrs, CheckInputs(now, self.leeway), base=base)
         level = base.level
         device = await self.devices.resolve(attrs, now) if self.devices is not None else None
         geo = self.geoip.lookup(attrs.source_ip) if self.geoip is not None else None
         identity: Identity | None = None
-        token_error: str | None = None
+        token_error: Reason | None = None
         if not level.public:
             token, token_error = extract_token(attrs, self.token_cookie)
             if token is not None:
                 try:
                     identity = await self.tokens.verify_access_token(token, now)
                 except KeysUnavailable:
-                    return Decision(Outcome.ERROR, Reason.KEYS_UNAVAILABLE, level=level)
+                    return failed(Reason.KEYS_UNAVAILABLE, level)
                 except TokenError as exc:
                     token_error = exc.reason
         ip = str(attrs.source_ip) if attrs.source_ip is not None else None
@@ -245,41 +228,19 @@ class Authorizer:
                     level=level.name,
                     device=device_id,
                     ip=ip,
-                    sensitive=_sensitive(policy, base.level),
+                    sensitive=policy.is_sensitive(level),
                     window_s=policy.signals.velocity_window_s,
                     now=now,
                 )
             except StoreError:
                 self.metrics.redis_errors.labels(op="read").inc()
-                return Decision(
-                    Outcome.ERROR,
-                    Reason.SESSION_STORE_UNAVAILABLE,
-                    level=level,
-                    identity=identity,
-                    device=device_id,
-                )
-        signals = compute_signals(policy.signals, device=device, state=state, geo=geo, now=now)
-        ctx = Context(
-            device=device_states(device, state),
-            country=geo.country if geo is not None else None,
-            signals=signals,
-        )
-        resolution = resolve_level(policy, attrs, ctx, base)
-        for name in resolution.shadow:
+                return failed(Reason.SESSION_STORE_UNAVAILABLE, level, identity, device_id)
+        inputs = CheckInputs(now, self.leeway, identity, token_error, state, device, geo)
+        decision = decide(policy, attrs, inputs, base=base)
+        for name in decision.shadow:
             self.metrics.shadow_matches.labels(rule=name).inc()
-        for signal in signals:
+        for signal in decision.signals:
             self.metrics.signals.labels(signal=signal).inc()
-        decision = evaluate(
-            resolution,
-            identity,
-            state.grants if state is not None else (),
-            now,
-            leeway=self.leeway,
-            token_error=token_error,
-            state=state,
-            device=device_id,
-            ip=ip,
-        )
         if decision.outcome is Outcome.ALLOW and identity is not None and state is not None:
             self._note_allow(identity, decision, device, geo, ip, now)
         return decision
@@ -339,8 +300,3 @@ class Authorizer:
         """Wait for the background writes (shutdown)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-
-
-def _sensitive(policy: Policy, level: Level) -> bool:
-    name = policy.signals.sensitive_level
-    return name is not None and level.rank >= policy.by_name[name].rank

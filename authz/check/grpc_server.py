@@ -1,4 +1,5 @@
-"""The gRPC listener: ext_authz v3 Authorization/Check, health checking and reflection.
+"""The gRPC listeners: ext_authz v3 Authorization/Check (and the Sessions API on its own
+port), health checking, reflection only when enabled.
 
 Shutdown follows grpc's graceful-shutdown example: health goes NOT_SERVING first (so Envoy
 and Kubernetes stop sending new checks), then ``server.stop(grace)`` lets in-flight checks
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -17,11 +17,13 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from authz.admin.config import ApiTls
 from authz.check.authorizer import Authorizer
 from authz.check.request import attributes_from_check
 from authz.check.response import ResponseBuilder
-from authz.config.settings import GrpcSettings
-from authz.core.decision import Decision, Outcome
+from authz.config.settings import GrpcSettings, TlsSettings
+from authz.core.decision import failed, refused
+from authz.core.reasons import Reason
 from authz.errors import RequestError
 
 log = logging.getLogger("authz.grpc")
@@ -43,22 +45,17 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         try:
             attrs = attributes_from_check(request, self.trusted_hops)
         except RequestError as exc:
-            decision = Decision(Outcome.DENY, exc.reason)
-            decision_id = f"req-{time.time_ns():x}"
-            self.authorizer.record(decision, decision_id, None, 0.0)
-            return self.responses.build(decision, None, decision_id)
+            answer = self.authorizer.unread(refused(exc.reason))
+            return self.responses.build(answer.decision, None, answer.decision_id)
         except Exception:
             log.exception("unreadable CheckRequest")
-            decision = Decision(Outcome.ERROR, "internal-error")
-            decision_id = f"err-{time.time_ns():x}"
-            self.authorizer.record(decision, decision_id, None, 0.0)
-            return self.responses.build(decision, None, decision_id)
-        decision, decision_id = await self.authorizer.check(attrs)
-        return self.responses.build(decision, attrs, decision_id)
+            answer = self.authorizer.unread(failed(Reason.INTERNAL_ERROR))
+            return self.responses.build(answer.decision, None, answer.decision_id)
+        result = await self.authorizer.check(attrs)
+        return self.responses.build(result.decision, attrs, result.decision_id)
 
 
-def _credentials(settings: GrpcSettings) -> grpc.ServerCredentials | None:
-    tls = settings.tls
+def _credentials(tls: TlsSettings | ApiTls | None) -> grpc.ServerCredentials | None:
     if tls is None:
         return None
     key = tls.key_file.read_bytes()
@@ -69,17 +66,31 @@ def _credentials(settings: GrpcSettings) -> grpc.ServerCredentials | None:
     )
 
 
+Register = Callable[[grpc.aio.Server], None]
+
+
 class GrpcServer:
+    """One gRPC listener with health checking (and reflection only when enabled): the
+    ext_authz port (``GrpcServer.for_ext_authz``) and the Sessions API's own port."""
+
     def __init__(
         self,
-        settings: GrpcSettings,
-        servicer: AuthorizationServicer,
-        extra: Sequence[tuple[str, Callable[[grpc.aio.Server], None]]] = (),
+        *,
+        host: str,
+        port: int,
+        services: Sequence[tuple[str, Register]],
+        tls: TlsSettings | ApiTls | None = None,
+        reflection_on: bool = False,
+        shutdown_delay_s: float = 1.0,
+        shutdown_grace_s: float = 5.0,
+        max_concurrent_rpcs: int | None = None,
     ) -> None:
-        """``extra``: (service name, register function) for more services on this port."""
-        self.settings = settings
+        """``services``: (service name, register function) served on this port."""
+        self.shutdown_delay_s = shutdown_delay_s
+        self.shutdown_grace_s = shutdown_grace_s
+        self.names = tuple(name for name, _ in services)
         self.server = grpc.aio.server(
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            maximum_concurrent_rpcs=max_concurrent_rpcs,
             options=[
                 ("grpc.so_reuseport", 1),
                 ("grpc.max_receive_message_length", 1 << 20),
@@ -87,33 +98,43 @@ class GrpcServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
             ],
         )
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, self.server)
+        for _, register in services:
+            register(self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        for _, register in extra:
-            register(self.server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                *(name for name, _ in extra),
-                health.SERVICE_NAME,
-                reflection.SERVICE_NAME,
-            ),
-            self.server,
-        )
-        address = f"{settings.host}:{settings.port}"
-        creds = _credentials(settings)
+        if reflection_on:  # off by default: it advertises every service on the port
+            reflection.enable_server_reflection(
+                (*self.names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            )
+        address = f"{host}:{port}"
+        creds = _credentials(tls)
         if creds is None:
             self.port = self.server.add_insecure_port(address)
         else:
             self.port = self.server.add_secure_port(address, creds)
 
+    @classmethod
+    def for_ext_authz(cls, settings: GrpcSettings, servicer: AuthorizationServicer) -> GrpcServer:
+        def register(server: grpc.aio.Server) -> None:
+            external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
+
+        return cls(
+            host=settings.host,
+            port=settings.port,
+            services=[(SERVICE_NAME, register)],
+            tls=settings.tls,
+            reflection_on=settings.reflection,
+            shutdown_delay_s=settings.shutdown_delay_s,
+            shutdown_grace_s=settings.shutdown_grace_s,
+            max_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
+
     async def start(self) -> None:
         await self.server.start()
-        for name in ("", SERVICE_NAME):
+        for name in ("", *self.names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING
-        await asyncio.sleep(self.settings.shutdown_delay_s)
-        await self.server.stop(self.settings.shutdown_grace_s)
+        await asyncio.sleep(self.shutdown_delay_s)
+        await self.server.stop(self.shutdown_grace_s)

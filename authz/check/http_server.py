@@ -26,19 +26,14 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
-from typing import Protocol, cast
+from typing import cast
 
 from authz.check.authorizer import Authorizer
-from authz.check.http_codec import (
-    PEER_HEADER,
-    HttpResponseBuilder,
-    attributes_from_http,
-    refusal,
-)
-from authz.check.redirects import Redirects
+from authz.check.request import attributes_from_http
+from authz.check.response import HttpResponseBuilder, refusal
+from authz.config.settings import HttpAuthzSettings
 from authz.core.attributes import RequestAttributes
-from authz.core.decision import Decision, Outcome
+from authz.core.decision import failed, refused
 from authz.core.reasons import Reason
 from authz.errors import RequestError
 
@@ -57,7 +52,7 @@ _SWEEP_S = 0.25
 class _Unframeable(Exception):
     """The stream cannot be read on: answer 403 and close."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         self.reason = reason
         super().__init__(message)
 
@@ -102,62 +97,29 @@ def parse_head(head: str, max_headers: int) -> tuple[str, str, dict[str, str], b
     return method, target, headers, keep_alive
 
 
-class HttpAuthzConfig(Protocol):
-    """What ``maybe_start`` reads: ``authz.config.settings.HttpAuthzSettings`` fits it."""
-
-    @property
-    def enabled(self) -> bool: ...
-    @property
-    def host(self) -> str: ...
-    @property
-    def port(self) -> int: ...
-    @property
-    def path_prefix(self) -> str: ...
-    @property
-    def peer_header(self) -> str: ...
-    @property
-    def max_header_bytes(self) -> int: ...
-    @property
-    def max_headers(self) -> int: ...
-    @property
-    def request_timeout_s(self) -> float: ...
-    @property
-    def idle_timeout_s(self) -> float: ...
-    @property
-    def max_connections(self) -> int: ...
-
-
 class HttpAuthzServer:
-    """Envoy's HTTP ext_authz protocol served from ``Authorizer.check``."""
+    """Envoy's HTTP ext_authz protocol served from ``Authorizer.check``. Its limits and
+    address are ``HttpAuthzSettings`` (``http_authz`` in the settings file)."""
 
     def __init__(
         self,
         authorizer: Authorizer,
         responses: HttpResponseBuilder,
+        settings: HttpAuthzSettings,
         *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        path_prefix: str = "/check",
-        peer_header: str = PEER_HEADER,
-        max_header_bytes: int = 64 * 1024,
-        max_headers: int = 64,
-        request_timeout_s: float = 5.0,
-        idle_timeout_s: float = 300.0,
         trusted_hops: int = 0,
-        max_connections: int = 1024,
     ) -> None:
-        if not path_prefix.startswith("/") or path_prefix.endswith(("/", "@")):
-            raise ValueError("path_prefix must start with '/' and not end with '/' or '@'")
         self.authorizer = authorizer
         self.responses = responses
-        self.host, self._port = host, port
-        self.path_prefix = path_prefix
-        self.peer_header = peer_header.lower()
-        self.max_header_bytes = max_header_bytes
-        self.max_headers = max_headers
-        self.request_timeout_s = request_timeout_s
-        self.idle_timeout_s = idle_timeout_s
-        self.max_connections = max_connections
+        self.settings = settings
+        self.host, self._port = settings.host, settings.port
+        self.path_prefix = settings.path_prefix
+        self.peer_header = settings.peer_header.lower()
+        self.max_header_bytes = settings.max_header_bytes
+        self.max_headers = settings.max_headers
+        self.request_timeout_s = settings.request_timeout_s
+        self.idle_timeout_s = settings.idle_timeout_s
+        self.max_connections = settings.max_connections
         self.trusted_hops = trusted_hops
         self.closing = False
         self.conns: set[_Conn] = set()
@@ -214,10 +176,9 @@ class HttpAuthzServer:
                 if conn.deadline <= now:
                     conn.expire()
 
-    def record_refusal(self, reason: str, prefix: str) -> str:
-        decision_id = f"{prefix}-{time.time_ns():x}"
-        self.authorizer.record(Decision(Outcome.DENY, reason), decision_id, None, 0.0)
-        return decision_id
+    def record_refusal(self, reason: Reason) -> str:
+        """Count and log a request refused before it could be read; its decision id."""
+        return self.authorizer.unread(refused(reason)).decision_id
 
 
 class _Conn(asyncio.Protocol):
@@ -243,7 +204,7 @@ class _Conn(asyncio.Protocol):
         srv = self.server
         if srv.closing or len(srv.conns) >= srv.max_connections:
             # Envoy sees a 403 (fail closed), never a silent reset it might retry as allow.
-            did = srv.record_refusal(Reason.INTERNAL_ERROR, "cap")
+            did = srv.record_refusal(Reason.INTERNAL_ERROR)
             transport.write(refusal(srv.responses, Reason.INTERNAL_ERROR, did))
             transport.close()
             return
@@ -306,14 +267,10 @@ class _Conn(asyncio.Protocol):
                 trusted_hops=srv.trusted_hops,
             )
         except RequestError as exc:
-            did = srv.record_refusal(exc.reason, "req")
+            answer = srv.authorizer.unread(refused(exc.reason))
+            close = self.close_after or srv.closing
             self._answer(
-                srv.responses.build(
-                    Decision(Outcome.DENY, exc.reason),
-                    None,
-                    did,
-                    close=self.close_after or srv.closing,
-                ).wire
+                srv.responses.build(answer.decision, None, answer.decision_id, close=close).wire
             )
             return
         self.task = self.loop.create_task(self._check(attrs))
@@ -321,23 +278,23 @@ class _Conn(asyncio.Protocol):
     async def _check(self, attrs: RequestAttributes) -> None:
         srv = self.server
         try:
-            decision, decision_id = await srv.authorizer.check(attrs)
+            result = await srv.authorizer.check(attrs)
             wire = srv.responses.build(
-                decision, attrs, decision_id, close=self.close_after or srv.closing
+                result.decision, attrs, result.decision_id, close=self.close_after or srv.closing
             ).wire
         except asyncio.CancelledError:
             if not self.timed_out:
                 raise  # the connection went away
-            decision = Decision(Outcome.ERROR, Reason.DEADLINE_EXCEEDED)
-            did = f"ddl-{time.time_ns():x}"
-            srv.authorizer.record(decision, did, attrs, srv.request_timeout_s)
-            wire = srv.responses.build(decision, attrs, did, close=True).wire
+            late = srv.authorizer.unread(
+                failed(Reason.DEADLINE_EXCEEDED), attrs, srv.request_timeout_s
+            )
+            wire = srv.responses.build(late.decision, attrs, late.decision_id, close=True).wire
             self.close_after = True
         except Exception:
             # Building the answer failed (check() itself never raises): deny, never allow.
             log.exception("could not answer a check")
-            did = srv.record_refusal(Reason.INTERNAL_ERROR, "err")
-            wire = refusal(srv.responses, Reason.INTERNAL_ERROR, did)
+            err = srv.authorizer.unread(failed(Reason.INTERNAL_ERROR))
+            wire = refusal(srv.responses, Reason.INTERNAL_ERROR, err.decision_id)
             self.close_after = True
         self.task = None
         self._answer(wire)
@@ -355,9 +312,9 @@ class _Conn(asyncio.Protocol):
             transport.resume_reading()
         self._next()  # a pipelined request may already be buffered
 
-    def _refuse(self, reason: str, message: str) -> None:
+    def _refuse(self, reason: Reason, message: str) -> None:
         log.warning("refused an unreadable check request: %s", message)
-        did = self.server.record_refusal(reason, "req")
+        did = self.server.record_refusal(reason)
         self.buf.clear()
         self.close_after = True
         self._answer(refusal(self.server.responses, reason, did))
@@ -384,57 +341,20 @@ class _Conn(asyncio.Protocol):
             self.transport.abort()
 
 
-def server_from_config(
-    cfg: HttpAuthzConfig,
-    authorizer: Authorizer,
-    *,
-    stepup_path_prefix: str = "/_stepup",
-    error_status: int = 403,
-    trusted_hops: int = 0,
-    redirects: Redirects | None = None,
-) -> HttpAuthzServer:
-    responses = HttpResponseBuilder(
-        path_prefix=stepup_path_prefix, error_status=error_status, redirects=redirects
-    )
-    return HttpAuthzServer(
-        authorizer,
-        responses,
-        host=cfg.host,
-        port=cfg.port,
-        path_prefix=cfg.path_prefix,
-        peer_header=cfg.peer_header,
-        max_header_bytes=cfg.max_header_bytes,
-        max_headers=cfg.max_headers,
-        request_timeout_s=cfg.request_timeout_s,
-        idle_timeout_s=cfg.idle_timeout_s,
-        max_connections=cfg.max_connections,
-        trusted_hops=trusted_hops,
-    )
-
-
 async def maybe_start(
-    cfg: HttpAuthzConfig | None,
+    settings: HttpAuthzSettings,
     authorizer: Authorizer,
+    responses: HttpResponseBuilder,
     *,
-    stepup_path_prefix: str = "/_stepup",
-    error_status: int = 403,
     trusted_hops: int = 0,
-    redirects: Redirects | None = None,
 ) -> HttpAuthzServer | None:
-    """Start the HTTP ext_authz listener when ``cfg.enabled``; None otherwise."""
-    if cfg is None or not cfg.enabled:
+    """Start the HTTP ext_authz listener when ``settings.enabled``; None otherwise."""
+    if not settings.enabled:
         return None
-    server = server_from_config(
-        cfg,
-        authorizer,
-        stepup_path_prefix=stepup_path_prefix,
-        error_status=error_status,
-        trusted_hops=trusted_hops,
-        redirects=redirects,
-    )
+    server = HttpAuthzServer(authorizer, responses, settings, trusted_hops=trusted_hops)
     await server.start()
     log.info(
         "HTTP ext_authz serving",
-        extra={"address": f"{cfg.host}:{server.port}", "path_prefix": cfg.path_prefix},
+        extra={"address": f"{settings.host}:{server.port}", "path_prefix": settings.path_prefix},
     )
     return server

@@ -73,7 +73,7 @@ def key_fits(jwk: Mapping[str, Any], alg: str) -> bool:
 class KeySet:
     """An immutable set of public verification keys parsed from one JWKS document."""
 
-    __slots__ = ("_built", "_jwks", "fingerprint")
+    __slots__ = ("_built", "_jwks", "fingerprint", "kids")
 
     def __init__(self, jwks: Any) -> None:
         """Parse ``jwks``; unusable keys are skipped (logged), ValueError if none is usable."""
@@ -93,6 +93,7 @@ class KeySet:
         if not usable:
             raise ValueError("JWKS has no usable verification key")
         self._jwks = tuple(usable)
+        self.kids = frozenset(k["kid"] for k in usable if isinstance(k.get("kid"), str))
         self.fingerprint = tuple(sorted(json.dumps(k, sort_keys=True) for k in usable))
 
     def _load_one(self, raw: Any) -> str:
@@ -147,6 +148,12 @@ class KeySource(Protocol):
 
     async def refresh(self) -> bool: ...
 
+    def retry_after(self, kid: str | None = None) -> float | None:
+        """Seconds until ``refresh()`` would fetch again, when the rate limit holds it back
+        now (and no fetch is in flight); None when a refresh can run or would not help
+        (``kid`` was withdrawn by the last reload: no refetch brings it back)."""
+        ...
+
     async def start(self) -> None: ...
 
     async def aclose(self) -> None: ...
@@ -170,6 +177,9 @@ class StaticKeySource:
 
     async def refresh(self) -> bool:
         return False
+
+    def retry_after(self, kid: str | None = None) -> float | None:
+        return None  # a fixed set: waiting never brings a new key
 
     async def start(self) -> None:
         if self._keys is None:
@@ -200,6 +210,8 @@ class _ReloadingKeySource:
         self._last_attempt: float | None = None
         self._inflight: asyncio.Task[bool] | None = None
         self._periodic: asyncio.Task[None] | None = None
+        self._deferred: asyncio.Task[None] | None = None
+        self._withdrawn: frozenset[str] = frozenset()  # kids the last reload removed
         self.fetches = 0  # load attempts, for metrics and tests
 
     async def _load(self) -> Any:
@@ -234,11 +246,33 @@ class _ReloadingKeySource:
         A failed reload keeps the old keys and also counts against the interval, so an
         attacker sending unknown kids cannot make us hammer a struggling IdP.
         """
-        if self._inflight is None:
-            now = self._clock()
-            if self._last_attempt is not None and now - self._last_attempt < self._min_interval_s:
-                return False
+        held = self.retry_after()
+        if held is not None:
+            self._defer(held)
+            return False
         return await self._reload_now()
+
+    def retry_after(self, kid: str | None = None) -> float | None:
+        if self._inflight is not None or self._last_attempt is None:
+            return None
+        if kid is not None and kid in self._withdrawn:
+            return None
+        left = self._min_interval_s - (self._clock() - self._last_attempt)
+        return left if left > 0 else None
+
+    def _defer(self, delay: float) -> None:
+        """One reload at the end of the held-back interval: a key published by a second
+        rotation inside the interval is loaded then, without waiting for another token to
+        ask. At most one is pending, so unknown kids cannot add fetches."""
+        if self._deferred is not None and not self._deferred.done():
+            return
+
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            if self.retry_after() is None:
+                await self._reload_now()
+
+        self._deferred = asyncio.create_task(later())
 
     async def _reload_now(self) -> bool:
         if self._inflight is None:
@@ -270,6 +304,8 @@ class _ReloadingKeySource:
         old = self._keys
         if old is not None and old.fingerprint == keys.fingerprint:
             return False  # keep the old object: verified-token cache entries stay valid
+        if old is not None:
+            self._withdrawn = old.kids - keys.kids
         self._keys = keys
         log.info("jwks: loaded %d key(s) from %s", len(keys), self._describe())
         return True
@@ -280,8 +316,8 @@ class _ReloadingKeySource:
             await self._reload_now()
 
     async def aclose(self) -> None:
-        tasks = [t for t in (self._periodic, self._inflight) if t is not None]
-        self._periodic = self._inflight = None
+        tasks = [t for t in (self._periodic, self._inflight, self._deferred) if t is not None]
+        self._periodic = self._inflight = self._deferred = None
         for task in tasks:
             task.cancel()
         # gather (not try/except) so that cancelling aclose() itself still propagates
@@ -347,10 +383,10 @@ class JwksKeySource(_ReloadingKeySource):
         if self._url is None:
             assert self._issuer is not None
             self._url = await discover_jwks_url(self._issuer, self._session, self._timeout_s)
-        return await _get_json(self._session, self._url, self._timeout_s)
+        return await get_json(self._session, self._url, self._timeout_s)
 
 
-async def _get_json(session: aiohttp.ClientSession, url: str, timeout_s: float) -> Any:
+async def get_json(session: aiohttp.ClientSession, url: str, timeout_s: float) -> Any:
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with session.get(
         url, timeout=timeout, max_redirects=3, headers={"Accept": "application/json"}
@@ -385,7 +421,7 @@ async def discover_jwks_url(issuer: str, session: aiohttp.ClientSession, timeout
     """
     url = issuer.rstrip("/") + "/.well-known/openid-configuration"  # Discovery section 4
     try:
-        doc = await _get_json(session, url, timeout_s)
+        doc = await get_json(session, url, timeout_s)
     except Exception as exc:  # network, HTTP status, size, JSON: all mean "no keys"
         raise KeysUnavailable(f"discovery {url} failed: {_why(exc)}") from exc
     if not isinstance(doc, dict) or doc.get("issuer") != issuer:

@@ -1,7 +1,34 @@
-"""CheckRequest -> RequestAttributes. The only module that reads ext_authz request protos."""
+"""What Envoy sends -> RequestAttributes, for both ext_authz modes. The only module that
+reads ext_authz requests; everything after it sees the frozen attributes.
+
+gRPC (``attributes_from_check``): the ext_authz v3 ``CheckRequest``.
+
+HTTP (``attributes_from_http``): Envoy's ``ExtAuthz.http_service`` protocol. What Envoy
+sends (``ext_authz_http_impl.cc``, checked against Envoy 1.40 in
+``tests/e2e/test_http_mode.py``): the **original method** (no body, ``content-length: 0``);
+the original ``:path`` with ``http_service.path_prefix`` in front; ``host`` = the original
+``:authority``; only the headers ``authorization_request.allowed_headers`` lets through
+(plus ``authorization``), and the ``headers_to_add`` entries, which overwrite any client
+value of the same name and may use Envoy's substitution formatters.
+
+Envoy's view of the peer is not sent by default in the HTTP mode. The rendered and shipped
+configs add it with ``authorization_request.headers_to_add``: ``x-stepup-peer-address`` set
+to ``%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%``, the address the gRPC mode reads from
+``attributes.source.address``. A client-sent header of that name is overwritten, never
+trusted; a check without it is refused (fail closed).
+
+Context extensions do not exist in the HTTP protocol. A route that must raise its level
+uses a per-route ``check_settings.http_service`` whose ``path_prefix`` is
+``<prefix>@<level>`` (e.g. ``/check@high``): the path then reads ``/check@high/wires/1``.
+The character after the prefix is ``/`` for a plain check and ``@`` for a level, so no
+original path (which always starts with ``/``) can be read as a level. The level only
+raises, exactly like ``context_extensions.stepup_level``.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from functools import lru_cache
 from types import MappingProxyType
 
@@ -13,8 +40,15 @@ from authz.core.attributes import (
     canonicalize_path,
     client_ip,
     normalize_host,
+    parse_ip,
 )
+from authz.core.decision import CONTEXT_LEVEL_KEY
+from authz.core.reasons import Reason
 from authz.errors import RequestError
+
+PEER_HEADER = "x-stepup-peer-address"
+_LEVEL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
 
 # Envoy already bounds header sizes; this is a second fence for what we copy per Check.
 MAX_HEADERS = 200
@@ -52,18 +86,18 @@ def attributes_from_check(
     ctx = req.attributes
     http = ctx.request.http
     if len(http.headers) > MAX_HEADERS:
-        raise RequestError("too many headers", reason="bad-request")
+        raise RequestError("too many headers", reason=Reason.BAD_REQUEST)
     headers = MappingProxyType(dict(http.headers))  # Envoy sends lower-case names
     method = http.method or headers.get(":method", "")
     # ASCII letters only: str.isalpha() is Unicode-aware, and an RFC 9110 method token
     # never holds anything else (found by tests/fuzz/fuzz_envoy_in.py).
     if not method or not method.isascii() or not method.isalpha():
-        raise RequestError("missing or invalid method", reason="bad-request")
+        raise RequestError("missing or invalid method", reason=Reason.BAD_REQUEST)
     raw_path = http.path or headers.get(":path", "")
     path, query = _canonical(raw_path)
     host = _host(http.host or headers.get(":authority", ""))
     if not host:
-        raise RequestError("missing host", reason="bad-request")
+        raise RequestError("missing host", reason=Reason.BAD_REQUEST)
     sock = ctx.source.address.socket_address
     return RequestAttributes(
         method=method.upper(),
@@ -76,4 +110,54 @@ def attributes_from_check(
         context_extensions=MappingProxyType(dict(ctx.context_extensions)),
         request_id=http.id or headers.get("x-request-id", ""),
         peer_certificate=ctx.source.certificate,
+    )
+
+
+def attributes_from_http(
+    method: str,
+    target: str,
+    headers: Mapping[str, str],
+    *,
+    path_prefix: str,
+    peer_header: str = PEER_HEADER,
+    trusted_hops: int = 0,
+) -> RequestAttributes:
+    """Build the attributes from one check request; raises RequestError to refuse it.
+
+    ``headers`` has lower-case names (one value each: Envoy joins repeats with ``,`` before
+    sending). The path after ``path_prefix`` is canonicalised exactly like the gRPC mode.
+    """
+    # ASCII letters only: str.isalpha() is Unicode-aware, and an RFC 9110 method token
+    # never holds anything else (found by tests/fuzz/fuzz_envoy_in.py).
+    if not method or not method.isascii() or not method.isalpha():
+        raise RequestError("missing or invalid method", reason=Reason.BAD_REQUEST)
+    if not target.startswith(path_prefix):
+        raise RequestError("check path outside the configured prefix", reason=Reason.BAD_REQUEST)
+    rest = target[len(path_prefix) :]
+    context: Mapping[str, str] = _NO_CONTEXT
+    if rest.startswith("@"):
+        level, slash, original = rest[1:].partition("/")
+        if not slash or _LEVEL.fullmatch(level) is None:
+            raise RequestError("invalid level segment in the check path", reason=Reason.BAD_REQUEST)
+        rest = "/" + original
+        context = MappingProxyType({CONTEXT_LEVEL_KEY: level})
+    path, query = _canonical(rest)
+    host = _host(headers.get("host", ""))
+    if not host:
+        raise RequestError("missing host", reason=Reason.BAD_REQUEST)
+    peer = headers.get(peer_header)
+    if not peer or parse_ip(peer) is None:
+        # Envoy's headers_to_add always sets it; without it the IP rules cannot be applied.
+        raise RequestError(f"missing or invalid {peer_header}", reason=Reason.BAD_REQUEST)
+    source_ip = _client_ip(peer, headers.get("x-forwarded-for"), trusted_hops)
+    return RequestAttributes(
+        method=method.upper(),
+        scheme=headers.get("x-forwarded-proto", "http"),
+        host=host,
+        path=path,
+        query=query,
+        headers=MappingProxyType(dict(headers)),
+        source_ip=source_ip,
+        context_extensions=context,
+        request_id=headers.get("x-request-id", ""),
     )

@@ -1,4 +1,17 @@
-"""Decision -> CheckResponse: statuses, redirects, RFC 9470 challenges, identity headers.
+"""Decision -> Envoy's answer, for both ext_authz modes: statuses, redirects, RFC 9470
+challenges, identity headers. ``ResponseBuilder`` writes the gRPC ``CheckResponse``,
+``HttpResponseBuilder`` the raw HTTP/1.1 answer of the HTTP mode; both take the headers and
+the body of a denial from one definition (``denial``), so the modes cannot drift.
+
+HTTP mode: 200 allows; Envoy copies the ``allowed_upstream_headers`` onto the upstream
+request and removes the names listed in ``x-envoy-auth-headers-to-remove``. Any other
+status denies, and Envoy sends it to the client with the ``allowed_client_headers`` and our
+body. ``x-stepup-decision-id``, ``x-stepup-outcome``, ``x-stepup-reason`` and
+``x-stepup-level`` feed ``dynamic_metadata_from_headers`` (the access log's join key). A
+5xx answer is an ext_authz *error* to Envoy, which then answers ``status_on_error``
+without our headers: ``stepup.error_status: 503`` therefore reaches the client only in the
+gRPC mode.
+
 
 Who gets what (DESIGN.md): browsers (Accept: text/html, safe methods) are redirected;
 API clients get 401 with a ``WWW-Authenticate: Bearer`` challenge, and for step-up the
@@ -12,6 +25,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -21,6 +36,7 @@ from google.rpc import code_pb2
 from authz.check.redirects import Redirects
 from authz.core.attributes import RequestAttributes
 from authz.core.decision import Decision, Outcome
+from authz.core.reasons import Reason
 
 HEADER_PREFIX = "x-stepup-"
 # Method-override headers (Google/most frameworks, OData, IBM): an upstream honouring one
@@ -30,6 +46,20 @@ METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _SAFE_METHODS = frozenset({"GET", "HEAD"})
 _REALM = 'realm="stepup-authz"'
+
+PEER_HEADER = "x-stepup-peer-address"
+# HTTP mode: headers that only feed Envoy's dynamic metadata (never reach the client or
+# upstream, since they are in no allowed_* list). "x-stepup-reason" and "-decision-id" are
+# also client headers on a denial; "x-stepup-level" is also an upstream header on an allow.
+METADATA_HEADERS = ("x-stepup-decision-id", "x-stepup-outcome", "x-stepup-reason", "x-stepup-level")
+REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+
+
+def _reason_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Status"
 
 
 def _add_headers(field: Any, items: Iterable[tuple[str, str]]) -> None:
@@ -72,7 +102,7 @@ def denial(
     clients get 401 with a Bearer challenge (RFC 9470 for step-up, RFC 6750 otherwise);
     errors get ``error_status``; everything else 403.
     """
-    reason = str(d.reason)
+    reason = d.slug
     headers = [
         ("x-stepup-reason", reason),
         ("x-stepup-decision-id", decision_id),
@@ -89,7 +119,7 @@ def denial(
             return 302, headers, ""
         if d.outcome is Outcome.STEP_UP:
             www = (challenge or rfc9470_challenge)(d.acr_values, d.max_age)
-        elif reason == "no-credentials":
+        elif d.reason == Reason.NO_CREDENTIALS:
             www = "Bearer " + _REALM
         else:
             www = f'Bearer {_REALM}, error="invalid_token", error_description="{reason}"'
@@ -105,6 +135,37 @@ def denial(
         headers,
         json.dumps({"error": error, "reason": reason, "decision_id": decision_id}),
     )
+
+
+def allowance(
+    d: Decision, attrs: RequestAttributes | None, decision_id: str
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """(headers set on the upstream request, headers removed from it) of an allow: one
+    definition for both ext_authz modes.
+
+    Identity headers come only from us: every client-sent ``x-stepup-*`` we do not set
+    ourselves is removed, and so are method overrides, always (the HTTP mode cannot see
+    them, since they are not in its allowed headers, and both modes answer alike).
+    """
+    headers = [
+        ("x-stepup-level", d.level.name if d.level is not None else ""),
+        ("x-stepup-decision-id", decision_id),
+        ("x-stepup-risk", str(d.risk)),
+    ]
+    if d.identity is not None:
+        ev = d.evidence or d.identity.evidence
+        headers += [
+            ("x-stepup-user", d.identity.subject),
+            ("x-stepup-issuer", d.identity.issuer),
+            ("x-stepup-acr", ev.acr or ""),
+            ("x-stepup-auth-time", str(ev.auth_time or "")),
+        ]
+    remove: list[str] = []
+    if attrs is not None:
+        ours = {k for k, _ in headers}
+        remove = [h for h in attrs.headers if h.startswith(HEADER_PREFIX) and h not in ours]
+    remove += METHOD_OVERRIDE_HEADERS
+    return headers, remove
 
 
 class ResponseBuilder:
@@ -127,7 +188,7 @@ class ResponseBuilder:
         fields = resp.dynamic_metadata.fields
         fields["decision_id"].string_value = decision_id
         fields["outcome"].string_value = decision.outcome.value
-        fields["reason"].string_value = str(decision.reason)
+        fields["reason"].string_value = decision.slug
         fields["level"].string_value = decision.level.name if decision.level is not None else ""
         if decision.outcome is Outcome.ALLOW:
             return self._allow(decision, attrs, decision_id, resp)
@@ -140,29 +201,10 @@ class ResponseBuilder:
         decision_id: str,
         resp: external_auth_pb2.CheckResponse,
     ) -> external_auth_pb2.CheckResponse:
-        set_headers = {
-            "x-stepup-level": d.level.name if d.level is not None else "",
-            "x-stepup-decision-id": decision_id,
-            "x-stepup-risk": str(d.risk),
-        }
-        if d.identity is not None:
-            set_headers["x-stepup-user"] = d.identity.subject
-            set_headers["x-stepup-issuer"] = d.identity.issuer
-            ev = d.evidence or d.identity.evidence
-            set_headers["x-stepup-acr"] = ev.acr or ""
-            set_headers["x-stepup-auth-time"] = str(ev.auth_time or "")
-        # Identity headers come only from us: drop every client-sent x-stepup-* we
-        # do not overwrite ourselves; and method overrides, always (the HTTP mode does not
-        # see them, and both modes answer alike).
-        remove = []
-        if attrs is not None:
-            remove = [
-                h for h in attrs.headers if h.startswith(HEADER_PREFIX) and h not in set_headers
-            ]
-        remove += METHOD_OVERRIDE_HEADERS
+        set_headers, remove = allowance(d, attrs, decision_id)
         resp.status.code = code_pb2.OK
         ok = resp.ok_response
-        _add_headers(ok.headers, set_headers.items())
+        _add_headers(ok.headers, set_headers)
         ok.headers_to_remove.extend(remove)
         return resp
 
@@ -188,3 +230,116 @@ class ResponseBuilder:
         _add_headers(denied.headers, headers)
         denied.body = body
         return resp
+
+
+# -- HTTP ext_authz mode ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAnswer:
+    """One answer: status and header list (for tests and comparisons) plus the wire bytes."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    wire: bytes
+
+
+class HttpResponseBuilder:
+    """Decision -> HTTP/1.1 response bytes, mirroring ``envoy_out.ResponseBuilder``.
+
+    Static lines are encoded once; challenges are cached per (acr_values, max_age).
+    """
+
+    def __init__(
+        self,
+        *,
+        path_prefix: str = "/_stepup",
+        error_status: int = 403,
+        redirects: Redirects | None = None,
+    ) -> None:
+        self.redirects = redirects or Redirects(path_prefix)
+        self.error_status = error_status
+        self._status_lines = {
+            code: f"HTTP/1.1 {code} {_reason_phrase(code)}\r\n".encode("latin-1")
+            for code in (200, 302, 401, 403, 503, error_status)
+        }
+        self._challenges: dict[tuple[tuple[str, ...], int | None], str] = {}
+
+    # The gRPC-equivalent headers, in envoy_out's order.
+    def headers_for(
+        self, decision: Decision, attrs: RequestAttributes | None, decision_id: str
+    ) -> tuple[int, list[tuple[str, str]], str]:
+        d = decision
+        reason = d.slug
+        if d.outcome is Outcome.ALLOW:
+            headers, remove = allowance(d, attrs, decision_id)
+            headers.append((REMOVE_HEADER, ", ".join(remove)))
+            headers += [("x-stepup-outcome", d.outcome.value), ("x-stepup-reason", reason)]
+            return 200, headers, ""
+        status, headers, body = denial(
+            d,
+            attrs,
+            decision_id,
+            redirects=self.redirects,
+            error_status=self.error_status,
+            challenge=self._challenge,
+        )
+        headers += [
+            ("x-stepup-outcome", d.outcome.value),
+            ("x-stepup-level", d.level.name if d.level is not None else ""),
+        ]
+        return status, headers, body
+
+    def _challenge(self, acr_values: tuple[str, ...], max_age: int | None) -> str:
+        key = (acr_values, max_age)
+        found = self._challenges.get(key)
+        if found is None:
+            if len(self._challenges) > 1024:  # levels are few; bound it all the same
+                self._challenges.clear()
+            found = self._challenges[key] = rfc9470_challenge(acr_values, max_age)
+        return found
+
+    def build(
+        self,
+        decision: Decision,
+        attrs: RequestAttributes | None,
+        decision_id: str,
+        *,
+        close: bool = False,
+    ) -> HttpAnswer:
+        status, headers, body = self.headers_for(decision, attrs, decision_id)
+        raw_body = body.encode()
+        return HttpAnswer(
+            status, tuple(headers), raw_body, self.encode(status, headers, raw_body, close=close)
+        )
+
+    def encode(
+        self, status: int, headers: list[tuple[str, str]], body: bytes, *, close: bool = False
+    ) -> bytes:
+        line = self._status_lines.get(status)
+        if line is None:
+            line = f"HTTP/1.1 {status} {_reason_phrase(status)}\r\n".encode("latin-1")
+        parts = [line]
+        for k, v in headers:
+            _check_value(v)
+            # UTF-8, the bytes Envoy would send for the same gRPC header value.
+            parts.append(f"{k}: {v}\r\n".encode())
+        parts.append(b"content-length: %d\r\n" % len(body))
+        if close:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        parts.append(body)
+        return b"".join(parts)
+
+
+def _check_value(value: str) -> None:
+    # Values come from verified tokens and the policy, but a CR/LF must never split a
+    # response (RFC 9110 section 5.5): refuse it rather than emit it.
+    if "\r" in value or "\n" in value or "\x00" in value:
+        raise ValueError("control character in a response header value")
+
+
+def refusal(builder: HttpResponseBuilder, reason: Reason, decision_id: str) -> bytes:
+    """A 403 for a request we could not read (framing errors): always closes the stream."""
+    return builder.build(Decision(Outcome.DENY, reason), None, decision_id, close=True).wire

@@ -12,10 +12,13 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Protocol
 
 import jwt
 from jwt.utils import base64url_decode
@@ -33,17 +36,25 @@ from authz.config.settings import OidcSettings
 from authz.core.reasons import Reason
 from authz.core.session import Evidence, Identity
 from authz.errors import KeysUnavailable, TokenError
+from authz.stepup.profiles import PROFILES, ClaimError, IdpProfile, client_of, read_evidence
+from authz.stepup.profiles import resolve as resolve_profile
 
 __all__ = [
     "MAX_TOKEN_BYTES",
+    "AccessTokenVerifier",
     "CacheStats",
     "FileKeySource",
+    "IdToken",
+    "IdTokenVerifier",
     "JwksKeySource",
     "KeySource",
     "StaticKeySource",
+    "StepupTokens",
     "TokenVerifier",
+    "accepted_typs",
     "discover_jwks_url",
     "evidence_from_claims",
+    "json_object",
     "key_source_from_settings",
 ]
 
@@ -82,6 +93,11 @@ def _loads(raw: bytes, what: str) -> dict[str, Any]:
     return doc
 
 
+def json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """A JSON object parsed strictly (duplicate members and NaN refused): token-invalid."""
+    return _loads(raw, what)
+
+
 def _int_claim(claims: dict[str, Any], name: str, *, required: bool) -> int | None:
     """A NumericDate as an integer; bool, float and str are refused (fail closed)."""
     value = claims.get(name)
@@ -108,20 +124,53 @@ def _normalise_typ(typ: str) -> str:
     return typ.removeprefix("application/")
 
 
-def evidence_from_claims(claims: dict[str, Any]) -> Evidence:
+def evidence_from_claims(claims: dict[str, Any], profile: IdpProfile | None = None) -> Evidence:
     """``acr`` (str or absent), ``amr`` (list of str, absent -> ()), ``auth_time`` (int or
-    absent), typed strictly: anything else is token-invalid."""
-    amr = claims.get("amr", [])
-    if not isinstance(amr, list) or not all(isinstance(a, str) for a in amr):
-        raise _invalid("`amr` is not a list of strings")
-    acr = _str_claim(claims, "acr")
-    if acr is not None and _CONTROL.search(acr):
+    absent), from the claims the profile names (default: generic), typed strictly:
+    anything else is token-invalid."""
+    try:
+        evidence = read_evidence(profile or PROFILES["generic"], claims)
+    except ClaimError as exc:
+        raise _invalid(str(exc)) from None
+    if evidence.acr is not None and _CONTROL.search(evidence.acr):
         raise _invalid("control character in `acr`")
-    return Evidence(
-        acr=acr,
-        amr=tuple(amr),
-        auth_time=_int_claim(claims, "auth_time", required=False),
-    )
+    return evidence
+
+
+def accepted_typs(typs: tuple[str | None, ...] | None) -> frozenset[str | None] | None:
+    """The normalised ``typ`` values accepted (None in the set: no ``typ`` header)."""
+    if typs is None:
+        return None
+    return frozenset(None if t is None else _normalise_typ(t) for t in typs)
+
+
+@dataclass(frozen=True, slots=True)
+class IdToken:
+    """A verified ID token: who authenticated, what the authentication proved (its
+    Evidence, typed strictly) and the claims as the IdP sent them."""
+
+    issuer: str
+    subject: str
+    evidence: Evidence
+    session_id: str | None
+    claims: Mapping[str, Any]
+
+
+class AccessTokenVerifier(Protocol):
+    """What the Check path and the step-up endpoints need to turn a token into an Identity."""
+
+    async def verify_access_token(self, token: str, now: int) -> Identity: ...
+
+
+class IdTokenVerifier(Protocol):
+    """What the step-up callback needs to verify the IdP's ID token (OIDC Core 3.1.3.7)."""
+
+    async def verify_id_token(self, token: str, now: int, *, nonce: str) -> IdToken: ...
+
+
+class StepupTokens(AccessTokenVerifier, IdTokenVerifier, Protocol):
+    """Both: what the step-up endpoints verify (the session's access token at ``start``,
+    the IdP's ID token at the callback)."""
 
 
 @dataclass(slots=True)
@@ -142,14 +191,18 @@ class _Cached:
 class TokenVerifier:
     """Verifies compact JWS tokens against a :class:`KeySource` and ``OidcSettings``."""
 
-    def __init__(self, settings: OidcSettings, keys: KeySource) -> None:
+    def __init__(
+        self, settings: OidcSettings, keys: KeySource, *, profile: IdpProfile | None = None
+    ) -> None:
         self._settings = settings
         self._keys = keys
+        self.profile = profile if profile is not None else resolve_profile(settings)
+        self._clients = frozenset(settings.allowed_clients)
         self._algorithms = frozenset(settings.algorithms) - _NEVER
         self._jws = jwt.PyJWS(
             algorithms=list(self._algorithms), options={"enforce_minimum_key_length": True}
         )
-        self._typ = None if settings.token_typ is None else _normalise_typ(settings.token_typ)
+        self._typ = accepted_typs(self.profile.token_typ)
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
         self._cache_size = settings.token_cache_size
         self.cache_stats = CacheStats()
@@ -196,29 +249,49 @@ class TokenVerifier:
         return identity
 
     def _identity(self, claims: dict[str, Any]) -> Identity:
-        sid = _str_claim(claims, "sid")
+        exp = _int_claim(claims, "exp", required=True)
+        iat = _int_claim(claims, "iat", required=True)
+        assert exp is not None and iat is not None
+        return self.identity_from_claims(claims, expires_at=exp, issued_at=iat)
+
+    def identity_from_claims(
+        self, claims: dict[str, Any], *, expires_at: int, issued_at: int
+    ) -> Identity:
+        """The Identity verified claims prove, read the profile's way: the user from its
+        subject claim (``uid`` for Okta, ``oid`` for Entra), ``sid`` or the fallback, the
+        evidence, the client (checked against ``allowed_clients``). Shared by JWT
+        verification and RFC 7662 introspection, so both give the same Identity."""
+        p = self.profile
+        subject = _str_claim(claims, p.subject_claims[0])
+        if not subject:
+            raise _invalid(f"missing `{p.subject_claims[0]}`")
+        if _CONTROL.search(subject):
+            raise _invalid(f"control character in `{p.subject_claims[0]}`")
+        sid = _str_claim(claims, p.sid_claim)
         if sid is None and self._settings.sid_fallback_claim is not None:
             sid = _str_claim(claims, self._settings.sid_fallback_claim)
         if not sid:
             raise _invalid("no session id (`sid` or the configured fallback claim)")
-        evidence = evidence_from_claims(claims)
-        client_id = _str_claim(claims, "client_id") or _str_claim(claims, "azp")
-        exp = _int_claim(claims, "exp", required=True)
-        iat = _int_claim(claims, "iat", required=True)
-        assert exp is not None and iat is not None
+        evidence = evidence_from_claims(claims, p)
+        try:
+            client_id = client_of(p, claims)
+        except ClaimError as exc:
+            raise _invalid(str(exc)) from None
+        if self._clients and client_id not in self._clients:
+            raise _invalid("client not in oidc.allowed_clients")
         return Identity(
             issuer=claims["iss"],
-            subject=claims["sub"],
+            subject=subject,
             session_id=sid,
             evidence=evidence,
-            expires_at=exp,
+            expires_at=expires_at,
             client_id=client_id,
-            issued_at=iat,
+            issued_at=issued_at,
         )
 
     # -- ID tokens -----------------------------------------------------------------------
 
-    async def verify_id_token(self, token: str, now: int, *, nonce: str) -> dict[str, Any]:
+    async def verify_id_token(self, token: str, now: int, *, nonce: str) -> IdToken:
         """Verify an ID token from the step-up round trip (OIDC Core 3.1.3.7, 3.1.3.8).
 
         ``aud`` must contain ``client_id``; with several audiences ``azp`` is required, and
@@ -237,8 +310,13 @@ class TokenVerifier:
             raise _invalid("several audiences and no `azp`")
         if azp is not None and azp != client_id:
             raise _invalid("`azp` is not our client_id")
-        evidence_from_claims(claims)  # the caller builds a grant from these: type them now
-        return claims
+        return IdToken(
+            issuer=claims["iss"],
+            subject=claims["sub"],
+            evidence=evidence_from_claims(claims, self.profile),
+            session_id=_str_claim(claims, "sid"),
+            claims=MappingProxyType(claims),
+        )
 
     # -- shared core ---------------------------------------------------------------------
 
@@ -247,12 +325,12 @@ class TokenVerifier:
     ) -> dict[str, Any]:
         """Verify signature, ``iss``, ``aud``, ``sub`` and times; return the claims."""
         claims, _, _ = await self._verify(
-            token, now, audience=audience, typ=None if typ is None else _normalise_typ(typ)
+            token, now, audience=audience, typ=None if typ is None else accepted_typs((typ,))
         )
         return claims
 
     async def _verify(
-        self, token: str, now: int, *, audience: str, typ: str | None
+        self, token: str, now: int, *, audience: str, typ: frozenset[str | None] | None
     ) -> tuple[dict[str, Any], dict[str, Any], jwt.PyJWK]:
         if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
             raise _invalid("token too large or not a string")
@@ -274,7 +352,9 @@ class TokenVerifier:
             raise _invalid("bad `kid`")
         if typ is not None:
             got = header.get("typ")
-            if not isinstance(got, str) or _normalise_typ(got) != typ:
+            if got is not None and not isinstance(got, str):
+                raise _invalid("`typ` mismatch")
+            if (None if got is None else _normalise_typ(got)) not in typ:
                 raise _invalid("`typ` mismatch")
         # `jwk`, `jku`, `x5u`, `x5c` are deliberately ignored: keys come only from our source.
 
@@ -290,6 +370,16 @@ class TokenVerifier:
     async def _key(self, kid: str | None, alg: str) -> jwt.PyJWK:
         key = self._keys.get(kid, alg)
         if key is None:
+            held = self._keys.retry_after(kid)
+            if held is not None:
+                await self._keys.refresh()  # returns at once; a reload is queued for later
+                # The refetch that could find this key is held back by the rate limit: we
+                # do not know the token is bad, only that we cannot check it yet. A second
+                # key rotation inside the interval lands here, not on invalid_token.
+                raise KeysUnavailable(
+                    "key not in the current set; refetch rate-limited",
+                    retry_after_s=max(1, math.ceil(held)),
+                )
             try:  # rate limited inside the source; the fetch outlives this wait
                 async with asyncio.timeout(self._settings.jwks_refresh_wait_ms / 1000):
                     await self._keys.refresh()

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from authz.admin.config import ApiSettings
 from authz.audit.config import AuditSettings
-from authz.config.yamlfile import load_yaml
-from authz.errors import ConfigError
+from authz.config.yamlfile import read_mapping, validated
 from authz.stepup.passkeys.settings import PasskeySettings
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -40,6 +41,7 @@ class GrpcSettings(BaseModel):
     shutdown_delay_s: float = Field(1.0, ge=0)
     shutdown_grace_s: float = Field(5.0, ge=0)
     max_concurrent_rpcs: int | None = Field(None, ge=1)
+    reflection: bool = False  # gRPC server reflection (advertises the services): opt-in
 
 
 class HttpSettings(BaseModel):
@@ -136,6 +138,80 @@ class RedisSettings(BaseModel):
         return self.url is None and self.sentinel is None and self.cluster is None
 
 
+IdpProfileName = Literal["generic", "okta", "entra", "keycloak", "ping"]
+
+
+class AuthContextSettings(BaseModel):
+    """One Entra Conditional Access authentication context and the policy acr it proves."""
+
+    model_config = _FROZEN
+    id: str = Field(pattern=r"^c([1-9]|[1-9][0-9])$")  # Entra names them c1..c99
+    acr: str = Field(min_length=1, max_length=256)
+
+
+class ProfileSettings(BaseModel):
+    """The IdP profile (``authz.stepup.profiles``) and the parts of it overridden here.
+
+    Every field left unset takes the profile's value; ``docs/idp/<name>.md`` lists them.
+    """
+
+    model_config = _FROZEN
+    name: IdpProfileName = "generic"
+    scope: tuple[str, ...] | None = None
+    # RFC 8707 resource indicators sent with every authorization and token request.
+    resource: tuple[str, ...] = ()
+    claims_request: bool | None = None  # OIDC Core 5.5 `claims` with the level's needs
+    send_acr_values: bool | None = None
+    acr_claim: str | None = None
+    amr_claim: str | None = None
+    auth_time_claim: str | None = None
+    sid_claim: str | None = None
+    # "Same user" between the access token and the ID token: (access claim, ID claim).
+    subject_claims: tuple[str, str] | None = None
+    # Where an access token names its client (RFC 9068 client_id, azp, Okta cid, ...).
+    client_claims: tuple[str, ...] | None = None
+    challenge: Literal["rfc9470", "claims", "both"] | None = None
+    # Entra: authentication contexts, weakest first; levels ask for them via `claims`.
+    auth_contexts: tuple[AuthContextSettings, ...] = ()
+    authorization_uri: str | None = None  # Entra claims challenge `authorization_uri`
+
+    @field_validator("resource")
+    @classmethod
+    def _absolute(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for r in v:  # RFC 8707 section 2: an absolute URI without a fragment
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*:[^#\s]+", r):
+                raise ValueError(f"resource {r!r} is not an absolute URI without a fragment")
+        return v
+
+
+class IntrospectionSettings(BaseModel):
+    """RFC 7662 token introspection for access tokens that are not JWTs (``authz.check.
+    introspection``). Present means on; the client credentials default to the OIDC client's."""
+
+    model_config = _FROZEN
+    endpoint: str | None = None  # default: `introspection_endpoint` from discovery
+    client_id: str | None = None
+    client_secret: str | None = None
+    client_secret_file: Path | None = None
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    # Each call must end well inside Envoy's ext_authz timeout; a late answer is a deny.
+    timeout_ms: int = Field(150, ge=1, le=10_000)
+    cache_ttl_s: int = Field(60, ge=0, le=3600)  # never beyond the token's own `exp`
+    negative_cache_ttl_s: int = Field(5, ge=0, le=300)  # "inactive" answers
+    cache_size: int = Field(10_000, ge=0, le=1_000_000)
+    max_inflight: int = Field(32, ge=1, le=1024)  # beyond it: fail closed, not a queue
+    # The answer's `aud` must contain oidc.audience. Off only with oidc.allowed_clients.
+    require_audience: bool = True
+    # `token_type` must say Bearer (a refresh token introspects as active too).
+    require_token_type: bool = True
+    jwt_tokens: bool = False  # introspect JWT access tokens as well (revocation at the IdP)
+
+    def secret(self) -> str | None:
+        if self.client_secret_file is not None:
+            return self.client_secret_file.read_text().strip()
+        return self.client_secret
+
+
 class OidcSettings(BaseModel):
     model_config = _FROZEN
     issuer: str
@@ -155,7 +231,14 @@ class OidcSettings(BaseModel):
     # before its ext_authz timeout (250 ms in the shipped configs), not Envoy's bare 403.
     jwks_refresh_wait_ms: int = Field(100, ge=1, le=10_000)
     leeway_s: int = Field(30, ge=0, le=300)
-    token_typ: str | None = None  # e.g. "at+jwt" (RFC 9068); None => not checked
+    # Accepted access-token `typ` headers (RFC 9068 "at+jwt"; Keycloak and Entra send
+    # "JWT"); null in the list accepts a token without `typ`. Unset: the profile's default.
+    # Set to null: not checked.
+    token_typ: tuple[str | None, ...] | None = None
+    # When non-empty, access tokens must name one of these clients (client_id, azp, ...).
+    allowed_clients: tuple[str, ...] = ()
+    profile: ProfileSettings = ProfileSettings()
+    introspection: IntrospectionSettings | None = None
     token_cookie: str = "stepup_token"  # noqa: S105 - a cookie name, not a secret
     # When a token has no `sid`, use this claim as the session id (e.g. "jti" is wrong:
     # it changes per token). "sub" means one session per user.
@@ -182,6 +265,31 @@ class OidcSettings(BaseModel):
         if bad or not v:
             raise ValueError(f"asymmetric algorithms only; refused: {bad or 'empty list'}")
         return v
+
+    @field_validator("token_typ", mode="before")
+    @classmethod
+    def _typ_list(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("profile", mode="before")
+    @classmethod
+    def _profile_name(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _introspection_binding(self) -> OidcSettings:
+        i = self.introspection
+        if i is not None and not i.require_audience and not self.allowed_clients:
+            raise ValueError(
+                "introspection.require_audience is off: set oidc.allowed_clients, or any "
+                "active token of this IdP would be accepted"
+            )
+        return self
+
+    @property
+    def token_typ_set(self) -> bool:
+        """Whether ``token_typ`` was given (else the profile's default applies)."""
+        return "token_typ" in self.model_fields_set
 
     def secret(self) -> str | None:
         if self.client_secret_file is not None:
@@ -280,16 +388,6 @@ class CryptoSettings(BaseModel):
         return self
 
 
-class ApiSettings(BaseModel):
-    """The Sessions API (RecordGrant, RevokeSession, RevokeUser, ListSessions) on the gRPC
-    port. Callers authenticate by mTLS (peer CN/SAN in allowed_peers) or a bearer secret."""
-
-    model_config = _FROZEN
-    enabled: bool = False
-    allowed_peers: tuple[str, ...] = ()  # exact CN or SAN (DNS/URI/IP), e.g. spiffe://...
-    bearer_secret_file: Path | None = None
-
-
 class NetworkSettings(BaseModel):
     model_config = _FROZEN
     # Proxies in front of Envoy that append to X-Forwarded-For (a cloud load balancer: 1).
@@ -297,6 +395,18 @@ class NetworkSettings(BaseModel):
     trusted_xff_hops: int = Field(0, ge=0, le=10)
     # A MaxMind DB (GeoIP2/GeoLite2 City or Country) for country rules and travel.
     geoip_database: Path | None = None
+
+
+class CoverageSettings(BaseModel):
+    """The periodic mesh coverage check (``authz.evidence.monitor``): off with no URLs."""
+
+    model_config = _FROZEN
+    # Envoy admin addresses (http://host:port) whose /config_dump is read.
+    envoy_admin_urls: tuple[str, ...] = ()
+    interval_s: float = Field(300.0, ge=5)
+    timeout_s: float = Field(5.0, gt=0, le=60)
+    # Route prefixes where ext_authz is meant to be off; default: stepup.path_prefix + "/".
+    exempt_prefixes: tuple[str, ...] | None = None
 
 
 class LogSettings(BaseModel):
@@ -322,6 +432,7 @@ class Settings(BaseModel):
     crypto: CryptoSettings = CryptoSettings()
     log: LogSettings = LogSettings()
     audit: AuditSettings = AuditSettings()
+    coverage: CoverageSettings = CoverageSettings()
     passkeys: PasskeySettings = PasskeySettings()
 
 
@@ -353,21 +464,10 @@ def _apply_env(doc: dict[str, Any], env: dict[str, str]) -> None:
 def load_settings(path: Path | str, env: dict[str, str] | None = None) -> Settings:
     """Load and validate the settings file; relative paths resolve against its folder."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from exc
-    parsed = load_yaml(raw, str(path))
-    doc = parsed.doc or {}
-    if not isinstance(doc, dict):
-        raise ConfigError("the settings document must be a mapping", source=str(path))
+    parsed = read_mapping(path, "settings document")
+    doc = parsed.doc
     _apply_env(doc, dict(os.environ) if env is None else env)
-    try:
-        settings = Settings.model_validate(doc)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise parsed.error(first["msg"], loc) from exc
+    settings = validated(parsed, Settings, doc)
     return _resolve_paths(settings, path.parent)
 
 
@@ -382,14 +482,17 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
     for name in ("jwks_file", "client_secret_file"):
         if (p := fix(getattr(s.oidc, name))) is not None:
             oidc[name] = p
+    intro = s.oidc.introspection
+    if intro is not None and (p := fix(intro.client_secret_file)) is not None:
+        oidc["introspection"] = intro.model_copy(update={"client_secret_file": p})
     if oidc:
         updates["oidc"] = s.oidc.model_copy(update=oidc)
     if (p := fix(s.network.geoip_database)) is not None:
         updates["network"] = s.network.model_copy(update={"geoip_database": p})
     if (p := fix(s.stepup.context_key_file)) is not None:
         updates["stepup"] = s.stepup.model_copy(update={"context_key_file": p})
-    if (p := fix(s.api.bearer_secret_file)) is not None:
-        updates["api"] = s.api.model_copy(update={"bearer_secret_file": p})
+    if s.api.callers or s.api.tls is not None:
+        updates["api"] = _resolve_api(s.api, fix)
     assertion = s.devices.assertion
     if assertion is not None and (p := fix(assertion.jwks_file)) is not None:
         updates["devices"] = s.devices.model_copy(
@@ -412,3 +515,23 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
         }
         updates["grpc"] = s.grpc.model_copy(update={"tls": s.grpc.tls.model_copy(update=tls)})
     return s.model_copy(update=updates) if updates else s
+
+
+def _resolve_api(api: ApiSettings, fix: Callable[[Path | None], Path | None]) -> ApiSettings:
+    def keep(p: Path | None) -> Path | None:
+        return fix(p) or p
+
+    callers = []
+    for c in api.callers:
+        update: dict[str, Any] = {"bearer_secret_file": keep(c.bearer_secret_file)}
+        if c.proof is not None:
+            update["proof"] = c.proof.model_copy(update={"jwks_file": keep(c.proof.jwks_file)})
+        callers.append(c.model_copy(update=update))
+    update_api: dict[str, Any] = {"callers": tuple(callers)}
+    if api.tls is not None:
+        update_api["tls"] = api.tls.model_copy(
+            update={
+                n: keep(getattr(api.tls, n)) for n in ("cert_file", "key_file", "client_ca_file")
+            }
+        )
+    return api.model_copy(update=update_api)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
 from authz.errors import ConfigError
 
@@ -104,3 +106,31 @@ def load_yaml(raw: str | bytes, source: str) -> YamlDocument:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"invalid YAML: {problem}", source=source, location=where) from None
     return YamlDocument(doc, node, source)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_mapping(path: Path, what: str) -> YamlDocument:
+    """Read and parse a YAML file whose document must be a mapping (``what`` names it in
+    the error); an empty file is an empty mapping."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from exc
+    parsed = load_yaml(raw, str(path))
+    if parsed.doc is None:
+        return YamlDocument({}, parsed.node, parsed.source)
+    if not isinstance(parsed.doc, dict):
+        raise ConfigError(f"the {what} must be a mapping", source=str(path))
+    return parsed
+
+
+def validated(parsed: YamlDocument, model: type[M], doc: Any = None) -> M:
+    """``model`` validated from ``doc`` (default: the parsed document); a refusal names
+    the file, the line and column and the field."""
+    try:
+        return model.model_validate(parsed.doc if doc is None else doc)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise parsed.error(first["msg"], ".".join(str(p) for p in first["loc"])) from None

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from authz.core.reasons import Reason
 from authz.errors import RequestError
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -67,7 +68,7 @@ def normalize_host(authority: str) -> str:
         return ""
     m = _AUTHORITY.fullmatch(host)
     if m is None:
-        raise RequestError("invalid host", reason="bad-request")
+        raise RequestError("invalid host", reason=Reason.BAD_REQUEST)
     name = m.group(1)
     return name if name.startswith("[") else name.rstrip(".")
 
@@ -75,16 +76,16 @@ def normalize_host(authority: str) -> str:
 def canonicalize_path(raw: str) -> tuple[str, str]:
     """Split ``raw`` into (canonical path, query). Raises RequestError when it cannot."""
     if not raw.startswith("/"):
-        raise RequestError("path must start with '/'", reason="bad-path")
+        raise RequestError("path must start with '/'", reason=Reason.BAD_PATH)
     path, _, query = raw.partition("?")
     path = path.partition("#")[0]
     if "\\" in path:
-        raise RequestError("backslash in path", reason="bad-path")
+        raise RequestError("backslash in path", reason=Reason.BAD_PATH)
     if ";" in path:
         # Path parameters: servlet containers drop them before mapping ("/accounts;x/1" is
         # their "/accounts/1", "/x/..;/wires" their "/wires"), most other servers keep them
         # as data. Which reading the upstream makes is unknowable here, so refuse.
-        raise RequestError("path parameter (';') in path", reason="bad-path")
+        raise RequestError("path parameter (';') in path", reason=Reason.BAD_PATH)
     decoded = _decode_unreserved(path)
     segments: list[str] = []
     for seg in decoded.split("/"):
@@ -110,20 +111,22 @@ def _decode_unreserved(path: str) -> str:
         if c == "%":
             pair = path[i + 1 : i + 3]
             if len(pair) != 2 or not (pair[0] in _HEX and pair[1] in _HEX):
-                raise RequestError("invalid percent-encoding", reason="bad-path")
+                raise RequestError("invalid percent-encoding", reason=Reason.BAD_PATH)
             byte = int(pair, 16)
             if byte in _UNRESERVED:
                 out.append(chr(byte))
             elif byte in (0x2F, 0x5C):
-                raise RequestError("encoded slash or backslash in path", reason="bad-path")
+                raise RequestError("encoded slash or backslash in path", reason=Reason.BAD_PATH)
             elif byte < 0x20 or byte == 0x7F:
-                raise RequestError("encoded control character in path", reason="bad-path")
+                raise RequestError("encoded control character in path", reason=Reason.BAD_PATH)
             else:
                 out.append("%" + pair.upper())
             i += 3
             continue
         if ord(c) <= 0x20 or ord(c) >= 0x7F:
-            raise RequestError("control, space or non-ASCII character in path", reason="bad-path")
+            raise RequestError(
+                "control, space or non-ASCII character in path", reason=Reason.BAD_PATH
+            )
         out.append(c)
         i += 1
     return "".join(out)

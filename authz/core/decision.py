@@ -1,11 +1,15 @@
-"""decide(): the pure step-up decision.
+"""The one decision pipeline, pure: the same code decides for the service, for
+``policy explain`` and for the tests.
 
-Steps, so the service can do its one session read in between:
-``route_level`` (route and per-route context -> the level before rules), then
-``resolve_level`` (rules over IP, country, device and signals; the level's own IP lists ->
-the final level or a deny), then ``evaluate`` (identity, revocation, token evidence,
-grants honoured from this device/IP -> allow / login / step-up). ``decide`` composes them
-for callers that already hold everything (unit tests, ``policy explain``).
+    route_level     route and Envoy's per-route context -> the level before rules
+    (the caller's I/O: token, device, GeoIP, the one session read -> ``CheckInputs``)
+    decide          signals -> rules and the level's IP lists (``resolve_level``) ->
+                    identity, revocation, token evidence, grants honoured from this
+                    device/IP (``evaluate``) -> allow / login / step-up / deny
+
+``route_level`` is separate so the service can stop early (a deny or a public level needs no
+token and no Redis) and knows which level to read state for. Everything here takes ``now``;
+nothing reads a clock.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from authz.core.attributes import RequestAttributes
 from authz.core.policy import Context, Level, Policy, Route
 from authz.core.reasons import Reason
 from authz.core.session import Evidence, Grant, Identity, UserState, satisfies
+from authz.core.signals import Device, Geo, compute_signals, device_states, risk_score
 
 CONTEXT_LEVEL_KEY = "stepup_level"
 
@@ -37,17 +42,19 @@ class Resolution:
 
     level: Level | None
     route: Route | None
-    deny: str | None = None
+    deny: Reason | None = None
+    rule_reason: str | None = None  # the policy rule's own slug, with Reason.RULE_DENIED
     fired: tuple[str, ...] = ()  # enforced rule names and context raises
     shadow: tuple[str, ...] = ()  # shadow rules that matched ("would have ...")
     signals: frozenset[str] = field(default_factory=frozenset)
+    device_states: frozenset[str] = field(default_factory=frozenset)
     risk: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     outcome: Outcome
-    reason: str
+    reason: Reason
     level: Level | None = None
     identity: Identity | None = None
     evidence: Evidence | None = None  # what satisfied the level on ALLOW
@@ -57,6 +64,14 @@ class Decision:
     signals: frozenset[str] = field(default_factory=frozenset)
     risk: int = 0
     device: str | None = None  # the requesting device's id, when it presented one
+    rule_reason: str | None = None  # a policy rule's deny slug (reason is RULE_DENIED)
+    device_states: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def slug(self) -> str:
+        """The reason as the header, the metric label and the audit record show it: a
+        policy rule's own deny slug, else the reason."""
+        return self.rule_reason if self.rule_reason is not None else self.reason
 
     @property
     def acr_values(self) -> tuple[str, ...]:
@@ -65,6 +80,36 @@ class Decision:
     @property
     def max_age(self) -> int | None:
         return self.level.max_age if self.level is not None else None
+
+
+def failed(
+    reason: Reason,
+    level: Level | None = None,
+    identity: Identity | None = None,
+    device: str | None = None,
+) -> Decision:
+    """A fail-closed decision (a dependency failed or an internal error): never an allow."""
+    return Decision(Outcome.ERROR, reason, level=level, identity=identity, device=device)
+
+
+def refused(reason: Reason) -> Decision:
+    """A deny for a request that could not be read (bad path, bad host, bad framing)."""
+    return Decision(Outcome.DENY, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckInputs:
+    """What the caller gathered between ``route_level`` and ``decide``: the verified
+    identity (or why there is none), the session state from the one read, the device and
+    the GeoIP lookup. All optional: an anonymous request has no identity and no state."""
+
+    now: int
+    leeway: int = 0
+    identity: Identity | None = None
+    token_error: Reason | None = None
+    state: UserState | None = None
+    device: Device | None = None
+    geo: Geo | None = None
 
 
 def route_level(policy: Policy, attrs: RequestAttributes) -> Resolution:
@@ -97,17 +142,20 @@ def resolve_level(
     fired = list(base.fired)
     shadow: list[str] = []
     signals = ctx.signals if ctx is not None else frozenset()
-    risk = min(100, sum(policy.signals.risk_weights.get(s, 0) for s in signals))
+    states = ctx.device if ctx is not None else frozenset()
+    risk = risk_score(policy.signals, signals)
     ip = attrs.source_ip
 
-    def done(deny: str | None = None) -> Resolution:
+    def done(deny: Reason | None = None, rule_reason: str | None = None) -> Resolution:
         return Resolution(
             level,
             base.route,
             deny=deny,
+            rule_reason=rule_reason,
             fired=tuple(fired),
             shadow=tuple(shadow),
             signals=signals,
+            device_states=states,
             risk=risk,
         )
 
@@ -119,7 +167,7 @@ def resolve_level(
             continue
         fired.append(rule.name)
         if rule.deny is not None:
-            return done(rule.deny)
+            return done(Reason.RULE_DENIED, rule.deny)
         if rule.raise_to is not None and rule.raise_to.rank > level.rank:
             level = rule.raise_to
     if level.ip_deny and (ip is None or any(ip in n for n in level.ip_deny)):
@@ -166,14 +214,14 @@ def evaluate(
     now: int,
     *,
     leeway: int = 0,
-    token_error: str | None = None,
+    token_error: Reason | None = None,
     state: UserState | None = None,
     device: str | None = None,
     ip: str | None = None,
 ) -> Decision:
     level = resolution.level
 
-    def make(outcome: Outcome, reason: str, **kw: Any) -> Decision:
+    def make(outcome: Outcome, reason: Reason, **kw: Any) -> Decision:
         return Decision(
             outcome,
             reason,
@@ -183,11 +231,14 @@ def evaluate(
             signals=resolution.signals,
             risk=resolution.risk,
             device=device,
+            device_states=resolution.device_states,
             **kw,
         )
 
     if resolution.deny is not None:
-        return make(Outcome.DENY, resolution.deny, identity=identity)
+        return make(
+            Outcome.DENY, resolution.deny, identity=identity, rule_reason=resolution.rule_reason
+        )
     assert level is not None
     if level.public:
         return make(Outcome.ALLOW, Reason.PUBLIC, identity=identity)
@@ -229,26 +280,34 @@ def evaluate(
 def decide(
     policy: Policy,
     attrs: RequestAttributes,
-    identity: Identity | None,
-    state: UserState | None,
-    now: int,
+    inputs: CheckInputs,
     *,
-    leeway: int = 0,
-    token_error: str | None = None,
-    ctx: Context | None = None,
-    device: str | None = None,
+    base: Resolution | None = None,
 ) -> Decision:
-    resolution = resolve_level(policy, attrs, ctx)
-    grants = state.grants if state is not None else ()
-    ip = str(attrs.source_ip) if attrs.source_ip is not None else None
+    """The decision for one request: signals, rules, then identity and grants.
+
+    ``base`` is ``route_level(policy, attrs)`` when the caller already computed it (the
+    service does, to choose what to read); a deny or an unknown level there stops here.
+    """
+    base = base or route_level(policy, attrs)
+    if base.deny is not None or base.level is None:
+        return evaluate(base, None, (), inputs.now, leeway=inputs.leeway)
+    state, device, geo = inputs.state, inputs.device, inputs.geo
+    signals = compute_signals(policy.signals, device=device, state=state, geo=geo, now=inputs.now)
+    ctx = Context(
+        device=device_states(device, state),
+        country=geo.country if geo is not None else None,
+        signals=signals,
+    )
+    resolution = resolve_level(policy, attrs, ctx, base)
     return evaluate(
         resolution,
-        identity,
-        grants,
-        now,
-        leeway=leeway,
-        token_error=token_error,
+        inputs.identity,
+        state.grants if state is not None else (),
+        inputs.now,
+        leeway=inputs.leeway,
+        token_error=inputs.token_error,
         state=state,
-        device=device,
-        ip=ip,
+        device=device.id if device is not None else None,
+        ip=str(attrs.source_ip) if attrs.source_ip is not None else None,
     )

@@ -250,6 +250,11 @@ class Policy:
     grant_levels: tuple[str, ...] = ()
     signals: SignalSettings = field(default_factory=SignalSettings)
 
+    def is_sensitive(self, level: Level) -> bool:
+        """Whether checks at ``level`` count towards the velocity signal."""
+        name = self.signals.sensitive_level
+        return name is not None and level.rank >= self.by_name[name].rank
+
     def route_for(self, host: str, method: str, path: str) -> Route | None:
         for route in self.routes:
             if route.matches(host, method, path):

@@ -40,6 +40,7 @@ class Reason(StrEnum):
     # fail-closed causes
     SESSION_STORE_UNAVAILABLE = "session-store-unavailable"
     KEYS_UNAVAILABLE = "keys-unavailable"
+    INTROSPECTION_UNAVAILABLE = "introspection-unavailable"  # RFC 7662 endpoint failed
     INTERNAL_ERROR = "internal-error"
     DEADLINE_EXCEEDED = "deadline-exceeded"
     AUDIT_UNAVAILABLE = "audit-unavailable"  # audit-before-access record not durably accepted
@@ -94,6 +95,9 @@ class Reason(StrEnum):
 
     # -- the Sessions API (authz.admin) -------------------------------------------------------
     ARGUMENT_INVALID = "argument-invalid"
+    PROOF_INVALID = "proof-invalid"  # no proof, or one that does not verify
+    PROOF_REPLAYED = "proof-replayed"  # a proof's jti used a second time
+    OUT_OF_SCOPE = "out-of-scope"  # beyond what this caller may grant or assert
     API_REVOKE_SESSION = "api-revoke-session"
     API_REVOKE_USER = "api-revoke-user"
 

@@ -100,6 +100,18 @@ class UserState:
     last_seen: Sighting | None = None
 
 
+# RFC 8176 amr values, strongest first: the factor recorded is the strongest one present.
+_FACTORS = ("hwk", "fido", "swk", "otp", "sms", "pwd")
+
+
+def factor_of(amr: tuple[str, ...] | list[str]) -> str:
+    """The strongest factor named in ``amr``, as a bounded label (metrics, audit)."""
+    for f in _FACTORS:
+        if f in amr:
+            return f
+    return "other" if amr else "none"
+
+
 def user_key(issuer: str, subject: str) -> str:
     """H(iss, sub): the user's key; it is also the Redis Cluster hash tag of all their keys."""
     return session_key(issuer, subject, "")[:32]

@@ -68,6 +68,15 @@ Routes (demo policy): /accounts/ needs "elevated", /wires/ needs "high".
        stepup-authz audit verify --pubkey {pubkey} /tmp/audit-copy; echo "exit $?"
    Follow new records as they are archived: stepup-authz audit tail {audit}
 
+6. An evidence pack an examiner can take away (report.html, report.pdf, evidence.json,
+   signed), for today, with the demo Envoy's coverage:
+     stepup-authz evidence --archive {audit} --since {today} --until {tomorrow} \\
+       --out var/demo/evidence-{today} --signing-key {signing_key} \\
+       --policy {policy} --security-report docs/security-tests.md --envoy-admin {admin}
+     stepup-authz evidence verify var/demo/evidence-{today} --pubkey {pubkey}
+   Every decision of alice today: stepup-authz audit incident --user '{user}' \\
+       --since {today} --until {tomorrow} {audit}
+
 Envoy's JSON access log (with decision ids): {workdir}/envoy.log
 Ctrl-C stops everything.
 """
@@ -155,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
                 pubkey=_shown(stack.audit_public_key),
                 since=_utc_minute(started),
                 user=f"{stack.idp_url}|alice",
+                today=time.strftime("%Y-%m-%d", time.gmtime(started)),
+                tomorrow=time.strftime("%Y-%m-%d", time.gmtime(started + 86_400)),
+                signing_key=_shown(stack.audit_signing_key),
+                policy=_shown(stack.policy_file),
             ),
             flush=True,
         )

@@ -271,7 +271,8 @@ class Stack:
             self.audit_redis_port,
             free_listen,
             free_admin,
-        ) = free_ports(9)
+            self.api_port,
+        ) = free_ports(10)
         # A second embedded Valkey for the audit stream only (audit.redis_url), as production
         # should run it: then stop_audit_redis() takes the sink down and nothing else.
         self.separate_audit_redis = separate_audit_redis
@@ -316,6 +317,11 @@ class Stack:
     @property
     def grpc_target(self) -> str:
         return f"{HOST}:{self.grpc_port}"
+
+    @property
+    def api_target(self) -> str:
+        """The Sessions API's own listener (when ``api.enabled`` in the settings)."""
+        return f"{HOST}:{self.api_port}"
 
     @property
     def service_proc(self) -> subprocess.Popen[bytes] | None:
@@ -369,6 +375,7 @@ class Stack:
         base: dict[str, Any] = {
             "policy_file": str(self.policy_file),
             "grpc": {"host": HOST, "port": self.grpc_port},
+            "api": {"host": HOST, "port": self.api_port},
             "http": {"host": HOST, "port": self.http_port},
             "redis": {"url": self.redis_url},
             "oidc": {

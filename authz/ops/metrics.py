@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from authz.core.reasons import Reason
+
 # Buckets centred on the budget: a Check should take well under 2 ms.
 _LATENCY_BUCKETS = (
     0.0001,
@@ -98,6 +100,28 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        # Mesh coverage (authz.evidence.monitor), per Envoy admin address checked.
+        self.routes_uncovered = Gauge(
+            "routes_uncovered",
+            "Routes of a live Envoy that no fail-closed ext_authz filter checks.",
+            ["envoy"],
+            namespace=ns,
+            registry=r,
+        )
+        self.routes_fail_open = Gauge(
+            "routes_fail_open",
+            "Routes of a live Envoy checked only by ext_authz with failure_mode_allow.",
+            ["envoy"],
+            namespace=ns,
+            registry=r,
+        )
+        self.coverage_unreachable = Gauge(
+            "coverage_unreachable",
+            "1 when the last coverage check could not read this Envoy's config dump.",
+            ["envoy"],
+            namespace=ns,
+            registry=r,
+        )
         self.passkey_ceremonies = Counter(
             "passkey_ceremonies",
             "Passkey ceremonies: started, success, or the refusal's reason slug.",
@@ -122,11 +146,11 @@ class Metrics:
             self.passkey_credentials.labels(op=op)
         # Pre-create the fail-closed series so alerts see a 0 before the first failure.
         for cause in (
-            "session-store-unavailable",
-            "keys-unavailable",
-            "internal-error",
-            "deadline-exceeded",
-            "audit-unavailable",
+            Reason.SESSION_STORE_UNAVAILABLE,
+            Reason.KEYS_UNAVAILABLE,
+            Reason.INTERNAL_ERROR,
+            Reason.DEADLINE_EXCEEDED,
+            Reason.AUDIT_UNAVAILABLE,
         ):
             self.fail_closed.labels(cause=cause)
         for op in ("read", "write", "state", "note"):

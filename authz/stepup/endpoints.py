@@ -1,10 +1,19 @@
-"""The HTTP port: /_stepup/{login,start,callback}, /healthz, /readyz, /metrics.
+"""The step-up endpoints: ``/_stepup/{login,start,callback}``.
 
 Envoy routes ``/_stepup/*`` here with ext_authz disabled on that route (same origin as the
-applications, so cookies scope correctly). The round trip (DESIGN.md "The step-up flow"):
-``start`` stores a one-time state (nonce, PKCE verifier, level, return path, session key)
-and binds it to this browser with a cookie; ``callback`` consumes it atomically, checks the
-cookie, exchanges the code, verifies the ID token and records a time-boxed grant.
+applications, so cookies scope correctly). The round trip:
+
+1. ``start`` (the Check redirected a browser here with a signed link) verifies the
+   session's token and the link, stores a one-time ``StepupState`` (nonce, PKCE verifier,
+   level, return path, the session and the device/IP the Check saw), binds it to this
+   browser with a cookie and redirects to the IdP (``oidc.OidcClient.authorize_url``).
+   ``login`` does the same for a first sign-in.
+2. ``callback`` consumes the state atomically (once), checks the cookie and RFC 9207
+   ``iss``, exchanges the code (PKCE), verifies the ID token, and hands what it proved to
+   the one grant rule (``authz.core.grants.grant_for``); the completion is audited before
+   the grant is written; then 303 back to the saved same-origin path.
+
+Every refusal answers a page with a reference id (also in the log line) and a way back.
 """
 
 from __future__ import annotations
@@ -15,40 +24,35 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from authz.audit.events import AuditEvent
 from authz.audit.mapping import stepup_completed
-from authz.audit.sinks import Auditor, AuditUnavailable
+from authz.audit.sinks import AuditTrail, AuditUnavailable
 from authz.check.devices import cookie_device_id
+from authz.check.tokens import IdToken, StepupTokens
 from authz.config.policy_file import PolicyHolder
 from authz.config.settings import Settings
 from authz.core.attributes import cookie_values
+from authz.core.grants import GrantRefused, Proof, Target, grant_for
+from authz.core.ids import new_id
 from authz.core.policy import Level
-from authz.core.session import Evidence, Grant, Identity, satisfies, session_key, user_key
+from authz.core.reasons import Reason
+from authz.core.session import Evidence, Grant, factor_of, session_key, user_key
 from authz.errors import OidcError, StoreError, TokenError
 from authz.ops.metrics import Metrics
 from authz.stepup.link import ContextSigner
-from authz.stepup.oidc import OidcClient, pkce_pair
+from authz.stepup.oidc import RelyingParty, pkce_pair
+from authz.stepup.pages import page
+from authz.stepup.state import StateKind, StepupState
+from authz.store.interfaces import StepupStore
 
-log = logging.getLogger("authz.http")
+log = logging.getLogger("authz.stepup")
 
-
-class StepupTokens(Protocol):
-    async def verify_access_token(self, token: str, now: int) -> Identity: ...
-    async def verify_id_token(self, token: str, now: int, *, nonce: str) -> dict[str, Any]: ...
-
-
-class StepupStore(Protocol):
-    async def write_grant(
-        self, user: str, session: str, grant: Grant, now: int, *, remember_device: bool = True
-    ) -> None: ...
-    async def put_state(self, state_id: str, payload: dict[str, Any], ttl_s: int) -> None: ...
-    async def take_state(self, state_id: str) -> dict[str, Any] | None: ...
-    async def ping(self) -> bool: ...
+LOGIN_LEVEL = "login"  # the level label of a first sign-in (metrics, audit)
 
 
 def safe_return_path(candidate: str | None, landing: str) -> str:
@@ -71,6 +75,10 @@ def safe_return_path(candidate: str | None, landing: str) -> str:
     return candidate
 
 
+def _redirect(status: int, location: str) -> web.Response:
+    return web.Response(status=status, headers={"Location": location, "Cache-Control": "no-store"})
+
+
 class StepupApp:
     def __init__(
         self,
@@ -79,11 +87,10 @@ class StepupApp:
         policy: PolicyHolder,
         tokens: StepupTokens,
         store: StepupStore,
-        oidc: OidcClient,
+        oidc: RelyingParty,
         metrics: Metrics,
-        keys_ready: Callable[[], bool],
         clock: Callable[[], float] = time.time,
-        auditor: Auditor | None = None,
+        auditor: AuditTrail | None = None,
         signer: ContextSigner | None = None,
         device_cookie: str | None = "stepup_device",
     ) -> None:
@@ -97,58 +104,65 @@ class StepupApp:
         self.store = store
         self.oidc = oidc
         self.metrics = metrics
-        self.keys_ready = keys_ready
         self.clock = clock
         name = self.s.state_cookie
         # A __Host- cookie must be Secure; a plain-http demo drops the prefix.
         self.state_cookie = name if self.s.cookie_secure else name.removeprefix("__Host-")
-        self.ready = True
 
-    def build(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024)
+    def add_routes(self, app: web.Application) -> None:
         p = self.s.path_prefix
         app.router.add_get(f"{p}/login", self.login)
         app.router.add_get(f"{p}/start", self.start)
         app.router.add_get(f"{p}/callback", self.callback)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/metrics", self.metrics_endpoint)
+
+    def build(self) -> web.Application:
+        """An application with only the step-up routes (tests; the service adds health)."""
+        app = web.Application(client_max_size=64 * 1024)
+        self.add_routes(app)
         return app
-
-    # -- health ---------------------------------------------------------------------------
-
-    async def healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def readyz(self, request: web.Request) -> web.Response:
-        checks = {
-            "accepting": self.ready,
-            "store": await self.store.ping(),
-            "keys": self.keys_ready(),
-            "policy": self.policy.current is not None,
-        }
-        ok = all(checks.values())
-        body = "".join(f"{k}: {'ok' if v else 'FAIL'}\n" for k, v in checks.items())
-        return web.Response(status=200 if ok else 503, text=body)
-
-    async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self.metrics.registry),
-            headers={"Content-Type": CONTENT_TYPE_LATEST},
-        )
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _page(self, status: int, title: str, detail: str) -> web.Response:
-        body = (
-            f"<!doctype html><title>{title}</title><h1>{title}</h1><p>{detail}</p>"
-            f'<p><a href="{self.s.landing_path}">Continue</a></p>'
+    def _now(self) -> int:
+        return int(self.clock())
+
+    def _refusal(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        reason: Reason,
+        level: str,
+        back: str | None = None,
+        factor: str = "none",
+    ) -> web.Response:
+        """A refused step: counted, logged with a reference id, and a page showing it."""
+        reference = new_id(int(self.clock() * 1000))
+        self._completion(level, reason, factor)
+        log.warning(
+            "step-up refused",
+            extra={"decision_id": reference, "reason": reason, "stepup_level": level},
         )
-        return web.Response(
-            status=status,
-            text=body,
-            content_type="text/html",
-            headers={"Cache-Control": "no-store"},
+        return page(status, title, detail, back=back or self.s.landing_path, reference=reference)
+
+    def _unavailable(self, *, reason: Reason, level: str, back: str | None = None) -> web.Response:
+        return self._refusal(
+            503,
+            "Temporarily unavailable",
+            "The sign-in service could not complete this step. Please try again shortly.",
+            reason=reason,
+            level=level,
+            back=back,
+        )
+
+    def _expired(self, reason: Reason) -> web.Response:
+        return self._refusal(
+            400,
+            "Sign-in expired",
+            "This sign-in page is no longer valid. Start again from the page you wanted.",
+            reason=reason,
+            level="unknown",
         )
 
     def _identity_token(self, request: web.Request) -> str | None:
@@ -158,31 +172,34 @@ class StepupApp:
         values = cookie_values(request.headers.get("Cookie", ""), self.oidc_settings.token_cookie)
         return values[0] if len(values) == 1 and values[0] else None
 
-    async def _begin(
-        self, payload: dict[str, Any], level: Level | None, login_hint: str | None
-    ) -> web.StreamResponse:
-        state = secrets.token_urlsafe(32)
-        nonce = secrets.token_urlsafe(24)
+    async def _begin(self, state: StepupState, level: Level | None) -> web.StreamResponse:
+        state_id = secrets.token_urlsafe(32)
         verifier, challenge = pkce_pair()
-        payload.update(nonce=nonce, verifier=verifier, iat=int(self.clock()))
+        state = dataclasses.replace(
+            state, nonce=secrets.token_urlsafe(24), verifier=verifier, issued_at=self._now()
+        )
         try:
-            await self.store.put_state(state, payload, self.s.state_ttl_s)
+            await self.store.put_state(state_id, state.to_json(), self.s.state_ttl_s)
         except StoreError:
             self.metrics.redis_errors.labels(op="state").inc()
-            return self._page(503, "Temporarily unavailable", "Please try again shortly.")
+            return self._unavailable(
+                reason=Reason.STORE_ERROR,
+                level=state.level or LOGIN_LEVEL,
+                back=state.return_path,
+            )
         url = self.oidc.authorize_url(
-            state=state,
-            nonce=nonce,
+            state=state_id,
+            nonce=state.nonce,
             code_challenge=challenge,
             acr_values=tuple(sorted(level.acr)) if level is not None else (),
             max_age=level.max_age if level is not None else None,
             prompt_login=level is not None,
-            login_hint=login_hint,
+            login_hint=state.subject,
         )
         resp = _redirect(302, url)
         resp.set_cookie(
             self.state_cookie,
-            state,
+            state_id,
             max_age=self.s.state_ttl_s,
             path="/",
             secure=self.s.cookie_secure,
@@ -191,98 +208,143 @@ class StepupApp:
         )
         return resp
 
+    def _login_state(self, rd: str) -> StepupState:
+        return StepupState(StateKind.LOGIN, rd, nonce="-", verifier="-", issued_at=0)
+
     # -- endpoints ------------------------------------------------------------------------
 
     async def login(self, request: web.Request) -> web.StreamResponse:
         rd = safe_return_path(request.query.get("rd"), self.s.landing_path)
-        return await self._begin({"kind": "login", "rd": rd}, None, None)
+        return await self._begin(self._login_state(rd), None)
 
     async def start(self, request: web.Request) -> web.StreamResponse:
         rd = safe_return_path(request.query.get("rd"), self.s.landing_path)
         level = self.policy.current.policy.by_name.get(request.query.get("level", ""))
         if level is None or not level.needs_evidence:
-            return self._page(400, "Unknown step-up level", "The link you followed is invalid.")
+            return self._refusal(
+                400,
+                "Unknown step-up level",
+                "The link you followed is not a valid step-up link.",
+                reason=Reason.LEVEL_UNKNOWN,
+                level="unknown",
+                back=rd,
+            )
         token = self._identity_token(request)
         identity = None
         if token is not None:
             try:
-                identity = await self.tokens.verify_access_token(token, int(self.clock()))
+                identity = await self.tokens.verify_access_token(token, self._now())
             except TokenError:
                 identity = None
         if identity is None:
-            return await self._begin({"kind": "login", "rd": rd}, None, None)
+            return await self._begin(self._login_state(rd), None)
         device = ip = None
         if self.signer is not None:
             # The device and IP the Check saw, so the grant is bound to them; a link
             # without a valid context is refused rather than bound to nothing.
             try:
                 device, ip = self.signer.verify(
-                    request.query.get("ctx", ""), level=level.name, now=int(self.clock())
+                    request.query.get("ctx", ""), level=level.name, now=self._now()
                 )
             except ValueError:
-                return self._page(
-                    400, "Step-up link expired", "Go back to the page you wanted and try again."
+                return self._refusal(
+                    400,
+                    "Step-up link expired",
+                    "Go back to the page you wanted and try again.",
+                    reason=Reason.STATE_INVALID,
+                    level=level.name,
+                    back=rd,
                 )
-        payload = {
-            "kind": "stepup",
-            "rd": rd,
-            "level": level.name,
-            "uk": user_key(identity.issuer, identity.subject),
-            "sk": session_key(identity.issuer, identity.subject, identity.session_id),
-            "sub": identity.subject,
-            "device": device,
-            "ip": ip,
-        }
-        return await self._begin(payload, level, identity.subject)
+        state = StepupState(
+            StateKind.STEPUP,
+            rd,
+            nonce="-",
+            verifier="-",
+            issued_at=0,
+            level=level.name,
+            issuer=identity.issuer,
+            subject=identity.subject,
+            user_key=user_key(identity.issuer, identity.subject),
+            session_key=session_key(identity.issuer, identity.subject, identity.session_id),
+            device=device,
+            ip=ip,
+        )
+        return await self._begin(state, level)
 
     async def callback(self, request: web.Request) -> web.StreamResponse:
         q = request.query
-        state = q.get("state", "")
+        state_id = q.get("state", "")
         cookies = cookie_values(request.headers.get("Cookie", ""), self.state_cookie)
-        if not state or len(cookies) != 1 or not hmac.compare_digest(cookies[0], state):
-            self._completion("unknown", "state-mismatch", "none")
-            return self._page(400, "Sign-in expired", "Start again from the page you wanted.")
+        if not state_id or len(cookies) != 1 or not hmac.compare_digest(cookies[0], state_id):
+            return self._expired(Reason.STATE_MISMATCH)
         try:
-            saved = await self.store.take_state(state)
+            raw = await self.store.take_state(state_id)
         except StoreError:
             self.metrics.redis_errors.labels(op="state").inc()
-            return self._page(503, "Temporarily unavailable", "Please try again shortly.")
-        if saved is None:  # unknown, expired or already used
-            self._completion("unknown", "state-invalid", "none")
-            return self._page(400, "Sign-in expired", "Start again from the page you wanted.")
-        level_name = str(saved.get("level", "login"))
+            return self._unavailable(reason=Reason.STORE_ERROR, level="unknown")
+        saved = StepupState.from_json(raw) if raw is not None else None
+        if saved is None:  # unknown, expired, already used, or not a state we wrote
+            return self._expired(Reason.STATE_INVALID)
+        level_name = saved.level or LOGIN_LEVEL
+        retry = self._retry_path(saved)
         iss = q.get("iss")
         if iss is not None and iss != self.oidc_settings.issuer:  # RFC 9207 mix-up defence
-            self._completion(level_name, "issuer-mismatch", "none")
-            return self._page(403, "Sign-in refused", "Unexpected identity provider.")
-        if "error" in q or "code" not in q:
-            self._completion(level_name, "idp-error", "none")
-            return self._page(403, "Sign-in not completed", "The identity provider refused.")
-        try:
-            tokens = await self.oidc.exchange_code(q["code"], str(saved["verifier"]))
-            now = int(self.clock())
-            claims = await self.tokens.verify_id_token(
-                tokens["id_token"], now, nonce=str(saved["nonce"])
+            return self._refusal(
+                403,
+                "Sign-in refused",
+                "The answer came from an unexpected identity provider.",
+                reason=Reason.ISSUER_MISMATCH,
+                level=level_name,
+                back=retry,
             )
+        if "error" in q or "code" not in q:
+            return self._refusal(
+                403,
+                "Sign-in not completed",
+                "The identity provider did not complete the sign-in.",
+                reason=Reason.IDP_ERROR,
+                level=level_name,
+                back=retry,
+            )
+        try:
+            tokens = await self.oidc.exchange_code(q["code"], saved.verifier)
+            now = self._now()
+            id_token = await self.tokens.verify_id_token(tokens["id_token"], now, nonce=saved.nonce)
         except (OidcError, TokenError) as exc:
             log.warning("step-up callback refused", extra={"reason": str(exc)})
-            self._completion(level_name, "token-rejected", "none")
-            return self._page(403, "Sign-in refused", "The sign-in could not be verified.")
-        if saved.get("kind") == "login":
+            return self._refusal(
+                403,
+                "Sign-in refused",
+                "The sign-in could not be verified.",
+                reason=Reason.TOKEN_REJECTED,
+                level=level_name,
+                back=retry,
+            )
+        if saved.kind is StateKind.LOGIN:
             return await self._finish_login(tokens, saved, now)
-        return await self._finish_stepup(claims, saved, now)
+        return await self._finish_stepup(id_token, saved, now)
+
+    def _retry_path(self, saved: StepupState) -> str:
+        """Where "Try again" goes: the page the user wanted (it restarts the step-up)."""
+        return saved.return_path
 
     async def _finish_login(
-        self, tokens: dict[str, Any], saved: dict[str, Any], now: int
+        self, tokens: dict[str, Any], saved: StepupState, now: int
     ) -> web.StreamResponse:
         access = tokens.get("access_token")
         try:
             identity = await self.tokens.verify_access_token(str(access), now)
         except TokenError:
-            self._completion("login", "token-rejected", "none")
-            return self._page(403, "Sign-in refused", "The sign-in could not be verified.")
-        self._completion("login", "success", _factor(identity.evidence.amr))
-        resp = _redirect(303, str(saved["rd"]))
+            return self._refusal(
+                403,
+                "Sign-in refused",
+                "The sign-in could not be verified.",
+                reason=Reason.TOKEN_REJECTED,
+                level=LOGIN_LEVEL,
+                back=saved.return_path,
+            )
+        self._completion(LOGIN_LEVEL, Reason.SUCCESS, factor_of(identity.evidence.amr))
+        resp = _redirect(303, saved.return_path)
         resp.set_cookie(
             self.oidc_settings.token_cookie,
             str(access),
@@ -296,114 +358,77 @@ class StepupApp:
         return resp
 
     async def _finish_stepup(
-        self, claims: dict[str, Any], saved: dict[str, Any], now: int
+        self, id_token: IdToken, saved: StepupState, now: int
     ) -> web.StreamResponse:
-        level = self.policy.current.policy.by_name.get(str(saved.get("level")))
-        leeway = self.oidc_settings.leeway_s
-        acr, amr, auth_time = claims.get("acr"), claims.get("amr") or [], claims.get("auth_time")
-        result = "success"
-        if level is None:
-            result = "level-unknown"
-        elif claims.get("sub") != saved.get("sub"):
-            result = "subject-mismatch"  # someone else signed in at the IdP
-        elif not isinstance(auth_time, int) or isinstance(auth_time, bool):
-            result = "auth-time-missing"
-        elif auth_time > now + leeway:
-            # The grant's lifetime counts from auth_time: one in the future would outlive
-            # its TTL (by years, on a level without max_age). Same rule as RecordGrant.
-            result = "auth-time-future"
-        elif auth_time < int(saved["iat"]) - leeway:
-            result = "auth-too-old"  # not a fresh authentication for this challenge
-        elif not (
-            isinstance(acr, str) and isinstance(amr, list) and all(isinstance(a, str) for a in amr)
-        ):
-            result = "claims-invalid"
-        evidence = Evidence(
-            acr if isinstance(acr, str) else None,
-            tuple(a for a in amr if isinstance(a, str)),
-            auth_time if isinstance(auth_time, int) else None,
-        )
-        if (
-            result == "success"
-            and level is not None
-            and not satisfies(
-                evidence,
-                acr=level.acr,
-                amr_any=level.amr_any,
-                max_age=level.max_age,
-                now=now,
-                leeway=leeway,
-            )
-        ):
-            result = "acr-insufficient"
-        factor = _factor(evidence.amr)
-        user = f"{claims.get('iss')}|{claims.get('sub')}"
-        ttl = (level.grant_ttl or level.max_age or self.s.default_grant_ttl_s) if level else 0
-        audit = stepup_completed(
-            result=result,  # "auth-time-missing" already when auth_time is absent
-            level=str(saved.get("level")),
-            user=user,
-            session=str(saved.get("sk")),
-            acr=evidence.acr,
-            amr=evidence.amr,
-            auth_time=evidence.auth_time,
-            issuer=str(claims.get("iss")),
-            device=saved.get("device"),
-            client_ip=saved.get("ip"),
-            grant_expires_at=(
-                evidence.auth_time + ttl if result == "success" and evidence.auth_time else None
-            ),
-            policy_version=self.policy.current.version,
-        )
-        if result != "success" or level is None or evidence.auth_time is None:
-            if self.auditor is not None:
-                self.auditor.emit(audit)
-            self._completion(str(saved.get("level")), result, factor)
-            return self._page(
-                403, "Step-up not accepted", "The sign-in did not meet the required strength."
-            )
-        device = saved.get("device")
+        assert saved.level is not None and saved.user_key is not None
+        assert saved.session_key is not None and saved.issuer is not None
+        assert saved.subject is not None
+        level = self.policy.current.policy.by_name.get(saved.level)
+        evidence = id_token.evidence
+        factor = factor_of(evidence.amr)
+        device = saved.device
         new_cookie = None
         if device is None and self.device_cookie:
             # No device identity yet: this browser gets a device cookie, and the grant and
             # the "known device" record name it.
             new_cookie = secrets.token_urlsafe(24)
             device = cookie_device_id(new_cookie)
-        grant = Grant(
-            level=level.name,
-            evidence=evidence,
-            expires_at=evidence.auth_time + ttl,
-            issued_at=now,
-            device=device if isinstance(device, str) else None,
-            ip=saved.get("ip") if isinstance(saved.get("ip"), str) else None,
+        target = Target(saved.issuer, saved.subject, device=device, ip=saved.ip)
+        proof = Proof(
+            id_token.issuer,
+            id_token.subject,
+            evidence,
+            challenged_at=saved.issued_at,
+            device=device,
+            ip=saved.ip,
         )
+        try:
+            grant = grant_for(
+                level,
+                target,
+                proof,
+                now=now,
+                leeway=self.oidc_settings.leeway_s,
+                default_ttl_s=self.s.default_grant_ttl_s,
+            )
+        except GrantRefused as exc:
+            self._audit_completion(saved, id_token, exc.reason, None, device)
+            return self._refusal(
+                403,
+                "Step-up not accepted",
+                _refusal_text(exc.reason),
+                reason=exc.reason,
+                level=saved.level,
+                back=saved.return_path,
+                factor=factor,
+            )
         if self.auditor is not None:
             # Audit before grant: no grant exists without its durable completion record,
             # which names the device the grant is bound to (a new device cookie's hash).
-            if device != audit.device and isinstance(device, str):
-                audit = dataclasses.replace(audit, device=device)
             try:
-                await self.auditor.durable(audit)
+                await self.auditor.durable(self._completion_event(saved, id_token, grant))
             except AuditUnavailable:
-                self._completion(level.name, "audit-unavailable", factor)
-                return self._page(503, "Temporarily unavailable", "Please try again shortly.")
+                return self._unavailable(
+                    reason=Reason.AUDIT_UNAVAILABLE, level=saved.level, back=saved.return_path
+                )
         try:
-            await self.store.write_grant(str(saved["uk"]), str(saved["sk"]), grant, now)
+            await self.store.write_grant(saved.user_key, saved.session_key, grant, now)
         except (StoreError, ValueError):
             self.metrics.redis_errors.labels(op="write").inc()
-            self._completion(level.name, "store-error", factor)
-            return self._page(503, "Temporarily unavailable", "Please try again shortly.")
-        self._completion(level.name, "success", factor)
+            return self._unavailable(
+                reason=Reason.STORE_ERROR, level=saved.level, back=saved.return_path
+            )
+        self._completion(saved.level, Reason.SUCCESS, factor)
         log.info(
             "step-up granted",
             extra={
-                "stepup_level": level.name,
+                "stepup_level": grant.level,
                 "acr": evidence.acr,
                 "factor": factor,
                 "expires_at": grant.expires_at,
             },
         )
-        resp = _redirect(303, str(saved["rd"]))
+        resp = _redirect(303, saved.return_path)
         resp.del_cookie(self.state_cookie, path="/")
         if new_cookie is not None and self.device_cookie:
             resp.set_cookie(
@@ -417,20 +442,58 @@ class StepupApp:
             )
         return resp
 
-    def _completion(self, level: str, result: str, factor: str) -> None:
+    def _completion_event(
+        self,
+        saved: StepupState,
+        id_token: IdToken,
+        grant: Grant | None,
+        result: Reason = Reason.SUCCESS,
+        device: str | None = None,
+    ) -> AuditEvent:
+        ev: Evidence = id_token.evidence
+        return stepup_completed(
+            result=result,
+            level=saved.level,
+            user=f"{id_token.issuer}|{id_token.subject}",
+            session=saved.session_key,
+            acr=ev.acr,
+            amr=ev.amr,
+            auth_time=ev.auth_time,
+            issuer=id_token.issuer,
+            device=grant.device if grant is not None else device,
+            client_ip=saved.ip,
+            grant_expires_at=grant.expires_at if grant is not None else None,
+            policy_version=self.policy.current.version,
+        )
+
+    def _audit_completion(
+        self,
+        saved: StepupState,
+        id_token: IdToken,
+        result: Reason,
+        grant: Grant | None,
+        device: str | None,
+    ) -> None:
+        if self.auditor is not None:
+            self.auditor.emit(self._completion_event(saved, id_token, grant, result, device))
+
+    def _completion(self, level: str, result: Reason, factor: str) -> None:
         self.metrics.completions.labels(level=level, result=result, factor=factor).inc()
 
 
-def _redirect(status: int, location: str) -> web.Response:
-    return web.Response(status=status, headers={"Location": location, "Cache-Control": "no-store"})
+_REFUSAL_TEXT = {
+    Reason.SUBJECT_MISMATCH: "You signed in as a different user than the one who asked for "
+    "this step. Sign in again as the same user.",
+    Reason.ISSUER_MISMATCH: "The sign-in came from a different identity provider.",
+    Reason.ACR_INSUFFICIENT: "The sign-in did not use a strong enough method for this page.",
+    Reason.AMR_INSUFFICIENT: "The sign-in did not use a method this page accepts.",
+    Reason.AUTH_TOO_OLD: "The sign-in was not fresh enough for this page.",
+    Reason.AUTH_TIME_MISSING: "The identity provider did not say when you signed in.",
+    Reason.AUTH_TIME_FUTURE: "The identity provider's clock is ahead of ours.",
+    Reason.DEVICE_MISMATCH: "The step-up was completed on a different device.",
+    Reason.IP_MISMATCH: "The step-up was completed from a different network address.",
+}
 
 
-_FACTORS = ("hwk", "fido", "swk", "otp", "sms", "pwd")
-
-
-def _factor(amr: tuple[str, ...] | list[str]) -> str:
-    """The strongest factor named in ``amr`` (RFC 8176 values), as a bounded label."""
-    for f in _FACTORS:
-        if f in amr:
-            return f
-    return "other" if amr else "none"
+def _refusal_text(reason: Reason) -> str:
+    return _REFUSAL_TEXT.get(reason, "The sign-in did not meet the required strength.")

@@ -8,11 +8,12 @@ import base64
 import hashlib
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 import aiohttp
 
+from authz.core.reasons import Reason
 from authz.errors import OidcError
 
 
@@ -52,6 +53,24 @@ async def discover(
         )
     except KeyError as exc:
         raise OidcError(f"discovery document lacks {exc.args[0]}") from exc
+
+
+class RelyingParty(Protocol):
+    """What the step-up endpoints ask of the OIDC client (``OidcClient``; a fake in tests)."""
+
+    def authorize_url(
+        self,
+        *,
+        state: str,
+        nonce: str,
+        code_challenge: str,
+        acr_values: tuple[str, ...] = (),
+        max_age: int | None = None,
+        prompt_login: bool = False,
+        login_hint: str | None = None,
+    ) -> str: ...
+
+    async def exchange_code(self, code: str, verifier: str) -> dict[str, Any]: ...
 
 
 class OidcClient:
@@ -126,12 +145,13 @@ class OidcClient:
                     error = body.get("error") if isinstance(body, dict) else None
                     raise OidcError(
                         f"token endpoint: HTTP {resp.status} {error or ''}".strip(),
-                        reason="code-exchange-failed",
+                        reason=Reason.CODE_EXCHANGE_FAILED,
                     )
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise OidcError(
-                f"token endpoint unreachable: {exc.__class__.__name__}", reason="idp-unavailable"
+                f"token endpoint unreachable: {exc.__class__.__name__}",
+                reason=Reason.IDP_UNAVAILABLE,
             ) from exc
         if not isinstance(body, dict) or not isinstance(body.get("id_token"), str):
-            raise OidcError("token response has no id_token", reason="code-exchange-failed")
+            raise OidcError("token response has no id_token", reason=Reason.CODE_EXCHANGE_FAILED)
         return body

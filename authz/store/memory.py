@@ -16,7 +16,8 @@ from typing import Any
 
 from authz.core.session import Grant, Sighting, UserState
 from authz.errors import StoreError
-from authz.store.sessions import SessionInfo, StoreLimits, velocity_estimate
+from authz.store.interfaces import SessionInfo
+from authz.store.sessions import StoreLimits, velocity_estimate
 
 
 @dataclass
@@ -93,6 +94,7 @@ class MemorySessionStore:
         self.limits = limits or StoreLimits()
         self._users: dict[str, _User] = {}
         self._states: dict[str, tuple[str, float]] = {}
+        self._once: dict[str, float] = {}
 
     def _enter(self) -> float:
         self.calls += 1
@@ -273,6 +275,16 @@ class MemorySessionStore:
             return None
         doc: dict[str, Any] = json.loads(entry[0])
         return doc
+
+    async def remember_once(self, key: str, ttl_s: int) -> bool:
+        if ttl_s < 1:
+            raise ValueError("ttl_s must be >= 1")
+        t = self._enter()
+        seen = self._once.get(key)
+        if seen is not None and seen > t:
+            return False
+        self._once[key] = t + ttl_s
+        return True
 
     async def ping(self) -> bool:
         return not self.fail

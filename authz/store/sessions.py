@@ -63,7 +63,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
@@ -71,6 +71,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from authz.core.session import Evidence, Grant, Sighting, UserState
 from authz.errors import StoreError
 from authz.store.crypto import FieldCipher
+from authz.store.interfaces import SessionInfo
 
 # What a failed client call raises: redis-py's errors, RedisClusterException (e.g.
 # SlotNotCoveredError while a cluster primary is down; not a RedisError), OSError (asyncio's
@@ -96,58 +97,6 @@ class StoreLimits:
         for name in self.__slots__:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-
-
-@dataclass(frozen=True, slots=True)
-class SessionInfo:
-    """One entry of a user's sessions index, with its live grants."""
-
-    session: str  # the session key (hash), never the raw sid
-    created: int
-    last_seen: int
-    ip: str | None
-    device: str | None
-    grants: tuple[Grant, ...]
-
-
-class SessionStore(Protocol):
-    """What the service, the step-up callback and the API need (Redis or the fake)."""
-
-    async def read_check(
-        self,
-        *,
-        user: str,
-        session: str,
-        levels: Sequence[str],
-        level: str,
-        device: str | None,
-        ip: str | None,
-        sensitive: bool,
-        window_s: int,
-        now: int,
-    ) -> UserState: ...
-    async def write_grant(
-        self, user: str, session: str, grant: Grant, now: int, *, remember_device: bool = True
-    ) -> None: ...
-    async def note_allow(
-        self,
-        *,
-        user: str,
-        session: str,
-        level: str,
-        ip: str | None,
-        device: str | None,
-        now: int,
-        lat: float | None = None,
-        lon: float | None = None,
-    ) -> None: ...
-    async def revoke_session(self, user: str, session: str, now: int) -> bool: ...
-    async def revoke_user(self, user: str, now: int) -> int: ...
-    async def list_sessions(self, user: str) -> list[SessionInfo]: ...
-    async def put_state(self, state_id: str, payload: Mapping[str, Any], ttl_s: int) -> None: ...
-    async def take_state(self, state_id: str) -> dict[str, Any] | None: ...
-    async def ping(self) -> bool: ...
-    async def aclose(self) -> None: ...
 
 
 # --- values -------------------------------------------------------------------------------
@@ -700,6 +649,15 @@ class RedisSessionStore:
             self._corrupt()
             return None
         return doc
+
+    async def remember_once(self, key: str, ttl_s: int) -> bool:
+        """SET NX EX under ``{prefix}once:<key>``: True only for the first caller."""
+        if ttl_s < 1:
+            raise ValueError("ttl_s must be >= 1")
+        done = await self._call(
+            "remember", self._client.set(f"{self._prefix}once:{key}", b"1", ex=ttl_s, nx=True)
+        )
+        return bool(done)
 
     async def ping(self) -> bool:
         """For /readyz: whether the store answers within the deadline. Never raises."""

@@ -186,7 +186,7 @@ async def test_allow_injects_our_headers_and_strips_forged_ones(
     assert seen["x-stepup-user"] == "alice"
     assert seen["x-stepup-acr"] == "pwd"
     assert seen["x-stepup-level"] == "standard"
-    assert re.fullmatch(r"[0-9a-f]{32}", seen["x-stepup-decision-id"])
+    assert re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{26}", seen["x-stepup-decision-id"])  # a ULID
     for gone in (
         "x-stepup-extra",
         "x-stepup-peer-address",

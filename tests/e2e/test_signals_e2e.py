@@ -62,7 +62,16 @@ def sig_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         tmp_path_factory,
         policy_file=d / "policy.yaml",
         extra_settings={
-            "api": {"enabled": True, "bearer_secret_file": str(d / "api-secret")},
+            "api": {
+                "enabled": True,
+                "callers": [
+                    {
+                        "name": "helpdesk",
+                        "bearer_secret_file": str(d / "api-secret"),
+                        "operations": ["list", "revoke"],
+                    }
+                ],
+            },
         },
     ) as s:
         yield s
@@ -226,7 +235,7 @@ async def test_revocation_through_the_api_applies_on_the_next_request(
     cli = [sys.executable, "-m", "authz.cli", "sessions"]
     common = [
         "--target",
-        sig_stack.grpc_target,
+        sig_stack.api_target,
         "--user",
         claims["iss"],
         claims["sub"],

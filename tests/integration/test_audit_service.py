@@ -65,17 +65,18 @@ async def test_allow_needs_a_durable_record(
         auditor=auditor,
         audit_level="elevated",
     )
-    d, did = await authz.check(req("/accounts/1"))
+    result = await authz.check(req("/accounts/1"))
+    d, did = result.decision, result.decision_id
     assert d.outcome is Outcome.ALLOW
     ((_, fields),) = await client.xrange("audit")
     rec = json.loads(fields[b"r"])
     assert (rec["type"], rec["decision_id"], rec["acr"]) == ("access.allowed", did, "mfa")
     embedded_valkey.stop()
     t0 = time.perf_counter()
-    d, _ = await authz.check(req("/accounts/1"))
+    d = (await authz.check(req("/accounts/1"))).decision
     assert d.outcome is Outcome.ERROR and d.reason == "audit-unavailable"
     assert time.perf_counter() - t0 < 0.5
-    d, _ = await authz.check(req("/public"))  # below the audit level: not blocked
+    d = (await authz.check(req("/public"))).decision  # below the audit level: not blocked
     assert d.outcome is Outcome.ALLOW
     await auditor.aclose(drain_timeout_s=0.2)
     await client.aclose()

@@ -17,8 +17,13 @@ from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.check.authorizer import Authorizer
 from authz.check.grpc_server import AuthorizationServicer
-from authz.check.http_codec import REMOVE_HEADER, HttpResponseBuilder, attributes_from_http
-from authz.check.response import METHOD_OVERRIDE_HEADERS, ResponseBuilder
+from authz.check.request import attributes_from_http
+from authz.check.response import (
+    METHOD_OVERRIDE_HEADERS,
+    REMOVE_HEADER,
+    HttpResponseBuilder,
+    ResponseBuilder,
+)
 from authz.check.tokens import StaticKeySource, TokenVerifier
 from authz.config.policy_file import PolicyHolder
 from authz.config.settings import OidcSettings

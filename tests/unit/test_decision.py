@@ -8,8 +8,9 @@ from types import MappingProxyType
 import pytest
 
 from authz.core.attributes import RequestAttributes
-from authz.core.decision import Outcome, decide, resolve_level
+from authz.core.decision import CheckInputs, Outcome, decide, resolve_level
 from authz.core.policy import Policy, load_policy
+from authz.core.reasons import Reason
 from authz.core.session import Evidence, Grant, Identity, UserState, satisfies
 
 NOW = 1_800_000_000
@@ -208,24 +209,30 @@ def test_decision_table(
     reason: str,
     level: str | None,
 ) -> None:
-    d = decide(policy, request_, identity, UserState(grants=grants), NOW)
-    assert (d.outcome, str(d.reason)) == (outcome, reason)
+    d = decide(
+        policy, request_, CheckInputs(NOW, identity=identity, state=UserState(grants=grants))
+    )
+    assert (d.outcome, d.slug) == (outcome, reason)
     assert (d.level.name if d.level else None) == level
 
 
 def test_allow_reports_the_grant_that_satisfied(policy: Policy) -> None:
     g = grant()
-    d = decide(policy, attrs(), ident(), UserState(grants=(grant(acr="pwd"), g)), NOW)
+    d = decide(
+        policy,
+        attrs(),
+        CheckInputs(NOW, identity=ident(), state=UserState(grants=(grant(acr="pwd"), g))),
+    )
     assert d.outcome is Outcome.ALLOW and d.grant == g and d.evidence == g.evidence
 
 
 def test_step_up_carries_the_challenge(policy: Policy) -> None:
-    d = decide(policy, attrs(), ident(), UserState(), NOW)
+    d = decide(policy, attrs(), CheckInputs(NOW, identity=ident(), state=UserState()))
     assert d.acr_values == ("mfa", "phr") and d.max_age == 900
 
 
 def test_token_error_reason_is_kept(policy: Policy) -> None:
-    d = decide(policy, attrs(), None, None, NOW, token_error="token-expired")
+    d = decide(policy, attrs(), CheckInputs(NOW, token_error=Reason.TOKEN_EXPIRED))
     assert (d.outcome, d.reason) == (Outcome.LOGIN, "token-expired")
 
 

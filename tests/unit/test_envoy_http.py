@@ -15,20 +15,20 @@ import yaml
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.check.authorizer import Authorizer
-from authz.check.http_codec import (
+from authz.check.http_server import HttpAuthzServer, _Unframeable, parse_head
+from authz.check.request import PEER_HEADER, attributes_from_check, attributes_from_http
+from authz.check.response import (
     METADATA_HEADERS,
-    PEER_HEADER,
     REMOVE_HEADER,
     HttpResponseBuilder,
-    attributes_from_http,
+    ResponseBuilder,
 )
-from authz.check.http_server import HttpAuthzServer, _Unframeable, parse_head
-from authz.check.request import attributes_from_check
-from authz.check.response import ResponseBuilder
 from authz.config.policy_file import PolicyHolder
+from authz.config.settings import HttpAuthzSettings
 from authz.core.attributes import RequestAttributes
 from authz.core.decision import Decision, Outcome
 from authz.core.policy import load_policy
+from authz.core.reasons import Reason
 from authz.core.session import Evidence, Grant, Identity
 from authz.demo.stack import REPO_ROOT, render_envoy_config
 from authz.errors import RequestError, TokenError
@@ -292,7 +292,13 @@ CASES: list[tuple[str, Decision, RequestAttributes | None]] = [
         Decision(Outcome.STEP_UP, "acr-insufficient", level=LEVELS["elevated"]),
         _attrs("POST", accept=HTML, **{"content-type": "application/grpc"}),
     ),
-    ("deny", Decision(Outcome.DENY, "ip-blocked", level=LEVELS["standard"]), _attrs()),
+    (
+        "deny",
+        Decision(
+            Outcome.DENY, Reason.RULE_DENIED, level=LEVELS["standard"], rule_reason="ip-blocked"
+        ),
+        _attrs(),
+    ),
     ("deny-unread", Decision(Outcome.DENY, "bad-path"), None),
     (
         "error",
@@ -415,9 +421,8 @@ def make_server(tmp_path: Path) -> HttpAuthzServer:
         token_cookie="stepup_token",
         leeway=0,
     )
-    return HttpAuthzServer(
-        authorizer,
-        HttpResponseBuilder(),
+    settings = HttpAuthzSettings(
+        enabled=True,
         port=0,
         max_header_bytes=4096,
         max_headers=20,
@@ -425,6 +430,7 @@ def make_server(tmp_path: Path) -> HttpAuthzServer:
         idle_timeout_s=0.6,
         max_connections=4,
     )
+    return HttpAuthzServer(authorizer, HttpResponseBuilder(), settings)
 
 
 @pytest.fixture

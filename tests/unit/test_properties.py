@@ -175,7 +175,7 @@ def _run(coro: Any) -> Any:
 
 async def _decide(attrs: RequestAttributes) -> Decision:
     authz = await _fresh_authorizer()
-    decision, _ = await authz.check(attrs)
+    decision = (await authz.check(attrs)).decision
     await authz.drain()
     return decision
 

@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from authz.core.attributes import RequestAttributes
-from authz.core.decision import Outcome, decide, resolve_level
+from authz.core.decision import CheckInputs, Outcome, decide, resolve_level
 from authz.core.policy import Context, Policy, load_policy
 from authz.core.session import Evidence, Grant, Identity, Sighting, UserState
 from authz.core.signals import (
@@ -111,6 +111,19 @@ def ctx_for(
     signals = compute_signals(policy.signals, device=device, state=state, geo=geo, now=now)
     return Context(
         device=device_states(device, state), country=geo.country if geo else "US", signals=signals
+    )
+
+
+def inputs(
+    state: UserState | None,
+    device: Device | None,
+    geo: Geo | None = None,
+    *,
+    identity: Identity | None = None,
+) -> CheckInputs:
+    """What the service would pass decide(): a signed-in user in the US by default."""
+    return CheckInputs(
+        NOW, identity=identity or ident(), state=state, device=device, geo=geo or Geo("US")
     )
 
 
@@ -350,11 +363,8 @@ def test_rule_table(
     fired: tuple[str, ...],
     shadow: tuple[str, ...],
 ) -> None:
-    ctx = ctx_for(policy, device, state, geo)
-    d = decide(
-        policy, attrs(path), ident(), state, NOW, ctx=ctx, device=device.id if device else None
-    )
-    assert (d.outcome, str(d.reason), d.level.name if d.level else None) == (outcome, reason, level)
+    d = decide(policy, attrs(path), inputs(state, device, geo))
+    assert (d.outcome, d.slug, d.level.name if d.level else None) == (outcome, reason, level)
     assert d.fired == fired
     assert d.shadow == shadow
 
@@ -368,9 +378,8 @@ def test_shadow_rules_never_change_the_decision(policy: Policy) -> None:
     }
     enforced = load_policy(enforced_doc)
     state = UserState(device_known=True, ip_known=True, velocity=50)
-    ctx = ctx_for(policy, LAPTOP, state)
-    shadowed = decide(policy, attrs("/accounts/1"), ident(), state, NOW, ctx=ctx)
-    live = decide(enforced, attrs("/accounts/1"), ident(), state, NOW, ctx=ctx)
+    shadowed = decide(policy, attrs("/accounts/1"), inputs(state, LAPTOP))
+    live = decide(enforced, attrs("/accounts/1"), inputs(state, LAPTOP))
     assert shadowed.level is not None and shadowed.level.name == "elevated"
     assert live.level is not None and live.level.name == "high"  # it would have raised
     assert shadowed.shadow == ("fast",) and live.fired == ("fast",)
@@ -415,9 +424,8 @@ def test_bound_grants(
         grants=(bound_grant(grant_device, grant_ip),), device_known=True, ip_known=True
     )
     dev = Device(here_device, "cookie") if here_device else None
-    ctx = Context(device=device_states(dev, state), country="US")
-    d = decide(policy, attrs("/wires/1", here_ip), ident(), state, NOW, ctx=ctx, device=here_device)
-    assert (d.outcome, str(d.reason)) == (outcome, reason)
+    d = decide(policy, attrs("/wires/1", here_ip), inputs(state, dev))
+    assert (d.outcome, d.slug) == (outcome, reason)
 
 
 def test_unbound_level_honours_a_grant_from_anywhere(policy: Policy) -> None:
@@ -430,10 +438,7 @@ def test_unbound_level_honours_a_grant_from_anywhere(policy: Policy) -> None:
         ip="10.1.1.1",
     )
     state = UserState(grants=(g,), device_known=True, ip_known=True)
-    ctx = Context(device=frozenset({"known"}), country="US")
-    d = decide(
-        policy, attrs("/accounts/1", "10.7.7.7"), ident(), state, NOW, ctx=ctx, device="phone"
-    )
+    d = decide(policy, attrs("/accounts/1", "10.7.7.7"), inputs(state, Device("phone", "cookie")))
     assert d.outcome is Outcome.ALLOW
 
 
@@ -447,8 +452,9 @@ def test_unbound_level_honours_a_grant_from_anywhere(policy: Policy) -> None:
     ],
 )
 def test_revocation(policy: Policy, state: UserState, iat: int, outcome: Outcome) -> None:
-    ctx = Context(device=frozenset({"known"}), country="US")
-    d = decide(policy, attrs("/news"), ident(iat=iat), state, NOW, ctx=ctx, device="x")
+    d = decide(
+        policy, attrs("/news"), inputs(state, Device("x", "cookie"), identity=ident(iat=iat))
+    )
     assert d.outcome is outcome
     if outcome is Outcome.LOGIN:
         assert d.reason == "session-revoked"

@@ -144,6 +144,9 @@ class CountingSource:
         self.refreshes += 1
         return await self.inner.refresh()
 
+    def retry_after(self, kid: str | None = None) -> float | None:
+        return self.inner.retry_after(kid)
+
     async def start(self) -> None:
         await self.inner.start()
 
@@ -474,7 +477,7 @@ async def test_id_token() -> None:
     v = verifier()
     tok = sign(RSA_KEY, claims(aud=CLIENT, nonce="n-123"))
     got = await v.verify_id_token(tok, NOW, nonce="n-123")
-    assert got["sub"] == "alice"
+    assert (got.subject, got.issuer, got.claims["nonce"]) == ("alice", ISS, "n-123")
     for bad in ("n-124", "n-12", "n-1234"):
         with pytest.raises(TokenError, match="nonce"):
             await v.verify_id_token(tok, NOW, nonce=bad)
@@ -636,8 +639,11 @@ async def test_jwks_unknown_kid_one_fetch_per_interval(
     assert idp.hits == 1
     v = TokenVerifier(settings(), src)
     assert await v.verify_access_token(sign(RSA_KEY), NOW)
-    await invalid(v, sign(RSA_KEY2), match="kid")
-    assert idp.hits == 1  # start() counts as the interval's fetch
+    # start() counts as the interval's fetch: the refetch is held back, so the kid cannot
+    # be judged yet -> keys-unavailable with the seconds left, never invalid_token
+    held = await invalid(v, sign(RSA_KEY2), reason="keys-unavailable", match="rate-limited")
+    assert isinstance(held, KeysUnavailable) and held.retry_after_s == 30
+    assert idp.hits == 1
     clock.t += 31
     # many concurrent requests with an unknown kid share one fetch
     results = await asyncio.gather(
@@ -646,7 +652,9 @@ async def test_jwks_unknown_kid_one_fetch_per_interval(
     )
     assert all(isinstance(r, TokenError) and r.reason == "token-invalid" for r in results)
     assert idp.hits == 2
-    await invalid(v, sign(RSA_KEY2), match="kid")
+    clock.t += 10
+    held = await invalid(v, sign(RSA_KEY2), reason="keys-unavailable")
+    assert isinstance(held, KeysUnavailable) and held.retry_after_s == 20
     assert idp.hits == 2  # within the interval: no fetch
     # the IdP rotates in the new key; once the interval has passed, one fetch finds it
     idp.doc = jwks(RSA_KEY, RSA_KEY2)
@@ -790,3 +798,116 @@ async def test_key_source_from_settings(tmp_path: Path, http: aiohttp.ClientSess
     )
     src = key_source_from_settings(settings(jwks_url="https://x/j"), http)
     assert isinstance(src, JwksKeySource) and src.url == "https://x/j"
+
+
+# -- token acceptance: typ lists, client allowlist, profiles ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("accepted", "typ", "ok"),
+    [
+        (["at+jwt", "JWT"], "JWT", True),
+        (["at+jwt", "JWT"], "application/at+jwt", True),
+        (["at+jwt", "JWT"], None, False),
+        (["at+jwt", None], None, True),
+        (["at+jwt", None], "JWT", False),
+        ("JWT", "jwt", True),
+    ],
+)
+async def test_typ_list(accepted: Any, typ: str | None, ok: bool) -> None:
+    v = verifier(token_typ=accepted)
+    tok = sign(RSA_KEY, headers={"typ": typ})
+    if ok:
+        assert await v.verify_access_token(tok, NOW)
+    else:
+        await invalid(v, tok, match="typ")
+
+
+@pytest.mark.parametrize(
+    ("profile", "typ", "ok"),
+    [
+        ("generic", "anything", True),  # not checked, as before profiles
+        ("keycloak", "JWT", True),
+        ("keycloak", "at+jwt", True),
+        ("entra", "JWT", True),
+        ("entra", "at+jwt", False),
+        ("ping", None, True),
+        ("ping", "JWT", False),
+    ],
+)
+async def test_typ_profile_defaults(profile: str, typ: str | None, ok: bool) -> None:
+    over: Any = profile
+    if profile == "entra":
+        over = {"name": "entra", "auth_contexts": [{"id": "c1", "acr": "mfa"}]}
+    v = verifier(profile=over)
+    extra = {"oid": "alice", "acrs": []} if profile == "entra" else {}
+    tok = sign(RSA_KEY, claims(**extra), headers={"typ": typ})
+    if ok:
+        assert await v.verify_access_token(tok, NOW)
+    else:
+        await invalid(v, tok, match="typ")
+
+
+async def test_typ_null_turns_the_profile_default_off() -> None:
+    contexts = [{"id": "c1", "acr": "mfa"}]
+    v = verifier(profile={"name": "entra", "auth_contexts": contexts}, token_typ=None)
+    tok = sign(RSA_KEY, claims(oid="a"), headers={"typ": "at+jwt"})
+    assert await v.verify_access_token(tok, NOW)
+
+
+async def test_allowed_clients() -> None:
+    v = verifier(allowed_clients=["stepup-authz", "desk-app"])
+    assert (await v.verify_access_token(sign(RSA_KEY), NOW)).client_id == CLIENT
+    await invalid(v, sign(RSA_KEY, claims(azp="other")), match="allowed_clients")
+    await invalid(v, sign(RSA_KEY, claims(azp=_DROP)), match="allowed_clients")
+    # client_id (RFC 9068) comes before azp in the generic profile
+    tok = sign(RSA_KEY, claims(client_id="desk-app", azp="other"))
+    assert (await v.verify_access_token(tok, NOW)).client_id == "desk-app"
+    await invalid(v, sign(RSA_KEY, claims(client_id=7)), match="client_id")
+
+
+async def test_okta_profile_user_is_uid_and_client_is_cid() -> None:
+    v = verifier(profile="okta", allowed_clients=["0oa-app"])
+    tok = sign(RSA_KEY, claims(sub="alice@example.com", uid="00u1", cid="0oa-app", azp=_DROP))
+    ident = await v.verify_access_token(tok, NOW)
+    assert (ident.subject, ident.client_id) == ("00u1", "0oa-app")
+    await invalid(v, sign(RSA_KEY, claims(cid="0oa-app")), match="uid")  # no uid: refused
+    await invalid(v, sign(RSA_KEY, claims(uid="a\nb", cid="0oa-app")), match="control")
+
+
+async def test_entra_profile_reads_acrs_through_auth_contexts() -> None:
+    contexts = [{"id": "c1", "acr": "mfa"}, {"id": "c2", "acr": "phr"}]
+    v = verifier(profile={"name": "entra", "auth_contexts": contexts}, token_typ=None)
+    for acrs, want in ((["c1"], "mfa"), (["c2", "c1"], "phr"), (["c9"], None), ([], None)):
+        tok = sign(RSA_KEY, claims(oid="o-1", acr=_DROP, acrs=acrs))
+        assert (await v.verify_access_token(tok, NOW)).evidence.acr == want
+    await invalid(v, sign(RSA_KEY, claims(oid="o-1", acrs="c1")), match="acrs")
+
+
+RSA_KEY3 = Key("rsa-3", rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS256")
+
+
+async def test_two_rotations_inside_the_interval(idp: Idp, http: aiohttp.ClientSession) -> None:
+    """Rotation 1 is found by the refetch its first token triggers; rotation 2, 5 s later,
+    is held back by the rate limit: keys-unavailable with the seconds left (never
+    invalid_token), tokens of the earlier keys keep verifying, and once the interval has
+    passed the third key verifies."""
+    clock = FakeClock()
+    src = jwks_source(idp, http, clock)
+    await src.start()
+    v = TokenVerifier(settings(token_cache_size=0), src)
+    clock.t += 31
+    idp.doc = jwks(RSA_KEY2, RSA_KEY)  # rotation 1
+    assert (await v.verify_access_token(sign(RSA_KEY2), NOW)).subject == "alice"
+    clock.t += 5
+    idp.doc = jwks(RSA_KEY3, RSA_KEY2)  # rotation 2, inside the interval
+    held = await invalid(v, sign(RSA_KEY3), reason="keys-unavailable")
+    assert isinstance(held, KeysUnavailable) and held.retry_after_s == 25
+    assert await v.verify_access_token(sign(RSA_KEY2), NOW)  # still in the set we hold
+    assert await v.verify_access_token(sign(RSA_KEY), NOW)
+    clock.t += 25
+    assert (await v.verify_access_token(sign(RSA_KEY3), NOW)).subject == "alice"
+    assert idp.hits == 3
+    # the reload withdrew rsa-1: within the next interval that is a verdict, not a wait
+    await invalid(v, sign(RSA_KEY), match="kid")
+    await src.aclose()

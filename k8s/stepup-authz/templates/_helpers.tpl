@@ -164,3 +164,19 @@ the URL: the settings name the mounted files (password_file, ca_file), as the se
 {{- end }}
 {{- toYaml $settings }}
 {{- end }}
+
+{{/* ---- The scheduled audit jobs (templates/audit-jobs.yaml) --------------------------- */}}
+
+{{- define "stepup-authz.auditJobs.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "stepup-authz.name" . | trunc 48 | trimSuffix "-" }}-audit-jobs
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: audit-jobs
+{{- end }}
+
+{{- define "stepup-authz.auditJobs.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "stepup-authz.auditJobs.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: stepup-authz
+{{- end }}

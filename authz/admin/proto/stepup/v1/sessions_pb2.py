@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18stepup/v1/sessions.proto\x12\tstepup.v1\"\'\n\x04User\x12\x0e\n\x06issuer\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\"\x86\x01\n\x05Grant\x12\r\n\x05level\x18\x01 \x01(\t\x12\x0b\n\x03\x61\x63r\x18\x02 \x01(\t\x12\x0b\n\x03\x61mr\x18\x03 \x03(\t\x12\x11\n\tauth_time\x18\x04 \x01(\x03\x12\x11\n\tissued_at\x18\x05 \x01(\x03\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\n\n\x02ip\x18\x08 \x01(\t\"\xc1\x01\n\x12RecordGrantRequest\x12\x1d\n\x04user\x18\x01 \x01(\x0b\x32\x0f.stepup.v1.User\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05level\x18\x03 \x01(\t\x12\x0b\n\x03\x61\x63r\x18\x04 \x01(\t\x12\x0b\n\x03\x61mr\x18\x05 \x03(\t\x12\x16\n\tauth_time\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05ttl_s\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\n\n\x02ip\x18\t \x01(\tB\x0c\n\n_auth_time\"P\n\x13RecordGrantResponse\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\x12\x13\n\x0bsession_key\x18\x03 \x01(\t\"}\n\x14RevokeSessionRequest\x12\x1d\n\x04user\x18\x01 \x01(\x0b\x32\x0f.stepup.v1.User\x12\x14\n\nsession_id\x18\x02 \x01(\tH\x00\x12\x15\n\x0bsession_key\x18\x03 \x01(\tH\x00\x12\x0e\n\x06reason\x18\x04 \x01(\tB\t\n\x07session\";\n\x15RevokeSessionResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x13\n\x0bsession_key\x18\x02 \x01(\t\"B\n\x11RevokeUserRequest\x12\x1d\n\x04user\x18\x01 \x01(\x0b\x32\x0f.stepup.v1.User\x12\x0e\n\x06reason\x18\x02 \x01(\t\">\n\x12RevokeUserResponse\x12\x10\n\x08sessions\x18\x01 \x01(\x05\x12\x16\n\x0erevoked_before\x18\x02 \x01(\x03\"4\n\x13ListSessionsRequest\x12\x1d\n\x04user\x18\x01 \x01(\x0b\x32\x0f.stepup.v1.User\"\x80\x01\n\x07Session\x12\x13\n\x0bsession_key\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x03\x12\x11\n\tlast_seen\x18\x03 \x01(\x03\x12\n\n\x02ip\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12 \n\x06grants\x18\x06 \x03(\x0b\x32\x10.stepup.v1.Grant\"<\n\x14ListSessionsResponse\x12$\n\x08sessions\x18\x01 \x03(\x0b\x32\x12.stepup.v1.Session2\xc8\x02\n\x08Sessions\x12L\n\x0bRecordGrant\x12\x1d.stepup.v1.RecordGrantRequest\x1a\x1e.stepup.v1.RecordGrantResponse\x12R\n\rRevokeSession\x12\x1f.stepup.v1.RevokeSessionRequest\x1a .stepup.v1.RevokeSessionResponse\x12I\n\nRevokeUser\x12\x1c.stepup.v1.RevokeUserRequest\x1a\x1d.stepup.v1.RevokeUserResponse\x12O\n\x0cListSessions\x12\x1e.stepup.v1.ListSessionsRequest\x1a\x1f.stepup.v1.ListSessionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18stepup/v1/sessions.proto\x12\tstepup.v1\"\'\n\x04User\x12\x0e\n\x06issuer\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\"\x86\x01\n\x05Grant\x12\r\n\x05level\x18\x01 \x01(\t\x12\x0b\n\x03\x61\x63r\x18\x02 \x01(\t\x12\x0b\n\x03\x61mr\x18\x03 \x03(\t\x12\x11\n\tauth_time\x18\x04 \x01(\x03\x12\x11\n\tissued_at\x18\x05 \x01(\x03\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\n\n\x02ip\x18\x08 \x01(\t\"\xd0\x01\n\x12RecordGrantRequest\x12\x1d\n\x04user\x18\x01 \x01(\x0b\x32\x0f.stepup.v1.User\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05level\x18\x03 \x01(\t\x12\x0b\n\x03\x61\x63r\x18\x04 \x01(\t\x12\x0b\n\x03\x61mr\x18\x05 \x03(\t\x12\x16\n\tauth_time\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05ttl_s\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\n\n\x02ip\x18\t \x01(\t\x12\r\n\x05proof\x18\n \x01(\tB\x0c\n\n_auth_time\"P\n\x13RecordGrantResponse\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\x12\x13\n\x0bsession_key\x18\x03 \x01(\t\"}\n\x14RevokeSessionRequest\x12\x1d\n\x04user\x18\x01 \x01(\x0b\x32\x0f.stepup.v1.User\x12\x14\n\nsession_id\x18\x02 \x01(\tH\x00\x12\x15\n\x0bsession_key\x18\x03 \x01(\tH\x00\x12\x0e\n\x06reason\x18\x04 \x01(\tB\t\n\x07session\";\n\x15RevokeSessionResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x13\n\x0bsession_key\x18\x02 \x01(\t\"B\n\x11RevokeUserRequest\x12\x1d\n\x04user\x18\x01 \x01(\x0b\x32\x0f.stepup.v1.User\x12\x0e\n\x06reason\x18\x02 \x01(\t\">\n\x12RevokeUserResponse\x12\x10\n\x08sessions\x18\x01 \x01(\x05\x12\x16\n\x0erevoked_before\x18\x02 \x01(\x03\"4\n\x13ListSessionsRequest\x12\x1d\n\x04user\x18\x01 \x01(\x0b\x32\x0f.stepup.v1.User\"\x80\x01\n\x07Session\x12\x13\n\x0bsession_key\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x03\x12\x11\n\tlast_seen\x18\x03 \x01(\x03\x12\n\n\x02ip\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12 \n\x06grants\x18\x06 \x03(\x0b\x32\x10.stepup.v1.Grant\"<\n\x14ListSessionsResponse\x12$\n\x08sessions\x18\x01 \x03(\x0b\x32\x12.stepup.v1.Session2\xc8\x02\n\x08Sessions\x12L\n\x0bRecordGrant\x12\x1d.stepup.v1.RecordGrantRequest\x1a\x1e.stepup.v1.RecordGrantResponse\x12R\n\rRevokeSession\x12\x1f.stepup.v1.RevokeSessionRequest\x1a .stepup.v1.RevokeSessionResponse\x12I\n\nRevokeUser\x12\x1c.stepup.v1.RevokeUserRequest\x1a\x1d.stepup.v1.RevokeUserResponse\x12O\n\x0cListSessions\x12\x1e.stepup.v1.ListSessionsRequest\x1a\x1f.stepup.v1.ListSessionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,23 +36,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GRANT']._serialized_start=81
   _globals['_GRANT']._serialized_end=215
   _globals['_RECORDGRANTREQUEST']._serialized_start=218
-  _globals['_RECORDGRANTREQUEST']._serialized_end=411
-  _globals['_RECORDGRANTRESPONSE']._serialized_start=413
-  _globals['_RECORDGRANTRESPONSE']._serialized_end=493
-  _globals['_REVOKESESSIONREQUEST']._serialized_start=495
-  _globals['_REVOKESESSIONREQUEST']._serialized_end=620
-  _globals['_REVOKESESSIONRESPONSE']._serialized_start=622
-  _globals['_REVOKESESSIONRESPONSE']._serialized_end=681
-  _globals['_REVOKEUSERREQUEST']._serialized_start=683
-  _globals['_REVOKEUSERREQUEST']._serialized_end=749
-  _globals['_REVOKEUSERRESPONSE']._serialized_start=751
-  _globals['_REVOKEUSERRESPONSE']._serialized_end=813
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=815
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=867
-  _globals['_SESSION']._serialized_start=870
-  _globals['_SESSION']._serialized_end=998
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1000
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1060
-  _globals['_SESSIONS']._serialized_start=1063
-  _globals['_SESSIONS']._serialized_end=1391
+  _globals['_RECORDGRANTREQUEST']._serialized_end=426
+  _globals['_RECORDGRANTRESPONSE']._serialized_start=428
+  _globals['_RECORDGRANTRESPONSE']._serialized_end=508
+  _globals['_REVOKESESSIONREQUEST']._serialized_start=510
+  _globals['_REVOKESESSIONREQUEST']._serialized_end=635
+  _globals['_REVOKESESSIONRESPONSE']._serialized_start=637
+  _globals['_REVOKESESSIONRESPONSE']._serialized_end=696
+  _globals['_REVOKEUSERREQUEST']._serialized_start=698
+  _globals['_REVOKEUSERREQUEST']._serialized_end=764
+  _globals['_REVOKEUSERRESPONSE']._serialized_start=766
+  _globals['_REVOKEUSERRESPONSE']._serialized_end=828
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=830
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=882
+  _globals['_SESSION']._serialized_start=885
+  _globals['_SESSION']._serialized_end=1013
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1015
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1075
+  _globals['_SESSIONS']._serialized_start=1078
+  _globals['_SESSIONS']._serialized_end=1406
 # @@protoc_insertion_point(module_scope)

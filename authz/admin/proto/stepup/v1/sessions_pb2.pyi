@@ -35,7 +35,7 @@ class Grant(_message.Message):
     def __init__(self, level: _Optional[str] = ..., acr: _Optional[str] = ..., amr: _Optional[_Iterable[str]] = ..., auth_time: _Optional[int] = ..., issued_at: _Optional[int] = ..., expires_at: _Optional[int] = ..., device: _Optional[str] = ..., ip: _Optional[str] = ...) -> None: ...
 
 class RecordGrantRequest(_message.Message):
-    __slots__ = ("user", "session_id", "level", "acr", "amr", "auth_time", "ttl_s", "device", "ip")
+    __slots__ = ("user", "session_id", "level", "acr", "amr", "auth_time", "ttl_s", "device", "ip", "proof")
     USER_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class RecordGrantRequest(_message.Message):
     TTL_S_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     IP_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
     user: User
     session_id: str
     level: str
@@ -54,7 +55,8 @@ class RecordGrantRequest(_message.Message):
     ttl_s: int
     device: str
     ip: str
-    def __init__(self, user: _Optional[_Union[User, _Mapping]] = ..., session_id: _Optional[str] = ..., level: _Optional[str] = ..., acr: _Optional[str] = ..., amr: _Optional[_Iterable[str]] = ..., auth_time: _Optional[int] = ..., ttl_s: _Optional[int] = ..., device: _Optional[str] = ..., ip: _Optional[str] = ...) -> None: ...
+    proof: str
+    def __init__(self, user: _Optional[_Union[User, _Mapping]] = ..., session_id: _Optional[str] = ..., level: _Optional[str] = ..., acr: _Optional[str] = ..., amr: _Optional[_Iterable[str]] = ..., auth_time: _Optional[int] = ..., ttl_s: _Optional[int] = ..., device: _Optional[str] = ..., ip: _Optional[str] = ..., proof: _Optional[str] = ...) -> None: ...
 
 class RecordGrantResponse(_message.Message):
     __slots__ = ("grant_id", "expires_at", "session_key")
