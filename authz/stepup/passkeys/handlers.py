@@ -126,11 +126,14 @@ def build_passkey_routes(
     metrics: Metrics,
     auditor: Auditor | None = None,
     signer: ContextSigner | None = None,
+    links: LinkSigner | None = None,
     clock: Callable[[], float] = time.time,
 ) -> PasskeyRoutes:
     """Everything the passkey endpoints need, from the service's own parts: the Redis
     client and keyring of the session store, its grant writer, the step-up link signer and
-    the auditor. Raises ConfigError for an MDS BLOB that does not verify."""
+    the auditor. ``links``: the signer the Check's redirects use for ``tx`` (needed when no
+    ``stepup.context_key_file`` is set: a per-process key must be one object for both).
+    Raises ConfigError for an MDS BLOB that does not verify."""
     store = RedisCredentialStore(
         client,
         prefix=settings.redis.key_prefix,
@@ -146,7 +149,7 @@ def build_passkey_routes(
         credentials=store,
         grants=sessions,
         metrics=metrics,
-        links=LinkSigner.from_file(settings.stepup.context_key_file),
+        links=links or LinkSigner.from_file(settings.stepup.context_key_file),
         signer=signer,
         mds=mds_from_settings(settings.passkeys.mds),
         audit=AuditorBridge(auditor) if auditor is not None else None,
