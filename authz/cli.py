@@ -138,11 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     from authz.audit.cli import add_audit_parser
     from authz.evidence.cli import add_evidence_parsers
     from authz.render import add_render_parser
+    from authz.stepup.passkeys.cli import add_passkeys_parser
 
     add_audit_parser(sub)
     add_render_parser(sub)
     add_sessions_parser(sub)
     add_evidence_parsers(sub)
+    add_passkeys_parser(sub)
     return p
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from authz.admin.config import ApiSettings
 from authz.audit.config import AuditSettings
 from authz.config.yamlfile import read_mapping, validated
+from authz.stepup.passkeys.settings import PasskeySettings
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -464,6 +465,7 @@ class Settings(BaseModel):
     log: LogSettings = LogSettings()
     audit: AuditSettings = AuditSettings()
     coverage: CoverageSettings = CoverageSettings()
+    passkeys: PasskeySettings = PasskeySettings()
 
 
 _ENV_MAP: dict[str, tuple[str, ...]] = {
@@ -531,6 +533,12 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
         devices["certificate_ca_file"] = p
     if devices:
         updates["devices"] = s.devices.model_copy(update=devices)
+    mds = s.passkeys.mds
+    mds_paths = {n: q for n in ("blob_file", "root_cert_file") if (q := fix(getattr(mds, n)))}
+    if mds_paths:
+        updates["passkeys"] = s.passkeys.model_copy(
+            update={"mds": mds.model_copy(update=mds_paths)}
+        )
     if s.crypto.keys:
         keys = {kid: fix(p) or p for kid, p in s.crypto.keys.items()}
         updates["crypto"] = s.crypto.model_copy(update={"keys": keys})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -27,6 +27,47 @@ _METHODS = frozenset(
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# Step-up methods a level may list in ``factors`` (the first is where a browser goes first).
+FACTORS = frozenset({"idp", "passkey"})
+USER_VERIFICATION = ("required", "preferred", "discouraged")  # WebAuthn section 5.8.6
+_AAGUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z_][A-Za-z0-9_]{0,63}){0,3}$")
+_TITLE_MAX = 120
+
+
+@dataclass(frozen=True, slots=True)
+class AuthenticatorPolicy:
+    """Which authenticators a level's passkey factor accepts (checked at enrolment and at
+    every authentication, so a credential enrolled under a laxer level never satisfies a
+    stricter one).
+
+    ``device_bound``: refuse credentials whose backup-eligible (BE) flag is set -- synced
+    passkeys -- WebAuthn section 6.1.3. ``aaguids`` / ``mds``: when either is given, the
+    authenticator must be listed by AAGUID *or* certified in the FIDO Metadata Service with
+    a verified attestation chain (an AAGUID alone is only claimed by the authenticator;
+    ``mds`` proves it). Both unset: any authenticator.
+    """
+
+    device_bound: bool = False
+    aaguids: frozenset[str] = frozenset()
+    mds: bool = False
+
+    @property
+    def wants_attestation(self) -> bool:
+        return bool(self.aaguids) or self.mds
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionBinding:
+    """A level whose grant is for one exact request (dynamic linking): the passkey
+    challenge commits to the request's digest, the page shows ``fields`` of its JSON body,
+    and the grant is used once within ``ttl_s``. ``require_body``: refuse when Envoy did not
+    send the (whole) body, instead of binding method, host and path only."""
+
+    fields: tuple[str, ...] = ()
+    ttl_s: int = 120
+    require_body: bool = False
+
 
 @dataclass(frozen=True, slots=True)
 class Level:
@@ -41,10 +82,23 @@ class Level:
     bind_ip: bool = False  # ... only from the IP it was made from
     ip_allow: tuple[Network, ...] = ()  # set => the level is reachable only from these
     ip_deny: tuple[Network, ...] = ()
+    title: str | None = None  # the human name pages show ("Wire transfers")
+    factors: tuple[str, ...] = ("idp",)  # step-up methods, in the order a browser tries them
+    user_verification: str = "preferred"  # passkey UV: required | preferred | discouraged
+    passkey_acr: str | None = None  # the acr a passkey grant records (see _passkey_acr)
+    authenticators: AuthenticatorPolicy | None = None  # None: any authenticator
+    transaction: TransactionBinding | None = None  # set: grants are single-use, per request
 
     @property
     def needs_evidence(self) -> bool:
         return bool(self.acr or self.amr_any or self.max_age is not None)
+
+    @property
+    def label(self) -> str:
+        return self.title or self.name
+
+    def offers(self, factor: str) -> bool:
+        return factor in self.factors
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +110,7 @@ class Route:
     regex: re.Pattern[str] | None
     methods: frozenset[str] | None
     level: Level
+    title: str | None = None  # the human name pages show ("Client statements")
 
     def matches(self, host: str, method: str, path: str) -> bool:
         if self.methods is not None and method not in self.methods:
@@ -256,7 +311,17 @@ def _levels(doc: Any) -> tuple[Level, ...]:
         spec = _mapping(
             spec,
             loc,
-            {"acr", "amr_any", "max_age", "public", "grant_ttl", "bind", "ip_allow", "ip_deny"},
+            {
+                "acr",
+                "amr_any",
+                "max_age",
+                "public",
+                "grant_ttl",
+                "bind",
+                "ip_allow",
+                "ip_deny",
+                *_PASSKEY_FIELDS,
+            },
         )
         bind = spec.get("bind") or []
         if (
@@ -285,12 +350,132 @@ def _levels(doc: Any) -> tuple[Level, ...]:
             ip_allow=_networks(spec.get("ip_allow"), [*loc, "ip_allow"]),
             ip_deny=_networks(spec.get("ip_deny"), [*loc, "ip_deny"]),
         )
+        level = _with_factors(level, spec, loc)
         if public and level.needs_evidence:
             raise _fail(loc, "a public level cannot require acr, amr or max_age")
         if out and out[-1].public is False and public:
             raise _fail(loc, "public levels must come before the signed-in levels")
         out.append(level)
     return tuple(out)
+
+
+_PASSKEY_FIELDS = (
+    "title",
+    "factors",
+    "user_verification",
+    "passkey_acr",
+    "authenticators",
+    "transaction_bound",
+)
+
+
+def _title(value: Any, loc: Sequence[str | int]) -> str | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or not value.strip()
+        or len(value) > _TITLE_MAX
+        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+    ):
+        raise _fail(loc, f"a title is one line of 1 to {_TITLE_MAX} printable characters")
+    return value.strip()
+
+
+def _bool(value: Any, loc: Sequence[str | int]) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(loc, "must be true or false")
+    return value
+
+
+def _with_factors(level: Level, spec: Mapping[str, Any], loc: Sequence[str | int]) -> Level:
+    """The level's title and step-up methods, and the passkey factor's settings."""
+    title = _title(spec.get("title"), [*loc, "title"])
+    factors_doc = spec.get("factors", ["idp"])
+    if (
+        not isinstance(factors_doc, list)
+        or not factors_doc
+        or not all(isinstance(f, str) and f in FACTORS for f in factors_doc)
+        or len(set(factors_doc)) != len(factors_doc)
+    ):
+        raise _fail(
+            [*loc, "factors"], f"a list of distinct step-up methods: {', '.join(sorted(FACTORS))}"
+        )
+    factors = tuple(factors_doc)
+    passkey_only = ("user_verification", "passkey_acr", "authenticators", "transaction_bound")
+    if "passkey" not in factors:
+        for key in passkey_only:
+            if key in spec:
+                raise _fail([*loc, key], "only for a level whose factors include passkey")
+        return replace(level, title=title, factors=factors)
+    uv = spec.get("user_verification", "preferred")
+    if uv not in USER_VERIFICATION:
+        raise _fail([*loc, "user_verification"], f"one of {', '.join(USER_VERIFICATION)}")
+    auth = None
+    if spec.get("authenticators") is not None:
+        aloc = [*loc, "authenticators"]
+        a = _mapping(spec["authenticators"], aloc, {"device_bound", "aaguids", "mds"})
+        aaguids: frozenset[str] = frozenset()
+        if "aaguids" in a:
+            raw = a["aaguids"]
+            if not isinstance(raw, list) or not raw:
+                raise _fail([*aloc, "aaguids"], "must be a non-empty list of AAGUIDs")
+            for j, item in enumerate(raw):
+                if not isinstance(item, str) or not _AAGUID.match(item.lower()):
+                    raise _fail([*aloc, "aaguids", j], f"not an AAGUID (8-4-4-4-12 hex): {item!r}")
+            aaguids = frozenset(x.lower() for x in raw)
+        auth = AuthenticatorPolicy(
+            device_bound=_bool(a.get("device_bound", False), [*aloc, "device_bound"]),
+            aaguids=aaguids,
+            mds=_bool(a.get("mds", False), [*aloc, "mds"]),
+        )
+    tx = None
+    if "transaction_bound" in spec:
+        tloc = [*loc, "transaction_bound"]
+        t = spec["transaction_bound"]
+        if t is True:
+            t = {}
+        t = _mapping(t, tloc, {"fields", "ttl_s", "require_body"})
+        fields = t.get("fields", [])
+        if not isinstance(fields, list) or not all(
+            isinstance(f, str) and _FIELD.match(f) for f in fields
+        ):
+            raise _fail([*tloc, "fields"], "a list of JSON body field names (a.b for nested)")
+        tx = TransactionBinding(
+            fields=tuple(fields),
+            ttl_s=_int(t.get("ttl_s", 120), [*tloc, "ttl_s"], 10, 900),
+            require_body=_bool(t.get("require_body", False), [*tloc, "require_body"]),
+        )
+        if "idp" in factors:
+            # An IdP sign-in cannot commit to the request: its grant would allow any request
+            # of the level, so the binding would be only as strong as the fallback.
+            raise _fail([*loc, "factors"], "a transaction_bound level accepts only passkey")
+    return replace(
+        level,
+        title=title,
+        factors=factors,
+        user_verification=str(uv),
+        passkey_acr=_passkey_acr(level, spec.get("passkey_acr"), [*loc, "passkey_acr"]),
+        authenticators=auth,
+        transaction=tx,
+    )
+
+
+def _passkey_acr(level: Level, value: Any, loc: Sequence[str | int]) -> str:
+    """The acr a passkey grant records: the configured one (which the level must accept),
+    else the level's only acr, else ``phr`` (phishing-resistant) when the level lists it
+    or lists none."""
+    if value is not None:
+        if not isinstance(value, str) or not _TOKEN.match(value):
+            raise _fail(loc, f"invalid acr value {value!r}")
+        if level.acr and value not in level.acr:
+            raise _fail(loc, f"{value!r} is not one of the level's acr values")
+        return value
+    if len(level.acr) == 1:
+        return next(iter(level.acr))
+    if not level.acr or "phr" in level.acr:
+        return "phr"
+    raise _fail(loc, "required: the level lists several acr values and not phr")
 
 
 def _level_ref(by_name: Mapping[str, Level], value: Any, loc: Sequence[str | int]) -> Level:
@@ -301,7 +486,9 @@ def _level_ref(by_name: Mapping[str, Level], value: Any, loc: Sequence[str | int
 
 def _route(i: int, doc: Any, by_name: Mapping[str, Level]) -> Route:
     loc: list[str | int] = ["routes", i]
-    spec = _mapping(doc, loc, {"host", "path", "path_prefix", "path_regex", "methods", "level"})
+    spec = _mapping(
+        doc, loc, {"host", "path", "path_prefix", "path_regex", "methods", "level", "title"}
+    )
     kinds = [k for k in ("path", "path_prefix", "path_regex") if k in spec]
     if len(kinds) > 1:
         raise _fail(loc, f"give one of path, path_prefix or path_regex, not {' and '.join(kinds)}")
@@ -343,7 +530,8 @@ def _route(i: int, doc: Any, by_name: Mapping[str, Level]) -> Route:
     if "level" not in spec:
         raise _fail(loc, "a route needs a level")
     level = _level_ref(by_name, spec["level"], [*loc, "level"])
-    return Route(i, host, exact, prefix, regex, methods, level)
+    title = _title(spec.get("title"), [*loc, "title"])
+    return Route(i, host, exact, prefix, regex, methods, level, title)
 
 
 def _networks(value: Any, loc: Sequence[str | int]) -> tuple[Network, ...]:

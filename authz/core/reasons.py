@@ -73,6 +73,31 @@ class Reason(StrEnum):
     IDP_UNAVAILABLE = "idp-unavailable"
     STORE_ERROR = "store-error"
 
+    # -- passkeys (authz.stepup.passkeys): why a ceremony or an enrolment is refused ---------
+    PASSKEY_NOT_OFFERED = "passkey-not-offered"  # the level does not list the passkey factor
+    NO_CREDENTIAL = "no-credential"  # the user has no registered credential
+    CREDENTIAL_UNKNOWN = "credential-unknown"  # not one of this user's credentials
+    CHALLENGE_MISMATCH = "challenge-mismatch"  # clientData.challenge is not the one issued
+    CEREMONY_TYPE_INVALID = "ceremony-type-invalid"  # webauthn.get vs webauthn.create
+    ORIGIN_NOT_ALLOWED = "origin-not-allowed"
+    RP_ID_MISMATCH = "rp-id-mismatch"  # rpIdHash is not SHA-256 of our RP ID
+    USER_NOT_PRESENT = "user-not-present"  # the UP flag is clear
+    USER_VERIFICATION_REQUIRED = "user-verification-required"  # the level needs UV
+    COUNTER_REGRESSION = "counter-regression"  # WebAuthn 6.1.1: a possible cloned key
+    SIGNATURE_INVALID = "signature-invalid"
+    RESPONSE_INVALID = "response-invalid"  # malformed credential JSON / CBOR
+    BACKUP_STATE_INVALID = "backup-state-invalid"  # BE changed, or BS without BE
+    DEVICE_BOUND_REQUIRED = "device-bound-required"  # a synced passkey on a device-bound level
+    AUTHENTICATOR_NOT_ALLOWED = "authenticator-not-allowed"  # AAGUID not listed nor certified
+    ATTESTATION_INVALID = "attestation-invalid"  # the statement or its chain does not verify
+    ENROLMENT_NOT_ALLOWED = "enrolment-not-allowed"  # no fresh step-up at the enrolment level
+    ENROLLED_DURING_STEPUP = "enrolled-during-stepup"  # CVE-2023-3597: not for this step-up
+    ENROLMENT_DURABILITY = "enrolment-durability"  # the credential Redis may lose data
+    CREDENTIAL_EXISTS = "credential-exists"
+    TOO_MANY_CREDENTIALS = "too-many-credentials"
+    TRANSACTION_INVALID = "transaction-invalid"  # the signed transaction link does not verify
+    ORIGIN_MISSING = "origin-missing"  # a state-changing POST without a same-origin Origin
+
     # -- the Sessions API (authz.admin) -------------------------------------------------------
     ARGUMENT_INVALID = "argument-invalid"
     PROOF_INVALID = "proof-invalid"  # no proof, or one that does not verify

@@ -122,6 +122,28 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self.passkey_ceremonies = Counter(
+            "passkey_ceremonies",
+            "Passkey ceremonies: started, success, or the refusal's reason slug.",
+            ["kind", "result", "level"],
+            namespace=ns,
+            registry=r,
+        )
+        self.passkey_credentials = Counter(
+            "passkey_credentials",
+            "Passkey registry changes (enrolled, removed, revoked, imported, restored).",
+            ["op"],
+            namespace=ns,
+            registry=r,
+        )
+        self.passkey_clones = Counter(
+            "passkey_clone_suspected",
+            "Assertions refused because the signature counter did not grow (WebAuthn 6.1.1).",
+            namespace=ns,
+            registry=r,
+        )
+        for op in ("enrolled", "removed", "revoked", "imported", "restored"):
+            self.passkey_credentials.labels(op=op)
         # Pre-create the fail-closed series so alerts see a 0 before the first failure.
         for cause in (
             Reason.SESSION_STORE_UNAVAILABLE,

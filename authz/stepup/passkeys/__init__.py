@@ -1,0 +1,1 @@
+"""Passkeys and security keys (WebAuthn) as a step-up factor: see docs/passkeys.md."""

@@ -1,0 +1,132 @@
+"""The passkey endpoints as an attacker's script sees them (no browser): cross-site
+requests, a ceremony started by one session finished by another, a used challenge, junk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.passkeys.harness import Stack, passkey_stack
+
+pytestmark = pytest.mark.integration
+
+
+async def _post(
+    http: aiohttp.ClientSession,
+    stack: Stack,
+    path: str,
+    body: Any,
+    *,
+    token: str,
+    origin: str | None = "same",
+    content_type: str = "application/json",
+    cookie: str = "",
+) -> tuple[int, dict[str, Any], aiohttp.ClientResponse]:
+    headers = {"Content-Type": content_type, "Cookie": f"stepup-token={token}{cookie}"}
+    if origin is not None:
+        headers["Origin"] = stack.url if origin == "same" else origin
+    async with http.post(
+        f"{stack.url}/_stepup/passkey{path}", data=json.dumps(body), headers=headers
+    ) as r:
+        try:
+            doc = await r.json(content_type=None)
+        except (ValueError, aiohttp.ContentTypeError):
+            doc = {}
+        return r.status, doc, r
+
+
+async def test_cross_site_and_non_json_posts_are_refused(
+    redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    async with (
+        passkey_stack(tmp_path, redis_url, redis_prefix) as stack,
+        aiohttp.ClientSession() as http,
+    ):
+        token = stack.token()
+        for origin in (None, "https://evil.example", "null"):
+            status, doc, _ = await _post(
+                http, stack, "/register/options", {"name": "k"}, token=token, origin=origin
+            )
+            assert status == 403 and doc["reason"] == "origin-missing" and doc["decision_id"]
+        status, doc, _ = await _post(
+            http, stack, "/register/options", {"name": "k"}, token=token, content_type="text/plain"
+        )
+        assert status == 415
+        status, doc, _ = await _post(
+            http, stack, "/authenticate/options", {"level": "high"}, token="junk"
+        )
+        assert status == 401 and doc["reason"] == "no-credentials"
+        status, doc, _ = await _post(
+            http, stack, "/authenticate/options", {"level": "standard"}, token=token
+        )
+        assert status == 400 and doc["reason"] == "passkey-not-offered"
+
+
+async def test_a_ceremony_is_bound_to_the_session_that_started_it_and_used_once(
+    redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    async with (
+        passkey_stack(tmp_path, redis_url, redis_prefix) as stack,
+        aiohttp.ClientSession() as http,
+    ):
+        status, doc, resp = await _post(
+            http, stack, "/register/options", {"name": "k"}, token=stack.token()
+        )
+        assert status == 200 and doc["publicKey"]["rp"]["id"] == "localhost"
+        state = resp.cookies[stack.routes.cookie].value
+        assert resp.cookies[stack.routes.cookie]["httponly"]
+        cookie = f"; {stack.routes.cookie}={state}"
+        # The same user, another session (another sid): the state is not theirs.
+        stack.sid = "another-session"
+        status, doc, _ = await _post(
+            http, stack, "/register/verify", {"credential": {}}, token=stack.token(), cookie=cookie
+        )
+        assert status == 400 and doc["reason"] == "state-mismatch"
+        # ... and it was consumed by that attempt: the right session cannot use it either.
+        stack.sid = "s1"
+        status, doc, _ = await _post(
+            http, stack, "/register/verify", {"credential": {}}, token=stack.token(), cookie=cookie
+        )
+        assert status == 400 and doc["reason"] == "state-invalid"
+        # A junk credential on a fresh challenge: refused with a reason, not a 500.
+        status, doc, resp = await _post(
+            http, stack, "/register/options", {"name": "k"}, token=stack.token()
+        )
+        cookie = f"; {stack.routes.cookie}={resp.cookies[stack.routes.cookie].value}"
+        status, doc, _ = await _post(
+            http,
+            stack,
+            "/register/verify",
+            {"credential": {"response": {"clientDataJSON": "@@"}}},
+            token=stack.token(),
+            cookie=cookie,
+        )
+        assert status == 403 and doc["reason"] == "response-invalid"
+        # Not JSON at all.
+        status, doc, _ = await _post(http, stack, "/authenticate/verify", "[", token=stack.token())
+        assert status == 400
+
+
+async def test_pages_without_a_session_go_to_the_login(
+    redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    async with (
+        passkey_stack(tmp_path, redis_url, redis_prefix) as stack,
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.get(f"{stack.url}/_stepup/passkey/keys", allow_redirects=False) as r:
+            assert r.status == 302 and r.headers["Location"].startswith("/_stepup/login?rd=")
+        async with http.get(
+            f"{stack.url}/_stepup/passkey?level=nope&rd=https://evil.example/",
+            allow_redirects=False,
+        ) as r:
+            assert r.status == 400
+            text = await r.text()
+            assert "Reference:" in text and "evil.example" not in text  # rd fell back to /
+            assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+        async with http.get(f"{stack.url}/_stepup/passkey/static/../handlers.py") as r:
+            assert r.status == 404
