@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from authz import version
 from authz.errors import ConfigError, KeysUnavailable, OidcError, RequestError, StoreError
@@ -54,7 +54,8 @@ def _start_failure(exc: BaseException, settings: Any) -> tuple[str, str] | None:
     if isinstance(exc, KeysUnavailable):
         return (
             f"no token verification keys ({exc})",
-            "check oidc.jwks_url / oidc.jwks_file and that the provider publishes its JWKS",
+            "check oidc.issuer (or oidc.jwks_url / oidc.jwks_file) and that the provider is "
+            "reachable from here and publishes its JWKS",
         )
     if isinstance(exc, StoreError | redis.exceptions.RedisError):
         return (
@@ -120,6 +121,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_policy_check(args: argparse.Namespace) -> int:
     from authz.config.policy_file import read_policy
 
+    if not args.file.is_file():
+        _say(f"{PROG}: policy check: {args.file}: no such file")
+        return EXIT_USAGE
     try:
         loaded = read_policy(args.file)
     except ConfigError as exc:
@@ -149,7 +153,7 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
     try:
         out = explain(loaded, doc)
     except RequestError as exc:
-        _say(f"{PROG}: {args.request}: the request cannot be decided: {exc}")
+        _say(f"{PROG}: invalid request file: {args.request}: the request cannot be decided: {exc}")
         return EXIT_USAGE
     print(json.dumps(out, indent=2) if args.json else render_text(out))
     return 0
@@ -179,8 +183,16 @@ def _positive(text: str) -> int:
     return n
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in two lines (the error, where to read more) instead of
+    the whole usage text; the subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message}\n  see: {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--version", action="version", version=f"{PROG} {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -248,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except ConfigError as exc:
         return config_error(exc, "invalid input")
+    except OSError as exc:  # a file or socket the command needed
+        where = f": {exc.filename}" if exc.filename else ""
+        _say(f"{PROG}: {args.command}: {exc.strerror or exc}{where}")
+        return EXIT_FAILED
     except Exception as exc:
         if os.environ.get("STEPUP_TRACEBACK"):
             raise

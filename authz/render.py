@@ -630,6 +630,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
         sys.stdout.write(header + text)
     else:
         try:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(header + text)
         except OSError as exc:
             print(

@@ -18,13 +18,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
-from google.protobuf import json_format
-from google.protobuf.message import Message
-
-from authz.admin.proto.stepup.v1 import sessions_pb2, sessions_pb2_grpc
+if TYPE_CHECKING:  # imported when a sessions command runs, not for every CLI start
+    import grpc
+    from google.protobuf.message import Message
 
 
 def add_sessions_parser(subparsers: Any) -> None:
@@ -79,6 +77,8 @@ def _read(path: Path | None, option: str) -> bytes | None:
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
+    import grpc
+
     options: list[tuple[str, Any]] = []
     if args.server_name:
         options.append(("grpc.ssl_target_name_override", args.server_name))
@@ -95,6 +95,8 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
 
 
 def _request(args: argparse.Namespace) -> tuple[str, Message]:
+    from authz.admin.proto.stepup.v1 import sessions_pb2
+
     user = sessions_pb2.User(issuer=args.user[0], subject=args.user[1])
     cmd = args.sessions_command
     if cmd == "list":
@@ -126,6 +128,8 @@ def _request(args: argparse.Namespace) -> tuple[str, Message]:
 
 def _explain(code: grpc.StatusCode, args: argparse.Namespace) -> str:
     """What a failed call means, and what to do about it."""
+    import grpc
+
     target = args.target
     if code is grpc.StatusCode.UNIMPLEMENTED:
         return (
@@ -158,6 +162,11 @@ def run_sessions(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from authz.admin.proto.stepup.v1 import sessions_pb2_grpc
+
     metadata: list[tuple[str, str]] = []
     secret = _read(args.token_file, "--token-file")
     if secret is not None:

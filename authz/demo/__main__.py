@@ -50,14 +50,16 @@ Routes (demo policy): /accounts/ needs "elevated", /wires/ needs "high".
 3. A password-only token is not enough: RFC 9470 insufficient_user_authentication challenge
      TOKEN=$(curl -s -u {client_id}:{client_secret} {token_endpoint} \\
        -d grant_type=password -d username=alice -d password=alice-password \\
-       -d scope=openid | {take_token})
+       -d scope=openid | \\
+       {take_token})
      curl -si -H "Authorization: Bearer $TOKEN" {envoy}/accounts/123
    With the TOTP code the token has acr=mfa, which satisfies "elevated": the echo upstream
    then shows the x-stepup-* headers the service injected (200).
      TOKEN=$(curl -s -u {client_id}:{client_secret} {token_endpoint} \\
        -d grant_type=password -d username=alice -d password=alice-password \\
        -d otp=$({py} -m authz.devidp totp --user alice) \\
-       -d scope=openid | {take_token})
+       -d scope=openid | \\
+       {take_token})
      curl -s -H "Authorization: Bearer $TOKEN" {envoy}/accounts/123
    (A refused token request prints the IdP's error and leaves TOKEN empty.)
 
@@ -67,8 +69,8 @@ Routes (demo policy): /accounts/ needs "elevated", /wires/ needs "high".
 5. The audit trail of that step-up. The service writes every authentication event to the
    Redis stream {stream}; the exporter moves them, in order and exactly once, into a
    hash-chained archive of JSON Lines segments with Ed25519-signed checkpoints:
-     archive  {audit}/
-     dev keys {keys}/  (the public key is what an examiner verifies with)
+   - archive  {audit}/
+   - dev keys {keys}/  (the public key is what an examiner verifies with)
    The records for alice since the demo started (challenge, completion, allow):
      {cli} audit export --since {since} --user '{user}' \\
        --type stepup.challenge,stepup.completed,access.allowed --format jsonl {audit}

@@ -9,7 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from authz.demo.stack import REPO_ROOT
+import authz
+
+# = authz.demo.stack.REPO_ROOT, without importing the stack (the CLI builds this parser on
+# every start).
+REPO_ROOT = Path(authz.__file__).resolve().parent.parent
 
 #: option dest -> (default, what listens there). The internal ones default to a free port.
 PORT_OPTIONS: dict[str, tuple[int, str]] = {

@@ -159,7 +159,7 @@ def test_render_via_a_fresh_argparse_parser(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert bad.returncode == 1 and "invalid policy" in bad.stderr
+    assert bad.returncode == 2 and "invalid policy" in bad.stderr  # a config error
 
 
 def test_render_via_the_installed_console_script(tmp_path: Path) -> None:
