@@ -81,7 +81,8 @@ Routes (demo policy): /accounts/ needs "elevated", /wires/ needs "high".
      rm -rf {copy} && cp -r {audit} {copy} && \\
        sed -i '0,/"outcome":"step_up"/s//"outcome":"allow"/' {copy}/audit-*.jsonl && \\
        {cli} audit verify --pubkey {pubkey} {copy}; echo "exit $?"
-   Or delete the step-up's completion record from a fresh copy: verify reports "deleted":
+   Or delete the step-up's completion record from a fresh copy: verify reports it "deleted"
+   (or "bad-checkpoint" when a signed checkpoint comes right after it), exit 1:
      rm -rf {copy} && cp -r {audit} {copy} && \\
        sed -i '0,/"type":"stepup.completed"/{{//d}}' {copy}/audit-*.jsonl && \\
        {cli} audit verify --pubkey {pubkey} {copy}; echo "exit $?"
@@ -201,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
             admin_port=args.admin_port or None,
             idp_port=args.idp_port or None,
             ports=internal,
+            authz_timeout=args.authz_timeout,
         )
     except (OSError, ValueError) as exc:
         print(f"demo not started: {exc}", file=sys.stderr)

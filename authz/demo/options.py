@@ -50,6 +50,16 @@ def port(text: str) -> int:
     return n
 
 
+def _duration(text: str) -> str:
+    try:
+        seconds = float(text.removesuffix("s"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds like 0.25s, got {text!r}") from None
+    if not 0 < seconds <= 60:
+        raise argparse.ArgumentTypeError(f"expected 0-60 seconds, got {text!r}")
+    return f"{seconds:g}s"
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     for dest, (default, what) in PORT_OPTIONS.items():
         shown = f"default {default}" if default else "default: a free port"
@@ -74,3 +84,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="logs, generated config and the audit archive (default ./var/demo)",
     )
     parser.add_argument("--redis-url", help="use this Redis instead of an embedded Valkey")
+    parser.add_argument(
+        "--authz-timeout",
+        default="0.25s",
+        metavar="DURATION",
+        type=_duration,
+        help="Envoy's ext_authz deadline (default 0.25s, as in production); raise it on a "
+        "busy machine, where a late answer is Envoy's bare 403",
+    )

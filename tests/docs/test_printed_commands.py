@@ -16,6 +16,7 @@ command anywhere in README.md and docs/.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -58,7 +59,9 @@ class Demo:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     workdir = tmp_path_factory.mktemp("printed") / "demo"
     out = workdir.parent / "make-demo.out"
-    args = f"--port 0 --admin-port 0 --idp-port 0 --workdir {workdir}"
+    # A longer ext_authz deadline than the demo's 0.25 s: this machine is shared, and under
+    # another's load a late Check is Envoy's bare 403, not what the guide promises.
+    args = f"--port 0 --admin-port 0 --idp-port 0 --authz-timeout 2s --workdir {workdir}"
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("STEPUP")}
     with out.open("wb") as sink:
         proc = subprocess.Popen(
@@ -196,7 +199,12 @@ GUIDE_EXPECTATIONS = [
     (r"audit export ", [r'"type":"stepup.completed"', r'"type":"stepup.challenge"']),
     (r"audit verify --pubkey \S+ \S+/audit$", [r"^OK$"]),
     (r"outcome.*audit verify", [r"FAILED: first broken link: modified", r"^exit 1$"]),
-    (r"stepup.completed.*audit verify", [r"FAILED: first broken link: deleted", r"^exit 1$"]),
+    # A deletion right before a checkpoint is caught by the checkpoint (its seq and hash no
+    # longer match): the guide says so, since where checkpoints fall depends on timing.
+    (
+        r"stepup.completed.*audit verify",
+        [r"FAILED: first broken link: (deleted|bad-checkpoint)", r"^exit 1$"],
+    ),
     (r"audit tail", [r'"kind":"(event|checkpoint)"']),
 ]
 
@@ -224,6 +232,38 @@ def _wait_archived(demo: Demo, home: Path) -> None:
         time.sleep(0.2)
 
 
+def _wait_caught_up(demo: Demo) -> None:
+    """Until the newest record in the audit stream is in the archive (bounded)."""
+    import redis
+
+    from authz.audit.segments import list_segments
+
+    m = re.search(r"Redis\s+(redis://\S+)", demo.guide)
+    assert m, demo.guide
+    client = redis.Redis.from_url(m.group(1))
+
+    def archived() -> tuple[int, int]:
+        for seg in reversed(list_segments([demo.workdir / "audit"])):
+            for raw in reversed(seg.read_bytes().split(b"\n")):
+                if b'"kind":"event"' in raw:
+                    with contextlib.suppress(ValueError):
+                        ms, _, seq = str(json.loads(raw)["stream_id"]).partition("-")
+                        return int(ms), int(seq)
+        return (0, 0)
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            last = client.xinfo_stream("stepup:audit")["last-generated-id"].decode()
+            ms, _, seq = last.partition("-")
+            if archived() >= (int(ms), int(seq)):
+                return
+            assert time.monotonic() < deadline, f"archive behind the stream at {last}"
+            time.sleep(0.1)
+    finally:
+        client.close()
+
+
 async def test_every_command_in_the_demo_guide_works_as_printed(demo: Demo, tmp_path: Path) -> None:
     commands = guide_commands(demo.guide)
     assert len(commands) == len(GUIDE_EXPECTATIONS), commands
@@ -232,7 +272,13 @@ async def test_every_command_in_the_demo_guide_works_as_printed(demo: Demo, tmp_
     )
     await _step_up_in_a_browser(demo)
     _wait_archived(demo, tmp_path)
-    check(run_script(commands, ROOT, tmp_path), GUIDE_EXPECTATIONS)
+    # The requests of steps 1-3 add records; the archive steps run once they are archived
+    # (a verify racing the exporter's write of a segment's last line reports it torn).
+    first_audit = next(i for i, c in enumerate(commands) if " audit " in c)
+    results = run_script(commands[:first_audit], ROOT, tmp_path)
+    _wait_caught_up(demo)
+    results += run_script(commands[first_audit:], ROOT, tmp_path)
+    check(results, GUIDE_EXPECTATIONS)
 
 
 README_EXPECTATIONS = [
