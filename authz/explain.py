@@ -2,9 +2,9 @@
 with the service's own pipeline (``authz.core.decision.decide``), and say why: the route,
 the rules that fired (and shadow rules that would have), the signals and the risk score.
 
-The request file is JSON (``RequestFile`` below is its schema): ``method``, ``host``,
-``path``, ``headers``, ``source_ip``, ``context_extensions``, verified ``claims`` (iss, sub,
-sid, acr, amr, auth_time, iat, exp), and optionally ``grants`` (level, acr, amr,
+The request file is JSON (its schema: ``authz.config.explain_request.ExplainRequest``):
+``method``, ``host``, ``path``, ``headers``, ``source_ip``, ``context_extensions``,
+verified ``claims`` (iss, sub, sid, acr, amr, auth_time, iat, exp), and optionally ``grants`` (level, acr, amr,
 auth_time, expires_at, issued_at, device, ip), ``device`` (id, source, managed, compliant,
 platform), ``state`` (device_known, ip_known, level_seen, velocity, session_revoked,
 revoked_before, last_seen {at, ip, lat, lon}), ``geo`` (country, lat, lon), ``now`` and
@@ -19,95 +19,19 @@ from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
+from authz.config.explain_request import ExplainRequest, State
 from authz.config.policy_file import LoadedPolicy
 from authz.core.attributes import RequestAttributes, canonicalize_path, normalize_host, parse_ip
 from authz.core.decision import CheckInputs, decide
 from authz.core.session import Evidence, Grant, Identity, Sighting, UserState
 from authz.core.signals import Device, Geo
-from authz.errors import ConfigError, RequestError
+from authz.errors import ConfigError
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
-
-
-class _Claims(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)  # a token carries other claims
-    iss: str = ""
-    sub: str = ""
-    sid: str = ""
-    acr: str | None = None
-    amr: list[str] = []
-    auth_time: int | None = None
-    iat: int | None = None
-    exp: int | None = None
-
-
-class _Grant(BaseModel):
-    model_config = _STRICT
-    level: str
-    expires_at: int
-    acr: str | None = None
-    amr: list[str] = []
-    auth_time: int | None = None
-    issued_at: int | None = None
-    device: str | None = None
-    ip: str | None = None
-
-
-class _Device(BaseModel):
-    model_config = _STRICT
-    id: str
-    source: str = "cookie"
-    managed: bool | None = None
-    compliant: bool | None = None
-    platform: str | None = None
-
-
-class _Sighting(BaseModel):
-    model_config = _STRICT
-    at: int
-    ip: str
-    lat: float | None = None
-    lon: float | None = None
-
-
-class _State(BaseModel):
-    model_config = _STRICT
-    device_known: bool | None = True
-    ip_known: bool | None = True
-    level_seen: bool = True
-    velocity: int = 0
-    session_revoked: bool = False
-    revoked_before: int | None = None
-    last_seen: _Sighting | None = None
-
-
-class _Geo(BaseModel):
-    model_config = _STRICT
-    country: str | None = None
-    lat: float | None = None
-    lon: float | None = None
-
-
-class RequestFile(BaseModel):
-    """The ``--request`` JSON document."""
-
-    model_config = _STRICT
-    method: str = "GET"
-    scheme: str = "https"
-    host: str = ""
-    path: str = "/"
-    headers: dict[str, str] = {}
-    source_ip: str = ""
-    context_extensions: dict[str, str] = {}
-    claims: _Claims | None = None
-    grants: list[_Grant] = []
-    device: _Device | None = None
-    state: _State | None = None
-    geo: _Geo | None = None
-    now: int | None = None
-    leeway: int = 0
+# The request file's schema is authz.config.explain_request (also what the CLI reads the
+# file through, with line and column in its errors): one definition.
+RequestFile = ExplainRequest
 
 
 class RequestFileError(ConfigError):
@@ -153,7 +77,7 @@ def inputs_of(req: RequestFile, now: int) -> CheckInputs:
         identity = Identity(
             issuer=c.iss,
             subject=c.sub,
-            session_id=c.sid,
+            session_id=c.sid or "",
             evidence=_evidence(c.acr, c.amr, c.auth_time),
             expires_at=c.exp if c.exp is not None else now + 3600,
             issued_at=c.iat if c.iat is not None else now,
@@ -169,7 +93,7 @@ def inputs_of(req: RequestFile, now: int) -> CheckInputs:
             )
             for g in req.grants
         )
-        s = req.state or _State()
+        s = req.state or State()
         last = s.last_seen
         state = UserState(
             grants=grants,
@@ -193,13 +117,10 @@ def explain(
 ) -> dict[str, Any]:
     """The decision for one request document, as a JSON-ready mapping.
 
-    Raises RequestFileError for a document that does not fit ``RequestFile`` or names a
-    path or host the service would refuse (with the reason it would give)."""
+    Raises RequestFileError for a document that does not fit ``RequestFile``, RequestError
+    for a path or host the service would refuse (with the reason it would give)."""
     req = read_request(doc)
-    try:
-        attrs = attributes_of(req)
-    except RequestError as exc:
-        raise RequestFileError(f"{exc} ({exc.reason})", source="request") from None
+    attrs = attributes_of(req)  # RequestError: a path or host the service would refuse
     now = req.now if req.now is not None else int((clock or time.time)())
     policy = loaded.policy
     decision = decide(policy, attrs, inputs_of(req, now))

@@ -29,8 +29,10 @@ import argparse
 import re
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -217,6 +219,58 @@ def _cluster(name: str, address: tuple[str, int], *, http2: bool = False) -> dic
     return cluster
 
 
+TRACING_CLUSTER = "opentelemetry_collector"
+
+
+@dataclass(frozen=True, slots=True)
+class Tracing:
+    """Envoy's OpenTelemetry tracer: where to send spans and how many requests to trace.
+
+    ``endpoint`` is the collector's OTLP/HTTP traces URL (``http://collector:4318/v1/traces``;
+    a URL without a path gets ``/v1/traces``). ``sample_percent`` is Envoy's head sampling:
+    the service follows Envoy's decision (the ``sampled`` flag of ``traceparent``).
+    """
+
+    endpoint: str
+    service_name: str = "stepup-envoy"
+    sample_percent: float = 100.0
+
+    @property
+    def url(self) -> str:
+        parts = urlsplit(self.endpoint)
+        return (
+            self.endpoint
+            if parts.path not in ("", "/")
+            else f"{self.endpoint.rstrip('/')}/v1/traces"
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        parts = urlsplit(self.endpoint)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"tracing endpoint must be an http:// URL, got {self.endpoint!r}")
+        return parts.hostname, parts.port or 4318
+
+
+def _tracing(t: Tracing) -> dict[str, Any]:
+    if not 0 <= t.sample_percent <= 100:
+        raise ValueError(f"tracing sample percent must be 0-100, got {t.sample_percent}")
+    t.address  # noqa: B018 - validates the endpoint before anything is rendered
+    return {
+        "random_sampling": {"value": t.sample_percent},
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "http_service": {
+                    "http_uri": {"uri": t.url, "cluster": TRACING_CLUSTER, "timeout": "1s"}
+                },
+                "service_name": t.service_name,
+            },
+        },
+    }
+
+
 def render_envoy(
     policy: Policy,
     *,
@@ -232,8 +286,13 @@ def render_envoy(
     route_timeout: str = "15s",
     xff_num_trusted_hops: int = 0,
     path_prefix: str = "/_stepup",
+    tracing: Tracing | None = None,
 ) -> dict[str, Any]:
     """A complete Envoy bootstrap (a dict) enforcing ``policy`` at the edge.
+
+    ``tracing`` turns on Envoy's OpenTelemetry tracer: a span per request, exported as
+    OTLP/HTTP to the collector, with the W3C ``traceparent`` propagated to the upstream and
+    to the ext_authz call, so the service's Check span joins the same trace.
 
     ``authz_timeout`` must stay above the service's Redis deadline (``redis.deadline_ms``,
     50 ms by default) so a slow store yields the service's own fail-closed answer (with a
@@ -317,6 +376,7 @@ def render_envoy(
                 },
             },
         ],
+        **({"tracing": _tracing(tracing)} if tracing is not None else {}),
         "route_config": {
             "name": "stepup-policy",
             # Policy hosts carry no port; match "host:8443" to "host" as well.
@@ -369,6 +429,7 @@ def render_envoy(
                 _cluster(authz_cluster, authz_address, http2=True),
                 _cluster(stepup_cluster, stepup_address),
                 _cluster(upstream_cluster, upstream_address),
+                *([_cluster(TRACING_CLUSTER, tracing.address)] if tracing is not None else []),
             ],
         },
     }
@@ -507,6 +568,24 @@ def _label(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _otlp_url(text: str) -> str:
+    try:
+        Tracing(text).address  # noqa: B018 - validation only
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage, got {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"expected 0-100, got {text!r}")
+    return value
+
+
 def _cmd_render(args: argparse.Namespace) -> int:
     from authz.config.policy_file import read_policy
     from authz.errors import ConfigError
@@ -514,9 +593,16 @@ def _cmd_render(args: argparse.Namespace) -> int:
     try:
         policy = read_policy(args.policy).policy
     except ConfigError as exc:
-        print(f"invalid policy: {exc}", file=sys.stderr)
-        return 1
+        print(f"stepup-authz render: invalid policy: {exc}", file=sys.stderr)
+        return 2
     if args.target == "envoy":
+        tracing = None
+        if args.tracing_otlp is not None:
+            tracing = Tracing(
+                args.tracing_otlp,
+                service_name=args.tracing_service_name,
+                sample_percent=args.tracing_sample_percent,
+            )
         text = yaml.safe_dump(
             render_envoy(
                 policy,
@@ -527,10 +613,19 @@ def _cmd_render(args: argparse.Namespace) -> int:
                 upstream_address=args.upstream,
                 authz_timeout=args.authz_timeout,
                 xff_num_trusted_hops=args.xff_num_trusted_hops,
+                tracing=tracing,
             ),
             sort_keys=False,
         )
     else:
+        if not args.selector and not args.all_workloads:
+            print(
+                "stepup-authz render istio: say which workloads the policies apply to: "
+                "--selector KEY=VALUE (repeatable),\n"
+                f"  or --all-workloads for every workload in namespace {args.namespace}",
+                file=sys.stderr,
+            )
+            return 2
         text = yaml.safe_dump_all(
             render_istio(
                 policy,
@@ -548,8 +643,21 @@ def _cmd_render(args: argparse.Namespace) -> int:
     if args.output is None:
         sys.stdout.write(header + text)
     else:
-        Path(args.output).write_text(header + text)
+        try:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(header + text)
+        except OSError as exc:
+            print(
+                f"stepup-authz render: cannot write {args.output}: {exc.strerror}", file=sys.stderr
+            )
+            return 2
     return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", required=True, type=Path, help="policy YAML file")
+    p.add_argument("--output", "-o", type=Path, help="write here instead of stdout")
+    p.set_defaults(func=_cmd_render)
 
 
 def add_render_parser(subparsers: Any) -> None:
@@ -557,10 +665,9 @@ def add_render_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "render", help="generate Envoy or Istio configuration from a policy file"
     )
-    p.add_argument("target", choices=["envoy", "istio"])
-    p.add_argument("--policy", required=True, type=Path, help="policy YAML file")
-    p.add_argument("--output", "-o", type=Path, help="write here instead of stdout")
-    env = p.add_argument_group("envoy")
+    targets = p.add_subparsers(dest="target", required=True, metavar="{envoy,istio}")
+    env = targets.add_parser("envoy", help="a complete Envoy bootstrap enforcing the policy")
+    _common(env)
     env.add_argument("--listen", type=_address, default=("0.0.0.0", 8080), metavar="HOST:PORT")
     env.add_argument("--admin", type=_address, default=("127.0.0.1", 9901), metavar="HOST:PORT")
     env.add_argument(
@@ -595,8 +702,26 @@ def add_render_parser(subparsers: Any) -> None:
         default=0,
         help="0 at the edge; 1 behind one load balancer",
     )
-    ist = p.add_argument_group("istio")
-    ist.add_argument("--namespace", default="stepup-authz")
+    env.add_argument(
+        "--tracing-otlp",
+        type=_otlp_url,
+        metavar="URL",
+        help="turn on OpenTelemetry tracing: the collector's OTLP/HTTP URL "
+        "(http://collector:4318/v1/traces)",
+    )
+    env.add_argument("--tracing-service-name", default="stepup-envoy", metavar="NAME")
+    env.add_argument(
+        "--tracing-sample-percent",
+        type=_percent,
+        default=100.0,
+        metavar="PCT",
+        help="requests traced, 0-100 (default 100; lower it for busy production edges)",
+    )
+    ist = targets.add_parser(
+        "istio", help="CUSTOM AuthorizationPolicies and the /_stepup/ VirtualService"
+    )
+    _common(ist)
+    ist.add_argument("--namespace", required=True, help="the namespace of the workloads to protect")
     ist.add_argument(
         "--provider", default="stepup-authz", help="meshConfig.extensionProviders name"
     )
@@ -606,8 +731,12 @@ def add_render_parser(subparsers: Any) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="workload label (repeatable)",
+        help="workload label (repeatable); required unless --all-workloads",
+    )
+    ist.add_argument(
+        "--all-workloads",
+        action="store_true",
+        help="apply to every workload in the namespace (no selector), on purpose",
     )
     ist.add_argument("--gateway", action="append", help="VirtualService gateway (repeatable)")
     ist.add_argument("--host", action="append", help="VirtualService host (repeatable)")
-    p.set_defaults(func=_cmd_render)

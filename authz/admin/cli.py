@@ -27,13 +27,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
-from google.protobuf import json_format
-from google.protobuf.message import Message
-
-from authz.admin.proto.stepup.v1 import sessions_pb2, sessions_pb2_grpc
+if TYPE_CHECKING:  # imported when a sessions command runs, not for every CLI start
+    import grpc
+    from google.protobuf.message import Message
 
 
 def add_sessions_parser(subparsers: Any) -> None:
@@ -130,23 +128,40 @@ def run_jwks(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Usage(Exception):
+    """A usage error: printed as one line, exit 2."""
+
+
+def _read(path: Path | None, option: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise _Usage(f"cannot read {option} {path}: {exc.strerror}") from None
+
+
 def _channel(args: argparse.Namespace) -> grpc.Channel:
+    import grpc
+
     options: list[tuple[str, Any]] = []
     if args.server_name:
         options.append(("grpc.ssl_target_name_override", args.server_name))
     if args.cert or args.key or args.ca:
         if bool(args.cert) != bool(args.key):
-            raise SystemExit("--cert and --key go together")
+            raise _Usage("--cert and --key go together")
         creds = grpc.ssl_channel_credentials(
-            root_certificates=args.ca.read_bytes() if args.ca else None,
-            private_key=args.key.read_bytes() if args.key else None,
-            certificate_chain=args.cert.read_bytes() if args.cert else None,
+            root_certificates=_read(args.ca, "--ca"),
+            private_key=_read(args.key, "--key"),
+            certificate_chain=_read(args.cert, "--cert"),
         )
         return grpc.secure_channel(args.target, creds, options=options)
     return grpc.insecure_channel(args.target, options=options)
 
 
 def _request(args: argparse.Namespace) -> tuple[str, Message]:
+    from authz.admin.proto.stepup.v1 import sessions_pb2
+
     user = sessions_pb2.User(issuer=args.user[0], subject=args.user[1])
     cmd = args.sessions_command
     if cmd == "list":
@@ -173,17 +188,62 @@ def _request(args: argparse.Namespace) -> tuple[str, Message]:
     return "RecordGrant", req
 
 
+def _explain(code: grpc.StatusCode, args: argparse.Namespace) -> str:
+    """What a failed call means, and what to do about it."""
+    import grpc
+
+    target = args.target
+    if code is grpc.StatusCode.UNIMPLEMENTED:
+        return (
+            f"{target} does not serve the Sessions API: enable it in that service's settings "
+            "(api.enabled: true) and point --target at its gRPC port"
+        )
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return (
+            f"cannot reach the service at {target}: is it running, and is this its gRPC port "
+            "(grpc.port)? A TLS port needs --ca"
+        )
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"{target} did not answer within {args.timeout:g} s (--timeout)"
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return (
+            "the service refused the credentials: check --token-file (its "
+            "api.bearer_secret_file) or the client certificate (api.allowed_peers)"
+        )
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return "this caller may not do that (its scope in the service's api settings)"
+    return "the service refused the request"
+
+
 def run_sessions(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except _Usage as exc:
+        print(f"stepup-authz sessions: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from authz.admin.proto.stepup.v1 import sessions_pb2_grpc
+
     metadata: list[tuple[str, str]] = []
-    if args.token_file is not None:
-        metadata.append(("authorization", f"Bearer {args.token_file.read_text().strip()}"))
+    secret = _read(args.token_file, "--token-file")
+    if secret is not None:
+        token = secret.decode("utf-8", "replace").strip()
+        if not token:
+            raise _Usage(f"--token-file {args.token_file} is empty")
+        metadata.append(("authorization", f"Bearer {token}"))
     method, request = _request(args)
     with _channel(args) as channel:
         stub = sessions_pb2_grpc.SessionsStub(channel)  # type: ignore[no-untyped-call]
         try:
             reply = getattr(stub, method)(request, metadata=metadata, timeout=args.timeout)
         except grpc.RpcError as exc:
-            err = {"error": exc.code().name, "details": exc.details()}
+            code = exc.code()
+            err = {"error": code.name, "message": _explain(code, args), "details": exc.details()}
             print(json.dumps(err), file=sys.stderr)
             return 1
     doc = json_format.MessageToDict(

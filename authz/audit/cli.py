@@ -23,7 +23,27 @@ EXIT_USAGE = 2
 def _keys(args: argparse.Namespace) -> dict[str, Any]:
     from authz.audit.chain import load_public_keys
 
-    return load_public_keys(args.pubkey or ())
+    try:
+        return load_public_keys(args.pubkey or ())
+    except ValueError:  # cryptography's own wording names neither the file nor the fix
+        files = ", ".join(str(p) for p in args.pubkey or ())
+        raise ValueError(
+            f"--pubkey {files}: not an Ed25519 public key PEM "
+            "(the .pub.pem that `audit keygen` wrote)"
+        ) from None
+
+
+def _time(option: str, text: str | None) -> int | None:
+    from authz.audit import export as ex
+
+    if not text:
+        return None
+    try:
+        return ex.parse_time(text)
+    except ValueError:
+        raise ValueError(
+            f"{option} {text!r}: expected ISO 8601 (2026-03-01, 2026-03-01T12:00Z) or epoch ms"
+        ) from None
 
 
 def _heads(args: argparse.Namespace) -> list[Any]:
@@ -87,8 +107,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     try:
         flt = ex.Filter(
-            since_ms=ex.parse_time(args.since) if args.since else None,
-            until_ms=ex.parse_time(args.until) if args.until else None,
+            since_ms=_time("--since", args.since),
+            until_ms=_time("--until", args.until),
             users=frozenset(args.user or ()),
             types=frozenset(t for v in args.type or () for t in v.split(",") if t),
         )
@@ -162,15 +182,33 @@ def _cmd_head(args: argparse.Namespace) -> int:
 
 def _cmd_tail(args: argparse.Namespace) -> int:
     if args.path is not None:
-        return _tail_archive(args.path, args.lines, args.follow)
+        try:
+            return _tail_archive(args.path, args.lines, args.follow)
+        except OSError as exc:
+            reason = f"{args.path}: {exc.strerror}" if exc.strerror else str(exc)
+            print(f"audit tail: {reason}", file=sys.stderr)
+            return EXIT_USAGE
+    import redis
+
+    url = args.redis_url or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379"
+    try:
+        return _tail_stream(args, url)
+    except redis.RedisError as exc:
+        print(
+            f"audit tail: cannot read the stream {args.stream} at {url}: {exc}\n"
+            "  give the service's Redis with --redis-url (or REDIS_URL), or an archive directory",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _tail_stream(args: argparse.Namespace, url: str) -> int:
     import redis
 
     from authz.audit.events import canonical_bytes
     from authz.audit.exporter import entry_record
 
-    client = redis.Redis.from_url(
-        args.redis_url or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379"
-    )
+    client = redis.Redis.from_url(url)
     try:
         last = "0-0"
         recent: Any = client.xrevrange(args.stream, count=args.lines)
@@ -232,14 +270,28 @@ def _cmd_exporter(args: argparse.Namespace) -> int:
     configure_logging("INFO", True)
     try:
         settings = load_exporter_settings(args.config)
+    except ConfigError as exc:
+        print(f"audit exporter: invalid settings: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         return run_exporter(settings)
-    except (ConfigError, ArchiveError) as exc:
+    except ConfigError as exc:
+        print(f"audit exporter: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ArchiveError as exc:
         print(f"audit exporter: {exc}", file=sys.stderr)
         return 1
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(
+            f"audit keygen: cannot write into {args.out}: {exc.strerror}; choose another --out",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if args.mac:
         from authz.audit.mac import KID_RE
         from authz.audit.testing import write_mac_key
@@ -263,10 +315,18 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     key = SigningKey.generate()
     priv = args.out / f"audit-signing-{key.key_id}.pem"
     pub = args.out / f"audit-signing-{key.key_id}.pub.pem"
-    fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_pem())
-    pub.write_bytes(key.public_pem())
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_pem())
+        pub.write_bytes(key.public_pem())
+    except OSError as exc:
+        print(
+            f"audit keygen: cannot write into {args.out}: {exc.strerror}; choose another --out",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     print(
         f"key id {key.key_id}\nprivate {priv} (keep secret; exporter signing_key_file)\n"
         f"public  {pub} (give to verifiers: audit verify --pubkey)"

@@ -13,11 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from authz.admin.config import ApiSettings
 from authz.audit.config import AuditSettings
-from authz.config.yamlfile import read_mapping, validated
+from authz.config.validation import report
+from authz.config.yamlfile import read_mapping
+from authz.errors import ConfigError
 from authz.stepup.passkeys.settings import PasskeySettings
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -447,6 +449,28 @@ class LogSettings(BaseModel):
     json_format: bool = Field(True, alias="json")
 
 
+class TracingSettings(BaseModel):
+    """OpenTelemetry traces over OTLP/HTTP (authz/ops/tracing.py); off by default."""
+
+    model_config = _FROZEN
+    enabled: bool = False
+    # The collector's OTLP/HTTP traces URL (an OpenTelemetry Collector listens on 4318).
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    service_name: str = "stepup-authz"
+    # Traces that start here (no traceparent); a request from Envoy follows Envoy's choice.
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    timeout_s: float = Field(5.0, gt=0)
+    export_interval_s: float = Field(2.0, gt=0)
+    max_queue_size: int = Field(4096, ge=16)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (OTLP/HTTP)")
+        return v
+
+
 class Settings(BaseModel):
     model_config = _FROZEN
     policy_file: Path
@@ -466,6 +490,7 @@ class Settings(BaseModel):
     audit: AuditSettings = AuditSettings()
     coverage: CoverageSettings = CoverageSettings()
     passkeys: PasskeySettings = PasskeySettings()
+    tracing: TracingSettings = TracingSettings()
 
 
 _ENV_MAP: dict[str, tuple[str, ...]] = {
@@ -481,25 +506,44 @@ _ENV_MAP: dict[str, tuple[str, ...]] = {
     "STEPUP_PUBLIC_URL": ("stepup", "public_url"),
     "STEPUP_LOG_LEVEL": ("log", "level"),
     "STEPUP_AUDIT_REDIS_URL": ("audit", "redis_url"),
+    "STEPUP_TRACING_ENDPOINT": ("tracing", "endpoint"),
 }
 
 
-def _apply_env(doc: dict[str, Any], env: dict[str, str]) -> None:
+def _apply_env(doc: dict[str, Any], env: dict[str, str]) -> dict[tuple[str, ...], str]:
+    """Apply the overrides; returns which field each variable set (for error messages)."""
+    applied: dict[tuple[str, ...], str] = {}
     for var, path in _ENV_MAP.items():
         if var in env and env[var] != "":
             node = doc
             for part in path[:-1]:
-                node = node.setdefault(part, {})
+                child = node.setdefault(part, {})
+                if not isinstance(child, dict):
+                    raise ConfigError(
+                        f"${var} sets {'.'.join(path)}, but {part} is not a mapping in the file"
+                    )
+                node = child
             node[path[-1]] = env[var]
+            applied[path] = var
+    return applied
 
 
 def load_settings(path: Path | str, env: dict[str, str] | None = None) -> Settings:
-    """Load and validate the settings file; relative paths resolve against its folder."""
+    """Load and validate the settings file; relative paths resolve against its folder.
+
+    Every problem is reported at once (``ConfigErrors``), each with the file, line, column
+    and field; an unknown key is named with the closest known one ("did you mean")."""
     path = Path(path)
     parsed = read_mapping(path, "settings document")
     doc = parsed.doc
-    _apply_env(doc, dict(os.environ) if env is None else env)
-    settings = validated(parsed, Settings, doc)
+    try:
+        from_env = _apply_env(doc, dict(os.environ) if env is None else env)
+    except ConfigError as exc:
+        raise ConfigError(exc.reason, source=str(path)) from None
+    try:
+        settings = Settings.model_validate(doc)
+    except ValidationError as exc:
+        raise report(exc, Settings, parsed, source=str(path), from_env=from_env) from None
     return _resolve_paths(settings, path.parent)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -49,6 +50,9 @@ AUDIT_DURABLE_LEVEL = "elevated"  # the demo policy's first step-up level
 AUDIT_MAC_KID = "dev"  # the dev MAC key's id (audit.mac_keys / the exporter's mac_keys)
 
 _STOP_GRACE_S = 5.0
+_INTERNAL_PORTS = frozenset(
+    {"redis", "upstream", "grpc", "http", "exporter_metrics", "audit_redis"}
+)
 _base_ids = itertools.count()
 # Readiness probes talk to loopback only: never through an http_proxy from the environment.
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -56,6 +60,35 @@ _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 class StackError(RuntimeError):
     """A component failed to start or become ready; the message ends with its log tail."""
+
+
+class PortInUse(StackError):
+    """A port the stack would listen on is taken; found before any file is written."""
+
+    def __init__(self, port: int, role: str) -> None:
+        self.port, self.role = port, role
+        super().__init__(f"port {port} ({role}) is already in use on {HOST}")
+
+
+class WorkdirInUse(StackError):
+    """Another running stack owns the working directory (its config and logs)."""
+
+    def __init__(self, workdir: Path, owner: str) -> None:
+        self.workdir, self.owner = workdir, owner
+        super().__init__(
+            f"{workdir} belongs to another running stack ({owner}); its files were left alone"
+        )
+
+
+def port_free(port: int) -> bool:
+    """Whether a listener could bind ``HOST:port`` now (SO_REUSEADDR, as servers bind)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+        return True
 
 
 def render_envoy_config(template_path: Path | str, **ports: int | str) -> str:
@@ -250,6 +283,7 @@ class Stack:
         separate_audit_redis: bool = False,
         idp_signing_key: Path | None = None,
         idp_args: tuple[str, ...] = (),
+        ports: Mapping[str, int] | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.policy_file = Path(policy_file).resolve()
@@ -282,6 +316,13 @@ class Stack:
         self.admin_port = admin_port if admin_port is not None else free_admin
         if idp_port is not None:
             self.idp_port = idp_port
+        # Fixed ports for the internal components too (the demo's --grpc-port ...): by name,
+        # one of redis, upstream, grpc, http, exporter_metrics, audit_redis.
+        for name, port in (ports or {}).items():
+            if name not in _INTERNAL_PORTS:
+                raise ValueError(f"unknown port name {name!r}; known: {sorted(_INTERNAL_PORTS)}")
+            setattr(self, f"{name}_port", port)
+        self._lock: IO[str] | None = None
         self._own_redis = redis_url is None
         self.redis_url = redis_url or f"redis://{HOST}:{self.redis_port}/0"
         # A Redis the stack does not own may be shared (another stack, a developer's
@@ -553,7 +594,54 @@ class Stack:
             raise
         return self
 
+    def listeners(self) -> list[tuple[int, str]]:
+        """Every (port, role) this stack will listen on, for the busy-port check."""
+        out = [(self.listen_port, "the Envoy listener"), (self.admin_port, "Envoy admin")]
+        if self.with_idp:
+            out.append((self.idp_port, "the dev IdP"))
+        out.append((self.upstream_port, "the echo upstream"))
+        if self.with_service:
+            out += [(self.grpc_port, "the service's gRPC"), (self.http_port, "the service's HTTP")]
+        if self._own_redis:
+            out.append((self.redis_port, "the embedded Valkey"))
+        if self.separate_audit_redis:
+            out.append((self.audit_redis_port, "the audit Valkey"))
+        if self.runs_audit_exporter:
+            out.append((self.exporter_metrics_port, "the audit exporter's metrics"))
+        return out
+
+    def _claim(self) -> None:
+        """Refuse to start, before any file is written, when a port is taken or another
+        running stack owns the working directory."""
+        seen: dict[int, str] = {}
+        for port, role in self.listeners():
+            if port in seen:
+                raise StackError(f"port {port} is given to both {seen[port]} and {role}")
+            seen[port] = role
+            if not port_free(port):
+                raise PortInUse(port, role)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        lock = (self.workdir / ".stack.lock").open("a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            owner = lock.read().strip() or "unknown pid"
+            lock.close()
+            raise WorkdirInUse(self.workdir, owner) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}, Envoy on {self.envoy_url}\n")
+        lock.flush()
+        self._lock = lock
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing drops the flock
+            self._lock = None
+
     def _start(self) -> None:
+        self._claim()
         self._ensure_mac_key()  # the service refuses to audit without a MAC key
         self._write_files()
         self._write_audit_files()
@@ -779,6 +867,7 @@ class Stack:
                 self._drain_audit()
             proc.stop()
         self._procs.clear()
+        self._release()
         self._started = False
 
     def running(self) -> list[str]:

@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             users, _ = _users(args.config)
             if args.user not in users:
                 print(
-                    f"unknown user {args.user!r}; known: {', '.join(sorted(users))}",
+                    f"devidp totp: unknown user {args.user!r}; known: {', '.join(sorted(users))}",
                     file=sys.stderr,
                 )
                 return 2
@@ -121,8 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"devidp: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. the port is taken
-        print(f"devidp: {exc}", file=sys.stderr)
+        print(f"devidp: {exc.strerror or exc}", file=sys.stderr)
+        if args.command == "serve":
+            print(f"  another process on {args.host}:{args.port}? choose --port", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

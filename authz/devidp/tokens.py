@@ -187,6 +187,13 @@ class TokenEndpoint:
             raise OAuthError("invalid_grant", "invalid username or password")
         now = self._config.clock()
         otp = _field(form, "otp")
+        if "otp" in form and not otp.strip():
+            # `-d otp=$(... totp)` whose helper failed: refuse rather than quietly issue a
+            # password-only token that then meets a 401 nobody can explain.
+            raise OAuthError(
+                "invalid_request",
+                "otp is empty (did the TOTP helper fail?): send a 6-digit code, or no otp",
+            )
         otp_ok = bool(otp) and check_totp(self._config.users[username], otp, now)
         if otp and not otp_ok:
             raise OAuthError("invalid_grant", "invalid one-time code")

@@ -3,6 +3,7 @@
 Call sites pass fields through ``extra=``; only those fields and the message are written.
 Nothing here reads request headers, so a token or cookie can reach a log line only if a
 call site passes one explicitly; none does, and a test greps the logs to keep it so.
+Inside a traced request (authz/ops/tracing.py) each line carries ``trace_id`` and ``span_id``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+from authz.ops.tracing import current_ids
 
 _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
     "message",
@@ -32,6 +35,10 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _RESERVED and value is not None:
                 out[key] = value
+        ids = current_ids()  # inside a traced request: the line leads to its trace
+        if ids is not None:
+            out.setdefault("trace_id", ids[0])
+            out.setdefault("span_id", ids[1])
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str, ensure_ascii=True)

@@ -7,7 +7,21 @@ reason slugs from ``authz.core.reasons`` and the policy's level names: bounded s
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from collections.abc import Callable, Iterable
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from authz.core.reasons import Reason
 
@@ -28,11 +42,43 @@ _LATENCY_BUCKETS = (
 )
 
 
+class _TokenCacheLookups(Collector):
+    """``stepup_authz_token_cache_lookups_total{result="hit|miss"}``, read at scrape time
+    from the verifier's own counters (nothing is added to the Check path)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], tuple[int, int]] | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        hits, misses = self.source() if self.source is not None else (0, 0)
+        family.add_metric(["hit"], hits)
+        family.add_metric(["miss"], misses)
+        return [family]
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "stepup_authz_token_cache_lookups",
+            "Access-token cache lookups by the verifier: a hit skips the signature check.",
+            labels=["result"],
+        )
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         ns = "stepup_authz"
+        # The process's own CPU, memory, fds, GC and Python version (process_*, python_*),
+        # as on the default registry: the service runs on a registry of its own.
+        if r is not REGISTRY:  # the default registry has its own already
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
         self.checks = Counter(
             "checks", "Check decisions.", ["outcome", "reason", "level"], namespace=ns, registry=r
         )
@@ -74,6 +120,8 @@ class Metrics:
         self.token_cache_size = Gauge(
             "token_cache_entries", "Verified tokens cached.", namespace=ns, registry=r
         )
+        self._token_lookups = _TokenCacheLookups()
+        r.register(self._token_lookups)
         self.shadow_matches = Counter(
             "shadow_matches",
             "Shadow rules that matched: what they would have done, counted but not enforced.",
@@ -157,3 +205,13 @@ class Metrics:
             self.redis_errors.labels(op=op)
         for result in ("success", "error"):
             self.policy_reloads.labels(result=result)
+
+    def watch_token_cache(
+        self, entries: Callable[[], int], lookups: Callable[[], tuple[int, int]]
+    ) -> None:
+        """Report the token cache at scrape time: ``entries()`` its size, ``lookups()``
+        the verifier's (hits, misses) so far. E.g. with ``tokens = TokenVerifier(...)``:
+        ``metrics.watch_token_cache(lambda: len(tokens._cache),
+        lambda: (tokens.cache_stats.hits, tokens.cache_stats.misses))``."""
+        self.token_cache_size.set_function(lambda: float(entries()))
+        self._token_lookups.source = lookups

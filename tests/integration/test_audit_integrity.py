@@ -488,7 +488,7 @@ def test_bad_input_gets_a_message_and_a_non_zero_exit(
     cases: list[tuple[list[str | Path], int, str]] = [
         (["verify", tmp_path / "missing"], 2, "no such file"),
         (["verify", "--pubkey", tmp_path / "missing.pem", arch], 2, "No such file"),
-        (["verify", "--pubkey", garbage, arch], 2, "not a PEM key"),
+        (["verify", "--pubkey", garbage, arch], 2, "not an Ed25519 public key PEM"),
         (["verify", "--pubkey", other, arch], 1, "unknown key id"),
         (["verify", "--head", not_json, arch], 2, "not JSON"),
         (["verify", "--head", not_cp, arch], 2, "not a checkpoint"),

@@ -130,5 +130,7 @@ def test_explain_refuses_a_bad_request_file(
     policy.write_text(POLICY)
     req = tmp_path / "req.json"
     req.write_text(json.dumps({"path": "/a%2Fb"}))
-    assert main(["policy", "explain", str(policy), "--request", str(req)]) == 1
+    assert (
+        main(["policy", "explain", str(policy), "--request", str(req)]) == 2
+    )  # exit 2: the input, not the policy, is wrong
     assert "invalid request file" in capsys.readouterr().err

@@ -256,7 +256,7 @@ def test_ca_in_the_url_and_in_ca_file_is_refused(tmp_path: Path, files: dict[str
     assert err.value.location == "ca_file"
 
 
-def test_the_cli_reports_a_config_error_and_exits_1(tmp_path: Path, files: dict[str, Path]) -> None:
+def test_the_cli_reports_a_config_error_and_exits_2(tmp_path: Path, files: dict[str, Path]) -> None:
     path = tmp_path / "exporter.yaml"
     path.write_text(
         yaml.safe_dump(
@@ -275,5 +275,5 @@ def test_the_cli_reports_a_config_error_and_exits_1(tmp_path: Path, files: dict[
         text=True,
         timeout=60,
     )
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 2, r.stderr  # a configuration error: exit 2 (usage/config)
     assert "password_file" in r.stderr and "missing-password" in r.stderr
