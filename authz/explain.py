@@ -2,14 +2,14 @@
 with the service's own pipeline (``authz.core.decision.decide``), and say why: the route,
 the rules that fired (and shadow rules that would have), the signals and the risk score.
 
-The request file is JSON (its schema: ``authz.config.explain_request.ExplainRequest``):
+The request file is JSON; its schema is ``authz.config.explain_request.ExplainRequest``:
 ``method``, ``host``, ``path``, ``headers``, ``source_ip``, ``context_extensions``,
-verified ``claims`` (iss, sub, sid, acr, amr, auth_time, iat, exp), and optionally ``grants`` (level, acr, amr,
-auth_time, expires_at, issued_at, device, ip), ``device`` (id, source, managed, compliant,
-platform), ``state`` (device_known, ip_known, level_seen, velocity, session_revoked,
-revoked_before, last_seen {at, ip, lat, lon}), ``geo`` (country, lat, lon), ``now`` and
-``leeway``. A file that does not fit is refused with every wrong field named
-(``RequestFileError``), never a Python message.
+verified ``claims`` (iss, sub, sid, acr, amr, auth_time, iat, exp), and optionally
+``grants`` (level, acr, amr, auth_time, expires_at, issued_at, device, ip), ``device`` (id,
+source, managed, compliant, platform), ``state`` (device_known, ip_known, level_seen,
+velocity, session_revoked, revoked_before, last_seen {at, ip, lat, lon}), ``geo``
+(country, lat, lon), ``now`` and ``leeway``. A file that does not fit is refused with
+every wrong field named (``RequestFileError``), never a Python message.
 """
 
 from __future__ import annotations
