@@ -113,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         help="logs and generated config (default ./var/demo)",
     )
     parser.add_argument("--redis-url", help="use this Redis instead of an embedded Valkey")
+    parser.add_argument(
+        "--mode",
+        choices=["grpc", "http"],
+        default="grpc",
+        help="Envoy's ext_authz protocol (default grpc); Envoy runs `render envoy --mode`",
+    )
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -130,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         listen_port=args.port,
         admin_port=args.admin_port,
         idp_port=args.idp_port,
+        mode=args.mode,
     )
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
