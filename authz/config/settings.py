@@ -336,6 +336,8 @@ _ENV_MAP: dict[str, tuple[str, ...]] = {
     "STEPUP_PUBLIC_URL": ("stepup", "public_url"),
     "STEPUP_LOG_LEVEL": ("log", "level"),
     "STEPUP_AUDIT_REDIS_URL": ("audit", "redis_url"),
+    # `serve --workers` hands its workers one step-up link key when none is configured.
+    "STEPUP_CONTEXT_KEY_FILE": ("stepup", "context_key_file"),
 }
 
 
