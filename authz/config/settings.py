@@ -298,6 +298,15 @@ class NetworkSettings(BaseModel):
     geoip_database: Path | None = None
 
 
+class MetricsSettings(BaseModel):
+    """``/metrics`` on a listener of its own, so a scraper needs no access to the step-up
+    port and the proxies none to the metrics. No port: ``/metrics`` on the HTTP port only."""
+
+    model_config = _FROZEN
+    host: str = "127.0.0.1"
+    port: int | None = Field(None, ge=0, le=65535)
+
+
 class LogSettings(BaseModel):
     model_config = _FROZEN
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -319,6 +328,7 @@ class Settings(BaseModel):
     state: StateSettings = StateSettings()
     api: ApiSettings = ApiSettings()
     crypto: CryptoSettings = CryptoSettings()
+    metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     audit: AuditSettings = AuditSettings()
 

@@ -20,72 +20,30 @@ from authz.audit.exporter import make_exporter_client
 from authz.audit.metrics import AuditMetrics
 from authz.config.policy_file import parse_policy_text
 from authz.config.settings import Settings
+from tests.deploy.chart import (
+    AUDIT_REDIS,
+    CHART,
+    EXPORTER,
+    ROOT,
+    SERVICE,
+    SIGNING_SECRET,
+    by_kind,
+    named,
+    raw_values,
+    render,
+    values,
+)
 from tests.tlsutil import cert as tls_cert
 from tests.tlsutil import pem
 
 pytestmark = pytest.mark.deploy
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "k8s" / "stepup-authz"
 VALUE_SETS = ["minimal", "url", "sentinel", "cluster"]
 KUBE_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 CRDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
-
-
-SIGNING_SECRET = "stepup-authz-audit-signing"
-AUDIT_REDIS = "rediss://audit-redis.redis.svc.cluster.local:6380/0"
-
-
-def raw_values(name: str) -> dict[str, Any]:
-    doc: dict[str, Any] = yaml.safe_load((ROOT / "k8s" / "values" / f"{name}.yaml").read_text())
-    return doc
-
-
-def values(name: str) -> dict[str, Any]:
-    """A value set from k8s/values/, plus what the audit exporter (on by default) needs when
-    the file lacks it: the signing key Secret, and for Sentinel/Cluster a standalone audit
-    Redis URL (the exporter reads one URL). test_exporter_refuses_incomplete_values shows
-    the chart failing without them."""
-    doc = raw_values(name)
-    keys = doc.setdefault("secrets", {}).setdefault("auditSigningKey", {})
-    keys.setdefault("existingSecret", SIGNING_SECRET)
-    if doc["redis"].get("mode", "url") != "url":
-        doc.setdefault("audit", {}).setdefault("redisUrl", AUDIT_REDIS)
-    return doc
-
-
-@pytest.fixture(scope="module")
-def chart() -> Any:
-    with helm.Chart.load(CHART) as c:
-        yield c
-
-
-def render(chart: Any, vals: dict[str, Any]) -> list[dict[str, Any]]:
-    out = chart.render(vals, name="stepup-authz", namespace="stepup-authz", is_install=True)
-    docs = []
-    for path, text in out.items():
-        if path.endswith(".yaml"):
-            docs.extend(d for d in yaml.safe_load_all(text) if d)
-    return docs
-
-
-def by_kind(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    kinds: dict[str, list[dict[str, Any]]] = {}
-    for d in docs:
-        kinds.setdefault(d["kind"], []).append(d)
-    return kinds
-
-
-def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
-    return doc
-
-
-SERVICE = "stepup-authz"
-EXPORTER = "stepup-authz-audit-exporter"
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
@@ -138,6 +96,7 @@ def test_default_values_install_set(chart: Any) -> None:
         "NetworkPolicy",
         "PersistentVolumeClaim",
         "PodDisruptionBudget",
+        "Secret",  # the keys every replica shares (test_helm_keys.py)
         "Service",
         "ServiceAccount",
     ]
@@ -159,14 +118,18 @@ def test_deployment_hardening_and_probes(chart: Any) -> None:
     assert c["resources"]["requests"] and c["resources"]["limits"]
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert c["startupProbe"]["grpc"]["port"] == 9191  # grpc.health.v1
+    # url.yaml puts TLS on the gRPC port, which the kubelet's gRPC probe cannot speak.
+    assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    plain = named(render(chart, values("minimal")), "Deployment", SERVICE)
+    (plain_c,) = plain["spec"]["template"]["spec"]["containers"]
+    assert plain_c["startupProbe"]["grpc"]["port"] == 9191  # grpc.health.v1
     assert c["args"] == ["serve", "--config", "/etc/stepup-authz/config.yaml"]
     assert c["image"].startswith("ghcr.io/stepup-authz/stepup-authz@sha256:")
     assert pod["affinity"]["podAntiAffinity"]
     assert pod["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert "subPath" not in mounts["policy"]  # ConfigMap updates must reach the file
-    assert {"redis-auth", "redis-tls", "oidc", "encryption-key"} <= set(mounts)
+    assert {"redis-auth", "redis-tls", "oidc", "keys", "tls"} <= set(mounts)
     assert "audit-signing-key" not in mounts  # the exporter's alone (test below)
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
     assert {"checksum/config", "checksum/policy"} <= set(annotations)
