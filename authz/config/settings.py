@@ -340,6 +340,8 @@ _ENV_MAP: dict[str, tuple[str, ...]] = {
     "STEPUP_GRPC_HOST": ("grpc", "host"),
     "STEPUP_HTTP_HOST": ("http", "host"),
     "STEPUP_HTTP_AUTHZ_PORT": ("http_authz", "port"),
+    "STEPUP_METRICS_HOST": ("metrics", "host"),
+    "STEPUP_METRICS_PORT": ("metrics", "port"),
     "STEPUP_POLICY_FILE": ("policy_file",),
     "STEPUP_OIDC_ISSUER": ("oidc", "issuer"),
     "STEPUP_OIDC_CLIENT_SECRET": ("oidc", "client_secret"),

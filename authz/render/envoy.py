@@ -370,11 +370,15 @@ def _cluster(
             ]
         }
     if grpc_health:
-        # A draining replica (SIGTERM: NOT_SERVING) leaves the rotation before it stops.
+        # A draining replica (SIGTERM: NOT_SERVING) leaves the rotation before it stops, and
+        # one that is back (or started after Envoy) joins within a second or two: the
+        # default no-traffic interval would leave it out for a minute.
         cluster["health_checks"] = [
             {
                 "timeout": "1s",
                 "interval": "5s",
+                "no_traffic_interval": "5s",
+                "unhealthy_interval": "1s",
                 "unhealthy_threshold": 2,
                 "healthy_threshold": 1,
                 "grpc_health_check": {"service_name": contract.GRPC_HEALTH_SERVICE},

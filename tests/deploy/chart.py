@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,71 @@ def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 
 SERVICE = "stepup-authz"
 EXPORTER = "stepup-authz-audit-exporter"
+
+
+# -- a pod's files, as the kubelet would mount them --------------------------------------------
+
+
+def manifest(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any] | None:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found[0] if found else None
+
+
+def mount_pod_files(
+    docs: list[dict[str, Any]],
+    deployment: str,
+    container: str,
+    root: Path,
+    secrets: dict[str, dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """Write what ``container`` of ``deployment``'s pod would see under its mount paths, with
+    ``root`` in front: each ConfigMap and Secret volume's entries as files (Secrets rendered
+    by the chart, else from ``secrets``: name -> {entry: text}, the ones an operator
+    creates), subPath mounts as single files, emptyDirs as directories. Returns the
+    container spec. A volume the chart names but nobody provides fails here, as the pod
+    would fail to start."""
+    pod = named(docs, "Deployment", deployment)["spec"]["template"]["spec"]
+    (c,) = [c for c in pod["containers"] if c["name"] == container]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for m in c.get("volumeMounts", []):
+        vol = volumes[m["name"]]
+        target = root / m["mountPath"].lstrip("/")
+        entries: dict[str, bytes]
+        if "configMap" in vol:
+            cm = manifest(docs, "ConfigMap", vol["configMap"]["name"])
+            assert cm is not None, f"ConfigMap {vol['configMap']['name']} is not rendered"
+            entries = {k: v.encode() for k, v in cm["data"].items()}
+        elif "secret" in vol:
+            name = vol["secret"]["secretName"]
+            secret = manifest(docs, "Secret", name)
+            if secret is not None:
+                entries = {k: base64.b64decode(v) for k, v in secret.get("data", {}).items()}
+            else:
+                assert secrets is not None and name in secrets, f"no Secret {name}"
+                entries = {k: v.encode() for k, v in secrets[name].items()}
+        elif "emptyDir" in vol:
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        else:
+            raise AssertionError(f"volume type of {m['name']} not emulated: {vol}")
+        if "subPath" in m:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(entries[m["subPath"]])
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        for key, data in entries.items():
+            (target / key).write_bytes(data)
+            if "secret" in vol:
+                (target / key).chmod(0o440)  # defaultMode; we are the owner here
+    return c
+
+
+def rerooted(doc: Any, root: Path, prefix: str = "/etc/stepup-authz/") -> Any:
+    """``doc`` with every string path under ``prefix`` moved under ``root``; nothing else."""
+    if isinstance(doc, dict):
+        return {k: rerooted(v, root, prefix) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [rerooted(v, root, prefix) for v in doc]
+    if isinstance(doc, str) and doc.startswith(prefix):
+        return str(root / doc.lstrip("/"))
+    return doc
