@@ -48,7 +48,7 @@ class HttpSettings(BaseModel):
 
 
 class HttpAuthzSettings(BaseModel):
-    """Envoy's HTTP ext_authz protocol (envoy/demo-http.yaml); off unless enabled."""
+    """Envoy's HTTP ext_authz protocol (``render envoy --mode http``); off unless enabled."""
 
     model_config = _FROZEN
     enabled: bool = False
