@@ -653,15 +653,27 @@ class Stack:
                 str((os.getpid() % 4_000_000) * 100 + next(_base_ids) % 100),
             ],
         )
-        waits.append(
-            (
-                envoy,
-                f"{self.admin_url}/ready",
-                lambda: http_ok(f"{self.admin_url}/ready", expect=b"LIVE"),
-            )
-        )
+        waits.append((envoy, f"{self.admin_url}/ready", self._envoy_live))
         for proc, what, probe in waits:
             proc.wait_ready(what, probe, t)
+
+    def _envoy_live(self) -> bool:
+        return http_ok(f"{self.admin_url}/ready", expect=b"LIVE")
+
+    def restart_envoy(self) -> None:
+        """Render Envoy's config again from the policy file as it is now and restart Envoy:
+        what an operator does after a policy change. (The service reloads the policy by
+        itself; until Envoy is rendered again its per-route levels are the old ones, which
+        can only make a request stricter.)"""
+        proc = self._procs.get("envoy")
+        if proc is None:
+            raise StackError("the stack runs no Envoy")
+        proc.stop()
+        if self.envoy_template is None:
+            text = yaml.safe_dump(self.envoy_config(), sort_keys=False)
+            (self.workdir / "envoy.yaml").write_text(text)
+        proc.start()
+        proc.wait_ready(f"{self.admin_url}/ready", self._envoy_live, self.ready_timeout)
 
     def stop_redis(self) -> None:
         """Stop the embedded Valkey (simulate an outage); ``start_redis()`` brings it back."""
