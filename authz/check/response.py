@@ -47,7 +47,6 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _SAFE_METHODS = frozenset({"GET", "HEAD"})
 _REALM = 'realm="stepup-authz"'
 
-PEER_HEADER = "x-stepup-peer-address"
 # HTTP mode: headers that only feed Envoy's dynamic metadata (never reach the client or
 # upstream, since they are in no allowed_* list). "x-stepup-reason" and "-decision-id" are
 # also client headers on a denial; "x-stepup-level" is also an upstream header on an allow.

@@ -53,7 +53,7 @@ class HttpSettings(BaseModel):
 
 
 class HttpAuthzSettings(BaseModel):
-    """Envoy's HTTP ext_authz protocol (envoy/demo-http.yaml); off unless enabled."""
+    """Envoy's HTTP ext_authz protocol (``render envoy --mode http``); off unless enabled."""
 
     model_config = _FROZEN
     enabled: bool = False
@@ -443,6 +443,15 @@ class CoverageSettings(BaseModel):
     exempt_prefixes: tuple[str, ...] | None = None
 
 
+class MetricsSettings(BaseModel):
+    """``/metrics`` on a listener of its own, so a scraper needs no access to the step-up
+    port and the proxies none to the metrics. No port: ``/metrics`` on the HTTP port only."""
+
+    model_config = _FROZEN
+    host: str = "127.0.0.1"
+    port: int | None = Field(None, ge=0, le=65535)
+
+
 class LogSettings(BaseModel):
     model_config = _FROZEN
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -486,6 +495,7 @@ class Settings(BaseModel):
     state: StateSettings = StateSettings()
     api: ApiSettings = ApiSettings()
     crypto: CryptoSettings = CryptoSettings()
+    metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     audit: AuditSettings = AuditSettings()
     coverage: CoverageSettings = CoverageSettings()
@@ -500,6 +510,8 @@ _ENV_MAP: dict[str, tuple[str, ...]] = {
     "STEPUP_GRPC_HOST": ("grpc", "host"),
     "STEPUP_HTTP_HOST": ("http", "host"),
     "STEPUP_HTTP_AUTHZ_PORT": ("http_authz", "port"),
+    "STEPUP_METRICS_HOST": ("metrics", "host"),
+    "STEPUP_METRICS_PORT": ("metrics", "port"),
     "STEPUP_POLICY_FILE": ("policy_file",),
     "STEPUP_OIDC_ISSUER": ("oidc", "issuer"),
     "STEPUP_OIDC_CLIENT_SECRET": ("oidc", "client_secret"),
@@ -507,6 +519,8 @@ _ENV_MAP: dict[str, tuple[str, ...]] = {
     "STEPUP_LOG_LEVEL": ("log", "level"),
     "STEPUP_AUDIT_REDIS_URL": ("audit", "redis_url"),
     "STEPUP_TRACING_ENDPOINT": ("tracing", "endpoint"),
+    # `serve --workers` hands its workers one step-up link key when none is configured.
+    "STEPUP_CONTEXT_KEY_FILE": ("stepup", "context_key_file"),
 }
 
 

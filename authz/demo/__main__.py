@@ -220,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
             idp_port=args.idp_port or None,
             ports=internal,
             authz_timeout=args.authz_timeout,
+            mode=args.mode,
         )
     except (OSError, ValueError) as exc:
         print(f"demo not started: {exc}", file=sys.stderr)

@@ -92,3 +92,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="Envoy's ext_authz deadline (default 0.25s, as in production); raise it on a "
         "busy machine, where a late answer is Envoy's bare 403",
     )
+    parser.add_argument(
+        "--mode",
+        choices=["grpc", "http"],
+        default="grpc",
+        help="Envoy's ext_authz protocol (default grpc); Envoy runs `render envoy --mode`",
+    )

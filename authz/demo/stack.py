@@ -1,6 +1,10 @@
 """Run the whole stack on loopback, each component a real subprocess: the embedded Valkey, the
 dev IdP, the echo upstream, stepup-authz, the audit exporter and Envoy.
 
+Envoy runs what ``stepup-authz render envoy`` produces for the stack's policy (gRPC or HTTP
+ext_authz, ``mode``), serving the policy's hosts plus ``hosts`` (loopback by default): the
+demo and the end-to-end tests exercise the very configuration the project ships.
+
 Used by the demo (``python -m authz.demo``) and the end-to-end tests. Process control uses
 only the standard library (plus pyyaml for the settings file) so a hung component can always
 be killed: every child leads its own process group, and stopping signals the whole group,
@@ -23,11 +27,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from string import Template
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import yaml
 
@@ -38,10 +42,12 @@ import authz
 from authz.audit.chain import SigningKey
 from authz.audit.segments import list_segments
 from authz.audit.testing import write_mac_key
+from authz.render.envoy import Address, ServiceTls, render_envoy
 
 REPO_ROOT = Path(authz.__file__).resolve().parent.parent
-DEFAULT_ENVOY_TEMPLATE = REPO_ROOT / "envoy" / "demo.yaml"
 HOST = "127.0.0.1"
+# The names a loopback client reaches the stack's Envoy by (besides the policy's own hosts).
+LOOPBACK_HOSTS = (HOST, "localhost")
 CLIENT_ID = "stepup-authz"
 CLIENT_SECRET = "dev-secret"  # noqa: S105  (the dev IdP's demo client, not a real secret)
 AUDIENCE = "stepup-demo"
@@ -92,7 +98,7 @@ def port_free(port: int) -> bool:
 
 
 def render_envoy_config(template_path: Path | str, **ports: int | str) -> str:
-    """Render the Envoy bootstrap template.
+    """Render a hand-made Envoy bootstrap template (``envoy_template=``; the bench's).
 
     Keywords name the placeholders in either case (``listen_port=8080`` fills
     ``${LISTEN_PORT}``); ``authz_timeout`` defaults to ``0.25s``. A missing placeholder
@@ -275,7 +281,10 @@ class Stack:
         with_idp: bool = True,
         extra_settings: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
-        envoy_template: Path = DEFAULT_ENVOY_TEMPLATE,
+        mode: Literal["grpc", "http"] = "grpc",
+        hosts: Sequence[str] = LOOPBACK_HOSTS,
+        service_tls: ServiceTls | None = None,
+        envoy_template: Path | None = None,
         authz_timeout: str = "0.25s",
         ready_timeout: float = 20.0,
         with_audit_exporter: bool = True,
@@ -293,6 +302,9 @@ class Stack:
         self.idp_signing_key = idp_signing_key
         self.idp_args = tuple(idp_args)
         self.extra_settings = extra_settings or {}
+        # Envoy: `render envoy` for the policy (mode, hosts, TLS to the service), unless a
+        # hand-made template is given.
+        self.mode, self.hosts, self.service_tls = mode, tuple(hosts), service_tls
         self.envoy_template, self.authz_timeout = envoy_template, authz_timeout
         self.ready_timeout = ready_timeout
         self.with_audit_exporter = with_audit_exporter
@@ -305,10 +317,11 @@ class Stack:
             self.http_port,
             self.exporter_metrics_port,
             self.audit_redis_port,
+            self.check_port,
             free_listen,
             free_admin,
             self.api_port,
-        ) = free_ports(10)
+        ) = free_ports(11)
         # A second embedded Valkey for the audit stream only (audit.redis_url), as production
         # should run it: then stop_audit_redis() takes the sink down and nothing else.
         self.separate_audit_redis = separate_audit_redis
@@ -449,6 +462,8 @@ class Stack:
         }
         if self.separate_audit_redis:
             base["audit"]["redis_url"] = f"redis://{HOST}:{self.audit_redis_port}/0"
+        if self.mode == "http":
+            base["http_authz"] = {"enabled": True, "host": HOST, "port": self.check_port}
         return deep_merge(base, self.extra_settings)
 
     def exporter_settings(self) -> dict[str, Any]:
@@ -500,20 +515,48 @@ class Stack:
             f.write(key.private_pem())
         self.audit_public_key.write_bytes(key.public_pem())
 
+    def check_endpoints(self) -> list[Address]:
+        """Where Envoy sends checks: the service's gRPC or HTTP ext_authz port."""
+        return [(HOST, self.grpc_port if self.mode == "grpc" else self.check_port)]
+
+    def stepup_endpoints(self) -> list[Address]:
+        """Where Envoy sends /_stepup/*: the service's HTTP port."""
+        return [(HOST, self.http_port)]
+
+    def envoy_config(self) -> dict[str, Any]:
+        """The Envoy bootstrap: ``render envoy`` for the stack's policy and addresses."""
+        from authz.config.policy_file import read_policy
+
+        return render_envoy(
+            read_policy(self.policy_file).policy,
+            mode=self.mode,
+            hosts=self.hosts,
+            listen_address=(HOST, self.listen_port),
+            admin_address=(HOST, self.admin_port),
+            authz_address=self.check_endpoints(),
+            stepup_address=self.stepup_endpoints(),
+            upstream_address=(HOST, self.upstream_port),
+            authz_timeout=self.authz_timeout,
+            service_tls=self.service_tls,
+        )
+
     def _write_files(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "config.yaml").write_text(yaml.safe_dump(self.settings(), sort_keys=False))
-        (self.workdir / "envoy.yaml").write_text(
-            render_envoy_config(
+        if self.envoy_template is None:
+            text = yaml.safe_dump(self.envoy_config(), sort_keys=False)
+        else:
+            text = render_envoy_config(
                 self.envoy_template,
                 listen_port=self.listen_port,
                 admin_port=self.admin_port,
                 authz_grpc_port=self.grpc_port,
                 authz_http_port=self.http_port,
+                authz_check_port=self.check_port,
                 upstream_port=self.upstream_port,
                 authz_timeout=self.authz_timeout,
             )
-        )
+        (self.workdir / "envoy.yaml").write_text(text)
 
     def _write_audit_files(self) -> None:
         # Apart from _write_files, which subclasses override to render their own Envoy.
@@ -727,15 +770,27 @@ class Stack:
                 str((os.getpid() % 4_000_000) * 100 + next(_base_ids) % 100),
             ],
         )
-        waits.append(
-            (
-                envoy,
-                f"{self.admin_url}/ready",
-                lambda: http_ok(f"{self.admin_url}/ready", expect=b"LIVE"),
-            )
-        )
+        waits.append((envoy, f"{self.admin_url}/ready", self._envoy_live))
         for proc, what, probe in waits:
             proc.wait_ready(what, probe, t)
+
+    def _envoy_live(self) -> bool:
+        return http_ok(f"{self.admin_url}/ready", expect=b"LIVE")
+
+    def restart_envoy(self) -> None:
+        """Render Envoy's config again from the policy file as it is now and restart Envoy:
+        what an operator does after a policy change. (The service reloads the policy by
+        itself; until Envoy is rendered again its per-route levels are the old ones, which
+        can only make a request stricter.)"""
+        proc = self._procs.get("envoy")
+        if proc is None:
+            raise StackError("the stack runs no Envoy")
+        proc.stop()
+        if self.envoy_template is None:
+            text = yaml.safe_dump(self.envoy_config(), sort_keys=False)
+            (self.workdir / "envoy.yaml").write_text(text)
+        proc.start()
+        proc.wait_ready(f"{self.admin_url}/ready", self._envoy_live, self.ready_timeout)
 
     def stop_redis(self) -> None:
         """Stop the embedded Valkey (simulate an outage); ``start_redis()`` brings it back."""

@@ -12,6 +12,11 @@ The supervisor (this module) does no request work:
 
 - With no ``REDIS_URL`` (embedded Valkey) it starts the embedded server once and hands its
   URL to every worker (``REDIS_URL``), so they share one state.
+- Keys: every worker reads the same settings file, so configured keys (``crypto.keys``,
+  ``stepup.context_key_file``, the audit MAC keys) are the same files in each. Where the
+  settings configure none (development), the supervisor makes one key of each kind and
+  hands it to every worker (``shared_keys_env``): a step-up link signed by one worker
+  verifies on another, and a grant one wrote, another decrypts.
 - Prometheus: it points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory (unless already
   set) so each worker's counters and histograms live in shared files and ``/metrics`` on
   any worker reports the sum over all of them (``prometheus_client`` multiprocess mode; the
@@ -38,6 +43,7 @@ from types import FrameType
 
 from authz.config.settings import Settings
 from authz.errors import ConfigError
+from authz.store.crypto import ephemeral_key_env
 
 log = logging.getLogger("authz.ops.workers")
 
@@ -58,6 +64,31 @@ def _check_ports(settings: Settings) -> None:
         )
 
 
+CONTEXT_KEY_ENV = "STEPUP_CONTEXT_KEY_FILE"
+
+
+def shared_keys_env(settings: Settings, directory: Path) -> dict[str, str]:
+    """Environment entries giving every worker one key for what the settings leave to a
+    per-process random key: the field encryption key and the step-up link key (written to
+    ``directory``, readable by this user only). Empty when both are configured."""
+    env: dict[str, str] = {}
+    if settings.crypto.active_kid is None:
+        env.update(ephemeral_key_env())
+    if settings.stepup.context_key_file is None:
+        path = directory / "stepup-context.key"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+        env[CONTEXT_KEY_ENV] = str(path)
+    if env:
+        log.warning(
+            "keys not configured: one random key per supervisor, shared by its workers "
+            "(gone at exit; several pods need keys from a Secret)",
+            extra={"shared": sorted(env)},
+        )
+    return env
+
+
 def worker_argv(config: Path) -> list[str]:
     return [sys.executable, "-m", "authz.cli", "serve", "--config", str(config)]
 
@@ -72,6 +103,8 @@ def supervise(config: Path, settings: Settings, workers: int) -> int:
     if not env.get(MULTIPROC_ENV):
         owned_dir = tempfile.mkdtemp(prefix="stepup-metrics-")
         env[MULTIPROC_ENV] = owned_dir
+    keys_dir = tempfile.mkdtemp(prefix="stepup-keys-")  # mode 0700
+    env.update(shared_keys_env(settings, Path(keys_dir)))
     embedded = None
     if settings.redis.embedded:
         from authz.store.connections import EmbeddedValkey
@@ -124,6 +157,7 @@ def supervise(config: Path, settings: Settings, workers: int) -> int:
             embedded.stop()
         if owned_dir is not None:
             shutil.rmtree(owned_dir, ignore_errors=True)
+        shutil.rmtree(keys_dir, ignore_errors=True)
     if code == 0:
         code = max((abs(p.returncode or 0) for p in procs), default=0)
         # A worker stopped by our own SIGTERM exits 0 after draining; anything else counts.

@@ -1,5 +1,7 @@
-"""Every Envoy config in envoy/ and the output of ``render envoy`` pass ``envoy --mode
-validate``; the rendered routes mirror the policy; ``render istio`` emits CUSTOM policies."""
+"""Every Envoy config in envoy/ and the output of ``render envoy`` (both modes, TLS to the
+service, several replicas) pass ``envoy --mode validate``; the rendered routes mirror the
+policy and serve only the policy's hosts plus ``--host``; ``render istio`` emits CUSTOM
+policies."""
 
 from __future__ import annotations
 
@@ -13,10 +15,21 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from authz.config.policy_file import read_policy
 from authz.core.policy import load_policy
-from authz.render import EXT_AUTHZ, add_render_parser, render_envoy, render_istio
+from authz.errors import ConfigError
+from authz.render import (
+    EXT_AUTHZ,
+    ServiceTls,
+    add_render_parser,
+    render_envoy,
+    render_istio,
+    served_hosts,
+)
+from tests.tlsutil import cert as tls_cert
+from tests.tlsutil import pem
 
 pytestmark = pytest.mark.deploy
 
@@ -100,17 +113,86 @@ def test_standalone_examples_security_settings(name: str, hops: int) -> None:
     )
 
 
-def _render_file(tmp_path: Path, policy_doc: dict[str, Any] | None = None) -> Path:
+def _render_file(tmp_path: Path, policy_doc: dict[str, Any] | None = None, **kwargs: Any) -> Path:
     policy = (
         load_policy(policy_doc) if policy_doc is not None else read_policy(EXAMPLE_POLICY).policy
     )
+    kwargs.setdefault("hosts", ["app.example"])
     out = tmp_path / "rendered.yaml"
-    out.write_text(yaml.safe_dump(render_envoy(policy), sort_keys=False))
+    out.write_text(yaml.safe_dump(render_envoy(policy, **kwargs), sort_keys=False))
     return out
 
 
-def test_render_envoy_output_validates(tmp_path: Path) -> None:
-    assert_valid(_render_file(tmp_path))
+@pytest.mark.parametrize("mode", ["grpc", "http"])
+def test_render_envoy_output_validates(tmp_path: Path, mode: str) -> None:
+    assert_valid(_render_file(tmp_path, mode=mode))
+
+
+REPLICAS = [("10.0.0.1", 9191), ("10.0.0.2", 9191), ("10.0.0.3", 9191)]
+
+
+@pytest.mark.parametrize("mode", ["grpc", "http"])
+def test_render_envoy_with_service_tls_and_replicas_validates(tmp_path: Path, mode: str) -> None:
+    """TLS to the service (CA + name, a client certificate) and three replicas, round robin."""
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = tls_cert("mesh CA", ca_key, None, ca_key, ca=True)
+    (tmp_path / "ca.pem").write_bytes(pem(ca))
+    (tmp_path / "envoy.pem").write_bytes(pem(tls_cert("envoy", key, ca, ca_key, ca=False)))
+    (tmp_path / "envoy-key.pem").write_bytes(pem(key))
+    tls = ServiceTls(
+        ca_file=str(tmp_path / "ca.pem"),
+        sni="stepup-authz.stepup-authz.svc",
+        cert_file=str(tmp_path / "envoy.pem"),
+        key_file=str(tmp_path / "envoy-key.pem"),
+    )
+    path = _render_file(
+        tmp_path, mode=mode, service_tls=tls, authz_address=REPLICAS, stepup_address=REPLICAS
+    )
+    assert_valid(path)
+    doc = yaml.safe_load(path.read_text())
+    clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}
+    for name in ("stepup_authz", "stepup_http"):
+        c = clusters[name]
+        assert c["lb_policy"] == "ROUND_ROBIN"
+        (group,) = c["load_assignment"]["endpoints"]
+        assert len(group["lb_endpoints"]) == 3
+        ctx = c["transport_socket"]["typed_config"]
+        assert ctx["sni"] == tls.sni
+        san = ctx["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"]
+        assert san == [{"san_type": "DNS", "matcher": {"exact": tls.sni}}]
+    assert "transport_socket" not in clusters["upstream"]
+    authz = hcm(doc)["http_filters"][0]["typed_config"]
+    if mode == "http":
+        assert authz["http_service"]["server_uri"]["uri"].startswith("https://")
+    half = ServiceTls(ca_file=tls.ca_file, sni=tls.sni, stepup=False)
+    doc = yaml.safe_load(_render_file(tmp_path, mode=mode, service_tls=half).read_text())
+    clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}
+    assert "transport_socket" in clusters["stepup_authz"]
+    assert "transport_socket" not in clusters["stepup_http"]
+    assert "tls_certificates" not in str(clusters["stepup_authz"])
+    with pytest.raises(ConfigError, match="both"):
+        ServiceTls(ca_file="ca", sni="x", cert_file="c")
+
+
+def test_http_mode_carries_each_level_in_the_check_path() -> None:
+    """``check_settings.http_service.path_prefix`` is ``/check@<level>`` per route, with the
+    peer header, the same headers and answer lists as the filter (authz/check/request.py)."""
+    policy = read_policy(EXAMPLE_POLICY).policy
+    h = hcm(render_envoy(policy, mode="http", hosts=["app.example"]))
+    service = h["http_filters"][0]["typed_config"]["http_service"]
+    assert service["path_prefix"] == "/check"
+    add = service["authorization_request"]["headers_to_add"]
+    assert add == [
+        {"key": "x-stepup-peer-address", "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}
+    ]
+    (vhost,) = h["route_config"]["virtual_hosts"]
+    levels = [*(r.level.name for r in policy.routes), policy.default_level.name]
+    for route, level in zip(vhost["routes"][1:], levels, strict=True):
+        per_route = route["typed_per_filter_config"][EXT_AUTHZ]["check_settings"]["http_service"]
+        assert per_route["path_prefix"] == f"/check@{level}"
+        assert {k: v for k, v in per_route.items() if k != "path_prefix"} == {
+            k: v for k, v in service.items() if k != "path_prefix"
+        }
 
 
 def test_render_envoy_with_tracing_validates(tmp_path: Path) -> None:
@@ -128,6 +210,8 @@ def test_render_envoy_with_tracing_validates(tmp_path: Path) -> None:
             "http://otel-collector.observability:4318",
             "--tracing-sample-percent",
             "5",
+            "--host",
+            "trading.example.com",
             "-o",
             str(out),
         ],
@@ -152,7 +236,7 @@ def test_render_envoy_with_tracing_validates(tmp_path: Path) -> None:
         "address": "otel-collector.observability",
         "port_value": 4318,
     }
-    plain = render_envoy(read_policy(EXAMPLE_POLICY).policy)
+    plain = render_envoy(read_policy(EXAMPLE_POLICY).policy, hosts=["trading.example.com"])
     assert "tracing" not in hcm(plain)
     assert len(plain["static_resources"]["clusters"]) == 3
 
@@ -187,6 +271,8 @@ def test_render_via_a_fresh_argparse_parser(tmp_path: Path) -> None:
             str(out),
             "--upstream",
             "app.internal:8000",
+            "--host",
+            "trading.example.com",
         ],
         capture_output=True,
         text=True,
@@ -203,14 +289,39 @@ def test_render_via_a_fresh_argparse_parser(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert bad.returncode == 2 and "invalid policy" in bad.stderr  # a config error
+    assert bad.returncode == 2 and "invalid policy" in bad.stderr
+    for argv, message in (
+        ([], "the policy names no host"),  # nothing to serve: say so, do not render "*"
+        (["--host", "bad host"], "invalid host"),
+        (["--service-tls-cert", "c.pem"], "needs --service-tls-ca"),
+        (["--service-tls-ca", "ca.pem", "--authz", "10.0.0.1:9191"], "--service-tls-sni"),
+    ):
+        bad = subprocess.run(
+            [sys.executable, "-c", code, "render", "envoy", "--policy", str(EXAMPLE_POLICY), *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert bad.returncode == 2 and message in bad.stderr, (argv, bad.stderr)
+        assert "Traceback" not in bad.stderr
 
 
 def test_render_via_the_installed_console_script(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "stepup-authz"
     out = tmp_path / "script.yaml"
     result = subprocess.run(
-        [str(script), "render", "envoy", "--policy", str(EXAMPLE_POLICY), "-o", str(out)],
+        [
+            str(script),
+            "render",
+            "envoy",
+            "--policy",
+            str(EXAMPLE_POLICY),
+            "--host",
+            "trading.example.com",
+            "-o",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -222,10 +333,11 @@ def test_render_via_the_installed_console_script(tmp_path: Path) -> None:
 
 def test_rendered_routes_mirror_the_policy() -> None:
     policy = read_policy(EXAMPLE_POLICY).policy
-    doc = render_envoy(policy)
+    doc = render_envoy(policy, hosts=["trading.example.com"])
     h = hcm(doc)
     assert h["http_filters"][0]["typed_config"]["failure_mode_allow"] is False
     (vhost,) = h["route_config"]["virtual_hosts"]
+    assert vhost["domains"] == ["trading.example.com"]
     routes = vhost["routes"]
     assert routes[0]["match"] == {"prefix": "/_stepup/"}
     assert routes[0]["typed_per_filter_config"][EXT_AUTHZ] == {
@@ -240,7 +352,8 @@ def test_rendered_routes_mirror_the_policy() -> None:
         level = rule.level.name if rule else policy.default_level.name
         assert per_route["check_settings"]["context_extensions"] == {"stepup_level": level}
     assert body[0]["match"] == {"path": "/"}
-    assert body[2]["match"]["prefix"] == "/accounts/"
+    # "/accounts/" covers the bare "/accounts" too (a level only raises: stricter).
+    assert body[2]["match"]["path_separated_prefix"] == "/accounts"
     assert body[2]["match"]["headers"] == [
         {"name": ":method", "string_match": {"safe_regex": {"regex": "GET|HEAD"}}}
     ]
@@ -260,7 +373,7 @@ HOSTS_POLICY = {
 
 
 def test_hosts_become_virtual_hosts_in_policy_order(tmp_path: Path) -> None:
-    doc = render_envoy(load_policy(HOSTS_POLICY))
+    doc = render_envoy(load_policy(HOSTS_POLICY), hosts=["ops.internal"])
     vhosts = {
         v["domains"][0]: [r["name"] for r in v["routes"]]
         for v in hcm(doc)["route_config"]["virtual_hosts"]
@@ -275,9 +388,31 @@ def test_hosts_become_virtual_hosts_in_policy_order(tmp_path: Path) -> None:
             "policy-2-high",
             "default-standard",
         ],
-        "*": ["stepup-endpoints", "policy-2-high", "default-standard"],
+        # A host from --host: the host-less routes only. And no "*": no other host is served.
+        "ops.internal": ["stepup-endpoints", "policy-2-high", "default-standard"],
     }
     assert_valid(_render_file(tmp_path, HOSTS_POLICY))
+
+
+def test_served_hosts_refuse_a_catch_all_beside_host_scoped_routes() -> None:
+    scoped = load_policy(HOSTS_POLICY)
+    assert served_hosts(scoped) == [".example.com", "trading.example.com"]
+    assert served_hosts(scoped, ["*.Example.com.", "a.example.com"]) == [
+        ".example.com",
+        "trading.example.com",
+        "a.example.com",
+    ]
+    with pytest.raises(ConfigError, match="host-scoped routes"):
+        served_hosts(scoped, ["*"])
+    plain = read_policy(EXAMPLE_POLICY).policy
+    with pytest.raises(ConfigError, match="names no host"):
+        served_hosts(plain)
+    assert served_hosts(plain, ["*"]) == ["*"]  # no host-scoped route to bypass
+    (vhost,) = hcm(render_envoy(plain, hosts=["*"]))["route_config"]["virtual_hosts"]
+    assert vhost["domains"] == ["*"]
+    for bad in ("a b", "evil@host", "host:80", "", "-x.example"):
+        with pytest.raises(ConfigError, match="invalid host"):
+            served_hosts(plain, [bad])
 
 
 def test_a_regex_envoy_cannot_run_fails_validation(tmp_path: Path) -> None:
@@ -308,7 +443,7 @@ def test_render_istio() -> None:
             for to in rule["to"]:
                 assert to["operation"]["notPaths"] == ["/_stepup/*"]
     high = aps["stepup-high"]["spec"]["rules"]
-    assert {"paths": ["/wires/*"], "notPaths": ["/_stepup/*"]} in [
+    assert {"paths": ["/wires/*", "/wires"], "notPaths": ["/_stepup/*"]} in [
         r["to"][0]["operation"] for r in high
     ]
     assert aps["stepup-all"]["spec"]["rules"] == [
@@ -317,19 +452,28 @@ def test_render_istio() -> None:
     (vs,) = [d for d in docs if d["kind"] == "VirtualService"]
     route = vs["spec"]["http"][0]
     assert route["match"] == [{"uri": {"prefix": "/_stepup/"}}]
+    # Without --service-namespace the service is assumed beside the workloads.
     assert route["route"][0]["destination"] == {
         "host": "stepup-authz.trading.svc.cluster.local",
         "port": {"number": 9192},
     }
+    apart = render_istio(policy, namespace="trading", service_namespace="security")
+    (vs,) = [d for d in apart if d["kind"] == "VirtualService"]
+    assert vs["metadata"]["namespace"] == "trading"
+    destination = vs["spec"]["http"][0]["route"][0]["destination"]
+    assert destination["host"] == "stepup-authz.security.svc.cluster.local"
     text = yaml.safe_dump_all(docs)
     assert "&id" not in text  # no YAML anchors in output people will read and edit
 
 
 def test_static_istio_and_gateway_manifests_parse() -> None:
     kinds = []
-    for path in sorted((ROOT / "k8s").glob("istio/*.yaml")) + sorted(
+    manifests = sorted((ROOT / "k8s").glob("istio/*.yaml")) + sorted(
         (ROOT / "k8s").glob("envoy-gateway/*.yaml")
-    ):
+    )
+    for path in manifests:
+        if path.name == "istiod-values.yaml":
+            continue  # Helm values, not a manifest (tests/deploy/test_istio.py)
         for doc in yaml.safe_load_all(path.read_text()):
             assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], path
             kinds.append(doc["kind"])

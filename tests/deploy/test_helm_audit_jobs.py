@@ -13,17 +13,8 @@ import pytest
 
 from authz.audit.chain import SigningKey
 from authz.cli import build_parser
-from tests.deploy.test_helm_chart import (
-    CHART,
-    EXPORTER,
-    KUBE_VERSIONS,
-    SIGNING_SECRET,
-    VALUE_SETS,
-    chart,  # noqa: F401 - the module fixture
-    named,
-    render,
-    values,
-)
+from tests.deploy.chart import CHART, EXPORTER, SIGNING_SECRET, named, render, values
+from tests.deploy.test_helm_chart import KUBE_VERSIONS, VALUE_SETS
 
 pytestmark = pytest.mark.deploy
 
@@ -49,14 +40,14 @@ def pod(cj: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def test_off_by_default(chart: Any) -> None:  # noqa: F811
+def test_off_by_default(chart: Any) -> None:
     docs = render(chart, values("minimal"))
     assert not cronjobs(docs)
     assert not [d for d in docs if d["metadata"]["name"].endswith("-jobs")]
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
-def test_jobs_render_and_validate(chart: Any, value_set: str) -> None:  # noqa: F811
+def test_jobs_render_and_validate(chart: Any, value_set: str) -> None:
     vals = jobs_on(value_set, envoyAdminUrls=["http://edge.mesh:9901"])
     report = helm.lint(CHART, vals, strict=True, kube_version="v1.31.0")
     assert report["errors"] == [] and not [m for m in report["messages"] if m["severity"] >= 2]
@@ -69,7 +60,7 @@ def test_jobs_render_and_validate(chart: Any, value_set: str) -> None:  # noqa: 
                 kubernetes_validate.validate(doc, version, strict=True)
 
 
-def test_job_arguments_parse_with_the_real_cli_and_point_at_the_mounts(chart: Any) -> None:  # noqa: F811
+def test_job_arguments_parse_with_the_real_cli_and_point_at_the_mounts(chart: Any) -> None:
     docs = render(chart, jobs_on(envoyAdminUrls=["http://edge.mesh:9901"]))
     cjs = cronjobs(docs)
     exporter = named(docs, "Deployment", EXPORTER)["spec"]["template"]["spec"]
@@ -130,7 +121,7 @@ def test_job_arguments_parse_with_the_real_cli_and_point_at_the_mounts(chart: An
     assert ports == {53, 9901}
 
 
-def test_jobs_refuse_incomplete_values(chart: Any) -> None:  # noqa: F811
+def test_jobs_refuse_incomplete_values(chart: Any) -> None:
     vals = jobs_on()
     vals["auditJobs"]["publicKeys"] = {}
     with pytest.raises(helm.HelmError, match="checkpoint public key"):

@@ -20,74 +20,31 @@ from authz.audit.exporter import make_exporter_client
 from authz.audit.metrics import AuditMetrics
 from authz.config.policy_file import parse_policy_text
 from authz.config.settings import Settings
+from tests.deploy.chart import (
+    AUDIT_REDIS,
+    CHART,
+    EXPORTER,
+    ROOT,
+    SERVICE,
+    SIGNING_SECRET,
+    by_kind,
+    named,
+    raw_values,
+    render,
+    values,
+)
 from tests.tlsutil import cert as tls_cert
 from tests.tlsutil import pem
 
 pytestmark = pytest.mark.deploy
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "k8s" / "stepup-authz"
+KEYS_SECRET = "stepup-authz-keys"
 VALUE_SETS = ["minimal", "url", "sentinel", "cluster", "audit-acl"]
 KUBE_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 CRDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
-
-
-SIGNING_SECRET = "stepup-authz-audit-signing"
-MAC_SECRET = "stepup-authz-audit-mac"
-AUDIT_REDIS = "rediss://audit-redis.redis.svc.cluster.local:6380/0"
-
-
-def raw_values(name: str) -> dict[str, Any]:
-    doc: dict[str, Any] = yaml.safe_load((ROOT / "k8s" / "values" / f"{name}.yaml").read_text())
-    return doc
-
-
-def values(name: str) -> dict[str, Any]:
-    """A value set from k8s/values/, plus what the audit exporter (on by default) needs when
-    the file lacks it: the signing key Secret, and for Sentinel/Cluster a standalone audit
-    Redis URL (the exporter reads one URL). test_exporter_refuses_incomplete_values shows
-    the chart failing without them."""
-    doc = raw_values(name)
-    keys = doc.setdefault("secrets", {}).setdefault("auditSigningKey", {})
-    keys.setdefault("existingSecret", SIGNING_SECRET)
-    doc.setdefault("audit", {}).setdefault("macKeys", {}).setdefault("existingSecret", MAC_SECRET)
-    if doc["redis"].get("mode", "url") != "url":
-        doc.setdefault("audit", {}).setdefault("redisUrl", AUDIT_REDIS)
-    return doc
-
-
-@pytest.fixture(scope="module")
-def chart() -> Any:
-    with helm.Chart.load(CHART) as c:
-        yield c
-
-
-def render(chart: Any, vals: dict[str, Any]) -> list[dict[str, Any]]:
-    out = chart.render(vals, name="stepup-authz", namespace="stepup-authz", is_install=True)
-    docs = []
-    for path, text in out.items():
-        if path.endswith(".yaml"):
-            docs.extend(d for d in yaml.safe_load_all(text) if d)
-    return docs
-
-
-def by_kind(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    kinds: dict[str, list[dict[str, Any]]] = {}
-    for d in docs:
-        kinds.setdefault(d["kind"], []).append(d)
-    return kinds
-
-
-def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
-    return doc
-
-
-SERVICE = "stepup-authz"
-EXPORTER = "stepup-authz-audit-exporter"
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
@@ -140,6 +97,7 @@ def test_default_values_install_set(chart: Any) -> None:
         "NetworkPolicy",
         "PersistentVolumeClaim",
         "PodDisruptionBudget",
+        "Secret",  # the keys every replica shares (test_helm_keys.py)
         "Service",
         "ServiceAccount",
     ]
@@ -161,14 +119,18 @@ def test_deployment_hardening_and_probes(chart: Any) -> None:
     assert c["resources"]["requests"] and c["resources"]["limits"]
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert c["startupProbe"]["grpc"]["port"] == 9191  # grpc.health.v1
+    # url.yaml puts TLS on the gRPC port, which the kubelet's gRPC probe cannot speak.
+    assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    plain = named(render(chart, values("minimal")), "Deployment", SERVICE)
+    (plain_c,) = plain["spec"]["template"]["spec"]["containers"]
+    assert plain_c["startupProbe"]["grpc"]["port"] == 9191  # grpc.health.v1
     assert c["args"] == ["serve", "--config", "/etc/stepup-authz/config.yaml"]
     assert c["image"].startswith("ghcr.io/stepup-authz/stepup-authz@sha256:")
     assert pod["affinity"]["podAntiAffinity"]
     assert pod["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert "subPath" not in mounts["policy"]  # ConfigMap updates must reach the file
-    assert {"redis-auth", "redis-tls", "oidc", "encryption-key"} <= set(mounts)
+    assert {"redis-auth", "redis-tls", "oidc", "keys", "tls"} <= set(mounts)
     assert "audit-signing-key" not in mounts  # the exporter's alone (test below)
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
     assert {"checksum/config", "checksum/policy"} <= set(annotations)
@@ -342,7 +304,7 @@ def test_rendered_exporter_settings_are_accepted_by_the_exporter(
     # The service's Redis password and CA files (redis.auth, redis.tls), from mounts of the
     # same Secrets in the exporter's own container; with audit.acl, the password of the
     # exporter's own Redis user instead (the service's user has another).
-    acl = vals["audit"].get("acl", {})
+    acl = vals.get("audit", {}).get("acl", {})
     password_secret = vals["redis"].get("auth", {}).get("existingSecret")
     if acl.get("enabled"):
         password_secret = acl["exporterPassword"]["existingSecret"]
@@ -359,7 +321,7 @@ def test_rendered_exporter_settings_are_accepted_by_the_exporter(
     # Both verify and MAC with the same keys, from the one Secret.
     assert x.mac_keys == service.audit.mac_keys and service.audit.mac_active_kid in x.mac_keys
     mac_mount = mounts[str(next(iter(x.mac_keys.values())).parent)]
-    assert volumes[mac_mount["name"]]["secret"]["secretName"] == MAC_SECRET
+    assert volumes[mac_mount["name"]]["secret"]["secretName"] == KEYS_SECRET
     for f, secret in (
         (x.password_file, password_secret),
         (x.ca_file, vals["redis"].get("tls", {}).get("existingSecret")),
@@ -376,7 +338,6 @@ def test_exporter_settings_follow_values(chart: Any, tmp_path: Path) -> None:
         "audit": {
             "streamKey": "brokerage:audit",
             "redisUrl": AUDIT_REDIS,
-            "macKeys": {"existingSecret": MAC_SECRET},
         },
         "auditExporter": {
             "segmentMaxBytes": 8 * 1024 * 1024,
@@ -605,24 +566,26 @@ def test_schema_refuses_bad_exporter_values(chart: Any) -> None:
 
 
 def test_mac_keys_are_mounted_in_the_service_and_the_exporter_alone(chart: Any) -> None:
+    """The MAC keys are entries of the keys Secret every replica shares. The exporter's
+    volume projects those entries alone: it never holds the field encryption or link keys."""
     docs = render(chart, values("url"))
-    assert sorted(_secret_users(docs, MAC_SECRET)) == [
+    assert sorted(_secret_users(docs, KEYS_SECRET)) == [
         f"{EXPORTER}/audit-exporter",
         f"{SERVICE}/stepup-authz",
     ]
     service = Settings.model_validate(yaml.safe_load(_config(docs, "-config", "config.yaml")))
-    assert service.audit.mac_keys == {"k1": Path("/etc/stepup-authz/secrets/audit-mac/k1")}
-    assert service.audit.mac_active_kid == "k1"
+    assert service.audit.mac_keys == {"m1": Path("/etc/stepup-authz/secrets/keys/audit-mac-m1")}
+    assert service.audit.mac_active_kid == "m1"
+    exporter = named(docs, "Deployment", EXPORTER)["spec"]["template"]["spec"]
+    (vol,) = [
+        v for v in exporter["volumes"] if v.get("secret", {}).get("secretName") == KEYS_SECRET
+    ]
+    assert vol["secret"]["items"] == [{"key": "audit-mac-m1", "path": "audit-mac-m1"}]
 
 
 def test_the_chart_refuses_incomplete_audit_values(chart: Any) -> None:
-    no_mac = values("minimal")
-    del no_mac["audit"]["macKeys"]
-    with pytest.raises(helm.HelmError, match=r"audit\.macKeys\.existingSecret"):
-        chart.render(no_mac, name="x", namespace="x")
-    bad_kid = values("minimal")
-    bad_kid["audit"]["macKeys"].update(keyIds=["k1"], activeKeyId="k9")
-    with pytest.raises(helm.HelmError, match="activeKeyId"):
+    bad_kid = values("minimal") | {"keys": {"auditMac": {"kids": ["m1"], "activeKid": "m9"}}}
+    with pytest.raises(helm.HelmError, match=r"keys\.auditMac\.activeKid"):
         chart.render(bad_kid, name="x", namespace="x")
     acl = values("audit-acl")
     acl["audit"].pop("redisUrl")
@@ -633,7 +596,9 @@ def test_the_chart_refuses_incomplete_audit_values(chart: Any) -> None:
     with pytest.raises(helm.HelmError, match="exporterPassword"):
         chart.render(acl, name="x", namespace="x")
     with pytest.raises(helm.HelmValuesError):
-        chart.validate_schema(values("minimal") | {"audit": {"macKeys": {"keyIds": ["a b"]}}})
+        chart.validate_schema(
+            values("minimal") | {"keys": {"auditMac": {"kids": ["a b"], "activeKid": "a b"}}}
+        )
 
 
 def _acl_lines(docs: list[dict[str, Any]], key: str) -> list[str]:
@@ -673,7 +638,7 @@ def test_the_acl_users_hold_on_a_real_valkey(chart: Any, tmp_path: Path) -> None
     try:
         admin.execute_command("ACL", "SETUSER", *writer_rules, ">writer-secret")
         admin.execute_command("ACL", "SETUSER", *exporter_rules, ">exporter-secret")
-        macs = {"k1": k1, "k2": k2}
+        macs = {"m1": k1, "m2": k2}
         rendered = yaml.safe_load(_config(docs, "-config", "config.yaml"))
         service = Settings.model_validate(rendered).model_copy(
             update={

@@ -23,7 +23,6 @@ import pytest
 from authz.demo.stack import REPO_ROOT, Stack
 
 DEMO_POLICY = REPO_ROOT / "examples" / "policy.yaml"
-ENVOY_TEMPLATE = REPO_ROOT / "envoy" / "demo.yaml"
 
 
 @contextlib.contextmanager

@@ -86,7 +86,11 @@ def running_envoy(config: dict[str, Any], workdir: Path) -> Iterator[str]:
 
 def rendered(listen: int, admin: int) -> dict[str, Any]:
     return render_envoy(
-        POLICY, listen_address=(HOST, listen), admin_address=(HOST, admin), authz_timeout="0.25s"
+        POLICY,
+        hosts=["*"],
+        listen_address=(HOST, listen),
+        admin_address=(HOST, admin),
+        authz_timeout="0.25s",
     )
 
 

@@ -1,36 +1,24 @@
-"""End to end through the real Envoy in ext_authz HTTP mode (envoy/demo-http.yaml): the same
-decisions, statuses, challenges and identity headers as the gRPC mode (issue 6, "Also serve
-Envoy's HTTP ext_authz protocol").
-
-Until ``authz.config.settings`` has ``http_authz`` (the composition root starts the listener when
-``http_authz.enabled``), the stack runs the service through this module's ``__main__``:
-``start_service`` plus ``authz.check.http_server.maybe_start`` on the same Authorizer.
+"""End to end through the real Envoy in ext_authz HTTP mode (``render envoy --mode http``, the
+service's ``http_authz`` listener): the same decisions, statuses, challenges and identity
+headers as the gRPC mode (issue 6, "Also serve Envoy's HTTP ext_authz protocol").
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import re
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
-import authz.config.settings
-from authz.demo.stack import REPO_ROOT, Stack, deep_merge, free_ports, render_envoy_config
+from authz.demo.stack import REPO_ROOT, Stack
 
-HTTP_TEMPLATE = REPO_ROOT / "envoy" / "demo-http.yaml"
 DEMO_POLICY = REPO_ROOT / "examples" / "policy.yaml"
-WIRED = hasattr(authz.config.settings, "HttpAuthzSettings")  # the lead's wiring has landed
 
 
 class HttpModeStack(Stack):
@@ -38,41 +26,7 @@ class HttpModeStack(Stack):
 
     def __init__(self, workdir: Path, **kwargs: Any) -> None:
         kwargs.setdefault("policy_file", DEMO_POLICY)
-        super().__init__(workdir, envoy_template=HTTP_TEMPLATE, **kwargs)
-        self.check_port = free_ports(1)[0]
-        if WIRED:
-            self.extra_settings = deep_merge(
-                self.extra_settings, {"http_authz": {"enabled": True, "port": self.check_port}}
-            )
-
-    def _write_files(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "config.yaml").write_text(yaml.safe_dump(self.settings(), sort_keys=False))
-        (self.workdir / "envoy.yaml").write_text(
-            render_envoy_config(
-                self.envoy_template,
-                listen_port=self.listen_port,
-                admin_port=self.admin_port,
-                authz_grpc_port=self.grpc_port,
-                authz_http_port=self.http_port,
-                authz_check_port=self.check_port,
-                upstream_port=self.upstream_port,
-                authz_timeout=self.authz_timeout,
-            )
-        )
-
-    def _service_argv(self) -> list[str]:
-        if WIRED:
-            return super()._service_argv()
-        return [
-            sys.executable,
-            "-m",
-            "tests.e2e.test_http_mode",
-            "--config",
-            str(self.workdir / "config.yaml"),
-            "--port",
-            str(self.check_port),
-        ]
+        super().__init__(workdir, mode="http", **kwargs)
 
 
 # -- the tests -------------------------------------------------------------------------------
@@ -266,56 +220,3 @@ def test_fails_closed_when_the_http_authorizer_is_down(
             assert info.value.code == 403
     finally:
         s.stop()
-
-
-# -- the service with the HTTP listener, until the composition root starts it ----------------
-
-
-@dataclass(frozen=True)
-class _Cfg:
-    port: int
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    path_prefix: str = "/check"
-    peer_header: str = "x-stepup-peer-address"
-    max_header_bytes: int = 64 * 1024
-    max_headers: int = 64
-    request_timeout_s: float = 5.0
-    idle_timeout_s: float = 300.0
-    max_connections: int = 1024
-
-
-async def _serve(config: str, port: int) -> None:
-    from authz.app import start_service
-    from authz.check.http_server import maybe_start
-    from authz.config.settings import load_settings
-
-    settings = load_settings(config)
-    service = await start_service(settings)
-    server = await maybe_start(
-        _Cfg(port),
-        service.authorizer,
-        stepup_path_prefix=settings.stepup.path_prefix,
-        error_status=settings.stepup.error_status,
-    )
-    assert server is not None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(2.0)
-    await service.stop()
-
-
-if __name__ == "__main__":
-    import uvloop
-
-    from authz.ops.logs import configure_logging
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    configure_logging("INFO", True)
-    uvloop.run(_serve(args.config, args.port))

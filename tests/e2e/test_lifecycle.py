@@ -1,5 +1,7 @@
 """The service process: policy hot reload (file change and SIGHUP), last good policy kept,
-SIGTERM exits cleanly. Through the real Envoy."""
+SIGTERM exits cleanly. Through the real Envoy, rendered from the policy at start: a
+reload that raises a level shows at once, one that lowers a level shows once Envoy is
+rendered again (its per-route levels can only raise: a stale Envoy errs strict)."""
 
 from __future__ import annotations
 
@@ -70,7 +72,12 @@ def test_file_change_reloads_and_bad_policy_keeps_last_good(
     assert status(stack, "/open/x") == 200
     assert status(stack, "/closed/x") == 401
     policy.write_text(POLICY.replace("path_prefix: /open/", "path_prefix: /closed/"))
-    assert wait_for(lambda: status(stack, "/closed/x") == 200)
+    # /open/ is no longer public: the service's reload shows through the old Envoy at once.
+    assert wait_for(lambda: status(stack, "/open/x") == 401)
+    # /closed/ is public now, but the old Envoy still sends it at "standard": strict.
+    assert status(stack, "/closed/x") == 401
+    stack.restart_envoy()  # rendered from the new policy
+    assert status(stack, "/closed/x") == 200
     assert status(stack, "/open/x") == 401
     ok = 'stepup_authz_policy_reloads_total{result="success"}'
     err = 'stepup_authz_policy_reloads_total{result="error"}'
@@ -90,11 +97,12 @@ def test_sighup_reloads(tmp_path_factory: pytest.TempPathFactory) -> None:
     ) as stack:
         policy.write_text(POLICY.replace("path_prefix: /open/", "path_prefix: /hup/"))
         time.sleep(0.5)
-        assert status(stack, "/hup/x") == 401  # not reloaded by itself
+        assert status(stack, "/open/x") == 200  # not reloaded by itself
         proc = stack.service_proc
         assert proc is not None
         proc.send_signal(signal.SIGHUP)
-        assert wait_for(lambda: status(stack, "/hup/x") == 200, timeout=5)
+        # /open/ lost its public level: visible through Envoy (rendered at start) at once.
+        assert wait_for(lambda: status(stack, "/open/x") == 401, timeout=5)
 
 
 def test_sigterm_exits_cleanly(tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -19,30 +19,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from authz.demo.stack import REPO_ROOT, Stack
+from authz.demo.stack import Stack
+from authz.render import ServiceTls
 
 from .conftest import make_stack
 
 pytestmark = pytest.mark.e2e
-
-_CLUSTER = "    - name: stepup_authz\n      type: STATIC\n"
-_TLS = """\
-      transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-          sni: stepup-authz.internal
-          common_tls_context:
-            alpn_protocols: [h2]
-            tls_certificates:
-              - certificate_chain: {filename: "%(dir)s/envoy.pem"}
-                private_key: {filename: "%(dir)s/envoy-key.pem"}
-            validation_context:
-              trusted_ca: {filename: "%(dir)s/ca.pem"}
-              match_typed_subject_alt_names:
-                - san_type: DNS
-                  matcher: {exact: stepup-authz.internal}
-"""
 
 
 def _issue(
@@ -99,17 +81,22 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def mtls_stack(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Iterator[Stack]:
-    template = (REPO_ROOT / "envoy" / "demo.yaml").read_text()
-    assert template.count(_CLUSTER) == 1
-    mtls = tmp_path_factory.mktemp("envoy") / "demo-mtls.yaml"
-    mtls.write_text(template.replace(_CLUSTER, _CLUSTER + _TLS % {"dir": pki}))
+    # Envoy's side is `render envoy --service-tls-*`: the check cluster verifies the
+    # service's certificate (CA + name) and presents Envoy's own.
+    service_tls = ServiceTls(
+        ca_file=str(pki / "ca.pem"),
+        sni="stepup-authz.internal",
+        cert_file=str(pki / "envoy.pem"),
+        key_file=str(pki / "envoy-key.pem"),
+        stepup=False,  # the service's HTTP port has no TLS listener yet
+    )
     tls = {
         "cert_file": str(pki / "service.pem"),
         "key_file": str(pki / "service-key.pem"),
         "client_ca_file": str(pki / "ca.pem"),
     }
     with make_stack(
-        tmp_path_factory, envoy_template=mtls, extra_settings={"grpc": {"tls": tls}}
+        tmp_path_factory, service_tls=service_tls, extra_settings={"grpc": {"tls": tls}}
     ) as s:
         yield s
 

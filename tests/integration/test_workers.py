@@ -6,6 +6,7 @@ SIGTERM stops them all, and a worker that dies takes the supervisor (and its sib
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import signal
 import subprocess
@@ -37,6 +38,7 @@ class Tree:
     grpc_port: int
     http_port: int
     metrics_dir: Path
+    idp: str
 
     def workers(self) -> list[int]:
         path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
@@ -110,7 +112,7 @@ async def tree(tmp_path: Path, redis_url: str, redis_prefix: str) -> AsyncIterat
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        t = Tree(proc, grpc_port, http_port, metrics_dir)
+        t = Tree(proc, grpc_port, http_port, metrics_dir, idp)
         try:
             await _wait(lambda: len(t.workers()) == 2, 20, "two workers")
             deadline = time.monotonic() + 30
@@ -213,3 +215,55 @@ def test_workers_refuse_port_zero(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert "fixed ports" in r.stderr
+
+
+async def _password_token(idp: str) -> str:
+    form = {"grant_type": "password", "username": "alice", "password": "alice-password"}
+    basic = base64.b64encode(b"stepup-authz:dev-secret").decode()
+    headers = {"Authorization": f"Basic {basic}"}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{idp}/token", data=form, headers=headers) as r,
+    ):
+        assert r.status == 200, await r.text()
+        return str((await r.json())["access_token"])
+
+
+async def test_workers_share_the_step_up_link_key(tree: Tree) -> None:
+    """No stepup.context_key_file and no crypto.keys in the settings: the supervisor hands
+    every worker the same keys (shared_keys_env), so a step-up link signed by whichever
+    worker answered the Check verifies at whichever worker serves /_stepup/start. With a
+    key per worker, about half of the first uses would answer 400 "link expired"."""
+    token = await _password_token(tree.idp)
+    req = _request()
+    http = req.attributes.request.http
+    http.path = "/accounts/1"
+    http.headers["authorization"] = f"Bearer {token}"
+    http.headers["accept"] = "text/html"
+    links = []
+    for _ in range(12):  # a new connection each time: the kernel picks a worker per connection
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{tree.grpc_port}") as ch:
+            r = await external_auth_pb2_grpc.AuthorizationStub(ch).Check(req)
+        location = {h.header.key: h.header.value for h in r.denied_response.headers}["location"]
+        assert location.startswith("/_stepup/start?level=elevated&"), location
+        links.append(location)
+    signers = _checks_by_worker(tree.metrics_dir)
+    assert len(signers) == 2, signers  # both workers signed links
+    statuses = []
+    # Each link twice, on fresh connections: the first use verifies at whichever worker the
+    # kernel picks; the second is refused there as reused (the nonce is in Redis, not in a
+    # worker), so single use holds across workers too.
+    for link in links:
+        for _ in range(2):
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s,
+                s.get(
+                    f"http://127.0.0.1:{tree.http_port}{link}",
+                    headers={"Authorization": f"Bearer {token}"},
+                    allow_redirects=False,
+                ) as resp,
+            ):
+                statuses.append(resp.status)
+                if resp.status == 302:
+                    assert resp.headers["Location"].startswith(tree.idp)
+    assert statuses == [302, 400] * len(links)

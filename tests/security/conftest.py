@@ -22,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from authz.demo.stack import Stack
+from authz.demo.stack import LOOPBACK_HOSTS, Stack
 from authz.devidp.config import SigningKey
 
 from .helpers import POLICY_FILE, Browser, Minter, set_knobs
@@ -206,6 +206,9 @@ def sec_stack(tmp_path_factory: pytest.TempPathFactory, idp_key: IdpKey) -> Iter
     stack = Stack(
         tmp_path_factory.mktemp("sec-stack"),
         policy_file=POLICY_FILE,
+        # Envoy serves the policy's host (trading.example.com), the raw requests' "app.example"
+        # and loopback; any other host gets Envoy's 404 (test_paths_headers.py::test_host).
+        hosts=(*LOOPBACK_HOSTS, "app.example"),
         idp_signing_key=idp_key.pem_path,
         idp_args=("--test-knobs",),
         extra_settings={"redis": {"deadline_ms": 1000}},

@@ -263,7 +263,7 @@ def cases(idp_404: str, idp_hanging: str, grpc_without_api: str) -> list[Case]:
         ),
         Case(
             "render envoy, an output it cannot write",
-            ["render", "envoy", "--policy", str(POLICY), "-o", "/proc/none/envoy.yaml"],
+            ["render", "envoy", "--policy", str(POLICY), "--host", "a.example", "-o", "/proc/x/e"],
             2,
             ("cannot write",),
         ),

@@ -11,7 +11,6 @@ from pathlib import Path
 from types import MappingProxyType
 
 import pytest
-import yaml
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.check.authorizer import Authorizer
@@ -30,9 +29,9 @@ from authz.core.decision import Decision, Outcome
 from authz.core.policy import load_policy
 from authz.core.reasons import Reason
 from authz.core.session import Evidence, Grant, Identity
-from authz.demo.stack import REPO_ROOT, render_envoy_config
 from authz.errors import RequestError, TokenError
 from authz.ops.metrics import Metrics
+from authz.render import render_envoy
 from authz.store.memory import MemorySessionStore
 
 NOW = 1_800_000_000
@@ -178,17 +177,10 @@ def test_attributes_need_host_and_peer(headers: dict[str, str]) -> None:
 
 
 def _envoy_lists() -> dict[str, set[str] | str]:
-    """The header lists of envoy/demo-http.yaml, so the comparison follows the real config."""
-    text = render_envoy_config(
-        REPO_ROOT / "envoy" / "demo-http.yaml",
-        listen_port=1,
-        admin_port=2,
-        authz_grpc_port=3,
-        authz_http_port=4,
-        authz_check_port=5,
-        upstream_port=6,
-    )
-    doc = yaml.safe_load(text)
+    """The header lists of ``render envoy --mode http``, so the comparison follows the real
+    config."""
+    policy = load_policy({"levels": {"standard": {}}, "default_level": "standard"})
+    doc = render_envoy(policy, mode="http", hosts=["trading.example.com"])
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     authz = hcm["typed_config"]["http_filters"][0]["typed_config"]
     resp = authz["http_service"]["authorization_response"]

@@ -45,9 +45,40 @@ app.kubernetes.io/part-of: stepup-authz
 {{- default (printf "%s-policy" (include "stepup-authz.fullname" .)) .Values.policy.existingConfigMap }}
 {{- end }}
 
+{{/* The Secret holding every key the replicas share (templates/keys-secret.yaml). */}}
+{{- define "stepup-authz.keysSecret" -}}
+{{- default (printf "%s-keys" (include "stepup-authz.fullname" .)) .Values.keys.existingSecret }}
+{{- end }}
+
+{{/* The entries of that Secret the settings name, as a YAML list. */}}
+{{- define "stepup-authz.keyEntries" -}}
+{{- $k := .Values.keys -}}
+{{- $entries := list "stepup-context" -}}
+{{- range $k.crypto.kids }}{{ $entries = append $entries (printf "crypto-%s" .) }}{{ end -}}
+{{- range $k.auditMac.kids }}{{ $entries = append $entries (printf "audit-mac-%s" .) }}{{ end -}}
+{{- toYaml $entries }}
+{{- end }}
+
+{{/*
+Deep merge: (list $dst $src) sets every key of $src in $dst, recursing where both sides are
+mappings. Unlike sprig's mergeOverwrite, a false, 0 or "" in $src overrides too (so
+`config: {stepup: {cookie_secure: false}}` means what it says); lists are replaced whole.
+*/}}
+{{- define "stepup-authz.deepMerge" -}}
+{{- $dst := index . 0 -}}
+{{- range $k, $v := index . 1 }}
+{{- if and (kindIs "map" $v) (kindIs "map" (get $dst $k)) }}
+{{- include "stepup-authz.deepMerge" (list (get $dst $k) $v) }}
+{{- else }}
+{{- $_ := set $dst $k $v }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/*
 The service settings file (authz.config.settings format). Secret values are never inlined:
-each is a *_file pointing at a mounted Secret.
+each is a *_file pointing at a mounted Secret. `config:` is merged over the result last, so
+every setting is reachable from values.
 */}}
 {{- define "stepup-authz.settings" -}}
 {{- $r := .Values.redis -}}
@@ -73,6 +104,19 @@ each is a *_file pointing at a mounted Secret.
 {{- if $o.clientSecret.existingSecret }}
 {{- $_ := set $oidc "client_secret_file" (printf "/etc/stepup-authz/secrets/oidc/%s" $o.clientSecret.key) -}}
 {{- end }}
+{{- /* One set of keys for every replica and worker (templates/keys-secret.yaml). */}}
+{{- $keyDir := "/etc/stepup-authz/secrets/keys" -}}
+{{- $k := .Values.keys -}}
+{{- $ring := dict -}}
+{{- range $k.crypto.kids }}{{ $_ := set $ring . (printf "%s/crypto-%s" $keyDir .) }}{{ end -}}
+{{- if not (has $k.crypto.activeKid $k.crypto.kids) }}
+{{- fail (printf "keys.crypto.activeKid %q is not in keys.crypto.kids" $k.crypto.activeKid) }}
+{{- end }}
+{{- $crypto := dict "keys" $ring "active_kid" $k.crypto.activeKid "require" true -}}
+{{- if $k.crypto.previousKid }}
+{{- $_ := set $crypto "previous_kid" $k.crypto.previousKid -}}
+{{- end }}
+{{- $stepup := dict "public_url" (required "stepup.publicUrl is required" .Values.stepup.publicUrl) "error_status" .Values.stepup.errorStatus "default_grant_ttl_s" .Values.stepup.defaultGrantTtlSeconds "context_key_file" (printf "%s/stepup-context" $keyDir) -}}
 {{- /* The audit stream: the exporter (auditExporter) reads the same key and Redis. */}}
 {{- $audit := dict "stream_key" .Values.audit.streamKey -}}
 {{- if .Values.audit.redisUrl }}
@@ -85,18 +129,53 @@ each is a *_file pointing at a mounted Secret.
 {{- $_ := set $audit "username" .Values.audit.acl.serviceUser -}}
 {{- $_ := set $audit "password_file" (printf "/etc/stepup-authz/secrets/audit-redis-auth/%s" .Values.audit.acl.servicePassword.key) -}}
 {{- end }}
+{{- $grpc := dict "host" "0.0.0.0" "port" .Values.grpcPort "shutdown_grace_s" 5 -}}
+{{- if .Values.tls.existingSecret }}
+{{- $tls := dict "cert_file" "/etc/stepup-authz/secrets/tls/tls.crt" "key_file" "/etc/stepup-authz/secrets/tls/tls.key" -}}
+{{- if .Values.tls.clientCa }}
+{{- $_ := set $tls "client_ca_file" "/etc/stepup-authz/secrets/tls/ca.crt" -}}
+{{- end }}
+{{- $_ := set $grpc "tls" $tls -}}
+{{- end }}
 {{- $settings := dict
   "policy_file" "/etc/stepup-authz/policy/policy.yaml"
   "policy_poll_s" .Values.policy.pollSeconds
-  "grpc" (dict "host" "0.0.0.0" "port" .Values.grpcPort "shutdown_grace_s" 5)
+  "grpc" $grpc
   "http" (dict "host" "0.0.0.0" "port" .Values.httpPort)
+  "http_authz" (dict "enabled" .Values.httpAuthz.enabled "host" "0.0.0.0" "port" .Values.httpAuthzPort)
   "redis" $redis
   "oidc" $oidc
-  "stepup" (dict "public_url" (required "stepup.publicUrl is required" .Values.stepup.publicUrl) "error_status" .Values.stepup.errorStatus "default_grant_ttl_s" .Values.stepup.defaultGrantTtlSeconds)
+  "stepup" $stepup
+  "network" (dict "trusted_xff_hops" .Values.network.trustedXffHops)
+  "crypto" $crypto
   "log" (dict "level" .Values.logLevel "json" true)
   "audit" $audit
 -}}
+{{- if .Values.metricsPort }}
+{{- $_ := set $settings "metrics" (dict "host" "0.0.0.0" "port" .Values.metricsPort) -}}
+{{- end }}
+{{- include "stepup-authz.deepMerge" (list $settings (deepCopy .Values.config)) }}
 {{- toYaml $settings }}
+{{- end }}
+
+{{/*
+NetworkPolicy egress for an injected Istio sidecar (istio.enabled): configuration (xDS) and
+its workload certificate from istiod. Without it the sidecar never becomes ready and
+neither does the pod.
+*/}}
+{{- define "stepup-authz.istiodEgress" -}}
+{{- if .Values.istio.enabled }}
+    - to:
+        - namespaceSelector:
+            matchLabels: {kubernetes.io/metadata.name: {{ .Values.istio.istiodNamespace }}}
+          podSelector:
+            matchLabels:
+              {{- toYaml .Values.istio.istiodLabels | nindent 14 }}
+      ports:
+        {{- range .Values.istio.istiodPorts }}
+        - {port: {{ . }}, protocol: TCP}
+        {{- end }}
+{{- end }}
 {{- end }}
 
 {{/* ---- The audit exporter (templates/audit-exporter.yaml) ---------------------------- */}}
@@ -195,21 +274,20 @@ app.kubernetes.io/part-of: stepup-authz
 
 {{/* ---- The audit trail's keys and its Redis's ACL users (docs/audit.md) ------------- */}}
 
-{{/* kid -> mounted key file, for the service's audit.mac_keys and the exporter's. */}}
+{{/* kid -> mounted key file (the entry audit-mac-<kid> of the keys Secret), for the
+     service's audit.mac_keys and the exporter's. */}}
 {{- define "stepup-authz.audit.macKeyFiles" -}}
-{{- $m := .Values.audit.macKeys -}}
-{{- $_ := required "audit.macKeys.existingSecret is required: a Secret of MAC keys (stepup-authz audit keygen --mac KID), mounted into the service and the exporter" $m.existingSecret -}}
-{{- range $m.keyIds }}
-{{ . }}: /etc/stepup-authz/secrets/audit-mac/{{ . }}
+{{- range .Values.keys.auditMac.kids }}
+{{ . }}: /etc/stepup-authz/secrets/keys/audit-mac-{{ . }}
 {{- end }}
 {{- end }}
 
 {{- define "stepup-authz.audit.activeKid" -}}
-{{- $m := .Values.audit.macKeys -}}
-{{- if not (has $m.activeKeyId $m.keyIds) }}
-{{- fail (printf "audit.macKeys.activeKeyId %q is not one of audit.macKeys.keyIds" $m.activeKeyId) }}
+{{- $m := .Values.keys.auditMac -}}
+{{- if not (has $m.activeKid $m.kids) }}
+{{- fail (printf "keys.auditMac.activeKid %q is not in keys.auditMac.kids" $m.activeKid) }}
 {{- end }}
-{{- $m.activeKeyId }}
+{{- $m.activeKid }}
 {{- end }}
 
 {{/* With audit.acl.enabled: a separate audit Redis and both users' password Secrets. */}}

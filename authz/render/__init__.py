@@ -1,0 +1,23 @@
+"""Proxy configuration generated from the policy, so the proxy and the policy cannot drift.
+
+- ``envoy``: a complete Envoy bootstrap, gRPC or HTTP ext_authz, serving exactly the
+  policy's hosts (plus those named on the command line): every other host gets 404.
+- ``istio``: CUSTOM AuthorizationPolicies and the ``/_stepup/`` VirtualService.
+- ``contract``: what every proxy must pass to the service and back (headers, the peer
+  address, the check path), checked against each shipped config by ``tests/deploy``.
+- ``cli``: ``stepup-authz render envoy|istio``.
+"""
+
+from authz.render.cli import add_render_parser
+from authz.render.envoy import EXT_AUTHZ, ServiceTls, render_envoy, served_hosts
+from authz.render.istio import render_istio, service_host
+
+__all__ = [
+    "EXT_AUTHZ",
+    "ServiceTls",
+    "add_render_parser",
+    "render_envoy",
+    "render_istio",
+    "served_hosts",
+    "service_host",
+]
