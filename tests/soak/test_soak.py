@@ -34,11 +34,11 @@ from authz.audit.export import read_records
 from authz.demo.stack import REPO_ROOT, Stack
 from tests.builders import idp_sign_in, password_token
 
-pytestmark = pytest.mark.soak
-
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "300"))
 RSS_BOUND_MB = float(os.environ.get("SOAK_RSS_BOUND_MB", "50"))
 WORKERS = int(os.environ.get("SOAK_WORKERS", "8"))
+# As long as it is asked to run, plus the stack's start, a Redis restart and the report.
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(SOAK_SECONDS + 600)]
 SENSITIVE = "/accounts/7"
 JSON = {"Accept": "application/json"}
 HTML = {"Accept": "text/html"}
