@@ -10,6 +10,8 @@ import gc
 import logging
 import os
 import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -141,6 +143,7 @@ async def _sessions_api(
     policy: PolicyHolder,
     auditor: Auditor | None,
     closers: list[object],
+    clock: Callable[[], float] = time.time,
 ) -> GrpcServer | None:
     """The Sessions API on its own listener (``api.port``), or None when it is off."""
     api = settings.api
@@ -160,6 +163,7 @@ async def _sessions_api(
         proofs=proofs,
         idp_issuers=frozenset({settings.oidc.issuer}),
         audit=auditor.durable if auditor is not None else None,
+        clock=clock,
         leeway=settings.oidc.leeway_s,
         default_grant_ttl_s=settings.stepup.default_grant_ttl_s,
     )
@@ -242,7 +246,15 @@ def _policy_hook(metrics: Metrics, auditors: list[Auditor]):  # type: ignore[no-
     return on_reload
 
 
-async def start_service(settings: Settings, *, metrics: Metrics | None = None) -> Service:
+async def start_service(
+    settings: Settings,
+    *,
+    metrics: Metrics | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Service:
+    """Start every listener. ``clock`` is the wall clock every freshness and expiry
+    decision reads (the Check, step-up links, the callback, the Sessions API); tests inject
+    it to move time."""
     metrics = metrics or Metrics()
     _warn_about(settings)
     closers: list[object] = []
@@ -335,8 +347,9 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
             audit_level=settings.audit.durable_level,
             devices=devices,
             geoip=geoip,
+            clock=clock,
         )
-        redirects = Redirects(settings.stepup.path_prefix, signer)
+        redirects = Redirects(settings.stepup.path_prefix, signer, clock=clock)
         strip = _service_cookies(settings)
         responses = ResponseBuilder(
             error_status=settings.stepup.error_status, redirects=redirects, strip_cookies=strip
@@ -345,7 +358,7 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
             settings.grpc,
             AuthorizationServicer(authorizer, responses, settings.network.trusted_xff_hops),
         )
-        api_server = await _sessions_api(settings, store, policy, auditor, closers)
+        api_server = await _sessions_api(settings, store, policy, auditor, closers, clock)
         coverage = CoverageMonitor.from_settings(settings, metrics)  # None without admin URLs
         if coverage is not None:
             coverage.start()
@@ -358,6 +371,7 @@ async def start_service(settings: Settings, *, metrics: Metrics | None = None) -
             store=store,
             oidc=oidc,
             metrics=metrics,
+            clock=clock,
             auditor=auditor,
             signer=signer,
             devices=devices,

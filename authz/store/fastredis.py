@@ -79,8 +79,9 @@ def _expire(futs: list[asyncio.Future[Any]]) -> None:
 class _Conn(asyncio.Protocol):
     """One connection: requests written in order, replies matched to them in order."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
+        self.clock = clock
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader(notEnoughData=_NOT_ENOUGH)
         # (future, monotonic send time) per request not yet answered
@@ -135,7 +136,7 @@ class _Conn(asyncio.Protocol):
         if self.closed or self.transport is None or self.transport.is_closing():
             raise ConnectionError("redis connection closed")
         fut: asyncio.Future[Any] = loop.create_future()
-        self.waiters.append((fut, time.monotonic()))
+        self.waiters.append((fut, self.clock()))
         # Commands issued by the Checks running in this pass of the event loop go out in one
         # write (one send(2) instead of one per Check), flushed before the loop polls again.
         if not self.pending:
@@ -204,6 +205,7 @@ class FastRedis:
         connect_timeout_s: float = 1.0,
         stale_after_s: float = 1.0,
         protocol: int = 2,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if connections < 1:
             raise ValueError("connections must be >= 1")
@@ -213,6 +215,7 @@ class FastRedis:
         self._ssl, self._server_hostname = ssl_context, server_hostname or host
         self._connect_timeout_s = connect_timeout_s
         self._stale_after_s = stale_after_s
+        self._clock = clock  # the send times stale_after_s is measured on (tests inject it)
         self._conns: list[_Conn | None] = [None] * connections
         self._connecting: list[asyncio.Task[_Conn] | None] = [None] * connections
         self._next = 0
@@ -260,7 +263,7 @@ class FastRedis:
         conn = self._conns[i]
         if conn is None or conn.closed:
             return i, None
-        if conn.waiters and conn.stale(time.monotonic(), self._stale_after_s):
+        if conn.waiters and conn.stale(self._clock(), self._stale_after_s):
             conn.close()  # the server stopped answering on it: fail its calls, reconnect
             return i, None
         return i, conn
@@ -337,7 +340,7 @@ class FastRedis:
 
     async def _open(self, i: int) -> _Conn:
         loop = asyncio.get_running_loop()
-        conn = _Conn(f"conn{i}")
+        conn = _Conn(f"conn{i}", self._clock)
         try:
             async with asyncio.timeout(self._connect_timeout_s):
                 if self._path is not None:

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from authz.app import Service, start_service
@@ -29,6 +29,7 @@ from authz.audit.testing import dev_mac_settings
 from authz.config.settings import Settings
 from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
 from authz.ops.metrics import Metrics
+from tests.builders import check_request
 
 pytestmark = pytest.mark.deploy
 
@@ -336,11 +337,7 @@ async def test_prometheus_scrapes_the_service(service: Service, tmp_path: Path) 
     stub = external_auth_pb2_grpc.AuthorizationStub(channel)
     try:
         for path in ("/accounts/1", "/wires/2", "/public/x", "/news"):
-            req = external_auth_pb2.CheckRequest()
-            http = req.attributes.request.http
-            http.method, http.path, http.host, http.scheme = "GET", path, "app.test", "https"
-            req.attributes.source.address.socket_address.address = "10.0.0.5"
-            await stub.Check(req)
+            await stub.Check(check_request(path))
     finally:
         await channel.close()
     target = f"127.0.0.1:{service.http_port}"

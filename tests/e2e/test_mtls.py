@@ -17,10 +17,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from authz.demo.stack import Stack
 from authz.render import ServiceTls
+from tests.builders import check_request
 
 from .conftest import make_stack
 
@@ -138,10 +139,6 @@ def test_other_clients_cannot_call_check(mtls_stack: Stack, pki: Path, client: s
             root, (pki / "rogue-key.pem").read_bytes(), (pki / "rogue.pem").read_bytes()
         )
         channel = grpc.secure_channel(target, creds, options)
-    req = external_auth_pb2.CheckRequest()
-    req.attributes.request.http.method = "GET"
-    req.attributes.request.http.path = "/"
-    req.attributes.request.http.host = "app.test"
     with channel, pytest.raises(grpc.RpcError) as info:
-        external_auth_pb2_grpc.AuthorizationStub(channel).Check(req, timeout=5)
+        external_auth_pb2_grpc.AuthorizationStub(channel).Check(check_request(), timeout=5)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE

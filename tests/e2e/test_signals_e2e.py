@@ -6,7 +6,6 @@ request, and a shadow rule changes nothing but is counted."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import re
 import subprocess
@@ -16,14 +15,13 @@ from pathlib import Path
 
 import aiohttp
 import jwt
-import pyotp
 import pytest
 import redis
 from multidict import CIMultiDict
 
 from authz.check.devices import cookie_device_id
 from authz.demo.stack import Stack
-from authz.devidp import ALICE_TOTP_SECRET, BOB_TOTP_SECRET
+from tests.builders import password_token
 
 from .conftest import make_stack
 from .test_stepup_flow import Browser
@@ -86,21 +84,7 @@ async def browser(sig_stack: Stack) -> AsyncIterator[Browser]:
 async def token(
     stack: Stack, *, otp: bool = False, sid: str | None = None, user: str = "alice"
 ) -> str:
-    form = {"grant_type": "password", "username": user, "password": f"{user}-password"}
-    if otp:
-        secret = ALICE_TOTP_SECRET if user == "alice" else BOB_TOTP_SECRET
-        form["otp"] = pyotp.TOTP(secret).now()
-    if sid:
-        form["sid"] = sid
-    basic = base64.b64encode(b"stepup-authz:dev-secret").decode()
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(
-            f"{stack.idp_url}/token", data=form, headers={"Authorization": f"Basic {basic}"}
-        ) as r,
-    ):
-        assert r.status == 200, await r.text()
-        return str((await r.json())["access_token"])
+    return await password_token(stack.idp_url, user, otp=otp, **({"sid": sid} if sid else {}))
 
 
 async def get(

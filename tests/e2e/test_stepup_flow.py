@@ -4,12 +4,10 @@ upstream as real processes. Each test names the DESIGN.md row or issue item it p
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -19,8 +17,7 @@ import pytest
 
 from authz.demo.stack import Stack
 from authz.devidp import ALICE_TOTP_SECRET
-
-from .conftest import make_stack
+from tests import builders
 
 pytestmark = pytest.mark.e2e
 
@@ -94,18 +91,7 @@ async def browser(stack: Stack) -> AsyncIterator[Browser]:
 
 
 async def password_token(stack: Stack, *, otp: bool = False) -> str:
-    form = {"grant_type": "password", "username": "alice", "password": "alice-password"}
-    if otp:
-        form["otp"] = pyotp.TOTP(ALICE_TOTP_SECRET).now()
-    basic = base64.b64encode(b"stepup-authz:dev-secret").decode()
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(
-            f"{stack.idp_url}/token", data=form, headers={"Authorization": f"Basic {basic}"}
-        ) as r,
-    ):
-        assert r.status == 200, await r.text()
-        return str((await r.json())["access_token"])
+    return await builders.password_token(stack.idp_url, otp=otp)
 
 
 async def api_get(
@@ -187,40 +173,9 @@ async def test_browser_round_trip_with_totp(stack: Stack, browser: Browser) -> N
     assert seen["x-stepup-decision-id"]
 
 
-# (d) the grant expires ------------------------------------------------------------------------
-
-SHORT_POLICY = """\
-levels:
-  standard: {}
-  brief: {acr: [mfa], max_age: 4}
-routes:
-  - {path_prefix: /brief/, level: brief}
-default_level: standard
-"""
-
-
-@pytest.fixture(scope="module")
-def short_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    policy: Path = tmp_path_factory.mktemp("policy") / "policy.yaml"
-    policy.write_text(SHORT_POLICY)
-    # no clock-skew leeway so the grant's 4 s are exactly 4 s
-    with make_stack(
-        tmp_path_factory, policy_file=policy, extra_settings={"oidc": {"leeway_s": 0}}
-    ) as s:
-        yield s
-
-
-async def test_grant_expiry_challenges_again(short_stack: Stack) -> None:
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
-        b = Browser(s, short_stack)
-        await b.sign_in("/brief/x")
-        await b.step_up("/brief/x")
-        granted_at = time.monotonic()
-        status, _, _ = await b.get("/brief/x")
-        assert status == 200
-        await asyncio.sleep(max(0.0, 5.5 - (time.monotonic() - granted_at)))
-        status, headers, _ = await b.get("/brief/x")
-        assert status == 302 and headers["Location"].startswith("/_stepup/start?level=brief")
+# (d) the grant expires: tests/integration/test_service.py::test_grant_expiry_challenges_again,
+# the same round trip in-process on an injected clock (a real process's clock cannot be moved,
+# and waiting out a grant in real time is a sleep).
 
 
 # (e) Redis stopped mid-test ------------------------------------------------------------------

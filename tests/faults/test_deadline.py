@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,8 +83,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield s
 
 
-def _redis(port: int, *cmd: str) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+def _redis(port: int, *cmd: str, timeout: float = 2) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         parts = [f"${len(c)}\r\n{c}\r\n" for c in cmd]
         s.sendall(f"*{len(cmd)}\r\n{''.join(parts)}".encode())
         return s.recv(256)
@@ -104,32 +103,30 @@ def test_paused_redis_our_reason_reaches_the_client_through_envoy(stack: Stack) 
         token = json.loads(r.read())["access_token"]
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-    def get() -> tuple[int, dict[str, str], float]:
+    def get() -> tuple[int, dict[str, str]]:
         req = urllib.request.Request(  # noqa: S310 - a fixed http:// loopback URL
             f"{stack.envoy_url}/accounts/1",
             headers={"Authorization": f"Bearer {token}"},
         )
-        started = time.monotonic()
         try:
             with opener.open(req, timeout=5) as resp:
-                return resp.status, dict(resp.headers), time.monotonic() - started
+                return resp.status, dict(resp.headers)
         except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers), time.monotonic() - started
+            return exc.code, dict(exc.headers)
 
-    status, headers, _ = get()
+    status, headers = get()
     assert (status, headers.get("x-stepup-reason")) == (401, "acr-insufficient")
-    # (CLIENT UNPAUSE would itself wait behind the pause: let it expire instead.)
+    # (CLIENT UNPAUSE would itself wait behind the pause: Redis's own timer ends it.)
     assert _redis(stack.redis_port, "CLIENT", "PAUSE", "1500", "ALL").startswith(b"+OK")
-    paused = time.monotonic()
     try:
         for _ in range(4):
-            status, headers, took = get()
-            # Ours: 403 with our reason and decision id, well before Envoy's 250 ms timeout
+            status, headers = get()
+            # Ours: 403 with our reason and decision id, so before Envoy's 250 ms timeout
             # (Envoy's own timeout answer would be a bare 403 without them).
             assert (status, headers.get("x-stepup-reason")) == (403, "session-store-unavailable")
             assert headers.get("x-stepup-decision-id")
-            assert took < 0.25, took
     finally:
-        time.sleep(max(0.0, 1.6 - (time.monotonic() - paused)))
+        # Answered once the pause is over: the next test finds Redis as it was.
+        assert _redis(stack.redis_port, "PING", timeout=10) == b"+PONG\r\n"
     path = Path(stack.log_path("service"))
     assert "Traceback" not in path.read_text(errors="replace")

@@ -8,43 +8,33 @@ Nothing here is a fake: the proxy forwards to the real dev IdP unless told to fa
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import grpc
-import pyotp
 from aiohttp import web
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from authz.app import Service, start_service
 from authz.audit.testing import dev_mac_settings
 from authz.config.settings import Settings
 from authz.core.session import Evidence, Grant, session_key, user_key
 from authz.demo.stack import deep_merge
-from authz.devidp import (
-    ALICE_TOTP_SECRET,
-    BOB_TOTP_SECRET,
-    DevClient,
-    DevIdpConfig,
-    base_url,
-    bind,
-    running,
-)
+from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
 from authz.store.connections import make_redis
 from authz.store.sessions import RedisSessionStore
+from tests.builders import async_wait_until, check_request, password_token, response_header
 
 ROOT = Path(__file__).resolve().parents[2]
 PUBLIC = "http://app.test"
 CLIENT_SECRET = "dev-secret"
-TOTP = {"alice": ALICE_TOTP_SECRET, "bob": BOB_TOTP_SECRET}
 
 # The demo policy, with checks at "elevated" and above counted for velocity: the read
 # script then also writes (INCR), so a read-only replica cannot answer it.
@@ -58,15 +48,24 @@ PUBLIC_PATH = "/public/info"
 class FaultProxy:
     """Forwards to ``upstream``; ``modes[path]`` makes one path fail:
     ``"error"`` (HTTP 500 with an OAuth error body), ``"down"`` (HTTP 503, as a dead
-    backend behind a load balancer), ``"close"`` (drop the connection), ``"slow:<seconds>"``
-    (wait, then forward)."""
+    backend behind a load balancer), ``"close"`` (drop the connection), ``"hold"`` (wait
+    until ``release`` is set, then forward). ``hits`` counts requests as they arrive,
+    ``done`` as the proxy finishes them."""
 
     upstream: str
     modes: dict[str, str] = field(default_factory=dict)
     hits: Counter[str] = field(default_factory=Counter)
+    done: Counter[str] = field(default_factory=Counter)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.hits[request.path] += 1
+        try:
+            return await self._handle(request)
+        finally:
+            self.done[request.path] += 1
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         mode = self.modes.get(request.path, "pass")
         if mode == "error":
             return web.json_response({"error": "server_error"}, status=500)
@@ -76,8 +75,8 @@ class FaultProxy:
             if request.transport is not None:
                 request.transport.close()
             return web.Response(status=500)  # never reaches the client
-        if mode.startswith("slow:"):
-            await asyncio.sleep(float(mode.split(":", 1)[1]))
+        if mode == "hold":
+            await self.release.wait()
         body = await request.read()
         headers = {
             k: v
@@ -109,7 +108,6 @@ class Result:
     allowed: bool
     status: int  # the HTTP status Envoy would send (200 when allowed)
     reason: str | None
-    elapsed: float
 
 
 @dataclass
@@ -119,6 +117,7 @@ class Env:
     proxy: FaultProxy
     stub: external_auth_pb2_grpc.AuthorizationStub
     channel: grpc.aio.Channel
+    clock: Callable[[], float] = time.time  # the service's
 
     @property
     def http(self) -> str:
@@ -136,36 +135,17 @@ class Env:
         h = dict(headers or {})
         if token is not None:
             h["authorization"] = f"Bearer {token}"
-        started = time.perf_counter()
         r = await self.stub.Check(check_request(path, h, method=method), timeout=timeout)
-        elapsed = time.perf_counter() - started
         if r.HasField("ok_response"):
-            return Result(r.status.code == 0, 200, None, elapsed)
-        return Result(
-            False,
-            r.denied_response.status.code,
-            _header(r.denied_response.headers, "x-stepup-reason"),
-            elapsed,
-        )
+            return Result(r.status.code == 0, 200, None)
+        return Result(False, r.denied_response.status.code, response_header(r, "x-stepup-reason"))
 
     async def token(self, user: str = "alice", *, otp: bool = False) -> str:
-        form = {"grant_type": "password", "username": user, "password": f"{user}-password"}
-        if otp:
-            form["otp"] = pyotp.TOTP(TOTP[user]).now()
-        basic = base64.b64encode(f"stepup-authz:{CLIENT_SECRET}".encode()).decode()
-        async with (
-            aiohttp.ClientSession() as s,
-            s.post(
-                f"{self.idp}/token", data=form, headers={"Authorization": f"Basic {basic}"}
-            ) as resp,
-        ):
-            assert resp.status == 200, await resp.text()
-            body: dict[str, Any] = await resp.json()
-        return str(body["access_token"])
+        return await password_token(self.idp, user, otp=otp, client_secret=CLIENT_SECRET)
 
     async def keys(self, token: str) -> tuple[str, str]:
         """(user key, session key) of the token's session, as the Check computes them."""
-        ident = await self.service.authorizer.tokens.verify_access_token(token, int(time.time()))
+        ident = await self.service.authorizer.tokens.verify_access_token(token, int(self.clock()))
         return (
             user_key(ident.issuer, ident.subject),
             session_key(ident.issuer, ident.subject, ident.session_id),
@@ -174,7 +154,7 @@ class Env:
     async def grant(self, token: str, level: str = "elevated", ttl: int = 600) -> None:
         """Record a step-up grant for the token's session, as the callback does."""
         uk, sk = await self.keys(token)
-        now = int(time.time())
+        now = int(self.clock())
         grant = Grant(
             level=level,
             evidence=Evidence("mfa", ("pwd", "otp"), now - 1),
@@ -197,24 +177,6 @@ class Env:
         return 0.0 if value is None else value
 
 
-def check_request(
-    path: str, headers: dict[str, str], *, method: str = "GET", ip: str = "10.0.0.5"
-) -> external_auth_pb2.CheckRequest:
-    req = external_auth_pb2.CheckRequest()
-    http = req.attributes.request.http
-    http.method, http.path, http.host, http.scheme = method, path, "app.test", "https"
-    http.headers.update(headers)
-    req.attributes.source.address.socket_address.address = ip
-    return req
-
-
-def _header(headers: Any, name: str) -> str | None:
-    for h in headers:
-        if h.header.key == name:
-            return str(h.header.value)
-    return None
-
-
 @contextlib.asynccontextmanager
 async def idp_behind_proxy() -> AsyncIterator[tuple[str, FaultProxy]]:
     """The dev IdP on one port, the fault proxy on another; the issuer is the proxy."""
@@ -234,6 +196,7 @@ async def idp_behind_proxy() -> AsyncIterator[tuple[str, FaultProxy]]:
         async with running(cfg, idp_sock):
             yield issuer, proxy
     finally:
+        proxy.release.set()  # held requests go on, so the runner can close
         await runner.cleanup()
         for sock in (idp_sock, proxy_sock):
             with contextlib.suppress(OSError):
@@ -264,54 +227,30 @@ def settings_for(
 
 @contextlib.asynccontextmanager
 async def service_env(
-    tmp_path: Path, redis: dict[str, Any], extra: dict[str, Any] | None = None
+    tmp_path: Path,
+    redis: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Env]:
-    """The service with ``redis`` settings (url | sentinel | cluster, key_prefix ...)."""
+    """The service with ``redis`` settings (url | sentinel | cluster, key_prefix ...),
+    deciding on ``clock``."""
     policy = tmp_path / "policy.yaml"
     await asyncio.to_thread(_write, policy, POLICY)
     async with idp_behind_proxy() as (issuer, proxy):
-        service = await start_service(settings_for(issuer, policy, redis, extra))
+        service = await start_service(settings_for(issuer, policy, redis, extra), clock=clock)
         # Warm up as a readiness probe would: the first command must discover the topology
         # (sentinel lookup, cluster slot map) and connect, all under the 50 ms deadline,
         # which a busy 2-core machine can miss (that Check would fail closed).
         store: Any = service.authorizer.store
-        for _ in range(100):
-            if await store.ping():
-                break
-            await asyncio.sleep(0.05)
+        await async_wait_until(store.ping, "the store to answer PING")
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
         try:
-            yield Env(
-                service, issuer, proxy, external_auth_pb2_grpc.AuthorizationStub(channel), channel
-            )
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            yield Env(service, issuer, proxy, stub, channel, clock)
         finally:
             await channel.close()
             await service.stop()
-
-
-class LoopLag:
-    """A ticker on the event loop: the largest delay between when it asked to wake and when
-    it did. A blocking call anywhere on the loop shows up here."""
-
-    def __init__(self, period_s: float = 0.005) -> None:
-        self.period_s = period_s
-        self.max_lag = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            t = loop.time()
-            await asyncio.sleep(self.period_s)
-            self.max_lag = max(self.max_lag, loop.time() - t - self.period_s)
-
-    def __enter__(self) -> LoopLag:
-        self._task = asyncio.ensure_future(self._run())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
 
 
 def _write(path: Path, text: str) -> None:

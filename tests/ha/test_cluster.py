@@ -26,7 +26,9 @@ from tests.ha.cluster import ClusterSetup
 from tests.ha.harness import SENSITIVE, Env, service_env
 from tests.ha.load import Load
 
-pytestmark = pytest.mark.integration
+# Cluster start, resharding and failover wait on real redis-server processes (their own
+# timers): longer than the default test timeout allows.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 # Redis unreachable: the session read fails, or the audit-before-access write (same Redis).
 FAIL_CLOSED = {"session-store-unavailable", "audit-unavailable"}

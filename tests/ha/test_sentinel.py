@@ -24,7 +24,8 @@ from tests.ha.harness import SENSITIVE, STANDARD, Env, service_env
 from tests.ha.load import Load
 
 # ResourceWarnings from the injected faults are handled in conftest.py.
-pytestmark = pytest.mark.integration
+# Sentinel failovers run on the sentinels' own timers (down-after, failover timeout).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 RECOVERY_BOUND_S = 40.0
 FAIL_CLOSED = {"session-store-unavailable", "audit-unavailable"}

@@ -32,6 +32,7 @@ from authz.devidp import (
 )
 from authz.devidp.config import load_file
 from authz.errors import ConfigError
+from tests.builders import FakeClock
 
 pytestmark = pytest.mark.integration
 
@@ -50,15 +51,6 @@ def basic(client_id: str, secret: str) -> dict[str, str]:
 BASIC = basic(CLIENT_ID, CLIENT_SECRET)
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        # Near real time, so pyjwt's own exp/iat checks still pass on the minted tokens.
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @dataclass
 class Idp:
     url: str
@@ -75,7 +67,8 @@ class Idp:
 
 @pytest.fixture
 async def idp() -> AsyncIterator[Idp]:
-    clock = FakeClock()
+    # Near real time, so pyjwt's own exp/iat checks still pass on the minted tokens.
+    clock = FakeClock(int(time.time()))
     sock = bind("127.0.0.1", 0)
     url = base_url(sock)
     config = DevIdpConfig(
@@ -316,7 +309,7 @@ async def test_redirect_uri_must_match_at_token_endpoint(idp: Idp) -> None:
 async def test_expired_code_is_invalid_grant(idp: Idp) -> None:
     verifier, challenge = pkce()
     query = await login(idp, (verifier, challenge))
-    idp.clock.now += 60
+    idp.clock.advance(60)
     assert await error_of(await exchange(idp, query["code"], verifier)) == "invalid_grant"
 
 
@@ -424,7 +417,7 @@ async def test_sso_session_reuse_prompt_login_and_max_age(idp: Idp) -> None:
     assert 'name="request_id"' in await forced.text()
 
     # max_age: fresh enough -> code; exceeded (clock moved) -> form.
-    idp.clock.now += 301
+    idp.clock.advance(301)
     assert (await authorize(idp, auth_params(pkce()[1], max_age="400"))).status == 302
     third = pkce()
     stale = await authorize(idp, auth_params(third[1], max_age="300", acr_values="mfa"))

@@ -179,10 +179,10 @@ async def test_killed_server_fails_closed_then_recovers(
         await asyncio.to_thread(embedded_valkey.stop)
         results = await asyncio.gather(*in_flight, return_exceptions=True)
         assert all(isinstance(r, StoreError) or not isinstance(r, BaseException) for r in results)
-        t0 = time.monotonic()
-        with pytest.raises(StoreError):
-            await read()  # refused: fast, not after the deadline
-        assert time.monotonic() - t0 < 0.5
+        with pytest.raises(StoreError) as refused:
+            await read()
+        # Refused at once (the connection), not ended by the 500 ms deadline.
+        assert not isinstance(refused.value.__cause__, TimeoutError), refused.value.__cause__
         await asyncio.to_thread(embedded_valkey.start)  # same port, empty
         await read()  # reconnected by itself
         assert fast.connects >= 2
@@ -204,9 +204,9 @@ async def test_deadline_bounds_a_call_on_a_paused_server(
     )
     try:
         assert await fast.ping()
+        # Redis's own pause timer ends the pause (CLIENT UNPAUSE would wait behind it).
         await admin.client_pause(700, all=True)
-        t0 = time.monotonic()
-        with pytest.raises(StoreError):
+        with pytest.raises(StoreError) as late:
             await store.read_check(
                 user=UK,
                 session=SK,
@@ -218,9 +218,11 @@ async def test_deadline_bounds_a_call_on_a_paused_server(
                 window_s=60,
                 now=int(time.time()),
             )
-        assert time.monotonic() - t0 < 0.3
-        await asyncio.sleep(0.8)  # unpaused: the late reply is dropped, the next call works
-        assert await fast.execute("ECHO", b"after") == b"after"
+        # The 50 ms deadline ended it: waiting out the pause, the read would have succeeded.
+        assert isinstance(late.value.__cause__, TimeoutError), late.value.__cause__
+        # Sent behind the late reply on the same connection: that reply is dropped, this
+        # call gets its own once the pause is over.
+        assert await asyncio.wait_for(fast.execute("ECHO", b"after"), 10) == b"after"
     finally:
         await store.aclose()
         await fast.aclose()
@@ -241,13 +243,11 @@ async def test_pipeline_within_one_connection_errors_as_values_and_its_deadline(
                 1.0, ("CLIENT", "ID"), ("XADD", "t:str", "*", "r", "x"), ("CLIENT", "ID")
             )
             assert a == b and isinstance(err, ResponseError) and "WRONGTYPE" in str(err)
-        await admin.client_pause(700, all=True)
-        t0 = time.monotonic()
-        with pytest.raises(TimeoutError):
+        await admin.client_pause(700, all=True)  # ended by Redis's own timer
+        with pytest.raises(TimeoutError):  # the 50 ms timer on the replies, not the pause
             await fast.pipeline_within(0.05, ("PING",), ("PING",))
-        assert time.monotonic() - t0 < 0.3
-        await asyncio.sleep(0.8)  # the late replies are dropped; answers stay in order
-        assert await fast.pipeline_within(1.0, ("ECHO", b"x"), ("ECHO", b"y")) == [b"x", b"y"]
+        # Behind the late replies: they are dropped; answers stay in order after the pause.
+        assert await fast.pipeline_within(5.0, ("ECHO", b"x"), ("ECHO", b"y")) == [b"x", b"y"]
         assert [await fast.execute("ECHO", str(i)) for i in range(4)] == [b"0", b"1", b"2", b"3"]
     finally:
         await fast.aclose()

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz.app import Service, start_service
@@ -20,6 +20,7 @@ from authz.audit.testing import dev_mac_settings
 from authz.config.settings import Settings
 from authz.core.session import UserState
 from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
+from tests.builders import async_wait_until, check_request, password_token
 from tests.tlsutil import cert as tls_cert
 from tests.tlsutil import pem
 
@@ -93,13 +94,6 @@ async def _service(redis_url: str, redis_prefix: str, **grpc_extra: Any) -> Asyn
             await service.stop()
 
 
-def _request(path: str = "/") -> external_auth_pb2.CheckRequest:
-    req = external_auth_pb2.CheckRequest()
-    http = req.attributes.request.http
-    http.method, http.path, http.host = "GET", path, "app.test"
-    return req
-
-
 async def test_mtls_listener_requires_a_client_cert_from_the_ca(
     redis_url: str, redis_prefix: str, pki: dict[str, Path]
 ) -> None:
@@ -115,7 +109,7 @@ async def test_mtls_listener_requires_a_client_cert_from_the_ca(
         async def call(creds: grpc.ChannelCredentials) -> int:
             async with grpc.aio.secure_channel(target, creds) as ch:
                 stub = external_auth_pb2_grpc.AuthorizationStub(ch)
-                r = await stub.Check(_request(), timeout=3)
+                r = await stub.Check(check_request(), timeout=3)
                 return int(r.denied_response.status.code or 200)
 
         good = grpc.ssl_channel_credentials(
@@ -134,17 +128,21 @@ async def test_mtls_listener_requires_a_client_cert_from_the_ca(
         # and plaintext is refused
         async with grpc.aio.insecure_channel(target) as ch:
             with pytest.raises(grpc.aio.AioRpcError):
-                await external_auth_pb2_grpc.AuthorizationStub(ch).Check(_request(), timeout=3)
+                await external_auth_pb2_grpc.AuthorizationStub(ch).Check(check_request(), timeout=3)
 
 
-class _SlowStore:
-    """Delays reads so a check is in flight while the service shuts down."""
+class _HeldStore:
+    """Holds the first read (``entered`` set) until ``release`` is set, so a Check is in
+    flight for exactly as long as the test needs while the service shuts down."""
 
-    def __init__(self, inner: Any, delay: float) -> None:
-        self.inner, self.delay = inner, delay
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
 
     async def read_check(self, **kw: Any) -> UserState:
-        await asyncio.sleep(self.delay)
+        if not self.entered.is_set():
+            self.entered.set()
+            await self.release.wait()
         result: UserState = await self.inner.read_check(**kw)
         return result
 
@@ -155,37 +153,40 @@ class _SlowStore:
 async def test_graceful_shutdown_goes_not_serving_and_drains(
     redis_url: str, redis_prefix: str
 ) -> None:
-    import base64
-
-    import aiohttp
-
+    """NOT_SERVING first, then (after shutdown_delay_s, the listener's own timer: a real
+    0.3 s) the listener stops taking new calls while the one in flight is drained."""
     async with _service(redis_url, redis_prefix) as service:
-        idp = service.settings.oidc.issuer
-        basic = base64.b64encode(b"stepup-authz:dev-secret").decode()
-        async with (
-            aiohttp.ClientSession() as s,
-            s.post(
-                f"{idp}/token",
-                headers={"Authorization": f"Basic {basic}"},
-                data={"grant_type": "password", "username": "alice", "password": "alice-password"},
-            ) as resp,
-        ):
-            token = (await resp.json())["access_token"]
-        service.authorizer.store = _SlowStore(service.authorizer.store, 0.5)
+        token = await password_token(service.settings.oidc.issuer)
+        store = _HeldStore(service.authorizer.store)
+        service.authorizer.store = store
         target = f"127.0.0.1:{service.grpc_port}"
         async with grpc.aio.insecure_channel(target) as ch:
             stub = external_auth_pb2_grpc.AuthorizationStub(ch)
             health = health_pb2_grpc.HealthStub(ch)
-            req = _request("/accounts/1")  # elevated: reads the (slow) store
-            req.attributes.request.http.headers["authorization"] = f"Bearer {token}"
-            in_flight = asyncio.ensure_future(stub.Check(req, timeout=5))
-            await asyncio.sleep(0.1)
+            # elevated: reads the (held) store
+            req = check_request("/accounts/1", {"authorization": f"Bearer {token}"})
+            in_flight = asyncio.ensure_future(stub.Check(req, timeout=10))
+            await asyncio.wait_for(store.entered.wait(), 10)
             stopping = asyncio.ensure_future(service.grpc.stop())
-            await asyncio.sleep(0.05)
-            status = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+            async def not_serving() -> bool:
+                r = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                return bool(r.status == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+            await async_wait_until(not_serving, "health NOT_SERVING")
+
+            async def refusing_new_calls() -> bool:
+                try:
+                    await stub.Check(check_request(), timeout=1)
+                except grpc.aio.AioRpcError:
+                    return True
+                return False
+
+            await async_wait_until(refusing_new_calls, "the listener to stop taking calls")
+            assert not in_flight.done()  # still held: stopping has not cut it off
+            store.release.set()
             response = await in_flight  # drained, with a real decision
             assert response.denied_response.status.code == 401
             await stopping
             with pytest.raises(grpc.aio.AioRpcError):  # and then the listener is gone
-                await stub.Check(_request(), timeout=1)
+                await stub.Check(check_request(), timeout=1)

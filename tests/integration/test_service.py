@@ -1,14 +1,14 @@
 """The whole service in-process: real gRPC stub on port 0, real Redis, the dev IdP on
-loopback, and the step-up round trip over real HTTP (no Envoy: that is tests/e2e)."""
+loopback, and the step-up round trip over real HTTP (no Envoy: that is tests/e2e). Time is
+the injected clock where a test moves it."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
-import re
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,17 +16,19 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import grpc
-import pyotp
 import pytest
 import redis.asyncio as aioredis
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz.app import Service, start_service
 from authz.audit.testing import dev_mac_settings
 from authz.check.response import METHOD_OVERRIDE_HEADERS
 from authz.config.settings import Settings
-from authz.devidp import ALICE_TOTP_SECRET, DevClient, DevIdpConfig, base_url, bind, running
+from authz.demo.stack import deep_merge
+from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
+from tests.builders import FakeClock, check_request, idp_sign_in, password_token
+from tests.builders import response_header as header
 
 pytestmark = pytest.mark.integration
 
@@ -41,36 +43,48 @@ class Env:
     stub: external_auth_pb2_grpc.AuthorizationStub
     channel: grpc.aio.Channel
 
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.service.http_port}"
+
 
 @contextlib.asynccontextmanager
-async def service_env(redis_url: str, redis_prefix: str, **extra: Any) -> AsyncIterator[Env]:
+async def service_env(
+    redis_url: str,
+    redis_prefix: str,
+    *,
+    policy_file: Path = ROOT / "examples" / "policy.yaml",
+    clock: Callable[[], float] = time.time,
+    **extra: Any,
+) -> AsyncIterator[Env]:
+    """The service and the dev IdP, both on ``clock``; ``extra`` is merged into the
+    settings."""
     sock = bind()
     idp = base_url(sock)
     cfg = DevIdpConfig(
         issuer=idp,
         clients={"stepup-authz": DevClient("dev-secret", (f"{PUBLIC}/_stepup/callback",))},
+        clock=clock,
     )
     async with running(cfg, sock):
-        settings = Settings.model_validate(
-            {
-                "policy_file": str(ROOT / "examples" / "policy.yaml"),
-                "grpc": {"port": 0, "shutdown_delay_s": 0},
-                "http": {"port": 0},
-                "redis": {"url": redis_url, "key_prefix": redis_prefix},
-                "oidc": {
-                    "issuer": idp,
-                    "client_id": "stepup-authz",
-                    "client_secret": "dev-secret",
-                    "audience": "stepup-demo",
-                    "algorithms": ["RS256"],
-                    "token_typ": "at+jwt",
-                },
-                "stepup": {"public_url": PUBLIC, "cookie_secure": False},
-                **extra,
-                "audit": {**dev_mac_settings(), **extra.get("audit", {})},
-            }
-        )
-        service = await start_service(settings)
+        base: dict[str, Any] = {
+            "policy_file": str(policy_file),
+            "grpc": {"port": 0, "shutdown_delay_s": 0},
+            "http": {"port": 0},
+            "redis": {"url": redis_url, "key_prefix": redis_prefix},
+            "oidc": {
+                "issuer": idp,
+                "client_id": "stepup-authz",
+                "client_secret": "dev-secret",
+                "audience": "stepup-demo",
+                "algorithms": ["RS256"],
+                "token_typ": "at+jwt",
+            },
+            "stepup": {"public_url": PUBLIC, "cookie_secure": False},
+            "audit": dev_mac_settings(),
+        }
+        settings = Settings.model_validate(deep_merge(base, extra))
+        service = await start_service(settings, clock=clock)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
         try:
             yield Env(service, idp, external_auth_pb2_grpc.AuthorizationStub(channel), channel)
@@ -83,39 +97,6 @@ async def service_env(redis_url: str, redis_prefix: str, **extra: Any) -> AsyncI
 async def env(redis_url: str, redis_prefix: str) -> AsyncIterator[Env]:
     async with service_env(redis_url, redis_prefix) as e:
         yield e
-
-
-def check_request(
-    path: str, headers: dict[str, str], *, method: str = "GET", ip: str = "10.0.0.5"
-) -> external_auth_pb2.CheckRequest:
-    req = external_auth_pb2.CheckRequest()
-    http = req.attributes.request.http
-    http.method, http.path, http.host, http.scheme = method, path, "app.test", "https"
-    http.headers.update(headers)
-    req.attributes.source.address.socket_address.address = ip
-    return req
-
-
-def header(resp: external_auth_pb2.CheckResponse, name: str) -> str | None:
-    hs = resp.ok_response.headers if resp.HasField("ok_response") else resp.denied_response.headers
-    for h in hs:
-        if h.header.key == name:
-            return str(h.header.value)
-    return None
-
-
-async def password_token(idp: str, *, otp: str | None = None) -> str:
-    form = {"grant_type": "password", "username": "alice", "password": "alice-password"}
-    if otp:
-        form["otp"] = otp
-    basic = base64.b64encode(b"stepup-authz:dev-secret").decode()
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(f"{idp}/token", data=form, headers={"Authorization": f"Basic {basic}"}) as resp,
-    ):
-        assert resp.status == 200, await resp.text()
-        body: dict[str, Any] = await resp.json()
-    return str(body["access_token"])
 
 
 async def test_health_and_reflection_serving(env: Env) -> None:
@@ -177,7 +158,7 @@ async def test_decisions_over_grpc(env: Env) -> None:
     assert r.denied_response.status.code == 401
     assert 'error="invalid_token"' in (header(r, "www-authenticate") or "")
     # an mfa token satisfies elevated by itself
-    mfa = await password_token(env.idp, otp=pyotp.TOTP(ALICE_TOTP_SECRET).now())
+    mfa = await password_token(env.idp, otp=True)
     r = await env.stub.Check(check_request("/accounts/1", {"authorization": f"Bearer {mfa}"}))
     assert r.status.code == 0 and header(r, "x-stepup-acr") == "mfa"
 
@@ -216,20 +197,7 @@ async def test_browser_step_up_round_trip(env: Env) -> None:
         assert q["acr_values"] == ["mfa phr"] and q["max_age"] == ["900"]
         assert q["prompt"] == ["login"] and q["code_challenge_method"] == ["S256"]
         # the IdP's login form, with TOTP
-        async with s.get(authorize, allow_redirects=False) as resp:
-            page = await resp.text()
-        request_id = re.search(r'name="request_id" value="([^"]+)"', page)
-        assert request_id is not None, page
-        form = {
-            "request_id": request_id.group(1),
-            "username": "alice",
-            "password": "alice-password",
-            "otp": pyotp.TOTP(ALICE_TOTP_SECRET).now(),
-        }
-        async with s.post(f"{env.idp}/authorize", data=form, allow_redirects=False) as resp:
-            assert resp.status == 302, await resp.text()
-            callback = resp.headers["Location"]
-        cb = urlsplit(callback)
+        cb = urlsplit(await idp_sign_in(s, authorize))
         callback_here = f"{http}{cb.path}?{cb.query}"
         # a foreign browser (no state cookie) is refused and does not consume the state
         async with s.get(callback_here, allow_redirects=False) as resp:
@@ -252,6 +220,65 @@ async def test_browser_step_up_round_trip(env: Env) -> None:
     assert (
         'stepup_authz_stepup_completions_total{factor="otp",level="elevated",result="success"} 1.0'
     ) in metrics
+
+
+BRIEF_POLICY = """\
+levels:
+  standard: {}
+  brief: {acr: [mfa], max_age: 60}
+routes:
+  - {path_prefix: /brief/, level: brief}
+default_level: standard
+"""
+
+
+async def step_up(env: Env, token: str, path: str, now: float) -> None:
+    """The browser round trip: the Check's redirect -> /_stepup/start -> the IdP's form
+    (password and a TOTP code for ``now``) -> the callback -> 303 back to ``path``."""
+    cookie = {"cookie": f"stepup-token={token}", "accept": "text/html"}
+    start = header(await env.stub.Check(check_request(path, cookie)), "location")
+    assert start is not None and start.startswith("/_stepup/start?"), start
+    async with aiohttp.ClientSession() as s:
+        async with s.get(
+            f"{env.http}{start}", cookies={"stepup-token": token}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 302, await resp.text()
+            authorize = resp.headers["Location"]
+            state_cookie = resp.cookies["stepup-state"].value
+        cb = urlsplit(await idp_sign_in(s, authorize, now=now))
+        async with s.get(
+            f"{env.http}{cb.path}?{cb.query}",
+            cookies={"stepup-state": state_cookie},
+            allow_redirects=False,
+        ) as resp:
+            assert resp.status == 303, await resp.text()
+            assert resp.headers["Location"] == path
+
+
+async def test_grant_expiry_challenges_again(
+    redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """A grant lasts until auth_time + max_age (60 s, no leeway), on the service's clock:
+    the retried request is allowed until then, and a step-up again after. The IdP runs on
+    the same clock, so auth_time is the clock's too. The grant's Redis key lives 60 real
+    seconds, far longer than the test; Redis dropping a key at its TTL is
+    tests/faults/test_redis_faults.py."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(BRIEF_POLICY)
+    clock = FakeClock(int(time.time()))  # near real time: the store's key TTLs are real
+    async with service_env(
+        redis_url, redis_prefix, policy_file=policy, clock=clock, oidc={"leeway_s": 0}
+    ) as env:
+        token = await password_token(env.idp)
+        browser = {"cookie": f"stepup-token={token}", "accept": "text/html"}
+        await step_up(env, token, "/brief/x", clock())
+        assert (await env.stub.Check(check_request("/brief/x", browser))).status.code == 0
+        clock.advance(59)
+        assert (await env.stub.Check(check_request("/brief/x", browser))).status.code == 0
+        clock.advance(2)  # 61 s after the step-up: past auth_time + 60 s
+        r = await env.stub.Check(check_request("/brief/x", browser))
+        assert r.denied_response.status.code == 302
+        assert (header(r, "location") or "").startswith("/_stepup/start?level=brief"), r
 
 
 def _scrape(http: str) -> str:
@@ -278,7 +305,7 @@ async def test_audit_stdout_mirror_writes_the_records_the_stream_got(
     async with service_env(
         redis_url, redis_prefix, audit={"stdout": True, "stream_key": stream}
     ) as env:
-        mfa = await password_token(env.idp, otp=pyotp.TOTP(ALICE_TOTP_SECRET).now())
+        mfa = await password_token(env.idp, otp=True)
         r = await env.stub.Check(check_request("/accounts/1", {"authorization": f"Bearer {mfa}"}))
         assert r.status.code == 0  # elevated: audited before access
         r = await env.stub.Check(check_request("/accounts/1", {}))

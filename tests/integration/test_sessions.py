@@ -544,10 +544,10 @@ async def test_store_down_fails_closed_fast(
     await read(private)
     await asyncio.to_thread(embedded_valkey.stop)
 
-    t0 = time.monotonic()
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError) as refused:
         await read(private)
-    assert time.monotonic() - t0 < 1.0
+    # Fast: refused by the connection, not ended by the deadline.
+    assert not isinstance(refused.value.__cause__, TimeoutError), refused.value.__cause__
     now = int(time.time())
     with pytest.raises(StoreError):
         await private.write_grant(UK, SK, grant("high", now), now)
@@ -568,13 +568,14 @@ async def test_paused_server_fails_closed_by_the_deadline(
     private: RedisSessionStore, admin: aioredis.Redis
 ) -> None:
     await read(private)
-    await admin.client_pause(2000, all=True)  # CLIENT PAUSE 2000 ALL
+    # CLIENT PAUSE 2000 ALL: Redis's own timer ends it (CLIENT UNPAUSE waits behind it).
+    await admin.client_pause(2000, all=True)
     try:
-        t0 = time.monotonic()
-        with pytest.raises(StoreError):
+        with pytest.raises(StoreError) as late:
             await read(private, sensitive=True)
-        elapsed = time.monotonic() - t0
-        assert DEADLINE_MS / 1000 * 0.9 <= elapsed < 0.5
+        # The deadline ended it: the pause had 2 s to go, and a read that waited it out
+        # would have succeeded.
+        assert isinstance(late.value.__cause__, TimeoutError), late.value.__cause__
         assert await private.ping() is False
     finally:
         await admin.client_unpause()

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,13 @@ import aiohttp
 import grpc
 import pytest
 import yaml
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client.mmap_dict import MmapedDict
 
 from authz.audit.testing import dev_mac_settings
 from authz.demo.stack import free_ports
 from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
+from tests.builders import async_wait_until, check_request
 
 pytestmark = pytest.mark.integration
 
@@ -56,12 +56,24 @@ def _gone(pid: int) -> bool:
         return True
 
 
-async def _wait(pred: object, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not pred():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
+def _listening(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a socket of its own listening on ``port`` (gRPC's is
+    an IPv4-mapped tcp6 one)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = str(fd.readlink())
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port and inode in inodes:
+                return True  # 0A: LISTEN
+    return False
 
 
 async def _ready(port: int) -> bool:
@@ -114,14 +126,20 @@ async def tree(tmp_path: Path, redis_url: str, redis_prefix: str) -> AsyncIterat
         )
         t = Tree(proc, grpc_port, http_port, metrics_dir, idp)
         try:
-            await _wait(lambda: len(t.workers()) == 2, 20, "two workers")
-            deadline = time.monotonic() + 30
-            while not await _ready(http_port):
+            # Real processes starting: wait for them, with generous deadlines.
+            await async_wait_until(lambda: len(t.workers()) == 2, "two workers", timeout_s=20)
+
+            async def ready() -> bool:
                 assert proc.poll() is None, "the supervisor exited"
-                assert time.monotonic() < deadline, "not ready"
-                await asyncio.sleep(0.2)
+                return await _ready(http_port)
+
+            await async_wait_until(ready, "readyz", timeout_s=30)
             # Both workers listen before we start counting (readyz may hit only one).
-            await asyncio.sleep(1.0)
+            await async_wait_until(
+                lambda: all(_listening(pid, grpc_port) for pid in t.workers()),
+                "both workers listening on the gRPC port",
+                timeout_s=30,
+            )
             yield t
         finally:
             if proc.poll() is None:
@@ -130,14 +148,6 @@ async def tree(tmp_path: Path, redis_url: str, redis_prefix: str) -> AsyncIterat
                     with __import__("contextlib").suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                 proc.wait()
-
-
-def _request() -> external_auth_pb2.CheckRequest:
-    req = external_auth_pb2.CheckRequest()
-    http = req.attributes.request.http
-    http.method, http.path, http.host, http.scheme = "GET", "/", "app.test", "https"
-    req.attributes.source.address.socket_address.address = "10.0.0.5"
-    return req
 
 
 def _checks_by_worker(metrics_dir: Path) -> dict[int, float]:
@@ -156,7 +166,7 @@ async def test_two_workers_answer_and_sigterm_stops_all(tree: Tree) -> None:
     n = 60
     for _ in range(n):  # a new connection each time: the kernel picks a worker per connection
         async with grpc.aio.insecure_channel(f"127.0.0.1:{tree.grpc_port}") as ch:
-            r = await external_auth_pb2_grpc.AuthorizationStub(ch).Check(_request())
+            r = await external_auth_pb2_grpc.AuthorizationStub(ch).Check(check_request())
             assert r.status.code == 0  # "/" is public in the example policy
     per_worker = _checks_by_worker(tree.metrics_dir)
     assert set(per_worker) == set(workers), per_worker
@@ -186,7 +196,7 @@ async def test_a_dead_worker_stops_the_tree(tree: Tree) -> None:
     os.kill(first, signal.SIGKILL)
     code = await asyncio.to_thread(tree.proc.wait, 30)
     assert code != 0
-    await _wait(lambda: _gone(second), 10, "the other worker to exit")
+    await async_wait_until(lambda: _gone(second), "the other worker to exit")
 
 
 def test_workers_refuse_port_zero(tmp_path: Path) -> None:
@@ -235,7 +245,7 @@ async def test_workers_share_the_step_up_link_key(tree: Tree) -> None:
     worker answered the Check verifies at whichever worker serves /_stepup/start. With a
     key per worker, about half of the first uses would answer 400 "link expired"."""
     token = await _password_token(tree.idp)
-    req = _request()
+    req = check_request()
     http = req.attributes.request.http
     http.path = "/accounts/1"
     http.headers["authorization"] = f"Bearer {token}"

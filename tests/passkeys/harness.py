@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jwt
 import redis.asyncio as aioredis
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
 
 from authz.audit.metrics import AuditMetrics
@@ -41,6 +39,7 @@ from authz.stepup.passkeys.links import LinkSigner
 from authz.store.credentials import RedisCredentialStore
 from authz.store.crypto import cipher_from_settings
 from authz.store.sessions import RedisSessionStore
+from tests.builders import FakeClock, Key, ec_key, jwks, sign, token_claims
 
 ISS = "https://idp.test.example"
 AUD = "trading-api"
@@ -86,15 +85,9 @@ default_level: standard
 """
 
 
-class Clock:
+class Clock(FakeClock):
     def __init__(self, now: float = 1_900_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+        super().__init__(now)
 
 
 @dataclass
@@ -108,7 +101,7 @@ class Stack:
     links: LinkSigner
     signer: ContextSigner
     metrics: Metrics
-    key: ec.EllipticCurvePrivateKey
+    key: Key
     audit_stream: str | None
     settings: Settings
     redis: aioredis.Redis
@@ -127,18 +120,19 @@ class Stack:
 
     def token(self, *, acr: str = "mfa", age_s: int = 0, subject: str | None = None) -> str:
         now = int(self.clock())
-        claims = {
-            "iss": ISS,
-            "sub": subject or self.subject,
-            "aud": AUD,
-            "iat": now,
-            "exp": now + 3600,
-            "sid": self.sid,
-            "acr": acr,
-            "amr": ["pwd", "otp"] if acr == "mfa" else ["pwd"],
-            "auth_time": now - age_s,
-        }
-        return jwt.encode(claims, self.key, algorithm="ES256", headers={"kid": "k1"})
+        claims = token_claims(
+            now,
+            iss=ISS,
+            sub=subject or self.subject,
+            aud=AUD,
+            iat=now,
+            exp=now + 3600,
+            sid=self.sid,
+            acr=acr,
+            amr=["pwd", "otp"] if acr == "mfa" else ["pwd"],
+            auth_time=now - age_s,
+        )
+        return sign(self.key, claims)
 
     def stepup_url(self, level: str, rd: str = "/done", tx: str | None = None) -> str:
         ctx = self.signer.sign(
@@ -146,12 +140,6 @@ class Stack:
         )
         url = f"{self.url}/_stepup/passkey?level={level}&rd={rd}&ctx={ctx}"
         return url + (f"&tx={tx}" if tx else "")
-
-
-def _jwks(key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
-    doc = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
-    doc.update(kid="k1", alg="ES256", use="sig")
-    return {"keys": [doc]}
 
 
 def settings_for(
@@ -203,8 +191,8 @@ async def passkey_stack(
     policy_file = _write_policy(tmp, pinned_aaguid)
     settings, settings_file = settings_for(tmp, port, policy_file, redis_url, prefix, **passkeys)
     clock = Clock()
-    key = ec.generate_private_key(ec.SECP256R1())
-    tokens = TokenVerifier(settings.oidc, StaticKeySource(_jwks(key)))
+    key = ec_key("k1")
+    tokens = TokenVerifier(settings.oidc, StaticKeySource(jwks(key)))
     client = aioredis.Redis.from_url(redis_url)
     cipher = cipher_from_settings(settings.crypto)
     sessions = RedisSessionStore(client, prefix=prefix, deadline_ms=2000, cipher=cipher)

@@ -6,7 +6,6 @@ the policy's view of a path as the upstream received it."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import re
@@ -18,20 +17,18 @@ from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 import aiohttp
-import jwt
 import pyotp
 
 from authz.config.policy_file import read_policy
 from authz.core.attributes import canonicalize_path
 from authz.core.policy import Policy
-from authz.demo.stack import AUDIENCE, CLIENT_ID, CLIENT_SECRET, Stack
-from authz.devidp import ALICE_TOTP_SECRET, BOB_TOTP_SECRET
+from authz.demo.stack import AUDIENCE, CLIENT_ID, Stack
 from authz.errors import RequestError
+from tests.builders import TOTP_SECRETS, Key, b64, sign, token_claims
 
 POLICY_FILE = Path(__file__).with_name("policy.yaml")
 BROWSER_HEADERS = {"Accept": "text/html,application/xhtml+xml"}
 APP_ORIGIN = "https://app.example"  # what a browser would resolve a Location against
-TOTP = {"alice": ALICE_TOTP_SECRET, "bob": BOB_TOTP_SECRET}
 
 
 def policy() -> Policy:
@@ -140,16 +137,10 @@ def _dechunk(data: bytes) -> bytes:
 # -- tokens --------------------------------------------------------------------------------
 
 
-def b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-DROP = object()  # a claim or header member to leave out
-
-
 @dataclass
 class Minter:
-    """Tokens as the dev IdP would sign them (its private key, its kid), with any change."""
+    """Tokens as the dev IdP would sign them (its private key, its kid), with any change:
+    ``tests.builders.sign`` over this IdP's claims, typed ``at+jwt``."""
 
     private_key: Any
     kid: str
@@ -157,27 +148,12 @@ class Minter:
     audience: str = AUDIENCE
 
     def claims(self, now: int | None = None, **over: Any) -> dict[str, Any]:
+        """Now (the stack's real clock unless given), with a fresh sid and jti."""
         now = int(time.time()) if now is None else now
-        c: dict[str, Any] = {
-            "iss": self.issuer,
-            "sub": "alice",
-            "aud": self.audience,
-            "iat": now,
-            "exp": now + 600,
-            "auth_time": now,
-            "acr": "mfa",
-            "amr": ["pwd", "otp"],
-            "sid": secrets.token_urlsafe(8),
-            "client_id": CLIENT_ID,
-            "jti": secrets.token_urlsafe(8),
-        }
-        c.update(over)
-        return {k: v for k, v in c.items() if v is not DROP}
-
-    def header(self, **over: Any) -> dict[str, Any]:
-        h: dict[str, Any] = {"alg": "RS256", "typ": "at+jwt", "kid": self.kid}
-        h.update(over)
-        return {k: v for k, v in h.items() if v is not DROP}
+        mine = {"iss": self.issuer, "aud": self.audience, "iat": now, "exp": now + 600}
+        mine |= {"auth_time": now, "client_id": CLIENT_ID}
+        fresh = {"sid": secrets.token_urlsafe(8), "jti": secrets.token_urlsafe(8)}
+        return token_claims(now, **{**mine, **fresh, **over})
 
     def sign(
         self,
@@ -188,19 +164,13 @@ class Minter:
         raw_payload: bytes | None = None,
         **header: Any,
     ) -> str:
-        """A compact JWS over ``claims`` (or exact payload bytes) with the header changes."""
-        h = self.header(**header)
-        h["alg"] = alg
-        payload = (
-            raw_payload
-            if raw_payload is not None
-            else json.dumps(claims if claims is not None else self.claims()).encode()
-        )
-        # Signed by hand: pyjwt's encoder refuses some headers the attacks need (kid: 0).
-        signing_input = f"{b64(json.dumps(h).encode())}.{b64(payload)}"
-        algo = jwt.get_algorithm_by_name(alg)
-        sig = algo.sign(signing_input.encode(), key if key is not None else self.private_key)
-        return f"{signing_input}.{b64(sig)}"
+        """A compact JWS over ``claims`` (or exact payload bytes) under this IdP's kid,
+        signed with ``key`` (the IdP's own by default) and the header changes."""
+        signer = Key(self.kid, key if key is not None else self.private_key, alg)
+        payload = raw_payload if raw_payload is not None else claims
+        if payload is None:
+            payload = self.claims()
+        return sign(signer, payload, **{"typ": "at+jwt", **header})
 
     def token(self, **claims: Any) -> str:
         return self.sign(self.claims(**claims))
@@ -213,35 +183,6 @@ def forge(header: dict[str, Any], payload: dict[str, Any] | bytes, sig: bytes = 
 
 
 # -- HTTP clients --------------------------------------------------------------------------
-
-
-async def password_token(stack: Stack, *, user: str = "alice", otp: bool = False) -> str:
-    form = {"grant_type": "password", "username": user, "password": f"{user}-password"}
-    if otp:
-        form["otp"] = pyotp.TOTP(TOTP[user]).now()
-    basic = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(
-            f"{stack.idp_url}/token", data=form, headers={"Authorization": f"Basic {basic}"}
-        ) as r,
-    ):
-        assert r.status == 200, await r.text()
-        return str((await r.json())["access_token"])
-
-
-async def password_tokens(stack: Stack, *, user: str = "alice") -> dict[str, Any]:
-    form = {"grant_type": "password", "username": user, "password": f"{user}-password"}
-    basic = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(
-            f"{stack.idp_url}/token", data=form, headers={"Authorization": f"Basic {basic}"}
-        ) as r,
-    ):
-        assert r.status == 200, await r.text()
-        doc: dict[str, Any] = await r.json()
-        return doc
 
 
 async def set_knobs(stack: Stack, **knobs: Any) -> None:
@@ -297,7 +238,7 @@ class Browser:
         assert m is not None, hop.body
         form = {"request_id": m.group(1), "username": user, "password": f"{user}-password"}
         if otp:
-            form["otp"] = pyotp.TOTP(TOTP[user]).now()
+            form["otp"] = pyotp.TOTP(TOTP_SECRETS[user]).now()
         hop = await self.post(authorize_url.split("?")[0], form)
         assert hop.status == 302, hop.body
         return hop.location

@@ -5,14 +5,11 @@ out. The service must hold on its own, whatever the proxy in front of it forgot.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.check.authorizer import Authorizer
@@ -29,36 +26,19 @@ from authz.config.policy_file import PolicyHolder
 from authz.config.settings import OidcSettings
 from authz.ops.metrics import Metrics
 from authz.store.memory import MemorySessionStore
+from tests import builders
+from tests.builders import NOW, FakeClock, ec_key, jwks, sign, token_claims
 
 from .helpers import POLICY_FILE
 
 ISS, AUD = "https://idp.example.com", "stepup-demo"
-KEY = ec.generate_private_key(ec.SECP256R1())
-JWK = {
-    **json.loads(jwt.algorithms.ECAlgorithm.to_jwk(KEY.public_key())),
-    "kid": "k",
-    "use": "sig",
-    "alg": "ES256",
-}
+KEY = ec_key("k")
 
 
 def token(**over: Any) -> str:
-    import time
-
-    now = int(time.time())
-    claims = {
-        "iss": ISS,
-        "aud": AUD,
-        "sub": "alice",
-        "sid": "s",
-        "iat": now,
-        "exp": now + 600,
-        "acr": "mfa",
-        "amr": ["otp"],
-        "auth_time": now - 600,
-    }
-    claims.update(over)
-    return jwt.encode(claims, KEY, algorithm="ES256", headers={"kid": "k"})
+    """An mfa sign-in ten minutes old: enough for elevated (900 s), not for high (300 s)."""
+    base = {"iss": ISS, "aud": AUD, "sid": "s", "iat": NOW, "exp": NOW + 600, "amr": ["otp"]}
+    return sign(KEY, token_claims(NOW, **{**base, "auth_time": NOW - 600, **over}))
 
 
 @pytest.fixture
@@ -67,15 +47,16 @@ def servicer(tmp_path: Path) -> AuthorizationServicer:
     policy.write_text(POLICY_FILE.read_text())
     tokens = TokenVerifier(
         OidcSettings(issuer=ISS, client_id="c", audience=AUD, algorithms=("ES256",)),
-        StaticKeySource({"keys": [JWK]}),
+        StaticKeySource(jwks(KEY)),
     )
     authz = Authorizer(
         policy=PolicyHolder(policy),
         tokens=tokens,
-        store=MemorySessionStore(),
+        store=MemorySessionStore(FakeClock(NOW)),
         metrics=Metrics(),
         token_cookie="stepup_token",
         leeway=30,
+        clock=FakeClock(NOW),
     )
     return AuthorizationServicer(authz, ResponseBuilder())
 
@@ -87,12 +68,11 @@ def check_request(
     host: str = "app.example",
     headers: dict[str, str] | None = None,
 ) -> external_auth_pb2.CheckRequest:
-    req = external_auth_pb2.CheckRequest()
-    http = req.attributes.request.http
-    http.method, http.path, http.host = method, path, host
-    http.headers.update({"authorization": f"Bearer {token()}", **(headers or {})})
-    req.attributes.source.address.socket_address.address = "127.0.0.1"
-    return req
+    """From loopback (as Envoy on the same host), with a bearer token()."""
+    headers = {"authorization": f"Bearer {token()}", **(headers or {})}
+    return builders.check_request(
+        path, headers, method=method, host=host, scheme="", ip="127.0.0.1"
+    )
 
 
 def summary(resp: external_auth_pb2.CheckResponse) -> str:

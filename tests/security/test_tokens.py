@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
 import pytest
 from aiohttp import web
 from cryptography import x509
@@ -33,8 +32,9 @@ from authz.config.settings import OidcSettings
 from authz.demo.stack import AUDIENCE, CLIENT_ID, Stack
 from authz.devidp.config import SigningKey
 from authz.errors import TokenError
+from tests.builders import DROP, b64, password_grant, public_jwk, public_pem
 
-from .helpers import DROP, Minter, b64, forge, password_tokens, raw_request
+from .helpers import Minter, forge, raw_request
 
 EVIL_RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EVIL_EC = ec.generate_private_key(ec.SECP256R1())
@@ -46,20 +46,6 @@ INVALID, EXPIRED = "token-invalid", "token-expired"
 # -- a rotation the service has not seen yet looks the same. Both deny; neither fetches
 # the attacker's URL.
 UNKNOWN_KID = "unknown-kid"
-
-
-def _jwk(private: Any, alg: str = "RS256", **extra: Any) -> dict[str, Any]:
-    d: dict[str, Any] = json.loads(jwt.get_algorithm_by_name(alg).to_jwk(private.public_key()))
-    d.update(extra)
-    return d
-
-
-def _public_pem(private: Any) -> bytes:
-    return bytes(
-        private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
 
 
 def _self_signed(private: Any) -> str:
@@ -156,27 +142,27 @@ CASES: list[TokenCase] = [
     ),
     TokenCase(
         "hs256-keyed-with-public-pem-refused",
-        lambda c: _hmac_token(c.m, _public_pem(c.m.private_key)),
+        lambda c: _hmac_token(c.m, public_pem(c.m.private_key)),
         INVALID,
     ),
     TokenCase(
         "hs384-keyed-with-public-pem-refused",
-        lambda c: _hmac_token(c.m, _public_pem(c.m.private_key), "HS384"),
+        lambda c: _hmac_token(c.m, public_pem(c.m.private_key), "HS384"),
         INVALID,
     ),
     TokenCase(
         "hs512-keyed-with-public-pem-refused",
-        lambda c: _hmac_token(c.m, _public_pem(c.m.private_key), "HS512"),
+        lambda c: _hmac_token(c.m, public_pem(c.m.private_key), "HS512"),
         INVALID,
     ),
     TokenCase(
         "hs256-keyed-with-public-jwk-json-refused",
-        lambda c: _hmac_token(c.m, json.dumps(_jwk(c.m.private_key)).encode()),
+        lambda c: _hmac_token(c.m, json.dumps(public_jwk(c.m.private_key)).encode()),
         INVALID,
     ),
     TokenCase(
         "hs256-keyed-with-modulus-refused",
-        lambda c: _hmac_token(c.m, _jwk(c.m.private_key)["n"].encode()),
+        lambda c: _hmac_token(c.m, public_jwk(c.m.private_key)["n"].encode()),
         INVALID,
     ),
     TokenCase(
@@ -197,12 +183,12 @@ CASES: list[TokenCase] = [
     # keys smuggled in the header
     TokenCase(
         "embedded-jwk-attacker-key-refused",
-        lambda c: c.m.sign(c.m.claims(), key=EVIL_RSA, jwk=_jwk(EVIL_RSA)),
+        lambda c: c.m.sign(c.m.claims(), key=EVIL_RSA, jwk=public_jwk(EVIL_RSA)),
         INVALID,
     ),
     TokenCase(
         "embedded-jwk-no-kid-refused",
-        lambda c: c.m.sign(c.m.claims(), key=EVIL_RSA, kid=DROP, jwk=_jwk(EVIL_RSA)),
+        lambda c: c.m.sign(c.m.claims(), key=EVIL_RSA, kid=DROP, jwk=public_jwk(EVIL_RSA)),
         INVALID,
     ),
     TokenCase(
@@ -455,7 +441,7 @@ def verifier(ctx: Ctx, **over: Any) -> TokenVerifier:
         "leeway_s": 30,
     }
     base.update(over)
-    jwk = _jwk(ctx.m.private_key, kid=ctx.m.kid, use="sig", alg="RS256")
+    jwk = public_jwk(ctx.m.private_key, kid=ctx.m.kid, use="sig", alg="RS256")
     return TokenVerifier(OidcSettings(**base), StaticKeySource({"keys": [jwk]}))
 
 
@@ -543,7 +529,7 @@ def jku_server() -> Any:
 
     async def handler(request: web.Request) -> web.Response:
         counter.hits += 1
-        return web.json_response({"keys": [_jwk(EVIL_RSA, kid="evil", alg="RS256")]})
+        return web.json_response({"keys": [public_jwk(EVIL_RSA, kid="evil", alg="RS256")]})
 
     loop = asyncio.new_event_loop()
     app = web.Application()
@@ -597,7 +583,7 @@ async def test_real_id_token_as_access_token(
     sec_stack: Stack, outcome: Callable[[str, str], None]
 ) -> None:
     """The IdP's own ID token (typ JWT, aud = our client id) is not a bearer token."""
-    tokens = await password_tokens(sec_stack)
+    tokens = await password_grant(sec_stack.idp_url)
     r = await raw_request(
         sec_stack.listen_port, "GET", "/x", [("Authorization", f"Bearer {tokens['id_token']}")]
     )

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -27,20 +26,19 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
-import pyotp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from authz.audit.export import read_records
 from authz.demo.stack import REPO_ROOT, Stack
-from authz.devidp import ALICE_TOTP_SECRET
-
-pytestmark = pytest.mark.soak
+from tests.builders import idp_sign_in, password_token
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "300"))
 RSS_BOUND_MB = float(os.environ.get("SOAK_RSS_BOUND_MB", "50"))
 WORKERS = int(os.environ.get("SOAK_WORKERS", "8"))
+# As long as it is asked to run, plus the stack's start, a Redis restart and the report.
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(SOAK_SECONDS + 600)]
 SENSITIVE = "/accounts/7"
 JSON = {"Accept": "application/json"}
 HTML = {"Accept": "text/html"}
@@ -63,19 +61,6 @@ def rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-async def password_token(stack: Stack, user: str) -> str:
-    form = {
-        "grant_type": "password",
-        "username": user,
-        "password": f"{user}-password",
-        "client_id": "stepup-authz",
-        "client_secret": "dev-secret",
-    }
-    async with aiohttp.ClientSession() as s, s.post(f"{stack.idp_url}/token", data=form) as r:
-        assert r.status == 200, await r.text()
-        return str((await r.json())["access_token"])
-
-
 async def step_up(stack: Stack, s: aiohttp.ClientSession) -> float:
     """The browser round trip through Envoy: app 302 -> start -> IdP (TOTP) -> callback.
     Returns when the callback was sent: the new grant cannot exist before then."""
@@ -86,19 +71,7 @@ async def step_up(stack: Stack, s: aiohttp.ClientSession) -> float:
     async with s.get(base + start, headers=HTML, allow_redirects=False) as r:
         assert r.status == 302, await r.text()
         authorize = r.headers["Location"]
-    async with s.get(authorize, headers=HTML, allow_redirects=False) as r:
-        page = await r.text()
-    m = re.search(r'name="request_id" value="([^"]+)"', page)
-    assert m is not None, page
-    form = {
-        "request_id": m.group(1),
-        "username": "alice",
-        "password": "alice-password",
-        "otp": pyotp.TOTP(ALICE_TOTP_SECRET).now(),
-    }
-    async with s.post(authorize.split("?")[0], data=form, allow_redirects=False) as r:
-        assert r.status == 302, await r.text()
-        cb = urlsplit(r.headers["Location"])
+    cb = urlsplit(await idp_sign_in(s, authorize, headers=HTML))
     sent = time.monotonic()
     async with s.get(f"{base}{cb.path}?{cb.query}", headers=HTML, allow_redirects=False) as r:
         assert r.status == 303, await r.text()
@@ -191,8 +164,8 @@ async def test_soak(stack: Stack) -> None:
     pid = stack.pid("service")
     assert pid is not None
     alice_token, bob_token = (
-        await password_token(stack, "alice"),
-        await password_token(stack, "bob"),
+        await password_token(stack.idp_url, "alice"),
+        await password_token(stack.idp_url, "bob"),
     )
     jar = aiohttp.CookieJar(unsafe=True)  # cookies for an IP-address host
     jar.update_cookies({"stepup-token": alice_token}, URL(stack.envoy_url))

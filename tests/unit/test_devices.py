@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import json
 from pathlib import Path
 from types import MappingProxyType
 from urllib.parse import quote
 
-import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -30,6 +28,7 @@ from authz.check.geoip import GeoIP
 from authz.check.tokens import StaticKeySource, TokenVerifier
 from authz.config.settings import OidcSettings
 from authz.core.attributes import RequestAttributes
+from tests.builders import ec_key, jwks, sign
 
 NOW = 1_800_000_000
 WHEN = dt.datetime.fromtimestamp(NOW, dt.UTC)
@@ -153,9 +152,7 @@ def test_the_device_cookie_is_ours_or_nothing() -> None:
     assert other.device_id(value) is None  # another key (another deployment)
 
 
-MDM_KEY = ec.generate_private_key(ec.SECP256R1())
-MDM_JWK = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(MDM_KEY.public_key()))
-MDM_JWK.update(kid="mdm-1", alg="ES256", use="sig")
+MDM_KEY = ec_key("mdm-1")
 
 
 def assertion(**claims: object) -> str:
@@ -171,7 +168,7 @@ def assertion(**claims: object) -> str:
         "platform": "macOS",
         **claims,
     }
-    return jwt.encode(body, MDM_KEY, algorithm="ES256", headers={"kid": "mdm-1"})
+    return sign(MDM_KEY, body)
 
 
 @pytest.fixture
@@ -183,7 +180,7 @@ def resolver(trust: CertificateTrust) -> DeviceResolver:
         algorithms=("ES256",),
         token_cache_size=0,
     )
-    verifier = TokenVerifier(settings, StaticKeySource({"keys": [MDM_JWK]}))
+    verifier = TokenVerifier(settings, StaticKeySource(jwks(MDM_KEY)))
     return DeviceResolver(
         cookies=COOKIES,
         certificates=trust,
@@ -211,8 +208,9 @@ async def test_sources_in_order_of_strength(resolver: DeviceResolver) -> None:
 async def test_a_bad_assertion_attests_nothing_and_falls_back_to_no_posture(
     resolver: DeviceResolver,
 ) -> None:
-    other = ec.generate_private_key(ec.SECP256R1())
-    forged = jwt.encode(
+    other = ec_key("mdm-1")  # another key under the MDM's kid
+    forged = sign(
+        other,
         {
             "sub": "dev-7",
             "aud": "stepup-authz",
@@ -221,9 +219,6 @@ async def test_a_bad_assertion_attests_nothing_and_falls_back_to_no_posture(
             "exp": NOW + 60,
             "jti": "f",
         },
-        other,
-        algorithm="ES256",
-        headers={"kid": "mdm-1"},
     )
     value, cookie_id = COOKIES.issue()
     for token in (

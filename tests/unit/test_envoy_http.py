@@ -29,10 +29,11 @@ from authz.core.decision import Decision, Outcome
 from authz.core.policy import load_policy
 from authz.core.reasons import Reason
 from authz.core.session import Evidence, Grant, Identity
-from authz.errors import RequestError, TokenError
+from authz.errors import RequestError
 from authz.ops.metrics import Metrics
 from authz.render import render_envoy
 from authz.store.memory import MemorySessionStore
+from tests.builders import FakeClock, FakeTokens, async_wait_until, check_request, identity
 
 NOW = 1_800_000_000
 BASE = {"host": "trading.example.com", PEER_HEADER: "10.1.2.3"}
@@ -94,18 +95,6 @@ def test_parse_head_refuses(head: str) -> None:
 # -- attributes ----------------------------------------------------------------------------
 
 
-def check_request(
-    method: str, path: str, headers: dict[str, str], ctx: dict[str, str] | None = None
-) -> external_auth_pb2.CheckRequest:
-    req = external_auth_pb2.CheckRequest()
-    http = req.attributes.request.http
-    http.method, http.path, http.host = method, path, headers.get("host", "")
-    http.headers.update(headers)
-    req.attributes.source.address.socket_address.address = headers.get(PEER_HEADER, "")
-    req.attributes.context_extensions.update(ctx or {})
-    return req
-
-
 @pytest.mark.parametrize(
     "raw",
     [
@@ -128,7 +117,9 @@ def test_attributes_equal_the_grpc_modes(raw: str) -> None:
         "x-forwarded-proto": "https",
     }
     http = attributes_from_http("GET", "/check" + raw, headers, path_prefix="/check")
-    grpc = attributes_from_check(check_request("GET", raw, headers))
+    # What Envoy's gRPC mode sends for the same request: host and peer as fields.
+    req = check_request(raw, headers, host=headers["host"], scheme="", ip=headers[PEER_HEADER])
+    grpc = attributes_from_check(req)
     for name in ("method", "host", "path", "query", "source_ip", "request_id"):
         assert getattr(http, name) == getattr(grpc, name), name
     assert http.host == "trading.example.com"
@@ -385,33 +376,43 @@ default_level: standard
 """
 
 
-class FakeTokens:
+class HeldTokens(FakeTokens):
+    """Two bearer tokens, "mfa" and "pwd". With ``hold`` set, a verification waits
+    (``entered`` set) until ``release`` is set: a Check held in flight for as long as the
+    test needs, instead of a delay that may or may not be long enough."""
+
     def __init__(self) -> None:
-        self.delay = 0.0
+        super().__init__()
+        for acr, amr in (("mfa", ("otp",)), ("pwd", ("pwd",))):
+            self.access[acr] = identity(
+                issuer="https://idp",
+                acr=acr,
+                amr=amr,
+                auth_time=NOW - 5,
+                expires_at=NOW + 600,
+                issued_at=NOW - 5,
+            )
+        self.hold = False
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
 
     async def verify_access_token(self, token: str, now: int) -> Identity:
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if token == "mfa":
-            return Identity(
-                "https://idp", "alice", "s1", Evidence("mfa", ("otp",), now - 5), now + 600
-            )
-        if token == "pwd":
-            return Identity(
-                "https://idp", "alice", "s1", Evidence("pwd", ("pwd",), now - 5), now + 600
-            )
-        raise TokenError("unknown token")
+        if self.hold:
+            self.entered.set()
+            await self.release.wait()
+        return await super().verify_access_token(token, now)
 
 
 def make_server(tmp_path: Path) -> HttpAuthzServer:
     (tmp_path / "policy.yaml").write_text(POLICY)
     authorizer = Authorizer(
         policy=PolicyHolder(tmp_path / "policy.yaml"),
-        tokens=FakeTokens(),
-        store=MemorySessionStore(),
+        tokens=HeldTokens(),
+        store=MemorySessionStore(FakeClock(NOW)),
         metrics=Metrics(),
         token_cookie="stepup_token",
         leeway=0,
+        clock=FakeClock(NOW),
     )
     settings = HttpAuthzSettings(
         enabled=True,
@@ -473,7 +474,9 @@ async def test_keep_alive_and_pipelining_answer_in_order(server: HttpAuthzServer
     assert statuses[1][1]["x-stepup-reason"] == "no-credentials"
     data = req("/accounts/2", "mfa")
     w.write(data[:7])
-    await asyncio.sleep(0.05)
+    await async_wait_until(
+        lambda: any(c.buf == data[:7] for c in server.conns), "the server to read a part"
+    )
     w.write(data[7:])
     status, headers, _ = await read_answer(r)
     assert status == 200 and headers["x-stepup-user"] == "alice"
@@ -515,6 +518,7 @@ async def test_unreadable_stream_gets_403_and_close(
 
 
 async def test_head_timeout_answers_403_and_closes(server: HttpAuthzServer) -> None:
+    """The listener's own request timer is the subject: a real 0.5 s wait."""
     r, w = await connect(server)
     w.write(b"GET /check/ HTTP/1.1\r\nhost: x\r\n")  # never finished
     status, headers, _ = await read_answer(r)
@@ -524,9 +528,10 @@ async def test_head_timeout_answers_403_and_closes(server: HttpAuthzServer) -> N
 
 
 async def test_slow_check_is_a_deadline_deny(server: HttpAuthzServer) -> None:
+    """A Check held past the listener's request timer (the subject: a real 0.5 s wait)."""
     tokens = server.authorizer.tokens
-    assert isinstance(tokens, FakeTokens)
-    tokens.delay = 3.0
+    assert isinstance(tokens, HeldTokens)
+    tokens.hold = True  # never released: only the timer can answer
     r, w = await connect(server)
     w.write(req("/accounts/1", "mfa"))
     status, headers, _ = await read_answer(r)
@@ -536,6 +541,7 @@ async def test_slow_check_is_a_deadline_deny(server: HttpAuthzServer) -> None:
 
 
 async def test_idle_keep_alive_connection_is_closed(server: HttpAuthzServer) -> None:
+    """The listener's own idle timer is the subject: a real 0.6 s wait."""
     r, w = await connect(server)
     w.write(req("/", None))
     assert (await read_answer(r))[0] == 200
@@ -568,16 +574,18 @@ async def test_store_down_is_403_session_store_unavailable(server: HttpAuthzServ
 
 async def test_stop_drains_in_flight_and_closes_idle(server: HttpAuthzServer) -> None:
     tokens = server.authorizer.tokens
-    assert isinstance(tokens, FakeTokens)
+    assert isinstance(tokens, HeldTokens)
     idle_r, idle_w = await connect(server)
     idle_w.write(req("/", None))
     assert (await read_answer(idle_r))[0] == 200
-    tokens.delay = 0.2
+    tokens.hold = True
     r, w = await connect(server)
     w.write(req("/accounts/1", "mfa"))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(tokens.entered.wait(), 5)  # the Check is in flight
     stopping = asyncio.create_task(server.stop(2.0))
-    assert await asyncio.wait_for(idle_r.read(), 1) == b""  # idle: closed at once
+    assert await asyncio.wait_for(idle_r.read(), 5) == b""  # idle: closed at once
+    assert not stopping.done()  # ...while the in-flight Check holds the stop
+    tokens.release.set()
     status, headers, _ = await read_answer(r)  # in flight: answered, then closed
     assert status == 200 and headers["connection"] == "close"
     await asyncio.wait_for(stopping, 3)

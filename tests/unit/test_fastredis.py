@@ -16,6 +16,7 @@ from redis.exceptions import AuthenticationError, ConnectionError, NoScriptError
 from authz.config.settings import RedisSettings
 from authz.errors import ConfigError
 from authz.store.fastredis import FastRedis, make_fast_redis, parse_url
+from tests.builders import FakeClock
 
 Responder = Callable[[list[bytes]], bytes | None]
 
@@ -52,6 +53,14 @@ class FakeServer:
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
     server: asyncio.Server | None = None
     held: list[tuple[asyncio.StreamWriter, list[bytes]]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set on each command held
+
+    async def wait_held(self, n: int) -> None:
+        """Until ``n`` commands are held (unanswered)."""
+        async with asyncio.timeout(10):
+            while len(self.held) < n:
+                self.changed.clear()
+                await self.changed.wait()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.append(writer)
@@ -64,6 +73,7 @@ class FakeServer:
                     reply = self.respond(cmd)
                     if reply is None:
                         self.held.append((writer, cmd))
+                        self.changed.set()
                     else:
                         writer.write(reply)
         except OSError:  # the client went away
@@ -232,14 +242,16 @@ async def test_late_reply_after_a_deadline_is_dropped_not_misdelivered(make_serv
     fake = await make_server(lambda c: None if c[0] == b"ECHO" and c[1] == b"slow" else echo_ok(c))
     client = FastRedis(port=fake.port, connections=1)
     try:
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.05):
-                await client.execute("ECHO", b"slow")
+        call = asyncio.ensure_future(client.execute("ECHO", b"slow"))
+        await fake.wait_held(1)
+        call.cancel()  # what a caller's deadline does (asyncio.timeout cancels the await)
+        with pytest.raises(asyncio.CancelledError):
+            await call
         # The held request is answered now, after the caller gave up...
         writer, _ = fake.held.pop()
         writer.write(b"$4\r\nslow\r\n")
         # ...and the next call on the same connection still gets its own reply.
-        assert await client.execute("ECHO", b"fast") == b"fast"
+        assert await asyncio.wait_for(client.execute("ECHO", b"fast"), 5) == b"fast"
         assert client.connects == 1
     finally:
         await client.aclose()
@@ -250,9 +262,7 @@ async def test_dropped_connection_fails_waiters_then_reconnects(make_server) -> 
     client = FastRedis(port=fake.port, connections=1)
     try:
         calls = [asyncio.ensure_future(client.execute("ECHO", b"x")) for _ in range(3)]
-        async with asyncio.timeout(5):
-            while len(fake.held) < 3:  # noqa: ASYNC110 (polls a plain list the server fills)
-                await asyncio.sleep(0.01)
+        await fake.wait_held(3)
         fake.drop_all()
         for call in calls:
             with pytest.raises(ConnectionError):
@@ -266,15 +276,18 @@ async def test_dropped_connection_fails_waiters_then_reconnects(make_server) -> 
 
 async def test_connection_that_stops_answering_is_replaced(make_server) -> None:  # type: ignore[no-untyped-def]
     fake = await make_server(lambda c: None if c[0] == b"ECHO" else echo_ok(c))
-    client = FastRedis(port=fake.port, connections=1, stale_after_s=0.05)
+    clock = FakeClock()
+    client = FastRedis(port=fake.port, connections=1, stale_after_s=0.05, clock=clock)
     try:
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.02):
-                await client.execute("ECHO", b"x")
-        await asyncio.sleep(0.06)
+        call = asyncio.ensure_future(client.execute("ECHO", b"x"))
+        await fake.wait_held(1)
+        call.cancel()  # its caller gave up; the request is still unanswered on the connection
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        clock.advance(0.06)
         fake.respond = echo_ok
         # The oldest request has waited past stale_after_s: a new connection answers.
-        assert await client.execute("ECHO", b"y") == b"y"
+        assert await asyncio.wait_for(client.execute("ECHO", b"y"), 5) == b"y"
         assert client.connects == 2
     finally:
         await client.aclose()

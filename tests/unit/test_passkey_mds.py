@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -22,6 +21,7 @@ from authz.errors import ConfigError
 from authz.stepup.passkeys import records
 from authz.stepup.passkeys.attestation import Mds
 from authz.store.credentials import Credential
+from tests.builders import DROP, Key, sign
 
 AAGUID = "11111111-2222-3333-4444-555555555555"
 
@@ -92,9 +92,7 @@ class Pki:
 
     def blob(self, payload: dict[str, Any]) -> bytes:
         x5c = [base64.b64encode(self.signer.public_bytes(Encoding.DER)).decode()]
-        return jwt.encode(
-            payload, self.signer_key, algorithm="ES256", headers={"x5c": x5c}
-        ).encode()
+        return sign(Key("", self.signer_key, "ES256"), payload, kid=DROP, x5c=x5c).encode()
 
     @property
     def root_der(self) -> bytes:
@@ -146,7 +144,7 @@ def test_a_blob_that_does_not_verify_stops_the_service(pki: Pki) -> None:
     stranger = _cert("Another Root", ec.generate_private_key(ec.SECP256R1()), None, True)
     with pytest.raises(ConfigError, match="does not verify"):
         Mds.from_blob(good, stranger.public_bytes(Encoding.DER))
-    no_chain = jwt.encode(pki.payload([]), pki.signer_key, algorithm="ES256").encode()
+    no_chain = sign(Key("", pki.signer_key, "ES256"), pki.payload([]), kid=DROP).encode()
     with pytest.raises(ConfigError, match="x5c"):
         Mds.from_blob(no_chain, pki.root_der)
     with pytest.raises(ConfigError):

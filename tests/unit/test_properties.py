@@ -22,8 +22,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import jwt
-from cryptography.hazmat.primitives.asymmetric import ec
 from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, example, given, settings
@@ -46,6 +44,7 @@ from authz.core.session import Evidence, Grant, session_key, user_key
 from authz.errors import PolicyError, RequestError
 from authz.ops.metrics import Metrics
 from authz.store.memory import MemorySessionStore
+from tests.builders import check_request, ec_key, jwks, sign, token_claims
 
 BOUNDED = settings(
     max_examples=200,
@@ -94,29 +93,13 @@ POLICY_DOC: dict[str, Any] = {
 }
 LEVELS = list(POLICY_DOC["levels"])
 
-_KEY = ec.generate_private_key(ec.SECP256R1())
-_JWK = {
-    **json.loads(jwt.algorithms.ECAlgorithm.to_jwk(_KEY.public_key())),
-    "kid": "k1",
-    "use": "sig",
-    "alg": "ES256",
-}
+_KEY = ec_key("k1")
 
 
 def _token(**over: Any) -> str:
-    claims = {
-        "iss": ISS,
-        "aud": AUD,
-        "sub": "alice",
-        "sid": "s1",
-        "iat": NOW - 60,
-        "exp": NOW + 3600,
-        "acr": "pwd",
-        "amr": ["pwd"],
-        "auth_time": NOW - 60,
-    }
-    claims.update(over)
-    return jwt.encode(claims, _KEY, algorithm="ES256", headers={"kid": "k1"})
+    """alice's session s1, signed in with a password a minute ago; valid for an hour."""
+    base = {"iss": ISS, "aud": AUD, "iat": NOW - 60, "exp": NOW + 3600, "auth_time": NOW - 60}
+    return sign(_KEY, token_claims(NOW, **{**base, "acr": "pwd", "amr": ["pwd"], **over}))
 
 
 TOKENS = {
@@ -139,7 +122,7 @@ VERIFIER = TokenVerifier(
     OidcSettings(
         issuer=ISS, client_id="stepup-authz", audience=AUD, algorithms=("ES256",), leeway_s=30
     ),
-    StaticKeySource({"keys": [_JWK]}),
+    StaticKeySource(jwks(_KEY)),
 )
 METRICS = Metrics()
 
@@ -322,18 +305,12 @@ def credentials(draw: st.DrawFn) -> dict[str, str]:
 
 @st.composite
 def check_requests(draw: st.DrawFn) -> external_auth_pb2.CheckRequest:
-    req = external_auth_pb2.CheckRequest()
-    http = req.attributes.request.http
-    http.method = draw(METHODS)
-    http.path = draw(PATHS)
-    http.host = draw(HOSTS)
-    http.scheme = draw(st.sampled_from(["http", "https", ""]))
-    for k, v in {**draw(NOISE), **draw(credentials())}.items():
-        http.headers[k] = v
-    req.attributes.source.address.socket_address.address = draw(IPS)
-    for k, v in draw(CONTEXT).items():
-        req.attributes.context_extensions[k] = v
-    return req
+    method, path, host = draw(METHODS), draw(PATHS), draw(HOSTS)
+    scheme = draw(st.sampled_from(["http", "https", ""]))
+    headers = {**draw(NOISE), **draw(credentials())}
+    return check_request(
+        path, headers, method=method, host=host, scheme=scheme, ip=draw(IPS), context=draw(CONTEXT)
+    )
 
 
 def _with(attrs: RequestAttributes, **changes: Any) -> RequestAttributes:

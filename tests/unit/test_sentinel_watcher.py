@@ -22,7 +22,7 @@ class FakePubSub:
     async def get_message(self, ignore_subscribe_messages: bool, timeout: float) -> Any:  # noqa: ASYNC109 - redis-py's signature
         if self.messages:
             return {"type": "message", "data": self.messages.pop(0)}
-        await asyncio.sleep(timeout)
+        await asyncio.sleep(timeout)  # as redis-py: wait up to `timeout` (the watcher's poll_s)
         return None
 
     async def aclose(self) -> None:
@@ -43,9 +43,11 @@ class FakePool:
     def __init__(self, sentinels: list[FakeSentinel]) -> None:
         self.sentinel_manager = type("M", (), {"sentinels": sentinels})()
         self.disconnects: list[bool] = []
+        self.disconnected = asyncio.Event()
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
         self.disconnects.append(inuse_connections)
+        self.disconnected.set()
 
 
 async def test_a_switch_of_our_primary_drops_every_connection_others_are_ignored() -> None:
@@ -58,10 +60,7 @@ async def test_a_switch_of_our_primary_drops_every_connection_others_are_ignored
         type("C", (), {"connection_pool": pool})(), "mymaster", poll_s=0.01, retry_s=0.01
     )
     watcher.start()
-    for _ in range(200):
-        if watcher.switches:
-            break
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(pool.disconnected.wait(), 10)
     await watcher.aclose()
     assert watcher.switches == 1
     assert pool.disconnects == [True]  # in-use connections too: they point at the old primary

@@ -6,13 +6,12 @@ JwksKeySource runs against a real aiohttp server on 127.0.0.1 (port 0).
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import json
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,7 @@ import aiohttp
 import jwt
 import pytest
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from authz.check.jwks import KeySet
 from authz.check.tokens import (
@@ -36,6 +34,18 @@ from authz.check.tokens import (
 )
 from authz.config.settings import OidcSettings
 from authz.errors import KeysUnavailable, TokenError
+from tests import builders
+from tests.builders import (
+    DROP,
+    FakeClock,
+    Key,
+    async_wait_until,
+    b64,
+    ec_key,
+    jwks,
+    rsa_key,
+    token_claims,
+)
 
 ISS = "https://idp.example.com/realms/firm"
 AUD = "trading-api"
@@ -45,79 +55,19 @@ NOW = 1_700_000_000
 
 # -- keys and tokens -------------------------------------------------------------------------
 
+RSA_KEY = rsa_key("rsa-1")
+RSA_KEY2 = rsa_key("rsa-2")
+EC_KEY = ec_key("ec-1")
+EVIL_KEY = rsa_key("rsa-1")  # same kid as the real key
+_RSA, _EVIL = RSA_KEY.private, EVIL_KEY.private
 
-@dataclass
-class Key:
-    kid: str
-    private: Any
-    alg: str
-
-    def jwk(self) -> dict[str, Any]:
-        algo = jwt.get_algorithm_by_name(self.alg)
-        d: dict[str, Any] = json.loads(algo.to_jwk(self.private.public_key()))
-        d.update(kid=self.kid, use="sig", alg=self.alg)
-        return d
-
-    def public_pem(self) -> bytes:
-        return bytes(
-            self.private.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        )
+# This suite's IdP: its own issuer, session "s-1", and the client as azp.
+claims = partial(token_claims, NOW, iss=ISS, sid="s-1", azp=CLIENT)
 
 
-_RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-_RSA2 = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-_EVIL = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-_EC = ec.generate_private_key(ec.SECP256R1())
-
-RSA_KEY = Key("rsa-1", _RSA, "RS256")
-RSA_KEY2 = Key("rsa-2", _RSA2, "RS256")
-EC_KEY = Key("ec-1", _EC, "ES256")
-EVIL_KEY = Key("rsa-1", _EVIL, "RS256")  # same kid as the real key
-
-
-def jwks(*keys: Key) -> dict[str, Any]:
-    return {"keys": [k.jwk() for k in keys]}
-
-
-def claims(**over: Any) -> dict[str, Any]:
-    c: dict[str, Any] = {
-        "iss": ISS,
-        "aud": AUD,
-        "sub": "alice",
-        "sid": "s-1",
-        "iat": NOW - 10,
-        "exp": NOW + 300,
-        "acr": "mfa",
-        "amr": ["pwd", "otp"],
-        "auth_time": NOW - 20,
-        "azp": CLIENT,
-    }
-    c.update(over)
-    return {k: v for k, v in c.items() if v is not _DROP}
-
-
-_DROP = object()
-
-
-def sign(
-    key: Key,
-    payload: dict[str, Any] | None = None,
-    *,
-    headers: dict[str, Any] | None = None,
-    kid: str | object | None = None,
-) -> str:
-    h = {"kid": key.kid if kid is None else kid, **(headers or {})}
-    if h["kid"] is _DROP:
-        del h["kid"]
-    # PyJWS, not jwt.encode: tests need claims pyjwt would refuse to produce (iss=1, ...)
-    body = json.dumps(payload if payload is not None else claims()).encode()
-    return jwt.api_jws.encode(body, key.private, algorithm=key.alg, headers=h)
-
-
-def b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+def sign(key: Key, payload: dict[str, Any] | None = None, **header: Any) -> str:
+    """``builders.sign`` with this suite's claims when none are given."""
+    return builders.sign(key, claims() if payload is None else payload, **header)
 
 
 def forge(header: dict[str, Any], payload: dict[str, Any], sig: bytes = b"x") -> str:
@@ -191,7 +141,7 @@ async def test_valid_token(key: Key) -> None:
 
 
 async def test_client_id_claim_preferred_and_optional_evidence() -> None:
-    tok = sign(RSA_KEY, claims(client_id="svc", acr=_DROP, amr=_DROP, auth_time=_DROP))
+    tok = sign(RSA_KEY, claims(client_id="svc", acr=DROP, amr=DROP, auth_time=DROP))
     ident = await verifier().verify_access_token(tok, NOW)
     assert ident.client_id == "svc"
     assert (ident.evidence.acr, ident.evidence.amr, ident.evidence.auth_time) == (None, (), None)
@@ -199,9 +149,9 @@ async def test_client_id_claim_preferred_and_optional_evidence() -> None:
 
 async def test_token_without_kid_uses_the_only_fitting_key() -> None:
     v = verifier(RSA_KEY)
-    assert (await v.verify_access_token(sign(RSA_KEY, kid=_DROP), NOW)).subject == "alice"
+    assert (await v.verify_access_token(sign(RSA_KEY, kid=DROP), NOW)).subject == "alice"
     # with two RSA keys a kid-less token is ambiguous -> refused
-    await invalid(verifier(RSA_KEY, RSA_KEY2), sign(RSA_KEY, kid=_DROP))
+    await invalid(verifier(RSA_KEY, RSA_KEY2), sign(RSA_KEY, kid=DROP))
 
 
 # -- algorithm and header attacks ------------------------------------------------------------
@@ -238,19 +188,19 @@ async def test_embedded_jwk_and_jku_are_ignored(idp: Idp) -> None:
     evil_jwk = EVIL_KEY.jwk()
     v = verifier(RSA_KEY)
     # attacker key, its public JWK embedded, same kid as the real key
-    await invalid(v, sign(EVIL_KEY, headers={"jwk": evil_jwk}), match="signature")
+    await invalid(v, sign(EVIL_KEY, jwk=evil_jwk), match="signature")
     # no kid at all: the only configured key is used, never the embedded one
-    await invalid(v, sign(EVIL_KEY, headers={"jwk": evil_jwk}, kid=_DROP), match="signature")
+    await invalid(v, sign(EVIL_KEY, jwk=evil_jwk, kid=DROP), match="signature")
     # jku/x5u pointing at a server that does serve the attacker's key: never fetched
     evil = Key("evil", _EVIL, "RS256")
     idp.doc = jwks(evil)
     url = idp.base + "/jwks"
-    await invalid(v, sign(evil, headers={"jku": url, "x5u": url, "x5c": ["AAAA"]}))
+    await invalid(v, sign(evil, jku=url, x5u=url, x5c=["AAAA"]))
     assert idp.hits == 0
 
 
 async def test_crit_header_refused() -> None:
-    await invalid(verifier(), sign(RSA_KEY, headers={"crit": ["exp"], "exp": 1}), match="crit")
+    await invalid(verifier(), sign(RSA_KEY, crit=["exp"], exp=1), match="crit")
 
 
 async def test_huge_kid_refused_without_lookup() -> None:
@@ -301,9 +251,7 @@ async def test_signature_tampering() -> None:
 async def test_short_rsa_key_refused() -> None:
     small = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - the point
     weak = Key("weak", small, "RS256")
-    with pytest.warns(jwt.warnings.InsecureKeyLengthWarning):  # pyjwt warns when signing
-        tok = sign(weak)
-    await invalid(verifier(weak), tok)
+    await invalid(verifier(weak), sign(weak))
 
 
 # -- claims ----------------------------------------------------------------------------------
@@ -314,11 +262,11 @@ async def test_short_rsa_key_refused() -> None:
 )
 async def test_iss_must_match_exactly(iss: Any) -> None:
     await invalid(
-        verifier(), sign(RSA_KEY, claims(iss=iss if iss is not None else _DROP)), match="iss"
+        verifier(), sign(RSA_KEY, claims(iss=iss if iss is not None else DROP)), match="iss"
     )
 
 
-@pytest.mark.parametrize("aud", ["other", AUD + "x", [], ["other"], [AUD, 1], {"a": AUD}, _DROP])
+@pytest.mark.parametrize("aud", ["other", AUD + "x", [], ["other"], [AUD, 1], {"a": AUD}, DROP])
 async def test_aud_mismatch(aud: Any) -> None:
     await invalid(verifier(), sign(RSA_KEY, claims(aud=aud)), match="aud")
 
@@ -328,7 +276,7 @@ async def test_list_aud_containing_ours() -> None:
     assert ident.subject == "alice"
 
 
-@pytest.mark.parametrize("sub", ["", 7, _DROP])
+@pytest.mark.parametrize("sub", ["", 7, DROP])
 async def test_sub_required(sub: Any) -> None:
     await invalid(verifier(), sign(RSA_KEY, claims(sub=sub)), match="sub")
 
@@ -358,7 +306,7 @@ async def test_time_claims_must_be_integers(bad: Any) -> None:
     for name in ("exp", "iat"):
         await invalid(
             verifier(),
-            sign(RSA_KEY, claims(**{name: bad if bad is not None else _DROP})),
+            sign(RSA_KEY, claims(**{name: bad if bad is not None else DROP})),
             match=name,
         )
     if bad is not None:
@@ -387,7 +335,7 @@ async def test_nbf_and_iat_in_the_future() -> None:
 )
 async def test_typ(typ: str | None, ok: bool) -> None:
     v = verifier(token_typ="at+jwt")
-    tok = sign(RSA_KEY, headers={"typ": typ})  # pyjwt leaves `typ` out when it is None
+    tok = sign(RSA_KEY, typ=DROP if typ is None else typ)
     if ok:
         assert await v.verify_access_token(tok, NOW)
     else:
@@ -395,15 +343,15 @@ async def test_typ(typ: str | None, ok: bool) -> None:
 
 
 async def test_typ_not_checked_when_unset() -> None:
-    assert await verifier().verify_access_token(sign(RSA_KEY, headers={"typ": "whatever"}), NOW)
+    assert await verifier().verify_access_token(sign(RSA_KEY, typ="whatever"), NOW)
 
 
 async def test_without_sid_each_token_is_its_own_session() -> None:
     """The review's widening: with `sid_fallback_claim: sub` by default, one step-up
     elevated every token of the user on every device. Now, without `sid`, the session is
     the token: two tokens of one user are two sessions."""
-    one = sign(RSA_KEY, claims(sid=_DROP, jti="t-1"))
-    two = sign(RSA_KEY, claims(sid=_DROP, jti="t-2"))
+    one = sign(RSA_KEY, claims(sid=DROP, jti="t-1"))
+    two = sign(RSA_KEY, claims(sid=DROP, jti="t-2"))
     a = (await verifier().verify_access_token(one, NOW)).session_id
     b = (await verifier().verify_access_token(two, NOW)).session_id
     assert a.startswith("token:") and b.startswith("token:") and a != b
@@ -411,13 +359,13 @@ async def test_without_sid_each_token_is_its_own_session() -> None:
 
 
 async def test_sid_fallback_is_an_opt_in() -> None:
-    tok = sign(RSA_KEY, claims(sid=_DROP))
+    tok = sign(RSA_KEY, claims(sid=DROP))
     assert (await verifier(sid_fallback_claim="sub").verify_access_token(tok, NOW)).session_id == (
         "alice"
     )
     assert (
         await verifier(sid_fallback_claim="sess").verify_access_token(
-            sign(RSA_KEY, claims(sid=_DROP, sess="z")), NOW
+            sign(RSA_KEY, claims(sid=DROP, sess="z")), NOW
         )
     ).session_id == "z"
     await invalid(verifier(sid_fallback_claim="sess"), tok, match="session id")
@@ -478,7 +426,7 @@ async def test_cache_dropped_when_key_withdrawn(tmp_path: Path) -> None:
     tok = sign(RSA_KEY)
     await v.verify_access_token(tok, NOW)
     path.write_text(json.dumps(jwks(RSA_KEY2)))
-    clock.t += 31
+    clock.advance(31)
     assert await src.refresh() is True
     await invalid(v, tok, NOW + 1, match="kid")
 
@@ -516,7 +464,7 @@ async def test_id_token_azp() -> None:
 
 
 async def test_verify_claims_with_other_audience_and_typ() -> None:
-    tok = sign(RSA_KEY, claims(aud="x"), headers={"typ": "application/logout+jwt"})
+    tok = sign(RSA_KEY, claims(aud="x"), typ="application/logout+jwt")
     got = await verifier().verify_claims(tok, NOW, audience="x", typ="logout+jwt")
     assert got["aud"] == "x"
 
@@ -561,14 +509,6 @@ async def test_static_source_without_keys_is_unavailable() -> None:
         await TokenVerifier(settings(), src).verify_access_token(sign(RSA_KEY), NOW)
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 async def test_file_source(tmp_path: Path) -> None:
     path = tmp_path / "jwks.json"
     src = FileKeySource(path)
@@ -587,21 +527,26 @@ async def test_file_source(tmp_path: Path) -> None:
 
 @dataclass
 class Idp:
-    """A tiny JWKS + discovery server. Set ``status``/``delay``/``doc`` to misbehave."""
+    """A tiny JWKS + discovery server. Set ``status``/``doc`` to misbehave; with ``hold``
+    each JWKS request waits (``requested`` is set) until ``release`` is set."""
 
     doc: dict[str, Any]
     status: int = 200
-    delay: float = 0.0
+    hold: bool = False
     hits: int = 0
+    answered: int = 0
     discovery_hits: int = 0
     base: str = ""
     discovery: dict[str, Any] = field(default_factory=dict)
+    requested: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def jwks(self, _: web.Request) -> web.Response:
         self.hits += 1
-        if self.delay:
-            await asyncio.wait_for(self.release.wait(), self.delay)
+        self.requested.set()
+        if self.hold:
+            await self.release.wait()
+        self.answered += 1
         if self.status != 200:
             return web.Response(status=self.status, text="boom")
         return web.json_response(self.doc)
@@ -657,7 +602,7 @@ async def test_jwks_unknown_kid_one_fetch_per_interval(
     held = await invalid(v, sign(RSA_KEY2), reason="keys-unavailable", match="rate-limited")
     assert isinstance(held, KeysUnavailable) and held.retry_after_s == 30
     assert idp.hits == 1
-    clock.t += 31
+    clock.advance(31)
     # many concurrent requests with an unknown kid share one fetch
     results = await asyncio.gather(
         *(v.verify_access_token(sign(RSA_KEY2, claims(sub=f"u{i}")), NOW) for i in range(20)),
@@ -665,13 +610,13 @@ async def test_jwks_unknown_kid_one_fetch_per_interval(
     )
     assert all(isinstance(r, TokenError) and r.reason == "token-invalid" for r in results)
     assert idp.hits == 2
-    clock.t += 10
+    clock.advance(10)
     held = await invalid(v, sign(RSA_KEY2), reason="keys-unavailable")
     assert isinstance(held, KeysUnavailable) and held.retry_after_s == 20
     assert idp.hits == 2  # within the interval: no fetch
     # the IdP rotates in the new key; once the interval has passed, one fetch finds it
     idp.doc = jwks(RSA_KEY, RSA_KEY2)
-    clock.t += 31
+    clock.advance(31)
     assert (await v.verify_access_token(sign(RSA_KEY2), NOW)).subject == "alice"
     assert idp.hits == 3
     await src.aclose()
@@ -687,13 +632,14 @@ async def test_unknown_kid_waits_briefly_then_keys_unavailable_while_the_fetch_g
     src = jwks_source(idp, http, clock)
     await src.start()
     v = TokenVerifier(settings(jwks_refresh_wait_ms=50), src)
-    idp.doc, idp.delay = jwks(RSA_KEY, RSA_KEY2), 10.0
-    clock.t += 31
-    t0 = time.monotonic()
+    idp.doc, idp.hold = jwks(RSA_KEY, RSA_KEY2), True
+    clock.advance(31)
+    # The IdP holds the refresh until released: the Check's answer comes while the fetch is
+    # still unanswered, after the verifier's own short wait (the timer under test). Had it
+    # waited for the IdP, wait_for would end it with TimeoutError instead.
     with pytest.raises(KeysUnavailable, match="refreshed"):
-        await v.verify_access_token(sign(RSA_KEY2), NOW)
-    assert time.monotonic() - t0 < 1.0
-    assert idp.hits == 2
+        await asyncio.wait_for(v.verify_access_token(sign(RSA_KEY2), NOW), 10)
+    assert (idp.hits, idp.answered) == (2, 1)  # start()'s fetch answered; the refresh held
     idp.release.set()  # the IdP answers now
     assert await src.refresh() is True  # joins the fetch in flight: the key set changed
     assert (await v.verify_access_token(sign(RSA_KEY2), NOW)).subject == "alice"
@@ -709,19 +655,19 @@ async def test_jwks_rotation_and_failed_refresh_keeps_keys(
     await src.start()
     v = TokenVerifier(settings(token_cache_size=0), src)
     idp.status = 500
-    clock.t += 31
+    clock.advance(31)
     assert await src.refresh() is False
     assert idp.hits == 2
     assert await v.verify_access_token(sign(RSA_KEY), NOW)  # old keys still work
     idp.status, idp.doc = 200, {"keys": []}  # a useless document is a failure too
-    clock.t += 31
+    clock.advance(31)
     assert await src.refresh() is False
     assert await v.verify_access_token(sign(RSA_KEY), NOW)
     idp.doc = jwks(RSA_KEY)
-    clock.t += 31
+    clock.advance(31)
     assert await src.refresh() is False  # unchanged
     idp.doc = jwks(RSA_KEY2)  # rotated: the old key is gone
-    clock.t += 31
+    clock.advance(31)
     assert await src.refresh() is True
     assert await v.verify_access_token(sign(RSA_KEY2), NOW)
     await invalid(v, sign(RSA_KEY), match="kid")
@@ -739,39 +685,29 @@ async def test_jwks_start_fails_closed(idp: Idp, http: aiohttp.ClientSession) ->
 
 
 async def test_jwks_timeout_does_not_block_the_loop(idp: Idp, http: aiohttp.ClientSession) -> None:
-    idp.delay = 5.0
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    t = asyncio.create_task(ticker())
+    """The IdP never answers; the fetch's own timeout (``timeout_s``, a real timer: the
+    subject) ends it. While it waits, the loop runs other work: this test, and the IdP's
+    handler on the same loop, which a blocking fetch would starve."""
+    idp.hold = True
     src = jwks_source(idp, http, FakeClock(), timeout_s=0.3)
-    started = time.monotonic()
+    starting = asyncio.create_task(src.start())
+    await asyncio.wait_for(idp.requested.wait(), 10)
+    assert not starting.done()  # the fetch is in flight and the loop is free
     with pytest.raises(KeysUnavailable, match="Timeout"):
-        await src.start()
-    elapsed = time.monotonic() - started
-    t.cancel()
-    assert 0.25 <= elapsed < 2.0
-    assert ticks >= 10  # the loop kept running while the fetch waited
+        await asyncio.wait_for(starting, 10)
+    assert idp.answered == 0  # it was the timeout, not an answer
 
 
 async def test_jwks_periodic_refresh(idp: Idp, http: aiohttp.ClientSession) -> None:
     src = jwks_source(idp, http, FakeClock(), refresh_every_s=0.05)
+    before = asyncio.all_tasks()
     await src.start()
+    (periodic,) = [t for t in asyncio.all_tasks() - before if "_every" in t.get_coro().__qualname__]  # type: ignore[union-attr]
     idp.doc = jwks(RSA_KEY2)
-    for _ in range(100):
-        if src.get("rsa-2", "RS256") is not None:
-            break
-        await asyncio.sleep(0.01)
-    assert src.get("rsa-2", "RS256") is not None
+    # The period is the source's own timer (the subject): wait for it to fetch the new key.
+    await async_wait_until(lambda: src.get("rsa-2", "RS256") is not None, "a periodic refresh")
     await src.aclose()
-    hits = idp.hits
-    await asyncio.sleep(0.15)
-    assert idp.hits == hits  # aclose() stopped the background task
+    assert periodic.done()  # aclose() stopped the background refresh: no fetch after it
 
 
 async def test_jwks_document_too_large(idp: Idp, http: aiohttp.ClientSession) -> None:
@@ -829,7 +765,7 @@ async def test_key_source_from_settings(tmp_path: Path, http: aiohttp.ClientSess
 )
 async def test_typ_list(accepted: Any, typ: str | None, ok: bool) -> None:
     v = verifier(token_typ=accepted)
-    tok = sign(RSA_KEY, headers={"typ": typ})
+    tok = sign(RSA_KEY, typ=DROP if typ is None else typ)
     if ok:
         assert await v.verify_access_token(tok, NOW)
     else:
@@ -854,7 +790,7 @@ async def test_typ_profile_defaults(profile: str, typ: str | None, ok: bool) -> 
         over = {"name": "entra", "auth_contexts": [{"id": "c1", "acr": "mfa"}]}
     v = verifier(profile=over)
     extra = {"oid": "alice", "acrs": []} if profile == "entra" else {}
-    tok = sign(RSA_KEY, claims(**extra), headers={"typ": typ})
+    tok = sign(RSA_KEY, claims(**extra), typ=DROP if typ is None else typ)
     if ok:
         assert await v.verify_access_token(tok, NOW)
     else:
@@ -864,7 +800,7 @@ async def test_typ_profile_defaults(profile: str, typ: str | None, ok: bool) -> 
 async def test_typ_null_turns_the_profile_default_off() -> None:
     contexts = [{"id": "c1", "acr": "mfa"}]
     v = verifier(profile={"name": "entra", "auth_contexts": contexts}, token_typ=None)
-    tok = sign(RSA_KEY, claims(oid="a"), headers={"typ": "at+jwt"})
+    tok = sign(RSA_KEY, claims(oid="a"), typ="at+jwt")
     assert await v.verify_access_token(tok, NOW)
 
 
@@ -872,7 +808,7 @@ async def test_allowed_clients() -> None:
     v = verifier(allowed_clients=["stepup-authz", "desk-app"])
     assert (await v.verify_access_token(sign(RSA_KEY), NOW)).client_id == CLIENT
     await invalid(v, sign(RSA_KEY, claims(azp="other")), match="allowed_clients")
-    await invalid(v, sign(RSA_KEY, claims(azp=_DROP)), match="allowed_clients")
+    await invalid(v, sign(RSA_KEY, claims(azp=DROP)), match="allowed_clients")
     # client_id (RFC 9068) comes before azp in the generic profile
     tok = sign(RSA_KEY, claims(client_id="desk-app", azp="other"))
     assert (await v.verify_access_token(tok, NOW)).client_id == "desk-app"
@@ -881,7 +817,7 @@ async def test_allowed_clients() -> None:
 
 async def test_okta_profile_user_is_uid_and_client_is_cid() -> None:
     v = verifier(profile="okta", allowed_clients=["0oa-app"])
-    tok = sign(RSA_KEY, claims(sub="alice@example.com", uid="00u1", cid="0oa-app", azp=_DROP))
+    tok = sign(RSA_KEY, claims(sub="alice@example.com", uid="00u1", cid="0oa-app", azp=DROP))
     ident = await v.verify_access_token(tok, NOW)
     assert (ident.subject, ident.client_id) == ("00u1", "0oa-app")
     await invalid(v, sign(RSA_KEY, claims(cid="0oa-app")), match="uid")  # no uid: refused
@@ -892,12 +828,12 @@ async def test_entra_profile_reads_acrs_through_auth_contexts() -> None:
     contexts = [{"id": "c1", "acr": "mfa"}, {"id": "c2", "acr": "phr"}]
     v = verifier(profile={"name": "entra", "auth_contexts": contexts}, token_typ=None)
     for acrs, want in ((["c1"], "mfa"), (["c2", "c1"], "phr"), (["c9"], None), ([], None)):
-        tok = sign(RSA_KEY, claims(oid="o-1", acr=_DROP, acrs=acrs))
+        tok = sign(RSA_KEY, claims(oid="o-1", acr=DROP, acrs=acrs))
         assert (await v.verify_access_token(tok, NOW)).evidence.acr == want
     await invalid(v, sign(RSA_KEY, claims(oid="o-1", acrs="c1")), match="acrs")
 
 
-RSA_KEY3 = Key("rsa-3", rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS256")
+RSA_KEY3 = rsa_key("rsa-3")
 
 
 async def test_two_rotations_inside_the_interval(idp: Idp, http: aiohttp.ClientSession) -> None:
@@ -909,16 +845,16 @@ async def test_two_rotations_inside_the_interval(idp: Idp, http: aiohttp.ClientS
     src = jwks_source(idp, http, clock)
     await src.start()
     v = TokenVerifier(settings(token_cache_size=0), src)
-    clock.t += 31
+    clock.advance(31)
     idp.doc = jwks(RSA_KEY2, RSA_KEY)  # rotation 1
     assert (await v.verify_access_token(sign(RSA_KEY2), NOW)).subject == "alice"
-    clock.t += 5
+    clock.advance(5)
     idp.doc = jwks(RSA_KEY3, RSA_KEY2)  # rotation 2, inside the interval
     held = await invalid(v, sign(RSA_KEY3), reason="keys-unavailable")
     assert isinstance(held, KeysUnavailable) and held.retry_after_s == 25
     assert await v.verify_access_token(sign(RSA_KEY2), NOW)  # still in the set we hold
     assert await v.verify_access_token(sign(RSA_KEY), NOW)
-    clock.t += 25
+    clock.advance(25)
     assert (await v.verify_access_token(sign(RSA_KEY3), NOW)).subject == "alice"
     assert idp.hits == 3
     # the reload withdrew rsa-1: within the next interval that is a verdict, not a wait
