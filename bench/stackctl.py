@@ -230,9 +230,10 @@ def write_grant(stack: Stack, token: str, level: str, ttl_s: int) -> None:
     """Record a step-up grant for ``token``'s session through the service's own store API,
     exactly as the callback would after an mfa sign-in now."""
     from authz.config.settings import RedisSettings
-    from authz.core.session import Evidence, Grant, session_key, user_key
+    from authz.core.session import session_key, user_key
     from authz.store.connections import make_client
     from authz.store.sessions import RedisSessionStore
+    from bench.inproc import bench_grant
 
     claims = jwt.decode(token, options={"verify_signature": False})  # our own fresh token
     settings = RedisSettings(url=stack.redis_url)
@@ -254,12 +255,7 @@ def write_grant(stack: Stack, token: str, level: str, ttl_s: int) -> None:
         )  # type: ignore[arg-type]
         try:
             now = int(time.time())
-            grant = Grant(
-                level=level,
-                evidence=Evidence("mfa", ("pwd", "otp"), now),
-                expires_at=now + ttl_s,
-                issued_at=now,
-            )
+            grant = bench_grant(level, now, ttl_s)
             await store.write_grant(user_key(claims["iss"], claims["sub"]), key, grant, now)
         finally:
             await store.aclose()
