@@ -122,6 +122,12 @@ def ratio(value: float | None, base: float | None) -> float | None:
     return value / base
 
 
+def scenario_order(sid: str) -> tuple[int, str]:
+    """Sort key of a scenario id: by its number ("2t" after "2", before "3"), then as text."""
+    digits = "".join(c for c in sid if c.isdigit())
+    return (int(digits) if digits else 99, sid)
+
+
 def proc_cpu_ticks(stat_text: str) -> int:
     """utime + stime (clock ticks) from the text of /proc/<pid>/stat.
 
