@@ -1,7 +1,7 @@
 """The benchmark harness's parsing and statistics (bench/parse.py, bench/report.py,
-bench/ratios.py) on captured tool output and made-up runs, and the bench's own inputs (the
-requests bench.micro feeds the service, the floors' framing) checked against the service's
-own parsers — no wrk, Envoy or Redis."""
+bench/ratios.py, bench/growth.py's table) on captured tool output and made-up runs, and the
+bench's own inputs (the requests bench.micro feeds the service, the floors' framing, the
+growth policies) checked against the service's own parsers — no wrk, Envoy or Redis."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bench import ratios
+from bench import growth, ratios
 from bench.parse import (
     delta,
     median,
@@ -450,3 +450,88 @@ def test_http_floor_answers_each_framed_request_once(tmp_path: Any) -> None:
     conn.data_received(head[5:])
     assert len(t.written) == 3 and conn.buf == bytearray()
     assert record.read_bytes() == head  # the first request only
+
+
+# -- bench.growth -----------------------------------------------------------------------------
+def test_growth_policies_load_and_match_where_they_say() -> None:
+    from authz.core.attributes import RequestAttributes
+    from authz.core.decision import resolve_level
+    from authz.core.policy import load_policy
+
+    docs = growth.policies()
+    first, last = load_policy(docs["routes-first"]), load_policy(docs["routes-last"])
+    assert len(first.routes) == len(last.routes) == 1000
+    kinds = {("prefix" if r.prefix else "exact" if r.exact else "regex") for r in last.routes}
+    assert kinds == {"prefix", "exact", "regex"}
+    assert any(r.host for r in last.routes) and any(r.methods for r in last.routes)
+    for policy, index in ((first, 0), (last, 999)):
+        route = policy.route_for("127.0.0.1", "GET", "/accounts/1")
+        assert route is not None and route.index == index and route.level.name == "elevated"
+    rules = load_policy(docs["rules-100"])
+    assert len(rules.rules) == 100 and load_policy(docs["rules-0"]).rules == ()
+    import ipaddress
+    from types import MappingProxyType
+
+    attrs = RequestAttributes(
+        method="GET",
+        scheme="http",
+        host="127.0.0.1",
+        path="/accounts/1",
+        query="",
+        headers=MappingProxyType({}),
+        source_ip=ipaddress.ip_address("127.0.0.1"),
+        context_extensions=MappingProxyType({}),
+        request_id="r",
+    )
+    res = resolve_level(rules, attrs)
+    assert res.deny is None and res.fired == () and res.level is not None
+    assert res.level.name == "elevated"  # no rule raised it either
+
+
+def test_growth_summary_ratios_to_each_dimensions_baseline() -> None:
+    cases = growth.cases([1000, 100_000])
+    ids = [c.id for c in cases]
+    assert "users-100000-default-cache" in ids and "users-1000" in ids
+    big = next(c for c in cases if c.id == "users-100000")
+    assert big.token_cache is not None and big.token_cache >= 100_000
+    runs = [
+        {
+            "case": cid,
+            "rep": rep,
+            "checks": 10,
+            "not_allowed": 0,
+            "cpu_us_per_check": cpu,
+            "redis_us_per_check": red,
+        }
+        for cid, rep, cpu, red in [
+            ("users-1", 0, 200.0, 20.0),
+            ("users-1", 1, 220.0, 22.0),
+            ("users-100000", 0, 300.0, 50.0),
+            ("users-100000", 1, 330.0, 55.0),
+        ]
+    ]
+    rows = {r["case"]: r for r in growth.summarize(runs, cases)}
+    assert rows["users-1"]["cpu_x_baseline"] == pytest.approx(1.0)
+    assert rows["users-100000"]["cpu_us_per_check"] == pytest.approx(315)
+    assert rows["users-100000"]["cpu_x_baseline"] == pytest.approx(315 / 210)
+    assert rows["users-100000"]["redis_x_baseline"] == pytest.approx(52.5 / 21)
+    assert rows["routes-last"]["reps"] == 0 and rows["routes-last"]["cpu_x_baseline"] is None
+    doc = {
+        "meta": {
+            "started": "T",
+            "host": {"cpus": 2, "cpu_model": "cpu"},
+            "python": "3.11",
+            "reps": 2,
+            "n": 10,
+            "concurrency": 32,
+            "command": "python -m bench.growth",
+            "wall_s": 1.0,
+        },
+        "summary": list(rows.values()),
+    }
+    md = growth.markdown(doc)
+    assert (
+        "| distinct users | 100,000 users (token cache holds them all) | 315 | 1.50 | 52.5 "
+        "| 2.50 | 20 | 0 |" in md
+    )
+    assert "| policy size | 1,000 routes, match last | - | - | - | - | 0 | 0 |" in md
