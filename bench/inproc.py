@@ -111,7 +111,10 @@ def grpc_check_request(token: str, path: str = PATH, *, host: str = "127.0.0.1:8
 
 # -- one check, the service's way ---------------------------------------------------------------
 class HttpPath:
-    """One HTTP-mode check: bytes in, bytes out, through the listener's own functions."""
+    """One HTTP-mode check: bytes in, bytes out, through the listener's own functions, in
+    the listener's order (authz/check/http_server.py ``_Conn._next``): the head is framed,
+    parsed and turned into attributes synchronously, the decision runs in a Task of its own
+    (one per check, as there), and the answer is encoded in it."""
 
     def __init__(self, authorizer: Any, settings: Settings) -> None:
         self.authorizer = authorizer
@@ -122,8 +125,11 @@ class HttpPath:
             path_prefix=settings.stepup.path_prefix, error_status=settings.stepup.error_status
         )
 
-    async def once(self, raw: bytes) -> int:
-        head = raw[: raw.index(b"\r\n\r\n")].decode("latin-1")
+    def once(self, raw: bytes) -> asyncio.Task[int]:
+        buf = bytearray(raw)
+        end = buf.find(b"\r\n\r\n", 0, self.cfg.max_header_bytes + 4)
+        head = buf[:end].decode("latin-1")
+        del buf[: end + 4]
         method, target, headers, _ = parse_head(head, self.cfg.max_headers)
         attrs = attributes_from_http(
             method,
@@ -133,9 +139,11 @@ class HttpPath:
             peer_header=self.cfg.peer_header.lower(),
             trusted_hops=self.trusted_hops,
         )
+        return asyncio.get_running_loop().create_task(self._check(attrs))
+
+    async def _check(self, attrs: RequestAttributes) -> int:
         decision, decision_id = await decide(self.authorizer, attrs)
-        answer = self.responses.build(decision, attrs, decision_id)
-        return answer.status if answer.wire else -1
+        return self.responses.build(decision, attrs, decision_id, close=False).status
 
 
 class GrpcPath:
