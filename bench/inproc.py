@@ -6,7 +6,7 @@ verifier and its cache, the RedisSessionStore over FastRedis, the Authorizer, th
 and one check is
 
 * HTTP mode: the request head as Envoy sends it -> ``http_server.parse_head`` ->
-  ``http_codec.attributes_from_http`` -> ``Authorizer.check`` -> ``HttpResponseBuilder``
+  ``request.attributes_from_http`` -> ``Authorizer.check`` -> ``HttpResponseBuilder``
   -> the response bytes;
 * gRPC mode: the CheckRequest bytes -> ``CheckRequest.FromString`` ->
   ``request.attributes_from_check`` -> ``Authorizer.check`` -> ``ResponseBuilder`` ->
@@ -34,10 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from authz.app import Service, start_service
-from authz.check.http_codec import HttpResponseBuilder, attributes_from_http
 from authz.check.http_server import parse_head
-from authz.check.request import attributes_from_check
-from authz.check.response import ResponseBuilder
+from authz.check.request import attributes_from_check, attributes_from_http
+from authz.check.response import HttpResponseBuilder, ResponseBuilder
 from authz.config.settings import Settings, load_settings
 from authz.core.attributes import RequestAttributes
 from authz.core.decision import Decision
@@ -52,8 +51,8 @@ _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopba
 
 async def decide(authorizer: Any, attrs: RequestAttributes) -> tuple[Decision, str]:
     """``Authorizer.check``: the only call of it in bench/ (its result type may change)."""
-    decision, decision_id = await authorizer.check(attrs)
-    return decision, decision_id
+    result = await authorizer.check(attrs)
+    return result.decision, result.decision_id
 
 
 # -- what Envoy sends ---------------------------------------------------------------------------
