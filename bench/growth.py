@@ -104,7 +104,9 @@ def many_rules(n: int) -> list[dict[str, Any]]:
         elif kind == 2:
             when = {"country_in": ["KP", "IR"]}
         elif kind == 3:
-            when = {"device": ["noncompliant", "unmanaged"]}
+            # not noncompliant/unmanaged: a posture rule makes an unattested device count
+            # as noncompliant (fail closed), which would fire for a check without a device
+            when = {"device": ["known"]}
         elif kind == 4:
             when = {"signals_any": ["impossible-travel", "velocity"]}
         else:

@@ -175,6 +175,20 @@ def parse_prometheus(text: str, metric: str) -> dict[tuple[tuple[str, str], ...]
     return out
 
 
+def decision_counts(
+    before: Mapping[tuple[tuple[str, str], ...], float],
+    after: Mapping[tuple[tuple[str, str], ...], float],
+) -> dict[str, int]:
+    """The service's decisions between two samples of ``stepup_authz_checks_total``, keyed
+    ``outcome=..,reason=..`` and summed over the other labels (the level): one key per
+    decision kind, never one label set overwriting another's count."""
+    out: dict[str, int] = {}
+    for labels, n in after.items():
+        key = ",".join(f"{k}={v}" for k, v in labels if k in ("outcome", "reason"))
+        out[key] = out.get(key, 0) + int(n - before.get(labels, 0))
+    return {k: v for k, v in out.items() if v}
+
+
 def delta(after: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:
     """Per-key difference, for keys in ``after`` (a counter that appeared counts from 0)."""
     return {k: v - before.get(k, 0) for k, v in after.items()}

@@ -11,6 +11,7 @@ import pytest
 
 from bench import growth, ratios
 from bench.parse import (
+    decision_counts,
     delta,
     median,
     parse_envoy_stats,
@@ -158,6 +159,16 @@ def test_parse_prometheus_selects_one_metric_by_exact_name() -> None:
         (("level", "elevated"), ("outcome", "allow"), ("reason", "allowed")): 10.0,
         (("level", "elevated"), ("outcome", "step_up"), ("reason", "acr-insufficient")): 4.0,
     }
+
+
+def test_decision_counts_sum_over_levels() -> None:
+    allow_e = (("level", "elevated"), ("outcome", "allow"), ("reason", "allowed"))
+    allow_h = (("level", "high"), ("outcome", "allow"), ("reason", "allowed"))
+    step = (("level", "elevated"), ("outcome", "step_up"), ("reason", "acr-insufficient"))
+    before = {allow_e: 10.0, allow_h: 5.0, step: 1.0}
+    after = {allow_e: 110.0, allow_h: 5.0, step: 1.0}  # only the elevated allow moved
+    assert decision_counts(before, after) == {"outcome=allow,reason=allowed": 100}
+    assert decision_counts({}, {allow_h: 2.0, allow_e: 3.0}) == {"outcome=allow,reason=allowed": 5}
 
 
 def _run(sid: str, conc: int, rps: float, p99: float, **kw: Any) -> dict[str, Any]:
@@ -400,9 +411,8 @@ def test_markdown_shows_targets_floors_and_micro() -> None:
 def test_micro_requests_are_what_the_service_accepts() -> None:
     from envoy.service.auth.v3 import external_auth_pb2
 
-    from authz.check.http_codec import attributes_from_http
     from authz.check.http_server import parse_head
-    from authz.check.request import attributes_from_check
+    from authz.check.request import attributes_from_check, attributes_from_http
     from bench.inproc import grpc_check_request, http_check_head
 
     raw = http_check_head("a.b.c")
@@ -455,7 +465,7 @@ def test_http_floor_answers_each_framed_request_once(tmp_path: Any) -> None:
 # -- bench.growth -----------------------------------------------------------------------------
 def test_growth_policies_load_and_match_where_they_say() -> None:
     from authz.core.attributes import RequestAttributes
-    from authz.core.decision import resolve_level
+    from authz.core.decision import CheckInputs, Outcome, decide
     from authz.core.policy import load_policy
 
     docs = growth.policies()
@@ -483,9 +493,11 @@ def test_growth_policies_load_and_match_where_they_say() -> None:
         context_extensions=MappingProxyType({}),
         request_id="r",
     )
-    res = resolve_level(rules, attrs)
-    assert res.deny is None and res.fired == () and res.level is not None
-    assert res.level.name == "elevated"  # no rule raised it either
+    # the service's own pipeline, for a check without a token or device: no rule fires
+    # (a deny would say so before the missing sign-in does), and the level is not raised
+    d = decide(rules, attrs, CheckInputs(now=0))
+    assert d.fired == () and d.outcome is Outcome.LOGIN
+    assert d.level is not None and d.level.name == "elevated"
 
 
 def test_growth_summary_ratios_to_each_dimensions_baseline() -> None:
