@@ -315,6 +315,13 @@ class Local:
             stack.settings(), {"redis": {"url": self.redis_url}, "oidc": {"issuer": self.idp_url}}
         )
         doc = deep_merge(doc, extra)
+        # The key files the settings name and the stack writes when it starts (the audit
+        # records' MAC keys): the service refuses to audit without them.
+        for key_file in ((doc.get("audit") or {}).get("mac_keys") or {}).values():
+            if not Path(key_file).exists():
+                from authz.audit.testing import write_mac_key
+
+                write_mac_key(Path(key_file))
         path = self.workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
         return path
