@@ -1,165 +1,126 @@
-"""Python CPU per Check outside grpcio: the servicer's ``Check`` called directly, in process,
-with real objects (the composition root's Authorizer, token verifier, Redis session store
-and response builder; the dev IdP for the token; Valkey or REDIS_URL for the grant).
+"""Python CPU per Check of the service's own path, in process (bench/inproc.py): the
+composition root's objects (token verifier, RedisSessionStore over FastRedis, Authorizer,
+response builders) with real Redis, fed the bytes Envoy sends, minus only the socket.
 
-``python -m bench.micro [--n 20000] [--concurrency 32] [--redis-url URL] [--slow-client]``
+``python -m bench.micro [--mode http|grpc|both] [--n 20000] [--concurrency 32]``
+``python -m bench.micro --config STACK/config.yaml``: the settings file of a running bench
+stack (its Valkey, IdP, keyring and audit settings, the same as the service in situ);
+``bench.run`` does this after its load runs and prints both figures side by side.
 
-Each call does what grpcio hands the servicer and takes back: the CheckRequest parsed from
-the bytes Envoy would send, ``AuthorizationServicer.Check`` (attributes, token cache, one
-EVALSHA read, rules, decision, metrics, response), the response serialised; the background
-``note_allow`` write is included (it runs on the same loop). CPU is ``time.process_time``
-of this process over the run, divided by the Checks: it excludes grpcio's per-call cost
-(~200 us, measured separately through Envoy) and Redis' own CPU (another process).
-``--slow-client`` runs the store's scripts over redis-py instead of FastRedis (the before).
+Without ``--config`` it starts an embedded Valkey (or uses ``--redis-url``) and the dev IdP
+in this process and writes a settings file as the bench stack does. Each repetition is a
+closed loop of ``--n`` checks with ``--concurrency`` in flight (as wrk's connections keep
+Envoy's), the background ``note_allow`` writes waited for inside the measurement; the median
+over ``--reps`` is reported. The HTTP mode's figure is comparable with the service's CPU per
+check through Envoy (scenario 5) less the HTTP floor (scenario 7): what is not here is the
+socket, which the floor measures. The gRPC mode excludes grpcio (scenario 6 measures it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import statistics
 import sys
-import time
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import jwt
 import uvloop
-from envoy.service.auth.v3 import external_auth_pb2
 
-from authz.app import start_service
-from authz.audit.testing import dev_mac_settings
-from authz.check.grpc_server import AuthorizationServicer
-from authz.check.response import ResponseBuilder
-from authz.config.settings import Settings
-from authz.core.session import Evidence, Grant, session_key, user_key
-from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
+from bench import inproc
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-async def _token(idp: str) -> str:
-    import base64
-
-    import aiohttp
-
-    form = {"grant_type": "password", "username": "alice", "password": "alice-password"}
-    basic = base64.b64encode(b"stepup-authz:dev-secret").decode()
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(f"{idp}/token", data=form, headers={"Authorization": f"Basic {basic}"}) as resp,
-    ):
-        body: dict[str, Any] = await resp.json()
-    return str(body["access_token"])
-
-
-def _request(token: str, path: str = "/accounts/1") -> bytes:
-    """A CheckRequest as Envoy sends it for ``GET <path>`` (wrk's headers)."""
-    req = external_auth_pb2.CheckRequest()
-    a = req.attributes
-    a.source.address.socket_address.address = "127.0.0.1"
-    a.source.address.socket_address.port_value = 40000
-    a.destination.address.socket_address.address = "127.0.0.1"
-    a.destination.address.socket_address.port_value = 8080
-    http = a.request.http
-    http.id, http.method, http.path, http.host = "1234567890", "GET", path, "127.0.0.1"
-    http.scheme, http.protocol = "http", "HTTP/1.1"
-    http.headers.update(
-        {
-            ":authority": "127.0.0.1:8080",
-            ":method": "GET",
-            ":path": path,
-            ":scheme": "http",
-            "authorization": f"Bearer {token}",
-            "x-forwarded-proto": "http",
-            "x-request-id": "7a1c3a2e-3f4b-4b7e-9d0e-000000000000",
+async def _measure(args: argparse.Namespace, config: Path, redis_pid: int | None) -> dict[str, Any]:
+    redis: dict[str, Any] = {"deadline_ms": args.deadline_ms}
+    if args.slow_client:
+        redis["fast_client"] = False
+    settings = inproc.in_process_settings(config, redis=redis)
+    service = await inproc.start(settings)
+    try:
+        authorizer = service.authorizer
+        token = await asyncio.to_thread(inproc.password_token, settings)
+        claims = jwt.decode(token, options={"verify_signature": False})
+        level = "high" if args.audited else "elevated"
+        await inproc.write_grant(authorizer.store, claims, level, 3600)
+        path = "/wires/1" if args.audited else inproc.PATH
+        redis_cpu = _redis_cpu(redis_pid)
+        out: dict[str, Any] = {
+            "n": args.n,
+            "concurrency": args.concurrency,
+            "reps": args.reps,
+            "client": "redis-py" if args.slow_client else "FastRedis",
+            "path": path,
         }
-    )
-    return req.SerializeToString()
+        modes = ("http", "grpc") if args.mode == "both" else (args.mode,)
+        paths: dict[str, Any] = {
+            "http": (inproc.HttpPath(authorizer, settings), inproc.http_check_head(token, path)),
+            "grpc": (
+                inproc.GrpcPath(authorizer, settings),
+                inproc.grpc_check_request(token, path),
+            ),
+        }
+        for mode in modes:
+            check, raw = paths[mode]
+            if await check.once(raw) != 200:
+                raise SystemExit(f"bench.micro: the {mode} allow path did not allow")
 
+        async def warm(check: Any, raw: bytes) -> None:
+            for _ in range(300):
+                await check.once(raw)
+            await authorizer.drain()
 
-async def run(args: argparse.Namespace) -> dict[str, float]:
-    sock = bind()
-    idp = base_url(sock)
-    cfg = DevIdpConfig(
-        issuer=idp,
-        clients={"stepup-authz": DevClient("dev-secret", ("http://app.test/_stepup/callback",))},
-    )
-    async with running(cfg, sock):
-        # A generous deadline: a profiler's overhead must not turn reads into failures.
-        redis: dict[str, Any] = {"fast_client": not args.slow_client, "deadline_ms": 2000}
-        if args.redis_url:
-            redis["url"] = args.redis_url
-        settings = Settings.model_validate(
-            {
-                "policy_file": str(REPO / "examples" / "policy.yaml"),
-                "grpc": {"port": 0, "shutdown_delay_s": 0},
-                "http": {"port": 0},
-                "redis": redis,
-                "oidc": {
-                    "issuer": idp,
-                    "client_id": "stepup-authz",
-                    "client_secret": "dev-secret",
-                    "audience": "stepup-demo",
-                    "algorithms": ["RS256"],
-                    "token_typ": "at+jwt",
-                },
-                "stepup": {"public_url": "http://app.test", "cookie_secure": False},
-                "log": {"level": "INFO"},
-                # --audited: GET /wires/1 (`high`), allowed only after its durable XADD.
-                "audit": {
-                    "enabled": args.audit or args.audited,
-                    "durable_level": "high" if args.audited else None,
-                    **dev_mac_settings(),
-                },
+        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+        for m in modes:
+            await warm(*paths[m])
+        for _ in range(args.reps):
+            for m in modes:  # interleaved, like the harness's scenarios
+                check, raw = paths[m]
+
+                async def one(_: int, check: Any = check, raw: bytes = raw) -> int:
+                    return int(await check.once(raw))
+
+                r = await inproc.closed_loop(
+                    one, args.n, args.concurrency, drain=authorizer.drain, redis_cpu=redis_cpu
+                )
+                runs[m].append(r.as_dict())
+        for m in modes:
+            rs = runs[m]
+            out[m] = {
+                "cpu_us_per_check": statistics.median(r["cpu_us_per_check"] for r in rs),
+                "redis_us_per_check": _median_opt(r["redis_us_per_check"] for r in rs),
+                "not_allowed": sum(r["not_allowed"] for r in rs),
+                "runs": rs,
             }
-        )
-        service = await start_service(settings)
-        try:
-            token = await _token(idp)
-            claims = jwt.decode(token, options={"verify_signature": False})
-            now = int(time.time())
-            await service.authorizer.store.write_grant(  # type: ignore[attr-defined]
-                user_key(claims["iss"], claims["sub"]),
-                session_key(claims["iss"], claims["sub"], claims["sid"]),
-                Grant(
-                    "high" if args.audited else "elevated",
-                    Evidence("mfa", ("pwd", "otp"), now),
-                    now + 3600,
-                    now,
-                ),
-                now,
-            )
-            servicer = AuthorizationServicer(service.authorizer, ResponseBuilder())
-            raw = _request(token, "/wires/1" if args.audited else "/accounts/1")
+        return out
+    finally:
+        await service.stop()
 
-            async def one() -> int:
-                req = external_auth_pb2.CheckRequest.FromString(raw)
-                resp = await servicer.Check(req, None)
-                resp.SerializeToString()
-                return int(resp.status.code)
 
-            assert await one() == 0, "the allow path must allow"
-            for _ in range(200):  # warm caches, connections, the JIT-less interpreter
-                await one()
-            await service.authorizer.drain()
-            conc = args.concurrency
-            batches = max(1, args.n // conc)
-            failed = 0
-            c0, t0 = time.process_time(), time.perf_counter()
-            for _ in range(batches):
-                codes = await asyncio.gather(*(one() for _ in range(conc)))
-                failed += sum(1 for c in codes if c)
-            await service.authorizer.drain()
-            c1, t1 = time.process_time(), time.perf_counter()
-            n = batches * conc
-            return {
-                "checks": n,
-                "failed": failed,
-                "cpu_us_per_check": (c1 - c0) / n * 1e6,
-                "wall_us_per_check": (t1 - t0) / n * 1e6,
-            }
-        finally:
-            await service.stop()
+def _median_opt(values: Any) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _redis_cpu(pid: int | None) -> Any:
+    if pid is None:
+        return None
+    from bench.stackctl import cpu_seconds
+
+    return lambda: cpu_seconds(pid)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.config is not None:
+        return await _measure(args, args.config, args.redis_pid)
+    with tempfile.TemporaryDirectory(prefix="stepup-micro-") as tmp:
+        async with inproc.local_environment(Path(tmp), redis_url=args.redis_url) as env:
+            config = env.write_settings(REPO / "examples" / "policy.yaml")
+            return await _measure(args, config, env.redis_pid)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,17 +129,22 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--n", type=int, default=20_000)
+    p.add_argument("--mode", choices=("http", "grpc", "both"), default="both")
+    p.add_argument("--n", type=int, default=20_000, help="checks per repetition")
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--redis-url", help="default: an embedded Valkey")
+    p.add_argument("--config", type=Path, help="a bench stack's settings file (default: own)")
+    p.add_argument("--redis-pid", type=int, help="with --config: Valkey's pid, for its CPU")
+    p.add_argument("--redis-url", help="without --config: this Redis (default: embedded)")
+    # A generous deadline: a profiler's overhead must not turn reads into failures.
+    p.add_argument("--deadline-ms", type=int, default=2000)
     p.add_argument("--slow-client", action="store_true", help="scripts over redis-py")
-    p.add_argument("--audit", action="store_true", help="audit enabled (buffered; default off)")
     p.add_argument(
         "--audited",
         action="store_true",
-        help="GET /wires/1 at `high` with audit before access (a durable XADD "
-        "per Check): the audited allow's Python cost against the default",
+        help="GET /wires/1 at `high`, allowed only after its durable audit record",
     )
+    p.add_argument("--json", type=Path, help="also write the result here")
     p.add_argument("--profile", action="store_true", help="pyinstrument the measured loop")
     args = p.parse_args(argv)
     if args.profile:
@@ -191,12 +157,18 @@ def main(argv: list[str] | None = None) -> int:
         print(prof.output_text(unicode=False, color=False, show_all=False))
     else:
         res = uvloop.run(run(args))
-    print(
-        f"{res['checks']:.0f} checks, concurrency {args.concurrency}, "
-        f"{'redis-py' if args.slow_client else 'FastRedis'}: "
-        f"{res['cpu_us_per_check']:.1f} us CPU per check "
-        f"({res['wall_us_per_check']:.1f} us wall); not allowed: {res['failed']:.0f}"
-    )
+    if args.json is not None:
+        args.json.write_text(json.dumps(res, indent=1) + "\n")
+    for mode in ("http", "grpc"):
+        if mode in res:
+            r = res[mode]
+            redis = r["redis_us_per_check"]
+            print(
+                f"{mode}: {r['cpu_us_per_check']:.1f} us CPU per check (median of "
+                f"{args.reps} x {args.n:,}, concurrency {args.concurrency}, {res['client']})"
+                + ("" if redis is None else f"; Redis {redis:.1f} us")
+                + f"; not allowed: {r['not_allowed']}"
+            )
     return 0
 
 

@@ -122,6 +122,12 @@ def ratio(value: float | None, base: float | None) -> float | None:
     return value / base
 
 
+def scenario_order(sid: str) -> tuple[int, str]:
+    """Sort key of a scenario id: by its number ("2t" after "2", before "3"), then as text."""
+    digits = "".join(c for c in sid if c.isdigit())
+    return (int(digits) if digits else 99, sid)
+
+
 def proc_cpu_ticks(stat_text: str) -> int:
     """utime + stime (clock ticks) from the text of /proc/<pid>/stat.
 
@@ -167,6 +173,20 @@ def parse_prometheus(text: str, metric: str) -> dict[tuple[tuple[str, str], ...]
         labels = tuple(sorted(_LABEL.findall(m.group(2) or "")))
         out[labels] = float(m.group(3))
     return out
+
+
+def decision_counts(
+    before: Mapping[tuple[tuple[str, str], ...], float],
+    after: Mapping[tuple[tuple[str, str], ...], float],
+) -> dict[str, int]:
+    """The service's decisions between two samples of ``stepup_authz_checks_total``, keyed
+    ``outcome=..,reason=..`` and summed over the other labels (the level): one key per
+    decision kind, never one label set overwriting another's count."""
+    out: dict[str, int] = {}
+    for labels, n in after.items():
+        key = ",".join(f"{k}={v}" for k, v in labels if k in ("outcome", "reason"))
+        out[key] = out.get(key, 0) + int(n - before.get(labels, 0))
+    return {k: v for k, v in out.items() if v}
 
 
 def delta(after: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:

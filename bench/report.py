@@ -1,5 +1,6 @@
 """Aggregation (medians over repetitions, ratios to scenarios 0 and 1) and the outputs:
-latest.json, latest.md and latest.png. Aggregation and Markdown are pure functions."""
+latest.json, latest.md (with bench/ratios.py's floors, targets and bench.micro comparison)
+and latest.png. Aggregation and Markdown are pure functions."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.parse import median, ratio
+from bench.parse import median, ratio, scenario_order
+from bench.ratios import AUDIT_TARGET, MICRO_TOLERANCE, TARGET_CONCURRENCY
 
 _METRICS = ("rps", "p50_ms", "p90_ms", "p99_ms")
 _PROCS = ("envoy", "service", "redis", "exporter")
-AUDIT_TARGET = 0.85  # issue 3: throughput with audit before access / without, same run
 
 
 def summarize(runs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -41,7 +42,7 @@ def summarize(runs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             ref = index.get((base, row["concurrency"]))
             row[f"rps_vs_{base}"] = ratio(row["rps"], ref["rps"] if ref else None)
             row[f"p99_vs_{base}"] = ratio(row["p99_ms"], ref["p99_ms"] if ref else None)
-    rows.sort(key=lambda r: (_sort_key(r["scenario"]), r["concurrency"]))
+    rows.sort(key=lambda r: (scenario_order(r["scenario"]), r["concurrency"]))
     return rows
 
 
@@ -101,13 +102,8 @@ def summarize_fixed(runs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         for base in ("0", "1"):
             ref = index.get(base)
             row[f"p99_vs_{base}"] = ratio(row["p99_ms"], ref["p99_ms"] if ref else None)
-    rows.sort(key=lambda r: _sort_key(r["scenario"]))
+    rows.sort(key=lambda r: scenario_order(r["scenario"]))
     return rows
-
-
-def _sort_key(sid: str) -> tuple[int, str]:
-    digits = "".join(c for c in sid if c.isdigit())
-    return (int(digits) if digits else 99, sid)
 
 
 NOISY_CORES = 0.25
@@ -134,6 +130,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
         f"mode `{meta['mode']}` · {meta['reps']} repetitions x {meta['duration_s']} s per cell, "
         f"interleaved; medians shown.",
         "",
+        *([f"`{meta['command']}`", ""] if meta.get("command") else []),
+        *_targets_md(doc.get("targets") or []),
         "Closed loop (wrk, HTTP/1.1 keep-alive, one connection per concurrency unit). "
         "CPU is milliseconds of CPU per request (= CPU seconds per 1,000 requests), read "
         "from /proc/<pid>/stat around each run. `x0`/`x1`: throughput relative to scenario "
@@ -157,6 +155,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
             f"{_f(cpu.get('exporter'), '.3f')} | "
             f"{r['errors'] + r['unexpected']} | {_noise(r)} |"
         )
+    out += _floors_md(doc.get("floors") or [], names)
+    out += _micro_md(doc.get("micro"))
     if doc.get("audit"):
         out += [
             "",
@@ -184,9 +184,11 @@ def markdown(doc: Mapping[str, Any]) -> str:
             f"{fr['config']['duration_s']} s after {fr['config']['warmup_s']} s warm-up; "
             "percentiles computed from the per-request log).",
             "",
+            "`p99 x1`: the p99 over jwt_authn's (scenario 1) in the same run.",
+            "",
             "| scenario | target req/s | achieved | p50 ms | p90 ms | p99 ms | p99.9 ms | "
-            "max ms | p99 x0 | CPU service | err | noise |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "max ms | p99 x0 | p99 x1 | CPU service | err | noise |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in fr["summary"]:
             out.append(
@@ -194,7 +196,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
                 f"{_f(r['achieved_rps'], ',.0f')} | {_f(r['p50_ms'], '.2f')} | "
                 f"{_f(r['p90_ms'], '.2f')} | {_f(r['p99_ms'], '.2f')} | "
                 f"{_f(r['p999_ms'], '.2f')} | {_f(r['max_ms'], '.2f')} | "
-                f"{_f(r['p99_vs_0'], '.1f')} | "
+                f"{_f(r['p99_vs_0'], '.1f')} | {_f(r['p99_vs_1'], '.2f')} | "
                 f"{_f(r['cpu_ms_per_req'].get('service'), '.3f')} | {r['unexpected']} | "
                 f"{_noise(r)} |"
             )
@@ -223,6 +225,83 @@ def markdown(doc: Mapping[str, Any]) -> str:
         out += ["", f"Service RSS: {mem['start']:,} KiB at start, {mem['end']:,} KiB at end."]
     out.append("")
     return "\n".join(out)
+
+
+def _targets_md(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    out = [
+        "Issue 18's targets, from this run (ratios of medians of interleaved repetitions; "
+        f"closed-loop cells at c={TARGET_CONCURRENCY} where it ran):",
+        "",
+        "| target | cells | measured | limit | met |",
+        "|---|---|---:|---:|---|",
+    ]
+    for t in rows:
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        sign = "<=" if t["at_most"] else ">="
+        out.append(
+            f"| {t['target']} | {t['where'] or '-'} | {_f(t['measured'], '.2f')} | "
+            f"{sign} {t['limit']:g} | {met} |"
+        )
+    return [*out, ""]
+
+
+def _floors_md(rows: Sequence[Mapping[str, Any]], names: Mapping[str, str]) -> list[str]:
+    if not rows:
+        return []
+    out = [
+        "",
+        "Against the floors and jwt_authn (same concurrency, same run). `CPU` is the "
+        "service's CPU per check in microseconds; the floor of a gRPC cell is scenario 6 "
+        "(no-op grpc.aio), of an HTTP cell scenario 7 (no-op asyncio HTTP), each behind an "
+        "Envoy rendered from the same bootstrap and answering the service's own allow. "
+        "`x floor`: ratio of the medians; `paired`: median of the per-repetition ratios; "
+        "`above`: service CPU less the floor's (the project's code, roughly). `stack CPU`: "
+        "Envoy + service + Redis per request, `x jwt` against jwt_authn's Envoy.",
+        "",
+        "| scenario | conc | CPU us | floor | floor CPU us | x floor | paired | above us | "
+        "req/s x floor | p99 x floor | req/s x jwt | p99 x jwt | stack CPU us | x jwt |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['scenario']} {names.get(r['scenario'], '')} | {r['concurrency']} | "
+            f"{_f(r['service_us'], '.0f')} | {r['floor'] or '-'} | {_f(r['floor_us'], '.0f')} | "
+            f"{_f(r['cpu_x_floor'], '.2f')} | {_f(r['cpu_x_floor_paired'], '.2f')} | "
+            f"{_f(r['above_floor_us'], '.0f')} | {_f(r['rps_x_floor'], '.2f')} | "
+            f"{_f(r['p99_x_floor'], '.2f')} | {_f(r['rps_x_jwt'], '.2f')} | "
+            f"{_f(r['p99_x_jwt'], '.2f')} | {_f(r['total_cpu_us'], '.0f')} | "
+            f"{_f(r['total_cpu_x_jwt'], '.2f')} |"
+        )
+    return out
+
+
+def _micro_md(micro: Mapping[str, Any] | None) -> list[str]:
+    if not micro or not micro.get("modes"):
+        return []
+    m = micro["micro"]
+    out = [
+        "",
+        f"bench.micro in the same run (`{m.get('command', 'python -m bench.micro')}`: the "
+        "service's objects from the stack's own settings file, in process, real Valkey over "
+        f"FastRedis; median of {m.get('reps')} x {m.get('n', 0):,} checks, "
+        f"{micro['concurrency']} in flight) beside the service's CPU per check in situ at "
+        "the same concurrency. In situ also pays the socket (and in gRPC mode grpcio), which "
+        f"the floor measures. Target: within {MICRO_TOLERANCE:.0%} of in situ.",
+        "",
+        "| mode | bench.micro us | in situ us (scenario) | micro / in situ | floor us | "
+        "in situ - floor us | micro / (in situ - floor) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode, r in micro["modes"].items():
+        out.append(
+            f"| {mode} | {_f(r['micro_us'], '.0f')} | {_f(r['in_situ_us'], '.0f')} "
+            f"({r['in_situ_scenario']}) | {_f(r['micro_x_in_situ'], '.2f')} | "
+            f"{_f(r['floor_us'], '.0f')} | {_f(r['in_situ_above_floor_us'], '.0f')} | "
+            f"{_f(r['micro_x_above_floor'], '.2f')} |"
+        )
+    return out
 
 
 def plot(doc: Mapping[str, Any], path: Path) -> None:

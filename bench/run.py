@@ -1,10 +1,12 @@
 """``python -m bench.run [--quick]`` — the benchmark against real Envoy, stepup-authz and Valkey
-on loopback (issue 6). See bench/README.md for what is measured and how to read it.
+on loopback (issues 6 and 18). See bench/README.md for what is measured and how to read it.
 
-Order of a run: start everything; check that one request per scenario gets the expected
-status; warm up; then, for each repetition and each concurrency, run every scenario in turn
-(rotating which goes first) so machine noise lands on all of them alike; then the fixed-rate
-open-loop runs; then write bench/results/latest.{json,md,png}.
+Order of a run: start everything (the stack, the reference Envoys, and the two floors, which
+answer with the service's own allow answer captured from it); check that one request per
+scenario gets the expected status; warm up; then, for each repetition and each concurrency,
+run every scenario in turn (rotating which goes first) so machine noise lands on all of them
+alike; then the fixed-rate open-loop runs; then bench.micro against the same stack (its
+figure beside the in-situ one); then write bench/results/latest.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -25,17 +27,28 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import report
-from bench.parse import delta, parse_h2load_log, parse_prometheus, parse_wrk, percentile
+from bench import ratios, report
+from bench.inproc import grpc_check_request, http_check_head
+from bench.parse import (
+    decision_counts,
+    delta,
+    parse_h2load_log,
+    parse_prometheus,
+    parse_wrk,
+    percentile,
+)
 from bench.scenarios import BY_ID, DEFAULT_IDS, SCENARIOS, Scenario
 from bench.stackctl import (
     AUDIENCE,
     BENCH_DIR,
     ENVOY_DIR,
     BenchError,
+    BenchStack,
     Envoy,
     Stack,
     bench_stack,
+    capture_grpc_answer,
+    capture_http_answer,
     children_cpu_seconds,
     cpu_seconds,
     envoy_counters,
@@ -47,6 +60,7 @@ from bench.stackctl import (
     rss_kib,
     stack_pids,
     start_envoy,
+    start_floor,
     write_grant,
 )
 
@@ -79,19 +93,20 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run (< 2 min): 1 repetition of 2 s, short fixed-rate run",
+        help="smoke run (< 1 min): 1 repetition of 2 s at c=32, a short fixed-rate run of "
+        "scenarios 1 and 5, a short bench.micro",
     )
     p.add_argument("--reps", type=int, help="repetitions per cell (default 3; quick 1)")
     p.add_argument("--duration", type=float, help="seconds per wrk run (default 8; quick 2)")
     p.add_argument(
         "--concurrency",
-        default="1,8,32,128",
-        help="comma-separated wrk connection counts (default 1,8,32,128)",
+        help="comma-separated wrk connection counts (default 1,8,32,128; quick 32)",
     )
     p.add_argument(
         "--scenarios",
         default=",".join(DEFAULT_IDS),
-        help=f"comma-separated ids (default {','.join(DEFAULT_IDS)}; also: 2t)",
+        help=f"comma-separated ids (default {','.join(DEFAULT_IDS)}; also: 2t). The floors "
+        "(6, 7) need nothing else: the stack runs in any case (its answer is theirs)",
     )
     p.add_argument(
         "--with-audit",
@@ -112,13 +127,13 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--fixed-rate",
         type=int,
-        default=2000,
-        help="open-loop total req/s for h2load (0 disables; default 2000)",
+        default=1000,
+        help="open-loop total req/s (0 disables; default 1000, issue 18's rate)",
     )
     p.add_argument(
         "--fixed-rate-scenarios",
-        default="0,1,2,5",
-        help="scenarios run at the fixed rate (default 0,1,2: the target is on 2)",
+        help="scenarios run at the fixed rate, those of them that run (default "
+        "0,1,2,5,6,7; quick 1,5: the target compares 5's p99 with 1's)",
     )
     p.add_argument(
         "--fixed-rate-duration", type=float, help="seconds per fixed-rate run (default 8; quick 3)"
@@ -153,11 +168,26 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--workdir", type=Path, help="keep logs and configs here (default: a temp dir)")
     p.add_argument("--no-plot", action="store_true", help="skip latest.png (no matplotlib)")
+    p.add_argument(
+        "--no-micro",
+        action="store_true",
+        help="skip bench.micro against the stack after the load (its figure beside the "
+        "in-situ one)",
+    )
+    p.add_argument(
+        "--micro-n", type=int, help="bench.micro checks per repetition (default 10000; quick 2000)"
+    )
     args = p.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 3)
     args.duration = args.duration or (2.0 if args.quick else 8.0)
-    args.fixed_rate_duration = args.fixed_rate_duration or (3.0 if args.quick else 8.0)
-    args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    args.fixed_rate_duration = args.fixed_rate_duration or (2.0 if args.quick else 8.0)
+    args.concurrency = [
+        int(c) for c in (args.concurrency or ("32" if args.quick else "1,8,32,128")).split(",") if c
+    ]
+    args.fixed_rate_scenarios = args.fixed_rate_scenarios or (
+        "1,5" if args.quick else "0,1,2,5,6,7"
+    )
+    args.micro_n = args.micro_n or (2000 if args.quick else 10_000)
     return args
 
 
@@ -234,10 +264,12 @@ def _accounting(
     classes = {c: env.get(f"http.edge.downstream_rq_{c}", 0) for c in ("2xx", "3xx", "4xx", "5xx")}
     expected = f"{s.expect_status // 100}xx"
     unexpected = sum(n for c, n in classes.items() if c != expected)
-    # Envoy counts per class only: an ext_authz error (timeout, broken call) is also a 4xx
-    # (status_on_error 403), so it is counted separately for the scenarios through the service.
+    # Envoy counts per class only: an ext_authz error (timeout, broken call) is answered with
+    # status_on_error (403), already a non-expected class where a 2xx is expected; where a
+    # 4xx is expected (scenario 3) it hides in that class, so it is added there.
     authz_errors = env.get("http.edge.ext_authz.error", 0)
-    unexpected += authz_errors
+    if expected == "4xx":
+        unexpected += authz_errors
     out: dict[str, Any] = {
         "cpu_s": cpu,
         "cpu_ms_per_req": {
@@ -257,13 +289,7 @@ def _accounting(
         ),
     }
     if "checks" in after:
-        checks = {
-            ",".join(f"{k}={v}" for k, v in labels if k in ("outcome", "reason")): int(
-                n - before["checks"].get(labels, 0)
-            )
-            for labels, n in after["checks"].items()
-        }
-        out["service_decisions"] = {k: v for k, v in checks.items() if v}
+        out["service_decisions"] = decision_counts(before["checks"], after["checks"])
     return out
 
 
@@ -401,7 +427,9 @@ def run_h2load(
             for n, c in acc["cpu_s"].items()
             if n in s.processes
         },
-        "unexpected": acc["unexpected"] + wrong,
+        # Envoy's counters and the per-request log see the same failures (Envoy's also those
+        # of the warm-up): the larger, never their sum.
+        "unexpected": max(acc["unexpected"], wrong),
     }
 
 
@@ -410,14 +438,16 @@ def run_h2load(
 def _environment(
     args: argparse.Namespace, scenarios: Sequence[Scenario], workdir: Path, tools: Mapping[str, str]
 ) -> Iterator[Running]:
-    """Start the stack and the reference Envoys; yield what the measurement needs."""
+    """Start the stack, the reference Envoys and the floors; yield what the measurement
+    needs."""
     with contextlib.ExitStack() as stack_cm:
         log(f"starting Valkey, dev IdP, stepup-authz and Envoy in {workdir}")
         st = bench_stack(
             workdir / "stack",
             REPO / "examples" / "policy.yaml",
             args.service_log_level,
-            http_authz=any(s.target == "stack-http" for s in scenarios),
+            # the HTTP floor answers what the service's HTTP listener answers
+            http_authz=any(s.mode == "http" for s in scenarios),
             workers=args.service_workers,
         )
         stack_cm.enter_context(st)
@@ -427,6 +457,7 @@ def _environment(
             "pwd-granted": password_token(st.idp_url),
             "mfa": mfa_token(st.idp_url),
         }
+        _regrant(st, tokens["pwd-granted"])
         needs = {s.target for s in scenarios}
         envoys: dict[str, Envoy] = {}
         if "ceiling" in needs:
@@ -447,6 +478,14 @@ def _environment(
                 jwks_file=str(jwks),
             )
             stack_cm.callback(envoys["jwt"].stop)
+        floors = {}
+        for s in scenarios:
+            if s.role != "floor" or s.mode is None:
+                continue
+            answer = _service_answer(st, s, tokens)
+            log(f"floor {s.mode}: answers the service's own {len(answer)}-byte allow")
+            floors[s.target] = start_floor(s.mode, answer, workdir, tools["envoy"])
+            stack_cm.callback(floors[s.target].stop)
         targets: dict[str, Target] = {}
         for s in scenarios:
             headers = (
@@ -469,6 +508,15 @@ def _environment(
                     headers,
                     metrics_url=f"{st.service_http_url}/metrics",
                 )
+            elif s.target in floors:
+                f = floors[s.target]
+                assert f.envoy is not None
+                targets[s.id] = Target(
+                    f.envoy.url,
+                    f.envoy.admin_url,
+                    {"envoy": f.envoy.pid, "service": f.pid},
+                    headers,
+                )
             else:
                 e = envoys[s.target]
                 targets[s.id] = Target(e.url, e.admin_url, {"envoy": e.pid}, headers)
@@ -479,9 +527,29 @@ def _environment(
             regrant=lambda: _regrant(st, tokens["pwd-granted"]),
             extra_sanity=lambda: _jwt_refuses_pwd(jwt_envoy, tokens["pwd"]),
             service_rss=lambda: rss_kib(pids["service"]),
+            stack=st,
+            redis_pid=pids["redis"],
         )
-        running.regrant()
         yield running
+
+
+def _service_answer(st: Stack, s: Scenario, tokens: Mapping[str, str]) -> bytes:
+    """The service's own answer to scenario ``s``'s request, asked directly (no Envoy): the
+    bytes the floor of that mode sends back for every check."""
+    assert s.credential is not None
+    token = tokens[s.credential]
+    if s.mode == "grpc":
+        answer = capture_grpc_answer(st.grpc_target, grpc_check_request(token, s.path))
+        from envoy.service.auth.v3 import external_auth_pb2
+
+        if external_auth_pb2.CheckResponse.FromString(answer).status.code != 0:
+            raise BenchError("the service did not allow the floor's request over gRPC")
+        return answer
+    assert isinstance(st, BenchStack) and st.check_port
+    answer = capture_http_answer(st.check_port, http_check_head(token, s.path))
+    if not answer.startswith(b"HTTP/1.1 200 "):
+        raise BenchError(f"the service did not allow the floor's request: {answer[:300]!r}")
+    return answer
 
 
 def _regrant(st: Stack, token: str) -> None:
@@ -496,6 +564,8 @@ class Running:
     regrant: Callable[[], None]
     extra_sanity: Callable[[], None]
     service_rss: Callable[[], int]
+    stack: Stack
+    redis_pid: int
 
 
 def _jwt_refuses_pwd(envoy: Envoy | None, pwd: str) -> None:
@@ -508,17 +578,65 @@ def _jwt_refuses_pwd(envoy: Envoy | None, pwd: str) -> None:
 
 
 def sanity(s: Scenario, t: Target) -> None:
-    """One request must get the scenario's expected status before anything is measured."""
+    """One request must get the scenario's expected status before anything is measured,
+    and through ext_authz that answer must be the authorization server's (a floor that
+    Envoy could not reach would be a 403, never an allow; this also proves the allow
+    came from the server rather than from a route without the filter)."""
+    before = envoy_counters(t.admin_url) if s.mode is not None else None
     status, headers, body = http_get(t.url + s.path, dict(t.headers))
     if status != s.expect_status:
         raise BenchError(
             f"scenario {s.id} ({s.name}): expected {s.expect_status}, got {status} "
             f"{headers.get('x-stepup-reason', '')} {body[:200]!r}"
         )
+    if before is not None:
+        counters = delta(envoy_counters(t.admin_url), before)
+        key = "http.edge.ext_authz." + ("ok" if s.expect_status < 300 else "denied")
+        if counters.get(key, 0) < 1:
+            raise BenchError(f"scenario {s.id}: Envoy did not count the answer as {key}")
     if s.id == "3":
         www = headers.get("www-authenticate", "")
         if "insufficient_user_authentication" not in www:
             raise BenchError(f"scenario 3 answered 401 without the step-up challenge: {www!r}")
+
+
+def _run_micro(
+    args: argparse.Namespace, env: Running, scenarios: Sequence[Scenario], workdir: Path
+) -> dict[str, Any] | None:
+    """bench.micro in a process of its own, on the stack's own settings file (its Valkey,
+    IdP, keyring, policy and audit settings), while the stack is idle: the in-process
+    figure of the same run, for the comparison in latest.md."""
+    modes = {s.mode for s in scenarios if s.role == "service" and s.credential == GRANTED}
+    if not modes:
+        return None
+    mode = "both" if len(modes) > 1 else modes.pop()
+    out = workdir / "micro.json"
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.micro",
+        "--config",
+        str(env.stack.workdir / "config.yaml"),
+        "--redis-pid",
+        str(env.redis_pid),
+        "--mode",
+        str(mode),
+        "--n",
+        str(args.micro_n),
+        "--reps",
+        str(args.reps),
+        "--concurrency",
+        "32",
+        "--json",
+        str(out),
+    ]
+    log(f"bench.micro ({mode}, {args.reps} x {args.micro_n:,} checks) on the stack's settings")
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=900, check=False)
+    if proc.returncode != 0:
+        raise BenchError(f"bench.micro failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(out.read_text())
+    result["command"] = "python -m bench.micro " + " ".join(argv[3:])
+    return result
 
 
 def _versions(tools: Mapping[str, str]) -> dict[str, str]:
@@ -567,6 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
     fixed_runs: list[dict[str, Any]] = []
+    micro: dict[str, Any] | None = None
     try:
         with _environment(args, scenarios, workdir, tools) as env:
             targets = env.targets
@@ -633,6 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rss_end = env.service_rss()
             for s in scenarios:  # still healthy after the load?
                 sanity(s, targets[s.id])
+            micro = None if args.no_micro else _run_micro(args, env, scenarios, workdir)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -658,6 +778,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scenarios": [asdict(s) for s in scenarios],
         "skipped": skipped,
         "summary": report.summarize(runs),
+        "floors": ratios.floor_ratios(runs, [asdict(s) for s in scenarios]),
         "audit": report.audit_ratios(runs),
         "runs": runs,
         "service_rss_kib": {"start": rss_start, "end": rss_end},
@@ -678,8 +799,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ),
             },
             "summary": report.summarize_fixed(fixed_runs),
+            "vs_jwt": ratios.fixed_vs_reference(fixed_runs, [asdict(s) for s in fixed]),
             "runs": fixed_runs,
         }
+    if micro is not None:
+        doc["micro"] = ratios.micro_comparison(micro, doc["summary"])
+    doc["targets"] = ratios.targets(doc)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(doc, indent=1) + "\n")
     md = report.markdown(doc)

@@ -1,5 +1,7 @@
-"""The benchmark scenarios (issue 6). Each names where its requests go, which token they
-carry, the one status every response must have, and whose CPU is charged to it."""
+"""The benchmark scenarios (issues 6 and 18). Each names where its requests go, which token
+they carry, the one status every response must have, whose CPU is charged to it, its role
+(ceiling, reference, floor or the service itself) and, for ext_authz scenarios, the mode
+(``grpc`` or ``http``): every service cell is reported as a ratio to the floor of its mode."""
 
 from __future__ import annotations
 
@@ -11,18 +13,27 @@ class Scenario:
     id: str
     name: str
     title: str
-    target: str  # "ceiling" | "jwt" | "stack": which Envoy receives the load
+    target: str  # "ceiling" | "jwt" | "stack" | "stack-http" | "floor-grpc" | "floor-http"
     credential: str | None  # "mfa" | "pwd-granted" | "pwd" | None
     expect_status: int  # every response must be this; anything else is counted as an error
     processes: tuple[str, ...]  # CPU reported for these ("envoy", "service", "redis")
     path: str = "/accounts/1"  # an `elevated` route in examples/policy.yaml
+    role: str = "service"  # "ceiling" | "reference" | "floor" | "service"
+    mode: str | None = None  # ext_authz protocol: "grpc" | "http"; None without ext_authz
     available: bool = True
     unavailable_reason: str = ""
 
 
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
-        "0", "ceiling", "Envoy direct response, no authorization", "ceiling", None, 200, ("envoy",)
+        "0",
+        "ceiling",
+        "Envoy direct response, no authorization",
+        "ceiling",
+        None,
+        200,
+        ("envoy",),
+        role="ceiling",
     ),
     Scenario(
         "1",
@@ -32,6 +43,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "mfa",
         200,
         ("envoy",),
+        role="reference",
     ),
     Scenario(
         "2",
@@ -41,6 +53,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "pwd-granted",
         200,
         ("envoy", "service", "redis"),
+        mode="grpc",
     ),
     Scenario(
         "3",
@@ -50,6 +63,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "pwd",
         401,
         ("envoy", "service", "redis"),
+        mode="grpc",
     ),
     # GET /wires/1 is `high` in examples/policy.yaml; the bench stack audits allows at `high`
     # and above before access (bench.stackctl.AUDIT_DURABLE_LEVEL): one durable XADD more.
@@ -62,6 +76,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         200,
         ("envoy", "service", "redis", "exporter"),
         path="/wires/1",
+        mode="grpc",
     ),
     Scenario(
         "5",
@@ -71,6 +86,33 @@ SCENARIOS: tuple[Scenario, ...] = (
         "pwd-granted",
         200,
         ("envoy", "service", "redis"),
+        mode="http",
+    ),
+    # The floors (bench/floors.py): a Python server of each kind behind its own Envoy,
+    # rendered from the same bootstrap as the service's in that mode, that decides nothing
+    # and sends back the service's own allow answer (captured at start): what a Check costs
+    # before any of the project's code runs. "service" is the floor's process here.
+    Scenario(
+        "6",
+        "floor-grpc",
+        "floor: no-op grpc.aio ext_authz, same answer",
+        "floor-grpc",
+        "pwd-granted",
+        200,
+        ("envoy", "service"),
+        role="floor",
+        mode="grpc",
+    ),
+    Scenario(
+        "7",
+        "floor-http",
+        "floor: no-op asyncio HTTP ext_authz, same answer",
+        "floor-http",
+        "pwd-granted",
+        200,
+        ("envoy", "service"),
+        role="floor",
+        mode="http",
     ),
 )
 # Not part of the issue's list, off by default (--scenarios 0,1,2,2t,3): the allow path when
@@ -84,7 +126,10 @@ EXTRA = (
         "mfa",
         200,
         ("envoy", "service", "redis"),
+        mode="grpc",
     ),
 )
 BY_ID = {s.id: s for s in SCENARIOS + EXTRA}
 DEFAULT_IDS = tuple(s.id for s in SCENARIOS if s.available)
+FLOOR_OF = {s.mode: s.id for s in SCENARIOS if s.role == "floor"}  # mode -> floor scenario
+JWT_ID = "1"  # the native reference every service cell is also compared with

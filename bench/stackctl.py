@@ -14,6 +14,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -230,9 +231,10 @@ def write_grant(stack: Stack, token: str, level: str, ttl_s: int) -> None:
     """Record a step-up grant for ``token``'s session through the service's own store API,
     exactly as the callback would after an mfa sign-in now."""
     from authz.config.settings import RedisSettings
-    from authz.core.session import Evidence, Grant, session_key, user_key
+    from authz.core.session import session_key, user_key
     from authz.store.connections import make_client
     from authz.store.sessions import RedisSessionStore
+    from bench.inproc import bench_grant
 
     claims = jwt.decode(token, options={"verify_signature": False})  # our own fresh token
     settings = RedisSettings(url=stack.redis_url)
@@ -254,12 +256,7 @@ def write_grant(stack: Stack, token: str, level: str, ttl_s: int) -> None:
         )  # type: ignore[arg-type]
         try:
             now = int(time.time())
-            grant = Grant(
-                level=level,
-                evidence=Evidence("mfa", ("pwd", "otp"), now),
-                expires_at=now + ttl_s,
-                issued_at=now,
-            )
+            grant = bench_grant(level, now, ttl_s)
             await store.write_grant(user_key(claims["iss"], claims["sub"]), key, grant, now)
         finally:
             await store.aclose()
@@ -337,6 +334,128 @@ class BenchStack(Stack):
         if self.http_envoy is None:
             raise BenchError("the HTTP ext_authz Envoy is not running")
         return self.http_envoy.url
+
+
+# -- the floors (scenarios 6 and 7) ------------------------------------------------------------
+@dataclass
+class Floor:
+    """A bench.floors server (its own process group) and the Envoy in front of it."""
+
+    mode: str
+    port: int
+    popen: subprocess.Popen[bytes]
+    log: IO[bytes]
+    envoy: Envoy | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self) -> None:
+        if self.envoy is not None:
+            self.envoy.stop()
+            self.envoy = None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+        self.log.close()
+
+
+def capture_http_answer(port: int, head: bytes, timeout: float = 5.0) -> bytes:
+    """Send one check request head to an HTTP ext_authz listener; its whole answer."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        sock.sendall(head)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise BenchError(f"the HTTP ext_authz listener closed without answering: {buf!r}")
+            buf += chunk
+        top, _, body = buf.partition(b"\r\n\r\n")
+        length = 0
+        for line in top.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return top + b"\r\n\r\n" + body[:length]
+
+
+def capture_grpc_answer(target: str, request: bytes, timeout: float = 5.0) -> bytes:
+    """One Authorization/Check call with serialised bytes in and out (no stubs needed)."""
+    import grpc
+
+    with grpc.insecure_channel(target) as channel:
+        check = channel.unary_unary("/envoy.service.auth.v3.Authorization/Check")
+        return bytes(check(request, timeout=timeout))
+
+
+def start_floor(mode: str, answer: bytes, workdir: Path, envoy_bin: str) -> Floor:
+    """Start ``python -m bench.floors <mode>`` answering ``answer`` and, in front of it, an
+    Envoy rendered from the service's own bootstrap for that mode."""
+    port = free_ports(1)[0]
+    answer_file = workdir / f"floor-{mode}.answer"
+    answer_file.write_bytes(answer)
+    log = (workdir / f"floor-{mode}.log").open("ab")
+    popen = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.floors",
+            mode,
+            "--port",
+            str(port),
+            "--answer",
+            str(answer_file),
+            "--record",
+            str(workdir / f"floor-{mode}.request"),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=BENCH_DIR.parent,
+        process_group=0,
+    )
+    floor = Floor(mode, port, popen, log)
+    deadline = time.monotonic() + 20
+    while b"ready" not in (workdir / f"floor-{mode}.log").read_bytes():
+        if popen.poll() is not None or time.monotonic() > deadline:
+            floor.stop()
+            tail = (workdir / f"floor-{mode}.log").read_text(errors="replace")[-3000:]
+            raise BenchError(f"the {mode} floor did not start:\n{tail}")
+        time.sleep(0.05)
+    try:
+        if mode == "grpc":
+            # /_stepup/* goes to a port nobody listens on: the bench sends nothing there.
+            floor.envoy = start_envoy(
+                "floor_grpc",
+                ENVOY_DIR / "authz_grpc.yaml",
+                workdir,
+                envoy_bin,
+                authz_grpc_port=port,
+                authz_http_port=free_ports(1)[0],
+            )
+        else:
+            floor.envoy = start_envoy(
+                "floor_http",
+                ENVOY_DIR / "authz_http.yaml",
+                workdir,
+                envoy_bin,
+                authz_check_port=port,
+            )
+    except BaseException:
+        floor.stop()
+        raise
+    return floor
 
 
 def bench_stack(
