@@ -30,9 +30,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from authz.audit.export import read_records
 from authz.demo.stack import Stack
+from tests.builders import wait_until
 from tests.interop.harness import (
     AUDIENCE,
     CLIENT_ID,
@@ -229,19 +231,30 @@ class Phone:
 
 def audit_records(stack: Stack, request_id: str, types: set[str]) -> list[dict[str, Any]]:
     """The archived records of one request (``request_id``: the hash the service writes),
-    once the exporter has archived one of each of ``types``."""
-    deadline = time.monotonic() + ARCHIVE_WAIT_S
-    while True:
-        recs = [
-            r
-            for r in (read_records([stack.audit_dir]) if stack.audit_dir.is_dir() else [])
-            if r.get("request_id") == request_id
-        ]
-        if types <= {r["type"] for r in recs}:
-            return recs
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{types} of {request_id} not archived: {recs}")
-        time.sleep(0.1)
+    once the exporter (a process of its own) has archived one of each of ``types``."""
+
+    def of_request() -> list[dict[str, Any]]:
+        recs = read_records([stack.audit_dir]) if stack.audit_dir.is_dir() else []
+        return [r for r in recs if r.get("request_id") == request_id]
+
+    wait_until(
+        lambda: types <= {r["type"] for r in of_request()},
+        f"{types} of {request_id} in the archive",
+        timeout_s=ARCHIVE_WAIT_S,
+    )
+    return of_request()
+
+
+async def ciba_metric(stack: Stack, outcome: str) -> float:
+    async with aiohttp.ClientSession() as s, s.get(f"{stack.service_http_url}/metrics") as r:
+        text = await r.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "stepup_authz_ciba_requests_total"
+        and sample.labels.get("outcome") == outcome
+    )
 
 
 def audit_id(auth_req_id: str) -> str:
@@ -298,6 +311,8 @@ async def test_a_pushed_approval_lets_the_retried_request_through(
     # `elevated` names no methods, so the claims request asked for no amr (the OP sent none)
     assert (completed["amr"], completed["factor"]) == ("", "none")
     assert completed["user"] == f"{op.issuer}|{ALICE_ID}"
+    assert await ciba_metric(stack, "approved") >= 1
+    assert await ciba_metric(stack, "started") >= 1
 
 
 async def test_a_weaker_approval_is_no_grant(
