@@ -40,6 +40,7 @@ from authz.core.policy import Policy
 from authz.evidence.monitor import CoverageMonitor
 from authz.ops.health import Health
 from authz.ops.metrics import Metrics
+from authz.stepup.ciba.service import build_ciba
 from authz.stepup.endpoints import StepupApp
 from authz.stepup.link import ContextSigner
 from authz.stepup.oidc import OidcClient, discover
@@ -385,6 +386,28 @@ async def start_service(
         http_app = web.Application(client_max_size=64 * 1024)
         stepup.add_routes(http_app)
         health.add_routes(http_app)
+        # Push step-up (OpenID CIBA) for API clients: its token checked as the Check does.
+        ciba = build_ciba(
+            settings,
+            metadata=provider,
+            profile=tokens.profile,
+            http=http,
+            access_tokens=authorizer.tokens,
+            id_tokens=tokens,
+            redis=client,
+            cipher=store.cipher,
+            sessions=store,
+            grants=store,
+            policy=policy,
+            metrics=metrics,
+            auditor=auditor,
+            devices=devices,
+            clock=clock,
+        )
+        if ciba is not None:
+            ciba.add_routes(http_app)
+            ciba.start()
+            closers.append(ciba)
         runner = web.AppRunner(http_app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.http.host, settings.http.port, reuse_port=True)

@@ -55,6 +55,9 @@ class EventType(StrEnum):
     PASSKEY_ENROLLED = "passkey.enrolled"
     PASSKEY_REMOVED = "passkey.removed"
     PASSKEY_CEREMONY = "passkey.ceremony"
+    CIBA_STARTED = "ciba.started"
+    CIBA_COMPLETED = "ciba.completed"
+    CIBA_FAILED = "ciba.failed"
     # The trail's own records: a producer's start, idle heartbeat and clean stop (written by
     # the producer, MAC'd like every record), and what the exporter found (written by the
     # exporter into the archive: never taken from the stream).

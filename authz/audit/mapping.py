@@ -732,6 +732,134 @@ def passkey_ceremony(
     )
 
 
+# -- push step-up: OpenID CIBA (authz.stepup.ciba) ------------------------------------------
+#
+# One request, from the API client's start to its end: ``ciba.started`` when the IdP accepted
+# the backchannel request, then exactly one of ``ciba.completed`` (written durably before the
+# grant is stored) or ``ciba.failed`` (the user denied it, it expired, the IdP or the grant
+# rule refused it). ``request_id`` joins them: a hash of the IdP's ``auth_req_id``, never the
+# id itself. ``route`` is the action the client named (method, host, canonical path).
+
+
+def ciba_started(
+    *,
+    level: str,
+    user: str,
+    session: str | None,
+    request_id: str,
+    acr_values: tuple[str, ...] | list[str] = (),
+    binding: bool = False,
+    route: str | None = None,
+    client_ip: str | None = None,
+    device: str | None = None,
+    policy_version: str | None = None,
+    ts_ms: int | None = None,
+) -> AuditEvent:
+    """The IdP accepted a backchannel authentication request for ``level``: the user is
+    asked on another device. ``binding`` whether a binding message went with it; ``factor``
+    is null until the user has approved."""
+    return _flow_event(
+        EventType.CIBA_STARTED,
+        ts_ms=ts_ms,
+        outcome="started",
+        reason="sent-to-idp",
+        user=user,
+        session=session,
+        device=device,
+        client_ip=client_ip,
+        route=route,
+        level=level,
+        policy_version=policy_version,
+        request_id=request_id,
+        acr_values=" ".join(acr_values),
+        binding=binding,
+    )
+
+
+def ciba_completed(
+    *,
+    level: str,
+    user: str,
+    session: str | None,
+    request_id: str,
+    acr: str | None,
+    amr: tuple[str, ...] | list[str],
+    auth_time: int | None,
+    issuer: str | None,
+    grant_expires_at: int | None,
+    route: str | None = None,
+    device: str | None = None,
+    client_ip: str | None = None,
+    decision_id: str | None = None,
+    policy_version: str | None = None,
+    ts_ms: int | None = None,
+) -> AuditEvent:
+    """The approval's ID token passed the grant rule; durable before the grant is stored."""
+    return _flow_event(
+        EventType.CIBA_COMPLETED,
+        ts_ms=ts_ms,
+        outcome="success",
+        reason=Reason.SUCCESS,
+        user=user,
+        amr=amr,
+        session=session,
+        device=device,
+        client_ip=client_ip,
+        route=route,
+        level=level,
+        decision_id=decision_id,
+        policy_version=policy_version,
+        request_id=request_id,
+        acr=acr,
+        auth_time=auth_time,
+        issuer=issuer,
+        grant_expires_at=grant_expires_at,
+    )
+
+
+def ciba_failed(
+    *,
+    reason: Reason | str,
+    level: str | None,
+    user: str | None,
+    session: str | None = None,
+    request_id: str | None = None,
+    idp_error: str | None = None,
+    acr: str | None = None,
+    amr: tuple[str, ...] | list[str] = (),
+    auth_time: int | None = None,
+    error: str | None = None,
+    route: str | None = None,
+    client_ip: str | None = None,
+    device: str | None = None,
+    decision_id: str | None = None,
+    ts_ms: int | None = None,
+) -> AuditEvent:
+    """A push step-up that did not become a grant, or a start refused: ``ciba-denied`` (the
+    user said no; ``idp_error`` ``access_denied``), ``ciba-expired``, ``rate-limited``,
+    ``ciba-pending``, ``idp-error`` (the IdP refused the request), ``token-rejected``, or the
+    grant rule's slug (``acr-insufficient``, ``subject-mismatch`` ...); ``error`` in words."""
+    return _flow_event(
+        EventType.CIBA_FAILED,
+        ts_ms=ts_ms,
+        outcome="failure",
+        reason=str(reason),
+        user=user,
+        amr=amr,
+        session=session,
+        device=device,
+        client_ip=client_ip,
+        route=route,
+        level=level,
+        decision_id=decision_id,
+        request_id=request_id,
+        idp_error=idp_error,
+        acr=acr,
+        auth_time=auth_time,
+        error=error,
+    )
+
+
 # -- the trail's own records ---------------------------------------------------------------
 
 

@@ -40,6 +40,7 @@ from authz.stepup.profiles import PROFILES, ClaimError, IdpProfile, client_of, r
 from authz.stepup.profiles import resolve as resolve_profile
 
 __all__ = [
+    "AUTH_REQ_ID_CLAIM",
     "MAX_TOKEN_BYTES",
     "AccessTokenVerifier",
     "CacheStats",
@@ -59,6 +60,8 @@ __all__ = [
 ]
 
 MAX_TOKEN_BYTES = 8 * 1024
+# OpenID CIBA Core 1.0: the claim binding an ID token to its backchannel request.
+AUTH_REQ_ID_CLAIM = "urn:openid:params:jwt:claim:auth_req_id"
 # Compact JWS only (three base64url parts); JWE (five parts) and JSON serialisation refused.
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _NEVER = frozenset({"none", "HS256", "HS384", "HS512"})
@@ -318,6 +321,33 @@ class TokenVerifier:
         got = claims.get("nonce")
         if not isinstance(got, str) or not hmac.compare_digest(got.encode(), nonce.encode()):
             raise _invalid("`nonce` mismatch")
+        return self._id_token(claims)
+
+    async def verify_backchannel_id_token(
+        self, token: str, now: int, *, auth_req_id: str
+    ) -> IdToken:
+        """Verify the ID token of an OpenID CIBA token response (poll mode): the rules of
+        ``verify_id_token`` without the nonce, which a backchannel request never carries.
+
+        A token that does carry a ``nonce`` was issued for a front-channel request, not
+        this one, and is refused. The ``urn:openid:params:jwt:claim:auth_req_id`` claim
+        (CIBA Core 1.0, required in push mode) must name this request when present.
+        """
+        if not auth_req_id:
+            raise _invalid("no expected auth_req_id")
+        claims = await self.verify_claims(token, now, audience=self._settings.client_id, typ=None)
+        if "nonce" in claims:
+            raise _invalid("`nonce` in a backchannel ID token")
+        bound = claims.get(AUTH_REQ_ID_CLAIM)
+        if bound is not None and (
+            not isinstance(bound, str)
+            or not hmac.compare_digest(bound.encode(), auth_req_id.encode())
+        ):
+            raise _invalid("`auth_req_id` claim names another request")
+        return self._id_token(claims)
+
+    def _id_token(self, claims: dict[str, Any]) -> IdToken:
+        client_id = self._settings.client_id
         aud = claims["aud"]
         azp = claims.get("azp")
         if isinstance(aud, list) and len(aud) > 1 and azp is None:

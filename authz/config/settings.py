@@ -338,6 +338,51 @@ class StepupSettings(BaseModel):
         return name if self.cookie_secure else name.removeprefix("__Host-")
 
 
+class CibaSettings(BaseModel):
+    """Push step-up for API clients through the IdP's OpenID CIBA endpoint, poll mode
+    (``authz.stepup.ciba``, docs/ciba.md). Off unless enabled; the OIDC client's
+    credentials authenticate the service at the IdP, as for the code exchange."""
+
+    model_config = _FROZEN
+    enabled: bool = False
+    # Default: `backchannel_authentication_endpoint` from the IdP's discovery document.
+    endpoint: str | None = None
+    # `requested_expiry` sent to the IdP, and the most a request is tracked whatever the
+    # IdP's `expires_in`; a client may ask for less (its own `requested_expiry`).
+    max_expiry_s: int = Field(120, ge=10, le=600)
+    # CIBA Core 1.0 section 7.3: an IdP that names no `interval` means 5 seconds.
+    default_interval_s: int = Field(5, ge=1, le=60)
+    # Poll bounds: never faster than min_interval_s whatever the IdP says; after IdP errors
+    # the service backs off, doubling, up to max_interval_s (an IdP's own interval or
+    # slow_down is honoured even above it: never poll faster than the IdP asks).
+    min_interval_s: int = Field(1, ge=1, le=60)
+    max_interval_s: int = Field(30, ge=1, le=600)
+    # The claim of the verified access token sent as `login_hint`; default: the profile's
+    # user claim (`sub`; `uid` for Okta). Never anything the client sends.
+    login_hint_claim: str | None = Field(None, min_length=1, max_length=64)
+    # The binding message (a short code and the action) shown on the user's device:
+    # oidc-provider's default accepts 20 characters of [A-Za-z0-9-._+/!?#].
+    binding_message_chars: int = Field(20, ge=12, le=64)
+    # Push bombing: starts per session and per user in a fixed window, and at most one
+    # pending request per session.
+    rate_window_s: int = Field(600, ge=10, le=86_400)
+    max_per_session: int = Field(3, ge=1, le=100)
+    max_per_user: int = Field(10, ge=1, le=1000)
+    # Requests this process polls at once (a start beyond it is refused, 503); the outcome
+    # stays readable this long after a request ends.
+    max_pending: int = Field(1000, ge=1, le=100_000)
+    max_inflight_polls: int = Field(16, ge=1, le=256)
+    result_ttl_s: int = Field(300, ge=10, le=3600)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CibaSettings:
+        if self.min_interval_s > self.max_interval_s:
+            raise ValueError("ciba.min_interval_s must be <= ciba.max_interval_s")
+        if self.max_per_session > self.max_per_user:
+            raise ValueError("ciba.max_per_session must be <= ciba.max_per_user")
+        return self
+
+
 class DeviceAssertionSettings(BaseModel):
     """A signed device assertion (JWT) from an MDM / device-trust service."""
 
@@ -500,6 +545,7 @@ class Settings(BaseModel):
     audit: AuditSettings = AuditSettings()
     coverage: CoverageSettings = CoverageSettings()
     passkeys: PasskeySettings = PasskeySettings()
+    ciba: CibaSettings = CibaSettings()
     tracing: TracingSettings = TracingSettings()
 
 

@@ -98,6 +98,18 @@ class Reason(StrEnum):
     TRANSACTION_INVALID = "transaction-invalid"  # the signed transaction link does not verify
     ORIGIN_MISSING = "origin-missing"  # a state-changing POST without a same-origin Origin
 
+    # -- push step-up, OpenID CIBA (authz.stepup.ciba) ----------------------------------------
+    CIBA_NOT_OFFERED = "ciba-not-offered"  # the level needs what a push cannot give
+    ACTION_NOT_COVERED = "action-not-covered"  # the action named does not need that level
+    LOGIN_HINT_UNAVAILABLE = "login-hint-unavailable"  # the hint claim is not in the token
+    RATE_LIMITED = "rate-limited"  # too many pushes for this session or user in the window
+    CIBA_PENDING = "ciba-pending"  # a push is already pending for this session
+    CIBA_UNKNOWN = "ciba-unknown"  # no such request, or it ended long ago
+    CIBA_OTHER_SESSION = "ciba-other-session"  # a request id of another session presented
+    CIBA_DENIED = "ciba-denied"  # the user refused on the authentication device
+    CIBA_EXPIRED = "ciba-expired"  # not approved before the request expired
+    CIBA_REPLAYED = "ciba-replayed"  # the IdP answered one auth_req_id with tokens twice
+
     # -- the Sessions API (authz.admin) -------------------------------------------------------
     ARGUMENT_INVALID = "argument-invalid"
     PROOF_INVALID = "proof-invalid"  # no proof, or one that does not verify

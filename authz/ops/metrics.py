@@ -190,6 +190,13 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self.ciba = Counter(
+            "ciba_requests",
+            "Push step-ups (OpenID CIBA): started, approved, denied, expired, failed, refused.",
+            ["outcome", "reason", "level"],
+            namespace=ns,
+            registry=r,
+        )
         for op in ("enrolled", "removed", "revoked", "imported", "restored"):
             self.passkey_credentials.labels(op=op)
         # Pre-create the fail-closed series so alerts see a 0 before the first failure.

@@ -25,6 +25,19 @@ class ProviderMetadata:
     # RFC 9207: the IdP puts `iss` in every authorization response; one without it is then
     # refused (a mix-up attack strips or swaps it).
     iss_parameter_supported: bool = False
+    # OpenID CIBA (authz.stepup.ciba): where backchannel authentication requests go.
+    backchannel_authentication_endpoint: str | None = None
+    backchannel_token_delivery_modes: tuple[str, ...] = ()
+
+
+def client_auth(client_id: str, client_secret: str | None) -> tuple[dict[str, str], dict[str, str]]:
+    """(headers, form fields) authenticating the client at the IdP's token endpoint (and
+    its backchannel endpoint): ``client_secret_basic`` when there is a secret (RFC 6749
+    section 2.3.1: form-urlencode id and secret, then Basic), else ``client_id`` alone."""
+    if client_secret is None:
+        return {}, {"client_id": client_id}
+    pair = f"{quote(client_id, safe='')}:{quote(client_secret, safe='')}"
+    return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}, {}
 
 
 def pkce_pair() -> tuple[str, str]:
@@ -55,9 +68,23 @@ async def discover(
             token_endpoint=str(doc["token_endpoint"]),
             iss_parameter_supported=doc.get("authorization_response_iss_parameter_supported")
             is True,
+            backchannel_authentication_endpoint=_optional_url(
+                doc.get("backchannel_authentication_endpoint")
+            ),
+            backchannel_token_delivery_modes=_strings(
+                doc.get("backchannel_token_delivery_modes_supported")
+            ),
         )
     except KeyError as exc:
         raise OidcError(f"discovery document lacks {exc.args[0]}") from exc
+
+
+def _optional_url(value: object) -> str | None:
+    return value if isinstance(value, str) and value.startswith(("https://", "http://")) else None
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
 
 
 class RelyingParty(Protocol):
@@ -143,13 +170,9 @@ class OidcClient:
             "redirect_uri": self.redirect_uri,
             "code_verifier": verifier,
         }
-        headers = {"Accept": "application/json"}
-        if self.client_secret is not None:
-            # RFC 6749 section 2.3.1: form-urlencode id and secret, then Basic.
-            pair = f"{quote(self.client_id, safe='')}:{quote(self.client_secret, safe='')}"
-            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
-        else:
-            data["client_id"] = self.client_id
+        auth_headers, auth_fields = client_auth(self.client_id, self.client_secret)
+        headers = {"Accept": "application/json", **auth_headers}
+        data.update(auth_fields)
         try:
             async with self.session.post(
                 self.metadata.token_endpoint, data=data, headers=headers, timeout=self.timeout
