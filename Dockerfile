@@ -29,6 +29,11 @@ COPY pyproject.toml README.md ./
 COPY authz ./authz
 RUN pip install --no-deps --no-build-isolation . \
  && pip check
+# xds-protos ships an old copy of opentelemetry/proto/* over opentelemetry-proto's (the OTLP
+# exporter then fails to import): the locked opentelemetry-proto goes in again, last.
+RUN grep -A2 '^opentelemetry-proto==' requirements/runtime.lock > /tmp/otel-proto.lock \
+ && pip install --no-deps --force-reinstall --require-hashes -r /tmp/otel-proto.lock \
+ && python -c 'import opentelemetry.exporter.otlp.proto.http.trace_exporter, envoy.service.auth.v3.external_auth_pb2'
 
 # -- production: the service without the development tooling --------------------------------
 FROM build AS build-production

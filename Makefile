@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml tests/interop/op/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	@# xds-protos ships an old copy of opentelemetry/proto/* that overwrites opentelemetry-proto's
+	@# when pip installs it later (no InstrumentationScope: the OTLP exporter fails to import).
+	@# opentelemetry-proto's files go last; tests/integration/test_tracing.py fails without this.
+	$(PY) -m pip install -q --force-reinstall --no-deps "opentelemetry-proto==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+	$(PY) -c 'import opentelemetry.exporter.otlp.proto.http.trace_exporter, envoy.service.auth.v3.external_auth_pb2'
 	$(PY) -c 'from tests.interop.harness import ensure_installed; ensure_installed()'
 	touch $(STAMP)
 

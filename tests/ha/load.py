@@ -76,6 +76,22 @@ class Load:
             await asyncio.sleep(0.05)
         raise AssertionError(f"not recovered within {timeout}s: {self.summary()}")
 
+    async def granted_since(
+        self,
+        since: float,
+        n: int,
+        timeout: float,  # noqa: ASYNC109
+    ) -> list[Sample]:
+        """The granted requests answered after ``since``, once there are ``n`` of them (however
+        long a failover stalls the Check); AssertionError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            after = [s for s in self.samples if s.granted and s.at > since]
+            if len(after) >= n:
+                return after
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"fewer than {n} granted requests in {timeout}s: {self.summary()}")
+
     @property
     def allowed_without_grant(self) -> int:
         return sum(1 for s in self.samples if s.allowed and not s.granted)

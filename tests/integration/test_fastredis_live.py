@@ -294,7 +294,7 @@ async def test_service_uses_it_and_a_revocation_applies_on_the_next_check(
     from authz.check.response import ResponseBuilder
     from authz.config.settings import Settings
     from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
-    from bench.micro import _request, _token
+    from bench.inproc import grpc_check_request, password_token
 
     root = __import__("pathlib").Path(__file__).resolve().parents[2]
     sock = bind()
@@ -328,14 +328,15 @@ async def test_service_uses_it_and_a_revocation_applies_on_the_next_check(
             store = service.authorizer.store
             assert isinstance(store, RedisSessionStore)
             assert isinstance(store._scripts, FastRedis)
-            token = await _token(idp)
+            # the dev IdP answers on this loop: the blocking client runs in a thread
+            token = await asyncio.to_thread(password_token, settings)
             claims = jwt.decode(token, options={"verify_signature": False})
             uk = user_key(claims["iss"], claims["sub"])
             sk = session_key(claims["iss"], claims["sub"], claims["sid"])
             now = int(time.time())
             await store.write_grant(uk, sk, _grant("elevated", now), now)
             servicer = AuthorizationServicer(service.authorizer, ResponseBuilder())
-            req = external_auth_pb2.CheckRequest.FromString(_request(token))
+            req = external_auth_pb2.CheckRequest.FromString(grpc_check_request(token))
             await admin.config_resetstat()
             for _ in range(5):
                 assert (await servicer.Check(req, None)).status.code == 0
