@@ -2,8 +2,9 @@
 the service and the audit exporter produces an archive; ``stepup-authz evidence`` makes a
 pack of it; every figure equals the count taken directly from the archive's records;
 ``evidence verify`` passes and fails after any file changes; the HTML, opened in Debian's
-Chromium, has no console error and renders every chart (a screenshot goes to docs/img/);
-``audit incident`` lists a user's and a session's decisions.
+Chromium, has no console error and renders every chart (a screenshot goes to the folder
+``STEPUP_SCREENSHOTS`` names: docs/img refreshes the docs); ``audit incident`` lists a
+user's and a session's decisions.
 
 The journey: API challenges (password tokens), browser step-ups with TOTP, allows with
 mfa tokens, a rule denial, a shadow rule firing on every request, a rejected token, an
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -44,7 +47,12 @@ from .test_stepup_flow import Browser, api_get, password_token
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOT = ROOT / "docs" / "img" / "evidence-report.png"
+# STEPUP_SCREENSHOTS=docs/img refreshes the docs' screenshot; else a scratch folder (a test run
+# does not rewrite tracked files).
+SCREENSHOT = (
+    Path(os.environ.get("STEPUP_SCREENSHOTS") or tempfile.mkdtemp(prefix="evidence-shots-"))
+    / "evidence-report.png"
+)
 API_SECRET = "evidence-e2e-api-secret-0123"
 N_CHALLENGES, M_STEPUPS, K_ALLOWS, F_FAIL_CLOSED = 12, 3, 6, 4
 ARCHIVE_WAIT_S = 20.0
