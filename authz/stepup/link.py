@@ -17,7 +17,6 @@ A user cannot edit any of it without the key.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -25,15 +24,9 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from authz.core.encoding import b64u, unb64u
+
 _DEVICE_COOKIE_CONTEXT = b"stepup-authz device cookie v1"
-
-
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,18 +74,18 @@ class ContextSigner:
             "t": now,
             "n": nonce or secrets.token_urlsafe(12),
         }
-        body = _b64(json.dumps(doc, separators=(",", ":")).encode())
+        body = b64u(json.dumps(doc, separators=(",", ":")).encode())
         mac = hmac.new(self._key, body.encode(), hashlib.sha256).digest()
-        return f"{body}.{_b64(mac)}"
+        return f"{body}.{b64u(mac)}"
 
     def verify(self, token: str, *, level: str, now: int) -> LinkContext:
         """The context of a valid link for ``level``; ValueError otherwise."""
         body, _, mac = token.partition(".")
         try:
             expected = hmac.new(self._key, body.encode(), hashlib.sha256).digest()
-            if not hmac.compare_digest(expected, _unb64(mac)):
+            if not hmac.compare_digest(expected, unb64u(mac)):
                 raise ValueError("bad signature")
-            doc = json.loads(_unb64(body))
+            doc = json.loads(unb64u(body))
         except (ValueError, UnicodeDecodeError) as exc:
             raise ValueError(f"invalid step-up context: {exc}") from exc
         if not isinstance(doc, dict) or doc.get("l") != level:

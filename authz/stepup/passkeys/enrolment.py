@@ -17,17 +17,14 @@ from aiohttp import web
 
 from authz.audit.sinks import AuditUnavailable
 from authz.check.devices import DeviceCookies
+from authz.core.encoding import b64u, unb64u
 from authz.core.reasons import Reason
 from authz.errors import StoreError
 from authz.stepup.endpoints import safe_return_path
 from authz.stepup.passkeys import attestation, ceremonies, pages, records, rules
 from authz.stepup.passkeys.attestation import PasskeyRefused
 from authz.stepup.passkeys.base import NAME_MAX, PasskeyBase, Refusal, Who
-from authz.store.credentials import (
-    Credential,
-    b64u,
-    unb64u,
-)
+from authz.store.credentials import Credential
 
 log = logging.getLogger("authz.passkeys")
 

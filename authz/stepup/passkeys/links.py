@@ -18,7 +18,6 @@ its own) from the step-up context key, so every replica verifies what another si
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -30,18 +29,11 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from authz.core.encoding import b64u, unb64u
 from authz.core.transactions import TransactionRequest, body_digest, shown_fields
 
 _INFO = b"stepup-authz/v1/passkey-links"
 START_MAX_AGE_S = 900  # a step-up page older than this starts over
-
-
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,16 +69,16 @@ class LinkSigner:
         return cls(key)
 
     def _sign(self, doc: dict[str, Any]) -> str:
-        body = _b64(json.dumps(doc, separators=(",", ":"), sort_keys=True).encode())
-        return f"{body}.{_b64(hmac.new(self._key, body.encode(), hashlib.sha256).digest())}"
+        body = b64u(json.dumps(doc, separators=(",", ":"), sort_keys=True).encode())
+        return f"{body}.{b64u(hmac.new(self._key, body.encode(), hashlib.sha256).digest())}"
 
     def _open(self, token: str) -> dict[str, Any]:
         body, _, mac = token.partition(".")
         try:
             expected = hmac.new(self._key, body.encode(), hashlib.sha256).digest()
-            if not hmac.compare_digest(expected, _unb64(mac)):
+            if not hmac.compare_digest(expected, unb64u(mac)):
                 raise ValueError("bad signature")
-            doc = json.loads(_unb64(body))
+            doc = json.loads(unb64u(body))
         except (ValueError, UnicodeDecodeError) as exc:
             raise ValueError(f"invalid link value: {exc}") from exc
         if not isinstance(doc, dict):

@@ -32,8 +32,9 @@ from types import MappingProxyType
 from typing import Any
 
 from authz.audit.events import AuditEvent, EventType, Scalar
+from authz.core.encoding import b64u, unb64u
 from authz.core.reasons import Reason
-from authz.store.credentials import Credential, b64u, unb64u
+from authz.store.credentials import Credential
 
 CEREMONY = "passkey.ceremony"
 ENROLLED = "passkey.enrolled"

@@ -15,6 +15,7 @@ from urllib.parse import quote, urlencode
 from aiohttp import web
 
 from authz.audit.sinks import AuditUnavailable
+from authz.core.encoding import b64u, unb64u
 from authz.core.grants import GrantRefused, Proof, Target, grant_for
 from authz.core.reasons import Reason
 from authz.core.session import Evidence
@@ -23,12 +24,7 @@ from authz.stepup.endpoints import safe_return_path
 from authz.stepup.passkeys import ceremonies, pages, records, rules
 from authz.stepup.passkeys.attestation import PasskeyRefused
 from authz.stepup.passkeys.base import MESSAGES, PasskeyBase, Refusal
-from authz.store.credentials import (
-    TransactionGrant,
-    b64u,
-    unb64u,
-    with_use,
-)
+from authz.store.credentials import TransactionGrant, with_use
 
 log = logging.getLogger("authz.passkeys")
 
