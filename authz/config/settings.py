@@ -71,6 +71,13 @@ class HttpAuthzSettings(BaseModel):
     idle_timeout_s: float = Field(300.0, gt=0)
     max_connections: int = Field(1024, ge=1)
     shutdown_grace_s: float = Field(5.0, ge=0)
+    # A request head (from a new connection's open, or a request's first byte) must be
+    # complete within this; a head trickled byte by byte (slowloris) is refused at it.
+    header_timeout_s: float = Field(5.0, gt=0)
+    # One source address holds at most this many connections; past it (or past
+    # max_connections) the longest-idle connection without a check in flight is closed
+    # for the new one, so idle or trickling sockets cannot lock Envoy out.
+    max_connections_per_source: int = Field(512, ge=1)
 
 
 def _host_port(node: str) -> str:
