@@ -2,7 +2,11 @@
 
 ``/healthz``: the process answers. ``/readyz``: it should be sent traffic -- accepting
 (false once shutdown began, so load balancers drain it first), verification keys loaded,
-a policy in force; the session store's reachability is reported too. ``/metrics``: the
+a policy in force. The session store's reachability is reported (``store: ok`` or
+``store: down`` in the body, the ``stepup_authz_store_up`` gauge) but does not decide
+readiness: with Redis down every replica is equally unable to read sessions, the Check
+already fails closed on whatever needs the store, and public routes need none -- taking
+every endpoint out of the Service would only take those down too. ``/metrics``: the
 Prometheus registry.
 """
 
@@ -11,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
 from authz.ops.metrics import Metrics
 
@@ -30,6 +34,14 @@ class Health:
         self.keys_ready = keys_ready
         self.policy_loaded = policy_loaded
         self.accepting = True
+        # The last answer of the store's ping (each /readyz asks): 1 up, 0 down.
+        self.store_up = Gauge(
+            "store_up",
+            "1 when the session store answered the last readiness probe's ping.",
+            namespace="stepup_authz",
+            registry=metrics.registry,
+            multiprocess_mode="min",
+        )
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/healthz", self.healthz)
@@ -42,12 +54,15 @@ class Health:
     async def readyz(self, request: web.Request) -> web.Response:
         checks = {
             "accepting": self.accepting,
-            "store": await self.store_ok(),
             "keys": self.keys_ready(),
             "policy": self.policy_loaded(),
         }
+        store = await self.store_ok()
+        self.store_up.set(1 if store else 0)
         ok = all(checks.values())
         body = "".join(f"{k}: {'ok' if v else 'FAIL'}\n" for k, v in checks.items())
+        # Reported, not required (see the module's docstring).
+        body += f"store: {'ok' if store else 'down'}\n"
         return web.Response(status=200 if ok else 503, text=body)
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
