@@ -1,4 +1,5 @@
-"""``/healthz``, ``/readyz`` and ``/metrics`` on the HTTP port.
+"""``/healthz``, ``/readyz`` and ``/metrics`` on the HTTP port (``/metrics`` only while it has
+no port of its own, ``authz/ops/metrics_listener.py``).
 
 ``/healthz``: the process answers. ``/readyz``: it should be sent traffic -- accepting
 (false once shutdown began, so load balancers drain it first), verification keys loaded,
@@ -43,10 +44,19 @@ class Health:
             multiprocess_mode="min",
         )
 
-    def add_routes(self, app: web.Application) -> None:
+    def add_routes(self, app: web.Application, *, metrics: bool = True) -> None:
+        """``metrics=False`` when ``/metrics`` has a listener of its own (``metrics.port``):
+        then the HTTP port, which the proxies reach, does not serve it."""
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/metrics", self.metrics_endpoint)
+        if metrics:
+            app.router.add_get("/metrics", self.metrics_endpoint)
+
+    async def probe_store(self) -> bool:
+        """Ping the store and set the gauge (at start-up, then at each readiness probe)."""
+        up = await self.store_ok()
+        self.store_up.set(1 if up else 0)
+        return up
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -57,8 +67,7 @@ class Health:
             "keys": self.keys_ready(),
             "policy": self.policy_loaded(),
         }
-        store = await self.store_ok()
-        self.store_up.set(1 if store else 0)
+        store = await self.probe_store()
         ok = all(checks.values())
         body = "".join(f"{k}: {'ok' if v else 'FAIL'}\n" for k, v in checks.items())
         # Reported, not required (see the module's docstring).
