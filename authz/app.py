@@ -41,6 +41,7 @@ from authz.evidence.monitor import CoverageMonitor
 from authz.ops.health import Health
 from authz.ops.metrics import Metrics
 from authz.ops.metrics_listener import start_metrics_listener
+from authz.ops.tls import server_context
 from authz.stepup.ciba.service import build_ciba
 from authz.stepup.endpoints import StepupApp
 from authz.stepup.link import ContextSigner
@@ -421,7 +422,16 @@ async def start_service(
             closers.append(ciba)
         runner = web.AppRunner(http_app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, settings.http.host, settings.http.port, reuse_port=True)
+        http_tls = None
+        if settings.http.tls is not None:
+            http_tls = server_context(settings.http.tls, "http")
+        site = web.TCPSite(
+            runner,
+            settings.http.host,
+            settings.http.port,
+            reuse_port=True,
+            ssl_context=http_tls,
+        )
         await site.start()
         http_port = runner.addresses[0][1]
         await grpc_server.start()

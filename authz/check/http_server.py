@@ -46,6 +46,7 @@ from authz.core.attributes import RequestAttributes
 from authz.core.decision import Decision, Outcome, failed, refused
 from authz.core.reasons import Reason
 from authz.errors import RequestError
+from authz.ops.tls import server_context
 
 log = logging.getLogger("authz.check.http_server")
 
@@ -479,10 +480,17 @@ async def maybe_start(
     """Start the HTTP ext_authz listener when ``settings.enabled``; None otherwise."""
     if not settings.enabled:
         return None
-    server = HttpAuthzServer(authorizer, responses, settings, trusted_hops=trusted_hops)
+    ssl = None
+    if settings.tls is not None:
+        ssl = server_context(settings.tls, "http_authz")
+    server = HttpAuthzServer(authorizer, responses, settings, trusted_hops=trusted_hops, ssl=ssl)
     await server.start()
     log.info(
         "HTTP ext_authz serving",
-        extra={"address": f"{settings.host}:{server.port}", "path_prefix": settings.path_prefix},
+        extra={
+            "address": f"{settings.host}:{server.port}",
+            "path_prefix": settings.path_prefix,
+            "tls": "mtls" if ssl and ssl.verify_mode else "tls" if ssl else "off",
+        },
     )
     return server
