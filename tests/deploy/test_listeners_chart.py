@@ -41,3 +41,19 @@ def test_istio_metrics_merging_scrapes_the_metrics_port(chart: Any) -> None:
     for vals in (values("minimal"), istio | {"metricsPort": 0}):
         meta = _pod(render(chart, vals))["metadata"]
         assert "prometheus.io/port" not in meta.get("annotations", {})
+
+
+def test_tls_on_the_http_ext_authz_port(chart: Any) -> None:
+    """``tls.httpAuthz`` puts the gRPC port's certificate (and client CA) on the HTTP
+    ext_authz port, the files the pod mounts from ``tls.existingSecret``."""
+    tls = {"existingSecret": "stepup-authz-tls", "clientCa": True, "httpAuthz": True}
+    docs = render(chart, values("minimal") | {"httpAuthz": {"enabled": True}, "tls": tls})
+    s = _settings(docs)
+    assert s.http_authz.enabled and s.http_authz.tls == s.grpc.tls
+    assert s.http_authz.tls is not None
+    assert str(s.http_authz.tls.client_ca_file) == "/etc/stepup-authz/secrets/tls/ca.crt"
+    (c,) = _pod(docs)["spec"]["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts["tls"] == "/etc/stepup-authz/secrets/tls"
+    plain = _settings(render(chart, values("minimal") | {"tls": tls | {"httpAuthz": False}}))
+    assert plain.http_authz.tls is None and plain.grpc.tls is not None
