@@ -54,7 +54,7 @@ bench-quick: $(STAMP) ## benchmark smoke run (< 1 min) into var/bench-quick
 	$(PY) -m bench.run --quick --out var/bench-quick
 
 FUZZ_SECONDS ?= 60
-fuzz: $(STAMP) ## fuzz the request adapter and the token verifier (atheris, FUZZ_SECONDS each)
+fuzz: $(STAMP) ## fuzz the request adapter, the token verifier and the HTTP/1.1 parser (atheris, FUZZ_SECONDS each)
 	$(PY) tests/fuzz/run.py --seconds $(FUZZ_SECONDS) --out var/fuzz
 
 security: $(STAMP) ## adversarial suite through the real Envoy; rewrites docs/security-tests.md

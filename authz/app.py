@@ -40,6 +40,8 @@ from authz.core.policy import Policy
 from authz.evidence.monitor import CoverageMonitor
 from authz.ops.health import Health
 from authz.ops.metrics import Metrics
+from authz.ops.metrics_listener import start_metrics_listener
+from authz.ops.tls import server_context
 from authz.stepup.ciba.service import build_ciba
 from authz.stepup.endpoints import StepupApp
 from authz.stepup.link import ContextSigner
@@ -69,6 +71,7 @@ class Service:
     api: GrpcServer | None = None
     _closers: list[object] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    metrics_runner: web.AppRunner | None = None  # /metrics on its own port (metrics.port)
 
     @property
     def grpc_port(self) -> int:
@@ -77,6 +80,12 @@ class Service:
     @property
     def api_port(self) -> int | None:
         return int(self.api.port) if self.api is not None else None
+
+    @property
+    def metrics_port(self) -> int | None:
+        if self.metrics_runner is None:
+            return None
+        return int(self.metrics_runner.addresses[0][1])
 
     async def _watch_policy(self) -> None:
         while True:
@@ -95,6 +104,8 @@ class Service:
             await self.api.stop()
         await self.grpc.stop()
         await self.http_runner.cleanup()
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()
         await _close_all(self._closers)
 
 
@@ -385,7 +396,8 @@ async def start_service(
         )
         http_app = web.Application(client_max_size=64 * 1024)
         stepup.add_routes(http_app)
-        health.add_routes(http_app)
+        health.add_routes(http_app, metrics=settings.metrics.port is None)
+        await health.probe_store()  # the gauge from the start, not from the first probe
         # Push step-up (OpenID CIBA) for API clients: its token checked as the Check does.
         ciba = build_ciba(
             settings,
@@ -410,7 +422,16 @@ async def start_service(
             closers.append(ciba)
         runner = web.AppRunner(http_app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, settings.http.host, settings.http.port, reuse_port=True)
+        http_tls = None
+        if settings.http.tls is not None:
+            http_tls = server_context(settings.http.tls, "http")
+        site = web.TCPSite(
+            runner,
+            settings.http.host,
+            settings.http.port,
+            reuse_port=True,
+            ssl_context=http_tls,
+        )
         await site.start()
         http_port = runner.addresses[0][1]
         await grpc_server.start()
@@ -426,6 +447,7 @@ async def start_service(
             ),
             trusted_hops=settings.network.trusted_xff_hops,
         )
+        metrics_runner = await start_metrics_listener(settings.metrics, metrics)
     except BaseException:
         await _close_all(closers)
         raise
@@ -449,6 +471,7 @@ async def start_service(
         http_authz,
         api_server,
         closers,
+        metrics_runner=metrics_runner,
     )
     service._tasks.append(asyncio.create_task(service._watch_policy()))
     log.info(
@@ -456,6 +479,7 @@ async def start_service(
         extra={
             "grpc": f"{settings.grpc.host}:{grpc_server.port}",
             "http": f"{settings.http.host}:{http_port}",
+            "metrics": service.metrics_port,
             "policy_version": loaded.version,
         },
     )

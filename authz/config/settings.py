@@ -50,6 +50,8 @@ class HttpSettings(BaseModel):
     model_config = _FROZEN
     host: str = "127.0.0.1"
     port: int = Field(9192, ge=0, le=65535)
+    # TLS on the /_stepup port (Envoy's cluster: `render envoy --service-tls-*`).
+    tls: TlsSettings | None = None
 
 
 class HttpAuthzSettings(BaseModel):
@@ -71,6 +73,16 @@ class HttpAuthzSettings(BaseModel):
     idle_timeout_s: float = Field(300.0, gt=0)
     max_connections: int = Field(1024, ge=1)
     shutdown_grace_s: float = Field(5.0, ge=0)
+    # A request head (from a new connection's open, or a request's first byte) must be
+    # complete within this; a head trickled byte by byte (slowloris) is refused at it.
+    header_timeout_s: float = Field(5.0, gt=0)
+    # One source address holds at most this many connections; past it (or past
+    # max_connections) the longest-idle connection without a check in flight is closed
+    # for the new one, so idle or trickling sockets cannot lock Envoy out.
+    max_connections_per_source: int = Field(512, ge=1)
+    # TLS (and with client_ca_file, mTLS) on this port; `render envoy --mode http
+    # --service-tls-*` makes Envoy's check cluster speak it.
+    tls: TlsSettings | None = None
 
 
 def _host_port(node: str) -> str:
@@ -653,6 +665,17 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
         audit["mac_keys"] = {kid: fix(q) or q for kid, q in s.audit.mac_keys.items()}
     if audit:
         updates["audit"] = s.audit.model_copy(update=audit)
+    for name in ("http", "http_authz"):
+        listener = getattr(s, name)
+        if listener.tls is not None:
+            files = {
+                n: q
+                for n in ("cert_file", "key_file", "client_ca_file")
+                if (q := fix(getattr(listener.tls, n))) is not None
+            }
+            updates[name] = listener.model_copy(
+                update={"tls": listener.tls.model_copy(update=files)}
+            )
     if s.grpc.tls is not None:
         tls = {
             n: q

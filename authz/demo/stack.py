@@ -370,6 +370,11 @@ class Stack:
     def service_http_url(self) -> str:
         return f"http://{HOST}:{self.http_port}"
 
+    def service_ready(self) -> bool:
+        """The service's ``/readyz`` answers 200 (a stack with TLS on the HTTP port asks
+        over TLS)."""
+        return http_ok(f"{self.service_http_url}/readyz")
+
     @property
     def grpc_target(self) -> str:
         return f"{HOST}:{self.grpc_port}"
@@ -749,8 +754,7 @@ class Stack:
         waits = exporter_wait
         if self.with_service:
             service = self._proc("service", self._service_argv())
-            readyz = f"{self.service_http_url}/readyz"
-            waits.append((service, readyz, lambda: http_ok(readyz)))
+            waits.append((service, f"{self.service_http_url}/readyz", self.service_ready))
         envoy = self._proc(
             "envoy",
             [

@@ -89,7 +89,7 @@ def mtls_stack(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Iterator[
         sni="stepup-authz.internal",
         cert_file=str(pki / "envoy.pem"),
         key_file=str(pki / "envoy-key.pem"),
-        stepup=False,  # the service's HTTP port has no TLS listener yet
+        stepup=False,  # this stack's HTTP port is plaintext (TLS there: test_listener_tls)
     )
     tls = {
         "cert_file": str(pki / "service.pem"),

@@ -158,7 +158,9 @@ class ChartReplicas(Stack):
 
     def metric(self, i: int, name: str, **labels: str) -> float:
         """The sum of ``name`` samples with ``labels`` on replica ``i``'s /metrics."""
-        with _opener.open(f"{self.http_url(i)}/metrics", timeout=5) as r:
+        # /metrics on its own port (the chart's metricsPort), not on the step-up port.
+        metrics_url = f"http://{HOST}:{self.replica_ports[i][2]}/metrics"
+        with _opener.open(metrics_url, timeout=5) as r:
             text = r.read().decode()
         total = 0.0
         for line in text.splitlines():

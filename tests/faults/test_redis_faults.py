@@ -13,13 +13,14 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import redis
 
 from authz.store.connections import EmbeddedValkey
 from authz.store.sessions import UserKeys
 from tests.builders import FakeClock, async_wait_until
-from tests.ha.harness import SENSITIVE, STANDARD, Env, Result, service_env
+from tests.ha.harness import PUBLIC_PATH, SENSITIVE, STANDARD, Env, Result, service_env
 
 pytestmark = pytest.mark.integration
 
@@ -86,6 +87,33 @@ async def test_redis_down_fails_closed_and_recovers(env: Env, valkey: EmbeddedVa
 
     await async_wait_until(answered_from_the_store, "the store to answer again")
     assert seen[-1].reason == "acr-insufficient", seen[-1]  # grant gone: step-up
+
+
+async def readyz(env: Env) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as s, s.get(f"{env.http}/readyz") as r:
+        return r.status, await r.text()
+
+
+async def test_readiness_does_not_depend_on_redis(env: Env, valkey: EmbeddedValkey) -> None:
+    """Redis down: /readyz stays 200 (the store reported down, in the body and the gauge),
+    a public route is still allowed, a sensitive one fails closed; back up: reported ok."""
+    alice = await env.token("alice")
+    assert await readyz(env) == (200, "accepting: ok\nkeys: ok\npolicy: ok\nstore: ok\n")
+    assert env.metric("stepup_authz_store_up") == 1
+    await asyncio.to_thread(valkey.stop)
+    status, body = await readyz(env)
+    assert status == 200 and "store: down\n" in body, body
+    assert env.metric("stepup_authz_store_up") == 0
+    public = await env.check(PUBLIC_PATH)
+    assert public.allowed and public.status == 200, public
+    await assert_fails_closed(env, alice, SENSITIVE)
+    await asyncio.to_thread(valkey.start)
+
+    async def store_reported_up() -> bool:
+        return (await readyz(env))[1].endswith("store: ok\n")
+
+    await async_wait_until(store_reported_up, "the store to answer the probe again")
+    assert env.metric("stepup_authz_store_up") == 1
 
 
 async def test_redis_paused_answers_within_deadline_and_replies_never_cross(

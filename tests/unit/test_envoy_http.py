@@ -403,7 +403,22 @@ class HeldTokens(FakeTokens):
         return await super().verify_access_token(token, now)
 
 
-def make_server(tmp_path: Path) -> HttpAuthzServer:
+class Mono:
+    """The listener's clock, moved by the test: timers fire when it says, not the wall."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_server(
+    tmp_path: Path, clock: Mono | None = None, **limits: float | int
+) -> HttpAuthzServer:
     (tmp_path / "policy.yaml").write_text(POLICY)
     authorizer = Authorizer(
         policy=PolicyHolder(tmp_path / "policy.yaml"),
@@ -414,21 +429,30 @@ def make_server(tmp_path: Path) -> HttpAuthzServer:
         leeway=0,
         clock=FakeClock(NOW),
     )
-    settings = HttpAuthzSettings(
-        enabled=True,
-        port=0,
-        max_header_bytes=4096,
-        max_headers=20,
-        request_timeout_s=0.5,
-        idle_timeout_s=0.6,
-        max_connections=4,
+    settings = HttpAuthzSettings.model_validate(
+        {
+            "enabled": True,
+            "port": 0,
+            "max_header_bytes": 4096,
+            "max_headers": 20,
+            "request_timeout_s": 0.5,
+            "header_timeout_s": 0.4,
+            "idle_timeout_s": 0.6,
+            "max_connections": 4,
+            **limits,
+        }
     )
-    return HttpAuthzServer(authorizer, HttpResponseBuilder(), settings)
+    return HttpAuthzServer(authorizer, HttpResponseBuilder(), settings, clock=clock)
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[HttpAuthzServer]:
-    srv = make_server(tmp_path)
+def mono() -> Mono:
+    return Mono()
+
+
+@pytest.fixture
+async def server(tmp_path: Path, mono: Mono) -> AsyncIterator[HttpAuthzServer]:
+    srv = make_server(tmp_path, mono)
     await srv.start()
     yield srv
     await srv.stop(1.0)
@@ -458,8 +482,11 @@ async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]
     return status, headers, body
 
 
-async def connect(srv: HttpAuthzServer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.open_connection("127.0.0.1", srv.port)
+async def connect(
+    srv: HttpAuthzServer, source: str = "127.0.0.1"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection from ``source`` (any 127/8 address: a second client on loopback)."""
+    return await asyncio.open_connection("127.0.0.1", srv.port, local_addr=(source, 0))
 
 
 async def test_keep_alive_and_pipelining_answer_in_order(server: HttpAuthzServer) -> None:
@@ -501,8 +528,6 @@ async def test_bad_path_denies_and_keeps_the_connection(server: HttpAuthzServer)
         b"GARBAGE\r\n\r\n",
         b"GET /check/ HTTP/1.1\r\nhost : x\r\n\r\n",
         b"POST /check/ HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nbody",
-        b"GET /check/ HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 5000 + b"\r\n\r\n",  # too large
-        b"GET /check/ HTTP/1.1\r\n" + b"".join(b"h%d: v\r\n" % i for i in range(21)) + b"\r\n",
     ],
 )
 async def test_unreadable_stream_gets_403_and_close(
@@ -517,48 +542,215 @@ async def test_unreadable_stream_gets_403_and_close(
     w.close()
 
 
-async def test_head_timeout_answers_403_and_closes(server: HttpAuthzServer) -> None:
-    """The listener's own request timer is the subject: a real 0.5 s wait."""
+async def test_head_timeout_answers_403_and_closes(server: HttpAuthzServer, mono: Mono) -> None:
     r, w = await connect(server)
     w.write(b"GET /check/ HTTP/1.1\r\nhost: x\r\n")  # never finished
+    await async_wait_until(lambda: any(c.buf for c in server.conns), "the server to read it")
+    server.expire_due()
+    assert not r.at_eof()  # not yet due
+    mono.advance(0.4)
+    server.expire_due()
     status, headers, _ = await read_answer(r)
     assert status == 403 and headers["x-stepup-reason"] == "deadline-exceeded"
     assert await asyncio.wait_for(r.read(), 5) == b""
     w.close()
 
 
-async def test_slow_check_is_a_deadline_deny(server: HttpAuthzServer) -> None:
-    """A Check held past the listener's request timer (the subject: a real 0.5 s wait)."""
+async def test_slow_check_is_a_deadline_deny(server: HttpAuthzServer, mono: Mono) -> None:
+    """A Check held past the listener's request timer: only the timer can answer."""
     tokens = server.authorizer.tokens
     assert isinstance(tokens, HeldTokens)
-    tokens.hold = True  # never released: only the timer can answer
+    tokens.hold = True  # never released
     r, w = await connect(server)
     w.write(req("/accounts/1", "mfa"))
+    await asyncio.wait_for(tokens.entered.wait(), 5)
+    mono.advance(0.5)
+    server.expire_due()
     status, headers, _ = await read_answer(r)
     assert status == 403 and headers["x-stepup-reason"] == "deadline-exceeded"
     assert headers["connection"] == "close"
     w.close()
 
 
-async def test_idle_keep_alive_connection_is_closed(server: HttpAuthzServer) -> None:
-    """The listener's own idle timer is the subject: a real 0.6 s wait."""
+async def test_idle_keep_alive_connection_is_closed(server: HttpAuthzServer, mono: Mono) -> None:
     r, w = await connect(server)
     w.write(req("/", None))
     assert (await read_answer(r))[0] == 200
-    assert await asyncio.wait_for(r.read(), 3) == b""
+    mono.advance(0.5)  # past the head timeout, not the idle one: kept
+    server.expire_due()
+    assert len(server.conns) == 1
+    mono.advance(0.1)
+    server.expire_due()
+    assert await asyncio.wait_for(r.read(), 5) == b""
     w.close()
 
 
-async def test_connection_cap_answers_403(server: HttpAuthzServer) -> None:
+async def test_a_connection_that_sends_nothing_gets_the_head_timeout(
+    server: HttpAuthzServer, mono: Mono
+) -> None:
+    """A new connection must send its head within header_timeout_s, not idle_timeout_s."""
+    r, w = await connect(server)
+    await async_wait_until(lambda: len(server.conns) == 1, "the server to accept it")
+    mono.advance(0.4)
+    server.expire_due()
+    assert await asyncio.wait_for(r.read(), 5) == b""
+    w.close()
+
+
+async def test_connection_cap_answers_403_when_every_connection_is_busy(
+    server: HttpAuthzServer,
+) -> None:
+    """Only connections with a check in flight hold the cap: then a new one is refused."""
+    tokens = server.authorizer.tokens
+    assert isinstance(tokens, HeldTokens)
+    tokens.hold = True
     conns = [await connect(server) for _ in range(4)]
-    for r, w in conns:
-        w.write(req("/", None))
-        assert (await read_answer(r))[0] == 200
+    for _, w in conns:
+        w.write(req("/accounts/1", "mfa"))
+    await async_wait_until(
+        lambda: len(server.conns) == 4 and all(c.task for c in server.conns), "4 checks in flight"
+    )
     r, w = await connect(server)
     status, headers, _ = await read_answer(r)
     assert status == 403 and headers["connection"] == "close"
+    tokens.release.set()
+    assert [(await read_answer(cr))[0] for cr, _ in conns] == [200] * 4
     for _, cw in [*conns, (r, w)]:
         cw.close()
+
+
+# -- listener hardening: floods from one source, pipelining, header size ------------------
+
+ATTACKER = "127.0.0.2"
+
+
+async def test_idle_sockets_cannot_fill_the_cap(server: HttpAuthzServer) -> None:
+    """Eight idle sockets against a cap of four: Envoy's connections are still admitted
+    (the longest-idle socket is closed for each) and every check is answered."""
+    idle = [await connect(server, ATTACKER) for _ in range(8)]
+    await async_wait_until(lambda: sum(r.at_eof() for r, _ in idle) == 4, "4 sockets closed")
+    assert len(server.conns) == 4
+    envoy = [await connect(server) for _ in range(3)]
+    for _ in range(2):
+        for r, w in envoy:
+            w.write(req("/accounts/1", "mfa"))
+            assert (await read_answer(r))[0] == 200
+    assert sum(r.at_eof() for r, _ in idle) == 7  # one idle socket left in the room
+    for _, w in [*idle, *envoy]:
+        w.close()
+
+
+async def test_idle_socket_flood_from_one_source_leaves_others_served(tmp_path: Path) -> None:
+    srv = make_server(tmp_path, Mono(), max_connections=8, max_connections_per_source=4)
+    await srv.start()
+    try:
+        flood = [await connect(srv, ATTACKER) for _ in range(20)]
+        await async_wait_until(
+            lambda: sum(r.at_eof() for r, _ in flood) == 16, "all but 4 of the flood closed"
+        )
+        assert len(srv.by_source[ATTACKER]) == 4  # the source's limit, not the cap
+        others = [await connect(srv, f"127.0.0.{n}") for n in (1, 3, 4, 5)]
+        for _, w in others:
+            w.write(req("/accounts/1", "mfa"))
+        assert [(await read_answer(r))[0] for r, _ in others] == [200] * 4
+        for _, w in [*flood, *others]:
+            w.close()
+    finally:
+        await srv.stop(1.0)
+
+
+async def test_slowloris_from_one_source_leaves_others_served(tmp_path: Path) -> None:
+    """Heads trickled a byte at a time: the source holds at most its limit, others are
+    served meanwhile, and the trickle does not extend the head's deadline."""
+    mono = Mono()
+    srv = make_server(tmp_path, mono, max_connections=8, max_connections_per_source=4)
+    await srv.start()
+    try:
+        slow = [await connect(srv, ATTACKER) for _ in range(6)]
+        for _, w in slow:
+            w.write(b"GET /check/accounts/1 HTTP/1.1\r\nhost: trading.example.com\r\n")
+        await async_wait_until(
+            lambda: (
+                sum(r.at_eof() for r, _ in slow) == 2
+                and sum(len(c.buf) > 0 for c in srv.by_source.get(ATTACKER, ())) == 4
+            ),
+            "the source held to 4 connections, each with part of a head",
+        )
+        envoy = [await connect(srv, src) for src in ("127.0.0.1", "127.0.0.3", "127.0.0.4")]
+        for _, w in envoy:
+            w.write(req("/accounts/1", "mfa"))
+        assert [(await read_answer(r))[0] for r, _ in envoy] == [200] * 3
+        live = [(r, w) for r, w in slow if not r.at_eof()]
+        held = sum(len(c.buf) for c in srv.by_source[ATTACKER])
+        mono.advance(0.3)
+        for _, w in live:
+            w.write(b"x")  # one more byte each, before the deadline
+        await async_wait_until(
+            lambda: sum(len(c.buf) for c in srv.by_source[ATTACKER]) == held + len(live),
+            "the trickled bytes read",
+        )
+        srv.expire_due()
+        assert len(srv.by_source[ATTACKER]) == 4
+        mono.advance(0.1)  # 0.4 s since each head's first byte
+        srv.expire_due()
+        for r, _ in live:
+            status, headers, _ = await read_answer(r)
+            assert status == 403 and headers["x-stepup-reason"] == "deadline-exceeded"
+        assert ATTACKER not in srv.by_source
+        for r, w in envoy:  # Envoy's keep-alive connections are still there, and served
+            w.write(req("/", None))
+            assert (await read_answer(r))[0] == 200
+        for _, w in [*slow, *envoy]:
+            w.close()
+    finally:
+        await srv.stop(1.0)
+
+
+async def test_a_thousand_pipelined_requests_are_answered_in_order(
+    server: HttpAuthzServer,
+) -> None:
+    """600 requests answered without a check (bad paths: the stack-growing case) then 400
+    alternating with real checks, in one write: every answer, in order, on one connection."""
+    kinds = ["bad"] * 600 + [("public", "pwd")[i % 2] for i in range(400)]
+    wire = {
+        "bad": req("/accounts%2F1"),
+        "public": req("/", None),
+        "pwd": req("/accounts/1", "pwd"),
+    }
+    expected = {"bad": (403, "bad-path"), "public": (200, "public"), "pwd": (401, None)}
+    r, w = await connect(server)
+    w.write(b"".join(wire[k] for k in kinds))
+    answers = []
+    for _ in kinds:
+        status, headers, _ = await read_answer(r)
+        answers.append((status, headers.get("x-stepup-reason")))
+    for kind, (status, reason) in zip(kinds, answers, strict=True):
+        want_status, want_reason = expected[kind]
+        assert status == want_status
+        if kind == "bad":
+            assert reason == want_reason
+    w.write(req("/accounts/1", "mfa"))  # the connection is still good
+    assert (await read_answer(r))[0] == 200
+    w.close()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"GET /check/ HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 5000 + b"\r\n\r\n",
+        b"GET /check/ HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 5000,  # no end in sight
+        b"GET /check/ HTTP/1.1\r\n" + b"".join(b"h%d: v\r\n" % i for i in range(21)) + b"\r\n",
+    ],
+    ids=["too-large", "too-large-unfinished", "too-many"],
+)
+async def test_oversize_headers_get_431_and_close(server: HttpAuthzServer, payload: bytes) -> None:
+    r, w = await connect(server)
+    w.write(payload + req())  # a valid request after it must not be answered
+    status, headers, body = await read_answer(r)
+    assert status == 431 and headers["connection"] == "close"
+    assert headers["x-stepup-reason"] == "bad-request" == json.loads(body)["reason"]
+    assert await asyncio.wait_for(r.read(), 5) == b""
+    w.close()
 
 
 async def test_store_down_is_403_session_store_unavailable(server: HttpAuthzServer) -> None:

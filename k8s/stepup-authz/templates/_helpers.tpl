@@ -130,19 +130,23 @@ every setting is reachable from values.
 {{- $_ := set $audit "password_file" (printf "/etc/stepup-authz/secrets/audit-redis-auth/%s" .Values.audit.acl.servicePassword.key) -}}
 {{- end }}
 {{- $grpc := dict "host" "0.0.0.0" "port" .Values.grpcPort "shutdown_grace_s" 5 -}}
+{{- $httpAuthz := dict "enabled" .Values.httpAuthz.enabled "host" "0.0.0.0" "port" .Values.httpAuthzPort -}}
 {{- if .Values.tls.existingSecret }}
 {{- $tls := dict "cert_file" "/etc/stepup-authz/secrets/tls/tls.crt" "key_file" "/etc/stepup-authz/secrets/tls/tls.key" -}}
 {{- if .Values.tls.clientCa }}
 {{- $_ := set $tls "client_ca_file" "/etc/stepup-authz/secrets/tls/ca.crt" -}}
 {{- end }}
 {{- $_ := set $grpc "tls" $tls -}}
+{{- if .Values.tls.httpAuthz }}
+{{- $_ := set $httpAuthz "tls" $tls -}}
+{{- end }}
 {{- end }}
 {{- $settings := dict
   "policy_file" "/etc/stepup-authz/policy/policy.yaml"
   "policy_poll_s" .Values.policy.pollSeconds
   "grpc" $grpc
   "http" (dict "host" "0.0.0.0" "port" .Values.httpPort)
-  "http_authz" (dict "enabled" .Values.httpAuthz.enabled "host" "0.0.0.0" "port" .Values.httpAuthzPort)
+  "http_authz" $httpAuthz
   "redis" $redis
   "oidc" $oidc
   "stepup" $stepup
