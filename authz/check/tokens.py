@@ -354,9 +354,18 @@ class TokenVerifier:
             raise _invalid("several audiences and no `azp`")
         if azp is not None and azp != client_id:
             raise _invalid("`azp` is not our client_id")
+        # The user as the profile names them in ID tokens (`sub`; Entra's `oid`), so the
+        # grant rule's exact comparison with the access token's user is the profile's pair
+        # (profiles.same_subject): never `sub` standing in for a missing claim.
+        claim = self.profile.subject_claims[1]
+        subject = _str_claim(claims, claim)
+        if not subject:
+            raise _invalid(f"missing `{claim}`")
+        if _CONTROL.search(subject):
+            raise _invalid(f"control character in `{claim}`")
         return IdToken(
             issuer=claims["iss"],
-            subject=claims["sub"],
+            subject=subject,
             evidence=evidence_from_claims(claims, self.profile),
             session_id=_str_claim(claims, "sid"),
             claims=MappingProxyType(claims),
