@@ -59,7 +59,9 @@ VIA_RP = "rp-initiated"
 # another kind of token.
 _TYPS = frozenset({None, "jwt", "logout+jwt", "application/logout+jwt"})
 _MAX_FORM = MAX_TOKEN_BYTES + 512
-_ID = re.compile(r"[\x21-\x7e]{1,255}")
+# `jti`, `sid` and the user: non-empty strings without control characters (the access
+# token's user is held to the same rule), bounded.
+_ID = re.compile(r"[^\x00-\x1f\x7f]{1,1024}")
 
 
 class LogoutRefused(Exception):
@@ -202,6 +204,15 @@ class LogoutApp:
         self.origin = _origin(settings.stepup.public_url)
         self.token_cookie = self.stepup.cookie(self.oidc.token_cookie)
         self.state_cookie = self.stepup.cookie(self.stepup.state_cookie)
+        # The sign-out form posts here and is redirected on to the IdP (or straight to the
+        # return address): browsers apply form-action to those redirects too.
+        targets = [metadata.end_session_endpoint, *self.s.post_logout_redirect_uris]
+        allowed = sorted({_origin(t) for t in targets if t})
+        self._csp = (
+            "default-src 'none'; form-action 'self' "
+            + " ".join(allowed)
+            + "; frame-ancestors 'none'; base-uri 'none'"
+        )
 
     def add_routes(self, app: web.Application) -> None:
         p = self.stepup.path_prefix
@@ -352,9 +363,7 @@ class LogoutApp:
                 "Cache-Control": "no-store",
                 "X-Content-Type-Options": "nosniff",
                 "X-Frame-Options": "DENY",
-                "Content-Security-Policy": "default-src 'none'; form-action 'self' "
-                + (self.metadata.end_session_endpoint or "")
-                + "; frame-ancestors 'none'",
+                "Content-Security-Policy": self._csp,
             },
         )
 

@@ -223,6 +223,12 @@ async def test_an_unknown_sid_ends_the_users_sessions_unless_configured_otherwis
             sign(KEY, logout_claims(sub=DROP)), "logout-subject-missing", id="sid-without-sub"
         ),
         pytest.param("not-a-jwt", "logout-token-invalid", id="not-a-jwt"),
+        pytest.param(
+            sign(KEY, logout_claims(jti="a\nb")), "logout-token-invalid", id="jti-control-char"
+        ),
+        pytest.param(
+            sign(KEY, logout_claims(sid=["s1"])), "logout-token-invalid", id="sid-not-a-string"
+        ),
     ],
 )
 async def test_every_refused_logout_token_is_400_and_ends_nothing(
@@ -255,6 +261,17 @@ async def test_a_replayed_logout_token_is_refused_and_its_jti_kept_while_it_is_v
     once = [k for k in env.store._once if k.startswith("logout-jti:")]
     assert len(once) == 1
     assert env.store._once[once[0]] == NOW + 120 + env.settings.oidc.leeway_s
+
+
+async def test_a_user_id_with_spaces_and_non_ascii_is_still_logged_out(
+    env: Env, client: TestClient[object, object]
+) -> None:
+    """The access token accepts any user id without control characters; so must logout,
+    or that user's sessions could never be ended from the IdP."""
+    await env.grant(subject="José Ñ", sid="s 1")
+    resp = await post_token(client, sign(KEY, logout_claims(sub="José Ñ", sid="s 1")))
+    assert resp.status == 200
+    assert (await env.state(subject="José Ñ", sid="s 1")).grants == ()
 
 
 async def test_a_different_jti_is_a_new_logout(
@@ -312,6 +329,9 @@ async def test_get_logout_only_shows_a_confirmation(
     resp = await client.get("/_stepup/logout", headers=COOKIES, allow_redirects=False)
     assert resp.status == 200
     assert 'method="post" action="/_stepup/logout"' in await resp.text()
+    csp = resp.headers["Content-Security-Policy"]
+    assert "form-action 'self' https://idp.example.com;" in csp  # the IdP the form goes on to
+    assert "frame-ancestors 'none'" in csp  # no clickjacking into the button
     assert len((await env.state()).grants) == 1 and env.logouts() == []
 
 
