@@ -45,6 +45,7 @@ from authz.ops.tls import server_context
 from authz.stepup.ciba.service import build_ciba
 from authz.stepup.endpoints import StepupApp
 from authz.stepup.link import ContextSigner
+from authz.stepup.logout import LogoutApp
 from authz.stepup.oidc import OidcClient, discover
 from authz.store.connections import EmbeddedValkey, SentinelWatcher, make_redis
 from authz.store.crypto import cipher_from_settings
@@ -396,6 +397,15 @@ async def start_service(
         )
         http_app = web.Application(client_max_size=64 * 1024)
         stepup.add_routes(http_app)
+        LogoutApp(
+            settings=settings,
+            logout_tokens=tokens,
+            access_tokens=authorizer.tokens,
+            store=store,
+            metadata=provider,
+            auditor=auditor,
+            clock=clock,
+        ).add_routes(http_app)
         health.add_routes(http_app, metrics=settings.metrics.port is None)
         await health.probe_store()  # the gauge from the start, not from the first probe
         # Push step-up (OpenID CIBA) for API clients: its token checked as the Check does.

@@ -212,8 +212,10 @@ class Authorizer:
             if token is not None:
                 try:
                     identity = await self.tokens.verify_access_token(token, now)
-                except KeysUnavailable:
-                    return failed(Reason.KEYS_UNAVAILABLE, level)
+                except KeysUnavailable as exc:
+                    # Not a verdict on the token: it cannot be checked yet (never
+                    # invalid_token); when the refetch is only held back, say for how long.
+                    return failed(Reason.KEYS_UNAVAILABLE, level, retry_after_s=exc.retry_after_s)
                 except TokenError as exc:
                     token_error = exc.reason
         ip = str(attrs.source_ip) if attrs.source_ip is not None else None

@@ -126,6 +126,8 @@ def denial(
         status, error = 401, "unauthorized"
     elif d.outcome is Outcome.ERROR:
         status, error = error_status, "unavailable"
+        if d.retry_after_s is not None:
+            headers.append(("retry-after", str(d.retry_after_s)))
     else:
         status, error = 403, "forbidden"
     headers.append(("content-type", "application/json"))

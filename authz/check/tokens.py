@@ -354,9 +354,18 @@ class TokenVerifier:
             raise _invalid("several audiences and no `azp`")
         if azp is not None and azp != client_id:
             raise _invalid("`azp` is not our client_id")
+        # The user as the profile names them in ID tokens (`sub`; Entra's `oid`), so the
+        # grant rule's exact comparison with the access token's user is the profile's pair
+        # (profiles.same_subject): never `sub` standing in for a missing claim.
+        claim = self.profile.subject_claims[1]
+        subject = _str_claim(claims, claim)
+        if not subject:
+            raise _invalid(f"missing `{claim}`")
+        if _CONTROL.search(subject):
+            raise _invalid(f"control character in `{claim}`")
         return IdToken(
             issuer=claims["iss"],
-            subject=claims["sub"],
+            subject=subject,
             evidence=evidence_from_claims(claims, self.profile),
             session_id=_str_claim(claims, "sid"),
             claims=MappingProxyType(claims),
@@ -365,16 +374,29 @@ class TokenVerifier:
     # -- shared core ---------------------------------------------------------------------
 
     async def verify_claims(
-        self, token: str, now: int, *, audience: str, typ: str | None
+        self, token: str, now: int, *, audience: str, typ: str | None, require_sub: bool = True
     ) -> dict[str, Any]:
-        """Verify signature, ``iss``, ``aud``, ``sub`` and times; return the claims."""
+        """Verify signature, ``iss``, ``aud``, ``sub`` and times; return the claims.
+
+        ``require_sub=False`` (logout tokens, which may name only a ``sid``): a ``sub``
+        that is present is still checked."""
         claims, _, _ = await self._verify(
-            token, now, audience=audience, typ=None if typ is None else accepted_typs((typ,))
+            token,
+            now,
+            audience=audience,
+            typ=None if typ is None else accepted_typs((typ,)),
+            require_sub=require_sub,
         )
         return claims
 
     async def _verify(
-        self, token: str, now: int, *, audience: str, typ: frozenset[str | None] | None
+        self,
+        token: str,
+        now: int,
+        *,
+        audience: str,
+        typ: frozenset[str | None] | None,
+        require_sub: bool = True,
     ) -> tuple[dict[str, Any], dict[str, Any], jwt.PyJWK]:
         if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
             raise _invalid("token too large or not a string")
@@ -413,7 +435,7 @@ class TokenVerifier:
         except jwt.PyJWTError:
             raise _invalid("signature verification failed") from None
         claims = _loads(raw, "payload")
-        self._check_claims(claims, now, audience)
+        self._check_claims(claims, now, audience, require_sub=require_sub)
         return claims, header, key
 
     async def _key(self, kid: str | None, alg: str) -> jwt.PyJWK:
@@ -441,7 +463,9 @@ class TokenVerifier:
             raise _invalid("no key for this `kid`/`alg`")
         return key
 
-    def _check_claims(self, claims: dict[str, Any], now: int, audience: str) -> None:
+    def _check_claims(
+        self, claims: dict[str, Any], now: int, audience: str, *, require_sub: bool = True
+    ) -> None:
         s = self._settings
         if claims.get("iss") != s.issuer:  # exact: no prefix, no trailing-slash folding
             raise _invalid("`iss` mismatch")
@@ -452,9 +476,9 @@ class TokenVerifier:
         if audience not in auds:
             raise _invalid("`aud` mismatch")
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub:
+        if (require_sub or sub is not None) and (not isinstance(sub, str) or not sub):
             raise _invalid("missing `sub`")
-        if _CONTROL.search(sub):
+        if isinstance(sub, str) and _CONTROL.search(sub):
             raise _invalid("control character in `sub`")
         exp = _int_claim(claims, "exp", required=True)
         nbf = _int_claim(claims, "nbf", required=False)

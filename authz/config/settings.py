@@ -395,6 +395,32 @@ class CibaSettings(BaseModel):
         return self
 
 
+class LogoutSettings(BaseModel):
+    """Logout (``authz.stepup.logout``, docs/idp/generic.md): OIDC Back-Channel Logout 1.0
+    at ``<path_prefix>/backchannel-logout`` and the RP-initiated ``<path_prefix>/logout``."""
+
+    model_config = _FROZEN
+    backchannel: bool = True
+    # A logout token older than this (its `iat`) is refused; its `jti` is remembered that
+    # long (plus the leeway), so a replay is refused for as long as the token is accepted.
+    max_token_age_s: int = Field(300, ge=10, le=3600)
+    # A logout token naming a `sid` this service never saw as a session (access tokens
+    # without `sid`: sessions are then keyed by the token): "user" ends all of that
+    # user's sessions, as a logout by `sub` does; "session" ends only the named one.
+    unknown_sid: Literal["user", "session"] = "user"
+    # Where the IdP may send the browser after RP-initiated logout: exact URLs, the first
+    # is the default; the logout form may only pick one of these. Empty: none is sent.
+    post_logout_redirect_uris: tuple[str, ...] = ()
+
+    @field_validator("post_logout_redirect_uris")
+    @classmethod
+    def _absolute(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for uri in v:
+            if not uri.startswith(("https://", "http://")) or any(ord(c) < 0x21 for c in uri):
+                raise ValueError(f"not an absolute http(s) URL: {uri!r}")
+        return v
+
+
 class DeviceAssertionSettings(BaseModel):
     """A signed device assertion (JWT) from an MDM / device-trust service."""
 
@@ -559,6 +585,7 @@ class Settings(BaseModel):
     passkeys: PasskeySettings = PasskeySettings()
     ciba: CibaSettings = CibaSettings()
     tracing: TracingSettings = TracingSettings()
+    logout: LogoutSettings = LogoutSettings()
 
 
 _ENV_MAP: dict[str, tuple[str, ...]] = {

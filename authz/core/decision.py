@@ -66,6 +66,9 @@ class Decision:
     device: str | None = None  # the requesting device's id, when it presented one
     rule_reason: str | None = None  # a policy rule's deny slug (reason is RULE_DENIED)
     device_states: frozenset[str] = field(default_factory=frozenset)
+    # A fail-closed answer that a retry after this many seconds can turn (a JWKS refetch
+    # held back by its rate limit): the Retry-After of the denial.
+    retry_after_s: int | None = None
 
     @property
     def slug(self) -> str:
@@ -87,9 +90,18 @@ def failed(
     level: Level | None = None,
     identity: Identity | None = None,
     device: str | None = None,
+    *,
+    retry_after_s: int | None = None,
 ) -> Decision:
     """A fail-closed decision (a dependency failed or an internal error): never an allow."""
-    return Decision(Outcome.ERROR, reason, level=level, identity=identity, device=device)
+    return Decision(
+        Outcome.ERROR,
+        reason,
+        level=level,
+        identity=identity,
+        device=device,
+        retry_after_s=retry_after_s,
+    )
 
 
 def refused(reason: Reason) -> Decision:

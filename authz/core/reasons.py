@@ -118,5 +118,12 @@ class Reason(StrEnum):
     API_REVOKE_SESSION = "api-revoke-session"
     API_REVOKE_USER = "api-revoke-user"
 
+    # -- logout (authz.stepup.logout): why a logout token is refused ------------------------
+    LOGOUT_TOKEN_INVALID = "logout-token-invalid"  # noqa: S105 - signature, iss, aud, times
+    LOGOUT_EVENT_MISSING = "logout-event-missing"  # no back-channel logout member in `events`
+    LOGOUT_NONCE_PRESENT = "logout-nonce-present"  # an ID token offered as a logout token
+    LOGOUT_REPLAYED = "logout-replayed"  # a logout token's `jti` seen before
+    LOGOUT_SUBJECT_MISSING = "logout-subject-missing"  # neither `sid` nor `sub` (or no `sub`)
+
     # -- error codes (authz.errors) that are not decisions -----------------------------------
     OIDC_ERROR = "oidc-error"

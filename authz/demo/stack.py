@@ -454,6 +454,8 @@ class Stack:
                 "token_typ": "at+jwt",
             },
             "stepup": {"public_url": self.envoy_url, "cookie_secure": False},
+            # /_stepup/logout returns here through the IdP (the dev IdP registers it too).
+            "logout": {"post_logout_redirect_uris": [f"{self.envoy_url}/"]},
             "log": {"level": "INFO"},
             # The exporter reads the same stream (see exporter_settings); allows at or above
             # "elevated" are written before they are returned (audit before access).
@@ -729,6 +731,10 @@ class Stack:
                     AUDIENCE,
                     "--redirect-uri",
                     f"{self.envoy_url}/_stepup/callback",
+                    "--backchannel-logout-uri",
+                    f"{self.envoy_url}/_stepup/backchannel-logout",
+                    "--post-logout-redirect-uri",
+                    f"{self.envoy_url}/",
                     *(["--signing-key", str(self.idp_signing_key)] if self.idp_signing_key else []),
                     *self.idp_args,
                 ],

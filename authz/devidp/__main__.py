@@ -45,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
         help="repeatable; default http://127.0.0.1:8080/_stepup/callback",
     )
     serve.add_argument("--audience", default="stepup-demo", help="access token aud")
+    serve.add_argument(
+        "--backchannel-logout-uri", help="where the client gets logout tokens (POST)"
+    )
+    serve.add_argument(
+        "--post-logout-redirect-uri",
+        action="append",
+        help="where /logout may send the browser back to (repeatable)",
+    )
     serve.add_argument("--token-ttl", type=int, default=3600, help="seconds")
     serve.add_argument("--config", type=Path, help="YAML with extra users and clients")
     serve.add_argument("--signing-key", type=Path, help="RSA private key PEM (default: fresh)")
@@ -78,7 +86,12 @@ def _users(path: Path | None) -> tuple[dict[str, DevUser], dict[str, DevClient]]
 async def _serve(args: argparse.Namespace) -> None:
     users, clients = _users(args.config)
     redirect_uris = tuple(args.redirect_uri or ["http://127.0.0.1:8080/_stepup/callback"])
-    clients[args.client_id] = DevClient(args.client_secret, redirect_uris)
+    clients[args.client_id] = DevClient(
+        args.client_secret,
+        redirect_uris,
+        backchannel_logout_uri=args.backchannel_logout_uri,
+        post_logout_redirect_uris=tuple(args.post_logout_redirect_uri or ()),
+    )
     sock = bind(args.host, args.port)
     url = base_url(sock)
     config = DevIdpConfig(

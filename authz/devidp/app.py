@@ -23,6 +23,7 @@ from aiohttp.web import BaseRequest, StreamResponse
 
 from authz.devidp import forms, misbehave
 from authz.devidp.config import DevIdpConfig, SigningKey
+from authz.devidp.logout import Logout
 from authz.devidp.tokens import (
     MFA_ACRS,
     Authentication,
@@ -143,6 +144,9 @@ class Provider:
                 "claims_supported": list(_CLAIMS),
                 "prompt_values_supported": ["none", "login"],
                 "authorization_response_iss_parameter_supported": True,
+                "end_session_endpoint": c.endpoint("/logout"),
+                "backchannel_logout_supported": True,
+                "backchannel_logout_session_supported": True,
             }
         )
 
@@ -286,6 +290,14 @@ class Provider:
 
     # -- helpers ---------------------------------------------------------------------------
 
+    def end_session(self, request: web.Request) -> Authentication | None:
+        """Forget the browser's SSO session; what it was, if it was live."""
+        cookie = request.cookies.get(SESSION_COOKIE)
+        session = self._session(request)
+        if cookie:
+            self._sessions.pop(cookie, None)
+        return session.auth if session is not None else None
+
     def _session(self, request: web.Request) -> _Session | None:
         cookie = request.cookies.get(SESSION_COOKIE)
         session = self._sessions.get(cookie) if cookie else None
@@ -347,6 +359,9 @@ def create_app(config: DevIdpConfig) -> web.Application:
     app.router.add_get(prefix + "/authorize", provider.authorize_get)
     app.router.add_post(prefix + "/authorize", provider.authorize_post)
     app.router.add_post(prefix + "/token", provider.tokens.handle)
+    logout = Logout(config, provider.tokens.sign, provider.end_session, cookie=SESSION_COOKIE)
+    app.router.add_get(prefix + "/logout", logout.confirm)
+    app.router.add_post(prefix + "/logout", logout.logout)
     if config.test_knobs:  # TEST-ONLY, off unless `serve --test-knobs`
         app.router.add_put(prefix + "/_test/misbehave", provider.set_misbehaviour)
     return app

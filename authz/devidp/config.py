@@ -48,12 +48,16 @@ class DevClient:
 
     secret: str
     redirect_uris: tuple[str, ...]
+    # OIDC Back-Channel Logout 1.0 and RP-Initiated Logout 1.0 (authz.devidp.logout).
+    backchannel_logout_uri: str | None = None
+    post_logout_redirect_uris: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for uri in self.redirect_uris:
+        extra = (self.backchannel_logout_uri,) if self.backchannel_logout_uri else ()
+        for uri in (*self.redirect_uris, *extra, *self.post_logout_redirect_uris):
             parts = urlsplit(uri)
             if parts.scheme not in ("http", "https") or not parts.netloc or parts.fragment:
-                raise ConfigError(f"redirect URI must be absolute http(s), no fragment: {uri!r}")
+                raise ConfigError(f"URI must be absolute http(s), no fragment: {uri!r}")
 
 
 def default_users() -> dict[str, DevUser]:
@@ -108,6 +112,11 @@ class DevIdpConfig:
 
     def endpoint(self, path: str) -> str:
         return self.issuer.rstrip("/") + path
+
+    @property
+    def issuer_path(self) -> str:
+        """The issuer's path: where the provider's routes and its cookie live."""
+        return urlsplit(self.issuer).path.rstrip("/") or "/"
 
 
 @dataclass(frozen=True)
@@ -168,6 +177,14 @@ def load_file(path: Path) -> tuple[dict[str, DevUser], dict[str, DevClient]]:
             clients[str(client_id)] = DevClient(
                 secret=str(spec["secret"]),
                 redirect_uris=tuple(str(u) for u in spec["redirect_uris"]),
+                backchannel_logout_uri=(
+                    str(spec["backchannel_logout_uri"])
+                    if spec.get("backchannel_logout_uri")
+                    else None
+                ),
+                post_logout_redirect_uris=tuple(
+                    str(u) for u in spec.get("post_logout_redirect_uris") or ()
+                ),
             )
     except (AttributeError, KeyError, TypeError) as exc:
         raise ConfigError(f"bad users/clients entry: {exc!r}", source=str(path)) from exc

@@ -259,6 +259,10 @@ class TokenEndpoint:
             "scope": scope,
         }
 
+    def sign(self, claims: dict[str, Any], typ: str) -> str:
+        """Claims signed with the provider's key (the logout tokens of authz.devidp.logout)."""
+        return self._sign(claims, typ)
+
     def _sign(self, claims: dict[str, Any], typ: str) -> str:
         headers = {"kid": self._key.kid, "typ": typ}
         return jwt.encode(claims, self._key.private_key, algorithm="RS256", headers=headers)

@@ -54,6 +54,7 @@ CLIENT_HEADERS: tuple[str, ...] = (
     "x-stepup-decision-id",
     "cache-control",
     "content-type",
+    "retry-after",
 )
 METADATA_FROM_HEADERS: tuple[str, ...] = METADATA_HEADERS
 HEADERS_TO_REMOVE = REMOVE_HEADER

@@ -28,6 +28,9 @@ class ProviderMetadata:
     # OpenID CIBA (authz.stepup.ciba): where backchannel authentication requests go.
     backchannel_authentication_endpoint: str | None = None
     backchannel_token_delivery_modes: tuple[str, ...] = ()
+    # OIDC RP-Initiated Logout 1.0 (authz.stepup.logout): where the browser ends its IdP
+    # session.
+    end_session_endpoint: str | None = None
 
 
 def client_auth(client_id: str, client_secret: str | None) -> tuple[dict[str, str], dict[str, str]]:
@@ -74,6 +77,7 @@ async def discover(
             backchannel_token_delivery_modes=_strings(
                 doc.get("backchannel_token_delivery_modes_supported")
             ),
+            end_session_endpoint=_optional_url(doc.get("end_session_endpoint")),
         )
     except KeyError as exc:
         raise OidcError(f"discovery document lacks {exc.args[0]}") from exc

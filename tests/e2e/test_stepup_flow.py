@@ -173,6 +173,27 @@ async def test_browser_round_trip_with_totp(stack: Stack, browser: Browser) -> N
     assert seen["x-stepup-decision-id"]
 
 
+async def test_signing_out_at_the_dev_idp_challenges_the_elevated_route_again(
+    stack: Stack, browser: Browser
+) -> None:
+    """The demo's logout: the dev IdP posts its logout token through Envoy to
+    /_stepup/backchannel-logout; the session's grant is gone and its token refused."""
+    await browser.sign_in("/accounts/7")
+    await browser.step_up("/accounts/7")
+    assert (await browser.get("/accounts/7"))[0] == 200
+    status, _, page = await browser.get(f"{stack.idp_url}/logout")
+    assert status == 200 and 'method="post"' in page
+    after = f"{stack.envoy_url}/"
+    status, headers, _ = await browser.post(
+        f"{stack.idp_url}/logout",
+        {"client_id": builders.CLIENT_ID, "post_logout_redirect_uri": after},
+    )
+    assert status == 303 and headers["Location"] == after
+    status, headers, _ = await browser.get("/accounts/7")
+    assert status == 302 and headers["Location"].startswith("/_stepup/login?rd=")
+    assert "back-channel logout client=stepup-authz status=200" in stack.log_path("idp").read_text()
+
+
 # (d) the grant expires: tests/integration/test_service.py::test_grant_expiry_challenges_again,
 # the same round trip in-process on an injected clock (a real process's clock cannot be moved,
 # and waiting out a grant in real time is a sleep).

@@ -135,6 +135,11 @@ class Op:
                 self._proc.wait()
 
 
+# The OP's configurations: server.mjs's named ones, and ciba.mjs (its own script, an IdP
+# with OpenID CIBA's polling rules).
+CIBA_CONFIG = "ciba"
+
+
 @contextlib.contextmanager
 def running_op(
     config: str,
@@ -143,14 +148,24 @@ def running_op(
     redirect_uris: tuple[str, ...] = (REDIRECT_URI,),
     backchannel_logout_uri: str | None = None,
     post_logout_redirect_uris: tuple[str, ...] = (),
+    interval_s: int | None = None,
 ) -> Iterator[Op]:
-    """Start ``node server.mjs --config <config>`` on a free loopback port; stop it by PID."""
+    """Start the OP on a free loopback port; stop it by PID.
+
+    ``config`` names one of server.mjs's configurations (``node server.mjs --config
+    <config>``), or ``"ciba"`` for ``node ciba.mjs`` (``interval_s``: the CIBA ``interval``
+    it names; it has no logout features)."""
     ensure_installed()
-    argv = [
-        node_binary(),
-        str(OP_DIR / "server.mjs"),
-        "--config",
-        config,
+    ciba = config == CIBA_CONFIG
+    if ciba and (backchannel_logout_uri or post_logout_redirect_uris):
+        raise ValueError("ciba.mjs has no logout features")
+    if interval_s is not None and not ciba:
+        raise ValueError("interval_s is ciba.mjs's")
+    script = "ciba.mjs" if ciba else "server.mjs"
+    argv = [node_binary(), str(OP_DIR / script)]
+    if not ciba:
+        argv += ["--config", config]
+    argv += [
         "--port",
         "0",
         "--client-id",
@@ -168,6 +183,8 @@ def running_op(
         argv += ["--post-logout-redirect-uri", uri]
     if backchannel_logout_uri:
         argv += ["--backchannel-logout-uri", backchannel_logout_uri]
+    if interval_s is not None:
+        argv += ["--interval", str(interval_s)]
     log_path = workdir / f"op-{config}.log"
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     with log_path.open("ab") as log:
@@ -181,7 +198,7 @@ def running_op(
         ready, _, _ = select.select([proc.stdout], [], [], _START_TIMEOUT_S)
         line = proc.stdout.readline() if ready else b""
         if not line:
-            raise OpError(f"oidc-provider did not start:\n{log_path.read_text(errors='replace')}")
+            raise OpError(f"{script} did not start:\n{log_path.read_text(errors='replace')}")
         info = json.loads(line)
         op = Op(str(info["issuer"]), config, proc.pid, log_path, proc)
         yield op

@@ -12,15 +12,10 @@ must never poll sooner, and the OP's own log of polls says whether it did).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import itertools
 import json
-import os
 import re
-import select
-import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -36,17 +31,11 @@ from authz.audit.export import read_records
 from authz.demo.stack import Stack
 from tests.builders import wait_until
 from tests.interop.harness import (
-    AUDIENCE,
-    CLIENT_ID,
+    CIBA_CONFIG,
     CLIENT_SECRET,
-    OP_DIR,
-    REDIRECT_URI,
-    RESOURCE,
     Browser,
     Op,
-    OpError,
-    ensure_installed,
-    node_binary,
+    running_op,
 )
 
 pytestmark = [pytest.mark.interop, pytest.mark.e2e]
@@ -59,58 +48,10 @@ OUTCOME_TIMEOUT_S = 30.0
 ARCHIVE_WAIT_S = 20.0
 
 
-@contextlib.contextmanager
-def running_ciba_op(workdir: Path) -> Iterator[Op]:
-    """``node ciba.mjs`` on a free loopback port; stopped by its PID."""
-    ensure_installed()
-    argv = [
-        node_binary(),
-        str(OP_DIR / "ciba.mjs"),
-        "--port",
-        "0",
-        "--client-id",
-        CLIENT_ID,
-        "--client-secret",
-        CLIENT_SECRET,
-        "--audience",
-        AUDIENCE,
-        "--resource",
-        RESOURCE,
-        "--redirect-uri",
-        REDIRECT_URI,
-        "--interval",
-        str(INTERVAL_S),
-    ]
-    log_path = workdir / "op-ciba.log"
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            argv, cwd=OP_DIR, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env
-        )
-    try:
-        assert proc.stdout is not None
-        # The OP prints its issuer once it listens; a real timer bounds a hung start.
-        ready, _, _ = select.select([proc.stdout], [], [], 30)
-        line = proc.stdout.readline() if ready else b""
-        if not line:
-            raise OpError(f"ciba.mjs did not start:\n{log_path.read_text(errors='replace')}")
-        yield Op(str(json.loads(line)["issuer"]), "ciba", proc.pid, log_path, proc)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
 @pytest.fixture(scope="module")
 def ciba_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Op, Stack]]:
     workdir: Path = tmp_path_factory.mktemp("ciba-stack")
-    with running_ciba_op(workdir) as op:
+    with running_op(CIBA_CONFIG, workdir, interval_s=INTERVAL_S) as op:
         port = urlsplit(op.issuer).port
         assert port is not None
         stack = Stack(

@@ -281,9 +281,12 @@ async def test_entra_like_tokens(
     assert ident.subject == "oid-u1-alice" and ident.client_id == CLIENT_ID
     assert ident.evidence.acr == "mfa"  # from acrs ["c1"]; the token has no acr claim
     assert unmet(ident.evidence, ELEVATED, now=now(), leeway=30) is None
-    id_claims = (await v.verify_id_token(signed_in.id_token, now(), nonce=signed_in.nonce)).claims
+    verified = await v.verify_id_token(signed_in.id_token, now(), nonce=signed_in.nonce)
+    id_claims = verified.claims
     assert id_claims["acrs"] == ["c1"]
     assert profiles.same_subject(profile, ident.subject, id_claims)
+    # what the grant rule compares: the ID token's user is its `oid`, not its `sub`
+    assert verified.subject == ident.subject == id_claims["oid"] != id_claims["sub"]
     # the generic profile's typ default is not checked; Entra's refuses at+jwt
     jwt_op = op_factory("jwt")
     other = await browser(jwt_op).sign_in(resource=RESOURCE)

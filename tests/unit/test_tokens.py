@@ -782,6 +782,8 @@ async def test_typ_list(accepted: Any, typ: str | None, ok: bool) -> None:
         ("entra", "at+jwt", False),
         ("ping", None, True),
         ("ping", "JWT", False),
+        ("okta", None, True),  # Okta's header: kid and alg only
+        ("okta", "JWT", True),
     ],
 )
 async def test_typ_profile_defaults(profile: str, typ: str | None, ok: bool) -> None:
@@ -790,6 +792,8 @@ async def test_typ_profile_defaults(profile: str, typ: str | None, ok: bool) -> 
         over = {"name": "entra", "auth_contexts": [{"id": "c1", "acr": "mfa"}]}
     v = verifier(profile=over)
     extra = {"oid": "alice", "acrs": []} if profile == "entra" else {}
+    if profile == "okta":
+        extra = {"uid": "00u1"}
     tok = sign(RSA_KEY, claims(**extra), typ=DROP if typ is None else typ)
     if ok:
         assert await v.verify_access_token(tok, NOW)

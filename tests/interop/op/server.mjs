@@ -244,6 +244,10 @@ function configuration() {
       },
     },
     ttl: { AccessToken: 600, IdToken: 600, BackchannelAuthenticationRequest: 300 },
+    // Everything here is on loopback: the OP's SSRF guard (its outgoing requests refuse
+    // special-use addresses, 127/8 among them) would refuse every back-channel logout POST
+    // to the stack's Envoy. A deployed IdP posts to the service's public address.
+    fetch: (url, { dispatcher, ...options }) => globalThis.fetch(url, options),
     renderError: async (ctx, out) => {
       ctx.type = 'html';
       ctx.body = `<!doctype html><title>error</title><pre>${JSON.stringify(out)}</pre>`;
@@ -258,7 +262,7 @@ let handler;
 function build() {
   provider = new Provider(issuer, configuration());
   provider.on('backchannel.error', (ctx, err) => {
-    process.stderr.write(`backchannel logout failed: ${err.message}\n`);
+    process.stderr.write(`backchannel logout failed: ${err.message} ${err.cause?.message ?? ''}\n`);
   });
   provider.on('server_error', (ctx, err) => process.stderr.write(`server_error: ${err.stack}\n`));
   handler = provider.callback();
