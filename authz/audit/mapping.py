@@ -313,7 +313,11 @@ def policy_reload(
         {"old_sha256": old_sha256, "new_sha256": new_sha256, "error": error}
     )
     return AuditEvent(
-        type=EventType.POLICY_RELOAD, outcome=result, policy_version=version, details=details
+        type=EventType.POLICY_RELOAD,
+        outcome=result,
+        reason=Reason.SUCCESS if result == "success" else Reason.POLICY_INVALID,
+        policy_version=version,
+        details=details,
     )
 
 

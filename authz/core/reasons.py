@@ -130,3 +130,4 @@ class Reason(StrEnum):
     ID_TOKEN_REJECTED = "id-token-rejected"  # noqa: S105 - a reason slug, not a secret
     ACCESS_TOKEN_REJECTED = "access-token-rejected"  # noqa: S105 - the sign-in's access token
     USER_CANCELLED = "user-cancelled"  # the user left the step-up with the cancel link
+    POLICY_INVALID = "policy-invalid"  # a policy reload refused; the last good one stays
