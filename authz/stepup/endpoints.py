@@ -308,6 +308,17 @@ class StepupApp:
         except StoreError:
             return False
 
+    async def _lost_state(
+        self, state_id: str, meta: tuple[StateKind, int] | None, otherwise: Reason
+    ) -> Reason:
+        """Why a callback's state cannot be used, for its record: a replay, a state issued
+        here and past its TTL, or ``otherwise``. Only the label: the refusal is the same."""
+        if await self._was_used(state_id):
+            return Reason.STATE_REPLAYED
+        if meta is not None and self._now() >= meta[1] + self.s.state_ttl_s:
+            return Reason.STATE_EXPIRED
+        return otherwise
+
     def _idp_says(self, q: Any, audit: _Audit) -> Reason | None:
         if "error" in q:
             audit.idp_error = _idp_error(q.get("error", ""))
@@ -484,16 +495,11 @@ class StepupApp:
         meta = self._state_meta(state_id)
         if meta is not None:
             audit.kind = meta[0]
-        cookie_ok = len(cookies) == 1 and hmac.compare_digest(cookies[0], state_id)
-        if meta is not None and self._now() >= meta[1] + self.s.state_ttl_s:
-            # Issued here, and past its TTL: gone from the store and (usually) the cookie.
-            metric = Reason.STATE_INVALID if cookie_ok else Reason.STATE_MISMATCH
-            return self._expired(metric, Reason.STATE_EXPIRED, audit)
-        if not cookie_ok:
+        if len(cookies) != 1 or not hmac.compare_digest(cookies[0], state_id):
             # Not this browser's state; or its own, already used (Back, reload: the
-            # successful callback removed the cookie).
-            used = await self._was_used(state_id)
-            why = Reason.STATE_REPLAYED if used else Reason.COOKIE_MISMATCH
+            # successful callback removed the cookie), or expired with its cookie.
+            foreign = Reason.COOKIE_MISMATCH if meta is not None else Reason.STATE_INVALID
+            why = await self._lost_state(state_id, meta, foreign)
             return self._expired(Reason.STATE_MISMATCH, why, audit)
         try:
             raw = await self.store.take_state(state_id)
@@ -501,10 +507,8 @@ class StepupApp:
             self.metrics.redis_errors.labels(op="state").inc()
             return self._unavailable(reason=Reason.STORE_ERROR, level="unknown", audit=audit)
         if raw is None:  # unknown, expired, already used
-            if await self._was_used(state_id):
-                why = Reason.STATE_REPLAYED
-            else:
-                why = Reason.STATE_MISSING if meta is not None else Reason.STATE_INVALID
+            missing = Reason.STATE_MISSING if meta is not None else Reason.STATE_INVALID
+            why = await self._lost_state(state_id, meta, missing)
             return self._expired(Reason.STATE_INVALID, why, audit)
         await self._was_used(state_id)  # consumed: from now on this id is a replay
         saved = StepupState.from_json(raw)

@@ -76,6 +76,16 @@ async def _forged_state(client: Client, env: StepupEnv) -> object:
     return await callback(client, "made-up", "made-up")
 
 
+async def _forged_state_no_cookie(client: Client, env: StepupEnv) -> object:
+    return await callback(client, "made-up.s1.bogusmac", None)
+
+
+async def _expired_no_cookie(client: Client, env: StepupEnv) -> object:
+    state_id, _ = await start(client, env)
+    env.clock.advance(env.settings.stepup.state_ttl_s)  # the browser dropped the cookie too
+    return await callback(client, state_id, None)
+
+
 async def _other_browser(client: Client, env: StepupEnv) -> object:
     state_id, _ = await start(client, env)
     return await callback(client, state_id, "the-attackers-cookie")
@@ -139,8 +149,10 @@ async def _weak(client: Client, env: StepupEnv) -> object:
     [
         (_no_state, 400, EventType.STEPUP_FAILED, "state-missing", None),
         (_forged_state, 400, EventType.STEPUP_FAILED, "state-invalid", None),
+        (_forged_state_no_cookie, 400, EventType.STEPUP_FAILED, "state-invalid", None),
         (_other_browser, 400, EventType.STEPUP_FAILED, "cookie-mismatch", None),
         (_expired, 400, EventType.STEPUP_FAILED, "state-expired", None),
+        (_expired_no_cookie, 400, EventType.STEPUP_FAILED, "state-expired", None),
         (_other_issuer, 403, EventType.STEPUP_FAILED, "issuer-mismatch", ALICE),
         (_access_denied, 403, EventType.STEPUP_FAILED, "idp-error", ALICE),
         (_exchange_fails, 403, EventType.STEPUP_FAILED, "code-exchange-failed", ALICE),
