@@ -10,7 +10,10 @@ session and level; what it proved goes through the one grant rule
 (``authz.core.grants.grant_for``).
 
 Audited: a recorded or refused grant as ``stepup.completed`` (``via=api``, the caller as
-``actor``), a revocation as ``grant.revoked``, a listing as ``sessions.listed``. The audit
+``actor``), a revocation as ``grant.revoked``, a listing as ``sessions.listed``; a call of
+a known caller refused for its scopes, bad input or a store failure as the same type with
+outcome ``failure`` and the reason. Unauthenticated and rate-limited calls are log lines
+only: nobody without a credential can fill the audit trail. The audit
 hook may be synchronous (``Auditor.emit``) or return an awaitable (``Auditor.durable``):
 RecordGrant writes the grant only after that awaitable succeeds, so no grant exists
 without its record; revocations are never held back by the audit trail.
@@ -35,7 +38,12 @@ from authz.admin.config import Operation
 from authz.admin.proofs import GrantProof, ProofError, ProofVerifier, replay_key
 from authz.admin.proto.stepup.v1 import sessions_pb2, sessions_pb2_grpc
 from authz.audit.events import AuditEvent
-from authz.audit.mapping import grant_revoked, sessions_listed, stepup_completed
+from authz.audit.mapping import (
+    grant_revoked,
+    grant_revoked_by,
+    sessions_listed,
+    stepup_completed,
+)
 from authz.core.grants import GrantRefused, Proof, Target, grant_for
 from authz.core.policy import Level
 from authz.core.reasons import Reason
@@ -84,6 +92,14 @@ def _ip(value: str) -> str | None:
 
 def _user(user: sessions_pb2.User) -> tuple[str, str]:
     return _text("user.issuer", user.issuer), _text("user.subject", user.subject)
+
+
+def _named(user: sessions_pb2.User | None) -> str | None:
+    """The user a refused call named, when it named one readably (else None)."""
+    try:
+        return "|".join(_user(user)) if user is not None else None
+    except _Invalid:
+        return None
 
 
 def _grant_pb(g: Grant) -> sessions_pb2.Grant:
@@ -138,7 +154,12 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
         self.leeway = leeway
         self.default_grant_ttl_s = default_grant_ttl_s
 
-    async def _caller(self, context: grpc.aio.ServicerContext, op: Operation) -> Caller:
+    async def _caller(
+        self,
+        context: grpc.aio.ServicerContext,
+        op: Operation,
+        user: sessions_pb2.User | None = None,
+    ) -> Caller:
         caller = self.callers.identify(context)
         if caller is None:
             log.warning("sessions API: unauthenticated call", extra={"peer": context.peer()})
@@ -152,10 +173,41 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
                 "sessions API: operation outside the caller's scopes",
                 extra={"actor": caller.name, "operation": op},
             )
+            await self._refused(op, caller.name, Reason.OUT_OF_SCOPE, user)
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, f"{caller.name} may not {op.value}"
             )
         return caller
+
+    async def _refused(
+        self,
+        op: Operation,
+        caller: str,
+        failure: Reason,
+        user: sessions_pb2.User | None,
+        session: str | None = None,
+    ) -> None:
+        """The one record of a known caller's refused call (best effort, as every refusal:
+        the caller gets the refusal anyway)."""
+        who = _named(user)
+        if op is Operation.LIST:
+            event = sessions_listed(caller=caller, user=who, failure=failure)
+        elif op is Operation.REVOKE:
+            event = grant_revoked_by(caller=caller, user=who, session=session, failure=failure)
+        else:
+            event = stepup_completed(
+                result=failure,
+                level=None,
+                user=who,
+                session=None,
+                acr=None,
+                amr=(),
+                auth_time=None,
+                issuer=user.issuer if user is not None and who is not None else None,
+            )
+            details = {**event.details, "via": "api", "actor": caller}
+            event = dataclasses.replace(event, details=MappingProxyType(details))
+        await self._audit_quietly(event)
 
     async def _emit(self, event: AuditEvent) -> None:
         if self.audit is None:
@@ -169,7 +221,7 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
     async def RecordGrant(
         self, request: sessions_pb2.RecordGrantRequest, context: grpc.aio.ServicerContext
     ) -> sessions_pb2.RecordGrantResponse:
-        caller = await self._caller(context, Operation.RECORD_GRANT)
+        caller = await self._caller(context, Operation.RECORD_GRANT, request.user)
         now = int(self.clock())
         proof: GrantProof | None = None
         try:
@@ -330,7 +382,7 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
     async def RevokeSession(
         self, request: sessions_pb2.RevokeSessionRequest, context: grpc.aio.ServicerContext
     ) -> sessions_pb2.RevokeSessionResponse:
-        caller = await self._caller(context, Operation.REVOKE)
+        caller = await self._caller(context, Operation.REVOKE, request.user)
         now = int(self.clock())
         try:
             iss, sub = _user(request.user)
@@ -343,11 +395,13 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
                 raise _Invalid(Reason.ARGUMENT_INVALID, "session_id or a session_key is required")
             reason = _text("reason", request.reason, required=False) or None
         except _Invalid as exc:
+            await self._refused(Operation.REVOKE, caller.name, exc.slug, request.user)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise AssertionError("unreachable") from exc
         try:
             known = await self.store.revoke_session(user_key(iss, sub), sk, now)
         except StoreError as exc:
+            await self._refused(Operation.REVOKE, caller.name, Reason.STORE_ERROR, request.user, sk)
             await self._unavailable(context, exc)
         await self._audit_quietly(
             grant_revoked(
@@ -364,17 +418,19 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
     async def RevokeUser(
         self, request: sessions_pb2.RevokeUserRequest, context: grpc.aio.ServicerContext
     ) -> sessions_pb2.RevokeUserResponse:
-        caller = await self._caller(context, Operation.REVOKE)
+        caller = await self._caller(context, Operation.REVOKE, request.user)
         now = int(self.clock())
         try:
             iss, sub = _user(request.user)
             reason = _text("reason", request.reason, required=False) or None
         except _Invalid as exc:
+            await self._refused(Operation.REVOKE, caller.name, exc.slug, request.user)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise AssertionError("unreachable") from exc
         try:
             n = await self.store.revoke_user(user_key(iss, sub), now)
         except StoreError as exc:
+            await self._refused(Operation.REVOKE, caller.name, Reason.STORE_ERROR, request.user)
             await self._unavailable(context, exc)
         await self._audit_quietly(
             grant_revoked(
@@ -391,15 +447,17 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
     async def ListSessions(
         self, request: sessions_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> sessions_pb2.ListSessionsResponse:
-        caller = await self._caller(context, Operation.LIST)
+        caller = await self._caller(context, Operation.LIST, request.user)
         try:
             iss, sub = _user(request.user)
         except _Invalid as exc:
+            await self._refused(Operation.LIST, caller.name, exc.slug, request.user)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise AssertionError("unreachable") from exc
         try:
             sessions = await self.store.list_sessions(user_key(iss, sub))
         except StoreError as exc:
+            await self._refused(Operation.LIST, caller.name, Reason.STORE_ERROR, request.user)
             await self._unavailable(context, exc)
         log.info(
             "sessions API: sessions listed", extra={"actor": caller.name, "count": len(sessions)}

@@ -313,7 +313,11 @@ def policy_reload(
         {"old_sha256": old_sha256, "new_sha256": new_sha256, "error": error}
     )
     return AuditEvent(
-        type=EventType.POLICY_RELOAD, outcome=result, policy_version=version, details=details
+        type=EventType.POLICY_RELOAD,
+        outcome=result,
+        reason=Reason.SUCCESS if result == "success" else Reason.POLICY_INVALID,
+        policy_version=version,
+        details=details,
     )
 
 
@@ -410,11 +414,12 @@ def login_completed(
     device: str | None = None,
     decision_id: str | None = None,
     idp_error: str | None = None,
+    error: str | None = None,
     ts_ms: int | None = None,
 ) -> AuditEvent:
     """The first-factor sign-in (``/_stepup/login`` callback): ``failure`` None for a
     completed sign-in, else the slug (``authz.core.reasons.Reason``); ``idp_error`` the IdP's
-    ``error`` parameter (e.g. ``access_denied``) when it sent one."""
+    ``error`` parameter (e.g. ``access_denied``) when it sent one; ``error`` in words."""
     outcome, reason = _result(failure)
     return _flow_event(
         EventType.LOGIN_COMPLETED,
@@ -431,6 +436,7 @@ def login_completed(
         acr=acr,
         auth_time=auth_time,
         idp_error=idp_error,
+        error=error,
     )
 
 
@@ -483,11 +489,16 @@ def stepup_failed(
     decision_id: str | None = None,
     idp_error: str | None = None,
     policy_version: str | None = None,
+    error: str | None = None,
+    proved_user: str | None = None,
+    route: str | None = None,
     ts_ms: int | None = None,
 ) -> AuditEvent:
     """A refused step-up callback (one record per refusal). ``decision_id`` is the id the
     error page shows (and the service log line has); ``user`` None when the refusal came
-    before an ID token was verified (state missing, cookie mismatch, IdP error ...)."""
+    before an ID token was verified (state missing, cookie mismatch, IdP error ...).
+    ``proved_user`` the ID token's user when it is not ``user`` (someone else signed in);
+    ``error`` in words."""
     return _flow_event(
         EventType.STEPUP_FAILED,
         ts_ms=ts_ms,
@@ -505,6 +516,9 @@ def stepup_failed(
         acr=acr,
         auth_time=auth_time,
         idp_error=idp_error,
+        error=error,
+        proved_user=proved_user,
+        route=route,
     )
 
 
@@ -513,7 +527,7 @@ def stepup_cancelled(
     level: str | None,
     user: str | None,
     session: str | None = None,
-    reason: str = "user-cancelled",
+    reason: str = Reason.USER_CANCELLED,
     client_ip: str | None = None,
     device: str | None = None,
     decision_id: str | None = None,

@@ -127,3 +127,14 @@ class Reason(StrEnum):
 
     # -- error codes (authz.errors) that are not decisions -----------------------------------
     OIDC_ERROR = "oidc-error"
+
+    # -- the step-up callback's precise refusals (audit records and log lines) ---------------
+    # The metric label stays the coarse slug above (state-mismatch, state-invalid,
+    # token-rejected); the audit record and the log line name which of these it was.
+    STATE_MISSING = "state-missing"  # no state parameter, or a state this service holds not
+    STATE_EXPIRED = "state-expired"  # a state this service issued, older than its TTL
+    COOKIE_MISMATCH = "cookie-mismatch"  # a live state, but not this browser's cookie
+    ID_TOKEN_REJECTED = "id-token-rejected"  # noqa: S105 - a reason slug, not a secret
+    ACCESS_TOKEN_REJECTED = "access-token-rejected"  # noqa: S105 - the sign-in's access token
+    USER_CANCELLED = "user-cancelled"  # the user left the step-up with the cancel link
+    POLICY_INVALID = "policy-invalid"  # a policy reload refused; the last good one stays

@@ -236,6 +236,14 @@ class Provider:
             return forms.error_page(
                 "This sign-in request is unknown or has expired. Start again from the application."
             )
+        if fields.get("action") == "cancel":
+            # The user declined: OIDC Core 3.1.2.6 `access_denied`, back to the client.
+            del self._pending[request_id]
+            log.info("sign-in cancelled client=%s", pending.client_id)
+            req = _Request(pending.client_id, pending.redirect_uri, pending.state)
+            return self._redirect(
+                req, {"error": "access_denied", "error_description": "the user cancelled"}
+            )
         username = fields.get("username", "")
         otp = fields.get("otp", "")
         ok = check_password(self.config.users, username, fields.get("password", ""))

@@ -71,6 +71,7 @@ def login_form(
 <input id="password" name="password" type="password" autocomplete="current-password" required>
 {otp_html}
 <button type="submit">Sign in</button>
+<button type="submit" name="action" value="cancel" formnovalidate>Cancel</button>
 </form>"""
     return _page("Sign in", body, status)
 

@@ -400,7 +400,9 @@ def build_facts(
     # step-ups
     challenges = of_type("stepup.challenge")
     completed = of_type("stepup.completed")
-    interactive = [r for r in completed if r.get("via") != "api"]
+    # A refused step-up is its own record (stepup.failed); older archives hold it as a
+    # stepup.completed with outcome failure. Both count as failures here.
+    interactive = [r for r in completed if r.get("via") != "api"] + of_type("stepup.failed")
     api_grants = [r for r in completed if r.get("via") == "api"]
     per_bucket: dict[str, dict[str, int]] = {
         b: {"challenges": 0, "success": 0, "failure": 0} for b in buckets.labels

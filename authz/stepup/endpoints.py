@@ -13,12 +13,19 @@ applications, so cookies scope correctly). The round trip:
    the one grant rule (``authz.core.grants.grant_for``); the completion is audited before
    the grant is written; then 303 back to the saved same-origin path.
 
-Every refusal answers a page with a reference id (also in the log line) and a way back.
+Every refusal answers a page with a reference id and a way back; the same id is the
+decision id of its one JSON log line and of its one audit record (``_refusal``). Audited,
+once each: ``stepup.started`` when ``start`` sends the user to the IdP, ``login.completed``
+(success or failure) for a first sign-in's callback, ``stepup.completed`` (durable, before
+the grant) or ``stepup.failed`` with the precise refusal for a step-up's, and
+``stepup.cancelled`` from ``/_stepup/cancel``. docs/audit.md lists the reasons.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
 import hmac
 import logging
 import secrets
@@ -29,6 +36,7 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
+from authz.audit import mapping
 from authz.audit.events import AuditEvent
 from authz.audit.mapping import stepup_completed
 from authz.audit.sinks import AuditTrail, AuditUnavailable
@@ -42,7 +50,7 @@ from authz.core.ids import new_id
 from authz.core.policy import Level
 from authz.core.reasons import Reason
 from authz.core.session import Evidence, Grant, factor_of, session_key, user_key
-from authz.errors import OidcError, StoreError, TokenError
+from authz.errors import KeysUnavailable, OidcError, StoreError, TokenError
 from authz.ops.metrics import Metrics
 from authz.stepup.link import ContextSigner
 from authz.stepup.oidc import RelyingParty, pkce_pair
@@ -53,6 +61,41 @@ from authz.store.interfaces import StepupStore
 log = logging.getLogger("authz.stepup")
 
 LOGIN_LEVEL = "login"  # the level label of a first sign-in (metrics, audit)
+_STATE_ID_CONTEXT = b"stepup-authz state id v1"
+_IDP_ERROR_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz_0123456789")
+
+
+@dataclasses.dataclass(slots=True)
+class _Audit:
+    """What the audit record of one request knows so far (filled in as the flow learns it):
+    ``kind`` None while it is not known whether the callback ends a sign-in or a step-up."""
+
+    kind: StateKind | None = None
+    level: str | None = None
+    user: str | None = None
+    session: str | None = None
+    device: str | None = None
+    ip: str | None = None
+    route: str | None = None
+    issuer: str | None = None
+    evidence: Evidence | None = None
+    proved_user: str | None = None
+    idp_error: str | None = None
+    error: str | None = None
+
+    def know(self, saved: StepupState) -> None:
+        self.kind = saved.kind
+        if saved.kind is StateKind.STEPUP:
+            self.level = saved.level
+            self.user = f"{saved.issuer}|{saved.subject}"
+            self.session, self.device, self.ip = saved.session_key, saved.device, saved.ip
+
+
+def _idp_error(value: str) -> str:
+    """The IdP's ``error`` code as recorded: RFC 6749 codes are ``[a-z_]``; anything else is
+    cut and replaced, never copied (it is attacker-controlled text)."""
+    text = value[:64]
+    return text if text and set(text) <= _IDP_ERROR_CHARS else "(not an error code)"
 
 
 def safe_return_path(candidate: str | None, landing: str) -> str:
@@ -113,6 +156,7 @@ class StepupApp:
         app.router.add_get(f"{p}/login", self.login)
         app.router.add_get(f"{p}/start", self.start)
         app.router.add_get(f"{p}/callback", self.callback)
+        app.router.add_get(f"{p}/cancel", self.cancel)
 
     def build(self) -> web.Application:
         """An application with only the step-up routes (tests; the service adds health)."""
@@ -135,17 +179,75 @@ class StepupApp:
         level: str,
         back: str | None = None,
         factor: str = "none",
+        audit: _Audit | None = None,
+        precise: Reason | None = None,
     ) -> web.Response:
-        """A refused step: counted, logged with a reference id, and a page showing it."""
+        """A refused step: counted (``reason``, the metric's coarse slug), one JSON log line
+        and one audit record with the precise reason (``precise``, default ``reason``) under
+        the reference id the page shows. The only place a refusal is logged or audited."""
         reference = new_id(int(self.clock() * 1000))
+        why = precise or reason
         self._completion(level, reason, factor)
         log.warning(
             "step-up refused",
-            extra={"decision_id": reference, "reason": reason, "stepup_level": level},
+            extra={
+                "decision_id": reference,
+                "reason": why,
+                "result": reason,
+                "stepup_level": level,
+                "status": status,
+                "error": audit.error if audit is not None else None,
+                "idp_error": audit.idp_error if audit is not None else None,
+            },
         )
+        self._audit_refusal(reference, why, level, audit or _Audit())
         return page(status, title, detail, back=back or self.s.landing_path, reference=reference)
 
-    def _unavailable(self, *, reason: Reason, level: str, back: str | None = None) -> web.Response:
+    def _audit_refusal(self, reference: str, why: Reason, level: str, a: _Audit) -> None:
+        if self.auditor is None:
+            return
+        ev, now_ms = a.evidence, int(self.clock() * 1000)
+        if a.kind is StateKind.LOGIN or (a.kind is None and level == LOGIN_LEVEL):
+            event = mapping.login_completed(
+                failure=why,
+                user=a.user,
+                session=a.session,
+                issuer=a.issuer,
+                acr=ev.acr if ev is not None else None,
+                amr=ev.amr if ev is not None else (),
+                auth_time=ev.auth_time if ev is not None else None,
+                client_ip=a.ip,
+                device=a.device,
+                decision_id=reference,
+                idp_error=a.idp_error,
+                error=a.error,
+                ts_ms=now_ms,
+            )
+        else:
+            event = mapping.stepup_failed(
+                reason=why,
+                level=a.level or level,
+                user=a.user,
+                session=a.session,
+                issuer=a.issuer,
+                acr=ev.acr if ev is not None else None,
+                amr=ev.amr if ev is not None else (),
+                auth_time=ev.auth_time if ev is not None else None,
+                client_ip=a.ip,
+                device=a.device,
+                decision_id=reference,
+                idp_error=a.idp_error,
+                policy_version=self.policy.current.version,
+                error=a.error,
+                proved_user=a.proved_user,
+                route=a.route,
+                ts_ms=now_ms,
+            )
+        self.auditor.emit(event)
+
+    def _unavailable(
+        self, *, reason: Reason, level: str, back: str | None = None, audit: _Audit | None = None
+    ) -> web.Response:
         return self._refusal(
             503,
             "Temporarily unavailable",
@@ -153,16 +255,78 @@ class StepupApp:
             reason=reason,
             level=level,
             back=back,
+            audit=audit,
         )
 
-    def _expired(self, reason: Reason) -> web.Response:
+    def _expired(self, reason: Reason, precise: Reason, audit: _Audit) -> web.Response:
         return self._refusal(
             400,
             "Sign-in expired",
             "This sign-in page is no longer valid. Start again from the page you wanted.",
             reason=reason,
             level="unknown",
+            audit=audit,
+            precise=precise,
         )
+
+    # -- the state id: what a refusal can say about a state it no longer finds ----------------
+
+    def _state_mac(self, body: str) -> str:
+        key = self.signer.derived_key(_STATE_ID_CONTEXT)
+        mac = hmac.new(key, body.encode(), hashlib.sha256).digest()[:12]
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+
+    def _new_state_id(self, kind: StateKind, issued_at: int) -> str:
+        """``<random>.<kind><issued_at base 16>.<mac>``: the random part is the secret; the
+        rest (MAC'd, so not forgeable) lets a refused callback tell an expired state, and a
+        sign-in's from a step-up's, after the store has forgotten it."""
+        body = f"{secrets.token_urlsafe(32)}.{kind.value[0]}{issued_at:x}"
+        return f"{body}.{self._state_mac(body)}"
+
+    def _state_meta(self, state_id: str) -> tuple[StateKind, int] | None:
+        body, _, mac = state_id.rpartition(".")
+        _, _, meta = body.partition(".")
+        if not (body and mac and meta) or not hmac.compare_digest(mac, self._state_mac(body)):
+            return None
+        kinds = {k.value[0]: k for k in StateKind}
+        try:
+            return kinds[meta[0]], int(meta[1:], 16)
+        except (KeyError, ValueError):
+            return None
+
+    def _used_key(self, state_id: str) -> str:
+        return "state-used:" + hashlib.sha256(state_id.encode()).hexdigest()[:40]
+
+    async def _was_used(self, state_id: str) -> bool:
+        """Whether a callback already consumed this state (best effort: a store error is
+        "not known to be used"; the refusal stands either way). Remembers the state id as
+        seen, so the same callback presented again reads as the replay it is."""
+        try:
+            return not await self.store.remember_once(
+                self._used_key(state_id), self.s.state_ttl_s + self.oidc_settings.leeway_s
+            )
+        except StoreError:
+            return False
+
+    async def _lost_state(
+        self, state_id: str, meta: tuple[StateKind, int] | None, otherwise: Reason
+    ) -> Reason:
+        """Why a callback's state cannot be used, for its record: a replay, a state issued
+        here and past its TTL, or ``otherwise``. Only the label: the refusal is the same."""
+        if await self._was_used(state_id):
+            return Reason.STATE_REPLAYED
+        if meta is not None and self._now() >= meta[1] + self.s.state_ttl_s:
+            return Reason.STATE_EXPIRED
+        return otherwise
+
+    def _idp_says(self, q: Any, audit: _Audit) -> Reason | None:
+        if "error" in q:
+            audit.idp_error = _idp_error(q.get("error", ""))
+            return Reason.IDP_ERROR
+        if "code" not in q:
+            audit.error = "no code in the answer"
+            return Reason.IDP_ERROR
+        return None
 
     def _identity_token(self, request: web.Request) -> str | None:
         auth = request.headers.get("Authorization", "")
@@ -171,11 +335,14 @@ class StepupApp:
         values = cookie_values(request.headers.get("Cookie", ""), self.token_cookie)
         return values[0] if len(values) == 1 and values[0] else None
 
-    async def _begin(self, state: StepupState, level: Level | None) -> web.StreamResponse:
-        state_id = secrets.token_urlsafe(32)
+    async def _begin(
+        self, state: StepupState, level: Level | None, audit: _Audit | None = None
+    ) -> web.StreamResponse:
+        now = self._now()
+        state_id = self._new_state_id(state.kind, now)
         verifier, challenge = pkce_pair()
         state = dataclasses.replace(
-            state, nonce=secrets.token_urlsafe(24), verifier=verifier, issued_at=self._now()
+            state, nonce=secrets.token_urlsafe(24), verifier=verifier, issued_at=now
         )
         try:
             await self.store.put_state(state_id, state.to_json(), self.s.state_ttl_s)
@@ -185,6 +352,7 @@ class StepupApp:
                 reason=Reason.STORE_ERROR,
                 level=state.level or LOGIN_LEVEL,
                 back=state.return_path,
+                audit=audit or _Audit(kind=state.kind),
             )
         url = self.oidc.authorize_url(
             state=state_id,
@@ -195,6 +363,21 @@ class StepupApp:
             prompt_login=level is not None,
             login_hint=state.subject,
         )
+        if level is not None and self.auditor is not None and state.subject is not None:
+            self.auditor.emit(
+                mapping.stepup_started(
+                    level=level.name,
+                    user=f"{state.issuer}|{state.subject}",
+                    session=state.session_key,
+                    acr_values=tuple(sorted(level.acr)),
+                    max_age=level.max_age,
+                    client_ip=state.ip,
+                    device=state.device,
+                    route=audit.route if audit is not None else None,
+                    policy_version=self.policy.current.version,
+                    ts_ms=int(self.clock() * 1000),
+                )
+            )
         resp = _redirect(302, url)
         resp.set_cookie(
             self.state_cookie,
@@ -227,6 +410,7 @@ class StepupApp:
                 reason=Reason.LEVEL_UNKNOWN,
                 level="unknown",
                 back=rd,
+                audit=_Audit(kind=StateKind.STEPUP),
             )
         token = self._identity_token(request)
         identity = None
@@ -239,9 +423,11 @@ class StepupApp:
         if identity is None:
             return await self._begin(self._login_state(rd), None)
         sk = session_key(identity.issuer, identity.subject, identity.session_id)
+        audit = _Audit(kind=StateKind.STEPUP, level=level.name, user=identity.user, session=sk)
         try:
             link = self.signer.verify(request.query.get("ctx", ""), level=level.name, now=now)
-        except ValueError:
+        except ValueError as exc:
+            audit.error = str(exc)
             return self._refusal(
                 400,
                 "Step-up link expired",
@@ -249,6 +435,7 @@ class StepupApp:
                 reason=Reason.LINK_INVALID,
                 level=level.name,
                 back=rd,
+                audit=audit,
             )
         if not hmac.compare_digest(link.session_key, sk):
             # A link the Check issued for another session (an attacker's, opened here).
@@ -260,14 +447,18 @@ class StepupApp:
                 reason=Reason.LINK_OTHER_SESSION,
                 level=level.name,
                 back=rd,
+                audit=audit,
             )
+        audit.device, audit.ip = link.device, link.ip
         try:
             first = await self.store.remember_once(
                 f"link:{link.nonce}", self.signer.max_age_s + self.oidc_settings.leeway_s
             )
         except StoreError:
             self.metrics.redis_errors.labels(op="state").inc()
-            return self._unavailable(reason=Reason.STORE_ERROR, level=level.name, back=rd)
+            return self._unavailable(
+                reason=Reason.STORE_ERROR, level=level.name, back=rd, audit=audit
+            )
         if not first:
             return self._refusal(
                 400,
@@ -276,6 +467,7 @@ class StepupApp:
                 reason=Reason.LINK_REUSED,
                 level=level.name,
                 back=rd,
+                audit=audit,
             )
         state = StepupState(
             StateKind.STEPUP,
@@ -291,22 +483,38 @@ class StepupApp:
             device=link.device,
             ip=link.ip,
         )
-        return await self._begin(state, level)
+        return await self._begin(state, level, audit)
 
     async def callback(self, request: web.Request) -> web.StreamResponse:
         q = request.query
         state_id = q.get("state", "")
+        audit = _Audit()
         cookies = cookie_values(request.headers.get("Cookie", ""), self.state_cookie)
-        if not state_id or len(cookies) != 1 or not hmac.compare_digest(cookies[0], state_id):
-            return self._expired(Reason.STATE_MISMATCH)
+        if not state_id:
+            return self._expired(Reason.STATE_MISMATCH, Reason.STATE_MISSING, audit)
+        meta = self._state_meta(state_id)
+        if meta is not None:
+            audit.kind = meta[0]
+        if len(cookies) != 1 or not hmac.compare_digest(cookies[0], state_id):
+            # Not this browser's state; or its own, already used (Back, reload: the
+            # successful callback removed the cookie), or expired with its cookie.
+            foreign = Reason.COOKIE_MISMATCH if meta is not None else Reason.STATE_INVALID
+            why = await self._lost_state(state_id, meta, foreign)
+            return self._expired(Reason.STATE_MISMATCH, why, audit)
         try:
             raw = await self.store.take_state(state_id)
         except StoreError:
             self.metrics.redis_errors.labels(op="state").inc()
-            return self._unavailable(reason=Reason.STORE_ERROR, level="unknown")
-        saved = StepupState.from_json(raw) if raw is not None else None
-        if saved is None:  # unknown, expired, already used, or not a state we wrote
-            return self._expired(Reason.STATE_INVALID)
+            return self._unavailable(reason=Reason.STORE_ERROR, level="unknown", audit=audit)
+        if raw is None:  # unknown, expired, already used
+            missing = Reason.STATE_MISSING if meta is not None else Reason.STATE_INVALID
+            why = await self._lost_state(state_id, meta, missing)
+            return self._expired(Reason.STATE_INVALID, why, audit)
+        await self._was_used(state_id)  # consumed: from now on this id is a replay
+        saved = StepupState.from_json(raw)
+        if saved is None:  # not a state we wrote
+            return self._expired(Reason.STATE_INVALID, Reason.STATE_INVALID, audit)
+        audit.know(saved)
         level_name = saved.level or LOGIN_LEVEL
         retry = self._retry_path(saved)
         iss = q.get("iss")
@@ -320,8 +528,10 @@ class StepupApp:
                 reason=Reason.ISS_MISSING,
                 level=level_name,
                 back=retry,
+                audit=audit,
             )
         if iss is not None and iss != self.oidc_settings.issuer:  # RFC 9207 mix-up defence
+            audit.error = "the answer's iss is not the configured issuer"
             return self._refusal(
                 403,
                 "Sign-in refused",
@@ -329,8 +539,9 @@ class StepupApp:
                 reason=Reason.ISSUER_MISMATCH,
                 level=level_name,
                 back=retry,
+                audit=audit,
             )
-        if "error" in q or "code" not in q:
+        if self._idp_says(q, audit) is not None:
             return self._refusal(
                 403,
                 "Sign-in not completed",
@@ -338,13 +549,20 @@ class StepupApp:
                 reason=Reason.IDP_ERROR,
                 level=level_name,
                 back=retry,
+                audit=audit,
             )
+        precise = Reason.CODE_EXCHANGE_FAILED
         try:
             tokens = await self.oidc.exchange_code(q["code"], saved.verifier)
             now = self._now()
+            precise = Reason.ID_TOKEN_REJECTED
             id_token = await self.tokens.verify_id_token(tokens["id_token"], now, nonce=saved.nonce)
         except (OidcError, TokenError) as exc:
-            log.warning("step-up callback refused", extra={"reason": str(exc)})
+            audit.error = str(exc)
+            if isinstance(exc, OidcError):
+                precise = exc.reason
+            elif isinstance(exc, KeysUnavailable):
+                precise = Reason.KEYS_UNAVAILABLE
             return self._refusal(
                 403,
                 "Sign-in refused",
@@ -352,22 +570,82 @@ class StepupApp:
                 reason=Reason.TOKEN_REJECTED,
                 level=level_name,
                 back=retry,
+                audit=audit,
+                precise=precise,
             )
+        audit.issuer, audit.evidence = id_token.issuer, id_token.evidence
+        proved = f"{id_token.issuer}|{id_token.subject}"
         if saved.kind is StateKind.LOGIN:
-            return await self._finish_login(tokens, saved, now)
-        return await self._finish_stepup(id_token, saved, now, request)
+            audit.user = proved
+            peer = parse_ip(request.headers.get(self.s.peer_header, ""))
+            audit.ip = str(peer) if peer is not None else None
+            return await self._finish_login(tokens, saved, now, audit)
+        if proved != audit.user:
+            audit.proved_user = proved
+        return await self._finish_stepup(id_token, saved, now, request, audit)
+
+    async def cancel(self, request: web.Request) -> web.StreamResponse:
+        """``/_stepup/cancel``: the user gives up the sign-in or step-up this browser has
+        pending. Its state is consumed (the IdP's answer can no longer complete it), the
+        cancellation is audited once, and the browser goes to the landing page. Nothing
+        pending (no cookie, a state already used or expired): nothing to cancel or record."""
+        resp = _redirect(303, self.s.landing_path)
+        resp.del_cookie(self.state_cookie, path="/")
+        cookies = cookie_values(request.headers.get("Cookie", ""), self.state_cookie)
+        if len(cookies) != 1 or not cookies[0]:
+            return resp
+        state_id = cookies[0]
+        meta = self._state_meta(state_id)
+        try:
+            raw = await self.store.take_state(state_id)
+        except StoreError:
+            self.metrics.redis_errors.labels(op="state").inc()
+            audit = _Audit(kind=meta[0] if meta is not None else None)
+            return self._unavailable(reason=Reason.STORE_ERROR, level="unknown", audit=audit)
+        saved = StepupState.from_json(raw) if raw is not None else None
+        if saved is None:
+            return resp
+        await self._was_used(state_id)
+        level = saved.level or LOGIN_LEVEL
+        self._completion(level, Reason.USER_CANCELLED, "none")
+        peer = parse_ip(request.headers.get(self.s.peer_header, ""))
+        ip = saved.ip or (str(peer) if peer is not None else None)
+        log.info("step-up cancelled", extra={"stepup_level": level})
+        if self.auditor is None:
+            return resp
+        now_ms = int(self.clock() * 1000)
+        if saved.kind is StateKind.STEPUP:
+            event = mapping.stepup_cancelled(
+                level=level,
+                user=f"{saved.issuer}|{saved.subject}",
+                session=saved.session_key,
+                reason=Reason.USER_CANCELLED,
+                client_ip=ip,
+                device=saved.device,
+                ts_ms=now_ms,
+            )
+        else:
+            event = mapping.login_completed(
+                failure=Reason.USER_CANCELLED, user=None, client_ip=ip, ts_ms=now_ms
+            )
+        self.auditor.emit(event)
+        return resp
 
     def _retry_path(self, saved: StepupState) -> str:
         """Where "Try again" goes: the page the user wanted (it restarts the step-up)."""
         return saved.return_path
 
     async def _finish_login(
-        self, tokens: dict[str, Any], saved: StepupState, now: int
+        self, tokens: dict[str, Any], saved: StepupState, now: int, audit: _Audit
     ) -> web.StreamResponse:
         access = tokens.get("access_token")
         try:
-            identity = await self.tokens.verify_access_token(str(access), now)
-        except TokenError:
+            if not isinstance(access, str) or not access:
+                raise TokenError("the token response has no access_token")
+            identity = await self.tokens.verify_access_token(access, now)
+        except TokenError as exc:
+            # e.g. an opaque access token where a JWT is expected: refused, logged, audited.
+            audit.error = str(exc)
             return self._refusal(
                 403,
                 "Sign-in refused",
@@ -375,8 +653,26 @@ class StepupApp:
                 reason=Reason.TOKEN_REJECTED,
                 level=LOGIN_LEVEL,
                 back=saved.return_path,
+                audit=audit,
+                precise=Reason.ACCESS_TOKEN_REJECTED,
             )
-        self._completion(LOGIN_LEVEL, Reason.SUCCESS, factor_of(identity.evidence.amr))
+        factor = factor_of(identity.evidence.amr)
+        self._completion(LOGIN_LEVEL, Reason.SUCCESS, factor)
+        if self.auditor is not None:
+            ev = identity.evidence
+            self.auditor.emit(
+                mapping.login_completed(
+                    user=identity.user,
+                    session=session_key(identity.issuer, identity.subject, identity.session_id),
+                    issuer=identity.issuer,
+                    acr=ev.acr,
+                    amr=ev.amr,
+                    auth_time=ev.auth_time,
+                    client_ip=audit.ip,
+                    ts_ms=int(self.clock() * 1000),
+                )
+            )
+        log.info("sign-in completed", extra={"factor": factor, "acr": identity.evidence.acr})
         resp = _redirect(303, saved.return_path)
         resp.set_cookie(
             self.token_cookie,
@@ -408,7 +704,12 @@ class StepupApp:
         return (device.id if device is not None else None), client
 
     async def _finish_stepup(
-        self, id_token: IdToken, saved: StepupState, now: int, request: web.Request
+        self,
+        id_token: IdToken,
+        saved: StepupState,
+        now: int,
+        request: web.Request,
+        audit: _Audit,
     ) -> web.StreamResponse:
         assert saved.level is not None and saved.user_key is not None
         assert saved.session_key is not None and saved.issuer is not None
@@ -449,7 +750,7 @@ class StepupApp:
                 default_ttl_s=self.s.default_grant_ttl_s,
             )
         except GrantRefused as exc:
-            self._audit_completion(saved, id_token, exc.reason, None, device)
+            audit.device, audit.error = device, str(exc)
             return self._refusal(
                 403,
                 "Step-up not accepted",
@@ -458,6 +759,7 @@ class StepupApp:
                 level=saved.level,
                 back=saved.return_path,
                 factor=factor,
+                audit=audit,
             )
         if self.auditor is not None:
             # Audit before grant: no grant exists without its durable completion record,
@@ -466,14 +768,19 @@ class StepupApp:
                 await self.auditor.durable(self._completion_event(saved, id_token, grant))
             except AuditUnavailable:
                 return self._unavailable(
-                    reason=Reason.AUDIT_UNAVAILABLE, level=saved.level, back=saved.return_path
+                    reason=Reason.AUDIT_UNAVAILABLE,
+                    level=saved.level,
+                    back=saved.return_path,
+                    audit=audit,
                 )
         try:
             await self.store.write_grant(saved.user_key, saved.session_key, grant, now)
-        except (StoreError, ValueError):
+        except (StoreError, ValueError) as exc:
+            # The completion is on record; this failure follows it: no grant was stored.
             self.metrics.redis_errors.labels(op="write").inc()
+            audit.error = f"the grant was not stored: {exc}"
             return self._unavailable(
-                reason=Reason.STORE_ERROR, level=saved.level, back=saved.return_path
+                reason=Reason.STORE_ERROR, level=saved.level, back=saved.return_path, audit=audit
             )
         self._completion(saved.level, Reason.SUCCESS, factor)
         log.info(
@@ -522,17 +829,6 @@ class StepupApp:
             grant_expires_at=grant.expires_at if grant is not None else None,
             policy_version=self.policy.current.version,
         )
-
-    def _audit_completion(
-        self,
-        saved: StepupState,
-        id_token: IdToken,
-        result: Reason,
-        grant: Grant | None,
-        device: str | None,
-    ) -> None:
-        if self.auditor is not None:
-            self.auditor.emit(self._completion_event(saved, id_token, grant, result, device))
 
     def _completion(self, level: str, result: Reason, factor: str) -> None:
         self.metrics.completions.labels(level=level, result=result, factor=factor).inc()

@@ -227,12 +227,15 @@ def test_one_record_per_event_under_concurrent_load(load_run: LoadRun) -> None:
     sources = Counter(r["evidence_source"] for r in allowed)
     assert sources == {"token": K_ALLOWS, "grant": M_STEPUPS}
 
-    # Only the sign-ins' login redirects remain, one per browser; nothing else was audited.
+    # Each browser's sign-in (its login redirect and its completion) and step-up start;
+    # nothing else was audited.
     assert by_type == {
         "stepup.challenge": N_CHALLENGES + M_STEPUPS,
+        "stepup.started": M_STEPUPS,
         "stepup.completed": M_STEPUPS,
         "access.allowed": K_ALLOWS + M_STEPUPS,
         "login.required": M_STEPUPS,
+        "login.completed": M_STEPUPS,
     }
 
     # No duplicates anywhere in the archive: event ids, and decision ids per Check.

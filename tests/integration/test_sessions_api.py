@@ -527,6 +527,30 @@ async def test_each_caller_may_only_do_its_operations(
         assert code == grpc.StatusCode.PERMISSION_DENIED  # push: no reads
 
 
+async def test_a_known_callers_refused_calls_are_recorded_with_it_once(
+    api: Api, pki: dict[str, Path], keys: dict[str, Path]
+) -> None:
+    """Sessions API calls are audited with their caller, refused ones too: outside its
+    scopes, bad input. (Unauthenticated calls are not: test_unauthenticated_callers.)"""
+    async with stub(api.plain_target) as s:
+        await code_of(s.RecordGrant(grant_request(proof(keys, api)), metadata=HELPDESK))
+        await code_of(s.ListSessions(pb.ListSessionsRequest(user=USER), metadata=LOWLY))
+        bad = pb.RevokeSessionRequest(user=USER, session_key="not-a-key")
+        await code_of(s.RevokeSession(bad, metadata=HELPDESK))
+        await code_of(s.ListSessions(pb.ListSessionsRequest(), metadata=HELPDESK))
+    got = [
+        (e.type, e.outcome, e.reason, e.user, e.details.get("caller", e.details.get("actor")))
+        for e in api.audit.events
+    ]
+    assert got == [
+        (EventType.STEPUP_COMPLETED, "failure", "out-of-scope", f"{ISS}|{SUB}", "helpdesk"),
+        (EventType.SESSIONS_LISTED, "failure", "out-of-scope", f"{ISS}|{SUB}", "lowly"),
+        (EventType.GRANT_REVOKED, "failure", "argument-invalid", f"{ISS}|{SUB}", "helpdesk"),
+        (EventType.SESSIONS_LISTED, "failure", "argument-invalid", None, "helpdesk"),
+    ]
+    assert (await api.read()).grants == ()
+
+
 async def test_each_caller_is_rate_limited(api: Api, keys: dict[str, Path]) -> None:
     # lowly: 30 a minute, bursts of 3. The fourth call at once is refused; a time later
     # (the injected clock) it may call again.
@@ -592,9 +616,12 @@ async def test_list_and_revoke(api: Api, pki: dict[str, Path], keys: dict[str, P
         (f"{ISS}|{SUB}", "helpdesk", 2)
     ]
     revoked = [e.to_record() for e in api.audit.events if e.type is EventType.GRANT_REVOKED]
-    assert [(r["session"], r["reason"], r["revoked"], r["actor"]) for r in revoked] == [
-        (SK, "lost token", 1, "helpdesk"),
-        ("*", "api-revoke-user", 1, "helpdesk"),
+    assert [
+        (r["outcome"], r["session"], r["reason"], r.get("revoked"), r["actor"]) for r in revoked
+    ] == [
+        ("revoked", SK, "lost token", 1, "helpdesk"),
+        ("failure", None, "argument-invalid", 0, "helpdesk"),  # the session key "not-a-key"
+        ("revoked", "*", "api-revoke-user", 1, "helpdesk"),
     ]
 
 

@@ -155,3 +155,16 @@ def test_the_flow_records_carry_what_an_examiner_needs() -> None:
     assert (start.details["acr_values"], start.factor) == ("phr", None)  # no factor used yet
     idp = m.login_completed(failure="idp-error", user=None, idp_error="access_denied", ts_ms=T)
     assert idp.details["idp_error"] == "access_denied"
+
+
+def test_a_policy_reload_names_its_outcome_and_reason() -> None:
+    ok = m.policy_reload(result="success", old_sha256="a", new_sha256="b", version="v2")
+    bad = m.policy_reload(
+        result="error", old_sha256="a", new_sha256=None, version=None, error="line 3: bad"
+    )
+    assert (ok.outcome, ok.reason, ok.policy_version) == ("success", "success", "v2")
+    assert (bad.outcome, bad.reason, bad.details["error"]) == (
+        "error",
+        "policy-invalid",
+        "line 3: bad",
+    )

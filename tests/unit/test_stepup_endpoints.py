@@ -370,8 +370,10 @@ async def test_a_proof_the_grant_rule_refuses_records_nothing(
     resp = await callback(client, state_id, cookie)
     assert resp.status == 403  # type: ignore[attr-defined]
     assert await grants_of(env) == ()
-    (event,) = env.auditor.events
-    assert (event.outcome, event.reason) == ("failure", reason)
+    started, event = env.auditor.events
+    assert started.type == EventType.STEPUP_STARTED
+    assert (event.type, event.outcome, event.reason) == (EventType.STEPUP_FAILED, "failure", reason)
+    assert event.user == f"{ISSUER}|alice"  # whose step-up failed: the session's user
     assert env.auditor.durable_events == []
 
 
@@ -456,7 +458,7 @@ async def test_a_bound_step_up_completed_elsewhere_is_refused(
     resp = await callback(client, state_id, cookie, device_cookie=device_cookie, peer=peer)
     assert resp.status == 403  # type: ignore[attr-defined]
     assert await high_grant(env) == ()
-    (event,) = env.auditor.events
+    (event,) = [e for e in env.auditor.events if e.type == EventType.STEPUP_FAILED]
     assert (event.outcome, event.reason) == ("failure", reason)
 
 
