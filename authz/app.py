@@ -357,7 +357,7 @@ async def start_service(
         )
         grpc_server = GrpcServer.for_ext_authz(
             settings.grpc,
-            AuthorizationServicer(authorizer, responses, settings.network.trusted_xff_hops),
+            AuthorizationServicer(authorizer, responses, settings.grpc.peer_header),
         )
         api_server = await _sessions_api(settings, store, policy, auditor, closers, clock)
         coverage = CoverageMonitor.from_settings(settings, metrics)  # None without admin URLs
@@ -424,7 +424,6 @@ async def start_service(
                 redirects=redirects,
                 strip_cookies=strip,
             ),
-            trusted_hops=settings.network.trusted_xff_hops,
         )
     except BaseException:
         await _close_all(closers)

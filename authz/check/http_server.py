@@ -106,8 +106,6 @@ class HttpAuthzServer:
         authorizer: Authorizer,
         responses: HttpResponseBuilder,
         settings: HttpAuthzSettings,
-        *,
-        trusted_hops: int = 0,
     ) -> None:
         self.authorizer = authorizer
         self.responses = responses
@@ -120,7 +118,6 @@ class HttpAuthzServer:
         self.request_timeout_s = settings.request_timeout_s
         self.idle_timeout_s = settings.idle_timeout_s
         self.max_connections = settings.max_connections
-        self.trusted_hops = trusted_hops
         self.closing = False
         self.conns: set[_Conn] = set()
         self._server: asyncio.Server | None = None
@@ -264,7 +261,6 @@ class _Conn(asyncio.Protocol):
                 headers,
                 path_prefix=srv.path_prefix,
                 peer_header=srv.peer_header,
-                trusted_hops=srv.trusted_hops,
             )
         except RequestError as exc:
             answer = srv.authorizer.unread(refused(exc.reason))
@@ -345,13 +341,11 @@ async def maybe_start(
     settings: HttpAuthzSettings,
     authorizer: Authorizer,
     responses: HttpResponseBuilder,
-    *,
-    trusted_hops: int = 0,
 ) -> HttpAuthzServer | None:
     """Start the HTTP ext_authz listener when ``settings.enabled``; None otherwise."""
     if not settings.enabled:
         return None
-    server = HttpAuthzServer(authorizer, responses, settings, trusted_hops=trusted_hops)
+    server = HttpAuthzServer(authorizer, responses, settings)
     await server.start()
     log.info(
         "HTTP ext_authz serving",

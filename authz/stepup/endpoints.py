@@ -32,11 +32,11 @@ from aiohttp import web
 from authz.audit.events import AuditEvent
 from authz.audit.mapping import stepup_completed
 from authz.audit.sinks import AuditTrail, AuditUnavailable
-from authz.check.devices import DeviceResolver, xfcc_certificate
+from authz.check.devices import DeviceResolver
 from authz.check.tokens import IdToken, StepupTokens
 from authz.config.policy_file import PolicyHolder
 from authz.config.settings import Settings
-from authz.core.attributes import cookie_values, parse_ip
+from authz.core.attributes import cookie_values
 from authz.core.grants import GrantRefused, Proof, Target, grant_for
 from authz.core.ids import new_id
 from authz.core.policy import Level
@@ -47,6 +47,7 @@ from authz.ops.metrics import Metrics
 from authz.stepup.link import ContextSigner
 from authz.stepup.oidc import RelyingParty, pkce_pair
 from authz.stepup.pages import page
+from authz.stepup.presented import presented
 from authz.stepup.state import StateKind, StepupState
 from authz.store.interfaces import StepupStore
 
@@ -390,23 +391,6 @@ class StepupApp:
         resp.del_cookie(self.state_cookie, path="/")
         return resp
 
-    async def _presented(self, request: web.Request, now: int) -> tuple[str | None, str | None]:
-        """(device, client IP) of the browser completing the step-up: its device cookie,
-        an MDM assertion or (through Envoy's x-forwarded-client-cert) its certificate;
-        the address Envoy saw, from the header the /_stepup/ route sets."""
-        ip = parse_ip(request.headers.get(self.s.peer_header, ""))
-        client = str(ip) if ip is not None else None
-        if self.devices is None:
-            return None, client
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        device = await self.devices.resolve_headers(
-            headers,
-            now,
-            peer_certificate=xfcc_certificate(headers.get("x-forwarded-client-cert", "")),
-            client=client or "",
-        )
-        return (device.id if device is not None else None), client
-
     async def _finish_stepup(
         self, id_token: IdToken, saved: StepupState, now: int, request: web.Request
     ) -> web.StreamResponse:
@@ -416,7 +400,9 @@ class StepupApp:
         level = self.policy.current.policy.by_name.get(saved.level)
         evidence = id_token.evidence
         factor = factor_of(evidence.amr)
-        device, ip = await self._presented(request, now)
+        device, ip = await presented(
+            request, now, peer_header=self.s.peer_header, devices=self.devices
+        )
         new_cookie = None
         cookies = self.devices.cookies if self.devices is not None else None
         if device is None and cookies is not None:
