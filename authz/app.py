@@ -369,7 +369,7 @@ async def start_service(
         )
         grpc_server = GrpcServer.for_ext_authz(
             settings.grpc,
-            AuthorizationServicer(authorizer, responses, settings.network.trusted_xff_hops),
+            AuthorizationServicer(authorizer, responses, settings.grpc.peer_header),
         )
         api_server = await _sessions_api(settings, store, policy, auditor, closers, clock)
         coverage = CoverageMonitor.from_settings(settings, metrics)  # None without admin URLs
@@ -455,7 +455,6 @@ async def start_service(
                 redirects=redirects,
                 strip_cookies=strip,
             ),
-            trusted_hops=settings.network.trusted_xff_hops,
         )
         metrics_runner = await start_metrics_listener(settings.metrics, metrics)
     except BaseException:

@@ -102,6 +102,7 @@ def grpc_check_request(token: str, path: str = PATH, *, host: str = "127.0.0.1:8
             ":authority": host,
             ":path": path,
             "x-envoy-external-address": "127.0.0.1",
+            "x-stepup-peer-address": "127.0.0.1",  # the rendered config's header_mutation
             ":scheme": "http",
         }
     )
@@ -119,7 +120,6 @@ class HttpPath:
         self.authorizer = authorizer
         cfg = settings.http_authz
         self.cfg = cfg
-        self.trusted_hops = settings.network.trusted_xff_hops
         self.responses = HttpResponseBuilder(
             path_prefix=settings.stepup.path_prefix, error_status=settings.stepup.error_status
         )
@@ -136,7 +136,6 @@ class HttpPath:
             headers,
             path_prefix=self.cfg.path_prefix,
             peer_header=self.cfg.peer_header.lower(),
-            trusted_hops=self.trusted_hops,
         )
         return asyncio.get_running_loop().create_task(self._check(attrs))
 
@@ -152,12 +151,12 @@ class GrpcPath:
         from envoy.service.auth.v3 import external_auth_pb2
 
         self.authorizer = authorizer
-        self.trusted_hops = settings.network.trusted_xff_hops
+        self.peer_header = settings.grpc.peer_header
         self.parse = external_auth_pb2.CheckRequest.FromString
         self.responses = ResponseBuilder(error_status=settings.stepup.error_status)
 
     async def once(self, raw: bytes) -> int:
-        attrs = attributes_from_check(self.parse(raw), self.trusted_hops)
+        attrs = attributes_from_check(self.parse(raw), self.peer_header)
         decision, decision_id = await decide(self.authorizer, attrs)
         resp = self.responses.build(decision, attrs, decision_id)
         resp.SerializeToString()

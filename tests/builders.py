@@ -260,12 +260,16 @@ def check_request(
     ip: str = "10.0.0.5",
     context: Mapping[str, str] | None = None,
 ) -> external_auth_pb2.CheckRequest:
-    """An ext_authz v3 CheckRequest for one HTTP request: request line, headers, the peer
-    address Envoy saw (``ip``) and the route's ``context_extensions``. An empty string
-    leaves a field unset, as Envoy does when it has no value."""
+    """An ext_authz v3 CheckRequest for one HTTP request: request line, headers, the client
+    address Envoy computed (``ip``: in ``x-stepup-peer-address``, as the rendered config's
+    header_mutation sets it, and as the connection's peer) and the route's
+    ``context_extensions``. An empty string leaves a field unset, as Envoy does when it has
+    no value; a ``headers`` entry for the peer header wins."""
     req = external_auth_pb2.CheckRequest()
     http = req.attributes.request.http
     http.method, http.path, http.host, http.scheme = method, path, host, scheme
+    if ip:
+        http.headers["x-stepup-peer-address"] = ip
     http.headers.update(headers or {})
     req.attributes.source.address.socket_address.address = ip
     req.attributes.context_extensions.update(context or {})

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from authz.admin.config import ApiTls
 from authz.check.authorizer import Authorizer
-from authz.check.request import attributes_from_check
+from authz.check.request import PEER_HEADER, attributes_from_check
 from authz.check.response import ResponseBuilder
 from authz.config.settings import GrpcSettings, TlsSettings
 from authz.core.decision import failed, refused
@@ -33,17 +33,22 @@ SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].fu
 # The generated grpc base class is untyped (xds-protos ships no .pyi for _grpc modules).
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     def __init__(
-        self, authorizer: Authorizer, responses: ResponseBuilder, trusted_hops: int = 0
+        self,
+        authorizer: Authorizer,
+        responses: ResponseBuilder,
+        peer_header: str | None = PEER_HEADER,
     ) -> None:
         self.authorizer = authorizer
         self.responses = responses
-        self.trusted_hops = trusted_hops
+        # Where Envoy puts the client address it computed (grpc.peer_header); None: Envoy's
+        # connection peer, attributes.source.address (authz/check/request.py).
+        self.peer_header = peer_header.lower() if peer_header is not None else None
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
         try:
-            attrs = attributes_from_check(request, self.trusted_hops)
+            attrs = attributes_from_check(request, self.peer_header)
         except RequestError as exc:
             answer = self.authorizer.unread(refused(exc.reason))
             return self.responses.build(answer.decision, None, answer.decision_id)

@@ -122,7 +122,6 @@ class HttpAuthzServer:
         responses: HttpResponseBuilder,
         settings: HttpAuthzSettings,
         *,
-        trusted_hops: int = 0,
         clock: Callable[[], float] | None = None,
         ssl: SSLContext | None = None,
     ) -> None:
@@ -139,7 +138,6 @@ class HttpAuthzServer:
         self.idle_timeout_s = settings.idle_timeout_s
         self.max_connections = settings.max_connections
         self.max_per_source = settings.max_connections_per_source
-        self.trusted_hops = trusted_hops
         self.clock = clock
         self.ssl = ssl
         self.closing = False
@@ -369,7 +367,6 @@ class _Conn(asyncio.Protocol):
                     headers,
                     path_prefix=srv.path_prefix,
                     peer_header=srv.peer_header,
-                    trusted_hops=srv.trusted_hops,
                 )
             except RequestError as exc:
                 answer = srv.authorizer.unread(refused(exc.reason))
@@ -474,8 +471,6 @@ async def maybe_start(
     settings: HttpAuthzSettings,
     authorizer: Authorizer,
     responses: HttpResponseBuilder,
-    *,
-    trusted_hops: int = 0,
 ) -> HttpAuthzServer | None:
     """Start the HTTP ext_authz listener when ``settings.enabled``; None otherwise."""
     if not settings.enabled:
@@ -483,7 +478,7 @@ async def maybe_start(
     ssl = None
     if settings.tls is not None:
         ssl = server_context(settings.tls, "http_authz")
-    server = HttpAuthzServer(authorizer, responses, settings, trusted_hops=trusted_hops, ssl=ssl)
+    server = HttpAuthzServer(authorizer, responses, settings, ssl=ssl)
     await server.start()
     log.info(
         "HTTP ext_authz serving",

@@ -11,11 +11,18 @@ the original ``:path`` with ``http_service.path_prefix`` in front; ``host`` = th
 (plus ``authorization``), and the ``headers_to_add`` entries, which overwrite any client
 value of the same name and may use Envoy's substitution formatters.
 
-Envoy's view of the peer is not sent by default in the HTTP mode. The rendered and shipped
-configs add it with ``authorization_request.headers_to_add``: ``x-stepup-peer-address`` set
-to ``%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%``, the address the gRPC mode reads from
-``attributes.source.address``. A client-sent header of that name is overwritten, never
-trusted; a check without it is refused (fail closed).
+The client address is Envoy's, never derived here: the downstream remote address Envoy
+computed itself (``use_remote_address`` with ``xff_num_trusted_hops``, or an original-IP
+detection extension), which is also what its access log writes as
+``%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%``. X-Forwarded-For is never read. Envoy sends it
+in ``x-stepup-peer-address``: in the HTTP mode set by ``authorization_request.headers_to_add``,
+in the gRPC mode by a ``header_mutation`` filter in front of ext_authz (``render envoy``
+renders both). Both overwrite a client-sent header of that name; a check without it is
+refused (fail closed). The gRPC mode cannot use ``attributes.source.address`` for this:
+Envoy fills it with the connection's peer, which is the last proxy, not the client, as soon
+as Envoy trusts a hop (``tests/e2e/test_client_address.py``). Only with
+``grpc.peer_header: null`` is that peer read, for proxies that trust no hop and cannot set
+the header.
 
 Context extensions do not exist in the HTTP protocol. A route that must raise its level
 uses a per-route ``check_settings.http_service`` whose ``path_prefix`` is
@@ -38,7 +45,6 @@ from authz.core.attributes import (
     IpAddress,
     RequestAttributes,
     canonicalize_path,
-    client_ip,
     normalize_host,
     parse_ip,
 )
@@ -54,13 +60,13 @@ _NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
 MAX_HEADERS = 200
 
 # Pure functions of strings that repeat from Check to Check (a mesh sees a bounded set of
-# paths, hosts and peers): memoised, bounded in entries and, since clients choose these
+# paths, hosts and clients): memoised, bounded in entries and, since clients choose these
 # strings, in size: longer inputs are computed every time (at most ~8k x 512 B cached).
 # A refused value raises and is not cached.
 _MEMO_MAX_LEN = 512
 _canonical_memo = lru_cache(maxsize=8192)(canonicalize_path)
 _host_memo = lru_cache(maxsize=1024)(normalize_host)
-_client_ip_memo = lru_cache(maxsize=8192)(client_ip)
+_ip_memo = lru_cache(maxsize=8192)(parse_ip)
 
 
 def _canonical(raw: str) -> tuple[str, str]:
@@ -71,18 +77,25 @@ def _host(authority: str) -> str:
     return _host_memo(authority) if len(authority) <= _MEMO_MAX_LEN else normalize_host(authority)
 
 
-def _client_ip(peer: str, xff: str | None, hops: int) -> IpAddress | None:
-    if hops <= 0:
-        xff = None  # not read without trusted hops: keep it out of the memo's key
-    if len(peer) + len(xff or "") <= _MEMO_MAX_LEN:
-        return _client_ip_memo(peer, xff, hops)
-    return client_ip(peer, xff, hops)
+def envoy_client_address(value: str | None, header: str) -> IpAddress:
+    """The client address Envoy computed, from the header it set (``header`` names it in
+    the error); refused when missing or not an address: without it the IP rules and the
+    bindings cannot be applied. Shared by both ext_authz modes."""
+    ip = None
+    if value:
+        ip = _ip_memo(value) if len(value) <= _MEMO_MAX_LEN else parse_ip(value)
+    if ip is None:
+        raise RequestError(f"missing or invalid {header}", reason=Reason.BAD_REQUEST)
+    return ip
 
 
 def attributes_from_check(
-    req: external_auth_pb2.CheckRequest, trusted_hops: int = 0
+    req: external_auth_pb2.CheckRequest, peer_header: str | None = PEER_HEADER
 ) -> RequestAttributes:
-    """Build the attributes; raises RequestError for a request we refuse to interpret."""
+    """Build the attributes; raises RequestError for a request we refuse to interpret.
+
+    The client address is the ``peer_header`` Envoy set; with ``peer_header=None``,
+    Envoy's connection peer (``attributes.source.address``)."""
     ctx = req.attributes
     http = ctx.request.http
     if len(http.headers) > MAX_HEADERS:
@@ -98,7 +111,10 @@ def attributes_from_check(
     host = _host(http.host or headers.get(":authority", ""))
     if not host:
         raise RequestError("missing host", reason=Reason.BAD_REQUEST)
-    sock = ctx.source.address.socket_address
+    if peer_header is not None:
+        source_ip: IpAddress | None = envoy_client_address(headers.get(peer_header), peer_header)
+    else:
+        source_ip = _ip_memo(ctx.source.address.socket_address.address)
     return RequestAttributes(
         method=method.upper(),
         scheme=http.scheme or headers.get(":scheme", "http"),
@@ -106,7 +122,7 @@ def attributes_from_check(
         path=path,
         query=query,
         headers=headers,
-        source_ip=_client_ip(sock.address, headers.get("x-forwarded-for"), trusted_hops),
+        source_ip=source_ip,
         context_extensions=MappingProxyType(dict(ctx.context_extensions)),
         request_id=http.id or headers.get("x-request-id", ""),
         peer_certificate=ctx.source.certificate,
@@ -120,7 +136,6 @@ def attributes_from_http(
     *,
     path_prefix: str,
     peer_header: str = PEER_HEADER,
-    trusted_hops: int = 0,
 ) -> RequestAttributes:
     """Build the attributes from one check request; raises RequestError to refuse it.
 
@@ -145,11 +160,7 @@ def attributes_from_http(
     host = _host(headers.get("host", ""))
     if not host:
         raise RequestError("missing host", reason=Reason.BAD_REQUEST)
-    peer = headers.get(peer_header)
-    if not peer or parse_ip(peer) is None:
-        # Envoy's headers_to_add always sets it; without it the IP rules cannot be applied.
-        raise RequestError(f"missing or invalid {peer_header}", reason=Reason.BAD_REQUEST)
-    source_ip = _client_ip(peer, headers.get("x-forwarded-for"), trusted_hops)
+    source_ip = envoy_client_address(headers.get(peer_header), peer_header)
     return RequestAttributes(
         method=method.upper(),
         scheme=headers.get("x-forwarded-proto", "http"),

@@ -44,6 +44,11 @@ class GrpcSettings(BaseModel):
     shutdown_grace_s: float = Field(5.0, ge=0)
     max_concurrent_rpcs: int | None = Field(None, ge=1)
     reflection: bool = False  # gRPC server reflection (advertises the services): opt-in
+    # The header in which Envoy sends the client address it computed (render envoy sets
+    # it to %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%, overwriting any client value); a
+    # check without it is refused. null: Envoy's connection peer (attributes.source),
+    # which is the client only when Envoy trusts no X-Forwarded-For hop.
+    peer_header: str | None = "x-stepup-peer-address"
 
 
 class HttpSettings(BaseModel):
@@ -506,12 +511,24 @@ class CryptoSettings(BaseModel):
 
 
 class NetworkSettings(BaseModel):
+    """The client address is Envoy's own (authz/check/request.py): the proxies Envoy trusts
+    in X-Forwarded-For are Envoy's setting alone, never the service's."""
+
     model_config = _FROZEN
-    # Proxies in front of Envoy that append to X-Forwarded-For (a cloud load balancer: 1).
-    # Must equal Envoy's xff_num_trusted_hops. 0: the client is Envoy's peer; XFF unread.
-    trusted_xff_hops: int = Field(0, ge=0, le=10)
     # A MaxMind DB (GeoIP2/GeoLite2 City or Country) for country rules and travel.
     geoip_database: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_second_derivation(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "trusted_xff_hops" in data:
+            raise ValueError(
+                "network.trusted_xff_hops is no longer a service setting: the service uses "
+                "the client address Envoy computed. Set the hop count in Envoy instead "
+                "(render envoy --xff-num-trusted-hops N, Envoy's xff_num_trusted_hops; "
+                "Istio numTrustedProxies; Envoy Gateway numTrustedHops) and remove this key"
+            )
+        return data
 
 
 class CoverageSettings(BaseModel):

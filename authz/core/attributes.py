@@ -34,8 +34,8 @@ class RequestAttributes:
     path: str  # canonical, without the query
     query: str
     headers: Mapping[str, str]  # lower-case names
-    # The client's address: Envoy's view of its peer, or -- behind N trusted proxies --
-    # the address N hops back in X-Forwarded-For (see client_ip). None if unreadable.
+    # The client's address as Envoy computed it (its use_remote_address and
+    # xff_num_trusted_hops; authz/check/request.py), never re-derived here. None if unknown.
     source_ip: IpAddress | None
     context_extensions: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     request_id: str = ""
@@ -141,26 +141,6 @@ def parse_ip(value: str) -> IpAddress | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
-
-
-def client_ip(peer: str, xff: str | None, trusted_hops: int) -> IpAddress | None:
-    """The client address, counting ``trusted_hops`` proxies in front of Envoy.
-
-    The chain is X-Forwarded-For (every copy, as Envoy joins them with commas) followed by
-    Envoy's peer, unless Envoy already appended it (``use_remote_address``). Each trusted
-    proxy appended the address it received from, so the client is ``trusted_hops`` entries
-    to the left of the peer. Never the leftmost entry (the client writes that), never
-    X-Real-IP. With no trusted hops the header is not read at all. An unparseable entry
-    in the trusted part yields None: unknown, which rules treat as untrusted.
-    """
-    if trusted_hops <= 0 or not xff:
-        return parse_ip(peer)
-    chain = [p.strip() for p in xff.split(",")]
-    peer_ip = parse_ip(peer)
-    if not chain or parse_ip(chain[-1]) != peer_ip:
-        chain.append(peer)
-    index = max(0, len(chain) - 1 - trusted_hops)
-    return parse_ip(chain[index])
 
 
 def cookie_values(header: str, name: str) -> list[str]:

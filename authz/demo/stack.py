@@ -286,6 +286,7 @@ class Stack:
         service_tls: ServiceTls | None = None,
         envoy_template: Path | None = None,
         authz_timeout: str = "0.25s",
+        xff_num_trusted_hops: int = 0,
         ready_timeout: float = 20.0,
         with_audit_exporter: bool = True,
         exporter_settings: dict[str, Any] | None = None,
@@ -306,6 +307,8 @@ class Stack:
         # hand-made template is given.
         self.mode, self.hosts, self.service_tls = mode, tuple(hosts), service_tls
         self.envoy_template, self.authz_timeout = envoy_template, authz_timeout
+        # Proxies in front of the edge Envoy (`render envoy --xff-num-trusted-hops`).
+        self.xff_num_trusted_hops = xff_num_trusted_hops
         self.ready_timeout = ready_timeout
         self.with_audit_exporter = with_audit_exporter
         self.exporter_settings_extra = exporter_settings or {}
@@ -544,6 +547,7 @@ class Stack:
             stepup_address=self.stepup_endpoints(),
             upstream_address=(HOST, self.upstream_port),
             authz_timeout=self.authz_timeout,
+            xff_num_trusted_hops=self.xff_num_trusted_hops,
             service_tls=self.service_tls,
         )
 

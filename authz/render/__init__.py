@@ -9,13 +9,20 @@
 """
 
 from authz.render.cli import add_render_parser
-from authz.render.envoy import EXT_AUTHZ, ServiceTls, render_envoy, served_hosts
+from authz.render.envoy import (
+    EXT_AUTHZ,
+    ServiceTls,
+    ext_authz_filter,
+    render_envoy,
+    served_hosts,
+)
 from authz.render.istio import render_istio, service_host
 
 __all__ = [
     "EXT_AUTHZ",
     "ServiceTls",
     "add_render_parser",
+    "ext_authz_filter",
     "render_envoy",
     "render_istio",
     "served_hosts",

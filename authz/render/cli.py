@@ -202,7 +202,11 @@ def add_render_parser(subparsers: Any) -> None:
         "--xff-num-trusted-hops",
         type=int,
         default=0,
-        help="0 at the edge; 1 behind one load balancer (= network.trusted_xff_hops)",
+        help=(
+            "proxies in front of Envoy that append to X-Forwarded-For (0 at the edge, 1 behind"
+            " one load balancer): Envoy's xff_num_trusted_hops, the only hop count; the"
+            " service uses the client address Envoy computes from it"
+        ),
     )
     env.add_argument("--service-tls-ca", type=Path, metavar="FILE", help="TLS to the service")
     env.add_argument(

@@ -22,7 +22,6 @@ REQUEST_HEADERS: tuple[str, ...] = (
     "accept",  # browser (302) or API client (401)
     "content-type",  # gRPC clients get gRPC statuses
     str(DeviceAssertionSettings.model_fields["header"].default),  # the MDM's device assertion
-    "x-forwarded-for",  # trusted hops (network.trusted_xff_hops)
     "x-forwarded-proto",
     "x-request-id",  # joins the audit record to Envoy's access log
     "traceparent",  # W3C trace context: a check joins the caller's trace
@@ -31,8 +30,9 @@ REQUEST_HEADERS: tuple[str, ...] = (
 # them for removal (HTTP mode) or overwrites them (gRPC mode), so none reaches the upstream.
 REQUEST_HEADER_PREFIXES: tuple[str, ...] = (HEADER_PREFIX,)
 
-# The HTTP mode: Envoy's own view of the client, set by headers_to_add (overwrites any
-# client value), and the check path prefix routes extend with "@<level>".
+# The client address Envoy computed, in both modes (HTTP: headers_to_add; gRPC: a
+# header_mutation filter in front of ext_authz; both overwrite any client value), and the
+# check path prefix routes extend with "@<level>".
 PEER_ADDRESS_HEADER = PEER_HEADER
 CHECK_PATH_PREFIX = str(HttpAuthzSettings.model_fields["path_prefix"].default)
 HTTP_CHECK_PORT = int(HttpAuthzSettings.model_fields["port"].default)

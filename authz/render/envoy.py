@@ -503,6 +503,42 @@ def _http_service(
     }
 
 
+def ext_authz_filter(hcm: dict[str, Any]) -> dict[str, Any]:
+    """The ext_authz entry of an HTTP connection manager's (typed config's) filter chain."""
+    found: dict[str, Any] = next(f for f in hcm["http_filters"] if f["name"] == EXT_AUTHZ)
+    return found
+
+
+def _peer_address_filter() -> dict[str, Any]:
+    """gRPC mode: the client address Envoy computed, in the request the check sees.
+
+    ext_authz's ``attributes.source.address`` is the connection's peer: with trusted hops
+    that is the last proxy, not the client. This filter, in front of ext_authz, writes
+    Envoy's own downstream remote address (the one its access log writes) into
+    ``x-stepup-peer-address``, overwriting a client-sent value; the service reads only that
+    (``grpc.peer_header``) and removes it from the upstream request with every other
+    ``x-stepup-*`` header it did not set."""
+    return {
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            "@type": _TYPES + "filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {
+                "request_mutations": [
+                    {
+                        "append": {
+                            "header": {
+                                "key": contract.PEER_ADDRESS_HEADER,
+                                "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+                            },
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                        }
+                    }
+                ]
+            },
+        },
+    }
+
+
 def _http_filter(service: dict[str, Any], assertion_header: str) -> dict[str, Any]:
     names = dict.fromkeys([*contract.REQUEST_HEADERS, assertion_header.lower()])
     return {
@@ -550,7 +586,9 @@ def render_envoy(
     stay above the service's Redis deadline (``redis.deadline_ms``, 50 ms by default) so a
     slow store yields the service's own fail-closed answer rather than Envoy's bare 403.
     ``xff_num_trusted_hops`` is 0 when Envoy is the edge, 1 behind one load balancer that
-    appends to X-Forwarded-For; the service's ``network.trusted_xff_hops`` must equal it.
+    appends to X-Forwarded-For: the only place the hop count lives. Envoy computes the client
+    address from it and hands exactly that address to the check (``x-stepup-peer-address``,
+    both modes) and to ``/_stepup/``; the service never reads X-Forwarded-For.
     """
     if mode not in ("grpc", "http"):
         raise ConfigError(f"unknown ext_authz mode {mode!r}: grpc or http", location="--mode")
@@ -635,6 +673,7 @@ def render_envoy(
         "access_log": _access_log(mode),
         **({"tracing": _tracing(tracing)} if tracing is not None else {}),
         "http_filters": [
+            *([_peer_address_filter()] if mode == "grpc" else []),
             {"name": EXT_AUTHZ, "typed_config": ext_authz},
             {
                 "name": "envoy.filters.http.router",

@@ -40,11 +40,11 @@ from authz.audit import mapping
 from authz.audit.events import AuditEvent
 from authz.audit.mapping import stepup_completed
 from authz.audit.sinks import AuditTrail, AuditUnavailable
-from authz.check.devices import DeviceResolver, xfcc_certificate
+from authz.check.devices import DeviceResolver
 from authz.check.tokens import IdToken, StepupTokens
 from authz.config.policy_file import PolicyHolder
 from authz.config.settings import Settings
-from authz.core.attributes import cookie_values, parse_ip
+from authz.core.attributes import cookie_values
 from authz.core.grants import GrantRefused, Proof, Target, grant_for
 from authz.core.ids import new_id
 from authz.core.policy import Level
@@ -55,6 +55,7 @@ from authz.ops.metrics import Metrics
 from authz.stepup.link import ContextSigner
 from authz.stepup.oidc import RelyingParty, pkce_pair
 from authz.stepup.pages import page
+from authz.stepup.presented import client_address, presented
 from authz.stepup.state import StateKind, StepupState
 from authz.store.interfaces import StepupStore
 
@@ -577,8 +578,7 @@ class StepupApp:
         proved = f"{id_token.issuer}|{id_token.subject}"
         if saved.kind is StateKind.LOGIN:
             audit.user = proved
-            peer = parse_ip(request.headers.get(self.s.peer_header, ""))
-            audit.ip = str(peer) if peer is not None else None
+            audit.ip = client_address(request, self.s.peer_header)
             return await self._finish_login(tokens, saved, now, audit)
         if proved != audit.user:
             audit.proved_user = proved
@@ -608,8 +608,7 @@ class StepupApp:
         await self._was_used(state_id)
         level = saved.level or LOGIN_LEVEL
         self._completion(level, Reason.USER_CANCELLED, "none")
-        peer = parse_ip(request.headers.get(self.s.peer_header, ""))
-        ip = saved.ip or (str(peer) if peer is not None else None)
+        ip = saved.ip or client_address(request, self.s.peer_header)
         log.info("step-up cancelled", extra={"stepup_level": level})
         if self.auditor is None:
             return resp
@@ -686,23 +685,6 @@ class StepupApp:
         resp.del_cookie(self.state_cookie, path="/")
         return resp
 
-    async def _presented(self, request: web.Request, now: int) -> tuple[str | None, str | None]:
-        """(device, client IP) of the browser completing the step-up: its device cookie,
-        an MDM assertion or (through Envoy's x-forwarded-client-cert) its certificate;
-        the address Envoy saw, from the header the /_stepup/ route sets."""
-        ip = parse_ip(request.headers.get(self.s.peer_header, ""))
-        client = str(ip) if ip is not None else None
-        if self.devices is None:
-            return None, client
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        device = await self.devices.resolve_headers(
-            headers,
-            now,
-            peer_certificate=xfcc_certificate(headers.get("x-forwarded-client-cert", "")),
-            client=client or "",
-        )
-        return (device.id if device is not None else None), client
-
     async def _finish_stepup(
         self,
         id_token: IdToken,
@@ -717,7 +699,9 @@ class StepupApp:
         level = self.policy.current.policy.by_name.get(saved.level)
         evidence = id_token.evidence
         factor = factor_of(evidence.amr)
-        device, ip = await self._presented(request, now)
+        device, ip = await presented(
+            request, now, peer_header=self.s.peer_header, devices=self.devices
+        )
         new_cookie = None
         cookies = self.devices.cookies if self.devices is not None else None
         if device is None and cookies is not None:

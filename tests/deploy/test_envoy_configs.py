@@ -24,6 +24,7 @@ from authz.render import (
     EXT_AUTHZ,
     ServiceTls,
     add_render_parser,
+    ext_authz_filter,
     render_envoy,
     render_istio,
     served_hosts,
@@ -88,8 +89,7 @@ def test_standalone_examples_security_settings(name: str, hops: int) -> None:
     assert (h["normalize_path"], h["merge_slashes"]) == (True, True)
     assert h["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
     assert h["use_remote_address"] is True and h["xff_num_trusted_hops"] == hops
-    authz = h["http_filters"][0]
-    assert authz["name"] == EXT_AUTHZ
+    authz = ext_authz_filter(h)
     cfg = authz["typed_config"]
     assert cfg["failure_mode_allow"] is False
     timeout = float(cfg["grpc_service"]["timeout"].rstrip("s"))
@@ -161,7 +161,7 @@ def test_render_envoy_with_service_tls_and_replicas_validates(tmp_path: Path, mo
         san = ctx["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"]
         assert san == [{"san_type": "DNS", "matcher": {"exact": tls.sni}}]
     assert "transport_socket" not in clusters["upstream"]
-    authz = hcm(doc)["http_filters"][0]["typed_config"]
+    authz = ext_authz_filter(hcm(doc))["typed_config"]
     if mode == "http":
         assert authz["http_service"]["server_uri"]["uri"].startswith("https://")
     half = ServiceTls(ca_file=tls.ca_file, sni=tls.sni, stepup=False)
@@ -335,7 +335,7 @@ def test_rendered_routes_mirror_the_policy() -> None:
     policy = read_policy(EXAMPLE_POLICY).policy
     doc = render_envoy(policy, hosts=["trading.example.com"])
     h = hcm(doc)
-    assert h["http_filters"][0]["typed_config"]["failure_mode_allow"] is False
+    assert ext_authz_filter(h)["typed_config"]["failure_mode_allow"] is False
     (vhost,) = h["route_config"]["virtual_hosts"]
     assert vhost["domains"] == ["trading.example.com"]
     routes = vhost["routes"]

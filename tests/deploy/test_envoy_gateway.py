@@ -204,8 +204,8 @@ def test_client_traffic_policy_trusted_hops_and_paths() -> None:
     }
     (ref,) = ctp["spec"]["targetRefs"]
     assert gateways == {(ctp["metadata"]["namespace"], ref["name"])} and ref["kind"] == "Gateway"
-    chart_hops = yaml.safe_load((ROOT / "k8s/stepup-authz/values.yaml").read_text())["network"][
-        "trustedXffHops"
+    chart_hops = yaml.safe_load((ROOT / "k8s/stepup-authz/values.yaml").read_text())["proxy"][
+        "xffNumTrustedHops"
     ]
     assert ctp["spec"]["clientIPDetection"]["xForwardedFor"]["numTrustedHops"] == chart_hops
     assert ctp["spec"]["path"]["escapedSlashesAction"] == "RejectRequest"

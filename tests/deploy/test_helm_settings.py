@@ -136,15 +136,16 @@ def test_config_is_merged_over_the_rendered_settings(chart: Any) -> None:
     mergeOverwrite would drop false and 0)."""
     config = {
         "stepup": {"cookie_secure": False, "landing_path": "/home"},
-        "network": {"trusted_xff_hops": 0},
+        "grpc": {"shutdown_grace_s": 0},
         "oidc": {"leeway_s": 0, "algorithms": ["ES256"]},
         "redis": {"fast_client": False},
         "devices": {"cookie": None},
         "signals_not_a_setting": None,
     }
-    vals = values("minimal") | {"network": {"trustedXffHops": 2}, "config": config}
+    vals = values("minimal") | {"config": config}
     s = settings_doc(render(chart, vals))
-    assert s["network"]["trusted_xff_hops"] == 0  # config wins over the chart's own value
+    assert s["grpc"]["shutdown_grace_s"] == 0  # config wins over the chart's own value (5)
+    assert s["grpc"]["port"] == 9191  # siblings kept
     assert s["stepup"]["cookie_secure"] is False and s["stepup"]["landing_path"] == "/home"
     assert s["stepup"]["public_url"] == "https://trading.example.com"  # siblings kept
     assert s["oidc"]["leeway_s"] == 0 and s["oidc"]["algorithms"] == ["ES256"]
@@ -162,12 +163,13 @@ def test_settings_reachable_from_values(chart: Any) -> None:
     vals = values("minimal") | {
         "workers": 2,
         "httpAuthz": {"enabled": True},
-        "network": {"trustedXffHops": 1},
+        "proxy": {"xffNumTrustedHops": 1},
         "tls": {"existingSecret": "stepup-authz-tls", "clientCa": True},
     }
     docs = render(chart, vals)
     settings = Settings.model_validate(settings_doc(docs))
-    assert settings.network.trusted_xff_hops == 1
+    # The hop count is the proxy's; the service takes the address Envoy computed from it.
+    assert "network" not in settings_doc(docs) and settings.grpc.peer_header is not None
     assert settings.http_authz.enabled and settings.http_authz.port == 9193
     assert settings.http_authz.host == "0.0.0.0"
     tls = settings.grpc.tls
@@ -267,7 +269,8 @@ def test_network_policies_admit_the_istio_sidecar(chart: Any) -> None:
 def test_schema_refuses_bad_settings_values(chart: Any) -> None:
     for bad in (
         {"workers": 0},
-        {"network": {"trustedXffHops": 11}},
+        {"proxy": {"xffNumTrustedHops": 11}},
+        {"proxy": {"trustedXffHops": 1}},
         {"httpAuthz": {"enabled": "yes"}},
         {"tls": {"secret": "x"}},
         {"metricsPort": 70000},
@@ -277,3 +280,20 @@ def test_schema_refuses_bad_settings_values(chart: Any) -> None:
     ):
         with pytest.raises(helm.HelmValuesError):
             chart.validate_schema(values("minimal") | bad)
+
+
+def test_the_trusted_hop_count_is_the_proxys_and_the_old_value_is_refused(chart: Any) -> None:
+    """One client address, Envoy's: the chart has no service-side hop count any more. The
+    old value is refused naming its replacement (never silently dropped), and a gRPC check
+    told to read the connection peer is refused while proxies are trusted (the peer is then
+    the last proxy, not the client)."""
+    with pytest.raises(helm.HelmError, match=r"proxy\.xffNumTrustedHops"):
+        render(chart, values("minimal") | {"network": {"trustedXffHops": 1}})
+    peer_null = {"config": {"grpc": {"peer_header": None}}}
+    with pytest.raises(helm.HelmError, match=r"grpc\.peer_header"):
+        render(chart, values("minimal") | {"proxy": {"xffNumTrustedHops": 1}} | peer_null)
+    settings = Settings.model_validate(settings_doc(render(chart, values("minimal") | peer_null)))
+    assert settings.grpc.peer_header is None  # no trusted hop: Envoy's peer is the client
+    notes = chart.render(values("url"), name="r", namespace="n", is_install=True)
+    (text,) = [t for p, t in notes.items() if p.endswith("NOTES.txt")]
+    assert "render envoy --xff-num-trusted-hops 1" in text

@@ -114,8 +114,8 @@ def test_the_provider_is_the_default_releases_service(chart: Any) -> None:
         hops = mesh["defaultConfig"]["gatewayTopology"]["numTrustedProxies"]
         assert (
             hops
-            == yaml.safe_load((ROOT / "k8s/stepup-authz/values.yaml").read_text())["network"][
-                "trustedXffHops"
+            == yaml.safe_load((ROOT / "k8s/stepup-authz/values.yaml").read_text())["proxy"][
+                "xffNumTrustedHops"
             ]
         )
 

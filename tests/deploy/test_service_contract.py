@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from authz.core.policy import load_policy
-from authz.render import contract, render_envoy
+from authz.render import contract, ext_authz_filter, render_envoy
 
 pytestmark = pytest.mark.deploy
 
@@ -47,7 +47,8 @@ def service_header_reads() -> set[str]:
 
 def test_every_header_the_check_path_reads_is_in_the_contract() -> None:
     reads = service_header_reads()
-    assert {"authorization", "cookie", "accept", "x-forwarded-for"} <= reads  # the scan works
+    assert {"authorization", "cookie", "accept", "x-forwarded-proto"} <= reads  # the scan works
+    assert "x-forwarded-for" not in reads  # the client address is Envoy's, never derived
     assert reads - set(contract.REQUEST_HEADERS) == set()
 
 
@@ -65,7 +66,7 @@ def test_render_envoy_http_mode_passes_the_contract() -> None:
     assert {"prefix": "x-stepup-"} in patterns
     grpc = render_envoy(policy, hosts=["app.example"])
     grpc_hcm = grpc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    assert "allowed_headers" not in grpc_hcm["typed_config"]["http_filters"][0]["typed_config"]
+    assert "allowed_headers" not in ext_authz_filter(grpc_hcm["typed_config"])["typed_config"]
 
 
 def test_the_scan_finds_a_new_read(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from authz.config.settings import CoverageSettings
 from authz.demo.stack import HOST, free_ports, http_ok
 from authz.evidence.monitor import CoverageMonitor
 from authz.ops.metrics import Metrics
-from authz.render import EXT_AUTHZ, render_envoy
+from authz.render import EXT_AUTHZ, ext_authz_filter, render_envoy
 
 pytestmark = pytest.mark.e2e
 
@@ -119,7 +119,7 @@ def drifted(listen: int, listen2: int, admin: int) -> dict[str, Any]:
     internal["name"] = "internal"
     internal["address"]["socket_address"]["port_value"] = listen2
     ih = internal["filter_chains"][0]["filters"][0]["typed_config"]
-    ih["http_filters"][0]["typed_config"]["failure_mode_allow"] = True
+    ext_authz_filter(ih)["typed_config"]["failure_mode_allow"] = True
     ih["route_config"]["name"] = "internal-routes"
     cfg["static_resources"]["listeners"].append(internal)
     return cfg

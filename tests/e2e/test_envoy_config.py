@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from authz.demo.stack import REPO_ROOT, Stack, redis_ping
+from authz.render import ext_authz_filter
 
 pytestmark = pytest.mark.e2e
 
@@ -80,8 +81,10 @@ def test_security_settings(rendered: tuple[Path, dict[str, Any]]) -> None:
     assert hcm["xff_num_trusted_hops"] == 0
 
     filters = [f["name"] for f in hcm["http_filters"]]
-    assert filters == [EXT_AUTHZ, "envoy.filters.http.router"]
-    authz = hcm["http_filters"][0]["typed_config"]
+    authz = ext_authz_filter(hcm)["typed_config"]
+    # gRPC: Envoy's client address into the check's request first (authz/check/request.py).
+    peer = ["envoy.filters.http.header_mutation"] if "grpc_service" in authz else []
+    assert filters == [*peer, EXT_AUTHZ, "envoy.filters.http.router"]
     assert authz["failure_mode_allow"] is False
     assert authz["status_on_error"] == {"code": 403}
     if "grpc_service" in authz:
@@ -119,7 +122,7 @@ def test_a_broken_bootstrap_fails_validation(
 ) -> None:
     """The validation check can fail: an unknown field in the ext_authz config is refused."""
     _, doc = rendered
-    _hcm(doc)["http_filters"][0]["typed_config"]["fail_open_when_tuesday"] = True
+    ext_authz_filter(_hcm(doc))["typed_config"]["fail_open_when_tuesday"] = True
     bad = tmp_path / "broken.yaml"
     bad.write_text(yaml.safe_dump(doc))
     result = _validate(bad)

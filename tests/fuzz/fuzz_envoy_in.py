@@ -65,6 +65,7 @@ _KEYS = [
     ":method",
     "x-request-id",
     "host",
+    "x-stepup-peer-address",
 ]
 
 
@@ -90,7 +91,7 @@ def _structured(fdp: atheris.FuzzedDataProvider) -> external_auth_pb2.CheckReque
 
 def test_one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    hops = fdp.ConsumeIntInRange(0, 3)
+    peer_header = "x-stepup-peer-address" if fdp.ConsumeBool() else None
     if fdp.ConsumeBool():
         req = external_auth_pb2.CheckRequest()
         try:
@@ -100,7 +101,7 @@ def test_one_input(data: bytes) -> None:
     else:
         req = _structured(fdp)
     try:
-        attrs = attributes_from_check(req, hops)
+        attrs = attributes_from_check(req, peer_header)
     except RequestError:
         return
     # Invariants of accepted attributes.

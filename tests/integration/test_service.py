@@ -129,7 +129,10 @@ async def test_decisions_over_grpc(env: Env) -> None:
     assert header(r, "x-stepup-level") == "standard"
     assert header(r, "x-stepup-acr") == "pwd"
     # client x-stepup-* copies, and method overrides always (tests/security)
-    assert list(r.ok_response.headers_to_remove) == ["x-stepup-role", *METHOD_OVERRIDE_HEADERS]
+    # (x-stepup-peer-address: Envoy's address for the check, never the upstream's)
+    assert sorted(r.ok_response.headers_to_remove) == sorted(
+        ["x-stepup-role", "x-stepup-peer-address", *METHOD_OVERRIDE_HEADERS]
+    )
     # elevated route with a password token: RFC 9470 challenge
     r = await env.stub.Check(check_request("/accounts/1", auth))
     assert r.denied_response.status.code == 401

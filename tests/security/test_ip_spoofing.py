@@ -9,8 +9,10 @@ uses observable from both sides:
 * the ``external`` rule denies every request from outside loopback (``ip-external``): if
   the service believed a forged external address, a public page would be refused.
 
-The service runs with ``network.trusted_xff_hops: 0`` and Envoy with
-``use_remote_address: true, xff_num_trusted_hops: 0``: the client address is the TCP peer.
+Envoy runs with ``use_remote_address: true, xff_num_trusted_hops: 0`` (the client address
+is the TCP peer) and hands the service the address it computed in ``x-stepup-peer-address``,
+overwriting a client-sent copy; the service never reads X-Forwarded-For. The chain with a
+trusted hop in front of Envoy is ``tests/e2e/test_client_address.py``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from collections.abc import Callable
 
 import pytest
 
-from authz.core.attributes import client_ip
+from authz.check.request import PEER_HEADER, attributes_from_check, attributes_from_http
 from authz.demo.stack import Stack
+from tests import builders
 
 from .helpers import Minter, raw_request
 
@@ -54,6 +57,12 @@ FORGERIES: dict[str, list[tuple[str, str | bytes]]] = {
         ("X-Envoy-External-Address", "203.0.113.9"),
     ],
     "blocked-range-in-xff": [("X-Forwarded-For", "198.51.100.7")],
+    # The header Envoy sets for the service: a client-sent copy is overwritten.
+    "peer-header": [("X-Stepup-Peer-Address", "203.0.113.9")],
+    "peer-header-twice": [
+        ("X-Stepup-Peer-Address", "203.0.113.9"),
+        ("X-Stepup-Peer-Address", "10.0.0.1"),
+    ],
 }
 
 
@@ -89,29 +98,26 @@ async def test_forged_address_is_not_believed(
     assert seen["headers"]["x-stepup-level"] == "public"
     # What an upstream should use as the client address is Envoy's, not the client's.
     assert seen["headers"]["x-envoy-external-address"] == "127.0.0.1"
+    # Envoy's header for the service is removed before the upstream, with every x-stepup-*.
+    assert "x-stepup-peer-address" not in seen["headers"]
 
 
-@pytest.mark.parametrize(
-    ("xff", "hops", "expected"),
-    [
-        pytest.param("203.0.113.9", 0, "127.0.0.1", id="no-trusted-hop-xff-unread"),
-        pytest.param("203.0.113.9, 10.0.0.2", 1, "10.0.0.2", id="one-hop-takes-the-lb-view"),
-        pytest.param(
-            "6.6.6.6, 203.0.113.9, 10.0.0.2", 1, "10.0.0.2", id="one-hop-ignores-forged-leftmost"
-        ),
-        pytest.param("6.6.6.6, 203.0.113.9", 2, "6.6.6.6", id="two-hops-peer-appended"),
-        pytest.param("garbage, 10.0.0.2", 1, "10.0.0.2", id="one-hop-junk-on-the-left-ignored"),
-        pytest.param("10.0.0.2, garbage", 1, None, id="one-hop-junk-in-trusted-part-is-unknown"),
-        pytest.param(
-            "203.0.113.9", 5, "203.0.113.9", id="fewer-entries-than-hops-earliest-proxy-view"
-        ),
-    ],
-)
-def test_client_ip_with_trusted_hops(
-    xff: str, hops: int, expected: str | None, outcome: Callable[[str, str], None]
+@pytest.mark.parametrize("name", list(FORGERIES))
+def test_the_adapters_never_derive_an_address(
+    name: str, outcome: Callable[[str, str], None]
 ) -> None:
-    """Behind N trusted proxies the client is N entries left of the peer (127.0.0.1 here),
-    never the leftmost entry a client wrote; an unparseable trusted entry is unknown."""
-    got = client_ip("127.0.0.1", xff, hops)
-    outcome(f"client ip {expected}", f"client ip {got}")
-    assert (str(got) if got is not None else None) == expected
+    """Whatever forwarding headers arrive beside it, both adapters take the address Envoy
+    set (here 127.0.0.1) and nothing else: no hop count, no second derivation."""
+    forged: dict[str, str] = {}
+    for k, v in FORGERIES[name]:
+        if k.lower() != PEER_HEADER:
+            text = v.decode("latin-1") if isinstance(v, bytes) else v
+            forged[k.lower()] = f"{forged[k.lower()]},{text}" if k.lower() in forged else text
+    envoys = {**forged, PEER_HEADER: "127.0.0.1"}
+    grpc = attributes_from_check(builders.check_request("/x", envoys, ip="10.9.9.9"))
+    http = attributes_from_http(
+        "GET", "/check/x", {"host": "app.test", **envoys}, path_prefix="/check"
+    )
+    got = {str(grpc.source_ip), str(http.source_ip)}
+    outcome("client ip 127.0.0.1 in both modes", f"client ip {sorted(got)}")
+    assert got == {"127.0.0.1"}

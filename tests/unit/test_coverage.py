@@ -17,7 +17,7 @@ from authz.evidence.coverage import CoverageError, assess_dump, check_mesh, dura
 from authz.evidence.incident import select_incident
 from authz.evidence.monitor import CoverageMonitor, exempt_prefixes, service_deadline_ms
 from authz.ops.metrics import Metrics
-from authz.render import EXT_AUTHZ, render_envoy
+from authz.render import EXT_AUTHZ, ext_authz_filter, render_envoy
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = read_policy(ROOT / "examples" / "policy.yaml").policy
@@ -38,7 +38,7 @@ def hcm(dump: dict[str, Any]) -> dict[str, Any]:
 
 
 def authz_cfg(dump: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = hcm(dump)["http_filters"][0]["typed_config"]
+    out: dict[str, Any] = ext_authz_filter(hcm(dump))["typed_config"]
     return out
 
 
@@ -104,13 +104,13 @@ def test_fail_open_filter_makes_its_routes_fail_open() -> None:
     [
         (lambda h: h["http_filters"].reverse(), "after the router"),
         (
-            lambda h: h["http_filters"][0]["typed_config"].update(
+            lambda h: ext_authz_filter(h)["typed_config"].update(
                 filter_enabled={"default_value": {"numerator": 50}}
             ),
             "sampled",
         ),
-        (lambda h: h["http_filters"][0].update(disabled=True), "disabled by default"),
-        (lambda h: h["http_filters"].pop(0), "no ext_authz filter"),
+        (lambda h: ext_authz_filter(h).update(disabled=True), "disabled by default"),
+        (lambda h: h["http_filters"].remove(ext_authz_filter(h)), "no ext_authz filter"),
     ],
 )
 def test_every_way_out_of_the_check_is_named(change: Any, why: str) -> None:

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from authz.check.authorizer import Authorizer
-from authz.check.request import attributes_from_check
+from authz.check.request import PEER_HEADER, attributes_from_check
 from authz.check.tokens import StaticKeySource, TokenVerifier
 from authz.config.policy_file import PolicyHolder
 from authz.config.settings import OidcSettings
@@ -323,10 +323,12 @@ def _with(attrs: RequestAttributes, **changes: Any) -> RequestAttributes:
 
 
 @BOUNDED
-@given(check_requests(), st.integers(0, 2))
-def test_any_check_request_gets_a_decision(req: external_auth_pb2.CheckRequest, hops: int) -> None:
+@given(check_requests(), st.sampled_from([PEER_HEADER, None]))
+def test_any_check_request_gets_a_decision(
+    req: external_auth_pb2.CheckRequest, peer_header: str | None
+) -> None:
     try:
-        attrs = attributes_from_check(req, hops)
+        attrs = attributes_from_check(req, peer_header)
     except RequestError as exc:
         assert exc.reason in (Reason.BAD_PATH, Reason.BAD_REQUEST)
         return

@@ -24,12 +24,13 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from authz.check.devices import DeviceResolver, xfcc_certificate
-from authz.core.attributes import normalize_host, parse_ip
+from authz.check.devices import DeviceResolver
+from authz.core.attributes import normalize_host
 from authz.core.reasons import Reason
 from authz.errors import RequestError
 from authz.stepup.ciba.flow import CibaFlow, CibaRefused
 from authz.stepup.ciba.request import CibaRequest, StartError, Status, read_start
+from authz.stepup.presented import presented
 
 MAX_BODY = 4096
 _OAUTH_ERROR = {400: "invalid_request", 401: "invalid_token", 404: "not_found", 429: "slow_down"}
@@ -91,22 +92,6 @@ class CibaRoutes:
     def status_url(self, request_id: str) -> str:
         return f"{self.prefix}/ciba/{request_id}"
 
-    async def _presented(self, request: web.Request, now: int) -> tuple[str | None, str | None]:
-        """(device, client IP) of the client starting the push: the address Envoy saw (the
-        header the /_stepup/ route sets) and its device identity, as the Check reads it."""
-        ip = parse_ip(request.headers.get(self.peer_header, ""))
-        client = str(ip) if ip is not None else None
-        if self.devices is None:
-            return None, client
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        device = await self.devices.resolve_headers(
-            headers,
-            now,
-            peer_certificate=xfcc_certificate(headers.get("x-forwarded-client-cert", "")),
-            client=client or "",
-        )
-        return (device.id if device is not None else None), client
-
     async def start(self, request: web.Request) -> web.Response:
         now = int(self.clock())
         try:
@@ -129,7 +114,9 @@ class CibaRoutes:
                 raise self.flow.bad_start(
                     caller, Reason.BAD_REQUEST, "the body is not valid JSON"
                 ) from None
-            device, ip = await self._presented(request, now)
+            device, ip = await presented(
+                request, now, peer_header=self.peer_header, devices=self.devices
+            )
             started = await self.flow.start(caller, start, host=host, device=device, ip=ip)
         except CibaRefused as exc:
             return _refused(exc)

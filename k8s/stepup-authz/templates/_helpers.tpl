@@ -81,6 +81,9 @@ each is a *_file pointing at a mounted Secret. `config:` is merged over the resu
 every setting is reachable from values.
 */}}
 {{- define "stepup-authz.settings" -}}
+{{- if hasKey .Values "network" }}
+{{- fail "network.trustedXffHops is gone: the service uses the client address the proxy computes. Set the hop count as proxy.xffNumTrustedHops and in the proxy (render envoy --xff-num-trusted-hops, Istio numTrustedProxies, Envoy Gateway numTrustedHops); remove network" }}
+{{- end }}
 {{- $r := .Values.redis -}}
 {{- $redis := dict "key_prefix" $r.keyPrefix "deadline_ms" $r.deadlineMs -}}
 {{- if eq $r.mode "url" }}
@@ -150,7 +153,6 @@ every setting is reachable from values.
   "redis" $redis
   "oidc" $oidc
   "stepup" $stepup
-  "network" (dict "trusted_xff_hops" .Values.network.trustedXffHops)
   "crypto" $crypto
   "log" (dict "level" .Values.logLevel "json" true)
   "audit" $audit
@@ -159,6 +161,9 @@ every setting is reachable from values.
 {{- $_ := set $settings "metrics" (dict "host" "0.0.0.0" "port" .Values.metricsPort) -}}
 {{- end }}
 {{- include "stepup-authz.deepMerge" (list $settings (deepCopy .Values.config)) }}
+{{- if and (gt (int .Values.proxy.xffNumTrustedHops) 0) (hasKey $settings.grpc "peer_header") (kindIs "invalid" $settings.grpc.peer_header) }}
+{{- fail "config.grpc.peer_header: null reads the connection peer, which is the last proxy when proxy.xffNumTrustedHops > 0: let Envoy send its client address (grpc.peer_header, render envoy does)" }}
+{{- end }}
 {{- toYaml $settings }}
 {{- end }}
 
