@@ -28,6 +28,7 @@ from authz.audit.metrics import AuditMetrics
 from authz.audit.testing import dev_mac_settings
 from authz.config.settings import Settings
 from authz.devidp import DevClient, DevIdpConfig, base_url, bind, running
+from authz.ops.health import Health
 from authz.ops.metrics import Metrics
 from tests.builders import check_request
 
@@ -73,7 +74,13 @@ def _service_registry() -> CollectorRegistry:
     audit_lag_seconds is the exporter's (a separate process, same names)."""
     metrics = Metrics()
     AuditMetrics(metrics.registry)
+    # /readyz's probe owns the store gauge (stepup_authz_store_up)
+    Health(metrics=metrics, store_ok=_never, keys_ready=bool, policy_loaded=bool)
     return metrics.registry
+
+
+async def _never() -> bool:
+    raise AssertionError("only the registry is read")
 
 
 SERVICE_METRICS = exported_names(_service_registry())
