@@ -79,6 +79,17 @@ def _client_ip(peer: str, xff: str | None, hops: int) -> IpAddress | None:
     return client_ip(peer, xff, hops)
 
 
+def _canonical_method(method: str) -> None:
+    """Refuse a method in any case but its own: upper-casing ``post`` here would judge it
+    as ``POST`` while Envoy, whose ``:method`` matchers are case-sensitive, routed it past
+    its ``POST`` routes, and the upstream may well serve it as a POST."""
+    if not method.isupper():
+        raise RequestError(
+            f"method {method[:20]!r} is not upper case (methods are case-sensitive)",
+            reason=Reason.METHOD_NOT_CANONICAL,
+        )
+
+
 def attributes_from_check(
     req: external_auth_pb2.CheckRequest, trusted_hops: int = 0
 ) -> RequestAttributes:
@@ -93,6 +104,7 @@ def attributes_from_check(
     # never holds anything else (found by tests/fuzz/fuzz_envoy_in.py).
     if not method or not method.isascii() or not method.isalpha():
         raise RequestError("missing or invalid method", reason=Reason.BAD_REQUEST)
+    _canonical_method(method)
     raw_path = http.path or headers.get(":path", "")
     path, query = _canonical(raw_path)
     host = _host(http.host or headers.get(":authority", ""))
@@ -100,7 +112,7 @@ def attributes_from_check(
         raise RequestError("missing host", reason=Reason.BAD_REQUEST)
     sock = ctx.source.address.socket_address
     return RequestAttributes(
-        method=method.upper(),
+        method=method,
         scheme=http.scheme or headers.get(":scheme", "http"),
         host=host,
         path=path,
@@ -131,6 +143,7 @@ def attributes_from_http(
     # never holds anything else (found by tests/fuzz/fuzz_envoy_in.py).
     if not method or not method.isascii() or not method.isalpha():
         raise RequestError("missing or invalid method", reason=Reason.BAD_REQUEST)
+    _canonical_method(method)
     if not target.startswith(path_prefix):
         raise RequestError("check path outside the configured prefix", reason=Reason.BAD_REQUEST)
     rest = target[len(path_prefix) :]
@@ -151,7 +164,7 @@ def attributes_from_http(
         raise RequestError(f"missing or invalid {peer_header}", reason=Reason.BAD_REQUEST)
     source_ip = _client_ip(peer, headers.get("x-forwarded-for"), trusted_hops)
     return RequestAttributes(
-        method=method.upper(),
+        method=method,
         scheme=headers.get("x-forwarded-proto", "http"),
         host=host,
         path=path,

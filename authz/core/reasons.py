@@ -120,3 +120,9 @@ class Reason(StrEnum):
 
     # -- error codes (authz.errors) that are not decisions -----------------------------------
     OIDC_ERROR = "oidc-error"
+
+    # -- request shape, later additions --------------------------------------------------------
+    # A method not in its canonical (upper-case) form: methods are case-sensitive (RFC 9110
+    # section 9.1) and so are Envoy's route matchers, so ``post`` is refused, never read as
+    # ``POST`` (it would have skipped every Envoy route scoped to POST).
+    METHOD_NOT_CANONICAL = "method-not-canonical"
