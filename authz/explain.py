@@ -53,7 +53,7 @@ def read_request(doc: Any, source: str = "request") -> RequestFile:
 def attributes_of(req: RequestFile) -> RequestAttributes:
     path, query = canonicalize_path(req.path)
     return RequestAttributes(
-        method=req.method.upper(),
+        method=req.method,
         scheme=req.scheme,
         host=normalize_host(req.host),
         path=path,

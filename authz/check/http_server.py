@@ -55,7 +55,8 @@ log = logging.getLogger("authz.check.http_server")
 # smuggling vector) and no obs-fold (a line starting with whitespace is not a token). One
 # match over the whole block costs less than one per line (5 us for a typical head).
 _BLOCK = re.compile(r"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*)*")
-_METHOD = re.compile(r"[A-Z]{1,20}")
+# Any case: a lower-case method is framed, then refused as method-not-canonical.
+_METHOD = re.compile(r"[A-Za-z]{1,20}")
 _VERSIONS = {"HTTP/1.1": True, "HTTP/1.0": False}  # version -> keep-alive by default
 _SWEEP_S = 0.25
 

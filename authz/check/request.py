@@ -89,6 +89,17 @@ def envoy_client_address(value: str | None, header: str) -> IpAddress:
     return ip
 
 
+def _canonical_method(method: str) -> None:
+    """Refuse a method in any case but its own: upper-casing ``post`` here would judge it
+    as ``POST`` while Envoy, whose ``:method`` matchers are case-sensitive, routed it past
+    its ``POST`` routes, and the upstream may well serve it as a POST."""
+    if not method.isupper():
+        raise RequestError(
+            f"method {method[:20]!r} is not upper case (methods are case-sensitive)",
+            reason=Reason.METHOD_NOT_CANONICAL,
+        )
+
+
 def attributes_from_check(
     req: external_auth_pb2.CheckRequest, peer_header: str | None = PEER_HEADER
 ) -> RequestAttributes:
@@ -106,6 +117,7 @@ def attributes_from_check(
     # never holds anything else (found by tests/fuzz/fuzz_envoy_in.py).
     if not method or not method.isascii() or not method.isalpha():
         raise RequestError("missing or invalid method", reason=Reason.BAD_REQUEST)
+    _canonical_method(method)
     raw_path = http.path or headers.get(":path", "")
     path, query = _canonical(raw_path)
     host = _host(http.host or headers.get(":authority", ""))
@@ -116,7 +128,7 @@ def attributes_from_check(
     else:
         source_ip = _ip_memo(ctx.source.address.socket_address.address)
     return RequestAttributes(
-        method=method.upper(),
+        method=method,
         scheme=http.scheme or headers.get(":scheme", "http"),
         host=host,
         path=path,
@@ -146,6 +158,7 @@ def attributes_from_http(
     # never holds anything else (found by tests/fuzz/fuzz_envoy_in.py).
     if not method or not method.isascii() or not method.isalpha():
         raise RequestError("missing or invalid method", reason=Reason.BAD_REQUEST)
+    _canonical_method(method)
     if not target.startswith(path_prefix):
         raise RequestError("check path outside the configured prefix", reason=Reason.BAD_REQUEST)
     rest = target[len(path_prefix) :]
@@ -162,7 +175,7 @@ def attributes_from_http(
         raise RequestError("missing host", reason=Reason.BAD_REQUEST)
     source_ip = envoy_client_address(headers.get(peer_header), peer_header)
     return RequestAttributes(
-        method=method.upper(),
+        method=method,
         scheme=headers.get("x-forwarded-proto", "http"),
         host=host,
         path=path,

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from authz.config.validation import report
 from authz.config.yamlfile import YamlDocument, load_yaml
@@ -101,6 +101,14 @@ class ExplainRequest(BaseModel):
     now: int | None = None
     leeway: int = 0
 
+    @field_validator("method")
+    @classmethod
+    def _canonical_method(cls, value: str) -> str:
+        # As the service: methods are case-sensitive, "post" is refused, not read as POST.
+        if not (value.isascii() and value.isalpha() and value.isupper()):
+            raise ValueError(f"methods are case-sensitive: write {value.upper()!r}, not {value!r}")
+        return value
+
 
 def load_request(path: Path) -> dict[str, Any]:
     """Read and validate a request file; raises ConfigError (one line per problem)."""
@@ -110,7 +118,12 @@ def load_request(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", source=source) from None
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw, object_pairs_hook=_unique)
+    except _DuplicateKey as exc:
+        # A second "method" or "path" would silently win: refused, placed by the YAML
+        # loader (which refuses the same key) when it can read the file.
+        _locator(raw, source, strict=True)
+        raise ConfigError(f"duplicate key {exc.key!r}", source=source) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         where = (
             f"line {exc.lineno}, column {exc.colno}"
@@ -128,9 +141,27 @@ def load_request(path: Path) -> dict[str, Any]:
     return req.model_dump(exclude_unset=True)
 
 
-def _locator(raw: bytes, source: str) -> YamlDocument | None:
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(f"duplicate key {key!r}")
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _locator(raw: bytes, source: str, *, strict: bool = False) -> YamlDocument | None:
     # JSON is (nearly always) YAML: its node tree gives lines and columns for free.
+    # ``strict``: a duplicate-key error (file, line, key) is raised, not swallowed.
     try:
         return load_yaml(raw, source)
-    except ConfigError:
+    except ConfigError as exc:
+        if strict and exc.reason.startswith("duplicate key"):
+            raise
         return None

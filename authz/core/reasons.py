@@ -138,3 +138,9 @@ class Reason(StrEnum):
     ACCESS_TOKEN_REJECTED = "access-token-rejected"  # noqa: S105 - the sign-in's access token
     USER_CANCELLED = "user-cancelled"  # the user left the step-up with the cancel link
     POLICY_INVALID = "policy-invalid"  # a policy reload refused; the last good one stays
+
+    # -- request shape, later additions --------------------------------------------------------
+    # A method not in its canonical (upper-case) form: methods are case-sensitive (RFC 9110
+    # section 9.1) and so are Envoy's route matchers, so ``post`` is refused, never read as
+    # ``POST`` (it would have skipped every Envoy route scoped to POST).
+    METHOD_NOT_CANONICAL = "method-not-canonical"

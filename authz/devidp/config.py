@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 
 import jwt
 import pyotp
-import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from authz.config.yamlfile import load_yaml
 from authz.devidp.misbehave import Misbehaviour
 from authz.errors import ConfigError
 
@@ -158,9 +158,10 @@ def load_file(path: Path) -> tuple[dict[str, DevUser], dict[str, DevClient]]:
       other-app: {secret: s3cret, redirect_uris: [http://127.0.0.1:8081/cb]}
     """
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(str(exc), source=str(path)) from exc
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from exc
+    doc = load_yaml(raw, str(path)).doc or {}  # the one loader: a repeated user is refused
     if not isinstance(doc, dict):
         raise ConfigError("top level must be a mapping", source=str(path))
     users: dict[str, DevUser] = {}

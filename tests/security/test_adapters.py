@@ -135,7 +135,9 @@ CASES = [
     ),
     ("method-with-space-refused", "/accounts/1", "GET ", "app.example", "403 bad-request"),
     ("empty-method-refused", "/accounts/1", "", "app.example", "403 bad-request"),
-    ("lower-case-method-is-get", "/accounts/1", "get", "app.example", "allow elevated"),
+    # Methods are case-sensitive, as Envoy's :method matchers: "get" is not read as GET.
+    ("lower-case-method-refused", "/accounts/1", "get", "app.example", "403 method-not-canonical"),
+    ("mixed-case-method-refused", "/wires/1", "Post", "app.example", "403 method-not-canonical"),
     ("host-userinfo-refused", "/trading/x", "GET", "evil@trading.example.com", "403 bad-request"),
     (
         "host-two-joined-refused",

@@ -49,7 +49,7 @@ def test_shipped_policy_is_valid() -> None:
         (
             GOOD.replace("{path_prefix: /accounts/,", "{path_regex: '(', "),
             "line 5, column 18 (routes.0.path_regex)",
-            "invalid regular expression",
+            "not an RE2 regular expression (missing ): ()",
         ),
         (
             GOOD.replace("default_level: standard", "default_level: nope"),
@@ -68,8 +68,8 @@ def test_shipped_policy_is_valid() -> None:
         ),
         (
             GOOD.replace("routes:", "routes:\n  - {path: /a, methods: [FETCH], level: standard}"),
-            "line 5, column 25 (routes.0.methods)",
-            "unknown method(s) FETCH",
+            "line 5, column 26 (routes.0.methods.0)",
+            "unknown method 'FETCH'",
         ),
         ("levels: [\n", "line 2, column 1", "invalid YAML"),
     ],
