@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pyotp
 import pytest
@@ -27,11 +28,11 @@ from authz.core.session import user_key
 from authz.demo.__main__ import guide
 from authz.demo.options import REPO_ROOT
 from authz.demo.stack import Stack
-from authz.devidp import ALICE_TOTP_SECRET
+from authz.devidp import ALICE_TOTP_SECRET, BOB_TOTP_SECRET
 from authz.store.credentials import RedisCredentialStore
 from authz.store.crypto import cipher_from_settings
 from tests.browser import chromium
-from tests.integration.test_passkeys_browser import HARDWARE_KEY
+from tests.integration.test_passkeys_browser import HARDWARE_KEY, SYNCED_PASSKEY
 
 from .conftest import make_stack
 
@@ -52,7 +53,10 @@ async def browser() -> AsyncIterator[Browser]:
         yield b
 
 
-async def _idp_sign_in(page: Page, stack: Stack, back_to: str) -> None:
+TOTP = {"alice": ALICE_TOTP_SECRET, "bob": BOB_TOTP_SECRET}
+
+
+async def _idp_sign_in(page: Page, stack: Stack, back_to: str, user: str = "alice") -> None:
     """Answer the dev IdP's forms (password, then the TOTP when asked) until the browser is
     back on the app at ``back_to``."""
     app = stack.public_url + back_to
@@ -60,10 +64,10 @@ async def _idp_sign_in(page: Page, stack: Stack, back_to: str) -> None:
         await page.wait_for_url(lambda u: u.startswith((stack.idp_url, app)))
         if page.url.startswith(app):
             return
-        await page.fill("#username", "alice")
-        await page.fill("#password", "alice-password")
+        await page.fill("#username", user)
+        await page.fill("#password", f"{user}-password")
         if await page.query_selector("#otp"):
-            await page.fill("#otp", pyotp.TOTP(ALICE_TOTP_SECRET).now())
+            await page.fill("#otp", pyotp.TOTP(TOTP[user]).now())
         await page.click("button[type=submit]")
         await page.wait_for_load_state()
     raise AssertionError(f"still at the IdP: {page.url}")
@@ -140,6 +144,52 @@ async def test_a_newcomer_enrols_a_key_after_a_totp_stepup_and_wires_need_it(
     assert seen["x-stepup-user"] == "alice"
     # The passkey ceremony's state cookie never reaches the upstream.
     assert "stepup-passkey" not in seen.get("cookie", "")
+    await context.close()
+
+
+async def test_through_envoy_a_synced_passkey_and_a_key_added_mid_stepup_do_not_pass(
+    pk_stack: Stack, browser: Browser
+) -> None:
+    """Bob's phone passkey is refused for wires (device-bound level), at enrolment, naming
+    the rule; the hardware key he then adds from the step-up cannot complete that same
+    step-up (Keycloak CVE-2023-3597). With the real clock this holds by construction: the
+    key is created after the step-up began."""
+    stack = pk_stack
+    context = await browser.new_context()
+    page = await context.new_page()
+    cdp = await context.new_cdp_session(page)
+    await cdp.send("WebAuthn.enable")
+    added = await cdp.send("WebAuthn.addVirtualAuthenticator", {"options": SYNCED_PASSKEY})
+    await page.goto(f"{stack.public_url}/accounts/7")
+    await _idp_sign_in(page, stack, "/accounts/7", user="bob")
+
+    await page.goto(f"{stack.public_url}/wires/2")  # the step-up begins; no key yet
+    await page.wait_for_url(re.compile(r"/_stepup/passkey/keys\?for=high"))
+    [stepup] = parse_qs(urlsplit(page.url).query)["rd"]
+    assert stepup.startswith("/_stepup/passkey?") and "st=" in stepup
+    await page.fill("#key-name", "Phone")
+    await page.click("#add")
+    await page.wait_for_selector("#status.error")
+    assert "synced passkey is not accepted" in await page.inner_text("#status")
+
+    await cdp.send(
+        "WebAuthn.removeVirtualAuthenticator", {"authenticatorId": added["authenticatorId"]}
+    )
+    await cdp.send("WebAuthn.addVirtualAuthenticator", {"options": HARDWARE_KEY})
+    await page.reload()
+    await page.fill("#key-name", "Desk key")
+    await page.click("#add")
+    await page.wait_for_url(re.compile(r"added=1"))
+    assert "Desk key" in await page.inner_text("main") and "Phone" not in await page.inner_text(
+        "main"
+    )
+
+    await page.goto(stack.public_url + stepup)  # back to the same step-up
+    await page.click("#go")
+    await page.wait_for_selector("#status.error")
+    assert "added during this step-up" in await page.inner_text("#status")
+    await page.goto(f"{stack.public_url}/wires/2")  # no grant: the Check still asks
+    assert "/_stepup/passkey" in page.url
     await context.close()
 
 
