@@ -195,3 +195,30 @@ async def test_at_start_a_redis_that_may_lose_credentials_is_said_and_can_stop_e
             http, stack, "/register/options", {"name": "k"}, token=stack.token()
         )
         assert status == 200, doc
+
+
+async def test_a_transaction_bound_level_without_its_signed_request_is_refused(
+    redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """What a browser meets when it reaches a transaction-bound level with only the Check's
+    level link (no ``tx``, which the Check does not sign yet): a refusal, no ceremony."""
+    async with (
+        passkey_stack(tmp_path, redis_url, redis_prefix) as stack,
+        aiohttp.ClientSession() as http,
+    ):
+        cookie = {"Cookie": f"stepup-token={stack.token()}"}
+        link = stack.stepup_url("wire", rd="/wires/")
+        [ctx] = [
+            v for k, _, v in (p.partition("=") for p in link.split("?")[1].split("&")) if k == "ctx"
+        ]
+        async with http.get(link, headers=cookie, allow_redirects=False) as r:
+            assert r.status == 400
+            assert "This step-up link cannot be used" in await r.text()
+        status, doc, _ = await _post(
+            http,
+            stack,
+            "/authenticate/options",
+            {"level": "wire", "rd": "/wires/", "ctx": ctx},
+            token=stack.token(),
+        )
+        assert status == 400 and doc["reason"] == "transaction-invalid", doc
