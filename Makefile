@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml tests/interop/op/package-lock.json
 
 install: $(STAMP) ## create .venv and install the service with its dev/test tools (envoy, pytest)
 
-demo: $(STAMP) ## start the demo (Envoy on 127.0.0.1:8080 ...); ports and more: make demo ARGS=--help
+demo: $(STAMP) ## start the demo (Envoy on 127.0.0.1:8080 ...); passkeys: ARGS=--passkeys; ports and more: ARGS=--help
 	$(BIN)/stepup-authz demo $(ARGS)
 
 serve: $(STAMP) ## run the service with CONFIG=path/to/settings.yaml

@@ -47,6 +47,8 @@ from authz.stepup.endpoints import StepupApp
 from authz.stepup.link import ContextSigner
 from authz.stepup.logout import LogoutApp
 from authz.stepup.oidc import OidcClient, discover
+from authz.stepup.passkeys.handlers import add_routes as add_passkey_routes
+from authz.stepup.passkeys.handlers import build_passkey_routes
 from authz.store.connections import EmbeddedValkey, SentinelWatcher, make_redis
 from authz.store.crypto import cipher_from_settings
 from authz.store.fastredis import make_fast_redis
@@ -201,6 +203,8 @@ def _service_cookies(settings: Settings) -> tuple[str, ...]:
     if settings.devices.cookie:
         names.append(s.cookie(settings.devices.cookie))
     names += settings.oidc.credential_cookies
+    if settings.passkeys.enabled:  # the ceremony's state id (authz/stepup/passkeys/base.py)
+        names.append(s.cookie(settings.passkeys.cookie))
     return tuple(dict.fromkeys(names))
 
 
@@ -362,7 +366,9 @@ async def start_service(
             geoip=geoip,
             clock=clock,
         )
-        redirects = Redirects(settings.stepup.path_prefix, signer, clock=clock)
+        redirects = Redirects(
+            settings.stepup.path_prefix, signer, clock=clock, passkeys=settings.passkeys.enabled
+        )
         strip = _service_cookies(settings)
         responses = ResponseBuilder(
             error_status=settings.stepup.error_status, redirects=redirects, strip_cookies=strip
@@ -430,6 +436,22 @@ async def start_service(
             ciba.add_routes(http_app)
             ciba.start()
             closers.append(ciba)
+        if settings.passkeys.enabled:  # the passkey pages and ceremonies (docs/passkeys.md)
+            routes = build_passkey_routes(
+                settings,
+                policy=policy,
+                tokens=tokens,
+                client=client,
+                sessions=store,
+                metrics=metrics,
+                auditor=auditor,
+                signer=signer,
+                clock=clock,
+            )
+            add_passkey_routes(http_app, routes)
+            # Credentials are the one state that cannot be rebuilt from the IdP: say at
+            # start whether this Redis persists and never evicts them (refuse: enrolment off).
+            await routes.startup()
         runner = web.AppRunner(http_app, access_log=None)
         await runner.setup()
         http_tls = None

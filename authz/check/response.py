@@ -24,6 +24,7 @@ the same id, outcome and reason go into dynamic metadata for Envoy's access log.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -39,6 +40,7 @@ from authz.core.decision import Decision, Outcome
 from authz.core.reasons import Reason
 
 HEADER_PREFIX = "x-stepup-"
+_AMR_VALUE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # Method-override headers (Google/most frameworks, OData, IBM): an upstream honouring one
 # would execute another method than the one the policy decided on (GET + override DELETE
 # passes as a GET). They never reach the upstream of an allowed request.
@@ -176,6 +178,10 @@ def allowance(
             ("x-stepup-issuer", d.identity.issuer),
             ("x-stepup-acr", ev.acr or ""),
             ("x-stepup-auth-time", str(ev.auth_time or "")),
+            # RFC 8176 values of the evidence the allow rests on (e.g. "hwk user pin mfa"
+            # after a passkey step-up), space-separated; a value that is not a plain
+            # token (a space or control character from an IdP) is left out, never split.
+            ("x-stepup-amr", " ".join(a for a in ev.amr if _AMR_VALUE.fullmatch(a))),
         ]
     remove: list[str] = []
     if attrs is not None:

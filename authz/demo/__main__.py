@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
-from authz.demo.options import ROLE_OPTION, add_demo_arguments
+from authz.demo.options import ROLE_OPTION, add_demo_arguments, policy_file
 from authz.demo.stack import CLIENT_ID, CLIENT_SECRET, PortInUse, Stack, StackError, WorkdirInUse
 
 # Lines indented by five spaces are commands (continued by a trailing backslash); nothing
@@ -100,7 +100,29 @@ Routes (demo policy): /accounts/ needs "elevated", /wires/ needs "high".
 
 Envoy's JSON access log (with decision ids): {workdir}/envoy.log
 Every port can be moved (0 picks a free one): make demo ARGS='--port 8081 --idp-port 9401'
-Ctrl-C stops everything.
+{passkeys}Ctrl-C stops everything.
+"""
+
+_PASSKEYS_OFF = """\
+Passkeys (a security key for wires, instead of the TOTP): make demo ARGS=--passkeys
+"""
+
+# Shown with --passkeys. WebAuthn wants a host name, so every browser step is on localhost.
+_PASSKEYS_ON = """\
+Passkeys are on (policy {policy}): "high" (/wires/) takes only a device-bound
+security key unlocked by its PIN; "elevated" still comes from the TOTP. Use Chromium (or
+any browser with WebAuthn) on {public}, not 127.0.0.1 (an IP cannot be an RP ID):
+  a. open {public}/accounts/123, sign in as alice and enter the TOTP code: this
+      IdP step-up to "elevated" lets you enrol a key for the next 5 minutes
+  b. open {public}/_stepup/passkey/keys, name the key, press "Add security key"
+      and touch it (no key at hand? Chromium's DevTools > More tools > WebAuthn >
+      "Enable virtual authenticator environment", protocol ctap2, user verification on)
+  c. open {public}/wires/1: press "Use my security key", touch it, and the
+      echo upstream shows "x-stepup-level": "high" and "x-stepup-amr": "hwk user pin mfa"
+  The keys page lists and removes your keys. What an operator sees:
+     {cli} passkeys list --config {config}
+  The demo's Valkey keeps nothing on disk, so the service warns at start that it would
+  lose the credentials (docs/passkeys.md, "Recovery and durability").
 """
 
 # Prints the access token, or exits non-zero with the IdP's answer: a failed token request
@@ -147,7 +169,16 @@ def _utc_minute(ts: float) -> str:
 
 
 def guide(stack: Stack, started: float) -> str:
+    passkeys = _PASSKEYS_OFF
+    if stack.passkeys:
+        passkeys = _PASSKEYS_ON.format(
+            policy=_shown(stack.policy_file),
+            public=stack.public_url,
+            cli=_venv_tool("stepup-authz"),
+            config=_shown(stack.workdir / "config.yaml"),
+        )
     return _GUIDE.format(
+        passkeys=passkeys,
         workdir=_shown(stack.workdir),
         cwd=Path.cwd(),
         envoy=stack.envoy_url,
@@ -213,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         stack = Stack(
             args.workdir,
-            policy_file=args.policy,
+            policy_file=policy_file(args),
             redis_url=args.redis_url,
             listen_port=args.port or None,  # 0: a free port, chosen before anything starts
             admin_port=args.admin_port or None,
@@ -221,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
             ports=internal,
             authz_timeout=args.authz_timeout,
             mode=args.mode,
+            passkeys=args.passkeys,
         )
     except (OSError, ValueError) as exc:
         print(f"demo not started: {exc}", file=sys.stderr)

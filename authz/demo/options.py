@@ -60,6 +60,14 @@ def _duration(text: str) -> str:
     return f"{seconds:g}s"
 
 
+def policy_file(args: argparse.Namespace) -> Path:
+    """The policy the demo runs: ``--policy``, else the example for the chosen factors."""
+    if args.policy is not None:
+        return Path(args.policy)
+    name = "policy-passkeys.yaml" if args.passkeys else "policy.yaml"
+    return REPO_ROOT / "examples" / name
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     for dest, (default, what) in PORT_OPTIONS.items():
         shown = f"default {default}" if default else "default: a free port"
@@ -74,8 +82,15 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policy",
         type=Path,
-        default=REPO_ROOT / "examples" / "policy.yaml",
-        help="policy file (default examples/policy.yaml)",
+        default=None,
+        help="policy file (default examples/policy.yaml; with --passkeys "
+        "examples/policy-passkeys.yaml)",
+    )
+    parser.add_argument(
+        "--passkeys",
+        action="store_true",
+        help="turn on the passkey factor: wires (level high) need a security key, enrolled "
+        "after a TOTP step-up; open the app as http://localhost:PORT (docs/passkeys.md)",
     )
     parser.add_argument(
         "--workdir",

@@ -294,6 +294,7 @@ class Stack:
         idp_signing_key: Path | None = None,
         idp_args: tuple[str, ...] = (),
         ports: Mapping[str, int] | None = None,
+        passkeys: bool = False,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.policy_file = Path(policy_file).resolve()
@@ -303,6 +304,9 @@ class Stack:
         self.idp_signing_key = idp_signing_key
         self.idp_args = tuple(idp_args)
         self.extra_settings = extra_settings or {}
+        # The passkey factor on (docs/passkeys.md): WebAuthn needs a secure context and an RP
+        # ID that is a host name, so the browser opens http://localhost:PORT (public_url).
+        self.passkeys = passkeys
         # Envoy: `render envoy` for the policy (mode, hosts, TLS to the service), unless a
         # hand-made template is given.
         self.mode, self.hosts, self.service_tls = mode, tuple(hosts), service_tls
@@ -356,6 +360,14 @@ class Stack:
     @property
     def envoy_url(self) -> str:
         return f"http://{HOST}:{self.listen_port}"
+
+    @property
+    def public_url(self) -> str:
+        """What a browser opens: the Envoy listener, as ``localhost`` with passkeys on
+        (an IP address cannot be a WebAuthn RP ID), else as ``envoy_url``."""
+        if self.passkeys:
+            return f"http://localhost:{self.listen_port}"
+        return self.envoy_url
 
     @property
     def admin_url(self) -> str:
@@ -425,6 +437,12 @@ class Stack:
         return self.audit_key_dir / f"audit-mac-{AUDIT_MAC_KID}.key"
 
     @property
+    def crypto_key(self) -> Path:
+        """The dev key sealing Redis values (with passkeys on): made once in
+        ``audit_key_dir``."""
+        return self.audit_key_dir / "crypto-dev.key"
+
+    @property
     def exporter_proc(self) -> subprocess.Popen[bytes] | None:
         proc = self._procs.get("exporter")
         return None if proc is None else proc.popen
@@ -456,9 +474,9 @@ class Stack:
                 "algorithms": ["RS256"],
                 "token_typ": "at+jwt",
             },
-            "stepup": {"public_url": self.envoy_url, "cookie_secure": False},
+            "stepup": {"public_url": self.public_url, "cookie_secure": False},
             # /_stepup/logout returns here through the IdP (the dev IdP registers it too).
-            "logout": {"post_logout_redirect_uris": [f"{self.envoy_url}/"]},
+            "logout": {"post_logout_redirect_uris": [f"{self.public_url}/"]},
             "log": {"level": "INFO"},
             # The exporter reads the same stream (see exporter_settings); allows at or above
             # "elevated" are written before they are returned (audit before access).
@@ -470,6 +488,17 @@ class Stack:
                 "mac_active_kid": AUDIT_MAC_KID,
             },
         }
+        if self.passkeys:
+            # Enrolment within 5 minutes of an IdP step-up to "elevated"; a step-up to a
+            # passkey level with no key yet goes to the keys page. A dev key seals the
+            # credentials, so they outlive a restart of the service (not of the Valkey).
+            base["passkeys"] = {
+                "enabled": True,
+                "rp_name": "stepup-authz demo",
+                "enrol_level": AUDIT_DURABLE_LEVEL,
+                "no_credential": "enrol",
+            }
+            base["crypto"] = {"keys": {"dev": str(self.crypto_key)}, "active_kid": "dev"}
         if self.separate_audit_redis:
             base["audit"]["redis_url"] = f"redis://{HOST}:{self.audit_redis_port}/0"
         if self.mode == "http":
@@ -509,6 +538,11 @@ class Stack:
         """The dev MAC key, made once and then reused (a key of the dev stack only)."""
         if not self.audit_mac_key.exists():
             write_mac_key(self.audit_mac_key)
+
+    def _ensure_crypto_key(self) -> None:
+        """The dev sealing key (32 random bytes, base64), made once and then reused."""
+        if not self.crypto_key.exists():
+            write_mac_key(self.crypto_key)  # the same key file format as crypto.keys
 
     def _ensure_signing_key(self) -> None:
         """A dev key pair in ``audit_key_dir``, made once and then reused, so an archive kept
@@ -697,6 +731,8 @@ class Stack:
     def _start(self) -> None:
         self._claim()
         self._ensure_mac_key()  # the service refuses to audit without a MAC key
+        if self.passkeys:
+            self._ensure_crypto_key()
         self._write_files()
         self._write_audit_files()
         t = self.ready_timeout
@@ -734,11 +770,11 @@ class Stack:
                     "--audience",
                     AUDIENCE,
                     "--redirect-uri",
-                    f"{self.envoy_url}/_stepup/callback",
+                    f"{self.public_url}/_stepup/callback",
                     "--backchannel-logout-uri",
-                    f"{self.envoy_url}/_stepup/backchannel-logout",
+                    f"{self.public_url}/_stepup/backchannel-logout",
                     "--post-logout-redirect-uri",
-                    f"{self.envoy_url}/",
+                    f"{self.public_url}/",
                     *(["--signing-key", str(self.idp_signing_key)] if self.idp_signing_key else []),
                     *self.idp_args,
                 ],

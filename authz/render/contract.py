@@ -46,6 +46,7 @@ UPSTREAM_HEADERS: tuple[str, ...] = (
     "x-stepup-auth-time",
     "x-stepup-decision-id",
     "x-stepup-risk",
+    "x-stepup-amr",
 )
 CLIENT_HEADERS: tuple[str, ...] = (
     "location",

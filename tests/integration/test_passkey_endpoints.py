@@ -3,13 +3,18 @@ requests, a ceremony started by one session finished by another, a used challeng
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
+from authz.store.connections import EmbeddedValkey
 from tests.passkeys.harness import Stack, passkey_stack
 
 pytestmark = pytest.mark.integration
@@ -130,3 +135,90 @@ async def test_pages_without_a_session_go_to_the_login(
             assert "script-src 'self'" in r.headers["Content-Security-Policy"]
         async with http.get(f"{stack.url}/_stepup/passkey/static/../handlers.py") as r:
             assert r.status == 404
+
+
+@pytest.fixture
+async def lossy_redis() -> AsyncIterator[str]:
+    """A private Valkey that persists nothing (the test may change its settings; never the
+    shared Redis's)."""
+    server = EmbeddedValkey()
+    url = await asyncio.to_thread(server.start)
+    client = aioredis.Redis.from_url(url)
+    try:
+        await client.config_set("appendonly", "no")
+        await client.config_set("save", "")
+        yield url
+    finally:
+        await client.aclose()
+        await asyncio.to_thread(server.stop)
+
+
+async def test_at_start_a_redis_that_may_lose_credentials_is_said_and_can_stop_enrolment(
+    lossy_redis: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue item 6: the start-up check of the credential Redis. ``durability: warn`` logs
+    and still enrols; ``durability: refuse`` refuses enrolment, naming why."""
+    caplog.set_level(logging.WARNING, logger="authz.passkeys")
+    async with (
+        passkey_stack(tmp_path / "warn", lossy_redis, "w:", durability="warn") as stack,
+        aiohttp.ClientSession() as http,
+    ):
+        assert stack.routes.durability is not None and not stack.routes.durability.ok
+        warned = [r.getMessage() for r in caplog.records if "not durable" in r.getMessage()]
+        assert warned and "WARNING" in warned[0] and "no persistence" in warned[0]
+        status, doc, _ = await _post(
+            http, stack, "/register/options", {"name": "k"}, token=stack.token()
+        )
+        assert status == 200 and "publicKey" in doc, doc
+    caplog.clear()
+    async with (
+        passkey_stack(tmp_path / "refuse", lossy_redis, "r:", durability="refuse") as stack,
+        aiohttp.ClientSession() as http,
+    ):
+        warned = [r.getMessage() for r in caplog.records if "not durable" in r.getMessage()]
+        assert warned and "enrolment is refused" in warned[0]
+        status, doc, _ = await _post(
+            http, stack, "/register/options", {"name": "k"}, token=stack.token()
+        )
+        assert status == 503 and doc["reason"] == "enrolment-durability" and doc["decision_id"]
+        # AOF on and no eviction of keys without a TTL: the next start enrols again.
+        client = aioredis.Redis.from_url(lossy_redis)
+        try:
+            await client.config_set("appendonly", "yes")
+            await client.config_set("maxmemory-policy", "noeviction")
+        finally:
+            await client.aclose()
+        caplog.clear()
+        assert (await stack.routes.startup()) is not None
+        assert not [r for r in caplog.records if "not durable" in r.getMessage()]
+        status, doc, _ = await _post(
+            http, stack, "/register/options", {"name": "k"}, token=stack.token()
+        )
+        assert status == 200, doc
+
+
+async def test_a_transaction_bound_level_without_its_signed_request_is_refused(
+    redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """What a browser meets when it reaches a transaction-bound level with only the Check's
+    level link (no ``tx``, which the Check does not sign yet): a refusal, no ceremony."""
+    async with (
+        passkey_stack(tmp_path, redis_url, redis_prefix) as stack,
+        aiohttp.ClientSession() as http,
+    ):
+        cookie = {"Cookie": f"stepup-token={stack.token()}"}
+        link = stack.stepup_url("wire", rd="/wires/")
+        [ctx] = [
+            v for k, _, v in (p.partition("=") for p in link.split("?")[1].split("&")) if k == "ctx"
+        ]
+        async with http.get(link, headers=cookie, allow_redirects=False) as r:
+            assert r.status == 400
+            assert "This step-up link cannot be used" in await r.text()
+        status, doc, _ = await _post(
+            http,
+            stack,
+            "/authenticate/options",
+            {"level": "wire", "rd": "/wires/", "ctx": ctx},
+            token=stack.token(),
+        )
+        assert status == 400 and doc["reason"] == "transaction-invalid", doc

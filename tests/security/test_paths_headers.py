@@ -310,6 +310,7 @@ FORGED_STEPUP = [
     ("X-STEPUP-ACR", "phr"),
     ("X-Stepup-Level", "high"),
     ("X-Stepup-Auth-Time", "9999999999"),
+    ("X-Stepup-Amr", "hwk"),
     ("X-Stepup-Issuer", "https://evil.example"),
     ("X-Stepup-Decision-Id", "forged"),
     ("X-Stepup-Extra", "forged"),
@@ -335,6 +336,7 @@ async def test_client_stepup_headers_never_reach_the_upstream(
     assert h["x-stepup-user"] == "alice"  # one value: the echo joins repeats with ", "
     assert h["x-stepup-acr"] == "pwd" and h["x-stepup-level"] == "standard"
     assert h["x-stepup-issuer"] == sec_stack.idp_url
+    assert h["x-stepup-amr"] == "pwd"  # the token's own amr, not the forged "hwk"
     assert h["x-stepup-decision-id"] != "forged"
     assert set(stepup) <= {
         "x-stepup-user",
@@ -344,6 +346,7 @@ async def test_client_stepup_headers_never_reach_the_upstream(
         "x-stepup-issuer",
         "x-stepup-auth-time",
         "x-stepup-decision-id",
+        "x-stepup-amr",
     }
 
 
