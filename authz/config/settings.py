@@ -253,6 +253,10 @@ class OidcSettings(BaseModel):
     sid_fallback_claim: str | None = None
     token_cache_size: int = Field(10_000, ge=0)
     http_timeout_s: float = Field(5.0, gt=0)
+    # An IdP unreachable at start: the service starts degraded (not ready) and retries
+    # discovery and the keys, the delay doubling from the first to the last value.
+    start_retry_initial_s: float = Field(0.5, gt=0, le=60)
+    start_retry_max_s: float = Field(30.0, gt=0, le=600)
 
     @field_validator("algorithms")
     @classmethod

@@ -87,7 +87,7 @@ class StepupApp:
         policy: PolicyHolder,
         tokens: StepupTokens,
         store: StepupStore,
-        oidc: RelyingParty,
+        oidc: RelyingParty | None,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         signer: ContextSigner,
@@ -102,6 +102,8 @@ class StepupApp:
         self.policy = policy
         self.tokens = tokens
         self.store = store
+        # None until the IdP's discovery document is in (authz.stepup.provider): a service
+        # started while the IdP was unreachable refuses step-ups with idp-unavailable.
         self.oidc = oidc
         self.metrics = metrics
         self.clock = clock
@@ -155,6 +157,17 @@ class StepupApp:
             back=back,
         )
 
+    def _idp_unavailable(self, *, level: str, back: str | None = None) -> web.Response:
+        return self._refusal(
+            503,
+            "Sign-in service not reachable yet",
+            "This service has not yet reached the identity provider, so it cannot ask for "
+            "a sign-in now. Please try again in a moment.",
+            reason=Reason.IDP_UNAVAILABLE,
+            level=level,
+            back=back,
+        )
+
     def _expired(self, reason: Reason) -> web.Response:
         return self._refusal(
             400,
@@ -172,6 +185,9 @@ class StepupApp:
         return values[0] if len(values) == 1 and values[0] else None
 
     async def _begin(self, state: StepupState, level: Level | None) -> web.StreamResponse:
+        oidc = self.oidc
+        if oidc is None:
+            return self._idp_unavailable(level=state.level or LOGIN_LEVEL, back=state.return_path)
         state_id = secrets.token_urlsafe(32)
         verifier, challenge = pkce_pair()
         state = dataclasses.replace(
@@ -186,7 +202,7 @@ class StepupApp:
                 level=state.level or LOGIN_LEVEL,
                 back=state.return_path,
             )
-        url = self.oidc.authorize_url(
+        url = oidc.authorize_url(
             state=state_id,
             nonce=state.nonce,
             code_challenge=challenge,
@@ -309,8 +325,11 @@ class StepupApp:
             return self._expired(Reason.STATE_INVALID)
         level_name = saved.level or LOGIN_LEVEL
         retry = self._retry_path(saved)
+        oidc = self.oidc
+        if oidc is None:  # not reachable here: a state from another replica's step-up
+            return self._idp_unavailable(level=level_name, back=retry)
         iss = q.get("iss")
-        if iss is None and self.oidc.requires_iss:
+        if iss is None and oidc.requires_iss:
             # RFC 9207 section 2.4: the IdP says it always sends `iss`; a response without
             # it came from elsewhere or was altered.
             return self._refusal(
@@ -340,7 +359,7 @@ class StepupApp:
                 back=retry,
             )
         try:
-            tokens = await self.oidc.exchange_code(q["code"], saved.verifier)
+            tokens = await oidc.exchange_code(q["code"], saved.verifier)
             now = self._now()
             id_token = await self.tokens.verify_id_token(tokens["id_token"], now, nonce=saved.nonce)
         except (OidcError, TokenError) as exc:
