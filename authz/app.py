@@ -310,6 +310,15 @@ async def start_service(
             watcher.start()
             closers.append(watcher)
 
+        # The browser step-up's own client and longer deadline: a sign-in waits on Redis,
+        # not on Envoy's ext_authz timeout as the Check does.
+        stepup_ms = settings.stepup.store_deadline_ms
+        stepup_store = store.on_client(
+            make_redis(settings.redis.model_copy(update={"deadline_ms": stepup_ms}), redis_url),
+            deadline_ms=stepup_ms,
+        )
+        closers.append(stepup_store)
+
         # The audit trail's producer (MAC'd, sequenced records): authz/audit/service.py.
         auditor = build_auditor(settings, client, fast, AuditMetrics(metrics.registry), closers)
         if auditor is not None:
@@ -385,7 +394,7 @@ async def start_service(
             settings=settings,
             policy=policy,
             tokens=tokens,
-            store=store,
+            store=stepup_store,
             oidc=None,
             metrics=metrics,
             clock=clock,

@@ -330,6 +330,10 @@ class StepupSettings(BaseModel):
     # (%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%); the callback compares it with the
     # address a bound level's challenge was issued to.
     peer_header: str = "x-stepup-peer-address"
+    # The browser step-up endpoints' Redis deadline. Nothing there waits on Envoy's
+    # ext_authz timeout (the Check's redis.deadline_ms, a few ms): a loaded Redis gets a
+    # second before a sign-in page says "temporarily unavailable".
+    store_deadline_ms: int = Field(1000, ge=1, le=10_000)
 
     @field_validator("public_url")
     @classmethod
