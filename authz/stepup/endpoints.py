@@ -36,18 +36,19 @@ from authz.check.devices import DeviceResolver, xfcc_certificate
 from authz.check.tokens import IdToken, StepupTokens
 from authz.config.policy_file import PolicyHolder
 from authz.config.settings import Settings
-from authz.core.attributes import cookie_values, parse_ip
+from authz.core.attributes import cookie_values, normalize_host, parse_ip
 from authz.core.grants import GrantRefused, Proof, Target, grant_for
 from authz.core.ids import new_id
-from authz.core.policy import Level
+from authz.core.policy import Level, Route
 from authz.core.reasons import Reason
 from authz.core.session import Evidence, Grant, factor_of, session_key, user_key
-from authz.errors import OidcError, StoreError, TokenError
+from authz.errors import OidcError, RequestError, StoreError, TokenError
 from authz.ops.metrics import Metrics
 from authz.stepup.link import ContextSigner
 from authz.stepup.oidc import RelyingParty, pkce_pair
-from authz.stepup.pages import page
+from authz.stepup.pages import page, why_text
 from authz.stepup.state import StateKind, StepupState
+from authz.stepup.wayback import WayBack, WayBackSigner
 from authz.store.interfaces import StepupStore
 
 log = logging.getLogger("authz.stepup")
@@ -108,6 +109,7 @@ class StepupApp:
         self.metrics = metrics
         self.clock = clock
         self.state_cookie = self.s.cookie(self.s.state_cookie)
+        self.wayback = WayBackSigner(signer)
         self.token_cookie = self.s.cookie(self.oidc_settings.token_cookie)
 
     def add_routes(self, app: web.Application) -> None:
@@ -137,6 +139,8 @@ class StepupApp:
         level: str,
         back: str | None = None,
         factor: str = "none",
+        why: str = "",
+        back_label: str = "Try again",
     ) -> web.Response:
         """A refused step: counted, logged with a reference id, and a page showing it."""
         reference = new_id(int(self.clock() * 1000))
@@ -145,7 +149,16 @@ class StepupApp:
             "step-up refused",
             extra={"decision_id": reference, "reason": reason, "stepup_level": level},
         )
-        return page(status, title, detail, back=back or self.s.landing_path, reference=reference)
+        return page(
+            status,
+            title,
+            detail,
+            back=back or self.s.landing_path,
+            back_label=back_label,
+            reference=reference,
+            why=why,
+            home=self.s.landing_path,
+        )
 
     def _unavailable(self, *, reason: Reason, level: str, back: str | None = None) -> web.Response:
         return self._refusal(
@@ -168,14 +181,47 @@ class StepupApp:
             back=back,
         )
 
-    def _expired(self, reason: Reason) -> web.Response:
+    def _expired(self, reason: Reason, way: WayBack | None, request: web.Request) -> web.Response:
+        """A callback whose state is gone: Back into an old sign-in page, a reload after
+        success, a page left open past the state's TTL. With the way back the state
+        carried, the page leads to the page the user wanted, where the Check starts the
+        step-up again if it is still needed."""
+        if way is None:
+            return self._refusal(
+                400,
+                "Sign-in expired",
+                "This sign-in page is no longer valid. Start again from the page you wanted.",
+                reason=reason,
+                level="unknown",
+            )
+        back = safe_return_path(way.return_path, self.s.landing_path)
+        level, route = self._names(way.level, back, request)
+        target = f"\u201c{route.title}\u201d" if route is not None and route.title else None
         return self._refusal(
             400,
-            "Sign-in expired",
-            "This sign-in page is no longer valid. Start again from the page you wanted.",
+            "This sign-in page was already used",
+            "The sign-in it belonged to is finished or has expired (for example after Back "
+            "or a reload). Nothing was lost: continue to the page you wanted, and you will "
+            "be asked again only if that page still needs it.",
             reason=reason,
-            level="unknown",
+            level="unknown",  # the state is gone: the hint alone does not vouch for it
+            back=back,
+            back_label=f"Continue to {target}" if target else "Continue",
+            why=why_text(level, route),
         )
+
+    def _names(
+        self, level_name: str | None, path: str, request: web.Request
+    ) -> tuple[Level | None, Route | None]:
+        """The level and the route (for their human names) of the page at ``path``."""
+        policy = self.policy.current.policy
+        level = policy.by_name.get(level_name) if level_name else None
+        try:
+            host = normalize_host(request.host)
+        except RequestError:
+            return level, None
+        route = policy.route_for(host, "GET", urlsplit(path).path)
+        return level, route
 
     def _identity_token(self, request: web.Request) -> str | None:
         auth = request.headers.get("Authorization", "")
@@ -193,6 +239,8 @@ class StepupApp:
         state = dataclasses.replace(
             state, nonce=secrets.token_urlsafe(24), verifier=verifier, issued_at=self._now()
         )
+        # The IdP echoes it back: the way to the page wanted, even once the state is gone.
+        state_param = self.wayback.seal(state_id, state.return_path, state.level, self._now())
         try:
             await self.store.put_state(state_id, state.to_json(), self.s.state_ttl_s)
         except StoreError:
@@ -203,7 +251,7 @@ class StepupApp:
                 back=state.return_path,
             )
         url = oidc.authorize_url(
-            state=state_id,
+            state=state_param,
             nonce=state.nonce,
             code_challenge=challenge,
             acr_values=tuple(sorted(level.acr)) if level is not None else (),
@@ -311,10 +359,10 @@ class StepupApp:
 
     async def callback(self, request: web.Request) -> web.StreamResponse:
         q = request.query
-        state_id = q.get("state", "")
+        state_id, way = self.wayback.open(q.get("state", ""), self._now())
         cookies = cookie_values(request.headers.get("Cookie", ""), self.state_cookie)
         if not state_id or len(cookies) != 1 or not hmac.compare_digest(cookies[0], state_id):
-            return self._expired(Reason.STATE_MISMATCH)
+            return self._expired(Reason.STATE_MISMATCH, way, request)
         try:
             raw = await self.store.take_state(state_id)
         except StoreError:
@@ -322,7 +370,7 @@ class StepupApp:
             return self._unavailable(reason=Reason.STORE_ERROR, level="unknown")
         saved = StepupState.from_json(raw) if raw is not None else None
         if saved is None:  # unknown, expired, already used, or not a state we wrote
-            return self._expired(Reason.STATE_INVALID)
+            return self._expired(Reason.STATE_INVALID, way, request)
         level_name = saved.level or LOGIN_LEVEL
         retry = self._retry_path(saved)
         oidc = self.oidc
@@ -469,6 +517,7 @@ class StepupApp:
             )
         except GrantRefused as exc:
             self._audit_completion(saved, id_token, exc.reason, None, device)
+            names = self._names(saved.level, saved.return_path, request)
             return self._refusal(
                 403,
                 "Step-up not accepted",
@@ -477,6 +526,7 @@ class StepupApp:
                 level=saved.level,
                 back=saved.return_path,
                 factor=factor,
+                why=why_text(*names),
             )
         if self.auditor is not None:
             # Audit before grant: no grant exists without its durable completion record,
