@@ -54,6 +54,9 @@ CLIENT_HEADERS: tuple[str, ...] = (
     "x-stepup-decision-id",
     "cache-control",
     "content-type",
+    # a browser's refusal page (authz.stepup.pages): nothing loads, nothing frames it
+    "content-security-policy",
+    "x-content-type-options",
 )
 METADATA_FROM_HEADERS: tuple[str, ...] = METADATA_HEADERS
 HEADERS_TO_REMOVE = REMOVE_HEADER

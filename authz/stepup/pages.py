@@ -120,3 +120,62 @@ def page(
         content_type="text/html",
         headers=HEADERS,
     )
+
+
+# -- the Check's refusals, for browsers (authz.check.response) ----------------------------
+
+_DENIAL_TEXT: dict[str, tuple[str, str]] = {
+    "session-revoked": (
+        "Signed out",
+        "This sign-in was ended (signed out elsewhere or by an administrator). Sign in again.",
+    ),
+    "ip-not-allowed": (
+        "Not from this network",
+        "This page can be opened only from an approved network.",
+    ),
+    "ip-blocked": ("Not from this network", "Requests from your network are not allowed here."),
+    "grant-bound-elsewhere": (
+        "Confirm again on this device",
+        "Your second factor was confirmed on another device or network; confirm it here.",
+    ),
+    "bad-path": ("Address not accepted", "The address of this page could not be read."),
+    "bad-request": ("Request not accepted", "This request could not be read."),
+}
+
+
+def denial_page(
+    status: int,
+    reason: str,
+    decision_id: str,
+    *,
+    back: str,
+    unavailable: bool,
+    level: Level | None = None,
+) -> str:
+    """What a browser sees when the Check refuses a request it does not redirect (a 403,
+    an error, a step-up on a POST): the reason in words, why the level asks for more when
+    it does, the decision id, and a way back to the same page (``back``, already a
+    same-origin path)."""
+    if unavailable:
+        title, detail = (
+            "Temporarily unavailable",
+            "Access could not be checked just now. Try again in a moment.",
+        )
+    elif status == 401:
+        title, detail = (
+            "Sign-in needed",
+            "This action needs a (stronger) sign-in. Open the page again to sign in, then "
+            "repeat what you were doing.",
+        )
+    else:
+        title, detail = _DENIAL_TEXT.get(
+            reason, ("Access refused", "This page cannot be opened with your current sign-in.")
+        )
+    return render(
+        title,
+        detail,
+        back=back,
+        reference=decision_id,
+        why=why_text(level, None) if status == 401 else "",
+        home="/",
+    )

@@ -6,6 +6,7 @@ is a signed hint, only ever a same-origin path."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -15,6 +16,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from authz.check.redirects import Redirects
+from authz.check.response import denial
+from authz.core.attributes import RequestAttributes
+from authz.core.decision import Decision, failed, refused
 from authz.core.policy import load_policy
 from authz.core.reasons import Reason
 from authz.stepup.pages import why_text
@@ -219,3 +224,65 @@ def test_why_text_has_defaults_without_titles() -> None:
         "last 5 minutes."
     )
     assert why_text(None, None) == ""
+
+
+# -- the Check's refusals: a page for browsers, JSON for API clients ------------------------
+
+
+def _attrs(accept: str, path: str = "/wires/7", query: str = "") -> RequestAttributes:
+    return RequestAttributes(
+        method="GET",
+        scheme="https",
+        host="app.test",
+        path=path,
+        query=query,
+        headers={"accept": accept},
+        source_ip=None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("decision", "status", "words"),
+    [
+        (refused(Reason.SESSION_REVOKED), 403, "Signed out"),
+        (failed(Reason.SESSION_STORE_UNAVAILABLE), 403, "Temporarily unavailable"),
+    ],
+    ids=["forbidden", "error"],
+)
+def test_a_browser_gets_a_page_and_an_api_client_json(
+    decision: Decision, status: int, words: str
+) -> None:
+    redirects = Redirects()
+    got, headers, body = denial(
+        decision,
+        _attrs("text/html,*/*", query="a=1"),
+        "01J0DECISION",
+        redirects=redirects,
+        error_status=403,
+    )
+    named = dict(headers)
+    assert got == status and named["content-type"].startswith("text/html")
+    assert named["x-content-type-options"] == "nosniff"
+    assert "default-src 'none'" in named["content-security-policy"]
+    assert words in body and "Reference: <code>01J0DECISION</code>" in body
+    assert button(body) == ("/wires/7?a=1", "Try again")  # the same page, once more
+    got, headers, body = denial(
+        decision,
+        _attrs("application/json"),
+        "01J0DECISION",
+        redirects=redirects,
+        error_status=403,
+    )
+    assert dict(headers)["content-type"] == "application/json"
+    assert json.loads(body)["decision_id"] == "01J0DECISION"
+
+
+def test_the_pages_way_back_is_only_ever_a_same_origin_path() -> None:
+    _, _, body = denial(
+        refused(Reason.SESSION_REVOKED),
+        _attrs("text/html", path="//evil.example/x"),
+        "01J0DECISION",
+        redirects=Redirects(),
+        error_status=403,
+    )
+    assert button(body)[0] == "/"
