@@ -1,5 +1,6 @@
 """The demo upstream: answers every method and path with 200 and an echo of the request:
-JSON for API clients, an HTML table of the headers for browsers (``Accept: text/html``).
+JSON for API clients, an HTML table of the headers for browsers (``Accept: text/html``
+without ``application/json``).
 
 End-to-end tests read it to see exactly what Envoy forwarded: the canonical path, and the
 ``x-stepup-*`` identity headers the service injected (or stripped).
@@ -35,7 +36,10 @@ async def _echo(request: web.Request) -> web.Response:
         "query": request.rel_url.raw_query_string,
         "headers": headers,
     }
-    if "text/html" in request.headers.get("Accept", ""):
+    accept = request.headers.get("Accept", "")
+    # A browser gets the table; a client naming JSON (a test's "browser" reading what
+    # arrived, an API client) gets the document.
+    if "text/html" in accept and "application/json" not in accept:
         return web.Response(
             text=_page(doc, headers),
             content_type="text/html",
