@@ -29,7 +29,7 @@ async def _echo(request: web.Request) -> web.Response:
         key = name.lower()
         # RFC 9110 section 5.3: repeated fields combine into one comma-separated value.
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    doc = {
+    doc: dict[str, object] = {
         # Raw (still percent-encoded) path and query: what Envoy actually sent.
         "method": request.method,
         "path": request.rel_url.raw_path,
