@@ -28,6 +28,7 @@ import aiohttp
 import grpc
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from authz.app import Service, start_service
@@ -35,6 +36,7 @@ from authz.config.settings import Settings
 from authz.demo.stack import deep_merge
 from authz.devidp import DevClient, DevIdpConfig, base_url, bind, create_app, running
 from authz.ops.logs import JsonFormatter
+from authz.stepup.ciba.service import CibaSlot
 from authz.store.connections import EmbeddedValkey
 from tests.builders import (
     async_wait_until,
@@ -285,3 +287,28 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def test_the_push_step_up_routes_say_the_idp_is_not_there_yet(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before the IdP's discovery document is in, /_stepup/ciba exists and refuses with
+    idp-unavailable, a reference and its log line; switched off, it does not exist."""
+    caplog.set_level(logging.INFO)
+    app = web.Application()
+    CibaSlot("/_stepup", enabled=True).add_routes(app)
+    CibaSlot("/_off", enabled=False).add_routes(app)
+    async with TestClient(TestServer(app)) as client:
+        for resp in (
+            await client.post("/_stepup/ciba", json={}),
+            await client.get("/_stepup/ciba/some-id"),
+        ):
+            doc = await resp.json()
+            assert resp.status == 503 and doc["reason"] == "idp-unavailable", doc
+            (line,) = [
+                x
+                for x in json_lines(caplog, "push step-up refused")
+                if x["decision_id"] == doc["reference"]
+            ]
+            assert line["reason"] == "idp-unavailable"
+        assert (await client.post("/_off/ciba", json={})).status == 404
