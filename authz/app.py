@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -38,17 +39,19 @@ from authz.config.policy_file import LoadedPolicy, PolicyHolder
 from authz.config.settings import OidcSettings, Settings
 from authz.core.policy import Policy
 from authz.evidence.monitor import CoverageMonitor
+from authz.ops.degraded import Backoff, StoreWatch
 from authz.ops.health import Health
 from authz.ops.metrics import Metrics
 from authz.ops.metrics_listener import start_metrics_listener
 from authz.ops.tls import server_context
-from authz.stepup.ciba.service import build_ciba
+from authz.stepup.ciba.service import CibaSlot, build_ciba
 from authz.stepup.endpoints import StepupApp
 from authz.stepup.link import ContextSigner
 from authz.stepup.logout import LogoutApp
-from authz.stepup.oidc import OidcClient, discover
+from authz.stepup.oidc import OidcClient, ProviderMetadata
 from authz.stepup.passkeys.handlers import add_routes as add_passkey_routes
 from authz.stepup.passkeys.handlers import build_passkey_routes
+from authz.stepup.provider import IdpConnection
 from authz.store.connections import EmbeddedValkey, SentinelWatcher, make_redis
 from authz.store.crypto import cipher_from_settings
 from authz.store.fastredis import make_fast_redis
@@ -217,6 +220,14 @@ def _warn_about(settings: Settings) -> None:
         )
 
 
+def _where(url: str | None) -> str:
+    """host:port of a store URL, for log lines (never its password)."""
+    if url is None:
+        return "sentinel"
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}" if parts.hostname else parts.scheme
+
+
 def _uses_countries(policy: Policy) -> bool:
     return any(r.country_in or r.country_not_in for r in policy.rules)
 
@@ -315,26 +326,40 @@ async def start_service(
             watcher.start()
             closers.append(watcher)
 
+        # The browser step-up's own client and longer deadline: a sign-in waits on Redis,
+        # not on Envoy's ext_authz timeout as the Check does.
+        stepup_ms = settings.stepup.store_deadline_ms
+        stepup_store = store.on_client(
+            make_redis(settings.redis.model_copy(update={"deadline_ms": stepup_ms}), redis_url),
+            deadline_ms=stepup_ms,
+        )
+        closers.append(stepup_store)
+
         # The audit trail's producer (MAC'd, sequenced records): authz/audit/service.py.
         auditor = build_auditor(settings, client, fast, AuditMetrics(metrics.registry), closers)
         if auditor is not None:
             auditors.append(auditor)
 
+        backoff = Backoff(settings.oidc.start_retry_initial_s, settings.oidc.start_retry_max_s)
+        store_watch = StoreWatch(client.ping, what=_where(redis_url), backoff=backoff)
+        closers.append(store_watch)
+        await store_watch.start()  # a warning, not a failure: the client reconnects itself
+
         http = aiohttp.ClientSession()
         closers.append(http)
         keys = key_source_from_settings(settings.oidc, http)
         closers.append(keys)
-        await keys.start()
         tokens = TokenVerifier(settings.oidc, keys)
-        provider = await discover(settings.oidc.issuer, http, settings.oidc.http_timeout_s)
-        oidc = OidcClient(
-            metadata=provider,
-            client_id=settings.oidc.client_id,
-            client_secret=settings.oidc.secret(),
-            redirect_uri=f"{settings.stepup.public_url}{settings.stepup.path_prefix}/callback",
-            session=http,
+        # Discovery and the keys: started below, after the parts that wait for them exist;
+        # an IdP that does not answer yet leaves the service up but not ready.
+        idp = IdpConnection(
+            issuer=settings.oidc.issuer,
+            http=http,
             timeout_s=settings.oidc.http_timeout_s,
+            keys=keys,
+            backoff=backoff,
         )
+        closers.append(idp)
 
         if settings.stepup.context_key_file is None:
             log.warning(
@@ -387,55 +412,75 @@ async def start_service(
             settings=settings,
             policy=policy,
             tokens=tokens,
-            store=store,
-            oidc=oidc,
+            store=stepup_store,
+            oidc=None,
             metrics=metrics,
             clock=clock,
             auditor=auditor,
             signer=signer,
             devices=devices,
         )
+
+        def relying_party(provider: ProviderMetadata) -> None:
+            stepup.oidc = OidcClient(
+                metadata=provider,
+                client_id=settings.oidc.client_id,
+                client_secret=settings.oidc.secret(),
+                redirect_uri=f"{settings.stepup.public_url}{settings.stepup.path_prefix}/callback",
+                session=http,
+                timeout_s=settings.oidc.http_timeout_s,
+            )
+
+        idp.on_ready(relying_party)
         health = Health(
             metrics=metrics,
             store_ok=store.ping,
-            keys_ready=lambda: keys.ready,
+            keys_ready=lambda: idp.ready,
             policy_loaded=lambda: policy.current is not None,
         )
         http_app = web.Application(client_max_size=64 * 1024)
         stepup.add_routes(http_app)
-        LogoutApp(
+        logout = LogoutApp(
             settings=settings,
             logout_tokens=tokens,
             access_tokens=authorizer.tokens,
             store=store,
-            metadata=provider,
             auditor=auditor,
             clock=clock,
-        ).add_routes(http_app)
+        )
+        logout.add_routes(http_app)
+        idp.on_ready(logout.set_metadata)  # the end_session_endpoint, once discovery is in
         health.add_routes(http_app, metrics=settings.metrics.port is None)
         await health.probe_store()  # the gauge from the start, not from the first probe
         # Push step-up (OpenID CIBA) for API clients: its token checked as the Check does.
-        ciba = build_ciba(
-            settings,
-            metadata=provider,
-            profile=tokens.profile,
-            http=http,
-            access_tokens=authorizer.tokens,
-            id_tokens=tokens,
-            redis=client,
-            cipher=store.cipher,
-            sessions=store,
-            grants=store,
-            policy=policy,
-            metrics=metrics,
-            auditor=auditor,
-            devices=devices,
-            clock=clock,
+        # Built once the IdP's discovery document is in; until then its routes say so.
+        ciba_slot = CibaSlot(
+            settings.stepup.path_prefix, enabled=settings.ciba.enabled, clock=clock
         )
-        if ciba is not None:
-            ciba.add_routes(http_app)
-            ciba.start()
-            closers.append(ciba)
+        ciba_slot.add_routes(http_app)
+        closers.append(ciba_slot)
+
+        def push_stepup(provider: ProviderMetadata) -> None:
+            ciba_slot.fill(
+                build_ciba(
+                    settings,
+                    metadata=provider,
+                    profile=tokens.profile,
+                    http=http,
+                    access_tokens=authorizer.tokens,
+                    id_tokens=tokens,
+                    redis=client,
+                    cipher=store.cipher,
+                    sessions=store,
+                    grants=store,
+                    policy=policy,
+                    metrics=metrics,
+                    auditor=auditor,
+                    devices=devices,
+                    clock=clock,
+                )
+            )
+
         if settings.passkeys.enabled:  # the passkey pages and ceremonies (docs/passkeys.md)
             routes = build_passkey_routes(
                 settings,
@@ -452,6 +497,8 @@ async def start_service(
             # Credentials are the one state that cannot be rebuilt from the IdP: say at
             # start whether this Redis persists and never evicts them (refuse: enrolment off).
             await routes.startup()
+        idp.on_ready(push_stepup)
+        await idp.start()
         runner = web.AppRunner(http_app, access_log=None)
         await runner.setup()
         http_tls = None

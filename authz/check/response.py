@@ -38,6 +38,9 @@ from authz.check.redirects import Redirects
 from authz.core.attributes import RequestAttributes
 from authz.core.decision import Decision, Outcome
 from authz.core.reasons import Reason
+from authz.stepup.endpoints import safe_return_path
+from authz.stepup.pages import HEADERS as PAGE_HEADERS
+from authz.stepup.pages import denial_page
 
 HEADER_PREFIX = "x-stepup-"
 _AMR_VALUE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -132,6 +135,23 @@ def denial(
             headers.append(("retry-after", str(d.retry_after_s)))
     else:
         status, error = 403, "forbidden"
+    if attrs is not None and attrs.accepts_html and not attrs.is_grpc:
+        # A browser gets a page (API clients, by their Accept, keep the JSON below).
+        headers += [(k.lower(), v) for k, v in PAGE_HEADERS.items() if k != "Cache-Control"]
+        headers.append(("content-type", "text/html; charset=utf-8"))
+        back = safe_return_path(attrs.path_and_query, "/")
+        return (
+            status,
+            headers,
+            denial_page(
+                status,
+                reason,
+                decision_id,
+                back=back,
+                unavailable=d.outcome is Outcome.ERROR,
+                level=d.level,
+            ),
+        )
     headers.append(("content-type", "application/json"))
     return (
         status,

@@ -270,6 +270,10 @@ class OidcSettings(BaseModel):
     sid_fallback_claim: str | None = None
     token_cache_size: int = Field(10_000, ge=0)
     http_timeout_s: float = Field(5.0, gt=0)
+    # An IdP unreachable at start: the service starts degraded (not ready) and retries
+    # discovery and the keys, the delay doubling from the first to the last value.
+    start_retry_initial_s: float = Field(0.5, gt=0, le=60)
+    start_retry_max_s: float = Field(30.0, gt=0, le=600)
 
     @field_validator("algorithms")
     @classmethod
@@ -343,6 +347,10 @@ class StepupSettings(BaseModel):
     # (%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%); the callback compares it with the
     # address a bound level's challenge was issued to.
     peer_header: str = "x-stepup-peer-address"
+    # The browser step-up endpoints' Redis deadline. Nothing there waits on Envoy's
+    # ext_authz timeout (the Check's redis.deadline_ms, a few ms): a loaded Redis gets a
+    # second before a sign-in page says "temporarily unavailable".
+    store_deadline_ms: int = Field(1000, ge=1, le=10_000)
 
     @field_validator("public_url")
     @classmethod

@@ -36,6 +36,7 @@ USER_VERIFICATION = ("required", "preferred", "discouraged")  # WebAuthn section
 _AAGUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z_][A-Za-z0-9_]{0,63}){0,3}$")
 _TITLE_MAX = 120
+_DESCRIPTION_MAX = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +87,7 @@ class Level:
     ip_allow: tuple[Network, ...] = ()  # set => the level is reachable only from these
     ip_deny: tuple[Network, ...] = ()
     title: str | None = None  # the human name pages show ("Wire transfers")
+    description: str | None = None  # what it asks, for pages ("a second factor, 15 min")
     factors: tuple[str, ...] = ("idp",)  # step-up methods, in the order a browser tries them
     user_verification: str = "preferred"  # passkey UV: required | preferred | discouraged
     passkey_acr: str | None = None  # the acr a passkey grant records (see _passkey_acr)
@@ -114,6 +116,7 @@ class Route:
     methods: frozenset[str] | None  # as written, upper case; GET brings HEAD
     level: Level
     title: str | None = None  # the human name pages show ("Client statements")
+    description: str | None = None  # why it is protected, for pages (one short sentence)
 
     def matches(self, host: str, method: str, path: str) -> bool:
         """Whether the request is this route's. ``path_prefix: /wires/`` also covers the
@@ -328,6 +331,7 @@ def _levels(doc: Any) -> tuple[Level, ...]:
                 "bind",
                 "ip_allow",
                 "ip_deny",
+                "description",
                 *_PASSKEY_FIELDS,
             },
         )
@@ -357,6 +361,7 @@ def _levels(doc: Any) -> tuple[Level, ...]:
             bind_ip="ip" in bind,
             ip_allow=_networks(spec.get("ip_allow"), [*loc, "ip_allow"]),
             ip_deny=_networks(spec.get("ip_deny"), [*loc, "ip_deny"]),
+            description=_description(spec.get("description"), [*loc, "description"]),
         )
         level = _with_factors(level, spec, loc)
         if public and level.needs_evidence:
@@ -387,6 +392,21 @@ def _title(value: Any, loc: Sequence[str | int]) -> str | None:
         or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
     ):
         raise _fail(loc, f"a title is one line of 1 to {_TITLE_MAX} printable characters")
+    return value.strip()
+
+
+def _description(value: Any, loc: Sequence[str | int]) -> str | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or not value.strip()
+        or len(value) > _DESCRIPTION_MAX
+        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+    ):
+        raise _fail(
+            loc, f"a description is one line of 1 to {_DESCRIPTION_MAX} printable characters"
+        )
     return value.strip()
 
 
@@ -495,7 +515,9 @@ def _level_ref(by_name: Mapping[str, Level], value: Any, loc: Sequence[str | int
 def _route(i: int, doc: Any, by_name: Mapping[str, Level]) -> Route:
     loc: list[str | int] = ["routes", i]
     spec = _mapping(
-        doc, loc, {"host", "path", "path_prefix", "path_regex", "methods", "level", "title"}
+        doc,
+        loc,
+        {"host", "path", "path_prefix", "path_regex", "methods", "level", "title", "description"},
     )
     kinds = [k for k in ("path", "path_prefix", "path_regex") if k in spec]
     if len(kinds) > 1:
@@ -530,7 +552,8 @@ def _route(i: int, doc: Any, by_name: Mapping[str, Level]) -> Route:
         raise _fail(loc, "a route needs a level")
     level = _level_ref(by_name, spec["level"], [*loc, "level"])
     title = _title(spec.get("title"), [*loc, "title"])
-    return Route(i, host, exact, prefix, regex, methods, level, title)
+    description = _description(spec.get("description"), [*loc, "description"])
+    return Route(i, host, exact, prefix, regex, methods, level, title, description)
 
 
 # Envoy refuses a safe_regex whose compiled RE2 program is larger than this (its runtime

@@ -71,6 +71,9 @@ class _Pending:
     need_otp: bool
     expires_at: float
     attempts: int = 0
+    # A step-up for the user already signed in here: only the second factor is asked.
+    second_factor_of: str | None = None
+    why: str = ""  # what the form says about why it asks what it asks
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,8 @@ class Provider:
             raise _Redirect("login_required", "no session satisfies the request")
 
         self._purge(now)
+        need_otp = bool(MFA_ACRS.intersection(acr_values))
+        second_factor_of, why = self._what_to_ask(session, need_otp, login_hint, max_age, now)
         pending = _Pending(
             client_id=req.client_id,
             redirect_uri=req.redirect_uri,
@@ -213,17 +218,67 @@ class Provider:
             nonce=p.get("nonce"),
             code_challenge=challenge,
             login_hint=login_hint or (session.auth.user if session else ""),
-            need_otp=bool(MFA_ACRS.intersection(acr_values)),
+            need_otp=need_otp,
             expires_at=now + self.config.login_ttl_s,
+            second_factor_of=second_factor_of,
+            why=why,
         )
         request_id = secrets.token_urlsafe(32)
         self._pending[request_id] = pending
+        return self._form(request_id, pending, pending.login_hint)
+
+    def _form(
+        self, request_id: str, pending: _Pending, username: str, error: str = "", status: int = 200
+    ) -> web.Response:
+        if pending.second_factor_of is not None:
+            return forms.second_factor_form(
+                request_id=request_id,
+                client_id=pending.client_id,
+                username=pending.second_factor_of,
+                why=pending.why,
+                error=error,
+                status=status,
+            )
         return forms.login_form(
             request_id=request_id,
             client_id=pending.client_id,
-            username=pending.login_hint,
+            username=username,
             need_otp=pending.need_otp,
+            why=pending.why,
+            error=error,
+            status=status,
         )
+
+    def _what_to_ask(
+        self,
+        session: _Session | None,
+        need_otp: bool,
+        login_hint: str,
+        max_age: int | None,
+        now: float,
+    ) -> tuple[str | None, str]:
+        """(the user whose second factor alone is asked, or None; why the form asks what
+        it asks). Only the second factor when this browser is signed in here as the user
+        the application names and that sign-in is within the application's max_age;
+        otherwise the form says why the password is asked again."""
+        if not need_otp:
+            return None, ""
+        asks = "The application asks for a second factor for this page."
+        if session is None:
+            return None, f"{asks} You are not signed in here: enter your password and a code."
+        user = session.auth.user
+        if login_hint and login_hint != user:
+            return None, (
+                f"{asks} You are signed in here as {user}, but the application asks for "
+                f"{login_hint}: sign in as {login_hint}."
+            )
+        if max_age is not None and now - session.auth.auth_time > max_age:
+            minutes = max(1, max_age // 60)
+            return None, (
+                f"{asks} Your sign-in here is older than the {minutes} minutes it allows, "
+                "so your password is asked again too."
+            )
+        return user, f"{asks} You are signed in as {user}: enter the code from your app."
 
     async def authorize_post(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
@@ -244,6 +299,8 @@ class Provider:
             return self._redirect(
                 req, {"error": "access_denied", "error_description": "the user cancelled"}
             )
+        if pending.second_factor_of is not None and "password" not in fields:
+            return self._second_factor(request, request_id, pending, fields.get("otp", ""), now)
         username = fields.get("username", "")
         otp = fields.get("otp", "")
         ok = check_password(self.config.users, username, fields.get("password", ""))
@@ -259,13 +316,8 @@ class Provider:
                 return forms.error_page(
                     "Too many failed attempts. Start again from the application.", status=401
                 )
-            return forms.login_form(
-                request_id=request_id,
-                client_id=pending.client_id,
-                username=username,
-                need_otp=pending.need_otp,
-                error="Invalid username, password or code.",
-                status=401,
+            return self._form(
+                request_id, pending, username, "Invalid username, password or code.", 401
             )
         del self._pending[request_id]
         previous = self._session(request)
@@ -294,6 +346,42 @@ class Provider:
             samesite="Lax",
             secure=self._cookie_secure,
         )
+        return response
+
+    def _second_factor(
+        self, request: web.Request, request_id: str, pending: _Pending, otp: str, now: float
+    ) -> web.StreamResponse:
+        """The step-up of the user signed in here: their code alone. The session must still
+        be theirs (not signed out, not another user's since the form was shown)."""
+        session = self._session(request)
+        user = pending.second_factor_of
+        assert user is not None
+        if session is None or session.auth.user != user:
+            del self._pending[request_id]
+            return forms.error_page(
+                "Your sign-in here changed while this page was open. Start again from the "
+                "application.",
+                status=401,
+            )
+        if not check_totp(self.config.users[user], otp, now):
+            pending.attempts += 1
+            log.info("second factor failed user=%s attempt=%d", user, pending.attempts)
+            if pending.attempts >= self.config.max_login_attempts:
+                del self._pending[request_id]
+                return forms.error_page(
+                    "Too many failed attempts. Start again from the application.", status=401
+                )
+            return self._form(request_id, pending, user, "Invalid code.", 401)
+        del self._pending[request_id]
+        # The password of this session and the code now: both factors, the newest now.
+        auth = Authentication(
+            user=user, sid=session.auth.sid, auth_time=int(now), acr="mfa", amr=("pwd", "otp")
+        )
+        log.info("second factor ok user=%s", user)
+        req = _Request(pending.client_id, pending.redirect_uri, pending.state)
+        response = self._issue(req, pending.scope, pending.code_challenge, pending.nonce, auth)
+        cookie = request.cookies.get(SESSION_COOKIE, "")
+        self._sessions[cookie] = _Session(auth, session.expires_at)
         return response
 
     # -- helpers ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ _PAGE = """<!doctype html>
 body{{font-family:system-ui,sans-serif;max-width:26rem;margin:3rem auto;padding:0 1rem}}
 label{{display:block;margin:.8rem 0 .2rem}} input{{width:100%;padding:.4rem}}
 button{{margin-top:1rem;padding:.5rem 1.2rem}} .error{{color:#b00020}}
-.banner{{background:#fff3cd;padding:.4rem;font-size:.85rem}}
+.banner{{background:#fff3cd;padding:.4rem;font-size:.85rem}} .why{{color:#374151}}
 </style></head>
 <body><p class="banner">Development identity provider &mdash; not for production use.</p>
 <h1>{title}</h1>
@@ -48,6 +48,7 @@ def login_form(
     client_id: str,
     username: str,
     need_otp: bool,
+    why: str = "",
     error: str = "",
     status: int = 200,
 ) -> web.Response:
@@ -61,8 +62,9 @@ def login_form(
         if need_otp
         else ""
     )
+    why_html = f'<p class="why">{escape(why)}</p>' if why else ""
     body = f"""<p>Sign in to continue to <strong>{escape(client_id)}</strong>.</p>
-{error_html}
+{why_html}{error_html}
 <form method="post" action="authorize">
 <input type="hidden" name="request_id" value="{escape(request_id)}">
 <label for="username">Username</label>
@@ -74,6 +76,31 @@ def login_form(
 <button type="submit" name="action" value="cancel" formnovalidate>Cancel</button>
 </form>"""
     return _page("Sign in", body, status)
+
+
+def second_factor_form(
+    *,
+    request_id: str,
+    client_id: str,
+    username: str,
+    why: str,
+    error: str = "",
+    status: int = 200,
+) -> web.Response:
+    """The step-up of the user already signed in here: the authenticator code only."""
+    error_html = f'<p class="error" role="alert">{escape(error)}</p>' if error else ""
+    body = f"""<p><strong>{escape(client_id)}</strong> asks you to confirm it is you.</p>
+<p class="why">{escape(why)}</p>
+{error_html}
+<form method="post" action="authorize">
+<input type="hidden" name="request_id" value="{escape(request_id)}">
+<p>Signed in as <strong>{escape(username)}</strong></p>
+<label for="otp">Authenticator code</label>
+<input id="otp" name="otp" inputmode="numeric" autocomplete="one-time-code"
+ pattern="[0-9]{{6}}" required autofocus>
+<button type="submit">Confirm</button>
+</form>"""
+    return _page("Confirm with your second factor", body, status)
 
 
 def error_page(message: str, *, status: int = 400) -> web.Response:

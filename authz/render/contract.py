@@ -56,6 +56,9 @@ CLIENT_HEADERS: tuple[str, ...] = (
     "cache-control",
     "content-type",
     "retry-after",
+    # a browser's refusal page (authz.stepup.pages): nothing loads, nothing frames it
+    "content-security-policy",
+    "x-content-type-options",
 )
 METADATA_FROM_HEADERS: tuple[str, ...] = METADATA_HEADERS
 HEADERS_TO_REMOVE = REMOVE_HEADER

@@ -44,19 +44,20 @@ from authz.check.devices import DeviceResolver
 from authz.check.tokens import IdToken, StepupTokens
 from authz.config.policy_file import PolicyHolder
 from authz.config.settings import Settings
-from authz.core.attributes import cookie_values
+from authz.core.attributes import cookie_values, normalize_host
 from authz.core.grants import GrantRefused, Proof, Target, grant_for
 from authz.core.ids import new_id
-from authz.core.policy import Level
+from authz.core.policy import Level, Route
 from authz.core.reasons import Reason
 from authz.core.session import Evidence, Grant, factor_of, session_key, user_key
-from authz.errors import KeysUnavailable, OidcError, StoreError, TokenError
+from authz.errors import KeysUnavailable, OidcError, RequestError, StoreError, TokenError
 from authz.ops.metrics import Metrics
 from authz.stepup.link import ContextSigner
 from authz.stepup.oidc import RelyingParty, pkce_pair
-from authz.stepup.pages import page
+from authz.stepup.pages import page, why_text
 from authz.stepup.presented import client_address, presented
 from authz.stepup.state import StateKind, StepupState
+from authz.stepup.wayback import WayBack, WayBackSigner
 from authz.store.interfaces import StepupStore
 
 log = logging.getLogger("authz.stepup")
@@ -131,7 +132,7 @@ class StepupApp:
         policy: PolicyHolder,
         tokens: StepupTokens,
         store: StepupStore,
-        oidc: RelyingParty,
+        oidc: RelyingParty | None,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         signer: ContextSigner,
@@ -146,10 +147,13 @@ class StepupApp:
         self.policy = policy
         self.tokens = tokens
         self.store = store
+        # None until the IdP's discovery document is in (authz.stepup.provider): a service
+        # started while the IdP was unreachable refuses step-ups with idp-unavailable.
         self.oidc = oidc
         self.metrics = metrics
         self.clock = clock
         self.state_cookie = self.s.cookie(self.s.state_cookie)
+        self.wayback = WayBackSigner(signer)
         self.token_cookie = self.s.cookie(self.oidc_settings.token_cookie)
 
     def add_routes(self, app: web.Application) -> None:
@@ -182,18 +186,20 @@ class StepupApp:
         factor: str = "none",
         audit: _Audit | None = None,
         precise: Reason | None = None,
+        why: str = "",
+        back_label: str = "Try again",
     ) -> web.Response:
         """A refused step: counted (``reason``, the metric's coarse slug), one JSON log line
         and one audit record with the precise reason (``precise``, default ``reason``) under
         the reference id the page shows. The only place a refusal is logged or audited."""
         reference = new_id(int(self.clock() * 1000))
-        why = precise or reason
+        slug = precise or reason
         self._completion(level, reason, factor)
         log.warning(
             "step-up refused",
             extra={
                 "decision_id": reference,
-                "reason": why,
+                "reason": slug,
                 "result": reason,
                 "stepup_level": level,
                 "status": status,
@@ -201,8 +207,17 @@ class StepupApp:
                 "idp_error": audit.idp_error if audit is not None else None,
             },
         )
-        self._audit_refusal(reference, why, level, audit or _Audit())
-        return page(status, title, detail, back=back or self.s.landing_path, reference=reference)
+        self._audit_refusal(reference, slug, level, audit or _Audit())
+        return page(
+            status,
+            title,
+            detail,
+            back=back or self.s.landing_path,
+            back_label=back_label,
+            reference=reference,
+            why=why,
+            home=self.s.landing_path,
+        )
 
     def _audit_refusal(self, reference: str, why: Reason, level: str, a: _Audit) -> None:
         if self.auditor is None:
@@ -259,13 +274,53 @@ class StepupApp:
             audit=audit,
         )
 
-    def _expired(self, reason: Reason, precise: Reason, audit: _Audit) -> web.Response:
+    def _idp_unavailable(self, *, level: str, back: str | None = None) -> web.Response:
+        return self._refusal(
+            503,
+            "Sign-in service not reachable yet",
+            "This service has not yet reached the identity provider, so it cannot ask for "
+            "a sign-in now. Please try again in a moment.",
+            reason=Reason.IDP_UNAVAILABLE,
+            level=level,
+            back=back,
+        )
+
+    def _expired(
+        self,
+        reason: Reason,
+        precise: Reason,
+        audit: _Audit,
+        way: WayBack | None,
+        request: web.Request,
+    ) -> web.Response:
+        """A callback whose state is gone: Back into an old sign-in page, a reload after
+        success, a page left open past the state's TTL. With the way back the state
+        carried, the page leads to the page the user wanted, where the Check starts the
+        step-up again if it is still needed."""
+        if way is None:
+            return self._refusal(
+                400,
+                "Sign-in expired",
+                "This sign-in page is no longer valid. Start again from the page you wanted.",
+                reason=reason,
+                level="unknown",
+                audit=audit,
+                precise=precise,
+            )
+        back = safe_return_path(way.return_path, self.s.landing_path)
+        level, route = self._names(way.level, back, request)
+        target = f"\u201c{route.title}\u201d" if route is not None and route.title else None
         return self._refusal(
             400,
-            "Sign-in expired",
-            "This sign-in page is no longer valid. Start again from the page you wanted.",
+            "This sign-in page was already used",
+            "The sign-in it belonged to is finished or has expired (for example after Back "
+            "or a reload). Nothing was lost: continue to the page you wanted, and you will "
+            "be asked again only if that page still needs it.",
             reason=reason,
-            level="unknown",
+            level="unknown",  # the state is gone: the hint alone does not vouch for it
+            back=back,
+            back_label=f"Continue to {target}" if target else "Continue",
+            why=why_text(level, route),
             audit=audit,
             precise=precise,
         )
@@ -278,15 +333,17 @@ class StepupApp:
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
 
     def _new_state_id(self, kind: StateKind, issued_at: int) -> str:
-        """``<random>.<kind><issued_at base 16>.<mac>``: the random part is the secret; the
+        """``<random>~<kind><issued_at base 16>~<mac>``: the random part is the secret; the
         rest (MAC'd, so not forgeable) lets a refused callback tell an expired state, and a
-        sign-in's from a step-up's, after the store has forgotten it."""
-        body = f"{secrets.token_urlsafe(32)}.{kind.value[0]}{issued_at:x}"
-        return f"{body}.{self._state_mac(body)}"
+        sign-in's from a step-up's, after the store has forgotten it. ``~`` (not in base64url
+        and not a dot): the OIDC ``state`` parameter seals this id with the way back, dot
+        separated (authz.stepup.wayback)."""
+        body = f"{secrets.token_urlsafe(32)}~{kind.value[0]}{issued_at:x}"
+        return f"{body}~{self._state_mac(body)}"
 
     def _state_meta(self, state_id: str) -> tuple[StateKind, int] | None:
-        body, _, mac = state_id.rpartition(".")
-        _, _, meta = body.partition(".")
+        body, _, mac = state_id.rpartition("~")
+        _, _, meta = body.partition("~")
         if not (body and mac and meta) or not hmac.compare_digest(mac, self._state_mac(body)):
             return None
         kinds = {k.value[0]: k for k in StateKind}
@@ -329,6 +386,19 @@ class StepupApp:
             return Reason.IDP_ERROR
         return None
 
+    def _names(
+        self, level_name: str | None, path: str, request: web.Request
+    ) -> tuple[Level | None, Route | None]:
+        """The level and the route (for their human names) of the page at ``path``."""
+        policy = self.policy.current.policy
+        level = policy.by_name.get(level_name) if level_name else None
+        try:
+            host = normalize_host(request.host)
+        except RequestError:
+            return level, None
+        route = policy.route_for(host, "GET", urlsplit(path).path)
+        return level, route
+
     def _identity_token(self, request: web.Request) -> str | None:
         auth = request.headers.get("Authorization", "")
         if auth[:7].lower() == "bearer ":
@@ -339,12 +409,17 @@ class StepupApp:
     async def _begin(
         self, state: StepupState, level: Level | None, audit: _Audit | None = None
     ) -> web.StreamResponse:
+        oidc = self.oidc
+        if oidc is None:
+            return self._idp_unavailable(level=state.level or LOGIN_LEVEL, back=state.return_path)
         now = self._now()
         state_id = self._new_state_id(state.kind, now)
         verifier, challenge = pkce_pair()
         state = dataclasses.replace(
             state, nonce=secrets.token_urlsafe(24), verifier=verifier, issued_at=now
         )
+        # The IdP echoes it back: the way to the page wanted, even once the state is gone.
+        state_param = self.wayback.seal(state_id, state.return_path, state.level, self._now())
         try:
             await self.store.put_state(state_id, state.to_json(), self.s.state_ttl_s)
         except StoreError:
@@ -355,8 +430,8 @@ class StepupApp:
                 back=state.return_path,
                 audit=audit or _Audit(kind=state.kind),
             )
-        url = self.oidc.authorize_url(
-            state=state_id,
+        url = oidc.authorize_url(
+            state=state_param,
             nonce=state.nonce,
             code_challenge=challenge,
             acr_values=tuple(sorted(level.acr)) if level is not None else (),
@@ -488,11 +563,11 @@ class StepupApp:
 
     async def callback(self, request: web.Request) -> web.StreamResponse:
         q = request.query
-        state_id = q.get("state", "")
+        state_id, way = self.wayback.open(q.get("state", ""), self._now())
         audit = _Audit()
         cookies = cookie_values(request.headers.get("Cookie", ""), self.state_cookie)
         if not state_id:
-            return self._expired(Reason.STATE_MISMATCH, Reason.STATE_MISSING, audit)
+            return self._expired(Reason.STATE_MISMATCH, Reason.STATE_MISSING, audit, way, request)
         meta = self._state_meta(state_id)
         if meta is not None:
             audit.kind = meta[0]
@@ -501,7 +576,7 @@ class StepupApp:
             # successful callback removed the cookie), or expired with its cookie.
             foreign = Reason.COOKIE_MISMATCH if meta is not None else Reason.STATE_INVALID
             why = await self._lost_state(state_id, meta, foreign)
-            return self._expired(Reason.STATE_MISMATCH, why, audit)
+            return self._expired(Reason.STATE_MISMATCH, why, audit, way, request)
         try:
             raw = await self.store.take_state(state_id)
         except StoreError:
@@ -510,16 +585,19 @@ class StepupApp:
         if raw is None:  # unknown, expired, already used
             missing = Reason.STATE_MISSING if meta is not None else Reason.STATE_INVALID
             why = await self._lost_state(state_id, meta, missing)
-            return self._expired(Reason.STATE_INVALID, why, audit)
+            return self._expired(Reason.STATE_INVALID, why, audit, way, request)
         await self._was_used(state_id)  # consumed: from now on this id is a replay
         saved = StepupState.from_json(raw)
         if saved is None:  # not a state we wrote
-            return self._expired(Reason.STATE_INVALID, Reason.STATE_INVALID, audit)
+            return self._expired(Reason.STATE_INVALID, Reason.STATE_INVALID, audit, way, request)
         audit.know(saved)
         level_name = saved.level or LOGIN_LEVEL
         retry = self._retry_path(saved)
+        oidc = self.oidc
+        if oidc is None:  # not reachable here: a state from another replica's step-up
+            return self._idp_unavailable(level=level_name, back=retry)
         iss = q.get("iss")
-        if iss is None and self.oidc.requires_iss:
+        if iss is None and oidc.requires_iss:
             # RFC 9207 section 2.4: the IdP says it always sends `iss`; a response without
             # it came from elsewhere or was altered.
             return self._refusal(
@@ -554,7 +632,7 @@ class StepupApp:
             )
         precise = Reason.CODE_EXCHANGE_FAILED
         try:
-            tokens = await self.oidc.exchange_code(q["code"], saved.verifier)
+            tokens = await oidc.exchange_code(q["code"], saved.verifier)
             now = self._now()
             precise = Reason.ID_TOKEN_REJECTED
             id_token = await self.tokens.verify_id_token(tokens["id_token"], now, nonce=saved.nonce)
@@ -735,6 +813,7 @@ class StepupApp:
             )
         except GrantRefused as exc:
             audit.device, audit.error = device, str(exc)
+            names = self._names(saved.level, saved.return_path, request)
             return self._refusal(
                 403,
                 "Step-up not accepted",
@@ -744,6 +823,7 @@ class StepupApp:
                 back=saved.return_path,
                 factor=factor,
                 audit=audit,
+                why=why_text(*names),
             )
         if self.auditor is not None:
             # Audit before grant: no grant exists without its durable completion record,

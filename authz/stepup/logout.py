@@ -188,7 +188,7 @@ class LogoutApp:
         logout_tokens: LogoutTokenVerifier,
         access_tokens: AccessTokenVerifier,
         store: LogoutStore,
-        metadata: ProviderMetadata,
+        metadata: ProviderMetadata | None = None,
         auditor: AuditTrail | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -198,15 +198,22 @@ class LogoutApp:
         self.logout_tokens = logout_tokens
         self.access_tokens = access_tokens
         self.store = store
-        self.metadata = metadata
+        self.metadata: ProviderMetadata | None = None
         self.auditor = auditor
         self.clock = clock
         self.origin = _origin(settings.stepup.public_url)
         self.token_cookie = self.stepup.cookie(self.oidc.token_cookie)
         self.state_cookie = self.stepup.cookie(self.stepup.state_cookie)
+        self.set_metadata(metadata)
+
+    def set_metadata(self, metadata: ProviderMetadata | None) -> None:
+        """The IdP's discovery document (its end_session_endpoint), once it is in: until then
+        a sign-out ends the local session only."""
+        self.metadata = metadata
         # The sign-out form posts here and is redirected on to the IdP (or straight to the
         # return address): browsers apply form-action to those redirects too.
-        targets = [metadata.end_session_endpoint, *self.s.post_logout_redirect_uris]
+        end_session = metadata.end_session_endpoint if metadata is not None else None
+        targets = [end_session, *self.s.post_logout_redirect_uris]
         allowed = sorted({_origin(t) for t in targets if t})
         self._csp = (
             "default-src 'none'; form-action 'self' "
@@ -440,7 +447,7 @@ class LogoutApp:
         return resp
 
     def _end_session_url(self, after: str | None) -> str:
-        endpoint = self.metadata.end_session_endpoint
+        endpoint = self.metadata.end_session_endpoint if self.metadata is not None else None
         if endpoint is None:  # the IdP offers no RP-initiated logout: the local one is done
             return after or self.stepup.landing_path
         params = {"client_id": self.oidc.client_id}

@@ -59,6 +59,7 @@ under a kid no longer in the ring) are skipped and reported to ``on_corrupt``.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -349,6 +350,17 @@ class RedisSessionStore:
     @property
     def cipher(self) -> FieldCipher:
         return self._cipher
+
+    def on_client(self, client: aioredis.Redis, *, deadline_ms: int) -> RedisSessionStore:
+        """The same store (prefix, limits, cipher, counters) on another client bounded by
+        another deadline: the step-up endpoints', off the Check path (its socket timeouts
+        follow that deadline too). Its ``aclose`` closes that client only."""
+        if deadline_ms < 1:
+            raise ValueError("deadline_ms must be >= 1")
+        other = copy.copy(self)
+        other._client = other._scripts = client
+        other._deadline_s = deadline_ms / 1000
+        return other
 
     def keys(self, user: str) -> UserKeys:
         return UserKeys(self._prefix, user)

@@ -32,7 +32,9 @@ class HttpModeStack(Stack):
 # -- the tests -------------------------------------------------------------------------------
 
 pytestmark = pytest.mark.e2e
-BROWSER = {"Accept": "text/html,application/xhtml+xml"}
+# A browser's Accept (the Check redirects it), naming JSON too so that the echo upstream
+# answers what it received as data rather than its HTML table.
+BROWSER = {"Accept": "text/html,application/xhtml+xml,application/json;q=0.9"}
 RFC9470_ELEVATED = (
     'Bearer realm="stepup-authz", error="insufficient_user_authentication", '
     'error_description="A different authentication level is required", '

@@ -21,7 +21,9 @@ from tests import builders
 
 pytestmark = pytest.mark.e2e
 
-BROWSER = {"Accept": "text/html,application/xhtml+xml"}
+# A browser's Accept (the Check redirects it), naming JSON too so that the echo upstream
+# answers what it received as data rather than its HTML table.
+BROWSER = {"Accept": "text/html,application/xhtml+xml,application/json;q=0.9"}
 
 
 class Browser:

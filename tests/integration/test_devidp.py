@@ -445,7 +445,79 @@ async def test_session_with_pwd_only_does_not_satisfy_mfa(idp: Idp) -> None:
     assert step_up.status == 200
     html = await step_up.text()
     assert 'name="otp"' in html
-    assert 'value="alice"' in html  # prefilled from the session's user
+    # the session's user: only the second factor is asked, and the page says why
+    assert "Signed in as <strong>alice</strong>" in html and 'name="password"' not in html
+    assert "asks for a second factor" in html
+
+
+async def test_a_step_up_asks_only_for_the_second_factor_of_the_signed_in_user(
+    idp: Idp,
+) -> None:
+    first = pkce()
+    q1 = await login(idp, first, otp=False)
+    _, t1 = await verify(
+        idp, (await (await exchange(idp, q1["code"], first[0])).json())["id_token"], CLIENT_ID
+    )
+    idp.clock.advance(60)
+    # what the service sends for a step-up: acr_values, max_age, prompt=login, login_hint
+    second = pkce()
+    params = auth_params(
+        second[1], acr_values="mfa phr", max_age="900", prompt="login", login_hint="alice"
+    )
+    page = await authorize(idp, params)
+    html = await page.text()
+    assert page.status == 200 and 'name="password"' not in html
+    assert "You are signed in as alice: enter the code from your app." in html
+    rid = request_id(html)
+    wrong = await submit(idp, rid, otp=idp.wrong_totp())
+    assert wrong.status == 401 and "Invalid code." in await wrong.text()
+    q2 = callback(await submit(idp, rid, otp=idp.totp()))
+    body = await (await exchange(idp, q2["code"], second[0])).json()
+    _, t2 = await verify(idp, body["id_token"], CLIENT_ID)
+    # the same session, both factors, the newest just now
+    assert (t2["sub"], t2["sid"], t2["acr"], t2["amr"]) == (
+        "alice",
+        t1["sid"],
+        "mfa",
+        ["pwd", "otp"],
+    )
+    assert t2["auth_time"] == int(idp.clock.now) == t1["auth_time"] + 60
+
+
+@pytest.mark.parametrize(
+    ("setup", "says"),
+    [
+        ("none", "You are not signed in here"),
+        ("bob", "You are signed in here as bob, but the application asks for alice"),
+        ("stale", "older than the 15 minutes it allows"),
+    ],
+)
+async def test_a_step_up_that_asks_for_the_password_again_says_why(
+    idp: Idp, setup: str, says: str
+) -> None:
+    if setup == "bob":
+        page = await authorize(idp, auth_params(pkce()[1]))
+        await submit(idp, request_id(await page.text()), username="bob", password="bob-password")
+    elif setup == "stale":
+        await login(idp, pkce(), otp=False)
+        idp.clock.advance(901)
+    params = auth_params(
+        pkce()[1], acr_values="mfa", max_age="900", prompt="login", login_hint="alice"
+    )
+    html = await (await authorize(idp, params)).text()
+    assert 'name="password"' in html and 'name="otp"' in html
+    assert says in html, html
+
+
+async def test_a_second_factor_page_does_not_outlive_a_change_of_user(idp: Idp) -> None:
+    await login(idp, pkce(), otp=False)
+    params = auth_params(pkce()[1], acr_values="mfa", prompt="login", login_hint="alice")
+    rid = request_id(await (await authorize(idp, params)).text())
+    # meanwhile, in another tab, bob signs in in this browser
+    other = await authorize(idp, auth_params(pkce()[1], prompt="login"))
+    await submit(idp, request_id(await other.text()), username="bob", password="bob-password")
+    resp = await submit(idp, rid, otp=idp.totp())
+    assert resp.status == 401  # no code for alice on bob's session
 
 
 async def test_new_user_in_same_browser_gets_new_sid(idp: Idp) -> None:

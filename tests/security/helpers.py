@@ -27,7 +27,9 @@ from authz.errors import RequestError
 from tests.builders import TOTP_SECRETS, Key, b64, sign, token_claims
 
 POLICY_FILE = Path(__file__).with_name("policy.yaml")
-BROWSER_HEADERS = {"Accept": "text/html,application/xhtml+xml"}
+# A browser's Accept (the Check redirects it), naming JSON too so that the echo upstream
+# answers what it received as data rather than its HTML table.
+BROWSER_HEADERS = {"Accept": "text/html,application/xhtml+xml,application/json;q=0.9"}
 APP_ORIGIN = "https://app.example"  # what a browser would resolve a Location against
 
 

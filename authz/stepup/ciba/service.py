@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from authz.check.devices import DeviceResolver
 from authz.check.tokens import AccessTokenVerifier
 from authz.config.policy_file import PolicyHolder
 from authz.config.settings import Settings
+from authz.core.ids import new_id
+from authz.core.reasons import Reason
 from authz.errors import ConfigError
 from authz.ops.metrics import Metrics
 from authz.stepup.ciba.backchannel import BackchannelClient
@@ -28,6 +31,8 @@ from authz.store.crypto import FieldCipher
 from authz.store.interfaces import CheckStore, GrantStore
 
 STORE_DEADLINE_MS = 1000
+
+log = logging.getLogger("authz.stepup.ciba")
 
 
 @dataclass
@@ -43,6 +48,62 @@ class CibaService:
 
     async def aclose(self) -> None:
         await self.poller.aclose()
+
+
+class CibaSlot:
+    """The push step-up's routes from the start; the service behind them once the IdP's
+    discovery document is in (``fill``). Until then (or when the IdP cannot serve CIBA
+    after all, which is logged) a client is told ``idp-unavailable`` with a reference,
+    and the refusal is logged with it. Off (``enabled`` false): no routes."""
+
+    def __init__(
+        self, prefix: str, *, enabled: bool, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.prefix = prefix
+        self.enabled = enabled
+        self.clock = clock
+        self.service: CibaService | None = None
+
+    def add_routes(self, app: web.Application) -> None:
+        if self.enabled:
+            app.router.add_post(f"{self.prefix}/ciba", self.start)
+            app.router.add_get(f"{self.prefix}/ciba/{{request_id}}", self.status)
+
+    def fill(self, service: CibaService | None) -> None:
+        if service is not None:
+            service.start()
+        self.service = service
+
+    def _unavailable(self) -> web.Response:
+        reference = new_id(int(self.clock() * 1000))
+        log.warning(
+            "push step-up refused",
+            extra={"decision_id": reference, "reason": Reason.IDP_UNAVAILABLE},
+        )
+        return web.json_response(
+            {
+                "error": "unavailable",
+                "reason": str(Reason.IDP_UNAVAILABLE),
+                "detail": "the identity provider has not answered yet; retry later",
+                "reference": reference,
+            },
+            status=503,
+            headers={"Cache-Control": "no-store", "Retry-After": "5"},
+        )
+
+    async def start(self, request: web.Request) -> web.Response:
+        if self.service is None:
+            return self._unavailable()
+        return await self.service.routes.start(request)
+
+    async def status(self, request: web.Request) -> web.Response:
+        if self.service is None:
+            return self._unavailable()
+        return await self.service.routes.status(request)
+
+    async def aclose(self) -> None:
+        if self.service is not None:
+            await self.service.aclose()
 
 
 def backchannel_endpoint(
