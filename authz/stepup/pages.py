@@ -13,6 +13,7 @@ from html import escape
 from aiohttp import web
 
 from authz.core.policy import Level, Route
+from authz.core.reasons import Reason
 
 _STYLE = (
     "body{font:16px/1.5 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}"
@@ -124,22 +125,24 @@ def page(
 
 # -- the Check's refusals, for browsers (authz.check.response) ----------------------------
 
+# Keyed by the Check's reasons, and by reasons a policy rule may name (ip-blocked in the
+# examples).
 _DENIAL_TEXT: dict[str, tuple[str, str]] = {
-    "session-revoked": (
+    Reason.SESSION_REVOKED: (
         "Signed out",
         "This sign-in was ended (signed out elsewhere or by an administrator). Sign in again.",
     ),
-    "ip-not-allowed": (
+    Reason.IP_NOT_ALLOWED: (
         "Not from this network",
         "This page can be opened only from an approved network.",
     ),
     "ip-blocked": ("Not from this network", "Requests from your network are not allowed here."),
-    "grant-bound-elsewhere": (
+    Reason.GRANT_BOUND_ELSEWHERE: (
         "Confirm again on this device",
         "Your second factor was confirmed on another device or network; confirm it here.",
     ),
-    "bad-path": ("Address not accepted", "The address of this page could not be read."),
-    "bad-request": ("Request not accepted", "This request could not be read."),
+    Reason.BAD_PATH: ("Address not accepted", "The address of this page could not be read."),
+    Reason.BAD_REQUEST: ("Request not accepted", "This request could not be read."),
 }
 
 
