@@ -310,6 +310,8 @@ async def start_service(
         closers.append(keys)
         await keys.start()
         tokens = TokenVerifier(settings.oidc, keys)
+        metrics.token_cache.capacity(settings.oidc.token_cache_size)
+        tokens.observe_cache(metrics.token_cache)
         provider = await discover(settings.oidc.issuer, http, settings.oidc.http_timeout_s)
         oidc = OidcClient(
             metadata=provider,
