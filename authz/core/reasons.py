@@ -120,3 +120,8 @@ class Reason(StrEnum):
 
     # -- error codes (authz.errors) that are not decisions -----------------------------------
     OIDC_ERROR = "oidc-error"
+
+    # -- overload (authz.check.authorizer) ---------------------------------------------------
+    # A fail-closed cause: Envoy's deadline for the Check had passed before its session read
+    # (it queued behind a stalled or saturated loop); refused without a Redis call.
+    OVERLOADED = "overloaded"

@@ -106,6 +106,13 @@ class Metrics:
         self.policy_reloads = Counter(
             "policy_reloads", "Policy reload attempts.", ["result"], namespace=ns, registry=r
         )
+        self.shed = Counter(
+            "checks_shed",
+            "Checks refused as overloaded: Envoy's deadline had passed before the session "
+            "read (no Redis call made).",
+            namespace=ns,
+            registry=r,
+        )
         self.policy_info = Info("policy", "The policy in force.", namespace=ns, registry=r)
         self.token_cache_size = Gauge(
             "token_cache_entries", "Verified tokens cached.", namespace=ns, registry=r
@@ -210,6 +217,7 @@ class Metrics:
             Reason.INTERNAL_ERROR,
             Reason.DEADLINE_EXCEEDED,
             Reason.AUDIT_UNAVAILABLE,
+            Reason.OVERLOADED,
         ):
             self.fail_closed.labels(cause=cause)
         for op in ("read", "write", "state", "note"):
