@@ -419,8 +419,8 @@ async def test_service_uses_it_and_a_revocation_applies_on_the_next_check(
             stats = await admin.info("commandstats")
             # 5 reads, 1 lesson: the 4 repeats within _NOTE_EVERY_S are not written again
             assert stats["cmdstat_evalsha"]["calls"] == 6
-            # 8 concurrent Checks from 8 addresses: 8 lessons, written with one call beside
-            # the 8 reads (one round trip per Check, not two).
+            # 8 concurrent Checks from 8 addresses: 8 lessons, written beside the 8 reads in
+            # one or two calls (one round trip per Check, not two).
             many = []
             for i in range(8):
                 r = external_auth_pb2.CheckRequest()
@@ -433,7 +433,10 @@ async def test_service_uses_it_and_a_revocation_applies_on_the_next_check(
             assert reasons == []
             await service.authorizer.drain()
             stats = await admin.info("commandstats")
-            assert stats["cmdstat_evalsha"]["calls"] == 8 + 1
+            # The service's FastRedis has two connections: the reads' replies come back on
+            # each in one read, in one event-loop pass or two, so the lessons are one call
+            # or two (one per pass), never one per Check.
+            assert 8 + 1 <= stats["cmdstat_evalsha"]["calls"] <= 8 + 2
             await store.revoke_session(uk, sk, int(time.time()))
             denied = await servicer.Check(req, None)
             assert denied.status.code != 0
