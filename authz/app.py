@@ -350,6 +350,8 @@ async def start_service(
         keys = key_source_from_settings(settings.oidc, http)
         closers.append(keys)
         tokens = TokenVerifier(settings.oidc, keys)
+        metrics.token_cache.capacity(settings.oidc.token_cache_size)
+        tokens.observe_cache(metrics.token_cache)
         # Discovery and the keys: started below, after the parts that wait for them exist;
         # an IdP that does not answer yet leaves the service up but not ready.
         idp = IdpConnection(

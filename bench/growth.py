@@ -2,7 +2,8 @@
 bench/inproc.py) against policy size, rule count, distinct active users and token-cache
 misses. Writes bench/results/growth.{json,md}.
 
-``python -m bench.growth [--n 5000] [--reps 3] [--users 1000,100000] [--quick]``
+``python -m bench.growth [--n 5000] [--reps 3] [--users 1000,100000] [--quick]
+[--dimension policy|rules|users|tokens ...]``
 
 One embedded Valkey (or ``--redis-url``) and the dev IdP run for the whole benchmark; each
 case is a service of its own (``authz.app.start_service`` from a settings file written as the
@@ -336,7 +337,7 @@ async def _run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from bench import inproc
     from bench.stackctl import cpu_seconds
 
-    all_cases = cases(args.users)
+    all_cases = selected(args)
     docs = policies()
     async with inproc.local_environment(workdir, redis_url=args.redis_url) as env:
         pid = env.redis_pid
@@ -346,7 +347,8 @@ async def _run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         _log(f"minting {top:,} user tokens (RS256, the IdP's key)")
         t0 = time.monotonic()
         user_tokens = [minter.token(i) for i in range(top)]
-        fresh_n = args.reps * (args.n + warm_size(1)) + 1  # + the first check
+        wants_fresh = any(c.fresh_tokens for c in all_cases)
+        fresh_n = args.reps * (args.n + warm_size(1)) + 1 if wants_fresh else 0
         fresh = [minter.token(0)[0] for _ in range(fresh_n)]
         _log(f"minted {top + fresh_n:,} tokens in {time.monotonic() - t0:.0f} s")
         heads = [inproc.http_check_head(t) for t, _ in user_tokens]
@@ -432,6 +434,20 @@ def _cpu_model() -> str:
     return platform.processor() or "?"
 
 
+DIMENSIONS = {
+    "policy": "policy size",
+    "rules": "rules",
+    "users": "distinct users",
+    "tokens": "token cache",
+}
+
+
+def selected(args: argparse.Namespace) -> list[Case]:
+    """The cases of the dimensions asked for (``--dimension``; all by default)."""
+    wanted = {DIMENSIONS[d] for d in args.dimension} if args.dimension else set(DIMENSIONS.values())
+    return [c for c in cases(args.users) if c.dimension in wanted]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.growth",
@@ -445,6 +461,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--redis-url", help="default: an embedded Valkey (its CPU is then reported)")
     p.add_argument("--deadline-ms", type=int, default=2000, help="the store's Redis deadline")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 x 1000, users 1000,20000")
+    p.add_argument(
+        "--dimension",
+        action="append",
+        choices=sorted(DIMENSIONS),
+        help="only this dimension's cases (repeatable; default: all)",
+    )
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     args = p.parse_args(argv)
     args.n = args.n or (1000 if args.quick else 5000)
@@ -457,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="stepup-growth-") as tmp:
         result = uvloop.run(_run(args, Path(tmp)))
-    all_cases = cases(args.users)
+    all_cases = selected(args)
     doc: dict[str, Any] = {
         "meta": {
             "started": started,

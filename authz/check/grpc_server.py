@@ -56,7 +56,11 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             log.exception("unreadable CheckRequest")
             answer = self.authorizer.unread(failed(Reason.INTERNAL_ERROR))
             return self.responses.build(answer.decision, None, answer.decision_id)
-        result = await self.authorizer.check(attrs)
+        # Envoy's deadline for this call (its ext_authz timeout): a Check that waited past it
+        # is shed as overloaded before any Redis call (Authorizer.check).
+        remaining = context.time_remaining() if context is not None else None
+        deadline = self.authorizer.deadline_in(remaining)
+        result = await self.authorizer.check(attrs, deadline)
         return self.responses.build(result.decision, attrs, result.decision_id)
 
 

@@ -110,6 +110,19 @@ def parse_head(head: str, max_headers: int) -> tuple[str, str, dict[str, str], b
     return method, target, headers, keep_alive
 
 
+_EXPECTED_TIMEOUT = "x-envoy-expected-rq-timeout-ms"
+
+
+def expected_timeout_s(headers: dict[str, str]) -> float | None:
+    """How long Envoy waits for this check's answer (``x-envoy-expected-rq-timeout-ms``, set
+    by Envoy's router on the ext_authz request), in seconds; None when absent or not a
+    plain count of milliseconds (then the check has no deadline of Envoy's)."""
+    raw = headers.get(_EXPECTED_TIMEOUT)
+    if raw is None or not raw.isdigit() or len(raw) > 9:
+        return None
+    return int(raw) / 1000
+
+
 class HttpAuthzServer:
     """Envoy's HTTP ext_authz protocol served from ``Authorizer.check``. Its limits and
     address are ``HttpAuthzSettings`` (``http_authz`` in the settings file).
@@ -378,13 +391,16 @@ class _Conn(asyncio.Protocol):
                 if buf and self.transport is not None:
                     self.deadline = srv.now() + srv.header_timeout_s
                 continue
-            self.task = self.loop.create_task(self._check(attrs))
+            # Envoy's deadline, from when the request was read: a Check still queued at it is
+            # shed as overloaded before any Redis call (Authorizer.check).
+            deadline = srv.authorizer.deadline_in(expected_timeout_s(headers))
+            self.task = self.loop.create_task(self._check(attrs, deadline))
         self._flow()
 
-    async def _check(self, attrs: RequestAttributes) -> None:
+    async def _check(self, attrs: RequestAttributes, deadline: float | None = None) -> None:
         srv = self.server
         try:
-            result = await srv.authorizer.check(attrs)
+            result = await srv.authorizer.check(attrs, deadline)
             wire = srv.responses.build(
                 result.decision, attrs, result.decision_id, close=self.close_after or srv.closing
             ).wire

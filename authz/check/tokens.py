@@ -43,6 +43,7 @@ __all__ = [
     "AUTH_REQ_ID_CLAIM",
     "MAX_TOKEN_BYTES",
     "AccessTokenVerifier",
+    "CacheObserver",
     "CacheStats",
     "FileKeySource",
     "IdToken",
@@ -188,6 +189,28 @@ class CacheStats:
     misses: int = 0
 
 
+class CacheObserver(Protocol):
+    """Told about the verifier's cache as it changes (``authz.ops.metrics``): a lookup
+    answered from it, a lookup that was not, and the number of entries after a change."""
+
+    def hit(self) -> None: ...
+
+    def miss(self) -> None: ...
+
+    def entries(self, n: int) -> None: ...
+
+
+class _NoObserver:
+    def hit(self) -> None:
+        pass
+
+    def miss(self) -> None:
+        pass
+
+    def entries(self, n: int) -> None:
+        pass
+
+
 @dataclass(frozen=True, slots=True)
 class _Cached:
     identity: Identity
@@ -215,6 +238,13 @@ class TokenVerifier:
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
         self._cache_size = settings.token_cache_size
         self.cache_stats = CacheStats()
+        self._observer: CacheObserver = _NoObserver()
+
+    def observe_cache(self, observer: CacheObserver) -> None:
+        """Report every lookup and every change of the cache's size to ``observer`` (the
+        service's metrics); the current size is reported at once."""
+        self._observer = observer
+        observer.entries(len(self._cache))
 
     # -- access tokens -------------------------------------------------------------------
 
@@ -238,9 +268,12 @@ class TokenVerifier:
             ):
                 self._cache.move_to_end(digest)
                 self.cache_stats.hits += 1
+                self._observer.hit()
                 return hit.identity
             del self._cache[digest]  # fall through: full verification decides
+            self._observer.entries(len(self._cache))
         self.cache_stats.misses += 1
+        self._observer.miss()
         claims, header, key = await self._verify(
             token, now, audience=self._settings.audience, typ=self._typ
         )
@@ -255,6 +288,7 @@ class TokenVerifier:
             )
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
+            self._observer.entries(len(self._cache))
         return identity
 
     def _identity(self, claims: dict[str, Any], token: str) -> Identity:

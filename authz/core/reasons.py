@@ -144,3 +144,8 @@ class Reason(StrEnum):
     # section 9.1) and so are Envoy's route matchers, so ``post`` is refused, never read as
     # ``POST`` (it would have skipped every Envoy route scoped to POST).
     METHOD_NOT_CANONICAL = "method-not-canonical"
+
+    # -- overload (authz.check.authorizer) ---------------------------------------------------
+    # A fail-closed cause: Envoy's deadline for the Check had passed before its session read
+    # (it queued behind a stalled or saturated loop); refused without a Redis call.
+    OVERLOADED = "overloaded"

@@ -7,8 +7,6 @@ reason slugs from ``authz.core.reasons`` and the policy's level names: bounded s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
@@ -20,8 +18,6 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from authz.core.reasons import Reason
 
@@ -42,30 +38,24 @@ _LATENCY_BUCKETS = (
 )
 
 
-class _TokenCacheLookups(Collector):
-    """``stepup_authz_token_cache_lookups_total{result="hit|miss"}``, read at scrape time
-    from the verifier's own counters (nothing is added to the Check path)."""
+class TokenCacheMetrics:
+    """The access-token cache as the verifier changes it (``TokenVerifier.observe_cache``):
+    ``token_cache_lookups_total{result="hit|miss"}``, ``token_cache_entries`` and
+    ``token_cache_capacity`` (``oidc.token_cache_size``). Plain counters and gauges, so
+    ``serve --workers N`` reports them too (summed / per worker). A hit costs one
+    pre-bound counter increment; the size is set only when it changes (on a miss)."""
 
-    def __init__(self) -> None:
-        self.source: Callable[[], tuple[int, int]] | None = None
+    def __init__(self, lookups: Counter, entries_gauge: Gauge, capacity: Gauge) -> None:
+        self.hit = lookups.labels(result="hit").inc
+        self.miss = lookups.labels(result="miss").inc
+        self._entries = entries_gauge
+        self._capacity = capacity
 
-    def describe(self) -> Iterable[Metric]:
-        return [self._family()]
+    def entries(self, n: int) -> None:
+        self._entries.set(n)
 
-    def collect(self) -> Iterable[Metric]:
-        family = self._family()
-        hits, misses = self.source() if self.source is not None else (0, 0)
-        family.add_metric(["hit"], hits)
-        family.add_metric(["miss"], misses)
-        return [family]
-
-    @staticmethod
-    def _family() -> CounterMetricFamily:
-        return CounterMetricFamily(
-            "stepup_authz_token_cache_lookups",
-            "Access-token cache lookups by the verifier: a hit skips the signature check.",
-            labels=["result"],
-        )
+    def capacity(self, n: int) -> None:
+        self._capacity.set(n)
 
 
 class Metrics:
@@ -116,12 +106,33 @@ class Metrics:
         self.policy_reloads = Counter(
             "policy_reloads", "Policy reload attempts.", ["result"], namespace=ns, registry=r
         )
+        self.shed = Counter(
+            "checks_shed",
+            "Checks refused as overloaded: Envoy's deadline had passed before the session "
+            "read (no Redis call made).",
+            namespace=ns,
+            registry=r,
+        )
         self.policy_info = Info("policy", "The policy in force.", namespace=ns, registry=r)
         self.token_cache_size = Gauge(
             "token_cache_entries", "Verified tokens cached.", namespace=ns, registry=r
         )
-        self._token_lookups = _TokenCacheLookups()
-        r.register(self._token_lookups)
+        self.token_cache = TokenCacheMetrics(
+            Counter(
+                "token_cache_lookups",
+                "Access-token cache lookups by the verifier: a hit skips the signature check.",
+                ["result"],
+                namespace=ns,
+                registry=r,
+            ),
+            self.token_cache_size,
+            Gauge(
+                "token_cache_capacity",
+                "Verified tokens the cache may hold (oidc.token_cache_size).",
+                namespace=ns,
+                registry=r,
+            ),
+        )
         self.shadow_matches = Counter(
             "shadow_matches",
             "Shadow rules that matched: what they would have done, counted but not enforced.",
@@ -206,19 +217,10 @@ class Metrics:
             Reason.INTERNAL_ERROR,
             Reason.DEADLINE_EXCEEDED,
             Reason.AUDIT_UNAVAILABLE,
+            Reason.OVERLOADED,
         ):
             self.fail_closed.labels(cause=cause)
         for op in ("read", "write", "state", "note"):
             self.redis_errors.labels(op=op)
         for result in ("success", "error"):
             self.policy_reloads.labels(result=result)
-
-    def watch_token_cache(
-        self, entries: Callable[[], int], lookups: Callable[[], tuple[int, int]]
-    ) -> None:
-        """Report the token cache at scrape time: ``entries()`` its size, ``lookups()``
-        the verifier's (hits, misses) so far. E.g. with ``tokens = TokenVerifier(...)``:
-        ``metrics.watch_token_cache(lambda: len(tokens._cache),
-        lambda: (tokens.cache_stats.hits, tokens.cache_stats.misses))``."""
-        self.token_cache_size.set_function(lambda: float(entries()))
-        self._token_lookups.source = lookups

@@ -17,10 +17,11 @@ What it does and does not do:
 - RESP2 by default; ``protocol=3`` sends HELLO 3 (push messages are skipped, they answer
   no request).
 - No retries and no deadline of its own: the caller bounds each call with
-  ``asyncio.timeout``; a call that times out leaves its reply to be read and dropped when it
-  comes. A connection whose oldest unanswered request is older than ``stale_after_s`` is
-  presumed dead and closed (every call waiting on it fails), so a server that stops
-  answering cannot pile up requests without bound.
+  ``asyncio.timeout``, or gives ``execute_at`` its deadline (a timer on the reply that
+  forgives the loop's own stalls); a call that times out leaves its reply to be read and
+  dropped when it comes. A connection whose oldest unanswered request is older than
+  ``stale_after_s`` is presumed dead and closed (every call waiting on it fails), so a
+  server that stops answering cannot pile up requests without bound.
 - Errors are redis-py's exception classes so callers need one ``except`` for either
   client: a lost or refused connection raises ``ConnectionError``, a server error reply
   ``ResponseError`` (``NoScriptError`` for NOSCRIPT), ``TimeoutError`` a connect that took
@@ -74,6 +75,41 @@ def _expire(futs: list[asyncio.Future[Any]]) -> None:
     for fut in futs:
         if not fut.done():
             fut.set_exception(TimeoutError("redis reply deadline passed"))
+
+
+# A deadline timer that fires later than this was held up by the loop itself (a garbage
+# collection, another task's CPU, a burst of queued checks): see _Deadline.
+_STALL_S = 0.001
+
+
+class _Deadline:
+    """The deadline of one reply, on the loop's clock, that does not blame Redis for the
+    loop's own stalls. When the timer fires late (the loop was busy elsewhere while the
+    reply may have been sitting in the socket), the reply gets one more look: the timer is
+    re-armed once, ``_STALL_S`` on, so the loop reads its sockets before the deadline is
+    judged again. A reply that came during the stall is then delivered; a server that
+    really is late still fails the call, at most one loop pass (and ``_STALL_S``) later."""
+
+    __slots__ = ("_fut", "_loop", "_when", "handle")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], when: float):
+        self._loop = loop
+        self._fut = fut
+        self._when: float | None = when
+        self.handle = loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        if self._fut.done():
+            return
+        when = self._when
+        if when is not None and self._loop.time() - when > _STALL_S:
+            self._when = None  # once
+            self.handle = self._loop.call_later(_STALL_S, self._fire)
+            return
+        self._fut.set_exception(TimeoutError("redis reply deadline passed"))
+
+    def cancel(self) -> None:
+        self.handle.cancel()
 
 
 class _Conn(asyncio.Protocol):
@@ -274,6 +310,23 @@ class FastRedis:
         if conn is None:
             conn = await self._connect(i)
         return await conn.send(_pack(args), asyncio.get_running_loop())
+
+    async def execute_at(self, when: float, *args: Arg) -> Any:
+        """``execute`` with its reply due by ``when`` (the loop's clock), else builtin
+        ``TimeoutError``. One timer on the reply (cheaper than ``asyncio.timeout`` around the
+        call), and one that forgives the loop's own stalls (``_Deadline``): a Check whose
+        reply arrived while a neighbour held the loop is not failed for it."""
+        loop = asyncio.get_running_loop()
+        i, conn = self._pick()
+        if conn is None:
+            async with asyncio.timeout_at(when):
+                conn = await self._connect(i)
+        fut = conn.send(_pack(args), loop)
+        deadline = _Deadline(loop, fut, when)
+        try:
+            return await fut
+        finally:
+            deadline.cancel()
 
     async def pipeline_within(self, deadline_s: float, *commands: tuple[Arg, ...]) -> list[Any]:
         """``commands`` written together on one connection (so a ``WAIT`` among them covers

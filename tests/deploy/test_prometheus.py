@@ -216,6 +216,7 @@ def test_dashboard_queries_name_exported_metrics() -> None:
         "stepup_authz_signals_total",
         "stepup_authz_token_cache_lookups_total",
         "stepup_authz_token_cache_entries",
+        "stepup_authz_token_cache_capacity",
     ):
         assert needed in used
     # A gauge and counters never share a panel (the old token-cache panel summed an
@@ -224,6 +225,7 @@ def test_dashboard_queries_name_exported_metrics() -> None:
         panel_exprs = list(_exprs(panel))
         if any("token_cache_entries" in e for e in panel_exprs):
             assert all("token_cache_entries" in e for e in panel_exprs), panel["title"]
+            assert all("_total" not in e for e in panel_exprs), panel["title"]
     assert any("histogram_quantile(0.99" in e for e in exprs)
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
@@ -374,6 +376,14 @@ async def test_prometheus_scrapes_the_service(service: Service, tmp_path: Path) 
         scraped = {n for n in names["data"] if n.startswith("stepup_authz_")}
         assert scraped <= SERVICE_METRICS, scraped - SERVICE_METRICS
         assert "stepup_authz_check_duration_seconds_bucket" in scraped
+        # The token cache's gauges are set by the service (its capacity from the settings).
+        cap = await _poll(
+            f"{prom}/api/v1/query?query=" + urllib.parse.quote("stepup_authz_token_cache_capacity"),
+            5,
+            lambda a: a["data"]["result"],
+        )
+        assert float(cap["data"]["result"][0]["value"][1]) == 10_000
+        assert "stepup_authz_token_cache_entries" in scraped
         assert {"process_cpu_seconds_total", "process_resident_memory_bytes"} <= set(names["data"])
         # Every dashboard query is valid PromQL to this Prometheus (Grafana's variables
         # filled in as Grafana would).

@@ -114,6 +114,81 @@ async def test_same_answers_as_redis_py(backend: tuple[str, str], fast: FastRedi
         await quick.aclose()
 
 
+async def test_lessons_of_one_pass_are_one_call_and_write_what_one_call_each_writes(
+    embedded_valkey: EmbeddedValkey,
+) -> None:
+    """note_allow over FastRedis: the lessons queued in one event-loop pass (here 20 users'
+    allows) are written by one EVALSHA, and leave each user's state exactly as the one
+    script per lesson (redis-py's path) does."""
+    url = embedded_valkey.url
+    cipher = FieldCipher.generate()
+    fast = FastRedis.from_url(url)
+    admin = aioredis.Redis.from_url(url)
+    stores = {
+        name: RedisSessionStore(
+            make_client(url, RedisSettings()),
+            prefix=f"{name}:",
+            deadline_ms=2000,
+            cipher=cipher,
+            script_client=client,
+        )
+        for name, client in (("batched", fast), ("single", None))
+    }
+    users = [user_key("https://idp.example", f"u{i}") for i in range(20)]
+    sessions = [session_key("https://idp.example", f"u{i}", "sid") for i in range(20)]
+    now = int(time.time())
+
+    def lesson(i: int) -> dict[str, object]:
+        return dict(
+            user=users[i],
+            session=sessions[i],
+            level="elevated",
+            ip=f"192.0.2.{i}",
+            device="dev-1" if i % 2 else None,
+            now=now,
+            lat=1.5,
+            lon=2.5,
+        )
+
+    try:
+        for store in stores.values():  # a known device and IP for each user: refreshed
+            for i in range(20):
+                await store.write_grant(
+                    users[i],
+                    sessions[i],
+                    dataclasses.replace(_grant("elevated", now), ip=f"192.0.2.{i}", device="dev-1"),
+                    now,
+                )
+        await admin.config_resetstat()
+        await asyncio.gather(*(stores["batched"].note_allow(**lesson(i)) for i in range(20)))  # type: ignore[arg-type]
+        stats = await admin.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] == 1  # 20 lessons, one round trip
+        for i in range(20):
+            await stores["single"].note_allow(**lesson(i))  # type: ignore[arg-type]
+        for i in range(20):
+            kw = dict(
+                user=users[i],
+                session=sessions[i],
+                levels=LEVELS,
+                level="elevated",
+                device="dev-1",
+                ip=f"192.0.2.{i}",
+                sensitive=False,
+                window_s=60,
+                now=now,
+            )
+            a = await stores["batched"].read_check(**kw)  # type: ignore[arg-type]
+            b = await stores["single"].read_check(**kw)  # type: ignore[arg-type]
+            assert a == b and a.level_seen and a.last_seen is not None
+            listed = [await store.list_sessions(users[i]) for store in stores.values()]
+            assert listed[0] == listed[1] and listed[0]
+    finally:
+        for store in stores.values():
+            await store.aclose()
+        await fast.aclose()
+        await admin.aclose()
+
+
 async def test_noscript_falls_back_to_eval(embedded_valkey: EmbeddedValkey) -> None:
     fast = FastRedis.from_url(embedded_valkey.url)
     admin = aioredis.Redis.from_url(embedded_valkey.url)
@@ -344,6 +419,24 @@ async def test_service_uses_it_and_a_revocation_applies_on_the_next_check(
             stats = await admin.info("commandstats")
             # 5 reads, 1 lesson: the 4 repeats within _NOTE_EVERY_S are not written again
             assert stats["cmdstat_evalsha"]["calls"] == 6
+            # 8 concurrent Checks from 8 addresses: 8 lessons, written beside the 8 reads in
+            # one or two calls (one round trip per Check, not two).
+            many = []
+            for i in range(8):
+                r = external_auth_pb2.CheckRequest()
+                r.CopyFrom(req)
+                r.attributes.source.address.socket_address.address = f"192.0.2.{i + 10}"
+                many.append(r)
+            await admin.config_resetstat()
+            answers = await asyncio.gather(*(servicer.Check(r, None) for r in many))
+            reasons = [a.dynamic_metadata["reason"] for a in answers if a.status.code]
+            assert reasons == []
+            await service.authorizer.drain()
+            stats = await admin.info("commandstats")
+            # The service's FastRedis has two connections: the reads' replies come back on
+            # each in one read, in one event-loop pass or two, so the lessons are one call
+            # or two (one per pass), never one per Check.
+            assert 8 + 1 <= stats["cmdstat_evalsha"]["calls"] <= 8 + 2
             await store.revoke_session(uk, sk, int(time.time()))
             denied = await servicer.Check(req, None)
             assert denied.status.code != 0

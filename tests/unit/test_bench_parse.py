@@ -551,3 +551,14 @@ def test_growth_summary_ratios_to_each_dimensions_baseline() -> None:
         "| 2.50 | 20 | 0 |" in md
     )
     assert "| policy size | 1,000 routes, match last | - | - | - | - | 0 | 0 |" in md
+
+
+def test_growth_dimension_selects_its_cases_with_their_baseline() -> None:
+    import argparse
+
+    ns = argparse.Namespace(users=[1000, 100_000], dimension=["users"])
+    picked = growth.selected(ns)
+    assert {c.dimension for c in picked} == {"distinct users"}
+    assert {c.baseline for c in picked} - {""} <= {c.id for c in picked}
+    ns.dimension = None
+    assert len(growth.selected(ns)) == len(growth.cases([1000, 100_000]))

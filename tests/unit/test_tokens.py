@@ -20,6 +20,7 @@ import jwt
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
+from prometheus_client import CollectorRegistry
 
 from authz.check.jwks import KeySet
 from authz.check.tokens import (
@@ -34,6 +35,7 @@ from authz.check.tokens import (
 )
 from authz.config.settings import OidcSettings
 from authz.errors import KeysUnavailable, TokenError
+from authz.ops.metrics import Metrics
 from tests import builders
 from tests.builders import (
     DROP,
@@ -414,6 +416,50 @@ async def test_cache_rechecks_nbf_and_is_bounded() -> None:
     for t in toks:
         await v.verify_access_token(t, NOW)
     assert len(v._cache) == 2
+
+
+def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+async def test_cache_metrics_report_size_hits_and_misses() -> None:
+    """The token cache's gauge follows the cache (it plotted a constant 0 when nothing set
+    it), and the lookups counter makes the miss rate visible, evictions included."""
+    metrics = Metrics()
+    r = metrics.registry
+    v = verifier(leeway_s=0, token_cache_size=2)
+    metrics.token_cache.capacity(2)
+    v.observe_cache(metrics.token_cache)
+    assert _sample(r, "stepup_authz_token_cache_entries") == 0
+    assert _sample(r, "stepup_authz_token_cache_capacity") == 2
+    toks = [sign(RSA_KEY, claims(sub=f"u{i}")) for i in range(3)]
+    await v.verify_access_token(toks[0], NOW)
+    assert _sample(r, "stepup_authz_token_cache_entries") == 1
+    await v.verify_access_token(toks[0], NOW)  # hit
+    await v.verify_access_token(toks[1], NOW)
+    await v.verify_access_token(toks[2], NOW)  # evicts toks[0]
+    assert _sample(r, "stepup_authz_token_cache_entries") == 2
+    await v.verify_access_token(toks[0], NOW)  # a miss again: it was evicted
+    assert _sample(r, "stepup_authz_token_cache_lookups_total", result="hit") == 1
+    assert _sample(r, "stepup_authz_token_cache_lookups_total", result="miss") == 4
+    assert (v.cache_stats.hits, v.cache_stats.misses) == (1, 4)
+    # an entry found expired is dropped: the gauge goes down with it
+    await invalid(v, toks[2], NOW + 10_000, reason="token-expired")
+    assert _sample(r, "stepup_authz_token_cache_entries") == 1
+    assert _sample(r, "stepup_authz_token_cache_lookups_total", result="miss") == 5
+
+
+async def test_cache_metrics_without_a_cache() -> None:
+    metrics = Metrics()
+    v = verifier(token_cache_size=0)
+    v.observe_cache(metrics.token_cache)
+    tok = sign(RSA_KEY)
+    await v.verify_access_token(tok, NOW)
+    await v.verify_access_token(tok, NOW)
+    r = metrics.registry
+    assert _sample(r, "stepup_authz_token_cache_entries") == 0
+    assert _sample(r, "stepup_authz_token_cache_lookups_total", result="miss") == 2
+    assert _sample(r, "stepup_authz_token_cache_lookups_total", result="hit") == 0
 
 
 async def test_cache_dropped_when_key_withdrawn(tmp_path: Path) -> None:
