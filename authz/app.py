@@ -32,12 +32,14 @@ from authz.check.devices import CertificateTrust, DeviceCookies, DeviceResolver
 from authz.check.geoip import GeoIP
 from authz.check.grpc_server import AuthorizationServicer, GrpcServer
 from authz.check.http_server import HttpAuthzServer, maybe_start
+from authz.check.introspection import AccessTokens, introspector_for
 from authz.check.redirects import Redirects
 from authz.check.response import HttpResponseBuilder, ResponseBuilder
 from authz.check.tokens import TokenVerifier, key_source_from_settings
 from authz.config.policy_file import LoadedPolicy, PolicyHolder
 from authz.config.settings import OidcSettings, Settings
 from authz.core.policy import Policy
+from authz.errors import ConfigError
 from authz.evidence.monitor import CoverageMonitor
 from authz.ops.degraded import Backoff, StoreWatch
 from authz.ops.health import Health
@@ -228,6 +230,23 @@ def _where(url: str | None) -> str:
     return f"{parts.hostname}:{parts.port}" if parts.hostname else parts.scheme
 
 
+def _access_tokens(
+    settings: Settings, tokens: TokenVerifier, http: aiohttp.ClientSession
+) -> AccessTokens:
+    """The Check's and the step-up endpoints' access-token verifier: the JWT verifier, and
+    RFC 7662 introspection when ``oidc.introspection`` is set (its endpoint now when
+    configured, else pending until discovery names it)."""
+    conf = settings.oidc.introspection
+    if conf is None:
+        return AccessTokens(tokens, None)
+    if conf.endpoint is None:
+        return AccessTokens(tokens, None, pending=True)
+    try:
+        return AccessTokens(tokens, introspector_for(settings.oidc, tokens, http, conf.endpoint))
+    except ValueError as exc:
+        raise ConfigError(str(exc), location="oidc.introspection.endpoint") from exc
+
+
 def _uses_countries(policy: Policy) -> bool:
     return any(r.country_in or r.country_not_in for r in policy.rules)
 
@@ -352,6 +371,10 @@ async def start_service(
         tokens = TokenVerifier(settings.oidc, keys)
         metrics.token_cache.capacity(settings.oidc.token_cache_size)
         tokens.observe_cache(metrics.token_cache)
+        # Access tokens: JWTs by their signature; opaque ones (an IdP's default, e.g. Ping's
+        # reference tokens) by RFC 7662 introspection when oidc.introspection is set. Its
+        # endpoint is configured or comes with discovery (then set once the IdP answers).
+        access_tokens = _access_tokens(settings, tokens, http)
         # Discovery and the keys: started below, after the parts that wait for them exist;
         # an IdP that does not answer yet leaves the service up but not ready.
         idp = IdpConnection(
@@ -382,7 +405,7 @@ async def start_service(
             )
         authorizer = Authorizer(
             policy=policy,
-            tokens=tokens,
+            tokens=access_tokens,
             store=store,
             metrics=metrics,
             token_cookie=settings.stepup.cookie(settings.oidc.token_cookie),
@@ -413,7 +436,7 @@ async def start_service(
         stepup = StepupApp(
             settings=settings,
             policy=policy,
-            tokens=tokens,
+            tokens=access_tokens,
             store=stepup_store,
             oidc=None,
             metrics=metrics,
@@ -434,6 +457,25 @@ async def start_service(
             )
 
         idp.on_ready(relying_party)
+        if access_tokens.pending:
+
+            def introspection(provider: ProviderMetadata) -> None:
+                endpoint = provider.introspection_endpoint
+                if endpoint is None:
+                    log.error(
+                        "oidc.introspection is set but the IdP's discovery document names no "
+                        "introspection_endpoint: opaque access tokens stay refused; set "
+                        "oidc.introspection.endpoint"
+                    )
+                    return
+                try:
+                    access_tokens.set_introspector(
+                        introspector_for(settings.oidc, tokens, http, endpoint)
+                    )
+                except ValueError as exc:
+                    log.error("introspection endpoint refused: %s", exc)
+
+            idp.on_ready(introspection)
         health = Health(
             metrics=metrics,
             store_ok=store.ping,
@@ -487,7 +529,7 @@ async def start_service(
             routes = build_passkey_routes(
                 settings,
                 policy=policy,
-                tokens=tokens,
+                tokens=access_tokens,
                 client=client,
                 sessions=store,
                 metrics=metrics,

@@ -235,10 +235,26 @@ class AccessTokens:
     other token to the introspection endpoint. Without introspection it is the JWT
     verifier alone."""
 
-    def __init__(self, jwt: TokenVerifier, introspector: Introspector | None) -> None:
+    def __init__(
+        self, jwt: TokenVerifier, introspector: Introspector | None, *, pending: bool = False
+    ) -> None:
+        """``pending``: introspection is configured but its endpoint comes from the IdP's
+        discovery document, not in yet (the service started degraded): until
+        :meth:`set_introspector`, a token that needs introspection is refused as the IdP
+        being unavailable (fail closed, retried by the client), never read as a JWT."""
         self.jwt = jwt
         self.introspector = introspector
+        self._pending = pending and introspector is None
         self._introspect_jwts = introspector is not None and introspector.introspects_jwts
+
+    @property
+    def pending(self) -> bool:
+        return self._pending
+
+    def set_introspector(self, introspector: Introspector) -> None:
+        self.introspector = introspector
+        self._introspect_jwts = introspector.introspects_jwts
+        self._pending = False
 
     @property
     def cache_stats(self) -> CacheStats:
@@ -246,6 +262,8 @@ class AccessTokens:
 
     async def verify_access_token(self, token: str, now: int) -> Identity:
         if self.introspector is None:
+            if self._pending and not (isinstance(token, str) and _COMPACT_JWS.fullmatch(token)):
+                raise IntrospectionUnavailable("the IdP's introspection endpoint is not known yet")
             return await self.jwt.verify_access_token(token, now)
         if isinstance(token, str) and _COMPACT_JWS.fullmatch(token):
             identity = await self.jwt.verify_access_token(token, now)
@@ -256,6 +274,16 @@ class AccessTokens:
 
     async def verify_id_token(self, token: str, now: int, *, nonce: str) -> IdToken:
         return await self.jwt.verify_id_token(token, now, nonce=nonce)
+
+
+def introspector_for(
+    settings: OidcSettings, jwt: TokenVerifier, session: aiohttp.ClientSession, endpoint: str
+) -> Introspector:
+    """An :class:`Introspector` at ``endpoint`` (the configured one, or the discovery
+    document's): https, or the issuer's own scheme (development); ValueError otherwise."""
+    if not _acceptable_url(endpoint, settings.issuer):
+        raise ValueError("introspection.endpoint must be https (or the issuer's scheme)")
+    return Introspector(settings, jwt, session, endpoint=endpoint)
 
 
 async def discover_introspection_endpoint(
@@ -306,4 +334,5 @@ __all__ = [
     "Introspector",
     "build_access_tokens",
     "discover_introspection_endpoint",
+    "introspector_for",
 ]

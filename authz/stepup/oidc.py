@@ -31,6 +31,9 @@ class ProviderMetadata:
     # OIDC RP-Initiated Logout 1.0 (authz.stepup.logout): where the browser ends its IdP
     # session.
     end_session_endpoint: str | None = None
+    # RFC 7662 / RFC 8414: where opaque access tokens are introspected (authz.check.
+    # introspection), when oidc.introspection names no endpoint of its own.
+    introspection_endpoint: str | None = None
 
 
 def client_auth(client_id: str, client_secret: str | None) -> tuple[dict[str, str], dict[str, str]]:
@@ -78,6 +81,7 @@ async def discover(
                 doc.get("backchannel_token_delivery_modes_supported")
             ),
             end_session_endpoint=_optional_url(doc.get("end_session_endpoint")),
+            introspection_endpoint=_optional_url(doc.get("introspection_endpoint")),
         )
     except KeyError as exc:
         raise OidcError(f"discovery document lacks {exc.args[0]}") from exc

@@ -299,3 +299,23 @@ async def test_access_tokens_routes_jwts_and_opaque_tokens(
     assert alone.introspector is None
     with pytest.raises(TokenError, match="compact"):
         await alone.verify_access_token(OPAQUE, NOW)
+
+
+async def test_before_discovery_names_the_endpoint_an_opaque_token_is_unavailable(
+    endpoint: Endpoint, http: aiohttp.ClientSession
+) -> None:
+    """Introspection configured, its endpoint still to come from discovery (the service
+    started with the IdP down): an opaque token is the IdP being unavailable (fail closed,
+    retried), never a JWT verification; once set, it is introspected."""
+    i = introspector(endpoint, http)
+    pending = AccessTokens(i._verifier, None, pending=True)
+    assert pending.pending
+    with pytest.raises(IntrospectionUnavailable, match="not known yet"):
+        await pending.verify_access_token(OPAQUE, NOW)
+    with pytest.raises(TokenError, match="verification keys"):  # a JWS still goes to the JWTs
+        await pending.verify_access_token("eyJhbGciOiJSUzI1NiJ9.e30.c2ln", NOW)
+    assert i.calls == 0
+    pending.set_introspector(i)
+    assert not pending.pending
+    assert (await pending.verify_access_token(OPAQUE, NOW)).subject == "alice"
+    assert i.calls == 1
