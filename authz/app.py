@@ -454,6 +454,7 @@ async def start_service(
                 redirect_uri=f"{settings.stepup.public_url}{settings.stepup.path_prefix}/callback",
                 session=http,
                 timeout_s=settings.oidc.http_timeout_s,
+                profile=tokens.profile,
             )
 
         idp.on_ready(relying_party)

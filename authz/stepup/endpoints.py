@@ -438,6 +438,7 @@ class StepupApp:
             max_age=level.max_age if level is not None else None,
             prompt_login=level is not None,
             login_hint=state.subject,
+            amr_any=level.amr_any if level is not None else frozenset(),
         )
         if level is not None and self.auditor is not None and state.subject is not None:
             self.auditor.emit(

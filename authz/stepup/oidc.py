@@ -15,6 +15,7 @@ import aiohttp
 
 from authz.core.reasons import Reason
 from authz.errors import OidcError
+from authz.stepup.profiles import IdpProfile, authorize_params
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,7 @@ class RelyingParty(Protocol):
         max_age: int | None = None,
         prompt_login: bool = False,
         login_hint: str | None = None,
+        amr_any: frozenset[str] = frozenset(),
     ) -> str: ...
 
     async def exchange_code(self, code: str, verifier: str) -> dict[str, Any]: ...
@@ -128,7 +130,12 @@ class OidcClient:
         redirect_uri: str,
         session: aiohttp.ClientSession,
         timeout_s: float,
+        profile: IdpProfile | None = None,
     ) -> None:
+        """``profile``: what the IdP needs in an authorization request for a level (scope,
+        RFC 8707 ``resource``, ``acr_values`` or not, an OIDC Core 5.5 ``claims`` request;
+        authz.stepup.profiles); None sends ``scope=openid`` and the acr values alone."""
+        self.profile = profile
         self.metadata = metadata
         self.client_id = client_id
         self.client_secret = client_secret
@@ -150,8 +157,9 @@ class OidcClient:
         max_age: int | None = None,
         prompt_login: bool = False,
         login_hint: str | None = None,
+        amr_any: frozenset[str] = frozenset(),
     ) -> str:
-        params: dict[str, str] = {
+        params: dict[str, str | tuple[str, ...]] = {
             "response_type": "code",
             "client_id": self.client_id,
             "redirect_uri": self.redirect_uri,
@@ -161,7 +169,14 @@ class OidcClient:
             "code_challenge": code_challenge,
             "code_challenge_method": "S256",
         }
-        if acr_values:
+        if self.profile is not None:
+            # scope, resource, acr_values (unless the IdP ignores them) and claims
+            params.update(
+                authorize_params(
+                    self.profile, acr=frozenset(acr_values), amr_any=amr_any, max_age=max_age
+                )
+            )
+        elif acr_values:
             params["acr_values"] = " ".join(acr_values)
         if max_age is not None:
             params["max_age"] = str(max_age)
@@ -169,7 +184,8 @@ class OidcClient:
             params["prompt"] = "login"
         if login_hint:
             params["login_hint"] = login_hint
-        return f"{self.metadata.authorization_endpoint}?{urlencode(params)}"
+        # doseq: `resource` may repeat (RFC 8707 section 2)
+        return f"{self.metadata.authorization_endpoint}?{urlencode(params, doseq=True)}"
 
     async def exchange_code(self, code: str, verifier: str) -> dict[str, Any]:
         data = {
