@@ -237,7 +237,8 @@ def add_render_parser(subparsers: Any) -> None:
         help="requests traced, 0-100 (default 100; lower it for busy production edges)",
     )
     ist = targets.add_parser(
-        "istio", help="CUSTOM AuthorizationPolicies and the /_stepup/ VirtualService"
+        "istio",
+        help="CUSTOM AuthorizationPolicies, the /_stepup/ VirtualService, the peer EnvoyFilter",
     )
     _common(ist, "a VirtualService host (repeatable)")
     ist.add_argument("--namespace", required=True, help="the namespace of the workloads to protect")

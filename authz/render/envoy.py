@@ -509,7 +509,7 @@ def ext_authz_filter(hcm: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def _peer_address_filter() -> dict[str, Any]:
+def peer_address_filter() -> dict[str, Any]:
     """gRPC mode: the client address Envoy computed, in the request the check sees.
 
     ext_authz's ``attributes.source.address`` is the connection's peer: with trusted hops
@@ -517,7 +517,8 @@ def _peer_address_filter() -> dict[str, Any]:
     Envoy's own downstream remote address (the one its access log writes) into
     ``x-stepup-peer-address``, overwriting a client-sent value; the service reads only that
     (``grpc.peer_header``) and removes it from the upstream request with every other
-    ``x-stepup-*`` header it did not set."""
+    ``x-stepup-*`` header it did not set. Istio's EnvoyFilter and Envoy Gateway's
+    EnvoyPatchPolicy (``render istio``, k8s/) insert this same filter."""
     return {
         "name": "envoy.filters.http.header_mutation",
         "typed_config": {
@@ -673,7 +674,7 @@ def render_envoy(
         "access_log": _access_log(mode),
         **({"tracing": _tracing(tracing)} if tracing is not None else {}),
         "http_filters": [
-            *([_peer_address_filter()] if mode == "grpc" else []),
+            *([peer_address_filter()] if mode == "grpc" else []),
             {"name": EXT_AUTHZ, "typed_config": ext_authz},
             {
                 "name": "envoy.filters.http.router",

@@ -1,5 +1,5 @@
-"""``render istio``: ``AuthorizationPolicy`` objects (``action: CUSTOM``) and the
-``/_stepup/`` VirtualService for a policy.
+"""``render istio``: ``AuthorizationPolicy`` objects (``action: CUSTOM``), the
+``/_stepup/`` VirtualService and the peer-address EnvoyFilter for a policy.
 
 One AuthorizationPolicy per level, plus a catch-all that sends every request but
 ``/_stepup/*`` to the provider. Istio cannot pass per-route ``context_extensions`` through a
@@ -10,6 +10,10 @@ the catch-all is removed.
 The objects live in the workloads' namespace (``namespace``); the VirtualService routes
 ``/_stepup/`` to the service in *its* namespace (``service_namespace``, the chart's release
 namespace), which is usually another one.
+
+Istio's gRPC provider does not send the client address the service reads
+(``x-stepup-peer-address``): the EnvoyFilter inserts ``render envoy``'s own header_mutation
+filter in front of ext_authz, for the same workloads as the AuthorizationPolicies.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from authz.core.policy import Policy, Route
-from authz.render.envoy import _domain
+from authz.render.envoy import EXT_AUTHZ, _domain, peer_address_filter
 
 DEFAULT_SERVICE_NAME = "stepup-authz"  # the chart's Service for release "stepup-authz"
 
@@ -48,6 +52,47 @@ def service_host(name: str, namespace: str, cluster_domain: str = "cluster.local
     return f"{name}.{namespace}.svc.{cluster_domain}"
 
 
+def peer_address_envoy_filter(
+    namespace: str,
+    selector: Mapping[str, str] | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """An EnvoyFilter inserting :func:`peer_address_filter` before ext_authz, at an ingress
+    gateway (GATEWAY) and at a sidecar's inbound listeners (SIDECAR_INBOUND). Without it
+    every check behind Istio is refused (the header is missing). It must sit in the
+    workloads' namespace, as the AuthorizationPolicies: Istio applies a namespaced
+    EnvoyFilter only to workloads of that namespace (the root namespace: to all)."""
+    hcm = "envoy.filters.network.http_connection_manager"
+    spec: dict[str, Any] = {
+        "configPatches": [
+            {
+                "applyTo": "HTTP_FILTER",
+                "match": {
+                    "context": context,
+                    # A fresh dict each time: no YAML anchors in the output.
+                    "listener": {
+                        "filterChain": {"filter": {"name": hcm, "subFilter": {"name": EXT_AUTHZ}}}
+                    },
+                },
+                "patch": {"operation": "INSERT_BEFORE", "value": peer_address_filter()},
+            }
+            for context in ("GATEWAY", "SIDECAR_INBOUND")
+        ]
+    }
+    if selector:
+        spec = {"workloadSelector": {"labels": dict(selector)}, **spec}
+    return {
+        "apiVersion": "networking.istio.io/v1alpha3",
+        "kind": "EnvoyFilter",
+        "metadata": {
+            "name": "stepup-peer-address",
+            "namespace": namespace,
+            **({"labels": dict(labels)} if labels else {}),
+        },
+        "spec": spec,
+    }
+
+
 def render_istio(
     policy: Policy,
     *,
@@ -61,7 +106,8 @@ def render_istio(
     hosts: Sequence[str] | None = None,
     path_prefix: str = "/_stepup",
 ) -> list[dict[str, Any]]:
-    """Istio objects for ``policy``: CUSTOM AuthorizationPolicies and the /_stepup/ route.
+    """Istio objects for ``policy``: CUSTOM AuthorizationPolicies, the /_stepup/ route and
+    the peer-address EnvoyFilter (:func:`peer_address_envoy_filter`).
 
     ``namespace`` is the protected workloads' (the AuthorizationPolicies and the
     VirtualService go there); ``service_namespace`` the service's own (default: the same).
@@ -142,4 +188,5 @@ def render_istio(
             },
         }
     )
+    docs.append(peer_address_envoy_filter(namespace, selector, labels))
     return docs

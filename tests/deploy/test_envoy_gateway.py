@@ -19,8 +19,10 @@ import yaml
 from authz.audit.config import AuditSettings
 from authz.config.policy_file import read_policy
 from authz.config.settings import RedisSettings
-from authz.render import contract
+from authz.render import EXT_AUTHZ, contract, peer_address_filter, render_envoy
 from tests.deploy.chart import ROOT, named, render, values
+from tests.deploy.test_envoy_configs import assert_valid
+from tests.deploy.test_istio import without_peer_filter
 
 pytestmark = pytest.mark.deploy
 
@@ -217,3 +219,64 @@ def test_manifests_are_plain_yaml() -> None:
     for path in EG.glob("*.yaml"):
         text = Path(path).read_text()
         assert "<<:" not in text and "&" not in re.sub(r"#.*", "", text), path
+
+
+# The client address (docs/threat-model.md, "11. Client address"): EG's extAuth.grpc does
+# not send x-stepup-peer-address; the EnvoyPatchPolicy inserts `render envoy`'s filter.
+
+
+def _pointer(path: str) -> list[str]:
+    assert path.startswith("/"), path
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+
+
+def _json_patch_add(doc: Any, path: str, value: Any) -> None:
+    """RFC 6902 ``add`` (the one operation the policy uses): into a list at an index."""
+    *parents, last = _pointer(path)
+    for key in parents:
+        doc = doc[int(key)] if isinstance(doc, list) else doc[key]
+    assert isinstance(doc, list) and last.isdigit(), path
+    doc.insert(int(last), value)
+
+
+def _peer_patch() -> tuple[dict[str, Any], dict[str, Any]]:
+    (epp,) = _kind("EnvoyPatchPolicy")
+    (patch,) = epp["spec"]["jsonPatches"]
+    return epp, patch
+
+
+def test_the_patch_policy_inserts_render_envoys_peer_filter() -> None:
+    epp, patch = _peer_patch()
+    assert epp["apiVersion"] == "gateway.envoyproxy.io/v1alpha1" and epp["spec"]["type"] == (
+        "JSONPatch"
+    )
+    # The Gateway the routes attach to, in its own namespace; its listener by EG's name.
+    (ctp,) = _kind("ClientTrafficPolicy")
+    assert epp["metadata"]["namespace"] == ctp["metadata"]["namespace"]
+    assert epp["spec"]["targetRef"] == ctp["spec"]["targetRefs"][0]
+    assert patch["type"] == "type.googleapis.com/envoy.config.listener.v3.Listener"
+    assert patch["name"].startswith(f"{ctp['metadata']['namespace']}/eg/")
+    op = patch["operation"]
+    assert op["op"] == "add" and op["value"] == peer_address_filter()
+    (mutation,) = op["value"]["typed_config"]["mutations"]["request_mutations"]
+    assert mutation["append"]["append_action"] == "OVERWRITE_IF_EXISTS_OR_ADD"
+
+
+def test_real_envoy_accepts_the_patched_listener(tmp_path: Path) -> None:
+    """The patch applied to a listener shaped as EG's (the connection manager in
+    default_filter_chain), built from `render envoy` without its own peer filter: the
+    filter lands before ext_authz and the real Envoy validates the result."""
+    _, patch = _peer_patch()
+    doc = render_envoy(POLICY, mode="grpc", hosts=["trading.example.com"])
+    without_peer_filter(doc)
+    listener = doc["static_resources"]["listeners"][0]
+    (listener["default_filter_chain"],) = listener.pop("filter_chains")
+    _json_patch_add(listener, patch["operation"]["path"], patch["operation"]["value"])
+    names = [
+        f["name"]
+        for f in listener["default_filter_chain"]["filters"][0]["typed_config"]["http_filters"]
+    ]
+    assert names.index(peer_address_filter()["name"]) < names.index(EXT_AUTHZ)
+    out = tmp_path / "eg.yaml"
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert_valid(out)

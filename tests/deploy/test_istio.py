@@ -16,8 +16,16 @@ import pytest
 import yaml
 
 from authz.config.policy_file import read_policy
-from authz.render import add_render_parser, render_istio
+from authz.render import (
+    EXT_AUTHZ,
+    add_render_parser,
+    peer_address_filter,
+    render_envoy,
+    render_istio,
+)
+from authz.render.istio import peer_address_envoy_filter
 from tests.deploy.chart import ROOT, named, render, values
+from tests.deploy.test_envoy_configs import assert_valid, hcm
 
 pytestmark = pytest.mark.deploy
 
@@ -129,3 +137,101 @@ def test_the_static_virtual_service_example_points_at_the_chart(chart: Any) -> N
         "port": {"number": http_port},
     }
     assert named(render(chart, values("minimal")), "Service", name)
+
+
+# The client address (docs/threat-model.md, "11. Client address"). Istio's gRPC provider
+# does not send x-stepup-peer-address: without the EnvoyFilter every check is refused; with
+# a filter that drifted from `render envoy`'s, a client could keep its own copy.
+
+
+def _envoy_filters(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == "EnvoyFilter"]
+
+
+def _inserted(ef: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """context -> the filter each patch inserts, checking it goes in before ext_authz."""
+    out = {}
+    for patch in ef["spec"]["configPatches"]:
+        assert patch["applyTo"] == "HTTP_FILTER"
+        assert patch["patch"]["operation"] == "INSERT_BEFORE"
+        chain = patch["match"]["listener"]["filterChain"]["filter"]
+        assert chain == {
+            "name": "envoy.filters.network.http_connection_manager",
+            "subFilter": {"name": EXT_AUTHZ},
+        }
+        out[patch["match"]["context"]] = patch["patch"]["value"]
+    return out
+
+
+def test_the_peer_address_filter_is_render_envoys_own() -> None:
+    (ef,) = list(yaml.safe_load_all((ROOT / "k8s/istio/peer-address.yaml").read_text()))
+    assert ef["apiVersion"] == "networking.istio.io/v1alpha3"
+    inserted = _inserted(ef)
+    assert set(inserted) == {"GATEWAY", "SIDECAR_INBOUND"}
+    for value in inserted.values():
+        assert value == peer_address_filter()
+        (mutation,) = value["typed_config"]["mutations"]["request_mutations"]
+        # A client-sent x-stepup-peer-address is replaced, never kept beside Envoy's.
+        assert mutation["append"]["append_action"] == "OVERWRITE_IF_EXISTS_OR_ADD"
+    # The same workloads and namespace as the hand-written AuthorizationPolicies.
+    aps = list(yaml.safe_load_all((ROOT / "k8s/istio/authorizationpolicy.yaml").read_text()))
+    assert {ap["metadata"]["namespace"] for ap in aps} == {ef["metadata"]["namespace"]}
+    assert {ap["spec"]["selector"]["matchLabels"]["app"] for ap in aps} == {
+        ef["spec"]["workloadSelector"]["labels"]["app"]
+    }
+    assert ef == peer_address_envoy_filter("trading", {"app": "trading-web"})
+
+
+def test_render_istio_emits_the_envoy_filter_for_its_workloads(tmp_path: Path) -> None:
+    policy = read_policy(EXAMPLE_POLICY).policy
+    docs = render_istio(policy, namespace="istio-ingress", selector={"istio": "ingressgateway"})
+    (ef,) = _envoy_filters(docs)
+    assert ef["metadata"]["namespace"] == "istio-ingress"
+    assert ef["spec"]["workloadSelector"] == {"labels": {"istio": "ingressgateway"}}
+    assert all(v == peer_address_filter() for v in _inserted(ef).values())
+    # --all-workloads: no selector, the whole namespace, as the AuthorizationPolicies.
+    (everyone,) = _envoy_filters(render_istio(policy, namespace="trading"))
+    assert "workloadSelector" not in everyone["spec"]
+    # Through the command line, as docs/deploy.md gives it.
+    p = argparse.ArgumentParser()
+    add_render_parser(p.add_subparsers(dest="command", required=True))
+    out = tmp_path / "istio.yaml"
+    args = p.parse_args(
+        [
+            *("render", "istio", "--policy", str(EXAMPLE_POLICY), "--namespace", "trading"),
+            *("--selector", "app=trading-web", "-o", str(out)),
+        ]
+    )
+    assert args.func(args) == 0
+    text = out.read_text()
+    (ef,) = _envoy_filters(list(yaml.safe_load_all(text)))
+    assert ef == peer_address_envoy_filter(
+        "trading", {"app": "trading-web"}, ef["metadata"]["labels"]
+    )
+    assert "&id" not in text
+
+
+def without_peer_filter(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """A `render envoy` config's HTTP filters, minus its own peer filter: the chain as Istio
+    or Envoy Gateway builds it, ext_authz without the address in front."""
+    filters: list[dict[str, Any]] = hcm(doc)["http_filters"]
+    name = peer_address_filter()["name"]
+    filters[:] = [f for f in filters if f["name"] != name]
+    return filters
+
+
+def test_real_envoy_accepts_the_patched_chain(tmp_path: Path) -> None:
+    """Each patch's value, inserted before ext_authz as Istio does into a chain without it,
+    gives back `render envoy`'s own chain, which the real Envoy validates."""
+    (ef,) = list(yaml.safe_load_all((ROOT / "k8s/istio/peer-address.yaml").read_text()))
+    policy = read_policy(EXAMPLE_POLICY).policy
+    for context, value in _inserted(ef).items():
+        doc = render_envoy(policy, mode="grpc", hosts=["app.example"])
+        filters = without_peer_filter(doc)
+        assert [f["name"] for f in filters].count(value["name"]) == 0
+        at = next(i for i, f in enumerate(filters) if f["name"] == EXT_AUTHZ)
+        filters.insert(at, value)
+        assert doc == render_envoy(policy, mode="grpc", hosts=["app.example"])  # as rendered
+        out = tmp_path / f"{context}.yaml"
+        out.write_text(yaml.safe_dump(doc, sort_keys=False))
+        assert_valid(out)
