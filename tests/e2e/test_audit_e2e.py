@@ -394,6 +394,8 @@ def test_export_jsonl_and_csv_are_sorted_and_complete(
     assert keys == sorted(keys)
     assert {row["type"] for row in rows} == {
         "stepup.challenge",
+        "stepup.started",  # /_stepup/start sent the browser to the IdP
+        "login.completed",  # its first sign-in at the callback
         "stepup.completed",
         "access.allowed",
     }

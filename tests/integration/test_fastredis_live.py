@@ -425,7 +425,8 @@ async def test_service_uses_it_and_a_revocation_applies_on_the_next_check(
             for i in range(8):
                 r = external_auth_pb2.CheckRequest()
                 r.CopyFrom(req)
-                r.attributes.source.address.socket_address.address = f"192.0.2.{i + 10}"
+                # the client address Envoy computed (authz.check.request reads only this)
+                r.attributes.request.http.headers["x-stepup-peer-address"] = f"192.0.2.{i + 10}"
                 many.append(r)
             await admin.config_resetstat()
             answers = await asyncio.gather(*(servicer.Check(r, None) for r in many))
