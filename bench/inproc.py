@@ -306,7 +306,7 @@ class Local:
         from bench.stackctl import BenchStack
 
         stack = BenchStack(self.workdir / "stack", policy_file, "INFO")
-        key = stack.crypto_key
+        key = stack.bench_crypto_key
         key.parent.mkdir(parents=True, exist_ok=True)
         if not key.exists():
             key.write_bytes(os.urandom(32))

@@ -286,11 +286,11 @@ class BenchStack(Stack):
     ) -> None:
         # A keyring of our own (written at start): the harness seals the scenario grants
         # under the same key as the service (see write_grant).
-        self.crypto_key = Path(workdir).resolve() / "crypto-bench.key"
+        self.bench_crypto_key = Path(workdir).resolve() / "crypto-bench.key"
         extra: dict[str, object] = {
             "log": {"level": log_level},
             "audit": {"durable_level": AUDIT_DURABLE_LEVEL},
-            "crypto": {"keys": {"bench": str(self.crypto_key)}, "active_kid": "bench"},
+            "crypto": {"keys": {"bench": str(self.bench_crypto_key)}, "active_kid": "bench"},
         }
         self.check_port = free_ports(1)[0] if http_authz else 0
         if http_authz:
@@ -309,9 +309,9 @@ class BenchStack(Stack):
         return [*argv, "--workers", str(self.workers)] if self.workers > 1 else argv
 
     def _start(self) -> None:
-        self.crypto_key.parent.mkdir(parents=True, exist_ok=True)
-        if not self.crypto_key.exists():
-            self.crypto_key.write_bytes(os.urandom(32))
+        self.bench_crypto_key.parent.mkdir(parents=True, exist_ok=True)
+        if not self.bench_crypto_key.exists():
+            self.bench_crypto_key.write_bytes(os.urandom(32))
         super()._start()
         if self.check_port:
             envoy_bin = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
