@@ -222,42 +222,32 @@ class StepupApp:
     def _audit_refusal(self, reference: str, why: Reason, level: str, a: _Audit) -> None:
         if self.auditor is None:
             return
-        ev, now_ms = a.evidence, int(self.clock() * 1000)
+        ev = a.evidence
+        # What a refused sign-in's record and a refused step-up's record both carry.
+        common: dict[str, Any] = {
+            "user": a.user,
+            "session": a.session,
+            "issuer": a.issuer,
+            "acr": ev.acr if ev is not None else None,
+            "amr": ev.amr if ev is not None else (),
+            "auth_time": ev.auth_time if ev is not None else None,
+            "client_ip": a.ip,
+            "device": a.device,
+            "decision_id": reference,
+            "idp_error": a.idp_error,
+            "error": a.error,
+            "ts_ms": int(self.clock() * 1000),
+        }
         if a.kind is StateKind.LOGIN or (a.kind is None and level == LOGIN_LEVEL):
-            event = mapping.login_completed(
-                failure=why,
-                user=a.user,
-                session=a.session,
-                issuer=a.issuer,
-                acr=ev.acr if ev is not None else None,
-                amr=ev.amr if ev is not None else (),
-                auth_time=ev.auth_time if ev is not None else None,
-                client_ip=a.ip,
-                device=a.device,
-                decision_id=reference,
-                idp_error=a.idp_error,
-                error=a.error,
-                ts_ms=now_ms,
-            )
+            event = mapping.login_completed(failure=why, **common)
         else:
             event = mapping.stepup_failed(
                 reason=why,
                 level=a.level or level,
-                user=a.user,
-                session=a.session,
-                issuer=a.issuer,
-                acr=ev.acr if ev is not None else None,
-                amr=ev.amr if ev is not None else (),
-                auth_time=ev.auth_time if ev is not None else None,
-                client_ip=a.ip,
-                device=a.device,
-                decision_id=reference,
-                idp_error=a.idp_error,
                 policy_version=self.policy.current.version,
-                error=a.error,
                 proved_user=a.proved_user,
                 route=a.route,
-                ts_ms=now_ms,
+                **common,
             )
         self.auditor.emit(event)
 
