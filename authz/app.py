@@ -53,8 +53,10 @@ from authz.stepup.logout import LogoutApp
 from authz.stepup.oidc import OidcClient, ProviderMetadata
 from authz.stepup.passkeys.handlers import add_routes as add_passkey_routes
 from authz.stepup.passkeys.handlers import build_passkey_routes
+from authz.stepup.passkeys.links import LinkSigner
 from authz.stepup.provider import IdpConnection
 from authz.store.connections import EmbeddedValkey, SentinelWatcher, make_redis
+from authz.store.credentials import RedisCredentialStore
 from authz.store.crypto import cipher_from_settings
 from authz.store.fastredis import make_fast_redis
 from authz.store.sessions import RedisSessionStore, StoreLimits
@@ -403,6 +405,19 @@ async def start_service(
                 "the policy has country rules but no GeoIP database is configured: "
                 "every country is unknown (untrusted)"
             )
+        # The passkey pages' signer for ``tx`` and ``st`` (authz/stepup/passkeys/links.py):
+        # one object for the Check's redirects and the pages, so a per-process key (no
+        # context_key_file) still verifies; with the file, every replica derives the same.
+        links = LinkSigner.from_file(settings.stepup.context_key_file)
+        transactions = None
+        if settings.passkeys.enabled:  # transaction-bound levels' grants, taken by the Check
+            transactions = RedisCredentialStore(
+                client,
+                prefix=settings.redis.key_prefix,
+                deadline_ms=settings.redis.deadline_ms,
+                cipher=store.cipher,
+                on_corrupt=metrics.corrupt_grants.inc,
+            )
         authorizer = Authorizer(
             policy=policy,
             tokens=access_tokens,
@@ -415,9 +430,14 @@ async def start_service(
             devices=devices,
             geoip=geoip,
             clock=clock,
+            transactions=transactions,
         )
         redirects = Redirects(
-            settings.stepup.path_prefix, signer, clock=clock, passkeys=settings.passkeys.enabled
+            settings.stepup.path_prefix,
+            signer,
+            clock=clock,
+            passkeys=settings.passkeys.enabled,
+            links=links,
         )
         strip = _service_cookies(settings)
         responses = ResponseBuilder(
@@ -536,6 +556,7 @@ async def start_service(
                 metrics=metrics,
                 auditor=auditor,
                 signer=signer,
+                links=links,
                 clock=clock,
             )
             add_passkey_routes(http_app, routes)

@@ -14,7 +14,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from authz.audit.mapping import allowed_record, event_for_check, requires_durable
 from authz.audit.sinks import AuditTrail, AuditUnavailable
@@ -23,15 +23,24 @@ from authz.check.geoip import GeoIP
 from authz.check.tokens import AccessTokenVerifier
 from authz.config.policy_file import PolicyHolder
 from authz.core.attributes import RequestAttributes, cookie_values
-from authz.core.decision import CheckInputs, Decision, Outcome, decide, failed, route_level
+from authz.core.decision import (
+    CheckInputs,
+    Decision,
+    Outcome,
+    decide,
+    failed,
+    route_level,
+    with_transaction,
+)
 from authz.core.ids import new_id
 from authz.core.policy import Level
 from authz.core.reasons import Reason
 from authz.core.session import Identity, UserState, session_key, user_key
 from authz.core.signals import Device, Geo
+from authz.core.transactions import of_request
 from authz.errors import KeysUnavailable, StoreError, TokenError
 from authz.ops.metrics import Metrics
-from authz.store.interfaces import CheckStore
+from authz.store.interfaces import CheckStore, TransactionGrants
 
 log = logging.getLogger("authz.check")
 
@@ -104,8 +113,12 @@ class Authorizer:
         audit_level: str | None = None,
         devices: DeviceResolver | None = None,
         geoip: GeoIP | None = None,
+        transactions: TransactionGrants | None = None,
     ) -> None:
         self.devices = devices
+        # Where a transaction-bound level's grants are taken from (the passkey factor's
+        # store); None: nothing satisfies such a level.
+        self.transactions = transactions
         self.geoip = geoip
         self._background: set[asyncio.Task[None]] = set()
         self._noted: dict[tuple[object, ...], int] = {}  # lesson -> when written
@@ -277,6 +290,8 @@ class Authorizer:
                 return failed(Reason.SESSION_STORE_UNAVAILABLE, level, identity, device_id)
         inputs = CheckInputs(now, self.leeway, identity, token_error, state, device, geo)
         decision = decide(policy, attrs, inputs, base=base)
+        if decision.reason is Reason.TRANSACTION_REQUIRED and identity is not None:
+            decision = await self._transaction(decision, attrs, identity, ip, now, deadline)
         for name in decision.shadow:
             self.metrics.shadow_matches.labels(rule=name).inc()
         for signal in decision.signals:
@@ -284,6 +299,44 @@ class Authorizer:
         if decision.outcome is Outcome.ALLOW and identity is not None and state is not None:
             self._note_allow(identity, decision, device, geo, ip, now)
         return decision
+
+    async def _transaction(
+        self,
+        decision: Decision,
+        attrs: RequestAttributes,
+        identity: Identity,
+        ip: str | None,
+        now: int,
+        deadline: float | None,
+    ) -> Decision:
+        """A transaction-bound level: take the grant for exactly this request, once.
+
+        Reached only when everything else held (``decide`` said ``transaction-required``),
+        so a deny for another cause never burns the grant; the extra Redis call is paid by
+        these levels only. A store error fails closed."""
+        level = decision.level
+        assert level is not None and level.transaction is not None
+        if level.transaction.require_body and attrs.body is None:
+            # Envoy did not send the whole body (not rendered for this route, or cut):
+            # nothing the user could approve would bind it.
+            return replace(decision, outcome=Outcome.DENY, reason=Reason.TRANSACTION_INVALID)
+        if self.transactions is None:
+            return decision
+        if deadline is not None and self.monotonic() >= deadline:
+            return self._shed(level, identity, decision.device)  # before the grant is taken
+        try:
+            tx = await self.transactions.consume_transaction_grant(
+                user_key(identity.issuer, identity.subject),
+                session_key(identity.issuer, identity.subject, identity.session_id),
+                level.name,
+                of_request(attrs).digest,
+                now,
+            )
+        except StoreError:
+            self.metrics.redis_errors.labels(op="transaction").inc()
+            return failed(Reason.SESSION_STORE_UNAVAILABLE, level, identity, decision.device)
+        grant = tx.grant if tx is not None else None
+        return with_transaction(decision, grant, now, leeway=self.leeway, ip=ip)
 
     def _note_allow(
         self,

@@ -53,6 +53,10 @@ from authz.core.reasons import Reason
 from authz.errors import RequestError
 
 PEER_HEADER = "x-stepup-peer-address"
+# Envoy sets it on a check that carries the buffered body: "false" when that is the whole
+# body, "true" when max_request_bytes cut it (``check_request_utils.cc``).
+PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
+MAX_BODY_BYTES = 1024 * 1024  # the policy's max_body_bytes is at most this
 _LEVEL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
 
@@ -87,6 +91,21 @@ def envoy_client_address(value: str | None, header: str) -> IpAddress:
     if ip is None:
         raise RequestError(f"missing or invalid {header}", reason=Reason.BAD_REQUEST)
     return ip
+
+
+def whole_body(raw: bytes, headers: Mapping[str, str]) -> bytes | None:
+    """The body Envoy sent when it is the whole body, else None (no body known).
+
+    Whole means: Envoy said so (``x-envoy-auth-partial-body: false``, which it sets only
+    when it buffered a body), the client's ``content-length``, when it sent one, is the
+    length received, and it fits ``MAX_BODY_BYTES``. A partial body binds nothing: the
+    approval would cover bytes the user never saw the end of."""
+    if headers.get(PARTIAL_BODY_HEADER) != "false" or len(raw) > MAX_BODY_BYTES:
+        return None
+    length = headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) != len(raw)):
+        return None
+    return raw
 
 
 def _canonical_method(method: str) -> None:
@@ -138,6 +157,10 @@ def attributes_from_check(
         context_extensions=MappingProxyType(dict(ctx.context_extensions)),
         request_id=http.id or headers.get("x-request-id", ""),
         peer_certificate=ctx.source.certificate,
+        # raw_body with pack_as_bytes (what ``render`` sets), else the UTF-8 body field.
+        body=whole_body(http.raw_body or http.body.encode(), headers)
+        if PARTIAL_BODY_HEADER in headers
+        else None,
     )
 
 

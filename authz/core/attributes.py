@@ -40,6 +40,9 @@ class RequestAttributes:
     context_extensions: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     request_id: str = ""
     peer_certificate: str = ""
+    # The request body, only when Envoy sent the whole of it (a route at a transaction-bound
+    # level buffers it: ``with_request_body``); None otherwise, a partial body included.
+    body: bytes | None = None
 
     @property
     def accepts_html(self) -> bool:

@@ -15,7 +15,7 @@ nothing reads a clock.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -258,6 +258,10 @@ def evaluate(
         return make(Outcome.LOGIN, token_error or Reason.NO_CREDENTIALS)
     if revoked(identity, state):
         return make(Outcome.LOGIN, Reason.SESSION_REVOKED)
+    if level.transaction is not None:
+        # One approval for one request: neither the token nor a time-boxed grant commits to
+        # this request. The caller may turn this with the request's own grant.
+        return make(Outcome.STEP_UP, Reason.TRANSACTION_REQUIRED, identity=identity)
     if _meets(level, identity.evidence, now, leeway):
         return make(Outcome.ALLOW, Reason.ALLOWED, identity=identity, evidence=identity.evidence)
     candidates = [identity.evidence]
@@ -330,4 +334,30 @@ def decide(
         state=state,
         device=device.id if device is not None else None,
         ip=str(attrs.source_ip) if attrs.source_ip is not None else None,
+    )
+
+
+def with_transaction(
+    decision: Decision, grant: Grant | None, now: int, *, leeway: int = 0, ip: str | None = None
+) -> Decision:
+    """A transaction-bound level's step-up turned by the grant for exactly this request.
+
+    Only the ``transaction-required`` step-up ``evaluate`` gives when everything else held
+    (rules, IP lists, identity, revocation) is turned, so the caller consumes the grant only
+    then. The grant must be live, meet the level (acr/amr/max_age) and be honoured from
+    this device/IP; the allow carries its evidence (the passkey's amr/acr)."""
+    level = decision.level
+    if (
+        grant is None
+        or level is None
+        or decision.outcome is not Outcome.STEP_UP
+        or decision.reason is not Reason.TRANSACTION_REQUIRED
+    ):
+        return decision
+    if not grant.is_live(now) or not _meets(level, grant.evidence, now, leeway):
+        return decision
+    if not honoured_here(level, grant, decision.device, ip):
+        return replace(decision, reason=Reason.GRANT_BOUND_ELSEWHERE)
+    return replace(
+        decision, outcome=Outcome.ALLOW, reason=Reason.ALLOWED, evidence=grant.evidence, grant=grant
     )

@@ -66,11 +66,13 @@ class TransactionBinding:
     """A level whose grant is for one exact request (dynamic linking): the passkey
     challenge commits to the request's digest, the page shows ``fields`` of its JSON body,
     and the grant is used once within ``ttl_s``. ``require_body``: refuse when Envoy did not
-    send the (whole) body, instead of binding method, host and path only."""
+    send the (whole) body, instead of binding method, host and path only.
+    ``max_body_bytes``: how much of the body Envoy buffers for the Check (``render``)."""
 
     fields: tuple[str, ...] = ()
     ttl_s: int = 120
     require_body: bool = False
+    max_body_bytes: int = 16384
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,7 +465,7 @@ def _with_factors(level: Level, spec: Mapping[str, Any], loc: Sequence[str | int
         t = spec["transaction_bound"]
         if t is True:
             t = {}
-        t = _mapping(t, tloc, {"fields", "ttl_s", "require_body"})
+        t = _mapping(t, tloc, {"fields", "ttl_s", "require_body", "max_body_bytes"})
         fields = t.get("fields", [])
         if not isinstance(fields, list) or not all(
             isinstance(f, str) and _FIELD.match(f) for f in fields
@@ -473,6 +475,9 @@ def _with_factors(level: Level, spec: Mapping[str, Any], loc: Sequence[str | int
             fields=tuple(fields),
             ttl_s=_int(t.get("ttl_s", 120), [*tloc, "ttl_s"], 10, 900),
             require_body=_bool(t.get("require_body", False), [*tloc, "require_body"]),
+            max_body_bytes=_int(
+                t.get("max_body_bytes", 16384), [*tloc, "max_body_bytes"], 1, 1024 * 1024
+            ),
         )
         if "idp" in factors:
             # An IdP sign-in cannot commit to the request: its grant would allow any request

@@ -96,6 +96,9 @@ class Reason(StrEnum):
     CREDENTIAL_EXISTS = "credential-exists"
     TOO_MANY_CREDENTIALS = "too-many-credentials"
     TRANSACTION_INVALID = "transaction-invalid"  # the signed transaction link does not verify
+    # A transaction-bound level and no grant for exactly this request (its digest): the
+    # token and time-boxed grants never satisfy one (authz.core.decision.with_transaction).
+    TRANSACTION_REQUIRED = "transaction-required"
     ORIGIN_MISSING = "origin-missing"  # a state-changing POST without a same-origin Origin
 
     # -- push step-up, OpenID CIBA (authz.stepup.ciba) ----------------------------------------

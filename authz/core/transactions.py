@@ -20,6 +20,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from authz.core.attributes import RequestAttributes
+
 DIGEST_VERSION = b"stepup-authz/transaction/v1"
 _NO_BODY = b"-"
 MAX_SHOWN_CHARS = 200  # one shown value (an amount, a payee) at most this long
@@ -37,6 +39,12 @@ class TransactionRequest:
     @property
     def digest(self) -> str:
         return request_digest(self.method, self.host, self.path_and_query, self.body)
+
+
+def of_request(attrs: RequestAttributes) -> TransactionRequest:
+    """The request as the Check sees it: canonical path with the raw query, and the body
+    only when Envoy sent the whole of it."""
+    return TransactionRequest(attrs.method, attrs.host, attrs.path_and_query, attrs.body)
 
 
 def body_digest(body: bytes | None) -> str:

@@ -35,7 +35,7 @@ from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 from authz.core.decision import CONTEXT_LEVEL_KEY
-from authz.core.policy import Policy, Route
+from authz.core.policy import Level, Policy, Route
 from authz.errors import ConfigError
 from authz.render import contract
 
@@ -214,9 +214,18 @@ class _Checks:
     mode: Mode
     http_service: dict[str, Any] | None = None  # the HTTP mode's filter-level http_service
 
-    def level(self, level: str) -> dict[str, Any]:
+    def level(self, level: str, body_bytes: int | None = None) -> dict[str, Any]:
         if self.mode == "grpc":
             settings: dict[str, Any] = {"context_extensions": {CONTEXT_LEVEL_KEY: level}}
+            if body_bytes is not None:
+                # A transaction-bound level's digest covers the body: Envoy buffers it (up
+                # to the level's max_body_bytes; larger is 413, never a partial body) and
+                # sends the exact bytes (raw_body).
+                settings["with_request_body"] = {
+                    "max_request_bytes": body_bytes,
+                    "allow_partial_message": False,
+                    "pack_as_bytes": True,
+                }
         else:
             assert self.http_service is not None
             # check_settings.http_service replaces the whole filter-level one for this
@@ -225,6 +234,13 @@ class _Checks:
             service["path_prefix"] = f"{service['path_prefix']}@{level}"
             settings = {"http_service": service}
         return {EXT_AUTHZ: {"@type": _PER_ROUTE, "check_settings": settings}}
+
+
+def _body_bytes(level: Level) -> int | None:
+    """How much body Envoy buffers for the Check of a route at ``level``: only a
+    transaction-bound level's (the HTTP mode's listener reads no body: there the digest
+    binds method, host and path, and a ``require_body`` level refuses)."""
+    return level.transaction.max_body_bytes if level.transaction is not None else None
 
 
 def _routes(
@@ -264,7 +280,7 @@ def _routes(
                     "name": f"policy-{r.index}-{r.level.name}",
                     "match": _match(r),
                     "route": {"cluster": upstream_cluster, "timeout": route_timeout},
-                    "typed_per_filter_config": checks.level(r.level.name),
+                    "typed_per_filter_config": checks.level(r.level.name, _body_bytes(r.level)),
                 }
             )
     routes.append(
@@ -272,7 +288,9 @@ def _routes(
             "name": f"default-{policy.default_level.name}",
             "match": {"prefix": "/"},
             "route": {"cluster": upstream_cluster, "timeout": route_timeout},
-            "typed_per_filter_config": checks.level(policy.default_level.name),
+            "typed_per_filter_config": checks.level(
+                policy.default_level.name, _body_bytes(policy.default_level)
+            ),
         }
     )
     return routes

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from authz.core.session import Grant, UserState
+
+if TYPE_CHECKING:
+    from authz.store.credentials import TransactionGrant
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,15 @@ class CheckStore(Protocol):
         lat: float | None = None,
         lon: float | None = None,
     ) -> None: ...
+
+
+class TransactionGrants(Protocol):
+    """The Check's part of transaction binding: take the grant for exactly one request
+    (GETDEL: once, across replicas). ``authz.store.credentials`` implements it."""
+
+    async def consume_transaction_grant(
+        self, user: str, session: str, level: str, digest: str, now: int
+    ) -> TransactionGrant | None: ...
 
 
 class GrantStore(Protocol):

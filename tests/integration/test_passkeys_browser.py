@@ -319,7 +319,11 @@ async def test_a_transaction_grant_allows_its_own_request_once(
         body = json.dumps({"amount": "25,000.00 USD", "payee": {"name": "ACME Clearing"}})
         wire = TransactionRequest("POST", "localhost", "/wires/", body.encode())
         tx = stack.links.sign_transaction(
-            level="wire", request=wire, fields=("amount", "payee.name"), now=int(stack.clock())
+            level="wire",
+            session=stack.sk,
+            request=wire,
+            fields=("amount", "payee.name"),
+            now=int(stack.clock()),
         )
         await b.open_stepup("wire", tx=tx)
         shown = await b.page.inner_text(".action")
@@ -357,7 +361,7 @@ async def test_an_edited_transaction_link_is_refused(
         b = await _session(browser, stack)
         wire = TransactionRequest("POST", "localhost", "/wires/", b'{"amount": "1"}')
         tx = stack.links.sign_transaction(
-            level="wire", request=wire, fields=("amount",), now=int(stack.clock())
+            level="wire", session=stack.sk, request=wire, fields=("amount",), now=int(stack.clock())
         )
         body, mac = tx.split(".")
         doc = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))

@@ -320,12 +320,14 @@ class PasskeyBase:
             raise Refusal(403, Reason.LINK_OTHER_SESSION, "the link was made for another sign-in")
         return link.device, link.ip
 
-    def _transaction(self, level: Level, tx: str, now: int) -> Transaction | None:
+    def _transaction(self, level: Level, tx: str, now: int, session: str) -> Transaction | None:
+        """The request a transaction-bound level approves, as the Check signed it for this
+        session; a Refusal for no link, an edited or old one, or one of another session."""
         if level.transaction is None:
             return None
         try:
             t = self.links.transaction(
-                tx, level=level.name, now=now, max_age_s=level.transaction.ttl_s
+                tx, level=level.name, session=session, now=now, max_age_s=level.transaction.ttl_s
             )
         except ValueError as exc:
             raise Refusal(400, Reason.TRANSACTION_INVALID, str(exc)) from exc

@@ -6,7 +6,8 @@ what the challenge must commit to -- method, host, path, the request digest and 
 configured body fields -- and puts it in the step-up link. The page cannot see the original
 request (it was a POST the browser did not follow), so this is the only way it learns it;
 the signature keeps a user or a script from editing the amount shown while the digest
-stays that of another request.
+stays that of another request. It names the session it was made for, and the page refuses
+it in any other: a link copied into another sign-in cannot start that sign-in's approval.
 
 ``st``: when this step-up began. The page adds it on its first load (a redirect to itself)
 and keeps it across reloads, so "a credential enrolled during this step-up" has one fixed
@@ -91,6 +92,7 @@ class LinkSigner:
         self,
         *,
         level: str,
+        session: str,
         request: TransactionRequest,
         fields: tuple[str, ...],
         now: int,
@@ -102,6 +104,7 @@ class LinkSigner:
             {
                 "k": "tx",
                 "l": level,
+                "s": session,
                 "m": request.method.upper(),
                 "h": request.host,
                 "p": request.path_and_query,
@@ -114,10 +117,15 @@ class LinkSigner:
             }
         )
 
-    def transaction(self, token: str, *, level: str, now: int, max_age_s: int) -> Transaction:
+    def transaction(
+        self, token: str, *, level: str, session: str, now: int, max_age_s: int
+    ) -> Transaction:
+        """The signed request; ValueError for another level or session, edited, or too old."""
         doc = self._open(token)
         if doc.get("k") != "tx" or doc.get("l") != level:
             raise ValueError("a transaction link for another level")
+        if doc.get("s") != session:
+            raise ValueError("a transaction link made for another sign-in")
         t = doc.get("t")
         if not isinstance(t, int) or not now - max_age_s <= t <= now + 5:
             raise ValueError("the transaction link has expired")

@@ -90,7 +90,9 @@ def stepup_page(v: StepupView, static: str) -> str:
             '<section class="action" aria-labelledby="action-h">'
             '<h2 id="action-h">You are approving</h2>'
             f'<p class="request"><code>{_e(method)} {_e(host)}{_e(path)}</code></p>'
-            f"{f'<dl>{rows}</dl>' if rows else ''}<p>{bound}</p></section>"
+            f"{f'<dl>{rows}</dl>' if rows else ''}<p>{bound}</p>"
+            f'<p id="resubmit" hidden><a href="{_e(v.return_to)}">Go back and submit it '
+            "again</a></p></section>"
         )
     fallback = (
         f'<p><a id="fallback" href="{_e(v.fallback_url)}">Use your sign-in provider instead</a></p>'

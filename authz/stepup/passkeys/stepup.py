@@ -47,7 +47,7 @@ class StepupHandlers(PasskeyBase):
         ctx, tx_token = q.get("ctx", ""), q.get("tx", "")
         try:
             self._context(level, ctx, now, who.sk)  # checked here; bound into the grant later
-            tx = self._transaction(level, tx_token, now)
+            tx = self._transaction(level, tx_token, now, who.sk)
         except Refusal as exc:
             detail = MESSAGES.get(exc.reason) or "It has expired. Go back and try again."
             return self._error_page(400, "This step-up link cannot be used", detail, rd)
@@ -111,7 +111,7 @@ class StepupHandlers(PasskeyBase):
                 raise Refusal(401, Reason.NO_CREDENTIALS, "sign in first")
             now = self._now()
             device, ip = self._context(level, str(body.get("ctx") or ""), now, who.sk)
-            tx = self._transaction(level, str(body.get("tx") or ""), now)
+            tx = self._transaction(level, str(body.get("tx") or ""), now, who.sk)
             if tx is not None and (tx.device, tx.ip) != (None, None):
                 device, ip = tx.device, tx.ip
             started = self._started(level, who, body.get("st"), now)
@@ -307,6 +307,14 @@ class StepupHandlers(PasskeyBase):
                 "expires_at": grant.expires_at,
             },
         )
-        resp = self._json({"redirect": state["rd"], "decision_id": decision_id})
+        answer: dict[str, object] = {"redirect": state["rd"], "decision_id": decision_id}
+        if level.transaction is not None:
+            # A redirect cannot replay the request (a POST): the page keeps the approved
+            # action in view and sends the user back to submit it, within the grant's life.
+            answer["approved"] = (
+                "Approved. Go back and submit it again within "
+                f"{max(0, grant.expires_at - now)} seconds: the approval is for that request, once."
+            )
+        resp = self._json(answer)
         resp.del_cookie(self.cookie, path="/")
         return resp

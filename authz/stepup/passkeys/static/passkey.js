@@ -99,6 +99,15 @@
         const cred = await navigator.credentials.get({ publicKey: pk });
         say("Checking…");
         const done = await post("/authenticate/verify", { credential: credentialJSON(cred) });
+        if (done.approved) {
+          // A transaction: the approval is for the request shown, which the user submits
+          // again from where they were (a redirect cannot replay a POST).
+          say(done.approved);
+          const back = document.getElementById("resubmit");
+          back.hidden = false;
+          back.querySelector("a").focus();
+          return;
+        }
         say("Done. Taking you back…");
         window.location.assign(done.redirect);
       } catch (err) {
