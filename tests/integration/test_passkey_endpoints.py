@@ -9,13 +9,16 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from authz.core.session import session_key
+from authz.core.transactions import TransactionRequest
 from authz.store.connections import EmbeddedValkey
-from tests.passkeys.harness import Stack, passkey_stack
+from tests.passkeys.harness import ISS, Stack, passkey_stack
 
 pytestmark = pytest.mark.integration
 
@@ -197,28 +200,45 @@ async def test_at_start_a_redis_that_may_lose_credentials_is_said_and_can_stop_e
         assert status == 200, doc
 
 
-async def test_a_transaction_bound_level_without_its_signed_request_is_refused(
+async def test_a_transaction_link_opens_only_in_the_session_it_was_made_for(
     redis_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:
-    """What a browser meets when it reaches a transaction-bound level with only the Check's
-    level link (no ``tx``, which the Check does not sign yet): a refusal, no ceremony."""
+    """The Check signs ``tx`` for one session. Moved into another sign-in of the same user
+    (a link sent to a victim, a second browser) it is refused at the page and at the
+    ceremony's start; without any ``tx`` the level is refused too: no ceremony starts."""
     async with (
         passkey_stack(tmp_path, redis_url, redis_prefix) as stack,
         aiohttp.ClientSession() as http,
     ):
+        wire = TransactionRequest("POST", "localhost", "/wires/", b'{"amount": "10"}')
+        now = int(stack.clock())
+        mine = stack.links.sign_transaction(
+            level="wire", session=stack.sk, request=wire, fields=("amount",), now=now
+        )
+        theirs = stack.links.sign_transaction(
+            level="wire",
+            session=session_key(ISS, stack.subject, "another-sign-in"),
+            request=wire,
+            fields=("amount",),
+            now=now,
+        )
         cookie = {"Cookie": f"stepup-token={stack.token()}"}
-        link = stack.stepup_url("wire", rd="/wires/")
-        [ctx] = [
-            v for k, _, v in (p.partition("=") for p in link.split("?")[1].split("&")) if k == "ctx"
-        ]
+        link = stack.stepup_url("wire", rd="/wires/", tx=theirs)
+        [ctx] = parse_qs(urlsplit(link).query)["ctx"]
         async with http.get(link, headers=cookie, allow_redirects=False) as r:
             assert r.status == 400
             assert "This step-up link cannot be used" in await r.text()
-        status, doc, _ = await _post(
-            http,
-            stack,
-            "/authenticate/options",
-            {"level": "wire", "rd": "/wires/", "ctx": ctx},
-            token=stack.token(),
-        )
-        assert status == 400 and doc["reason"] == "transaction-invalid", doc
+        for tx in (theirs, ""):
+            status, doc, _ = await _post(
+                http,
+                stack,
+                "/authenticate/options",
+                {"level": "wire", "rd": "/wires/", "ctx": ctx, "tx": tx},
+                token=stack.token(),
+            )
+            assert status == 400 and doc["reason"] == "transaction-invalid", doc
+        # The same request signed for this session opens (the first load fixes its start).
+        async with http.get(
+            stack.stepup_url("wire", rd="/wires/", tx=mine), headers=cookie, allow_redirects=False
+        ) as r:
+            assert r.status == 303 and "st=" in r.headers["Location"]

@@ -91,14 +91,18 @@ class Browser:
         await self.page.wait_for_selector("#go")
 
     async def confirm(self) -> str:
-        """Press the button; 'granted' when the page went back to rd, else the error text."""
+        """Press the button; 'granted' when the page went back to rd, 'approved' when it
+        approved a transaction (and offers the way back to resubmit), else the error text."""
         await self.page.click("#go")
         await self.page.wait_for_function(
             "() => location.pathname === '/done' || "
-            "(document.getElementById('status') || {}).className === 'error'"
+            "(document.getElementById('status') || {}).className === 'error' || "
+            "!((document.getElementById('resubmit') || {hidden: true}).hidden)"
         )
         if self.page.url.endswith("/done"):
             return "granted"
+        if await self.page.is_visible("#resubmit"):
+            return "approved"
         return await self.page.inner_text("#status")
 
     def last_reply(self) -> dict[str, Any]:
@@ -330,7 +334,11 @@ async def test_a_transaction_grant_allows_its_own_request_once(
         assert "POST localhost/wires/" in shown and "25,000.00 USD" in shown
         assert "ACME Clearing" in shown
         await b.page.screenshot(path=str(IMG / "passkey-transaction.png"))
-        assert await b.confirm() == "granted"
+        assert await b.confirm() == "approved"
+        assert "submit it again within 120 seconds" in await b.page.inner_text("#status")
+        # The way back is to where the request was made (rd), to submit it again there.
+        await b.page.click("#resubmit a")
+        await b.page.wait_for_url(f"{stack.url}/done")
         assert await _grants(stack, "wire") == []  # no time-window grant for the level
         now = int(stack.clock())
         # What the Check would do: consume the grant for the digest of the request it sees.
