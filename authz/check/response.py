@@ -13,7 +13,8 @@ without our headers: ``stepup.error_status: 503`` therefore reaches the client o
 gRPC mode.
 
 
-Who gets what (DESIGN.md): browsers (Accept: text/html, safe methods) are redirected;
+Who gets what (DESIGN.md): browsers (Accept: text/html, safe methods) are redirected, and
+so is a browser's request of any method to a transaction-bound level (303, to approve it);
 API clients get 401 with a ``WWW-Authenticate: Bearer`` challenge, and for step-up the
 RFC 9470 section 3 ``insufficient_user_authentication`` error with ``acr_values`` and
 ``max_age``; gRPC clients get the same 401/403, which Envoy turns into UNAUTHENTICATED /
@@ -113,14 +114,16 @@ def denial(
         ("cache-control", "no-store"),
     ]
     if d.outcome in (Outcome.LOGIN, Outcome.STEP_UP):
-        if (
-            attrs is not None
-            and attrs.accepts_html
-            and not attrs.is_grpc
-            and attrs.method in _SAFE_METHODS
-        ):
+        browser = attrs is not None and attrs.accepts_html and not attrs.is_grpc
+        if browser and attrs is not None and attrs.method in _SAFE_METHODS:
             headers.append(("location", redirects.target(d, attrs)))
             return 302, headers, ""
+        if browser and attrs is not None and d.reason is Reason.TRANSACTION_REQUIRED:
+            # A transaction-bound step-up: the link carries the signed request, so the
+            # browser may leave its POST (303: the page is a GET); the user submits it
+            # again once approved. Any other unsafe request keeps the page below.
+            headers.append(("location", redirects.target(d, attrs)))
+            return 303, headers, ""
         if d.outcome is Outcome.STEP_UP:
             www = (challenge or rfc9470_challenge)(d.acr_values, d.max_age)
         elif d.reason == Reason.NO_CREDENTIALS:

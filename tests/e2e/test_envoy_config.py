@@ -228,3 +228,36 @@ def test_redis_restarts_on_the_same_port(stack: Stack) -> None:
     stack.start_redis()
     assert redis_ping(stack.redis_port)
     assert stack.redis_url.startswith(f"redis://127.0.0.1:{stack.redis_port}")
+
+
+@pytest.mark.parametrize("mode", ["grpc", "http"])
+def test_a_transaction_bound_route_buffers_the_whole_body_and_envoy_accepts_it(
+    tmp_path: Path, mode: str
+) -> None:
+    """examples/policy-passkeys.yaml sends wires (POST /wires/) at a transaction-bound
+    level: in the gRPC mode that route's check carries the whole body, exact bytes, and
+    Envoy itself accepts the per-route buffering."""
+    stack = Stack(
+        tmp_path / "stack",
+        policy_file=REPO_ROOT / "examples" / "policy-passkeys.yaml",
+        mode=mode,  # type: ignore[arg-type]
+        passkeys=True,
+    )
+    stack._write_files()
+    path = stack.workdir / "envoy.yaml"
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    routes = _hcm(yaml.safe_load(path.read_text()))["route_config"]["virtual_hosts"][0]["routes"]
+    checks = {
+        r["name"]: r["typed_per_filter_config"][EXT_AUTHZ].get("check_settings", {}) for r in routes
+    }
+    [wire] = [name for name in checks if name.endswith("-wire")]
+    if mode == "grpc":
+        assert checks[wire]["with_request_body"] == {
+            "max_request_bytes": 16384,
+            "allow_partial_message": False,
+            "pack_as_bytes": True,
+        }
+    else:  # the HTTP listener reads no body: the level's require_body then refuses
+        assert "with_request_body" not in checks[wire]
+    assert not [n for n, c in checks.items() if "with_request_body" in c and n != wire]

@@ -89,7 +89,9 @@ async def test_a_wire_approval_allows_that_wire_once_and_nothing_else(
 
     # The wire: refused by the Check, to the passkey page, which shows what is approved.
     landed = await _send(page, stack, WIRE)
-    assert "/_stepup/passkey?level=wire" in landed and "tx=" in landed, landed
+    assert "/_stepup/passkey?level=wire" in landed and "tx=" in landed, (
+        landed + await page.content()
+    )
     await page.wait_for_selector("#go")
     shown = await page.inner_text(".action")
     assert "POST localhost/wires/" in shown

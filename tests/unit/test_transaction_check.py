@@ -16,6 +16,7 @@ import yaml
 from authz.check.authorizer import Authorizer
 from authz.check.redirects import Redirects, resubmit_from
 from authz.check.request import PARTIAL_BODY_HEADER, attributes_from_check
+from authz.check.response import denial
 from authz.config.policy_file import PolicyHolder
 from authz.core.attributes import RequestAttributes
 from authz.core.decision import CheckInputs, Decision, Outcome, decide, with_transaction
@@ -310,3 +311,18 @@ def test_render_asks_envoy_for_the_whole_body_on_transaction_routes_only(policy:
     assert per["policy-2-strict"]["with_request_body"]["max_request_bytes"] == 16384
     assert "with_request_body" not in per["policy-3-high"]
     assert "with_request_body" not in per["default-standard"]
+
+
+def test_a_browser_post_to_a_transaction_level_is_sent_to_approve_it(policy: Policy) -> None:
+    """303 to the passkey page for a transaction-bound step-up of any method; another
+    unsafe request of a browser keeps its page (a redirect would drop its body unseen)."""
+    redirects = Redirects("/_stepup", None, clock=FakeClock(NOW), passkeys=True, links=None)
+    wire = _attrs()
+    status, headers, _ = denial(
+        _decide(policy, wire), wire, "01D", redirects=redirects, error_status=503
+    )
+    assert status == 303 and dict(headers)["location"].startswith("/_stepup/passkey?level=wire")
+    put = _attrs("/accounts/1", method="PUT")
+    high = Decision(Outcome.STEP_UP, Reason.ACR_INSUFFICIENT, policy.by_name["high"], ALICE)
+    status, headers, _ = denial(high, put, "01D", redirects=redirects, error_status=503)
+    assert status == 401 and "location" not in dict(headers)
