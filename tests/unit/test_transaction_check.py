@@ -103,6 +103,9 @@ def test_the_body_counts_only_when_envoy_sent_the_whole_of_it() -> None:
     # does not match the (empty) body Envoy sent, so no body is known.
     assert _grpc_body({PARTIAL_BODY_HEADER: "false", "content-length": "64"}) is None
     assert _grpc_body({PARTIAL_BODY_HEADER: "false", "content-length": "x"}, raw=b"x") is None
+    # ... nor without a content-length (a chunked body Envoy did not buffer).
+    assert _grpc_body({PARTIAL_BODY_HEADER: "false"}) is None
+    assert _grpc_body({PARTIAL_BODY_HEADER: "false", "content-length": "0"}) == b""
 
 
 # -- the decision ---------------------------------------------------------------------------------
