@@ -98,8 +98,9 @@ def whole_body(raw: bytes, headers: Mapping[str, str]) -> bytes | None:
 
     Whole means: Envoy said so (``x-envoy-auth-partial-body: false``, which it sets only
     when it buffered a body), the client's ``content-length``, when it sent one, is the
-    length received (without one, the body is not empty), and it fits ``MAX_BODY_BYTES``. A partial body binds nothing: the
-    approval would cover bytes the user never saw the end of."""
+    length received (without one, the body is not empty), and it fits ``MAX_BODY_BYTES``.
+    A partial body binds nothing: the approval would cover bytes the user never saw the end
+    of."""
     if headers.get(PARTIAL_BODY_HEADER) != "false" or len(raw) > MAX_BODY_BYTES:
         return None
     length = headers.get("content-length")
