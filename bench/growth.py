@@ -18,7 +18,13 @@ and all on that Valkey. Cases, each against the baseline of its dimension:
 * **distinct users**: 1 against 1,000 and 100,000 users, each with its own token, session
   and grant (written through the store's API), checked in rotation; the token cache sized
   to hold them all, so this is the state (Redis, ``note_allow``) alone. One more case: 100k
-  users with the default token cache (10,000 entries), where every check is also a miss;
+  users with the default token cache (10,000 entries), where every check is also a miss.
+  Above 5,000 users every check is its user's first within the lesson refresh interval
+  (``first_in_interval``: the case's clock moves ``CLOCK_STEP_S`` ahead before each pass, and
+  a pass never repeats a user), so each allow's lesson is written: the worst case. The
+  returning case is the other end: 100k users in the keyspace, and the measured pass checks
+  again the ``RETURNING_WINDOW`` users its warm pass has just checked, as active users
+  browsing within the minute are;
 * **token cache**: the same user's one token (a hit) against a token never seen before on
   every check (same user and session: RS256 verification and claims, nothing else differs).
 
@@ -54,7 +60,15 @@ REPO = BENCH_DIR.parent
 EXAMPLE = REPO / "examples" / "policy.yaml"
 BIG_CACHE_MARGIN = 1.2  # the token cache of the users cases: every user's token fits
 GRANT_WRITES_IN_FLIGHT = 256
-WARM_MAX = 5000  # above the 4,096 lessons note_allow remembers: a warm pass refreshes them all
+WARM_MAX = 5000  # unmeasured checks before a measured run, at most
+# Before each pass of a first-in-interval case its clock moves this far ahead: beyond the
+# authorizer's refresh interval of lessons (60 s), so no check finds its user's last
+# sighting fresh, however fast the passes run. The grants' evidence must stay within the
+# example's elevated max_age (900 s): 3 repetitions are 7 passes, 427 s ahead at the end.
+CLOCK_STEP_S = 61
+# The returning case's users: above the 4,096 lessons the former process-local memory held,
+# within the default token cache (10,000), so every measured check is a token-cache hit.
+RETURNING_WINDOW = 8000
 
 
 # -- the policies (pure) ---------------------------------------------------------------------
@@ -151,6 +165,10 @@ class Case:
     fresh_tokens: bool = False  # every check presents a token never seen before
     token_cache: int | None = None  # None: the default (oidc.token_cache_size)
     baseline: str = ""  # the case this one is compared with ("" = itself)
+    # Every check is its user's first within the lesson refresh interval (see CLOCK_STEP_S).
+    first_in_interval: bool = False
+    # > 0: the warm pass checks this many users and the measured pass the same ones again.
+    returning: int = 0
 
 
 def cases(users: Sequence[int]) -> list[Case]:
@@ -186,6 +204,7 @@ def cases(users: Sequence[int]) -> list[Case]:
                     users=n,
                     token_cache=int(n * BIG_CACHE_MARGIN) + 10,
                     baseline="users-1",
+                    first_in_interval=n > WARM_MAX,
                 )
             )
     if top > 10_000:
@@ -197,6 +216,19 @@ def cases(users: Sequence[int]) -> list[Case]:
                 "example",
                 users=top,
                 baseline="users-1",
+                first_in_interval=True,
+            )
+        )
+    if top > RETURNING_WINDOW:
+        out.append(
+            Case(
+                f"users-{top}-returning",
+                "distinct users",
+                f"{top:,} users, {RETURNING_WINDOW:,} of them checked again within the minute",
+                "example",
+                users=top,
+                baseline="users-1",
+                returning=RETURNING_WINDOW,
             )
         )
     out += [
@@ -287,14 +319,27 @@ class _Live:
     service: Any  # authz.app.Service
     offset: int = 0
     runs: list[dict[str, Any]] = field(default_factory=list)
+    last: tuple[int, int] = (0, 1)  # the previous pass's (start, checks)
+    skew: float = 0.0  # seconds the case's clock runs ahead (first_in_interval)
 
-    def take(self, n: int) -> tuple[Sequence[bytes], int]:
-        """The heads for the next ``n`` checks: in rotation, or fresh ones never reused."""
+    def take(self, n: int, *, again: bool = False) -> tuple[Sequence[bytes], int, int]:
+        """(heads, start, span) for the next ``n`` checks: check ``i`` presents
+        ``heads[(start + i % span) % len(heads)]``. In rotation, or fresh ones never reused;
+        ``again``: the previous pass's heads once more."""
+        if again:
+            start, span = self.last
+            return self.heads, start, span
         start = self.offset
         self.offset += n
         if self.case.fresh_tokens and self.offset > len(self.heads):
             raise RuntimeError("ran out of fresh tokens")
-        return self.heads, start
+        self.last = (start, n)
+        return self.heads, start, n
+
+    def step_clock(self) -> None:
+        """A first-in-interval case: move its clock past the lessons' refresh interval."""
+        if self.case.first_in_interval:
+            self.skew += CLOCK_STEP_S
 
 
 class Minter:
@@ -368,7 +413,10 @@ async def _run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 service = await inproc.start(settings)
                 check = inproc.HttpPath(service.authorizer, settings)
                 case_heads = fresh_heads if c.fresh_tokens else heads[: c.users]
-                live.append(_Live(c, check, service.authorizer, case_heads, service))
+                lv = _Live(c, check, service.authorizer, case_heads, service)
+                if c.first_in_interval:
+                    service.authorizer.clock = _ahead(lv)
+                live.append(lv)
             store = live[0].authorizer.store
             _log(f"writing {top:,} grants through the store")
             t0 = time.monotonic()
@@ -393,8 +441,10 @@ async def _run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             for rep in range(args.reps):
                 k = rep % len(live)
                 for lv in live[k:] + live[:k]:
-                    await _pass(lv, warm_size(lv.case.users), args.concurrency)
-                    r = await _pass(lv, args.n, args.concurrency, redis_cpu=redis_cpu)
+                    warm = lv.case.returning or warm_size(lv.case.users)
+                    await _pass(lv, warm, args.concurrency)
+                    again = lv.case.returning > 0
+                    r = await _pass(lv, args.n, args.concurrency, redis_cpu=redis_cpu, again=again)
                     run = {"case": lv.case.id, "rep": rep, **r.as_dict()}
                     lv.runs.append(run)
                     _log(
@@ -412,15 +462,23 @@ async def _run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return {"cases": [c.__dict__ for c in all_cases], "runs": runs}
 
 
-async def _pass(lv: _Live, n: int, concurrency: int, redis_cpu: Any = None) -> Any:
+def _ahead(lv: _Live) -> Any:
+    """The wall clock, ``lv.skew`` seconds ahead."""
+    return lambda: time.time() + lv.skew
+
+
+async def _pass(
+    lv: _Live, n: int, concurrency: int, redis_cpu: Any = None, *, again: bool = False
+) -> Any:
     from bench import inproc
 
-    heads, start = lv.take(n)
+    lv.step_clock()
+    heads, start, span = lv.take(n, again=again)
     size = len(heads)
     check = lv.check
 
     async def one(i: int) -> int:
-        return int(await check.once(heads[(start + i) % size]))
+        return int(await check.once(heads[(start + i % span) % size]))
 
     return await inproc.closed_loop(
         one, n, concurrency, drain=lv.authorizer.drain, redis_cpu=redis_cpu

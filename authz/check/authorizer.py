@@ -35,7 +35,7 @@ from authz.core.decision import (
 from authz.core.ids import new_id
 from authz.core.policy import Level
 from authz.core.reasons import Reason
-from authz.core.session import Identity, UserState, session_key, user_key
+from authz.core.session import Identity, UserState, device_tag, session_key, user_key
 from authz.core.signals import Device, Geo
 from authz.core.transactions import of_request
 from authz.errors import KeysUnavailable, StoreError, TokenError
@@ -56,12 +56,15 @@ _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 # What an allow teaches the store is written in the background; beyond this many writes in
 # flight the lesson is skipped (and counted) rather than queueing without bound.
 _MAX_BACKGROUND_WRITES = 512
-# The same lesson (user, session, level, IP, device, place) is written at most once per this
-# many seconds: a client polling a route would otherwise cost a second script per Check for
-# nothing but a fresher last-seen time. What the lesson feeds (first access to a level,
-# known devices / IPs, impossible travel between places) changes only when the tuple does.
-_NOTE_EVERY_S = 5
-_NOTE_MEMORY = 4096  # distinct recent lessons remembered (cleared when full)
+# An allow whose lesson the state just read already holds (level seen; last sighting by this
+# session, device, IP and place) is written again only once that sighting is this old. It
+# bounds how stale what the lesson feeds may be: impossible travel measures speed against a
+# sighting at most this much older than the user's last allow there (its 100 km floor over
+# 60 s is 6,000 km/h, beyond any max_kmh a policy sets for a jump right after), the sessions
+# index's last_seen (and so which session its bound evicts) and known device / IP recency
+# are minute-precise, and the 1-day / 90-day TTLs are refreshed every minute of activity.
+# Decided from the read alone: no process memory, the same answer on every replica.
+_LESSON_REFRESH_S = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +100,36 @@ def extract_token(attrs: RequestAttributes, cookie_name: str) -> tuple[str | Non
     return None, None
 
 
+def lesson_is_news(
+    state: UserState,
+    *,
+    session: str,
+    level_read: bool,
+    ip: str | None,
+    device: str | None,
+    geo: Geo | None,
+    now: int,
+) -> bool:
+    """Whether an allow's lesson would change what matters in the store, judged from the
+    state the Check read. Not news only when the level was seen (and it is the level read:
+    a rule may have raised it) and the last sighting is this session's, from this device,
+    IP and place, and younger than ``_LESSON_REFRESH_S``: the lesson that wrote it also
+    wrote this session's index entry with that IP and device. A user's sighting is one per
+    user, so with two sessions active each one's lesson rewrites it (a session's index
+    entry is never left stale by another's). No IP: no sighting to judge by, always news."""
+    last = state.last_seen
+    if not (state.level_seen and level_read) or last is None or ip is None:
+        return True
+    return not (
+        last.session == session
+        and last.ip == ip
+        and last.device == device_tag(device)
+        and last.lat == (geo.lat if geo else None)
+        and last.lon == (geo.lon if geo else None)
+        and 0 <= now - last.at < _LESSON_REFRESH_S
+    )
+
+
 class Authorizer:
     def __init__(
         self,
@@ -121,7 +154,6 @@ class Authorizer:
         self.transactions = transactions
         self.geoip = geoip
         self._background: set[asyncio.Task[None]] = set()
-        self._noted: dict[tuple[object, ...], int] = {}  # lesson -> when written
         self.policy = policy
         self.tokens = tokens
         self.store = store
@@ -297,7 +329,7 @@ class Authorizer:
         for signal in decision.signals:
             self.metrics.signals.labels(signal=signal).inc()
         if decision.outcome is Outcome.ALLOW and identity is not None and state is not None:
-            self._note_allow(identity, decision, device, geo, ip, now)
+            self._note_allow(identity, decision, device, geo, ip, now, state, level.name)
         return decision
 
     async def _transaction(
@@ -346,32 +378,29 @@ class Authorizer:
         geo: Geo | None,
         ip: str | None,
         now: int,
+        state: UserState,
+        read_level: str,
     ) -> None:
         if decision.level is None:
             self.metrics.redis_errors.labels(op="note").inc()
             return
-        lesson = (
-            identity.issuer,
-            identity.subject,
-            identity.session_id,
-            decision.level.name,
-            ip,
-            device.id if device else None,
-            geo.lat if geo else None,
-            geo.lon if geo else None,
-        )
-        last = self._noted.get(lesson)
-        if last is not None and 0 <= now - last < _NOTE_EVERY_S:
+        session = session_key(identity.issuer, identity.subject, identity.session_id)
+        if not lesson_is_news(
+            state,
+            session=session,
+            level_read=decision.level.name == read_level,
+            ip=ip,
+            device=device.id if device else None,
+            geo=geo,
+            now=now,
+        ):
             return
         if len(self._background) >= _MAX_BACKGROUND_WRITES:
             self.metrics.redis_errors.labels(op="note").inc()
             return
-        if len(self._noted) >= _NOTE_MEMORY:
-            self._noted.clear()
-        self._noted[lesson] = now
         write = self.store.note_allow(
             user=user_key(identity.issuer, identity.subject),
-            session=session_key(identity.issuer, identity.subject, identity.session_id),
+            session=session,
             level=decision.level.name,
             ip=ip,
             device=device.id if device else None,

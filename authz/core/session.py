@@ -73,12 +73,28 @@ EMPTY_SESSION = SessionSnapshot()
 
 @dataclass(frozen=True, slots=True)
 class Sighting:
-    """Where and when the user was last allowed (for impossible travel)."""
+    """Where and when the user was last allowed (for impossible travel), and by which
+    session and device: the lesson that wrote it also wrote that session's index entry
+    (``authz.check.authorizer``). ``session`` is None for a sighting recorded before it
+    was (it then matches no Check and is rewritten); ``device`` is ``device_tag`` of the
+    device, None when there was none."""
 
     at: int
     ip: str
     lat: float | None = None
     lon: float | None = None
+    session: str | None = None
+    device: str | None = None
+
+
+def device_tag(device: str | None) -> str | None:
+    """What a sighting keeps of a device id: a 64-bit digest, enough to tell whether the
+    next allow comes from the same device (a device id is free text up to 256 characters;
+    the digest is short and has no separator in it). The sighting is sealed, so the
+    digest needs no key."""
+    if device is None:
+        return None
+    return hashlib.blake2b(device.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from authz.core.session import Grant, Sighting, UserState
+from authz.core.session import Grant, Sighting, UserState, device_tag
 from authz.errors import StoreError
 from authz.store.interfaces import SessionInfo
 from authz.store.sessions import StoreLimits, velocity_estimate
@@ -209,7 +209,8 @@ class MemorySessionStore:
         u.levels.setdefault(level, now)
         u.levels_exp = t + lim.history_ttl_s
         if ip:
-            u.sighting = (Sighting(now, ip, lat, lon), t + lim.session_ttl_s)
+            seen = Sighting(now, ip, lat, lon, session, device_tag(device))
+            u.sighting = (seen, t + lim.session_ttl_s)
         self._touch_session(u, t, session, now, ip, device, None)
         if device and device in u.devices:
             u.devices[device] = now

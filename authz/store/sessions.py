@@ -18,8 +18,8 @@ H(iss, sub) and ``sk`` the session key H(iss, sub, sid) (``authz.core.session``)
     P u:{uk}:ip                hash    F(ip) -> last seen; <= max_ips         history_ttl_s *
     P u:{uk}:lv                hash    level -> first allowed at              history_ttl_s *
     P u:{uk}:vc:<n>            string  sensitive checks in window n           2 * window
-    P u:{uk}:ls                string  E(last allowed sighting "ts,ip,lat,lon")
-                                                                              session_ttl_s *
+    P u:{uk}:ls                string  E(last allowed sighting                session_ttl_s *
+                                       "ts,ip sk device-tag,lat,lon"; before: "ts,ip,lat,lon")
     P st:<sha256(state id)>    string  E(one-time step-up state, JSON)        state lifetime
 
     * refreshed on every write
@@ -70,7 +70,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from authz.core.session import Evidence, Grant, Sighting, UserState
+from authz.core.session import Evidence, Grant, Sighting, UserState, device_tag
 from authz.errors import StoreError
 from authz.store.crypto import FieldCipher
 from authz.store.interfaces import SessionInfo
@@ -168,17 +168,32 @@ def decode_grant(raw: bytes | str, level: str) -> Grant | None:
 
 
 def encode_sighting(s: Sighting) -> str:
+    """``at,ip[ session device],lat,lon``: the session key and the device tag (``-``: none)
+    ride in the IP's field, which no IP's text contains a space or a comma of, so the
+    previous release (which split on commas into exactly four fields and read only the
+    time and the place) still reads a sighting written by this one."""
     lat = "" if s.lat is None else repr(s.lat)
     lon = "" if s.lon is None else repr(s.lon)
-    return f"{s.at},{s.ip},{lat},{lon}"
+    where = s.ip if s.session is None else f"{s.ip} {s.session} {s.device or '-'}"
+    return f"{s.at},{where},{lat},{lon}"
 
 
 def decode_sighting(raw: bytes | str) -> Sighting | None:
+    """The sighting in ``raw``; one without a session (the earlier format) has
+    ``session=None``. None when malformed."""
     try:
         text = raw.decode() if isinstance(raw, bytes) else raw
-        at, ip, lat, lon = text.split(",")
+        at, where, lat, lon = text.split(",")
+        ip, *by = where.split(" ")
+        if by and (len(by) != 2 or not all(by)):
+            return None
         return Sighting(
-            at=int(at), ip=ip, lat=float(lat) if lat else None, lon=float(lon) if lon else None
+            at=int(at),
+            ip=ip,
+            lat=float(lat) if lat else None,
+            lon=float(lon) if lon else None,
+            session=by[0] if by else None,
+            device=by[1] if by and by[1] != "-" else None,
         )
     except (ValueError, UnicodeDecodeError):
         return None
@@ -594,13 +609,13 @@ class RedisSessionStore:
         lon: float | None = None,
     ) -> None:
         """After an allow, off the Check's critical path: level first seen, last sighting
-        (only with an IP), session last_seen; refreshes a known device's / IP's recency."""
+        (only with an IP; it names ``session`` and the device's tag), session last_seen;
+        refreshes a known device's / IP's recency."""
         _check_part("session", session)
         k, lim = self.keys(user), self.limits
+        seen = Sighting(now, ip, lat, lon, session, device_tag(device)) if ip else None
         sighting = (
-            self._cipher.encrypt(encode_sighting(Sighting(now, ip, lat, lon)), k.last_sighting)
-            if ip
-            else ""
+            "" if seen is None else self._cipher.encrypt(encode_sighting(seen), k.last_sighting)
         )
         keys = [k.levels_seen, k.last_sighting, k.sessions, k.devices, k.ips]
         dev_fp, dev_prev = self._fps("device", user, device)

@@ -417,7 +417,7 @@ async def test_service_uses_it_and_a_revocation_applies_on_the_next_check(
                 assert (await servicer.Check(req, None)).status.code == 0
             await service.authorizer.drain()
             stats = await admin.info("commandstats")
-            # 5 reads, 1 lesson: the 4 repeats within _NOTE_EVERY_S are not written again
+            # 5 reads, 1 lesson: the 4 repeats find the sighting the first wrote (lesson_is_news)
             assert stats["cmdstat_evalsha"]["calls"] == 6
             # 8 concurrent Checks from 8 addresses: 8 lessons, written beside the 8 reads in
             # one or two calls (one round trip per Check, not two).

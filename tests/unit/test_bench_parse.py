@@ -513,6 +513,13 @@ def test_growth_summary_ratios_to_each_dimensions_baseline() -> None:
     assert "users-100000-default-cache" in ids and "users-1000" in ids
     big = next(c for c in cases if c.id == "users-100000")
     assert big.token_cache is not None and big.token_cache >= 100_000
+    # the worst case: no check finds its user's sighting fresh (the clock steps past it)
+    from authz.check.authorizer import _LESSON_REFRESH_S
+
+    assert big.first_in_interval and growth.CLOCK_STEP_S > _LESSON_REFRESH_S
+    assert not next(c for c in cases if c.id == "users-1000").first_in_interval
+    back = next(c for c in cases if c.id == "users-100000-returning")
+    assert back.returning == growth.RETURNING_WINDOW and not back.first_in_interval
     runs = [
         {
             "case": cid,

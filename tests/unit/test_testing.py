@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from authz.core.session import Evidence, Grant, Sighting, UserState
+from authz.core.session import Evidence, Grant, Sighting, UserState, device_tag
 from authz.errors import StoreError
 from authz.store.memory import MemorySessionStore
 from authz.store.sessions import StoreLimits
@@ -95,7 +95,7 @@ async def test_known_device_ip_level_seen_and_sighting() -> None:
     )
     s = await read(store, now, device="d1", ip="192.0.2.2")
     assert (s.device_known, s.ip_known, s.level_seen) == (True, False, True)
-    assert s.last_seen == Sighting(now, "192.0.2.1", 1.5, 2.5)
+    assert s.last_seen == Sighting(now, "192.0.2.1", 1.5, 2.5, SK, device_tag("d1"))
     assert (await read(store, now)).device_known is None
     # note_allow never teaches a device: only a grant does.
     await store.note_allow(user=UK, session=SK, level="high", ip="192.0.2.9", device="d9", now=now)
