@@ -171,7 +171,7 @@ def resolve_level(
             risk=risk,
         )
 
-    for rule in policy.rules:
+    for rule in policy.rules_for(ip, ctx):  # file order; those that cannot fire left out
         if not rule.matches(ip, ctx, level):
             continue
         if rule.shadow:

@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import re2
 from re2 import _re2
 
+from authz.core.policy_index import RouteIndex, RuleIndex
 from authz.errors import PolicyError
 
 _SLUG = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
@@ -265,6 +266,13 @@ class Policy:
     # Whether any rule looks at device posture: then unattested posture counts as
     # noncompliant and unmanaged (authz.core.signals).
     uses_posture: bool = False
+    # Built from routes and rules by __post_init__, so they cannot disagree with them.
+    route_index: RouteIndex = field(init=False, repr=False, compare=False)
+    rule_index: RuleIndex = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "route_index", RouteIndex(self.routes))
+        object.__setattr__(self, "rule_index", RuleIndex(self.rules, _NO_CONTEXT))
 
     def is_sensitive(self, level: Level) -> bool:
         """Whether checks at ``level`` count towards the velocity signal."""
@@ -272,10 +280,25 @@ class Policy:
         return name is not None and level.rank >= self.by_name[name].rank
 
     def route_for(self, host: str, method: str, path: str) -> Route | None:
+        """The first route in file order that matches the request (``route_index``)."""
+        return self.route_index.route_for(host, method, path)
+
+    def route_for_scan(self, host: str, method: str, path: str) -> Route | None:
+        """``route_for`` by trying every route in order: the reference the index is tested
+        against."""
         for route in self.routes:
             if route.matches(host, method, path):
                 return route
         return None
+
+    def rules_for(
+        self,
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+        ctx: Context | None = None,
+    ) -> Sequence[Rule]:
+        """The rules that could fire for this IP and context, in file order (a superset of
+        those whose ``matches`` holds; ``rule_index``)."""
+        return self.rule_index.candidates(ip, ctx)
 
 
 def _fail(loc: Sequence[str | int], msg: str) -> PolicyError:
