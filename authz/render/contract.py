@@ -25,6 +25,7 @@ REQUEST_HEADERS: tuple[str, ...] = (
     "x-forwarded-proto",
     "x-request-id",  # joins the audit record to Envoy's access log
     "traceparent",  # W3C trace context: a check joins the caller's trace
+    "referer",  # a transaction-bound POST: the same-origin page the browser resubmits from
 )
 # Client-sent copies of our identity headers must reach the check too: the service names
 # them for removal (HTTP mode) or overwrites them (gRPC mode), so none reaches the upstream.
