@@ -52,11 +52,10 @@ from authz.stepup.link import ContextSigner
 from authz.stepup.logout import LogoutApp
 from authz.stepup.oidc import OidcClient, ProviderMetadata
 from authz.stepup.passkeys.handlers import add_routes as add_passkey_routes
-from authz.stepup.passkeys.handlers import build_passkey_routes
+from authz.stepup.passkeys.handlers import build_passkey_routes, credential_store
 from authz.stepup.passkeys.links import LinkSigner
 from authz.stepup.provider import IdpConnection
 from authz.store.connections import EmbeddedValkey, SentinelWatcher, make_redis
-from authz.store.credentials import RedisCredentialStore
 from authz.store.crypto import cipher_from_settings
 from authz.store.fastredis import make_fast_redis
 from authz.store.sessions import RedisSessionStore, StoreLimits
@@ -411,13 +410,7 @@ async def start_service(
         links = LinkSigner.from_file(settings.stepup.context_key_file)
         transactions = None
         if settings.passkeys.enabled:  # transaction-bound levels' grants, taken by the Check
-            transactions = RedisCredentialStore(
-                client,
-                prefix=settings.redis.key_prefix,
-                deadline_ms=settings.redis.deadline_ms,
-                cipher=store.cipher,
-                on_corrupt=metrics.corrupt_grants.inc,
-            )
+            transactions = credential_store(client, settings, store, metrics)
         authorizer = Authorizer(
             policy=policy,
             tokens=access_tokens,

@@ -59,6 +59,7 @@ __all__ = [
     "Refusal",
     "add_routes",
     "build_passkey_routes",
+    "credential_store",
     "relying_party",
 ]
 
@@ -116,6 +117,21 @@ class PasskeyRoutes(StepupHandlers, EnrolmentHandlers):
         )
 
 
+def credential_store(
+    client: Any, settings: Settings, sessions: RedisSessionStore, metrics: Metrics
+) -> RedisCredentialStore:
+    """The credential registry and transaction grants in the session store's Redis, under
+    its prefix, deadline and keyring: what the passkey pages write and the Check takes."""
+    return RedisCredentialStore(
+        client,
+        prefix=settings.redis.key_prefix,
+        deadline_ms=settings.redis.deadline_ms,
+        cipher=sessions.cipher,
+        max_credentials=settings.passkeys.max_credentials,
+        on_corrupt=metrics.corrupt_grants.inc,
+    )
+
+
 def build_passkey_routes(
     settings: Settings,
     *,
@@ -134,14 +150,7 @@ def build_passkey_routes(
     the auditor. ``links``: the signer the Check's redirects use for ``tx`` (needed when no
     ``stepup.context_key_file`` is set: a per-process key must be one object for both).
     Raises ConfigError for an MDS BLOB that does not verify."""
-    store = RedisCredentialStore(
-        client,
-        prefix=settings.redis.key_prefix,
-        deadline_ms=settings.redis.deadline_ms,
-        cipher=sessions.cipher,
-        max_credentials=settings.passkeys.max_credentials,
-        on_corrupt=metrics.corrupt_grants.inc,
-    )
+    store = credential_store(client, settings, sessions, metrics)
     return PasskeyRoutes(
         settings=settings,
         policy=policy,
