@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import pyotp
 import pytest
 import redis.asyncio as aioredis
-from playwright.async_api import Browser, Page, Route
+from playwright.async_api import Browser, CDPSession, Page, Route
 
 from authz.config.settings import load_settings
 from authz.core.session import user_key
@@ -63,6 +63,20 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 TOTP = {"alice": ALICE_TOTP_SECRET, "bob": BOB_TOTP_SECRET}
+
+
+async def _page_with_authenticator(
+    browser: Browser, options: dict[str, Any]
+) -> tuple[Page, CDPSession, dict[str, Any]]:
+    """A fresh browser context's page with Chromium's virtual authenticator (CDP WebAuthn
+    domain) of ``options`` attached: the page, its CDP session and the authenticator added."""
+    context = await browser.new_context()
+    context.set_default_timeout(60_000)  # each step; a loaded machine is slow, not wrong
+    page = await context.new_page()
+    cdp = await context.new_cdp_session(page)
+    await cdp.send("WebAuthn.enable")
+    added = await cdp.send("WebAuthn.addVirtualAuthenticator", {"options": options})
+    return page, cdp, added
 
 
 async def _idp_sign_in(page: Page, stack: Stack, back_to: str, user: str = "alice") -> None:
@@ -124,12 +138,7 @@ async def test_a_newcomer_enrols_a_key_after_a_totp_stepup_and_wires_need_it(
     pk_stack: Stack, browser: Browser
 ) -> None:
     stack = pk_stack
-    context = await browser.new_context()
-    context.set_default_timeout(60_000)  # each step; a loaded machine is slow, not wrong
-    page = await context.new_page()
-    cdp = await context.new_cdp_session(page)
-    await cdp.send("WebAuthn.enable")
-    await cdp.send("WebAuthn.addVirtualAuthenticator", {"options": HARDWARE_KEY})
+    page, _, _ = await _page_with_authenticator(browser, HARDWARE_KEY)
 
     # a. The IdP step-up (password, then TOTP) to "elevated", as the guide says.
     await page.goto(f"{stack.public_url}/accounts/123")
@@ -162,7 +171,7 @@ async def test_a_newcomer_enrols_a_key_after_a_totp_stepup_and_wires_need_it(
     assert seen["x-stepup-acr"] == "phr"
     assert seen["x-stepup-amr"] == "hwk user pin mfa"
     assert seen["x-stepup-user"] == "alice"
-    await context.close()
+    await page.context.close()
 
 
 async def test_through_envoy_a_synced_passkey_and_a_key_added_mid_stepup_do_not_pass(
@@ -173,12 +182,7 @@ async def test_through_envoy_a_synced_passkey_and_a_key_added_mid_stepup_do_not_
     step-up (Keycloak CVE-2023-3597). With the real clock this holds by construction: the
     key is created after the step-up began."""
     stack = pk_stack
-    context = await browser.new_context()
-    context.set_default_timeout(60_000)  # each step; a loaded machine is slow, not wrong
-    page = await context.new_page()
-    cdp = await context.new_cdp_session(page)
-    await cdp.send("WebAuthn.enable")
-    added = await cdp.send("WebAuthn.addVirtualAuthenticator", {"options": SYNCED_PASSKEY})
+    page, cdp, added = await _page_with_authenticator(browser, SYNCED_PASSKEY)
     await page.goto(f"{stack.public_url}/accounts/7")
     await _idp_sign_in(page, stack, "/accounts/7", user="bob")
 
@@ -209,7 +213,7 @@ async def test_through_envoy_a_synced_passkey_and_a_key_added_mid_stepup_do_not_
     assert "added during this step-up" in await page.inner_text("#status")
     await page.goto(f"{stack.public_url}/wires/2")  # no grant: the Check still asks
     assert "/_stepup/passkey" in page.url
-    await context.close()
+    await page.context.close()
 
 
 async def test_through_envoy_no_user_verification_is_refused_and_a_removed_key_is_gone(
@@ -219,12 +223,7 @@ async def test_through_envoy_no_user_verification_is_refused_and_a_removed_key_i
     a page script asks the browser not to require it: "high" (UV required) refuses. Then
     alice removes the key on the keys page, and a wire sends her to enrol again."""
     stack = stack_factory(**STACK)
-    context = await browser.new_context()
-    context.set_default_timeout(60_000)  # each step; a loaded machine is slow, not wrong
-    page = await context.new_page()
-    cdp = await context.new_cdp_session(page)
-    await cdp.send("WebAuthn.enable")
-    added = await cdp.send("WebAuthn.addVirtualAuthenticator", {"options": HARDWARE_KEY})
+    page, cdp, added = await _page_with_authenticator(browser, HARDWARE_KEY)
     replies: list[dict[str, Any]] = []
 
     async def record(response: Any) -> None:
@@ -266,7 +265,7 @@ async def test_through_envoy_no_user_verification_is_refused_and_a_removed_key_i
     assert "no security keys" in await page.inner_text("main")
     await page.goto(f"{stack.public_url}/wires/1")
     await page.wait_for_url(re.compile(r"/_stepup/passkey/keys\?for=high"))
-    await context.close()
+    await page.context.close()
 
 
 def test_the_guide_says_how_and_its_command_works(pk_stack: Stack) -> None:

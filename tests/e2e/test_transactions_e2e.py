@@ -23,7 +23,13 @@ from playwright.async_api import Browser, Page, Route
 
 from authz.demo.stack import Stack
 from tests.browser import chromium
-from tests.e2e.test_passkeys_demo import STACK, _echoed, _enrolled_a_minute_ago, _idp_sign_in
+from tests.e2e.test_passkeys_demo import (
+    STACK,
+    _echoed,
+    _enrolled_a_minute_ago,
+    _idp_sign_in,
+    _page_with_authenticator,
+)
 from tests.integration.test_passkeys_browser import HARDWARE_KEY
 
 pytestmark = pytest.mark.e2e
@@ -73,12 +79,7 @@ async def test_a_wire_approval_allows_that_wire_once_and_nothing_else(
     stack_factory: Any, browser: Browser
 ) -> None:
     stack = stack_factory(**STACK)
-    context = await browser.new_context()
-    context.set_default_timeout(60_000)  # each step; a loaded machine is slow, not wrong
-    page = await context.new_page()
-    cdp = await context.new_cdp_session(page)
-    await cdp.send("WebAuthn.enable")
-    await cdp.send("WebAuthn.addVirtualAuthenticator", {"options": HARDWARE_KEY})
+    page, _, _ = await _page_with_authenticator(browser, HARDWARE_KEY)
     await page.goto(f"{stack.public_url}/accounts/123")
     await _idp_sign_in(page, stack, "/accounts/123")
     await page.goto(f"{stack.public_url}/_stepup/passkey/keys")
@@ -121,4 +122,4 @@ async def test_a_wire_approval_allows_that_wire_once_and_nothing_else(
     # The same wire again (a replay, a double submission): approve again.
     again = await _send(page, stack, WIRE)
     assert "/_stepup/passkey?level=wire" in again, again
-    await context.close()
+    await page.context.close()
