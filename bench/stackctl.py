@@ -292,15 +292,17 @@ class BenchStack(Stack):
             "audit": {"durable_level": AUDIT_DURABLE_LEVEL},
             "crypto": {"keys": {"bench": str(self.bench_crypto_key)}, "active_kid": "bench"},
         }
-        self.check_port = free_ports(1)[0] if http_authz else 0
-        if http_authz:
-            extra["http_authz"] = {"enabled": True, "port": self.check_port}
         super().__init__(
             workdir,
             policy_file=policy_file,
             envoy_template=ENVOY_DIR / "authz_grpc.yaml",
             extra_settings=extra,
         )
+        # The demo Stack picks its own check_port (for its HTTP-mode stack): the HTTP
+        # listener's setting and the second Envoy both take that one, set after it.
+        self.with_http_authz = http_authz
+        if http_authz:
+            self.extra_settings["http_authz"] = {"enabled": True, "port": self.check_port}
         self.workers = workers
         self.http_envoy: Envoy | None = None
 
@@ -313,7 +315,7 @@ class BenchStack(Stack):
         if not self.bench_crypto_key.exists():
             self.bench_crypto_key.write_bytes(os.urandom(32))
         super()._start()
-        if self.check_port:
+        if self.with_http_authz:
             envoy_bin = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
             self.http_envoy = start_envoy(
                 "authz_http",

@@ -583,3 +583,16 @@ def test_the_bench_stack_builds_over_the_demo_stack(tmp_path: Path) -> None:
     stack = BenchStack(tmp_path / "stack", REPO / "examples" / "policy.yaml", "INFO")
     assert stack.bench_crypto_key.name == "crypto-bench.key"
     assert stack.settings()["crypto"]["keys"] == {"bench": str(stack.bench_crypto_key)}
+
+
+def test_the_bench_stacks_http_envoy_and_http_listener_share_one_port(tmp_path: Path) -> None:
+    """Scenario 5's Envoy sends its checks to ``check_port``; the service's HTTP listener must
+    listen there (the demo Stack assigns check_port itself, after the bench's own choice)."""
+    from bench.stackctl import BenchStack
+
+    stack = BenchStack(
+        tmp_path / "stack", REPO / "examples" / "policy.yaml", "INFO", http_authz=True
+    )
+    assert stack.settings()["http_authz"] == {"enabled": True, "port": stack.check_port}
+    plain = BenchStack(tmp_path / "plain", REPO / "examples" / "policy.yaml", "INFO")
+    assert "http_authz" not in plain.settings()
