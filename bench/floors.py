@@ -4,6 +4,12 @@
 servicer (the same server options as ``authz.check.grpc_server.GrpcServer``) whose ``Check``
 returns one CheckResponse, parsed once from FILE (serialised protobuf).
 
+``python -m bench.floors grpc --port P --answer FILE --await-redis URL`` — the same servicer,
+but each ``Check`` first awaits one ``GET`` through the service's own Redis client
+(``authz.store.fastredis.FastRedis``) and discards its reply: what a grpc.aio handler that
+suspends once on Redis costs, before any decision (scenario 6r). The no-op floor returns
+without suspending, so the service's "above the floor" in gRPC mode holds this too.
+
 ``python -m bench.floors http --port P --answer FILE`` — an asyncio Protocol that frames
 HTTP/1.1 requests on ``\\r\\n\\r\\n`` and writes FILE's bytes (one complete response) for each.
 
@@ -22,6 +28,7 @@ import asyncio
 import gc
 import signal
 import sys
+import time
 from pathlib import Path
 
 import uvloop
@@ -80,7 +87,14 @@ async def serve_http(port: int, answer: bytes, record: _Recorder, stop: asyncio.
     await server.wait_closed()
 
 
-async def serve_grpc(port: int, answer: bytes, record: _Recorder, stop: asyncio.Event) -> None:
+async def serve_grpc(
+    port: int,
+    answer: bytes,
+    record: _Recorder,
+    stop: asyncio.Event,
+    await_redis: str | None = None,
+    spin_us: int = 0,
+) -> None:
     import grpc
     from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
@@ -96,6 +110,25 @@ async def serve_grpc(port: int, answer: bytes, record: _Recorder, stop: asyncio.
                 record.keep(request.SerializeToString())
             return response
 
+    class AwaitingFloor(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+        async def Check(
+            self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+        ) -> external_auth_pb2.CheckResponse:
+            await redis.get(b"stepup:bench:floor")
+            if spin_s:
+                _spin(spin_s)
+            return response
+
+    redis = None
+    servicer: object = Floor()
+    spin_s = spin_us / 1e6
+    if await_redis is not None:
+        from authz.store.fastredis import FastRedis
+
+        redis = FastRedis.from_url(await_redis, client_name="stepup-bench-floor")
+        await redis.ping()  # connected before the first check, as the service is
+        servicer = AwaitingFloor()
+
     # The options of authz.check.grpc_server.GrpcServer: the same server, minus the decision.
     server = grpc.aio.server(
         options=[
@@ -105,12 +138,22 @@ async def serve_grpc(port: int, answer: bytes, record: _Recorder, stop: asyncio.
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ]
     )
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Floor(), server)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     _ready()
     await stop.wait()
     await server.stop(0.5)
+    if redis is not None:
+        await redis.aclose()
+
+
+def _spin(seconds: float) -> None:
+    """Python on the loop for ``seconds`` of this thread's CPU: what a decision of that cost
+    looks like to grpc.aio (the GIL held, the loop busy), without any decision."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
 
 
 def _ready() -> None:
@@ -125,8 +168,12 @@ async def _main(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     answer = args.answer.read_bytes()
-    serve = serve_grpc if args.mode == "grpc" else serve_http
-    await serve(args.port, answer, _Recorder(args.record), stop)
+    if args.mode == "grpc":
+        await serve_grpc(
+            args.port, answer, _Recorder(args.record), stop, args.await_redis, args.spin_us
+        )
+    else:
+        await serve_http(args.port, answer, _Recorder(args.record), stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +186,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--answer", type=Path, required=True, help="the answer to send, as bytes")
     p.add_argument("--record", type=Path, help="write the first request received here")
+    p.add_argument(
+        "--await-redis",
+        metavar="URL",
+        help="grpc only: each Check awaits one GET on this Redis first (scenario 6r)",
+    )
+    p.add_argument(
+        "--spin-us",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --await-redis: after the reply, N us of Python on the loop (as a decision)",
+    )
     args = p.parse_args(argv)
+    if args.await_redis and args.mode != "grpc":
+        p.error("--await-redis is for the grpc floor")
+    if args.spin_us and not args.await_redis:
+        p.error("--spin-us needs --await-redis")
     uvloop.run(_main(args))
     return 0
 

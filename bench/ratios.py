@@ -51,7 +51,9 @@ def floor_ratios(
         by.items(), key=lambda kv: (scenario_order(kv[0][0]), kv[0][1])
     ):
         s = info.get(sid, {})
-        if s.get("role") != "service":
+        # the awaiting gRPC floor (6r) too: its CPU over the no-op floor's is grpc.aio's
+        # price for a handler that suspends once on Redis
+        if s.get("role") not in ("service", "floor-await"):
             continue
         fid = floor_of.get(s.get("mode"))
         floor = by.get((fid, conc), {}) if fid else {}

@@ -37,7 +37,7 @@ from bench.parse import (
     parse_wrk,
     percentile,
 )
-from bench.scenarios import BY_ID, DEFAULT_IDS, SCENARIOS, Scenario
+from bench.scenarios import BY_ID, DEFAULT_IDS, SCENARIOS, SPIN_US, Scenario
 from bench.stackctl import (
     AUDIENCE,
     BENCH_DIR,
@@ -480,11 +480,18 @@ def _environment(
             stack_cm.callback(envoys["jwt"].stop)
         floors = {}
         for s in scenarios:
-            if s.role != "floor" or s.mode is None:
+            if s.role not in ("floor", "floor-await") or s.mode is None:
                 continue
             answer = _service_answer(st, s, tokens)
-            log(f"floor {s.mode}: answers the service's own {len(answer)}-byte allow")
-            floors[s.target] = start_floor(s.mode, answer, workdir, tools["envoy"])
+            log(f"{s.target}: answers the service's own {len(answer)}-byte allow")
+            floors[s.target] = start_floor(
+                s.mode,
+                answer,
+                workdir,
+                tools["envoy"],
+                await_redis=st.redis_url if s.role == "floor-await" else None,
+                spin_us=SPIN_US if s.target == "floor-grpc-spin" else 0,
+            )
             stack_cm.callback(floors[s.target].stop)
         targets: dict[str, Target] = {}
         for s in scenarios:
@@ -514,7 +521,8 @@ def _environment(
                 targets[s.id] = Target(
                     f.envoy.url,
                     f.envoy.admin_url,
-                    {"envoy": f.envoy.pid, "service": f.pid},
+                    {"envoy": f.envoy.pid, "service": f.pid}
+                    | ({"redis": pids["redis"]} if "redis" in s.processes else {}),
                     headers,
                 )
             else:

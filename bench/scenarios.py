@@ -14,11 +14,12 @@ class Scenario:
     name: str
     title: str
     target: str  # "ceiling" | "jwt" | "stack" | "stack-http" | "floor-grpc" | "floor-http"
+    # | "floor-grpc-await"
     credential: str | None  # "mfa" | "pwd-granted" | "pwd" | None
     expect_status: int  # every response must be this; anything else is counted as an error
     processes: tuple[str, ...]  # CPU reported for these ("envoy", "service", "redis")
     path: str = "/accounts/1"  # an `elevated` route in examples/policy.yaml
-    role: str = "service"  # "ceiling" | "reference" | "floor" | "service"
+    role: str = "service"  # "ceiling" | "reference" | "floor" | "floor-await" | "service"
     mode: str | None = None  # ext_authz protocol: "grpc" | "http"; None without ext_authz
     available: bool = True
     unavailable_reason: str = ""
@@ -114,6 +115,20 @@ SCENARIOS: tuple[Scenario, ...] = (
         role="floor",
         mode="http",
     ),
+    # The gRPC floor whose Check awaits one GET on the stack's Valkey before answering (no
+    # decision, reply discarded): how much of the service's gRPC cost "above the floor" is
+    # grpc.aio's price for a handler that suspends, not the project's code.
+    Scenario(
+        "6r",
+        "floor-grpc-await",
+        "floor: grpc.aio ext_authz awaiting one Redis GET, same answer",
+        "floor-grpc-await",
+        "pwd-granted",
+        200,
+        ("envoy", "service", "redis"),
+        role="floor-await",
+        mode="grpc",
+    ),
 )
 # Not part of the list, off by default (--scenarios 0,1,2,2t,3): the allow path when
 # the token's own acr satisfies the level, so no Redis read — separates token cost from Redis.
@@ -126,6 +141,23 @@ EXTRA = (
         "mfa",
         200,
         ("envoy", "service", "redis"),
+        mode="grpc",
+    ),
+)
+# The awaiting gRPC floor that also spends SPIN_US of Python on the loop after its Redis
+# reply (about what bench.micro measures of the project's gRPC-mode code on a quiet host):
+# what grpc.aio charges for a handler of that cost, with no decision (off by default).
+SPIN_US = 130
+EXTRA += (
+    Scenario(
+        "6s",
+        "floor-grpc-spin",
+        f"floor: grpc.aio awaiting one Redis GET, then {SPIN_US} us of Python",
+        "floor-grpc-spin",
+        "pwd-granted",
+        200,
+        ("envoy", "service", "redis"),
+        role="floor-await",
         mode="grpc",
     ),
 )

@@ -401,13 +401,25 @@ def capture_grpc_answer(target: str, request: bytes, timeout: float = 5.0) -> by
         return bytes(check(request, timeout=timeout))
 
 
-def start_floor(mode: str, answer: bytes, workdir: Path, envoy_bin: str) -> Floor:
+def start_floor(
+    mode: str,
+    answer: bytes,
+    workdir: Path,
+    envoy_bin: str,
+    *,
+    await_redis: str | None = None,
+    spin_us: int = 0,
+) -> Floor:
     """Start ``python -m bench.floors <mode>`` answering ``answer`` and, in front of it, an
-    Envoy rendered from the service's own bootstrap for that mode."""
+    Envoy rendered from the service's own bootstrap for that mode. ``await_redis`` (gRPC):
+    the floor awaits one GET on that Redis per check (scenario 6r)."""
     port = free_ports(1)[0]
-    answer_file = workdir / f"floor-{mode}.answer"
+    name = (
+        f"floor-{mode}" + ("-await" if await_redis else "") + (f"-spin{spin_us}" if spin_us else "")
+    )
+    answer_file = workdir / f"{name}.answer"
     answer_file.write_bytes(answer)
-    log = (workdir / f"floor-{mode}.log").open("ab")
+    log = (workdir / f"{name}.log").open("ab")
     popen = subprocess.Popen(
         [
             sys.executable,
@@ -419,7 +431,9 @@ def start_floor(mode: str, answer: bytes, workdir: Path, envoy_bin: str) -> Floo
             "--answer",
             str(answer_file),
             "--record",
-            str(workdir / f"floor-{mode}.request"),
+            str(workdir / f"{name}.request"),
+            *(["--await-redis", await_redis] if await_redis else []),
+            *(["--spin-us", str(spin_us)] if spin_us else []),
         ],
         stdin=subprocess.DEVNULL,
         stdout=log,
@@ -429,17 +443,17 @@ def start_floor(mode: str, answer: bytes, workdir: Path, envoy_bin: str) -> Floo
     )
     floor = Floor(mode, port, popen, log)
     deadline = time.monotonic() + 20
-    while b"ready" not in (workdir / f"floor-{mode}.log").read_bytes():
+    while b"ready" not in (workdir / f"{name}.log").read_bytes():
         if popen.poll() is not None or time.monotonic() > deadline:
             floor.stop()
-            tail = (workdir / f"floor-{mode}.log").read_text(errors="replace")[-3000:]
+            tail = (workdir / f"{name}.log").read_text(errors="replace")[-3000:]
             raise BenchError(f"the {mode} floor did not start:\n{tail}")
         time.sleep(0.05)
     try:
         if mode == "grpc":
             # /_stepup/* goes to a port nobody listens on: the bench sends nothing there.
             floor.envoy = start_envoy(
-                "floor_grpc",
+                name.replace("-", "_"),
                 ENVOY_DIR / "authz_grpc.yaml",
                 workdir,
                 envoy_bin,

@@ -596,3 +596,37 @@ def test_the_bench_stacks_http_envoy_and_http_listener_share_one_port(tmp_path: 
     assert stack.settings()["http_authz"] == {"enabled": True, "port": stack.check_port}
     plain = BenchStack(tmp_path / "plain", REPO / "examples" / "policy.yaml", "INFO")
     assert "http_authz" not in plain.settings()
+
+
+def test_the_awaiting_floor_runs_by_default_and_is_not_the_floor_of_the_ratios() -> None:
+    """Scenario 6r (grpc.aio awaiting one Redis GET) runs in every full run, and the
+    targets' ratios keep the no-op floor (6) as the gRPC floor."""
+    from bench.scenarios import BY_ID, DEFAULT_IDS, FLOOR_OF
+
+    s = BY_ID["6r"]
+    assert (s.role, s.mode, s.target) == ("floor-await", "grpc", "floor-grpc-await")
+    assert "6r" in DEFAULT_IDS
+    assert FLOOR_OF == {"grpc": "6", "http": "7"}
+
+
+def test_the_http_floor_refuses_to_await_redis(tmp_path: Path) -> None:
+    from bench import floors
+
+    answer = tmp_path / "a"
+    answer.write_bytes(b"HTTP/1.1 200 OK\r\n\r\n")
+    with pytest.raises(SystemExit) as e:
+        floors.main(["http", "--port", "1", "--answer", str(answer), "--await-redis", "redis://x"])
+    assert e.value.code == 2
+
+
+def test_the_spinning_floor_needs_its_redis_await(tmp_path: Path) -> None:
+    """--spin-us models a decision after the Redis reply: alone it is refused."""
+    from bench import floors
+    from bench.scenarios import BY_ID, DEFAULT_IDS
+
+    answer = tmp_path / "a"
+    answer.write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        floors.main(["grpc", "--port", "1", "--answer", str(answer), "--spin-us", "5"])
+    assert e.value.code == 2
+    assert BY_ID["6s"].role == "floor-await" and "6s" not in DEFAULT_IDS
