@@ -5,16 +5,17 @@ What the service does for one check, minus the socket: the composition root
 verifier and its cache, the RedisSessionStore over FastRedis, the Authorizer, the auditor),
 and one check is
 
-* HTTP mode: the request head as Envoy sends it -> ``http_server.parse_head`` ->
-  ``request.attributes_from_http`` -> ``Authorizer.check`` -> ``HttpResponseBuilder``
-  -> the response bytes;
-* gRPC mode: the CheckRequest bytes -> ``CheckRequest.FromString`` ->
-  ``request.attributes_from_check`` -> ``Authorizer.check`` -> ``ResponseBuilder`` ->
-  ``SerializeToString``.
+* HTTP mode: the request bytes as Envoy sends them -> the listener's connection protocol
+  (``http_server._Conn``: framing, ``parse_head``, ``attributes_from_http``, a Task running
+  ``Authorizer.check``, ``HttpResponseBuilder``, the write) over an in-memory transport;
+* gRPC mode: the CheckRequest bytes -> ``CheckRequest.FromString`` -> the service's
+  servicer (``grpc_server.AuthorizationServicer.Check``: ``attributes_from_check``,
+  ``Authorizer.check``, ``ResponseBuilder``) -> ``SerializeToString``.
 
-``decide`` is the one place that calls ``Authorizer.check``. CPU is ``time.process_time``
-of this process (every thread) over a closed loop of ``concurrency`` checks in flight;
-Redis' own CPU is another process's and is read from /proc when its pid is known.
+``decide`` calls ``Authorizer.check`` for the harness's own sanity checks. CPU is
+``time.process_time`` of this process (every thread) over a closed loop of ``concurrency``
+checks in flight; Redis' own CPU is another process's and is read from /proc when its pid
+is known.
 """
 
 from __future__ import annotations
@@ -31,11 +32,9 @@ import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from authz.app import Service, start_service
-from authz.check.http_server import parse_head
-from authz.check.request import attributes_from_check, attributes_from_http
 from authz.check.response import HttpResponseBuilder, ResponseBuilder
 from authz.config.settings import Settings, load_settings
 from authz.core.attributes import RequestAttributes
@@ -110,57 +109,101 @@ def grpc_check_request(token: str, path: str = PATH, *, host: str = "127.0.0.1:8
 
 
 # -- one check, the service's way ---------------------------------------------------------------
+class _MemTransport:
+    """The transport under one listener connection in process: ``write`` hands the answer's
+    status to the check waiting for it; nothing reaches a socket (the floor measures that)."""
+
+    def __init__(self, conn: Any, port: int) -> None:
+        self.conn = conn
+        self.peer = ("127.0.0.1", port)
+        self.answer: asyncio.Future[int] | None = None
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.peer if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_result(int(data[9:12]))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.conn.connection_lost(None)
+
+    abort = close
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
 class HttpPath:
-    """One HTTP-mode check: bytes in, bytes out, through the listener's own functions, in
-    the listener's order (authz/check/http_server.py ``_Conn._next``): the head is framed,
-    parsed and turned into attributes synchronously, the decision runs in a Task of its own
-    (one per check, as there), and the answer is encoded in it."""
+    """One HTTP-mode check: the request bytes into the listener's own connection protocol
+    (authz/check/http_server.py ``_Conn``, under an ``HttpAuthzServer`` that is not bound to
+    a port), which frames, parses, makes the attributes, runs the Check in a Task of its own
+    and encodes and writes the answer, exactly as in the service. Each check in flight has a
+    keep-alive connection of its own, as Envoy's pool gives it; only the socket is missing."""
 
     def __init__(self, authorizer: Any, settings: Settings) -> None:
+        from authz.check.http_server import HttpAuthzServer, _Conn
+
         self.authorizer = authorizer
-        cfg = settings.http_authz
-        self.cfg = cfg
+        self.cfg = settings.http_authz
         self.responses = HttpResponseBuilder(
             path_prefix=settings.stepup.path_prefix, error_status=settings.stepup.error_status
         )
+        self.server = HttpAuthzServer(authorizer, self.responses, self.cfg)
+        self._conn = _Conn
+        self._idle: list[_MemTransport] = []
+        self._ports = iter(range(40000, 1 << 30))
 
-    def once(self, raw: bytes) -> asyncio.Task[int]:
-        buf = bytearray(raw)
-        end = buf.find(b"\r\n\r\n", 0, self.cfg.max_header_bytes + 4)
-        head = buf[:end].decode("latin-1")
-        del buf[: end + 4]
-        method, target, headers, _ = parse_head(head, self.cfg.max_headers)
-        attrs = attributes_from_http(
-            method,
-            target,
-            headers,
-            path_prefix=self.cfg.path_prefix,
-            peer_header=self.cfg.peer_header.lower(),
-        )
-        return asyncio.get_running_loop().create_task(self._check(attrs))
+    def _open(self) -> _MemTransport:
+        conn = self._conn(self.server)
+        transport = _MemTransport(conn, next(self._ports))
+        conn.connection_made(cast(asyncio.BaseTransport, transport))
+        if transport.closed:
+            raise RuntimeError("the listener refused the in-process connection")
+        return transport
 
-    async def _check(self, attrs: RequestAttributes) -> int:
-        decision, decision_id = await decide(self.authorizer, attrs)
-        return self.responses.build(decision, attrs, decision_id, close=False).status
+    async def once(self, raw: bytes) -> int:
+        transport = self._idle.pop() if self._idle else self._open()
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        transport.answer = answer
+        transport.conn.data_received(raw)
+        status = await answer
+        if not transport.closed:
+            self._idle.append(transport)
+        return status
 
 
 class GrpcPath:
-    """One gRPC-mode check without grpcio: what the servicer receives and returns."""
+    """One gRPC-mode check without grpcio: the bytes parsed as grpcio would, then the
+    service's own servicer (``AuthorizationServicer.Check``, no call context: no deadline)
+    and the answer serialised as grpcio would."""
 
     def __init__(self, authorizer: Any, settings: Settings) -> None:
         from envoy.service.auth.v3 import external_auth_pb2
 
+        from authz.check.grpc_server import AuthorizationServicer
+
         self.authorizer = authorizer
-        self.peer_header = settings.grpc.peer_header
         self.parse = external_auth_pb2.CheckRequest.FromString
         self.responses = ResponseBuilder(error_status=settings.stepup.error_status)
+        self.servicer = AuthorizationServicer(
+            authorizer, self.responses, peer_header=settings.grpc.peer_header
+        )
 
     async def once(self, raw: bytes) -> int:
-        attrs = attributes_from_check(self.parse(raw), self.peer_header)
-        decision, decision_id = await decide(self.authorizer, attrs)
-        resp = self.responses.build(decision, attrs, decision_id)
+        resp = await self.servicer.Check(self.parse(raw), None)
         resp.SerializeToString()
-        return 200 if resp.status.code == 0 else 403
+        code: int = resp.status.code
+        return 200 if code == 0 else 403
 
 
 # -- the measurement -----------------------------------------------------------------------------
