@@ -45,7 +45,7 @@ test-unit: $(STAMP) ## unit tests only (no Redis, no Envoy)
 test-deploy: $(STAMP) ## Helm/K8s schemas, envoy --mode validate, promtool, a live Prometheus scrape
 	$(PY) -m pytest -q -m deploy
 
-bench: $(STAMP) ## benchmark through real Envoy (~12 min; needs wrk, h2load): bench/results/latest.{json,md,png}
+bench: $(STAMP) ## benchmark through real Envoy (~18 min; needs wrk, h2load): bench/results/latest.{json,md,png}
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m bench.run
 
