@@ -118,19 +118,25 @@ async def tree(tmp_path: Path, redis_url: str, redis_prefix: str) -> AsyncIterat
     metrics_dir.mkdir()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     async with running(cfg, sock):
+        # The tree's output is kept: when it exits early, the assertion says why.
+        serve_log = tmp_path / "serve.log"
+        out = serve_log.open("wb")
         proc = subprocess.Popen(  # noqa: ASYNC220 (a long-lived child; Popen returns at once)
             [sys.executable, "-m", "authz.cli", "serve", "--config", str(config), "--workers", "2"],
             env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
+        out.close()
         t = Tree(proc, grpc_port, http_port, metrics_dir, idp)
         try:
             # Real processes starting: wait for them, with generous deadlines.
             await async_wait_until(lambda: len(t.workers()) == 2, "two workers", timeout_s=20)
 
             async def ready() -> bool:
-                assert proc.poll() is None, "the supervisor exited"
+                assert proc.poll() is None, (
+                    "the supervisor exited: " + serve_log.read_text(errors="replace")[-3000:]
+                )
                 return await _ready(http_port)
 
             await async_wait_until(ready, "readyz", timeout_s=30)
