@@ -29,6 +29,7 @@ The supervisor (this module) does no request work:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
@@ -78,7 +79,10 @@ def shared_keys_env(settings: Settings, directory: Path) -> dict[str, str]:
         path = directory / "stepup-context.key"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(os.urandom(32))
+            # Text, as docs/operations.md has operators make it: the file is read with
+            # surrounding whitespace stripped, which would shorten raw random bytes
+            # (below the 32 the signers need whenever one ended in a newline or space).
+            f.write(base64.b64encode(os.urandom(48)) + b"\n")
         env[CONTEXT_KEY_ENV] = str(path)
     if env:
         log.warning(
