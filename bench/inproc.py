@@ -12,8 +12,7 @@ and one check is
   servicer (``grpc_server.AuthorizationServicer.Check``: ``attributes_from_check``,
   ``Authorizer.check``, ``ResponseBuilder``) -> ``SerializeToString``.
 
-``decide`` calls ``Authorizer.check`` for the harness's own sanity checks. CPU is
-``time.process_time`` of this process (every thread) over a closed loop of ``concurrency``
+CPU is ``time.process_time`` of this process (every thread) over a closed loop of ``concurrency``
 checks in flight; Redis' own CPU is another process's and is read from /proc when its pid
 is known.
 """
@@ -37,8 +36,6 @@ from typing import Any, cast
 from authz.app import Service, start_service
 from authz.check.response import HttpResponseBuilder, ResponseBuilder
 from authz.config.settings import Settings, load_settings
-from authz.core.attributes import RequestAttributes
-from authz.core.decision import Decision
 from authz.core.session import Evidence, Grant, session_key, user_key
 
 PATH = "/accounts/1"  # `elevated` in examples/policy.yaml: allowed by a grant
@@ -46,12 +43,6 @@ PATH = "/accounts/1"  # `elevated` in examples/policy.yaml: allowed by a grant
 REQUEST_ID = "7a1c3a2e-3f4b-4b7e-9d0e-000000000000"
 XFF = "192.0.2.2"  # what the bench Envoys (use_remote_address) forwarded from wrk here
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only
-
-
-async def decide(authorizer: Any, attrs: RequestAttributes) -> tuple[Decision, str]:
-    """``Authorizer.check``: the only call of it in bench/ (its result type may change)."""
-    result = await authorizer.check(attrs)
-    return result.decision, result.decision_id
 
 
 # -- what Envoy sends ---------------------------------------------------------------------------
@@ -153,12 +144,10 @@ class HttpPath:
     def __init__(self, authorizer: Any, settings: Settings) -> None:
         from authz.check.http_server import HttpAuthzServer, _Conn
 
-        self.authorizer = authorizer
-        self.cfg = settings.http_authz
-        self.responses = HttpResponseBuilder(
+        responses = HttpResponseBuilder(
             path_prefix=settings.stepup.path_prefix, error_status=settings.stepup.error_status
         )
-        self.server = HttpAuthzServer(authorizer, self.responses, self.cfg)
+        self.server = HttpAuthzServer(authorizer, responses, settings.http_authz)
         self._conn = _Conn
         self._idle: list[_MemTransport] = []
         self._ports = iter(range(40000, 1 << 30))
@@ -192,11 +181,11 @@ class GrpcPath:
 
         from authz.check.grpc_server import AuthorizationServicer
 
-        self.authorizer = authorizer
         self.parse = external_auth_pb2.CheckRequest.FromString
-        self.responses = ResponseBuilder(error_status=settings.stepup.error_status)
         self.servicer = AuthorizationServicer(
-            authorizer, self.responses, peer_header=settings.grpc.peer_header
+            authorizer,
+            ResponseBuilder(error_status=settings.stepup.error_status),
+            peer_header=settings.grpc.peer_header,
         )
 
     async def once(self, raw: bytes) -> int:

@@ -37,7 +37,7 @@ from bench.parse import (
     parse_wrk,
     percentile,
 )
-from bench.scenarios import BY_ID, DEFAULT_IDS, SCENARIOS, SPIN_US, Scenario
+from bench.scenarios import BY_ID, DEFAULT_IDS, SCENARIOS, Scenario
 from bench.stackctl import (
     AUDIENCE,
     BENCH_DIR,
@@ -490,7 +490,7 @@ def _environment(
                 workdir,
                 tools["envoy"],
                 await_redis=st.redis_url if s.role == "floor-await" else None,
-                spin_us=SPIN_US if s.target == "floor-grpc-spin" else 0,
+                spin_us=s.spin_us,
             )
             stack_cm.callback(floors[s.target].stop)
         targets: dict[str, Target] = {}
@@ -553,7 +553,7 @@ def _service_answer(st: Stack, s: Scenario, tokens: Mapping[str, str]) -> bytes:
         if external_auth_pb2.CheckResponse.FromString(answer).status.code != 0:
             raise BenchError("the service did not allow the floor's request over gRPC")
         return answer
-    assert isinstance(st, BenchStack) and st.check_port
+    assert isinstance(st, BenchStack) and st.with_http_authz
     answer = capture_http_answer(st.check_port, http_check_head(token, s.path))
     if not answer.startswith(b"HTTP/1.1 200 "):
         raise BenchError(f"the service did not allow the floor's request: {answer[:300]!r}")

@@ -21,6 +21,7 @@ class Scenario:
     path: str = "/accounts/1"  # an `elevated` route in examples/policy.yaml
     role: str = "service"  # "ceiling" | "reference" | "floor" | "floor-await" | "service"
     mode: str | None = None  # ext_authz protocol: "grpc" | "http"; None without ext_authz
+    spin_us: int = 0  # an awaiting floor: us of Python after its Redis reply (bench.floors)
     available: bool = True
     unavailable_reason: str = ""
 
@@ -159,6 +160,7 @@ EXTRA += (
         ("envoy", "service", "redis"),
         role="floor-await",
         mode="grpc",
+        spin_us=SPIN_US,
     ),
 )
 BY_ID = {s.id: s for s in SCENARIOS + EXTRA}

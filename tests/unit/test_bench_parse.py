@@ -609,24 +609,26 @@ def test_the_awaiting_floor_runs_by_default_and_is_not_the_floor_of_the_ratios()
     assert FLOOR_OF == {"grpc": "6", "http": "7"}
 
 
-def test_the_http_floor_refuses_to_await_redis(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["http", "--await-redis", "redis://x"],  # the HTTP floor awaits nothing
+        ["grpc", "--spin-us", "5"],  # the spin models a decision after the Redis reply
+    ],
+)
+def test_the_floors_refuse_options_that_do_not_fit(tmp_path: Path, argv: list[str]) -> None:
     from bench import floors
-
-    answer = tmp_path / "a"
-    answer.write_bytes(b"HTTP/1.1 200 OK\r\n\r\n")
-    with pytest.raises(SystemExit) as e:
-        floors.main(["http", "--port", "1", "--answer", str(answer), "--await-redis", "redis://x"])
-    assert e.value.code == 2
-
-
-def test_the_spinning_floor_needs_its_redis_await(tmp_path: Path) -> None:
-    """--spin-us models a decision after the Redis reply: alone it is refused."""
-    from bench import floors
-    from bench.scenarios import BY_ID, DEFAULT_IDS
 
     answer = tmp_path / "a"
     answer.write_bytes(b"")
+    mode, *rest = argv
     with pytest.raises(SystemExit) as e:
-        floors.main(["grpc", "--port", "1", "--answer", str(answer), "--spin-us", "5"])
+        floors.main([mode, "--port", "1", "--answer", str(answer), *rest])
     assert e.value.code == 2
+
+
+def test_the_spinning_floor_runs_only_when_asked_for() -> None:
+    from bench.scenarios import BY_ID, DEFAULT_IDS, SPIN_US
+
     assert BY_ID["6s"].role == "floor-await" and "6s" not in DEFAULT_IDS
+    assert (BY_ID["6s"].spin_us, BY_ID["6r"].spin_us) == (SPIN_US, 0)
